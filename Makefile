@@ -1,0 +1,33 @@
+# Two commands for a fresh machine: `make run` and `make test`. Everything else is optional.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test install check-config bench soak lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[models,test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Start the agent with the default config (embedded scheduler on 127.0.0.1:8470, metrics on :9464).
+run: $(STAMP)
+	$(BIN)/node-agent run --config config/node-agent.yaml
+
+## The whole test suite (real model, real processes, real HTTP on loopback; Prometheus where installed).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+check-config: $(STAMP)
+	$(BIN)/node-agent check-config --config config/node-agent.yaml
+
+## Side-by-side benchmark against plain faster-whisper (several minutes; writes nothing unless asked).
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,98 @@
+"""Prometheus metrics of the scheduler, all on an injected registry.
+
+Counters are bumped by the state machine; the two gauges (queue depth, nodes by state) are read from
+it at scrape time so they can never drift from the truth.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .schemas import JOB_ERROR_CODES, NODE_STATES
+
+REQUEUE_REASONS: tuple[str, ...] = ("lease_expired", "released", "assign_timeout", "node_gone", "retryable_error")
+REJECT_REASONS: tuple[str, ...] = ("stale_attempt", "stale_epoch", "already_completed")
+JOB_OUTCOMES: tuple[str, ...] = ("succeeded", *JOB_ERROR_CODES)
+
+#: Returns (queued jobs, {node state: count}).
+Snapshot = Callable[[], tuple[int, Mapping[str, int]]]
+
+
+class _GaugeCollector(Collector):
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily("node_agent_scheduler_queue_depth", "Jobs waiting in the queue."),
+            GaugeMetricFamily("node_agent_scheduler_nodes", "Known nodes by state.", labels=["state"]),
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        depth, by_state = self._snapshot()
+        queue, nodes = self._families()
+        queue.add_metric([], depth)
+        for state in NODE_STATES:
+            nodes.add_metric([state], by_state.get(state, 0))
+        return (queue, nodes)
+
+
+class SchedulerMetrics:
+    """The scheduler's metrics; names are fixed by docs/protocol.md."""
+
+    def __init__(self, registry: CollectorRegistry, snapshot: Snapshot) -> None:
+        self.leases_granted = Counter(
+            "node_agent_scheduler_leases_granted", "Device leases granted.", ["node_id"], registry=registry
+        )
+        self.leases_renewed = Counter(
+            "node_agent_scheduler_leases_renewed", "Device lease renewals accepted.", ["node_id"], registry=registry
+        )
+        self.leases_expired = Counter(
+            "node_agent_scheduler_leases_expired",
+            "Device leases that expired unrenewed (or with their node gone).",
+            ["node_id"],
+            registry=registry,
+        )
+        self.jobs_submitted = Counter("node_agent_scheduler_jobs_submitted", "Jobs submitted.", registry=registry)
+        self.jobs = Counter(
+            "node_agent_scheduler_jobs", "Jobs finished, by terminal outcome.", ["outcome"], registry=registry
+        )
+        self.results_accepted = Counter(
+            "node_agent_scheduler_results_accepted", "Result reports accepted (duplicates excluded).", registry=registry
+        )
+        self.results_rejected = Counter(
+            "node_agent_scheduler_results_rejected", "Result reports rejected, by reason.", ["reason"], registry=registry
+        )
+        self.jobs_requeued = Counter(
+            "node_agent_scheduler_jobs_requeued", "Jobs put back in the queue, by reason.", ["reason"], registry=registry
+        )
+        for outcome in JOB_OUTCOMES:
+            self.jobs.labels(outcome)
+        for reason in REJECT_REASONS:
+            self.results_rejected.labels(reason)
+        for reason in REQUEUE_REASONS:
+            self.jobs_requeued.labels(reason)
+        registry.register(_GaugeCollector(snapshot))
+
+    def node_seen(self, node_id: str) -> None:
+        """Export the per-node lease series at 0 as soon as a node registers."""
+        for counter in (self.leases_granted, self.leases_renewed, self.leases_expired):
+            counter.labels(node_id)
+
+    def job_finished(self, outcome: str) -> None:
+        self.jobs.labels(outcome if outcome in JOB_OUTCOMES else "failed").inc()
+
+    def node_forgotten(self, node_id: str) -> None:
+        """Drop a long-gone node's series so the label set stays bounded."""
+        for counter in (self.leases_granted, self.leases_renewed, self.leases_expired):
+            try:
+                counter.remove(node_id)
+            except KeyError:
+                pass

@@ -1,0 +1,324 @@
+"""Wire shapes of scheduler protocol version 1, shared by the scheduler and the agent's client.
+
+Messages a node sends ignore unknown fields (a newer agent may send more); replies ignore unknown
+fields too (a newer scheduler may answer more). Job submissions from clients are strict: an unknown
+field or option is a mistake the client should hear about.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
+
+from ..errors import JOB_ERRORS
+
+PROTOCOL_VERSION = 1
+
+#: Every job error code on the wire (docs/protocol.md explains each).
+JOB_ERROR_CODES: tuple[str, ...] = (
+    "bad_audio",
+    "invalid_request",
+    "timeout",
+    "stalled",
+    "worker_crashed",
+    "worker_unavailable",
+    "lease_lost",
+    "lease_expired",
+    "shutdown",
+    "failed",
+)
+#: Failures that are the node's fault, not the input's: the job is dispatched again while attempts remain.
+RETRYABLE_ERROR_CODES: frozenset[str] = frozenset(code for code, cls in JOB_ERRORS.items() if cls.retryable)
+
+JobState = Literal["queued", "assigned", "running", "succeeded", "failed"]
+TERMINAL_JOB_STATES: frozenset[str] = frozenset({"succeeded", "failed"})
+NodeState = Literal["ready", "busy", "draining", "degraded", "gone"]
+NODE_STATES: tuple[str, ...] = ("ready", "busy", "draining", "degraded", "gone")
+
+RESOURCE_PATTERN = r"^(cpu|gpu:[0-9]{1,3})$"
+Resource = Annotated[str, StringConstraints(pattern=RESOURCE_PATTERN)]
+LanguageCode = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}$")]
+
+
+def _auto_is_none(value: Any) -> Any:
+    return None if value in ("auto", "") else value
+
+
+#: A job's language: a 2-3 letter lowercase code; "auto" or null means detect it.
+JobLanguage = Annotated[LanguageCode | None, BeforeValidator(_auto_is_none)]
+
+
+class _NodeMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class _Reply(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class _ClientRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------------- nodes
+
+
+class GpuInfo(_NodeMessage):
+    index: int = Field(ge=0)
+    name: str
+    memory_bytes: int = Field(ge=0)
+    uuid: str | None = None
+
+
+class Hardware(_NodeMessage):
+    cpu_cores: int = Field(ge=0)
+    memory_bytes: int = Field(ge=0)
+    gpus: list[GpuInfo] = Field(default_factory=list)
+
+
+class DeviceSpec(_NodeMessage):
+    """One device a node runs jobs on; ``languages`` null means any language (a multilingual model)."""
+
+    resource: Resource
+    plugin: str = "asr"
+    model: str
+    compute_type: str
+    languages: list[LanguageCode] | None = None
+
+
+class RegisterRequest(_NodeMessage):
+    node_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
+    agent_version: str = Field(max_length=64)
+    hostname: str = Field(max_length=255)
+    hardware: Hardware
+    devices: list[DeviceSpec] = Field(max_length=64)
+
+
+class LeaseBounds(_Reply):
+    min_ttl_s: float
+    max_ttl_s: float
+
+
+class RegisterResponse(_Reply):
+    node_id: str
+    heartbeat_interval_s: float
+    lease: LeaseBounds
+    protocol_version: int = PROTOCOL_VERSION
+
+
+class HeartbeatRequest(_NodeMessage):
+    state: Literal["ready", "busy", "draining", "degraded"]
+    running_jobs: list[str] = Field(default_factory=list, max_length=1024)
+    cpu_percent: float = Field(0.0, ge=0)
+    memory_used_bytes: int = Field(0, ge=0)
+    memory_total_bytes: int = Field(0, ge=0)
+
+
+class HeartbeatResponse(_Reply):
+    heartbeat_interval_s: float
+
+
+class NodeView(_Reply):
+    node_id: str
+    hostname: str
+    agent_version: str
+    state: NodeState
+    hardware: Hardware
+    devices: list[DeviceSpec]
+    running_jobs: list[str]
+    last_heartbeat_age_s: float
+    registered_age_s: float
+
+
+class NodeList(_Reply):
+    nodes: list[NodeView]
+
+
+# ------------------------------------------------------------------------------------- jobs (agent)
+
+
+class AudioRef(_Reply):
+    format: Literal["auto", "pcm_s16le"]
+    sample_rate: int | None
+    bytes: int
+    url: str
+
+
+class JobAssignment(_Reply):
+    """What a long poll hands a node. ``deadline_s`` is the time left (seconds) when it was handed out."""
+
+    job_id: str
+    attempt: int
+    language: str | None
+    options: dict[str, Any]
+    audio: AudioRef
+    deadline_s: float | None
+    queued_s: float
+    #: The node device the job was matched to (its languages fit the job).
+    resource: str | None = None
+
+
+class LeaseRequest(_NodeMessage):
+    node_id: str
+    job_id: str
+    resource: Resource
+    ttl_s: float = Field(gt=0)
+
+
+class LeaseGrant(_Reply):
+    lease_id: str
+    epoch: int
+    ttl_s: float
+    resource: str
+
+
+class RenewRequest(_NodeMessage):
+    epoch: int
+    #: Optional new TTL (clamped like a grant's); default: the TTL the lease has.
+    ttl_s: float | None = Field(None, gt=0)
+
+
+class RenewResponse(_Reply):
+    lease_id: str
+    epoch: int
+    ttl_s: float
+
+
+class Segment(BaseModel):
+    """One transcript segment; any further faster-whisper fields ride along unchanged."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: int
+    start: float
+    end: float
+    text: str
+
+
+class EventsReport(_NodeMessage):
+    attempt: int = Field(ge=1)
+    lease_epoch: int = Field(ge=1)
+    events: list[Segment] = Field(max_length=100_000)
+
+
+class TranscriptResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    text: str
+    language: str | None = None
+    language_probability: float | None = None
+    duration_s: float | None = None
+    segments: list[Segment] = Field(default_factory=list)
+
+
+class JobErrorInfo(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    code: str = "failed"
+    message: str = ""
+
+
+class ResultReport(_NodeMessage):
+    """A node's final word on one attempt; idempotent by (job_id, attempt, lease_epoch)."""
+
+    node_id: str
+    attempt: int = Field(ge=1)
+    lease_epoch: int = Field(ge=1)
+    outcome: Literal["succeeded", "failed"]
+    result: TranscriptResult | None = None
+    error: JobErrorInfo | None = None
+    timings: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _result_present(self) -> "ResultReport":
+        if self.outcome == "succeeded" and self.result is None:
+            raise ValueError("result is required when outcome is succeeded")
+        return self
+
+
+class ResultAck(_Reply):
+    accepted: bool = True
+    duplicate: bool = False
+    requeued: bool = False
+
+
+# ------------------------------------------------------------------------------------ jobs (client)
+
+
+class JobOptions(BaseModel):
+    """The decode options a client may set; this class is the one list of known option keys.
+
+    Unset options are not sent to the node, which applies its own configured defaults.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    beam_size: int | None = Field(None, ge=1, le=20)
+    best_of: int | None = Field(None, ge=1, le=20)
+    temperature: float | None = Field(None, ge=0.0, le=1.0)
+    initial_prompt: str | None = Field(None, max_length=4000)
+    vad_filter: bool | None = None
+    condition_on_previous_text: bool | None = None
+    batched: bool | None = None
+    batch_size: int | None = Field(None, ge=1, le=64)
+    word_timestamps: bool | None = None
+    no_speech_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    log_prob_threshold: float | None = Field(None, ge=-100.0, le=0.0)
+    compression_ratio_threshold: float | None = Field(None, gt=0.0, le=100.0)
+
+
+OPTION_KEYS: tuple[str, ...] = tuple(JobOptions.model_fields)
+
+
+class JobSpec(_ClientRequest):
+    """Everything about a job except its audio (shared by JSON and multipart submissions)."""
+
+    format: Literal["auto", "pcm_s16le"] = "auto"
+    sample_rate: int | None = Field(None, ge=1000, le=384_000)
+    language: JobLanguage = None
+    options: JobOptions = Field(default_factory=JobOptions)
+    deadline_s: float | None = Field(None, gt=0, le=7 * 24 * 3600)
+
+    @model_validator(mode="after")
+    def _rate_for_pcm(self) -> "JobSpec":
+        if self.format == "pcm_s16le" and self.sample_rate is None:
+            raise ValueError("sample_rate is required when format is pcm_s16le")
+        return self
+
+
+class JobSubmission(JobSpec):
+    """JSON body of ``POST /v1/jobs``."""
+
+    audio_b64: str = Field(min_length=1)
+
+
+class JobSubmitted(_Reply):
+    job_id: str
+    state: JobState
+
+
+class JobView(_Reply):
+    job_id: str
+    state: JobState
+    attempt: int
+    node_id: str | None
+    language: str | None
+    segments: list[dict[str, Any]]
+    result: dict[str, Any] | None
+    error: JobErrorInfo | None
+    created_age_s: float
+    timings: dict[str, Any]
+    filename: str | None = None
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+class ErrorDetail(_Reply):
+    code: str
+    message: str
+
+
+class ErrorResponse(_Reply):
+    error: ErrorDetail

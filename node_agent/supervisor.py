@@ -1,0 +1,598 @@
+"""Supervises ASR plugin processes: start, watch, time-limit, kill, restart.
+
+One ``Worker`` owns one plugin process for one device at a time and runs one job at a time. Its life cycle is
+an explicit state machine::
+
+    starting -> ready <-> busy
+       |          |        | (crash, timeout, stall, abort: kill, then restart)
+       v          v        v
+    backoff -> starting ...      fatal (after repeated failures to start)      stopped
+
+Time limits are enforced here, one level above the decode, by killing the process: the only way to stop a
+native decode for real. Every job handed to ``run_job`` ends in exactly one ``JobResult`` or one ``JobError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from . import wire
+from .config import AsrSettings, TimeoutSettings, WorkerSettings
+from .errors import (
+    JobError,
+    JobStalled,
+    JobTimeout,
+    WireError,
+    WorkerCrashed,
+    WorkerUnavailable,
+    job_error,
+)
+
+log = logging.getLogger("node_agent.supervisor")
+
+
+class WorkerState(str, enum.Enum):
+    starting = "starting"
+    ready = "ready"
+    busy = "busy"
+    backoff = "backoff"
+    fatal = "fatal"
+    stopped = "stopped"
+
+
+#: Why a worker process was replaced; fixed so metrics can export every reason from the start.
+RESTART_REASONS = ("crash", "timeout", "stall", "recycle", "lease_lost")
+
+
+@dataclass
+class JobRequest:
+    """One transcription job as the supervisor sees it."""
+
+    job_id: str
+    audio: bytes
+    format: str = "auto"
+    sample_rate: int | None = None
+    language: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    #: Absolute deadline on the event loop's monotonic clock, if the caller has one.
+    deadline: float | None = None
+
+
+@dataclass
+class JobResult:
+    job_id: str
+    text: str
+    language: str
+    language_probability: float
+    duration_s: float
+    segments: list[dict[str, Any]]
+    timings: dict[str, Any]
+    fallback_segments: int
+    batched: bool
+    worker_pid: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "language": self.language,
+            "language_probability": self.language_probability,
+            "duration_s": self.duration_s,
+            "segments": self.segments,
+            "timings": self.timings,
+            "fallback_segments": self.fallback_segments,
+            "batched": self.batched,
+        }
+
+
+class WorkerObserver:
+    """Hooks for metrics and logs; every method is a no-op here. Must not block."""
+
+    def state_changed(self, worker: "Worker", state: WorkerState) -> None: ...
+    def worker_ready(self, worker: "Worker", info: dict[str, Any]) -> None: ...
+    def worker_restarted(self, worker: "Worker", reason: str) -> None: ...
+    def job_started(self, worker: "Worker", job: JobRequest, duration_s: float) -> None: ...
+    def segment(self, worker: "Worker", event: dict[str, Any]) -> None: ...
+    def job_succeeded(self, worker: "Worker", result: JobResult) -> None: ...
+    def job_failed(self, worker: "Worker", job: JobRequest, error: JobError) -> None: ...
+
+
+def worker_spec(asr: AsrSettings, device: str, device_index: int, log_level: str = "INFO") -> dict[str, Any]:
+    """What the plugin process needs to know, as JSON-able data (it never reads our config file)."""
+    return {
+        "model": asr.model,
+        "device": device,
+        "device_index": device_index,
+        "compute_type": asr.compute_type,
+        "cpu_threads": asr.cpu_threads,
+        "max_audio_s": asr.max_audio_s,
+        "zh_script": asr.zh_script.value,
+        "batched_min_audio_s": asr.batched_min_audio_s,
+        "batch_size": asr.batch_size,
+        "log_level": log_level,
+        "defaults": {
+            "beam_size": asr.beam_size,
+            "language": asr.language,
+            "vad_filter": asr.vad_filter,
+            "condition_on_previous_text": asr.condition_on_previous_text,
+        },
+    }
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+class _Process:
+    """A running plugin process and its end of the socket."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.proc = proc
+        self.reader = reader
+        self.writer = writer
+        self.pid = proc.pid
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.jobs_served = 0
+        self.info: dict[str, Any] = {}
+
+    def rss_bytes(self) -> int:
+        try:
+            return psutil.Process(self.pid).memory_info().rss
+        except (psutil.Error, OSError):
+            return 0
+
+    async def kill(self, grace_s: float) -> int | None:
+        """SIGTERM, then SIGKILL after ``grace_s``; returns the exit status."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), grace_s)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                await self.proc.wait()
+        self.close()
+        return self.proc.returncode
+
+    async def stop(self, grace_s: float) -> None:
+        """Ask politely (a stop frame between jobs), then kill."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ConnectionError, RuntimeError, WireError):
+                await wire.write_frame(self.writer, {"type": "stop"})
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), max(grace_s, 0.1))
+        await self.kill(grace_s)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+class Worker:
+    """One supervised plugin process slot for one device (``resource`` is ``cpu`` or ``gpu:N``)."""
+
+    def __init__(
+        self,
+        resource: str,
+        spec: dict[str, Any],
+        settings: WorkerSettings,
+        timeouts: TimeoutSettings,
+        observer: WorkerObserver | None = None,
+        command: list[str] | None = None,
+    ) -> None:
+        self.resource = resource
+        self.spec = spec
+        self.settings = settings
+        self.timeouts = timeouts
+        self.observer = observer or WorkerObserver()
+        self._command = command or [sys.executable, "-m", "plugins.asr"]
+        self.state = WorkerState.stopped
+        self.last_error: str | None = None
+        self.restarts: Counter[str] = Counter()
+        self.jobs_served_total = 0
+        self.current_job: dict[str, Any] | None = None
+        self._proc: _Process | None = None
+        self._ready = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._abort: asyncio.Future[JobError] | None = None
+        self._stopping = False
+        self._quick_failures = 0
+        self._crash_streak = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ----- introspection -------------------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self._proc.info if self._proc else {}
+
+    @property
+    def model(self) -> str:
+        return str(self.spec.get("model"))
+
+    def rss_bytes(self) -> int:
+        return self._proc.rss_bytes() if self._proc else 0
+
+    def snapshot(self) -> dict[str, Any]:
+        proc = self._proc
+        return {
+            "resource": self.resource,
+            "state": self.state.value,
+            "pid": proc.pid if proc and proc.proc.returncode is None else None,
+            "model": self.model,
+            "device": self.info.get("device"),
+            "compute_type": self.info.get("compute_type"),
+            "rss_bytes": self.rss_bytes() if proc else 0,
+            "jobs_served": proc.jobs_served if proc else 0,
+            "jobs_served_total": self.jobs_served_total,
+            "restarts": dict(self.restarts),
+            "uptime_s": round(time.monotonic() - proc.started, 1) if proc and self.state in (
+                WorkerState.ready, WorkerState.busy) else None,
+            "model_load_s": self.info.get("load_s"),
+            "last_error": self.last_error,
+            "current_job": dict(self.current_job) if self.current_job else None,
+        }
+
+    def _set_state(self, state: WorkerState) -> None:
+        if state is not self.state:
+            log.debug("worker %s: %s -> %s", self.resource, self.state.value, state.value)
+            self.state = state
+            self.observer.state_changed(self, state)
+        if state is WorkerState.ready or state is WorkerState.fatal:
+            self._ready.set()
+        elif state is not WorkerState.busy:
+            self._ready.clear()
+
+    def _spawn_task(self, coro: Any) -> None:
+        # Owned tasks: kept referenced, and failures are logged rather than vanishing.
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("worker %s: internal task failed", self.resource, exc_info=task.exception())
+
+    # ----- life cycle ----------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Begin starting the process; returns at once (use ``wait_ready`` to wait)."""
+        self._stopping = False
+        self._set_state(WorkerState.starting)
+        self._spawn_task(self._start_loop(0.0))
+
+    async def wait_ready(self, timeout: float | None = None) -> WorkerState:
+        """Wait until ready or fatal; returns the state reached."""
+        await asyncio.wait_for(self._ready.wait(), timeout)
+        return self.state
+
+    def _backoff_delay(self, failures: int) -> float:
+        b = self.settings.backoff
+        delay = min(b.max_s, b.initial_s * b.multiplier ** max(0, failures - 1))
+        return delay * random.uniform(0.8, 1.2)  # jitter: workers on many nodes must not restart in step
+
+    async def _start_loop(self, delay: float) -> None:
+        while not self._stopping:
+            if delay > 0:
+                self._set_state(WorkerState.backoff)
+                await asyncio.sleep(delay)
+                if self._stopping:
+                    return
+            self._set_state(WorkerState.starting)
+            try:
+                proc = await self._spawn()
+            except (OSError, WireError, asyncio.TimeoutError, _StartFailed) as exc:
+                self._quick_failures += 1
+                self.last_error = f"start failed: {exc}"
+                log.error("worker %s: %s (%d/%d)", self.resource, self.last_error, self._quick_failures,
+                          self.settings.backoff.max_quick_failures)
+                if self._quick_failures >= self.settings.backoff.max_quick_failures:
+                    self._set_state(WorkerState.fatal)
+                    log.error("worker %s: fatal after %d failed starts: %s", self.resource,
+                              self._quick_failures, self.last_error)
+                    return
+                delay = self._backoff_delay(self._quick_failures)
+                continue
+            if self._stopping:
+                await proc.stop(self.settings.stop_grace_s)
+                return
+            self._proc = proc
+            self._set_state(WorkerState.ready)
+            self.observer.worker_ready(self, proc.info)
+            log.info("worker %s ready: pid=%d model=%s device=%s compute_type=%s load_s=%.2f",
+                     self.resource, proc.pid, self.model, proc.info.get("device"),
+                     proc.info.get("compute_type"), proc.info.get("load_s", 0.0))
+            self._spawn_task(self._watch_idle_exit(proc))
+            return
+
+    async def _spawn(self) -> _Process:
+        parent, child = socket.socketpair()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._command, "--fd", str(child.fileno()), "--spec", json.dumps(self.spec),
+                pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        reader, writer = await asyncio.open_connection(sock=parent)
+        p = _Process(proc, reader, writer)
+        try:
+            frame = await asyncio.wait_for(wire.read_frame(reader), self.settings.start_timeout_s)
+        except asyncio.TimeoutError:
+            await p.kill(self.settings.stop_grace_s)
+            raise _StartFailed(f"not ready within worker.start_timeout_s = {self.settings.start_timeout_s:g} s")
+        except WireError:
+            frame = None
+        if frame is None or frame[0]["type"] != "ready":
+            reason = frame[0].get("message") if frame and frame[0]["type"] == "fatal" else None
+            code = await p.kill(self.settings.stop_grace_s)
+            raise _StartFailed(reason or f"worker {describe_exit(code)} before ready")
+        p.info = {k: v for k, v in frame[0].items() if k != "type"}
+        return p
+
+    async def _watch_idle_exit(self, proc: _Process) -> None:
+        """Notice a process that dies while idle (OOM killer, operator) and replace it."""
+        await proc.proc.wait()
+        if self._proc is proc and self.state is WorkerState.ready and not self._stopping:
+            self.last_error = f"worker pid {proc.pid} {describe_exit(proc.proc.returncode)} while idle"
+            log.warning("worker %s: %s; restarting", self.resource, self.last_error)
+            proc.close()
+            uptime = time.monotonic() - proc.started
+            if uptime < self.settings.backoff.min_uptime_s:
+                self._quick_failures += 1
+            if self._quick_failures >= self.settings.backoff.max_quick_failures:
+                self._set_state(WorkerState.fatal)
+                return
+            self._restart("crash", self._backoff_delay(max(1, self._quick_failures)))
+
+    def _restart(self, reason: str, delay: float = 0.0) -> None:
+        if self._stopping:
+            self._set_state(WorkerState.stopped)
+            return
+        self.restarts[reason] += 1
+        self.observer.worker_restarted(self, reason)
+        self._set_state(WorkerState.backoff if delay > 0 else WorkerState.starting)
+        self._spawn_task(self._start_loop(delay))
+
+    async def _replace(self, proc: _Process, reason: str, *, graceful: bool) -> None:
+        if graceful:
+            await proc.stop(self.settings.stop_grace_s)
+        else:
+            await proc.kill(self.settings.stop_grace_s)
+        self._restart(reason)
+
+    async def stop(self) -> None:
+        """Stop the process (a running job should be finished or aborted first) and stay stopped."""
+        self._stopping = True
+        if self._abort is not None and not self._abort.done():
+            from .errors import JobShutdown
+
+            self._abort.set_result(JobShutdown("the agent is shutting down"))
+        async with self._lock:
+            proc, self._proc = self._proc, None
+            if proc is not None:
+                await proc.stop(self.settings.stop_grace_s)
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._set_state(WorkerState.stopped)
+
+    def abort(self, error: JobError) -> bool:
+        """Stop the running job now (lease lost, shutdown): the process is killed and ``run_job`` raises ``error``."""
+        if self._abort is not None and not self._abort.done():
+            self._abort.set_result(error)
+            return True
+        return False
+
+    # ----- jobs ----------------------------------------------------------------------------------------------
+
+    async def run_job(
+        self, job: JobRequest, on_segment: Callable[[dict[str, Any]], None] | None = None
+    ) -> JobResult:
+        """Run ``job`` on this worker; returns its result or raises a ``JobError``."""
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            wait = self.settings.start_timeout_s + self.settings.backoff.max_s
+            if job.deadline is not None:
+                wait = min(wait, max(0.0, job.deadline - loop.time()))
+            try:
+                await asyncio.wait_for(self._ready.wait(), wait)
+            except asyncio.TimeoutError:
+                raise WorkerUnavailable(
+                    f"worker {self.resource} not ready within {wait:.1f} s (state {self.state.value})"
+                ) from None
+            proc = self._proc
+            if self.state is not WorkerState.ready or proc is None or self._stopping:
+                raise WorkerUnavailable(
+                    f"worker {self.resource} is {self.state.value}" + (f": {self.last_error}" if self.last_error else "")
+                )
+            self._abort = loop.create_future()
+            self._set_state(WorkerState.busy)
+            self.current_job = {"job_id": job.job_id, "audio_s": None, "segments": 0,
+                                "started": time.monotonic(), "last_segment": None}
+            try:
+                result = await self._drive(proc, job, on_segment)
+            except JobError as exc:
+                self.observer.job_failed(self, job, exc)
+                log.info("job %s failed on %s: %s: %s", job.job_id, self.resource, exc.code, exc.message)
+                raise
+            finally:
+                self.current_job = None
+                self._abort = None
+                if self.state is WorkerState.busy:
+                    self._set_state(WorkerState.ready)
+            self.jobs_served_total += 1
+            self._crash_streak = 0
+            self._quick_failures = 0
+            self.observer.job_succeeded(self, result)
+            self._maybe_recycle(proc)
+            return result
+
+    def _maybe_recycle(self, proc: _Process) -> None:
+        rss = proc.rss_bytes()
+        if proc.jobs_served >= self.settings.max_jobs or rss > self.settings.max_rss_bytes:
+            why = (f"served {proc.jobs_served} jobs" if proc.jobs_served >= self.settings.max_jobs
+                   else f"RSS {rss} bytes > {self.settings.max_rss_bytes}")
+            log.info("worker %s: recycling pid %d (%s)", self.resource, proc.pid, why)
+            self._proc = None
+            self._set_state(WorkerState.starting)
+            self._spawn_task(self._replace(proc, "recycle", graceful=True))
+
+    async def _fail(self, proc: _Process, reason: str, error: JobError, *, delay: float = 0.0) -> JobError:
+        """Kill the process mid-job, schedule its replacement, and hand back the job's error."""
+        self._proc = None
+        self._set_state(WorkerState.backoff if delay > 0 else WorkerState.starting)
+        await proc.kill(self.settings.stop_grace_s)
+        self.last_error = f"{error.code}: {error.message}"
+        self._restart(reason, delay)
+        return error
+
+    async def _drive(
+        self, proc: _Process, job: JobRequest, on_segment: Callable[[dict[str, Any]], None] | None
+    ) -> JobResult:
+        loop = asyncio.get_running_loop()
+        assert self._abort is not None
+        abort = self._abort
+        t0 = loop.time()
+        t = self.timeouts
+        # Until the plugin has decoded the audio we do not know its length; min_s bounds that phase.
+        deadline = t0 + t.min_s
+        if job.deadline is not None:
+            deadline = min(deadline, job.deadline)
+        stall_at = t0 + t.stall_s
+        segments: list[dict[str, Any]] = []
+        header = {"type": "job", "job_id": job.job_id, "format": job.format, "sample_rate": job.sample_rate,
+                  "language": job.language, "options": job.options}
+        try:
+            await wire.write_frame(proc.writer, header, job.audio)
+        except (ConnectionError, RuntimeError) as exc:
+            raise await self._crashed(proc, job, f"could not send the job: {exc}")
+
+        read: asyncio.Task[Any] | None = None
+        try:
+            while True:
+                if read is None:
+                    read = loop.create_task(wire.read_frame(proc.reader))
+                now = loop.time()
+                limit = min(deadline, stall_at) - now
+                done, _ = await asyncio.wait({read, abort}, timeout=max(0.0, limit),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if abort in done:
+                    error = abort.result()
+                    reason = "lease_lost" if error.code == "lease_lost" else "shutdown"
+                    log.warning("job %s: aborting on %s (%s): killing worker pid %d", job.job_id, self.resource,
+                                error.code, proc.pid)
+                    raise await self._fail(proc, reason, error)
+                if read not in done:
+                    now = loop.time()
+                    if now >= deadline:
+                        raise await self._fail(proc, "timeout", JobTimeout(
+                            f"job {job.job_id} exceeded its deadline of {deadline - t0:.1f} s on {self.resource}; "
+                            f"worker pid {proc.pid} killed"))
+                    raise await self._fail(proc, "stall", JobStalled(
+                        f"job {job.job_id}: no progress from worker pid {proc.pid} for "
+                        f"{t.stall_s:g} s (asr.timeout.stall_s); worker killed"))
+                try:
+                    frame = read.result()
+                except WireError as exc:
+                    raise await self._crashed(proc, job, f"protocol error: {exc}")
+                except (ConnectionError, OSError) as exc:
+                    raise await self._crashed(proc, job, f"connection lost: {exc}")
+                finally:
+                    read = None
+                if frame is None:
+                    raise await self._crashed(proc, job, None)
+                msg, _ = frame
+                kind = msg["type"]
+                now = loop.time()
+                stall_at = now + t.stall_s
+                if kind == "started":
+                    duration = float(msg["duration_s"])
+                    budget = max(t.min_s, t.per_audio_s * duration)
+                    deadline = t0 + budget if job.deadline is None else min(t0 + budget, job.deadline)
+                    if self.current_job is not None:
+                        self.current_job["audio_s"] = duration
+                    self.observer.job_started(self, job, duration)
+                elif kind == "segment":
+                    event = {k: v for k, v in msg.items() if k not in ("type", "job_id")}
+                    segments.append(event)
+                    if self.current_job is not None:
+                        self.current_job["segments"] = len(segments)
+                        self.current_job["last_segment"] = time.monotonic()
+                    self.observer.segment(self, event)
+                    if on_segment is not None:
+                        on_segment(event)
+                elif kind == "result":
+                    proc.jobs_served += 1
+                    return JobResult(
+                        job_id=job.job_id,
+                        text=msg["text"],
+                        language=msg["language"],
+                        language_probability=msg["language_probability"],
+                        duration_s=msg["duration_s"],
+                        segments=segments,
+                        timings=msg["timings"],
+                        fallback_segments=msg.get("fallback_segments", 0),
+                        batched=msg.get("batched", False),
+                        worker_pid=proc.pid,
+                    )
+                elif kind == "error":
+                    proc.jobs_served += 1
+                    raise job_error(msg.get("code", "failed"), msg.get("message", "unknown worker error"))
+                else:
+                    raise await self._crashed(proc, job, f"unexpected message {kind!r}")
+        finally:
+            if read is not None and not read.done():
+                read.cancel()
+                with contextlib.suppress(BaseException):
+                    await read
+
+    async def _crashed(self, proc: _Process, job: JobRequest, detail: str | None) -> JobError:
+        self._proc = None
+        code = await proc.kill(self.settings.stop_grace_s)
+        self._crash_streak += 1
+        what = detail or describe_exit(code)
+        error = WorkerCrashed(f"worker pid {proc.pid} on {self.resource} died during job {job.job_id}: {what}")
+        self.last_error = f"{error.code}: {error.message}"
+        log.error("%s", error.message)
+        # Crash loops back off; a single crash restarts at once (it most likely was that job's audio).
+        delay = self._backoff_delay(self._crash_streak - 1) if self._crash_streak > 1 else 0.0
+        self._restart("crash", delay)
+        return error
+
+
+class _StartFailed(Exception):
+    pass

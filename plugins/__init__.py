@@ -1,0 +1,1 @@
+"""Plugin processes started and supervised by the agent."""

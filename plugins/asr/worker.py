@@ -1,0 +1,257 @@
+"""The plugin's main loop: load the model once, then decode one job at a time in the main thread.
+
+Segments are iterated straight from faster-whisper's generator here, in this thread, and each one is sent
+the moment it exists. There is deliberately no thread pool and no timeout in this process: the agent's
+supervisor enforces time limits by killing the whole process, the only way to really stop a decode.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from node_agent.errors import InvalidRequest, JobError, TranscriptionFailed
+from node_agent.wire import BlockingChannel
+
+from . import audio as audio_mod
+
+log = logging.getLogger("plugins.asr")
+
+#: Per-job decode options a caller may set, with the type each must have.
+JOB_OPTIONS: dict[str, tuple[type, ...]] = {
+    "beam_size": (int,),
+    "best_of": (int,),
+    "patience": (int, float),
+    "temperature": (int, float, list),
+    "initial_prompt": (str,),
+    "hotwords": (str,),
+    "vad_filter": (bool,),
+    "condition_on_previous_text": (bool,),
+    "word_timestamps": (bool,),
+    "compression_ratio_threshold": (int, float),
+    "log_prob_threshold": (int, float),
+    "no_speech_threshold": (int, float),
+    "batched": (bool,),
+    "batch_size": (int,),
+}
+
+
+class AsrEngine:
+    """faster-whisper loaded once; ``run`` decodes one job and reports through ``emit``."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self._zh_converter = None
+        self._batched = None
+
+    def load(self) -> dict[str, Any]:
+        import ctranslate2
+        import faster_whisper
+        from faster_whisper import WhisperModel
+
+        from node_agent.devices import choose_compute_type, choose_cpu_threads, choose_device
+        from node_agent.models import resolve_model
+
+        device = choose_device(self.spec["device"], ctranslate2.get_cuda_device_count())
+        compute_type = choose_compute_type(
+            device, ctranslate2.get_supported_compute_types(device), self.spec.get("compute_type", "auto")
+        )
+        cpu_threads = choose_cpu_threads(self.spec.get("cpu_threads", 0), len(os.sched_getaffinity(0)))
+        model_path = resolve_model(self.spec["model"])
+        t0 = time.perf_counter()
+        self.model = WhisperModel(
+            model_path,
+            device=device,
+            device_index=self.spec.get("device_index", 0),
+            compute_type=compute_type,
+            cpu_threads=cpu_threads,
+            num_workers=1,
+        )
+        load_s = time.perf_counter() - t0
+        # Warm-up: the first decode pays one-off allocation costs; pay them before reporting ready.
+        t0 = time.perf_counter()
+        segments, _ = self.model.transcribe(
+            np.zeros(audio_mod.SAMPLE_RATE, dtype=np.float32), language="en" if not self.multilingual else None,
+            beam_size=1, vad_filter=False,
+        )
+        for _ in segments:
+            pass
+        warmup_s = time.perf_counter() - t0
+        self.device = device
+        return {
+            "model": self.spec["model"],
+            "model_path": model_path,
+            "device": device,
+            "device_index": self.spec.get("device_index", 0),
+            "compute_type": compute_type,
+            "cpu_threads": cpu_threads,
+            "load_s": round(load_s, 4),
+            "warmup_s": round(warmup_s, 4),
+            "multilingual": self.multilingual,
+            "languages": None if self.multilingual else ["en"],
+            "versions": {"faster_whisper": faster_whisper.__version__, "ctranslate2": ctranslate2.__version__},
+        }
+
+    @property
+    def multilingual(self) -> bool:
+        return bool(self.model.model.is_multilingual)
+
+    def _options(self, header: dict[str, Any], duration_s: float) -> tuple[dict[str, Any], bool]:
+        options = dict(header.get("options") or {})
+        for key, value in options.items():
+            if key not in JOB_OPTIONS:
+                raise InvalidRequest(f"unknown decode option {key!r} (known: {', '.join(sorted(JOB_OPTIONS))})")
+            if isinstance(value, bool) and bool not in JOB_OPTIONS[key] or not isinstance(value, JOB_OPTIONS[key]):
+                raise InvalidRequest(f"decode option {key!r} has the wrong type ({type(value).__name__})")
+        defaults = self.spec.get("defaults", {})
+        language = header.get("language") or defaults.get("language")
+        if language == "auto":
+            language = None
+        if language and not self.multilingual and language != "en":
+            raise InvalidRequest(f"model {self.spec['model']} serves English only; language {language!r} requested")
+        batched_min = self.spec.get("batched_min_audio_s")
+        batched = options.pop("batched", batched_min is not None and duration_s >= batched_min)
+        batch_size = options.pop("batch_size", self.spec.get("batch_size", 8))
+        kwargs: dict[str, Any] = {
+            "language": language,
+            "beam_size": defaults.get("beam_size", 5),
+            "vad_filter": defaults.get("vad_filter", False),
+            "condition_on_previous_text": defaults.get("condition_on_previous_text", True),
+        }
+        kwargs.update(options)
+        if batched:
+            kwargs["batch_size"] = batch_size
+            kwargs.pop("condition_on_previous_text", None)  # chunks are decoded independently
+            kwargs["vad_filter"] = True
+        return kwargs, batched
+
+    def _convert_zh(self, text: str, language: str | None) -> str:
+        script = self.spec.get("zh_script", "simplified")
+        if language != "zh" or script == "as-is" or not text:
+            return text
+        if self._zh_converter is None:
+            import opencc
+
+            self._zh_converter = opencc.OpenCC("t2s" if script == "simplified" else "s2t")
+        return self._zh_converter.convert(text)
+
+    def run(self, header: dict[str, Any], payload: bytes, emit) -> None:
+        job_id = header["job_id"]
+        t_start = time.perf_counter()
+        audio = audio_mod.decode(
+            payload, header.get("format", "auto"), header.get("sample_rate"), float(self.spec["max_audio_s"])
+        )
+        duration_s = audio.shape[0] / audio_mod.SAMPLE_RATE
+        decode_audio_s = time.perf_counter() - t_start
+        kwargs, batched = self._options(header, duration_s)
+        emit({"type": "started", "job_id": job_id, "duration_s": duration_s, "decode_audio_s": decode_audio_s})
+
+        t0 = time.perf_counter()
+        try:
+            if batched:
+                if self._batched is None:
+                    from faster_whisper import BatchedInferencePipeline
+
+                    self._batched = BatchedInferencePipeline(model=self.model)
+                segments, info = self._batched.transcribe(audio, **kwargs)
+            else:
+                segments, info = self.model.transcribe(audio, **kwargs)
+        except (ValueError, TypeError) as exc:
+            raise InvalidRequest(f"decode options rejected by faster-whisper: {exc}") from None
+        t1 = time.perf_counter()
+        transcribe_call_s = t1 - t0
+
+        texts: list[str] = []
+        count = 0
+        fallbacks = 0
+        last = t1
+        first_segment_s = None
+        # The decode happens in this loop: each next() runs the beam search for the next window.
+        for segment in segments:
+            now = time.perf_counter()
+            text = self._convert_zh(segment.text, info.language)
+            texts.append(text)
+            count += 1
+            fallbacks += segment.temperature > 0
+            if first_segment_s is None:
+                first_segment_s = now - t_start
+            event = {
+                "type": "segment",
+                "job_id": job_id,
+                "id": segment.id,
+                "start": round(segment.start, 3),
+                "end": round(segment.end, 3),
+                "text": text,
+                "temperature": segment.temperature,
+                "avg_logprob": segment.avg_logprob,
+                "compression_ratio": segment.compression_ratio,
+                "no_speech_prob": segment.no_speech_prob,
+                "decode_s": round(now - last, 6),
+            }
+            if segment.words:
+                event["words"] = [
+                    {"start": w.start, "end": w.end, "word": self._convert_zh(w.word, info.language),
+                     "probability": w.probability}
+                    for w in segment.words
+                ]
+            emit(event)
+            last = time.perf_counter()
+        segments_iteration_s = time.perf_counter() - t1
+
+        emit({
+            "type": "result",
+            "job_id": job_id,
+            "text": "".join(texts).strip(),
+            "language": info.language,
+            "language_probability": info.language_probability,
+            "duration_s": duration_s,
+            "segments_count": count,
+            "fallback_segments": fallbacks,
+            "batched": batched,
+            "timings": {
+                "decode_audio_s": round(decode_audio_s, 6),
+                "transcribe_call_s": round(transcribe_call_s, 6),
+                "segments_iteration_s": round(segments_iteration_s, 6),
+                "first_segment_s": round(first_segment_s, 6) if first_segment_s is not None else None,
+                "total_s": round(time.perf_counter() - t_start, 6),
+            },
+        })
+
+
+def serve(channel: BlockingChannel, spec: dict[str, Any]) -> int:
+    """Load, report ready, serve jobs until told to stop or the agent goes away. Returns the exit status."""
+    engine = AsrEngine(spec)
+    try:
+        ready = engine.load()
+    except Exception as exc:  # any load failure is fatal for this process; report it, then exit
+        log.error("model load failed: %s", exc)
+        channel.send({"type": "fatal", "message": f"{type(exc).__name__}: {exc}"})
+        return 3
+    ready.update(type="ready", pid=os.getpid())
+    channel.send(ready)
+    log.info("ready: model=%s device=%s compute_type=%s load_s=%.2f",
+             ready["model"], ready["device"], ready["compute_type"], ready["load_s"])
+
+    while True:
+        frame = channel.recv()
+        if frame is None:
+            return 0  # the agent closed the channel
+        header, payload = frame
+        if header["type"] == "stop":
+            return 0
+        if header["type"] != "job":
+            channel.send({"type": "error", "job_id": header.get("job_id"), "code": "invalid_request",
+                          "message": f"unknown message type {header['type']!r}"})
+            continue
+        try:
+            engine.run(header, payload, channel.send)
+        except JobError as exc:
+            channel.send({"type": "error", "job_id": header.get("job_id"), **exc.to_dict()})
+        except (RuntimeError, MemoryError) as exc:
+            # Python-level failures inside ctranslate2 (e.g. CUDA out of memory) cost this job only.
+            err = TranscriptionFailed(f"{type(exc).__name__}: {exc}")
+            channel.send({"type": "error", "job_id": header.get("job_id"), **err.to_dict()})
