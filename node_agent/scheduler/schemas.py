@@ -7,9 +7,10 @@ field or option is a mistake the client should hear about.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 
 from ..errors import JOB_ERRORS
 
@@ -38,7 +39,15 @@ NODE_STATES: tuple[str, ...] = ("ready", "busy", "draining", "degraded", "gone")
 
 RESOURCE_PATTERN = r"^(cpu|gpu:[0-9]{1,3})$"
 Resource = Annotated[str, StringConstraints(pattern=RESOURCE_PATTERN)]
-LanguageCode = Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}$")]
+
+
+def _language_code(value: str) -> str:
+    if not re.fullmatch(r"[a-z]{2,3}", value):
+        raise ValueError(f"{value[:20]!r} is not a 2-3 letter lowercase language code (such as en or zh) or auto")
+    return value
+
+
+LanguageCode = Annotated[str, AfterValidator(_language_code)]
 
 
 def _auto_is_none(value: Any) -> Any:

@@ -1,0 +1,714 @@
+"""The scheduler's state machine: nodes, the job queue, assignments, fenced leases, expiry.
+
+Pure and synchronous (no I/O, no event loop) so it can be driven by a fake clock in tests. Every
+public method first applies everything that fell due by "now" (lease expiry, vanished nodes,
+assignment timeouts, deadlines, retention), so an answer never depends on when the background tick
+last ran. Changes are announced to listeners by topic (``QUEUE_TOPIC``, ``job_topic(job_id)``) so the
+HTTP layer can wake long polls.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import logging
+import math
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from prometheus_client import CollectorRegistry
+
+from ..config import SchedulerSettings
+from .errors import (
+    InvalidInput,
+    JobNotAssigned,
+    LeaseUnusable,
+    ReportRejected,
+    ResourceHeld,
+    UnknownJob,
+    UnknownNode,
+)
+from .metrics import SchedulerMetrics
+from .schemas import (
+    JOB_ERROR_CODES,
+    RETRYABLE_ERROR_CODES,
+    TERMINAL_JOB_STATES,
+    AudioRef,
+    DeviceSpec,
+    EventsReport,
+    Hardware,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    JobAssignment,
+    JobErrorInfo,
+    JobSpec,
+    JobView,
+    LeaseBounds,
+    LeaseGrant,
+    LeaseRequest,
+    NodeList,
+    NodeView,
+    RegisterRequest,
+    RegisterResponse,
+    RenewRequest,
+    RenewResponse,
+    ResultAck,
+    ResultReport,
+)
+
+log = logging.getLogger("node_agent.scheduler")
+
+QUEUE_TOPIC = "queue"
+Listener = Callable[[str], None]
+LeaseState = Literal["active", "expired", "released", "superseded"]
+
+
+def job_topic(job_id: str) -> str:
+    return f"job:{job_id}"
+
+
+@dataclass
+class Node:
+    node_id: str
+    hostname: str
+    agent_version: str
+    hardware: Hardware
+    devices: list[DeviceSpec]
+    registered_at: float
+    last_heartbeat: float
+    state: str = "ready"
+    running_jobs: list[str] = field(default_factory=list)
+    cpu_percent: float = 0.0
+    memory_used_bytes: int = 0
+    memory_total_bytes: int = 0
+    gone_at: float | None = None
+
+
+@dataclass
+class Lease:
+    lease_id: str
+    node_id: str
+    job_id: str
+    resource: str
+    epoch: int
+    ttl_s: float
+    granted_at: float
+    expires_at: float
+    state: LeaseState = "active"
+    ended_at: float | None = None
+
+
+@dataclass
+class Job:
+    job_id: str
+    seq: int
+    audio: bytes
+    audio_bytes: int
+    spec: JobSpec
+    filename: str | None
+    created_at: float
+    queued_at: float
+    deadline_at: float | None
+    state: str = "queued"
+    attempt: int = 1
+    node_id: str | None = None
+    resource: str | None = None
+    assigned_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    queued_total_s: float = 0.0
+    lease_id: str | None = None
+    lease_epoch: int | None = None
+    segments: list[dict[str, Any]] = field(default_factory=list)
+    segment_pos: dict[int, int] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    error: JobErrorInfo | None = None
+    node_timings: dict[str, Any] = field(default_factory=dict)
+    #: (attempt, lease_epoch) -> the answer given, so a retried report gets the same answer.
+    accepted_reports: dict[tuple[int, int], ResultAck] = field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_JOB_STATES
+
+
+def _language_fits(device: DeviceSpec, language: str | None) -> bool:
+    return language is None or device.languages is None or language in device.languages
+
+
+class SchedulerState:
+    """In-memory scheduler for one site; all times come from ``clock`` (monotonic seconds)."""
+
+    def __init__(
+        self,
+        settings: SchedulerSettings,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.metrics = SchedulerMetrics(registry if registry is not None else CollectorRegistry(), self._snapshot)
+        self._listeners: list[Listener] = []
+        self._nodes: dict[str, Node] = {}
+        self._jobs: dict[str, Job] = {}
+        self._seq = 0
+        self._queue: list[tuple[int, str]] = []  # (seq, job_id), oldest submission first
+        self._assigned: set[str] = set()  # job ids assigned and not yet leased
+        self._deadlines: list[tuple[float, int, str]] = []  # heap of queued jobs' deadlines
+        self._finished: deque[tuple[float, str]] = deque()  # (finished_at, job_id), in finishing order
+        self._leases: dict[str, Lease] = {}  # every lease not yet forgotten
+        self._active: dict[str, Lease] = {}  # live leases only
+        self._holders: dict[tuple[str, str], Lease] = {}  # (node_id, resource) -> live lease
+        self._dead_leases: deque[tuple[float, str]] = deque()
+        #: (node_id, resource) -> last epoch granted; never reset, so fencing tokens only grow.
+        self._epochs: dict[tuple[str, str], int] = {}
+
+    # ------------------------------------------------------------------------------------ plumbing
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(topic)`` after each change of the queue or of a job."""
+        self._listeners.append(listener)
+
+    def _emit(self, topic: str) -> None:
+        for listener in self._listeners:
+            listener(topic)
+
+    def _now(self) -> float:
+        now = self.clock()
+        self._advance(now)
+        return now
+
+    def tick(self, now: float | None = None) -> None:
+        """Apply everything due by ``now`` (default: the clock); the server calls this periodically."""
+        self._advance(self.clock() if now is None else now)
+
+    def _snapshot(self) -> tuple[int, dict[str, int]]:
+        counts: dict[str, int] = {}
+        for node in self._nodes.values():
+            counts[node.state] = counts.get(node.state, 0) + 1
+        return len(self._queue), counts
+
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    # ------------------------------------------------------------------------------------- nodes
+
+    def register(self, req: RegisterRequest) -> RegisterResponse:
+        """Register a node, or refresh a known (or gone) node that gives its persisted id."""
+        now = self._now()
+        node_id = req.node_id or f"node-{secrets.token_hex(6)}"
+        known = self._nodes.get(node_id)
+        self._nodes[node_id] = Node(
+            node_id=node_id,
+            hostname=req.hostname,
+            agent_version=req.agent_version,
+            hardware=req.hardware,
+            devices=list(req.devices),
+            registered_at=now,
+            last_heartbeat=now,
+        )
+        self.metrics.node_seen(node_id)
+        log.info(
+            "node registered node_id=%s hostname=%s devices=%s%s",
+            node_id,
+            req.hostname,
+            ",".join(d.resource for d in req.devices) or "-",
+            " (again)" if known is not None else "",
+        )
+        s = self.settings
+        return RegisterResponse(
+            node_id=node_id,
+            heartbeat_interval_s=s.heartbeat_interval_s,
+            lease=LeaseBounds(min_ttl_s=s.lease_min_ttl_s, max_ttl_s=s.lease_max_ttl_s),
+        )
+
+    def _live_node(self, node_id: str) -> Node:
+        node = self._nodes.get(node_id)
+        if node is None or node.state == "gone":
+            why = "is gone (missed its heartbeats)" if node is not None else "is not registered"
+            raise UnknownNode(f"node {node_id} {why}; register again")
+        return node
+
+    def heartbeat(self, node_id: str, req: HeartbeatRequest) -> HeartbeatResponse:
+        now = self._now()
+        node = self._live_node(node_id)
+        node.last_heartbeat = now
+        node.state = req.state
+        node.running_jobs = list(req.running_jobs)
+        node.cpu_percent = req.cpu_percent
+        node.memory_used_bytes = req.memory_used_bytes
+        node.memory_total_bytes = req.memory_total_bytes
+        return HeartbeatResponse(heartbeat_interval_s=self.settings.heartbeat_interval_s)
+
+    def list_nodes(self) -> NodeList:
+        now = self._now()
+        return NodeList(
+            nodes=[
+                NodeView(
+                    node_id=n.node_id,
+                    hostname=n.hostname,
+                    agent_version=n.agent_version,
+                    state=n.state,  # type: ignore[arg-type]
+                    hardware=n.hardware,
+                    devices=n.devices,
+                    running_jobs=n.running_jobs,
+                    last_heartbeat_age_s=round(now - n.last_heartbeat, 3),
+                    registered_age_s=round(now - n.registered_at, 3),
+                )
+                for n in self._nodes.values()
+            ]
+        )
+
+    def _node_gone(self, node: Node, now: float) -> None:
+        node.state = "gone"
+        node.gone_at = now
+        log.info("node gone node_id=%s last_heartbeat_age_s=%.1f", node.node_id, now - node.last_heartbeat)
+        for lease in [lease for lease in self._active.values() if lease.node_id == node.node_id]:
+            self._expire_lease(lease, now, reason="node_gone")
+        for job_id in [j for j in self._assigned if self._jobs[j].node_id == node.node_id]:
+            self._requeue_or_fail(
+                self._jobs[job_id], now, "node_gone", "worker_unavailable", f"node {node.node_id} is gone"
+            )
+
+    # -------------------------------------------------------------------------------- jobs: client
+
+    def submit(self, spec: JobSpec, audio: bytes, filename: str | None = None) -> Job:
+        """Queue a job (audio already decoded and checked non-empty)."""
+        now = self._now()
+        if not audio:
+            raise InvalidInput("audio is empty", param="audio")
+        self._seq += 1
+        job = Job(
+            job_id=f"job-{secrets.token_hex(8)}",
+            seq=self._seq,
+            audio=audio,
+            audio_bytes=len(audio),
+            spec=spec,
+            filename=filename,
+            created_at=now,
+            queued_at=now,
+            deadline_at=now + spec.deadline_s if spec.deadline_s is not None else None,
+        )
+        self._jobs[job.job_id] = job
+        self.metrics.jobs_submitted.inc()
+        log.info(
+            "job queued job_id=%s bytes=%d format=%s language=%s",
+            job.job_id,
+            job.audio_bytes,
+            spec.format,
+            spec.language or "auto",
+        )
+        self._enqueue(job)
+        return job
+
+    def _enqueue(self, job: Job) -> None:
+        bisect.insort(self._queue, (job.seq, job.job_id))
+        if job.deadline_at is not None:
+            heapq.heappush(self._deadlines, (job.deadline_at, job.seq, job.job_id))
+        self._emit(QUEUE_TOPIC)
+        self._emit(job_topic(job.job_id))
+
+    def _job(self, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise UnknownJob(f"job {job_id} is not known (never submitted, or finished and forgotten)")
+        return job
+
+    def view_job(self, job_id: str) -> JobView:
+        now = self._now()
+        job = self._job(job_id)
+        queued = job.queued_total_s + (now - job.queued_at if job.state == "queued" else 0.0)
+        timings: dict[str, Any] = {"queued_s": round(queued, 3)}
+        if job.finished_at is not None:
+            timings["total_s"] = round(job.finished_at - job.created_at, 3)
+        if job.node_timings:
+            timings["node"] = job.node_timings
+        return JobView(
+            job_id=job.job_id,
+            state=job.state,  # type: ignore[arg-type]
+            attempt=job.attempt,
+            node_id=job.node_id,
+            language=job.spec.language,
+            segments=list(job.segments),
+            result=job.result,
+            error=job.error,
+            created_age_s=round(now - job.created_at, 3),
+            timings=timings,
+            filename=job.filename,
+        )
+
+    def job_settled(self, job_id: str, after_segment: int | None = None) -> bool:
+        """Whether a long poll on the job may answer: it finished, or has more than K segments."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            self._now()
+            job = self._job(job_id)
+        return job.terminal or (after_segment is not None and len(job.segments) > after_segment)
+
+    def job_audio(self, job_id: str) -> bytes:
+        self._now()
+        job = self._job(job_id)
+        if job.terminal:
+            raise UnknownJob(f"job {job_id} has finished; its audio was dropped")
+        return job.audio
+
+    # --------------------------------------------------------------------------------- jobs: node
+
+    def assign_next(self, node_id: str, resource: str | None = None) -> JobAssignment | None:
+        """Hand the oldest queued job that one of the node's devices can run to that node, or None."""
+        now = self._now()
+        node = self._live_node(node_id)
+        devices = [d for d in node.devices if d.plugin == "asr" and (resource is None or d.resource == resource)]
+        if resource is not None and not devices:
+            raise InvalidInput(f"resource {resource} is not a registered device of node {node_id}", param="resource")
+        if node.state == "draining":
+            return None
+        for index, (_, job_id) in enumerate(self._queue):
+            job = self._jobs[job_id]
+            device = next((d for d in devices if _language_fits(d, job.spec.language)), None)
+            if device is not None:
+                del self._queue[index]
+                return self._assign(job, node, device, now)
+        return None
+
+    def _assign(self, job: Job, node: Node, device: DeviceSpec, now: float) -> JobAssignment:
+        waited = now - job.queued_at
+        job.queued_total_s += waited
+        job.state = "assigned"
+        job.node_id = node.node_id
+        job.resource = device.resource
+        job.assigned_at = now
+        job.lease_id = None
+        job.lease_epoch = None
+        # A new attempt starts from scratch: segments of an earlier attempt are not its output.
+        job.segments = []
+        job.segment_pos = {}
+        self._assigned.add(job.job_id)
+        log.info(
+            "job assigned job_id=%s node_id=%s resource=%s attempt=%d queued_s=%.3f",
+            job.job_id,
+            node.node_id,
+            device.resource,
+            job.attempt,
+            waited,
+        )
+        self._emit(job_topic(job.job_id))
+        spec = job.spec
+        return JobAssignment(
+            job_id=job.job_id,
+            attempt=job.attempt,
+            language=spec.language,
+            options=spec.options.model_dump(exclude_none=True),
+            audio=AudioRef(
+                format=spec.format,
+                sample_rate=spec.sample_rate,
+                bytes=job.audio_bytes,
+                url=f"/v1/jobs/{job.job_id}/audio",
+            ),
+            deadline_s=max(0.0, job.deadline_at - now) if job.deadline_at is not None else None,
+            queued_s=round(waited, 6),
+            resource=device.resource,
+        )
+
+    def post_events(self, job_id: str, report: EventsReport) -> None:
+        """Store streamed segments from the job's current holder (a segment id seen before is replaced)."""
+        self._now()
+        job = self._job(job_id)
+        self._check_holder(job, report.attempt, report.lease_epoch, node_id=None)
+        for segment in report.events:
+            data = segment.model_dump()
+            pos = job.segment_pos.get(segment.id)
+            if pos is None:
+                job.segment_pos[segment.id] = len(job.segments)
+                job.segments.append(data)
+            else:
+                job.segments[pos] = data
+        if report.events:
+            self._emit(job_topic(job_id))
+
+    def _check_holder(self, job: Job, attempt: int, epoch: int, node_id: str | None) -> Lease:
+        """The job's live lease if (attempt, epoch) is its current holder's; else ReportRejected."""
+        if job.terminal:
+            raise ReportRejected(f"job {job.job_id} already finished ({job.state})", code="already_completed")
+        if attempt != job.attempt or (node_id is not None and node_id != job.node_id):
+            raise ReportRejected(
+                f"attempt {attempt} from node {node_id or '?'} is not the current attempt {job.attempt} "
+                f"(on node {job.node_id or 'none'}) of job {job.job_id}",
+                code="stale_attempt",
+            )
+        lease = self._active.get(job.lease_id) if job.lease_id is not None else None
+        if lease is None or lease.epoch != epoch:
+            current = f"current epoch {lease.epoch}" if lease is not None else "no live lease"
+            raise ReportRejected(
+                f"lease epoch {epoch} is not the live lease of job {job.job_id} ({current})", code="stale_epoch"
+            )
+        return lease
+
+    def report_result(self, job_id: str, report: ResultReport) -> ResultAck:
+        """Accept the one final result of a job, fenced by attempt and lease epoch."""
+        now = self._now()
+        job = self._job(job_id)
+        previous = job.accepted_reports.get((report.attempt, report.lease_epoch))
+        if previous is not None:
+            # (attempt, epoch) names one holder: each attempt goes to one node, epochs are per node.
+            return previous.model_copy(update={"duplicate": True})
+        try:
+            lease = self._check_holder(job, report.attempt, report.lease_epoch, node_id=report.node_id)
+        except ReportRejected as exc:
+            self.metrics.results_rejected.labels(exc.code).inc()
+            log.info(
+                "result rejected job_id=%s node_id=%s attempt=%d lease_epoch=%d reason=%s",
+                job_id,
+                report.node_id,
+                report.attempt,
+                report.lease_epoch,
+                exc.code,
+            )
+            raise
+        self.metrics.results_accepted.inc()
+        self._end_lease(lease, "released", now)
+        job.node_timings = dict(report.timings)
+        if report.outcome == "succeeded":
+            assert report.result is not None  # ResultReport guarantees it
+            job.result = report.result.model_dump()
+            if report.result.segments:
+                job.segments = [s.model_dump() for s in report.result.segments]
+                job.segment_pos = {s.id: i for i, s in enumerate(report.result.segments)}
+            ack = ResultAck()
+            self._finish(job, now, None)
+        else:
+            error = report.error or JobErrorInfo(code="failed", message="the node reported a failure")
+            if error.code not in JOB_ERROR_CODES:
+                error = JobErrorInfo(code="failed", message=f"{error.code}: {error.message}")
+            if error.code in RETRYABLE_ERROR_CODES and job.attempt < self.settings.max_attempts:
+                ack = ResultAck(requeued=True)
+                self._requeue_or_fail(job, now, "retryable_error", error.code, error.message)
+            else:
+                ack = ResultAck()
+                self._finish(job, now, error)
+        job.accepted_reports[(report.attempt, report.lease_epoch)] = ack
+        return ack
+
+    # ------------------------------------------------------------------------------------ leases
+
+    def grant_lease(self, req: LeaseRequest) -> LeaseGrant:
+        """Grant a fenced lease on (node, resource) for a job assigned to that node."""
+        now = self._now()
+        node = self._live_node(req.node_id)
+        if not any(d.resource == req.resource for d in node.devices):
+            raise InvalidInput(
+                f"resource {req.resource} is not a registered device of node {req.node_id}", param="resource"
+            )
+        job = self._jobs.get(req.job_id)
+        if job is None or job.node_id != req.node_id or job.state not in ("assigned", "running"):
+            state = "unknown" if job is None else f"{job.state} on node {job.node_id or 'none'}"
+            raise JobNotAssigned(f"job {req.job_id} is not assigned to node {req.node_id} (it is {state})")
+        key = (req.node_id, req.resource)
+        holder = self._holders.get(key)
+        if holder is not None and holder.job_id != job.job_id:
+            raise ResourceHeld(
+                f"{req.resource} on node {req.node_id} is held by lease {holder.lease_id} (job {holder.job_id})",
+                retry_after_s=max(1, math.ceil(holder.expires_at - now)),
+            )
+        if job.lease_id is not None and job.lease_id in self._active:
+            # The same job asks again (a retry after a lost answer, or another device): the older
+            # lease is fenced off so only the newest epoch can report.
+            self._end_lease(self._active[job.lease_id], "superseded", now)
+        epoch = self._epochs.get(key, 0) + 1
+        self._epochs[key] = epoch
+        ttl = self._clamp_ttl(req.ttl_s)
+        lease = Lease(
+            lease_id=f"lease-{secrets.token_hex(8)}",
+            node_id=req.node_id,
+            job_id=job.job_id,
+            resource=req.resource,
+            epoch=epoch,
+            ttl_s=ttl,
+            granted_at=now,
+            expires_at=now + ttl,
+        )
+        self._leases[lease.lease_id] = lease
+        self._active[lease.lease_id] = lease
+        self._holders[key] = lease
+        self._assigned.discard(job.job_id)
+        job.state = "running"
+        job.resource = req.resource
+        job.lease_id = lease.lease_id
+        job.lease_epoch = epoch
+        if job.started_at is None:
+            job.started_at = now
+        self.metrics.leases_granted.labels(req.node_id).inc()
+        log.info(
+            "lease granted lease_id=%s node_id=%s resource=%s epoch=%d job_id=%s attempt=%d ttl_s=%g",
+            lease.lease_id,
+            req.node_id,
+            req.resource,
+            epoch,
+            job.job_id,
+            job.attempt,
+            ttl,
+        )
+        self._emit(job_topic(job.job_id))
+        return LeaseGrant(lease_id=lease.lease_id, epoch=epoch, ttl_s=ttl, resource=req.resource)
+
+    def _clamp_ttl(self, ttl_s: float) -> float:
+        return min(max(ttl_s, self.settings.lease_min_ttl_s), self.settings.lease_max_ttl_s)
+
+    def renew_lease(self, lease_id: str, req: RenewRequest) -> RenewResponse:
+        now = self._now()
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            raise LeaseUnusable(f"lease {lease_id} is not known", code="unknown_lease")
+        if lease.state != "active":
+            raise LeaseUnusable(f"lease {lease_id} is {lease.state}", code=f"lease_{lease.state}")
+        if req.epoch != lease.epoch:
+            raise LeaseUnusable(
+                f"epoch {req.epoch} does not match lease {lease_id} (epoch {lease.epoch})", code="stale_epoch"
+            )
+        if req.ttl_s is not None:
+            lease.ttl_s = self._clamp_ttl(req.ttl_s)
+        lease.expires_at = now + lease.ttl_s
+        self.metrics.leases_renewed.labels(lease.node_id).inc()
+        return RenewResponse(lease_id=lease_id, epoch=lease.epoch, ttl_s=lease.ttl_s)
+
+    def release_lease(self, lease_id: str) -> None:
+        """Give a lease back (idempotent). A job without an accepted result goes back to the queue."""
+        now = self._now()
+        lease = self._active.get(lease_id)
+        if lease is None:
+            return
+        self._end_lease(lease, "released", now)
+        log.info("lease released lease_id=%s node_id=%s job_id=%s", lease_id, lease.node_id, lease.job_id)
+        job = self._jobs.get(lease.job_id)
+        if job is not None and job.lease_id == lease_id and job.state == "running":
+            self._requeue_or_fail(
+                job, now, "released", "lease_lost", f"node {lease.node_id} released the lease without a result"
+            )
+
+    def lease(self, lease_id: str) -> Lease | None:
+        """A lease by id (for tests and status pages); None once forgotten."""
+        return self._leases.get(lease_id)
+
+    def _end_lease(self, lease: Lease, state: LeaseState, now: float) -> None:
+        lease.state = state
+        lease.ended_at = now
+        self._active.pop(lease.lease_id, None)
+        key = (lease.node_id, lease.resource)
+        if self._holders.get(key) is lease:
+            del self._holders[key]
+        self._dead_leases.append((now, lease.lease_id))
+
+    def _expire_lease(self, lease: Lease, now: float, reason: str = "lease_expired") -> None:
+        self._end_lease(lease, "expired", now)
+        self.metrics.leases_expired.labels(lease.node_id).inc()
+        log.info(
+            "lease expired lease_id=%s node_id=%s resource=%s epoch=%d job_id=%s reason=%s",
+            lease.lease_id,
+            lease.node_id,
+            lease.resource,
+            lease.epoch,
+            lease.job_id,
+            reason,
+        )
+        job = self._jobs.get(lease.job_id)
+        if job is not None and job.lease_id == lease.lease_id and job.state == "running":
+            self._requeue_or_fail(
+                job, now, reason, "lease_expired", f"lease {lease.lease_id} on node {lease.node_id} expired"
+            )
+
+    # ------------------------------------------------------------------------- requeue and finish
+
+    def _requeue_or_fail(self, job: Job, now: float, reason: str, code: str, message: str) -> None:
+        """Put the job back with attempt+1, or fail it with ``code`` once max_attempts is reached."""
+        self._assigned.discard(job.job_id)
+        if job.lease_id is not None and job.lease_id in self._active:
+            self._end_lease(self._active[job.lease_id], "released", now)
+        if job.attempt >= self.settings.max_attempts:
+            self._finish(job, now, JobErrorInfo(code=code, message=f"{message} (after {job.attempt} attempts)"))
+            return
+        if job.deadline_at is not None and job.deadline_at <= now:
+            self._finish(job, now, JobErrorInfo(code="timeout", message=f"the deadline passed ({message})"))
+            return
+        previous_node = job.node_id
+        job.attempt += 1
+        job.state = "queued"
+        job.node_id = None
+        job.resource = None
+        job.lease_id = None
+        job.lease_epoch = None
+        job.assigned_at = None
+        job.queued_at = now
+        self.metrics.jobs_requeued.labels(reason).inc()
+        log.info(
+            "job requeued job_id=%s reason=%s from_node=%s attempt=%d",
+            job.job_id,
+            reason,
+            previous_node or "-",
+            job.attempt,
+        )
+        self._enqueue(job)
+
+    def _finish(self, job: Job, now: float, error: JobErrorInfo | None) -> None:
+        if job.state == "queued":
+            self._queue.remove((job.seq, job.job_id))
+        self._assigned.discard(job.job_id)
+        if job.lease_id is not None and job.lease_id in self._active:
+            self._end_lease(self._active[job.lease_id], "released", now)
+        job.state = "succeeded" if error is None else "failed"
+        job.error = error
+        job.finished_at = now
+        job.audio = b""  # nobody needs it any more; keep memory for queued work
+        self._finished.append((now, job.job_id))
+        outcome = "succeeded" if error is None else error.code
+        self.metrics.job_finished(outcome)
+        log.info(
+            "job finished job_id=%s outcome=%s attempt=%d node_id=%s seconds=%.3f%s",
+            job.job_id,
+            outcome,
+            job.attempt,
+            job.node_id or "-",
+            now - job.created_at,
+            f" error={error.message!r}" if error is not None else "",
+        )
+        self._emit(job_topic(job.job_id))
+
+    # ---------------------------------------------------------------------------------- the clock
+
+    def _advance(self, now: float) -> None:
+        s = self.settings
+        gone_after = s.heartbeat_interval_s * s.node_gone_after_heartbeats
+        for node in list(self._nodes.values()):
+            if node.state == "gone":
+                if node.gone_at is not None and now - node.gone_at >= s.job_retention_s:
+                    del self._nodes[node.node_id]
+                    self.metrics.node_forgotten(node.node_id)
+            elif now - node.last_heartbeat >= gone_after:
+                self._node_gone(node, now)
+        for lease in [lease for lease in self._active.values() if lease.expires_at <= now]:
+            if lease.state == "active":  # an earlier expiry in this loop may have ended it
+                self._expire_lease(lease, now)
+        for job_id in [j for j in self._assigned if now - (self._jobs[j].assigned_at or now) >= s.assign_timeout_s]:
+            job = self._jobs[job_id]
+            self._requeue_or_fail(
+                job,
+                now,
+                "assign_timeout",
+                "worker_unavailable",
+                f"node {job.node_id} took no lease within {s.assign_timeout_s:g} s",
+            )
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, job_id = heapq.heappop(self._deadlines)
+            job = self._jobs.get(job_id)
+            if job is not None and job.state == "queued":
+                self._finish(job, now, JobErrorInfo(code="timeout", message="the deadline passed while queued"))
+        while self._finished and now - self._finished[0][0] >= s.job_retention_s:
+            _, job_id = self._finished.popleft()
+            self._jobs.pop(job_id, None)
+        while self._dead_leases and now - self._dead_leases[0][0] >= s.job_retention_s:
+            _, lease_id = self._dead_leases.popleft()
+            lease = self._leases.get(lease_id)
+            if lease is not None and lease.state != "active":
+                del self._leases[lease_id]
