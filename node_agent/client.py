@@ -1,0 +1,256 @@
+"""HTTP client for the scheduler protocol v1 (docs/protocol.md), seen from a node.
+
+Each call maps the scheduler's answer to a typed outcome: a validated reply, or one of the errors below. Transport
+failures, timeouts, 5xx and unparseable bodies all become ``SchedulerUnavailable`` (retry later); 4xx answers
+that mean something specific get their own type. Retry loops live with the callers, which know their deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from typing import Any, TypeVar
+
+import aiohttp
+from pydantic import BaseModel, ValidationError
+
+from .errors import NodeAgentError
+from .metrics import AgentMetrics
+from .scheduler.schemas import (
+    HeartbeatResponse,
+    JobAssignment,
+    LeaseGrant,
+    RegisterResponse,
+    RenewResponse,
+    ResultAck,
+)
+
+log = logging.getLogger("node_agent.client")
+T = TypeVar("T", bound=BaseModel)
+
+
+class SchedulerError(NodeAgentError):
+    """Base of client-side scheduler errors."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class SchedulerUnavailable(SchedulerError):
+    """Transport failure, timeout, 5xx or a reply that is not the protocol: try again later."""
+
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, status)
+        self.retry_after = retry_after
+
+
+class UnknownNode(SchedulerError):
+    """404 unknown_node: the scheduler forgot us; register again."""
+
+
+class LeaseHeld(SchedulerError):
+    """409 resource_held: someone holds the device; try after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message, 409, "resource_held")
+        self.retry_after = retry_after
+
+
+class Gone(SchedulerError):
+    """410: the lease or job assignment no longer exists (expired, superseded, re-queued)."""
+
+
+class Rejected(SchedulerError):
+    """409 on events or results: stale attempt or epoch, or already completed. Definitive: do not retry."""
+
+
+class BadRequest(SchedulerError):
+    """Another 4xx: our request was wrong. Definitive."""
+
+
+def backoff_delays(initial: float = 0.5, maximum: float = 30.0, multiplier: float = 2.0):
+    """Exponential backoff with full jitter, forever (callers bound the loop)."""
+    delay = initial
+    while True:
+        yield random.uniform(delay / 2, delay)
+        delay = min(maximum, delay * multiplier)
+
+
+class SchedulerClient:
+    """One aiohttp session to one scheduler; every call is bounded by ``request_timeout_s``."""
+
+    def __init__(self, base_url: str, token: str | None, request_timeout_s: float,
+                 metrics: AgentMetrics | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self.request_timeout_s = request_timeout_s
+        self.metrics = metrics
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> "SchedulerClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            headers = {"User-Agent": "node-agent"}
+            if self._token:
+                headers["Authorization"] = f"Bearer {self._token}"
+            self._session = aiohttp.ClientSession(headers=headers)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def _call(self, method: str, endpoint: str, path: str, *, body: Any = None,
+                    params: dict[str, Any] | None = None, timeout: float | None = None,
+                    raw: bool = False) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
+        """One HTTP exchange; returns (status, parsed JSON or bytes, headers). Records metrics."""
+        timeout = timeout if timeout is not None else self.request_timeout_s
+        started = time.perf_counter()
+        code = "error"
+        try:
+            async with self._http().request(
+                method, self.base_url + path, json=body, params=params,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                code = str(resp.status)
+                data = await resp.read()
+                headers = resp.headers
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise SchedulerUnavailable(f"{endpoint}: {type(exc).__name__}: {exc or 'timed out'}") from None
+        finally:
+            if self.metrics is not None:
+                self.metrics.scheduler_requests.labels(endpoint, code).inc()
+                self.metrics.scheduler_request_duration.labels(endpoint).observe(time.perf_counter() - started)
+        if status >= 500:
+            raise SchedulerUnavailable(f"{endpoint}: scheduler answered {status}", status,
+                                       _retry_after(headers))
+        if raw and status < 300:
+            return status, data, headers
+        parsed: Any = None
+        if data:
+            try:
+                parsed = json.loads(data)
+            except (ValueError, UnicodeDecodeError):
+                raise SchedulerUnavailable(f"{endpoint}: scheduler answered {status} with a body that is not "
+                                           f"JSON ({data[:60]!r})", status) from None
+        return status, parsed, headers
+
+    @staticmethod
+    def _parse(model: type[T], endpoint: str, status: int, data: Any) -> T:
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            raise SchedulerUnavailable(
+                f"{endpoint}: scheduler answered {status} with an invalid reply ({where}: {first['msg']})",
+                status) from None
+
+    @staticmethod
+    def _error(endpoint: str, status: int, data: Any) -> tuple[str, str]:
+        err = data.get("error") if isinstance(data, dict) else None
+        if isinstance(err, dict):
+            return str(err.get("code", "")), str(err.get("message", ""))[:300]
+        return "", f"HTTP {status}"
+
+    def _fail(self, endpoint: str, status: int, data: Any, headers: Any) -> SchedulerError:
+        code, message = self._error(endpoint, status, data)
+        text = f"{endpoint}: {status} {code}: {message}".rstrip(": ")
+        if status == 404 and code == "unknown_node":
+            return UnknownNode(text, status, code)
+        if status == 409 and code == "resource_held":
+            return LeaseHeld(text, _retry_after(headers) or 1.0)
+        if status == 410:
+            return Gone(text, status, code)
+        if status == 409:
+            return Rejected(text, status, code)
+        if status in (408, 429):
+            return SchedulerUnavailable(text, status, _retry_after(headers))
+        return BadRequest(text, status, code)
+
+    # ----- calls -------------------------------------------------------------------------------------------------
+
+    async def register(self, body: dict[str, Any]) -> RegisterResponse:
+        status, data, headers = await self._call("POST", "register", "/v1/nodes", body=body)
+        if status in (200, 201):
+            return self._parse(RegisterResponse, "register", status, data)
+        raise self._fail("register", status, data, headers)
+
+    async def heartbeat(self, node_id: str, body: dict[str, Any]) -> HeartbeatResponse:
+        status, data, headers = await self._call("PUT", "heartbeat", f"/v1/nodes/{node_id}/heartbeat", body=body)
+        if status == 200:
+            return self._parse(HeartbeatResponse, "heartbeat", status, data)
+        raise self._fail("heartbeat", status, data, headers)
+
+    async def next_job(self, node_id: str, wait_s: float, resource: str | None = None) -> JobAssignment | None:
+        params: dict[str, Any] = {"wait_s": f"{wait_s:g}"}
+        if resource:
+            params["resource"] = resource
+        status, data, headers = await self._call(
+            "GET", "next_job", f"/v1/nodes/{node_id}/jobs/next", params=params,
+            timeout=wait_s + self.request_timeout_s)
+        if status == 204:
+            return None
+        if status == 200:
+            return self._parse(JobAssignment, "next_job", status, data)
+        raise self._fail("next_job", status, data, headers)
+
+    async def fetch_audio(self, url: str) -> bytes:
+        path = url if url.startswith("/") else "/" + url
+        status, data, headers = await self._call("GET", "audio", path, raw=True,
+                                                 timeout=max(60.0, self.request_timeout_s))
+        if status == 200:
+            return data
+        raise self._fail("audio", status, data, headers)
+
+    async def acquire_lease(self, node_id: str, job_id: str, resource: str, ttl_s: float) -> LeaseGrant:
+        status, data, headers = await self._call(
+            "POST", "lease_acquire", "/v1/leases",
+            body={"node_id": node_id, "job_id": job_id, "resource": resource, "ttl_s": ttl_s})
+        if status in (200, 201):
+            return self._parse(LeaseGrant, "lease_acquire", status, data)
+        raise self._fail("lease_acquire", status, data, headers)
+
+    async def renew_lease(self, lease_id: str, epoch: int, timeout: float | None = None) -> RenewResponse:
+        status, data, headers = await self._call("POST", "lease_renew", f"/v1/leases/{lease_id}/renew",
+                                                 body={"epoch": epoch}, timeout=timeout)
+        if status == 200:
+            return self._parse(RenewResponse, "lease_renew", status, data)
+        raise self._fail("lease_renew", status, data, headers)
+
+    async def release_lease(self, lease_id: str) -> None:
+        status, data, headers = await self._call("DELETE", "lease_release", f"/v1/leases/{lease_id}")
+        if status not in (200, 204, 404, 410):
+            raise self._fail("lease_release", status, data, headers)
+
+    async def post_events(self, job_id: str, attempt: int, epoch: int, events: list[dict[str, Any]]) -> None:
+        status, data, headers = await self._call(
+            "POST", "events", f"/v1/jobs/{job_id}/events",
+            body={"attempt": attempt, "lease_epoch": epoch, "events": events})
+        if status not in (200, 202, 204):
+            raise self._fail("events", status, data, headers)
+
+    async def report_result(self, job_id: str, body: dict[str, Any]) -> ResultAck:
+        status, data, headers = await self._call("POST", "result", f"/v1/jobs/{job_id}/result", body=body)
+        if status in (200, 201):
+            return self._parse(ResultAck, "result", status, data)
+        raise self._fail("result", status, data, headers)
+
+
+def _retry_after(headers: Any) -> float | None:
+    try:
+        value = float(headers.get("Retry-After", ""))
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, min(value, 300.0))

@@ -1,0 +1,183 @@
+"""Device leases: acquire (waiting politely on 409), renew every TTL/3 while a job runs, fence ourselves.
+
+The holder cannot trust itself to notice expiry (a paused process keeps acting), so two rules apply:
+the scheduler rejects results carrying a stale epoch, and the keeper here stops the job as soon as no
+renewal has succeeded for the renew deadline (2/3 TTL by default), before the scheduler's TTL runs out.
+All timing uses the event loop's monotonic clock; the TTL on the wire is relative seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from .client import Gone, LeaseHeld, SchedulerClient, SchedulerError, SchedulerUnavailable, backoff_delays
+from .config import LeaseSettings
+from .errors import LeaseLost
+from .metrics import AgentMetrics
+
+log = logging.getLogger("node_agent.lease")
+
+
+class LeaseUnavailable(Exception):
+    """The lease could not be had: the device stayed held, or the job is no longer ours."""
+
+    def __init__(self, message: str, *, job_gone: bool = False) -> None:
+        super().__init__(message)
+        self.job_gone = job_gone
+
+
+@dataclass
+class Lease:
+    lease_id: str
+    epoch: int
+    ttl_s: float
+    resource: str
+    job_id: str
+    acquired_at: float
+    #: When the last successful renewal (or the grant) was *sent*: the scheduler's expiry is at least this + TTL.
+    renewed_at: float
+    renewals: int = 0
+    last_margin_s: float | None = None
+    lost: LeaseLost | None = field(default=None, repr=False)
+
+    def expires_at(self) -> float:
+        return self.renewed_at + self.ttl_s
+
+
+class LeaseKeeper:
+    """Acquires, renews and releases leases for one device."""
+
+    def __init__(self, client: SchedulerClient, settings: LeaseSettings, metrics: AgentMetrics | None,
+                 device: str) -> None:
+        self.client = client
+        self.settings = settings
+        self.metrics = metrics
+        self.device = device
+        self.current: Lease | None = None
+
+    async def acquire(self, node_id: str, job_id: str) -> Lease:
+        """Get the lease for ``job_id`` on this device; waits on 409 up to ``lease.acquire_timeout_s``."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        give_up = started + self.settings.acquire_timeout_s
+        delays = backoff_delays(0.2, 5.0)
+        while True:
+            sent = loop.time()
+            try:
+                grant = await self.client.acquire_lease(node_id, job_id, self.device, self.settings.ttl_s)
+            except LeaseHeld as exc:
+                wait = exc.retry_after
+                reason = f"{self.device} is held (retry after {wait:g} s)"
+            except SchedulerUnavailable as exc:
+                wait = exc.retry_after or next(delays)
+                reason = str(exc)
+            except Gone as exc:
+                raise LeaseUnavailable(f"job {job_id} is no longer assigned to this node: {exc}",
+                                       job_gone=True) from None
+            except SchedulerError as exc:
+                raise LeaseUnavailable(f"lease for job {job_id} refused: {exc}", job_gone=True) from None
+            else:
+                now = loop.time()
+                if self.metrics is not None:
+                    self.metrics.lease_acquire_duration.labels(self.device).observe(now - started)
+                    self.metrics.leases_held.labels(self.device).inc()
+                lease = Lease(grant.lease_id, grant.epoch, grant.ttl_s, self.device, job_id, now, sent)
+                self.current = lease
+                log.info("lease %s granted for job %s on %s: epoch=%d ttl=%.1fs", lease.lease_id, job_id,
+                         self.device, lease.epoch, lease.ttl_s)
+                return lease
+            if loop.time() + wait > give_up:
+                raise LeaseUnavailable(
+                    f"no lease for job {job_id} within lease.acquire_timeout_s = "
+                    f"{self.settings.acquire_timeout_s:g} s: {reason}")
+            await asyncio.sleep(wait)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, lease: Lease, on_lost: Callable[[LeaseLost], None]) -> AsyncIterator[Lease]:
+        """Renew ``lease`` in the background for the duration of the block; ``on_lost`` fires at most once."""
+        task = asyncio.get_running_loop().create_task(self._renew_loop(lease, on_lost))
+        try:
+            yield lease
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _renew_loop(self, lease: Lease, on_lost: Callable[[LeaseLost], None]) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.settings.renew_interval
+        deadline_s = self.settings.renew_deadline
+        # Retry a failed renewal quickly, but a few times within the deadline at most.
+        retry_s = max(0.05, min(interval / 2, deadline_s / 4))
+        next_at = lease.renewed_at + interval
+        while True:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            now = loop.time()
+            fence_at = lease.renewed_at + deadline_s
+            if now >= fence_at:
+                self._lost(lease, on_lost, LeaseLost(
+                    f"lease {lease.lease_id} for job {lease.job_id}: no renewal succeeded for "
+                    f"{now - lease.renewed_at:.1f} s (renew deadline {deadline_s:g} s); stopping the job",
+                    reason="self_fenced"))
+                return
+            sent = loop.time()
+            try:
+                reply = await asyncio.wait_for(
+                    self.client.renew_lease(lease.lease_id, lease.epoch, timeout=fence_at - sent),
+                    timeout=fence_at - sent)
+            except Gone as exc:
+                self._count("failed", loop.time() - sent)
+                reason = "expired" if exc.code == "lease_expired" else "rejected"
+                self._lost(lease, on_lost, LeaseLost(
+                    f"lease {lease.lease_id} for job {lease.job_id} is gone ({exc.code or exc.status}); "
+                    f"stopping the job", reason=reason))
+                return
+            except (SchedulerError, asyncio.TimeoutError) as exc:
+                self._count("failed", loop.time() - sent)
+                log.warning("lease %s: renewal failed (%s); %.1f s left before self-fencing", lease.lease_id,
+                            exc or "timed out", fence_at - loop.time())
+                next_at = min(loop.time() + retry_s, fence_at)
+                continue
+            done = loop.time()
+            margin = lease.expires_at() - done
+            lease.renewed_at = sent
+            lease.ttl_s = reply.ttl_s
+            lease.renewals += 1
+            lease.last_margin_s = margin
+            self._count("ok", done - sent)
+            if self.metrics is not None:
+                self.metrics.lease_margin.labels(self.device).observe(max(0.0, margin))
+            next_at = sent + interval
+
+    def _count(self, result: str, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.lease_renewals.labels(self.device, result).inc()
+            self.metrics.lease_renew_duration.labels(self.device).observe(seconds)
+
+    def _lost(self, lease: Lease, on_lost: Callable[[LeaseLost], None], error: LeaseLost) -> None:
+        lease.lost = error
+        log.error("%s", error.message)
+        if self.metrics is not None:
+            self.metrics.lease_lost.labels(self.device, error.reason).inc()
+        on_lost(error)
+
+    async def release(self, lease: Lease) -> None:
+        """Best effort: an unreleased lease expires on its own after its TTL."""
+        if self.current is lease:
+            self.current = None
+            if self.metrics is not None:
+                self.metrics.leases_held.labels(self.device).dec()
+        for delay in (0.0, 0.2, 1.0):
+            await asyncio.sleep(delay)
+            try:
+                await self.client.release_lease(lease.lease_id)
+                log.info("lease %s released (job %s)", lease.lease_id, lease.job_id)
+                return
+            except SchedulerUnavailable as exc:
+                log.warning("lease %s: release failed (%s)", lease.lease_id, exc)
+            except SchedulerError:
+                return
