@@ -31,13 +31,15 @@ def clip(name: str) -> bytes:
     return (DATA / name).read_bytes()
 
 
-_NUMBERS = {"mister": "mr", "eighteen thirteen": "1813"}
+# Spelling differences that are not recognition errors (models.md: "Mr." vs "mister", "1813" vs words).
+_EQUIVALENT = {r"\bmr\b": "mister", r"\b1813\b": "eighteen thirteen"}
 
 
 def normalize_en(text: str) -> str:
     text = text.lower().replace("-", " ")
     text = re.sub(r"[^\w\s']", " ", text)
-    text = re.sub(r"\bmr\b", "mister", text)
+    for pattern, spelled in _EQUIVALENT.items():
+        text = re.sub(pattern, spelled, text)
     return " ".join(text.split())
 
 

@@ -1,0 +1,219 @@
+"""The agent in a cluster: real `node-agent run` / `node-agent scheduler` processes over loopback HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import urllib.request
+
+import pytest
+
+from helpers import DATA, clip, joined, pcm16, reference, wer
+from procs import Proc, agent_env, free_port, http_json, job, metric, submit, wait_for
+from test_supervisor import LONG_CLIPS
+
+
+def long_audio_b64_fields(repeat: int) -> tuple[bytes, dict]:
+    audio, _ = joined(LONG_CLIPS * repeat, pause_s=0.8)
+    return pcm16(audio), {"format": "pcm_s16le", "sample_rate": 16000}
+
+
+def ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def status_of(url: str) -> dict:
+    code, body = http_json("GET", f"{url}/status")
+    assert code == 200
+    return body
+
+
+async def start_agent(tmp_path, name: str, scheduler_url: str, **env: str) -> tuple[Proc, str]:
+    port = free_port()
+    proc = await Proc(name, ["run"], agent_env(scheduler_url, tmp_path / name, port, **env), tmp_path).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_for(lambda: ready(url), 90, f"{name} ready")
+    except AssertionError:
+        await proc.stop()
+        raise AssertionError(proc.log())
+    return proc, url
+
+
+async def start_scheduler(tmp_path, port: int, name: str = "scheduler", **env: str) -> tuple[Proc, str]:
+    proc = await Proc(name, ["scheduler", "--listen", f"127.0.0.1:{port}"], env, tmp_path).start()
+    url = f"http://127.0.0.1:{port}"
+    await wait_for(lambda: http_json("GET", f"{url}/healthz")[0] == 200 if _listening(port) else False, 30,
+                   "scheduler up")
+    return proc, url
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def test_run_with_embedded_scheduler_submit_and_openai_endpoint(tmp_path):
+    sched_port = free_port()
+    scheduler = f"http://127.0.0.1:{sched_port}"
+    agent, url = await start_agent(tmp_path, "agent", "embedded",
+                                   NODE_AGENT_SCHEDULER__LISTEN=f"127.0.0.1:{sched_port}")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "node_agent", "submit", "--scheduler", scheduler, str(DATA / "jfk.flac"),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode == 0, err.decode()
+        lines = out.decode().strip().splitlines()
+        assert lines[0].startswith("jfk.flac [0.00 -> ")  # segments streamed before the transcript
+        final = lines[-1]
+        assert final.startswith("jfk.flac: ") and wer(reference("jfk.flac"), final.split(": ", 1)[1]) <= 0.05
+
+        def openai(fmt: str) -> tuple[int, str]:
+            import aiohttp  # noqa: F401  (multipart built by hand with urllib below)
+            boundary = "----nodeagenttest"
+            parts = [
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="jfk.flac"\r\n'
+                f"Content-Type: audio/flac\r\n\r\n".encode() + clip("jfk.flac") + b"\r\n",
+                f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'.encode(),
+                f'--{boundary}\r\nContent-Disposition: form-data; name="response_format"\r\n\r\n{fmt}\r\n'.encode(),
+                f"--{boundary}--\r\n".encode(),
+            ]
+            req = urllib.request.Request(f"{scheduler}/v1/audio/transcriptions", data=b"".join(parts),
+                                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.status, resp.read().decode()
+
+        import json
+
+        status, body = await asyncio.to_thread(openai, "json")
+        assert status == 200 and wer(reference("jfk.flac"), json.loads(body)["text"]) <= 0.05
+        status, body = await asyncio.to_thread(openai, "text")
+        assert status == 200 and wer(reference("jfk.flac"), body) <= 0.05
+        status, body = await asyncio.to_thread(openai, "srt")
+        assert status == 200 and body.startswith("1\n00:00:00,000 --> ") and "fellow Americans" in body
+        st = status_of(url)
+        assert st["totals"]["succeeded"] == 4 and st["agent"]["registered"]
+    finally:
+        rc = await agent.stop()
+    assert rc == 0, agent.log()
+    assert "draining" in agent.log() and "Traceback" not in agent.log()
+
+
+async def test_short_ttl_lease_is_renewed_through_a_long_job(tmp_path):
+    sched_port = free_port()
+    scheduler = f"http://127.0.0.1:{sched_port}"
+    agent, url = await start_agent(tmp_path, "agent", "embedded",
+                                   NODE_AGENT_SCHEDULER__LISTEN=f"127.0.0.1:{sched_port}",
+                                   NODE_AGENT_LEASE__TTL_S="1.0")
+    try:
+        audio, fields = long_audio_b64_fields(1)
+        job_id = submit(scheduler, audio, **fields)
+        view = await wait_for(lambda: (v := job(scheduler, job_id, 5))["state"] in ("succeeded", "failed") and v,
+                              120, "job finished")
+        assert view["state"] == "succeeded", view
+        assert view["attempt"] == 1
+        renewals = metric(url, "node_agent_lease_renewals_total", {"result": "ok"})
+        assert renewals is not None and renewals >= 3, renewals
+        assert metric(url, "node_agent_lease_lost_total") == 0
+        assert metric(scheduler, "node_agent_scheduler_leases_expired_total") in (None, 0.0)
+        assert metric(url, "node_agent_lease_margin_seconds_count") >= 3
+    finally:
+        await agent.stop()
+
+
+async def test_paused_holder_is_fenced_and_the_job_completes_elsewhere(tmp_path):
+    port = free_port()
+    sched, scheduler = await start_scheduler(tmp_path, port, NODE_AGENT_SCHEDULER__HEARTBEAT_INTERVAL_S="1")
+    procs = [sched]
+    try:
+        a, a_url = await start_agent(tmp_path, "agent-a", scheduler, NODE_AGENT_LEASE__TTL_S="2")
+        procs.append(a)
+        audio, fields = long_audio_b64_fields(3)  # ~150 s of speech: ~10 s to decode here
+        job_id = submit(scheduler, audio, **fields)
+        await wait_for(lambda: job(scheduler, job_id)["state"] == "running", 30, "job running on A")
+        a_node = status_of(a_url)["agent"]["node_id"]
+        assert job(scheduler, job_id)["node_id"] == a_node
+        b, b_url = await start_agent(tmp_path, "agent-b", scheduler, NODE_AGENT_LEASE__TTL_S="2")
+        procs.append(b)
+        b_node = status_of(b_url)["agent"]["node_id"]
+        assert job(scheduler, job_id)["state"] == "running", "A must still hold the job"
+
+        a.signal(signal.SIGSTOP)  # A's event loop freezes; its lease cannot be renewed
+        await wait_for(lambda: job(scheduler, job_id)["attempt"] == 2, 20, "job re-queued after A's lease expired")
+        await asyncio.sleep(1.0)
+        a.signal(signal.SIGCONT)
+
+        view = await wait_for(lambda: (v := job(scheduler, job_id, 5))["state"] in ("succeeded", "failed") and v,
+                              180, "job finished on B")
+        assert view["state"] == "succeeded" and view["node_id"] == b_node and view["attempt"] == 2, view
+        # A's late word (its result, or its lease_lost report) was refused: exactly one result counted.
+        await wait_for(lambda: (metric(scheduler, "node_agent_scheduler_results_rejected_total") or 0) >= 1, 60,
+                       "A's stale report rejected")
+        assert metric(scheduler, "node_agent_scheduler_jobs_total", {"outcome": "succeeded"}) == 1
+        assert metric(scheduler, "node_agent_scheduler_leases_expired_total", {"node_id": a_node}) == 1
+        assert "rejected" in a.log()
+        # Both agents keep serving.
+        short = submit(scheduler, clip("jfk.flac"))
+        assert (await wait_for(lambda: job(scheduler, short, 5)["state"] == "succeeded", 60, "next job")) is True
+        assert ready(a_url) or status_of(a_url)["agent"]["registered"]
+    finally:
+        for p in reversed(procs):
+            await p.stop()
+
+
+async def test_scheduler_restart_agent_registers_again_and_keeps_serving(tmp_path):
+    port = free_port()
+    env = {"NODE_AGENT_SCHEDULER__HEARTBEAT_INTERVAL_S": "1"}
+    sched, scheduler = await start_scheduler(tmp_path, port, **env)
+    agent = None
+    try:
+        agent, url = await start_agent(tmp_path, "agent", scheduler)
+        node_id = status_of(url)["agent"]["node_id"]
+        first = submit(scheduler, clip("jfk.flac"))
+        await wait_for(lambda: job(scheduler, first, 5)["state"] == "succeeded", 60, "first job")
+        await sched.stop()
+        sched, _ = await start_scheduler(tmp_path, port, name="scheduler-2", **env)
+        await wait_for(lambda: any(n["node_id"] == node_id for n in http_json("GET", f"{scheduler}/v1/nodes")[1]
+                                   ["nodes"]), 30, "agent registered again with its persisted id")
+        second = submit(scheduler, clip("jfk.flac"))
+        view = await wait_for(lambda: (v := job(scheduler, second, 5))["state"] == "succeeded" and v, 60,
+                              "job after restart")
+        assert wer(reference("jfk.flac"), view["result"]["text"]) <= 0.05
+    finally:
+        if agent is not None:
+            await agent.stop()
+        await sched.stop()
+
+
+async def test_two_agents_twenty_jobs_exactly_one_result_each(tmp_path):
+    port = free_port()
+    sched, scheduler = await start_scheduler(tmp_path, port)
+    procs = [sched]
+    try:
+        a, a_url = await start_agent(tmp_path, "agent-a", scheduler)
+        b, b_url = await start_agent(tmp_path, "agent-b", scheduler)
+        procs += [a, b]
+        names = ["ljspeech_LJ002-0020.wav", "voices_Lab41-SRI-VOiCES-src-sp0307-ch127535-sg0042.wav",
+                 "librivox_sense_and_sensibility_01_austen_64kb-0930.wav", "stereo_diarization_left.wav"]
+        ids = {submit(scheduler, clip(names[i % len(names)])): names[i % len(names)] for i in range(20)}
+        for job_id in ids:
+            await wait_for(lambda: job(scheduler, job_id, 5)["state"] in ("succeeded", "failed"), 180, job_id)
+        views = [job(scheduler, j) for j in ids]
+        assert all(v["state"] == "succeeded" and v["attempt"] == 1 for v in views), views
+        for v, name in zip(views, ids.values()):
+            assert wer(reference(name), v["result"]["text"]) <= 0.25, (name, v["result"]["text"])
+        assert metric(scheduler, "node_agent_scheduler_jobs_total", {"outcome": "succeeded"}) == 20
+        assert (metric(scheduler, "node_agent_scheduler_results_rejected_total") or 0) == 0
+        per_agent = [status_of(u)["totals"]["succeeded"] for u in (a_url, b_url)]
+        assert sum(per_agent) == 20 and min(per_agent) >= 1, per_agent
+    finally:
+        for p in reversed(procs):
+            await p.stop()
