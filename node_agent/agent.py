@@ -162,8 +162,7 @@ class Agent:
         self.draining = True
         log.info("draining: no new jobs; %d running, grace %.0f s", len(self.running), grace_s)
         for task in self._poll_tasks:
-            if not task.done() and task not in self._job_tasks:
-                task.cancel()
+            task.cancel()  # jobs run in their own tasks; only the polling stops
         await self._send_heartbeat()
         if self._job_tasks:
             _, pending = await asyncio.wait(self._job_tasks, timeout=grace_s)
@@ -173,6 +172,8 @@ class Agent:
                     self.workers[running.resource].abort(JobShutdown(
                         f"the agent is shutting down; job not finished within shutdown.grace_s = {grace_s:g} s"))
                 await asyncio.wait(pending, timeout=30)
+        # Tell the scheduler the node is idle and draining, so operators do not see ghost jobs.
+        await self._send_heartbeat()
 
     async def stop(self) -> None:
         await asyncio.gather(*(w.stop() for w in self.workers.values()), return_exceptions=True)

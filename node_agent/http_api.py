@@ -44,6 +44,9 @@ def create_app(agent: "Agent", settings: HttpSettings) -> web.Application:
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/status", _status)
+    from .compat import add_compat_routes
+
+    add_compat_routes(app, agent)
     return app
 
 

@@ -217,3 +217,53 @@ async def test_two_agents_twenty_jobs_exactly_one_result_each(tmp_path):
     finally:
         for p in reversed(procs):
             await p.stop()
+
+
+@pytest.mark.parametrize("grace, expect", [("30", "finishes"), ("0.5", "shutdown")])
+async def test_sigterm_during_a_job_drains_releases_and_exits_zero(tmp_path, grace, expect):
+    port = free_port()
+    sched, scheduler = await start_scheduler(tmp_path, port)
+    agent = None
+    try:
+        agent, url = await start_agent(tmp_path, "agent", scheduler, NODE_AGENT_SHUTDOWN__GRACE_S=grace)
+        audio, fields = long_audio_b64_fields(1)
+        job_id = submit(scheduler, audio, **fields)
+        await wait_for(lambda: job(scheduler, job_id)["state"] == "running", 30, "job running")
+        agent.signal(signal.SIGTERM)
+        rc = await asyncio.wait_for(agent.proc.wait(), 60)
+        assert rc == 0, agent.log()
+        view = job(scheduler, job_id)
+        if expect == "finishes":
+            assert view["state"] == "succeeded", view
+        else:
+            # Reported as shutdown (retryable): the scheduler put it back in the queue for another node.
+            assert view["state"] == "queued" and view["attempt"] == 2, view
+            assert "shutdown" in agent.log()
+        assert "released" in agent.log()
+        code, nodes = http_json("GET", f"{scheduler}/v1/nodes")
+        assert all(not n["running_jobs"] for n in nodes["nodes"])
+    finally:
+        if agent is not None:
+            await agent.stop()
+        await sched.stop()
+
+
+async def test_second_sigterm_exits_at_once(tmp_path):
+    port = free_port()
+    sched, scheduler = await start_scheduler(tmp_path, port)
+    agent = None
+    try:
+        agent, url = await start_agent(tmp_path, "agent", scheduler, NODE_AGENT_SHUTDOWN__GRACE_S="60")
+        audio, fields = long_audio_b64_fields(3)
+        job_id = submit(scheduler, audio, **fields)
+        await wait_for(lambda: job(scheduler, job_id)["state"] == "running", 30, "job running")
+        agent.signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        assert agent.proc.returncode is None  # draining, waiting for the job
+        agent.signal(signal.SIGTERM)
+        rc = await asyncio.wait_for(agent.proc.wait(), 5)
+        assert rc != 0
+    finally:
+        if agent is not None:
+            await agent.stop()
+        await sched.stop()
