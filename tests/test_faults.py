@@ -1,0 +1,81 @@
+"""Reliability faults with real processes: scheduler down at start, network partition mid-job."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from helpers import clip, reference, wer
+from procs import Proc, agent_env, free_port, job, metric, submit, wait_for
+from test_cluster import long_audio_b64_fields, ready, start_agent, start_scheduler, status_of
+
+
+async def test_scheduler_down_at_agent_start_registers_once_it_is_up(tmp_path):
+    port = free_port()
+    scheduler = f"http://127.0.0.1:{port}"
+    http_port = free_port()
+    agent = await Proc("agent", ["run"], agent_env(scheduler, tmp_path / "agent", http_port), tmp_path).start()
+    sched = None
+    try:
+        url = f"http://127.0.0.1:{http_port}"
+        await wait_for(lambda: status_of(url)["workers"][0]["state"] == "ready" if _up(url) else False, 90,
+                       "worker ready while the scheduler is down")
+        st = status_of(url)
+        assert not st["agent"]["registered"] and st["health"]["status"] == "degraded"
+        await asyncio.sleep(2.0)  # a few failed registration attempts
+        sched, _ = await start_scheduler(tmp_path, port)
+        await wait_for(lambda: ready(url), 60, "registered after the scheduler came up")
+        job_id = submit(scheduler, clip("jfk.flac"))
+        view = await wait_for(lambda: (v := job(scheduler, job_id, 5))["state"] == "succeeded" and v, 60, "job")
+        assert wer(reference("jfk.flac"), view["result"]["text"]) <= 0.05
+        log = agent.log()
+        # Each distinct failure is logged once, not once per retry.
+        assert log.count("registration failed") == 1, log
+    finally:
+        await agent.stop()
+        if sched is not None:
+            await sched.stop()
+
+
+def _up(url: str) -> bool:
+    try:
+        status_of(url)
+        return True
+    except Exception:
+        return False
+
+
+async def test_partition_mid_job_self_fences_within_the_renew_deadline(tmp_path):
+    port = free_port()
+    sched, scheduler = await start_scheduler(tmp_path, port)
+    agent = None
+    try:
+        agent, url = await start_agent(tmp_path, "agent", scheduler, NODE_AGENT_LEASE__TTL_S="3",
+                                       NODE_AGENT_SCHEDULER__REQUEST_TIMEOUT_S="1")
+        audio, fields = long_audio_b64_fields(3)
+        job_id = submit(scheduler, audio, **fields)
+        await wait_for(lambda: job(scheduler, job_id)["state"] == "running", 30, "job running")
+        worker_pid = status_of(url)["workers"][0]["pid"]
+        # A partition: the scheduler stops answering (its process is frozen), the agent keeps running.
+        sched.signal(signal.SIGSTOP)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await wait_for(lambda: (metric(url, "node_agent_lease_lost_total", {"reason": "self_fenced"}) or 0) >= 1,
+                       10, "self-fencing")
+        fenced_after = loop.time() - t0
+        # Renew deadline is 2/3 x 3 s = 2 s after the last good renewal (at most 1 s before the freeze).
+        assert fenced_after < 3.0, fenced_after
+        await wait_for(lambda: status_of(url)["workers"][0]["pid"] not in (None, worker_pid), 30, "new worker")
+        assert metric(url, "node_agent_worker_restarts_total", {"reason": "lease_lost"}) == 1
+        sched.signal(signal.SIGCONT)
+        await wait_for(lambda: status_of(url)["totals"]["lease_lost"] == 1, 30, "lease_lost counted")
+        # The job is retried (attempt 2) and completes; the agent keeps serving.
+        view = await wait_for(lambda: (v := job(scheduler, job_id, 5))["state"] == "succeeded" and v, 180,
+                              "job completed after the partition")
+        assert view["attempt"] >= 2
+        assert metric(scheduler, "node_agent_scheduler_jobs_total", {"outcome": "succeeded"}) == 1
+    finally:
+        if agent is not None:
+            await agent.stop()
+        sched.signal(signal.SIGCONT)
+        await sched.stop()
