@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install check-config bench soak lint clean
+.PHONY: run test install check-config bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ check-config: $(STAMP)
 ## Side-by-side benchmark against plain faster-whisper (several minutes; writes nothing unless asked).
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+## 30-minute soak: 2 agents, worker kills, scheduler restarts; prints outcomes, latency, memory.
+soak: $(STAMP)
+	$(BIN)/python tests/soak.py --minutes 30
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -124,7 +124,11 @@ class LeaseSettings(_Section):
     renew_deadline_s: float | None = Field(
         None, gt=0, description="Self-fence when no renewal succeeded this long; default 2/3 of the TTL."
     )
-    acquire_timeout_s: float = Field(60.0, gt=0, description="Give the job back if the lease is held this long.")
+    acquire_timeout_s: float = Field(
+        20.0, gt=0,
+        description="Give up on a job whose device stays held this long; keep it below scheduler.assign_timeout_s, "
+        "after which the scheduler re-queues the assignment anyway.",
+    )
 
     @model_validator(mode="after")
     def _renewal_fits(self) -> "LeaseSettings":
@@ -162,6 +166,14 @@ class SchedulerSettings(_Section):
     @classmethod
     def _host_port(cls, value: str) -> str:
         _split_host_port(value)
+        return value
+
+    @field_validator("token")
+    @classmethod
+    def _token_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty token would let a bare "Bearer " header through; unset it instead.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be empty (leave it unset, or null, for no authentication)")
         return value
 
     @field_validator("url")

@@ -67,6 +67,12 @@ class LeaseLost(JobError):
         self.reason = reason  # expired | rejected | self_fenced
 
 
+class LeaseExpired(JobError):
+    """Scheduler side: the job's lease expired on its last allowed attempt."""
+
+    code = "lease_expired"
+
+
 class JobShutdown(JobError):
     code = "shutdown"
     retryable = True
@@ -87,6 +93,7 @@ JOB_ERRORS: dict[str, type[JobError]] = {
         WorkerCrashed,
         WorkerUnavailable,
         LeaseLost,
+        LeaseExpired,
         JobShutdown,
         TranscriptionFailed,
     )

@@ -79,3 +79,31 @@ async def test_partition_mid_job_self_fences_within_the_renew_deadline(tmp_path)
             await agent.stop()
         sched.signal(signal.SIGCONT)
         await sched.stop()
+
+
+async def test_worker_that_never_becomes_ready_is_fatal_and_the_node_degraded(tmp_path):
+    from procs import http_json
+
+    port = free_port()
+    sched, scheduler = await start_scheduler(tmp_path, port, NODE_AGENT_SCHEDULER__HEARTBEAT_INTERVAL_S="1")
+    http_port = free_port()
+    agent = await Proc("agent", ["run"], agent_env(scheduler, tmp_path / "agent", http_port,
+                                                    NODE_AGENT_ASR__MODEL=str(tmp_path / "no-such-model"),
+                                                    NODE_AGENT_WORKER__BACKOFF__INITIAL_S="0.1"),
+                       tmp_path).start()
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        await wait_for(lambda: _up(url) and status_of(url)["workers"][0]["state"] == "fatal", 90, "fatal worker")
+        code, body = http_json("GET", f"{url}/readyz")
+        assert code == 503 and "no-such-model" in body["reason"] and "fatal" in body["reason"]
+        await wait_for(lambda: any(n["state"] == "degraded" for n in http_json("GET", f"{scheduler}/v1/nodes")[1]
+                                   ["nodes"]), 30, "node heartbeating degraded")
+        # No job is taken: it stays queued while the node stays registered and heartbeating.
+        job_id = submit(scheduler, clip("jfk.flac"))
+        await asyncio.sleep(3)
+        assert job(scheduler, job_id)["state"] == "queued"
+        assert metric(scheduler, "node_agent_scheduler_nodes", {"state": "degraded"}) == 1
+        assert "not taking jobs" in agent.log()
+    finally:
+        await agent.stop()
+        await sched.stop()

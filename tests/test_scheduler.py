@@ -7,7 +7,9 @@ import base64
 import contextlib
 import json
 import logging
+import os
 import re
+import signal
 import time
 from typing import Any, AsyncIterator
 
@@ -19,7 +21,6 @@ from node_agent.config import SchedulerSettings
 from node_agent.scheduler.formats import srt_timestamp, to_srt, to_vtt, vtt_timestamp
 from node_agent.scheduler.schemas import (
     DeviceSpec,
-    EventsReport,
     Hardware,
     HeartbeatRequest,
     JobAssignment,
@@ -29,11 +30,10 @@ from node_agent.scheduler.schemas import (
     RegisterRequest,
     RenewRequest,
     ResultReport,
-    Segment,
     TranscriptResult,
 )
 from node_agent.scheduler.errors import LeaseUnusable, ReportRejected, UnknownNode
-from node_agent.scheduler.server import start_scheduler
+from node_agent.scheduler.server import sanitize_filename, serve, start_scheduler
 from node_agent.scheduler.state import SchedulerState
 
 pytestmark = pytest.mark.timeout(20)
@@ -75,7 +75,9 @@ def register(state: SchedulerState, devices: list[dict[str, Any]] | None = None,
     return state.register(req).node_id
 
 
-def take(state: SchedulerState, node_id: str, resource: str = "cpu", ttl_s: float = 10.0) -> tuple[JobAssignment, LeaseGrant]:
+def take(
+    state: SchedulerState, node_id: str, resource: str = "cpu", ttl_s: float = 10.0
+) -> tuple[JobAssignment, LeaseGrant]:
     assignment = state.assign_next(node_id)
     assert assignment is not None
     grant = state.grant_lease(LeaseRequest(node_id=node_id, job_id=assignment.job_id, resource=resource, ttl_s=ttl_s))
@@ -306,6 +308,13 @@ def test_retryable_failure_at_max_attempts_is_terminal() -> None:
     assert registry.get_sample_value("node_agent_scheduler_jobs_total", {"outcome": "worker_crashed"}) == 1
 
 
+def test_upload_names_are_for_display_only() -> None:
+    assert sanitize_filename("../../etc/\x00pass\nwd.wav") == "passwd.wav"
+    assert sanitize_filename("C:\\Users\\me\\clip one.wav") == "clip one.wav"
+    assert sanitize_filename("a" * 300) == "a" * 100
+    assert sanitize_filename("/") is None
+
+
 def test_subtitle_formats() -> None:
     assert srt_timestamp(1.5) == "00:00:01,500"
     assert vtt_timestamp(3661.0016) == "01:01:01.002"
@@ -347,7 +356,7 @@ async def test_register_heartbeat_and_reregister_after_404(caplog: pytest.LogCap
         status, reply, _ = await h.call("PUT", "/v1/nodes/node-000000000000/heartbeat", json=beat)
         assert status == 404 and reply["error"]["code"] == "unknown_node"
         assert await h.register(node_id="node-000000000000") == "node-000000000000"
-        status, _, _ = await h.call("PUT", "/v1/nodes/node-000000000000/heartbeat", json=beat)
+        status, _, _ = await h.call("PUT", "/v1/nodes/node-000000000000/heartbeat", json={**beat, "state": "ready"})
         assert status == 200
         status, reply, _ = await h.call("PUT", f"/v1/nodes/{node}/heartbeat", json={**beat, "cpu_percent": "lots"})
         assert status == 400 and "cpu_percent" in reply["error"]["message"]
@@ -435,12 +444,12 @@ async def test_renew_extends_release_is_idempotent() -> None:
         node = await h.register()
         job = await h.submit()
         await h.poll(node)
-        _, grant, _ = await h.lease(node, job, ttl_s=0.4)
+        _, grant, _ = await h.lease(node, job, ttl_s=0.6)
         lease_id, epoch = grant["lease_id"], grant["epoch"]
-        for _ in range(4):  # 0.8 s in all: well past one TTL, alive thanks to the renewals
+        for _ in range(4):  # 0.8 s in all: past one TTL, alive thanks to the renewals
             await asyncio.sleep(0.2)
             status, reply, _ = await h.call("POST", f"/v1/leases/{lease_id}/renew", json={"epoch": epoch})
-            assert status == 200 and reply == {"lease_id": lease_id, "epoch": epoch, "ttl_s": 0.4}
+            assert status == 200 and reply == {"lease_id": lease_id, "epoch": epoch, "ttl_s": 0.6}
         status, reply, _ = await h.call("POST", f"/v1/leases/{lease_id}/renew", json={"epoch": epoch + 1})
         assert status == 410 and reply["error"]["code"] == "stale_epoch"
         assert (await h.job(job))["state"] == "running"
@@ -473,7 +482,7 @@ async def test_expired_lease_requeues_and_late_result_is_rejected() -> None:
         assert status == 409 and reply["error"]["code"] == "stale_attempt"
         status, reply, _ = await h.call(
             "POST", f"/v1/jobs/{job}/events",
-            json={"attempt": 1, "lease_epoch": grant["epoch"], "events": [{"id": 0, "start": 0, "end": 1, "text": "x"}]},
+            json={"attempt": 1, "lease_epoch": grant["epoch"], "events": [{"id": 0, "start": 0, "end": 1, "text": ""}]},
         )
         assert status == 409 and reply["error"]["code"] == "stale_attempt"
         status, assignment = await h.poll(node)
@@ -559,12 +568,13 @@ async def test_assignment_without_lease_times_out_and_is_requeued() -> None:
 
 @pytest.mark.asyncio
 async def test_gone_node_gets_404_and_its_lease_expires() -> None:
-    async with scheduler(heartbeat_interval_s=0.1, node_gone_after_heartbeats=2, lease_min_ttl_s=0.1) as h:
+    async with scheduler(heartbeat_interval_s=0.25, node_gone_after_heartbeats=2) as h:
         node = await h.register()
         job = await h.submit()
         await h.poll(node)
-        _, grant, _ = await h.lease(node, job, ttl_s=60)
-        await asyncio.sleep(0.5)
+        status, grant, _ = await h.lease(node, job, ttl_s=60)
+        assert status == 201
+        await asyncio.sleep(0.8)
         status, reply, _ = await h.call("GET", "/v1/nodes")
         assert reply["nodes"][0]["state"] == "gone"
         status, reply, _ = await h.call("PUT", f"/v1/nodes/{node}/heartbeat", json={"state": "ready"})
@@ -646,7 +656,7 @@ async def test_multipart_submission_and_job_long_poll_on_segments() -> None:
     async with scheduler() as h:
         node = await h.register([GPU_ANY])
         form = aiohttp.FormData()
-        form.add_field("file", b"\x00\x01" * 100, filename="../../etc/\x00passwd.raw")
+        form.add_field("file", b"\x00\x01" * 100, filename="../../etc/passwd.raw")
         form.add_field("format", "pcm_s16le")
         form.add_field("sample_rate", "16000")
         form.add_field("language", "zh")
@@ -659,14 +669,18 @@ async def test_multipart_submission_and_job_long_poll_on_segments() -> None:
         assert assignment["audio"]["format"] == "pcm_s16le" and assignment["audio"]["sample_rate"] == 16000
         assert assignment["options"] == {"vad_filter": True}
         _, grant, _ = await h.lease(node, job, resource="gpu:0")
-        watcher = asyncio.create_task(h.job(job, wait_s=10, after_segment=0))
+
+        def events(*segments: dict[str, Any]) -> dict[str, Any]:
+            return {"attempt": 1, "lease_epoch": grant["epoch"], "events": list(segments)}
+
+        watcher = asyncio.create_task(h.job(job, wait_s=10, after_segment=1))
         await asyncio.sleep(0.1)
         assert not watcher.done()
         event = {"id": 0, "start": 0.0, "end": 0.5, "text": "你好"}
-        await h.call("POST", f"/v1/jobs/{job}/events", json={"attempt": 1, "lease_epoch": grant["epoch"], "events": [event]})
-        assert not watcher.done()  # one segment is not more than after_segment=0
+        await h.call("POST", f"/v1/jobs/{job}/events", json=events(event))
+        assert not watcher.done()  # one segment is not more than after_segment=1
         event2 = {"id": 1, "start": 0.5, "end": 1.0, "text": "世界"}
-        await h.call("POST", f"/v1/jobs/{job}/events", json={"attempt": 1, "lease_epoch": grant["epoch"], "events": [event2]})
+        await h.call("POST", f"/v1/jobs/{job}/events", json=events(event2))
         view = await asyncio.wait_for(watcher, 2)
         assert [s["text"] for s in view["segments"]] == ["你好", "世界"]
         assert view["filename"] == "passwd.raw" and view["state"] == "running"
@@ -677,8 +691,8 @@ async def _fake_node(h: Harness, node: str, outcome: dict[str, Any]) -> None:
     status, assignment = await h.poll(node, wait_s=10)
     assert status == 200
     job = assignment["job_id"]
-    status, grant, _ = await h.lease(node, job)
-    assert status == 201
+    status, grant, _ = await h.lease(node, job, resource=assignment["resource"])
+    assert status == 201, grant
     segments = outcome.get("result", {}).get("segments", [])
     if segments:
         status, _, _ = await h.call(
@@ -706,6 +720,16 @@ SUCCESS = {
 }
 
 
+async def _transcribe_with_node(h: Harness, node: str, outcome: dict[str, Any], **fields: str) -> tuple[int, Any, Any]:
+    """One OpenAI-style request, answered by a simulated node; a failing node fails the test at once."""
+    request = asyncio.create_task(_transcribe(h, **fields))
+    try:
+        await _fake_node(h, node, outcome)
+        return await asyncio.wait_for(request, 5)
+    finally:
+        request.cancel()
+
+
 async def _transcribe(h: Harness, **fields: str) -> tuple[int, Any, Any]:
     form = aiohttp.FormData()
     form.add_field("file", AUDIO, filename="clip.wav", content_type="audio/wav")
@@ -720,9 +744,9 @@ async def _transcribe(h: Harness, **fields: str) -> tuple[int, Any, Any]:
 async def test_openai_transcriptions_formats(response_format: str) -> None:
     async with scheduler() as h:
         node = await h.register([GPU_ANY])
-        worker = asyncio.create_task(_fake_node(h, node, SUCCESS))
-        status, body, headers = await _transcribe(h, response_format=response_format, language="en", prompt="Kenobi")
-        await worker
+        status, body, headers = await _transcribe_with_node(
+            h, node, SUCCESS, response_format=response_format, language="en", prompt="Kenobi"
+        )
         assert status == 200, body
         if response_format == "json":
             assert body == {"text": "Hello there. General Kenobi."}
@@ -752,17 +776,55 @@ async def test_openai_errors() -> None:
         assert status == 400
         assert body["error"]["type"] == "invalid_request_error" and body["error"]["param"] == "response_format"
         assert "json, text, srt, verbose_json, vtt" in body["error"]["message"]
-        status, body, _ = await h.call("POST", "/v1/audio/transcriptions", data=aiohttp.FormData({"model": "whisper-1"}))
+        no_file = aiohttp.FormData({"model": "whisper-1"})
+        status, body, _ = await h.call("POST", "/v1/audio/transcriptions", data=no_file)
         assert status == 400 and body["error"]["param"] == "file"
         node = await h.register([GPU_ANY])
         failure = {"outcome": "failed", "error": {"code": "bad_audio", "message": "cannot decode audio"}}
-        worker = asyncio.create_task(_fake_node(h, node, failure))
-        status, body, _ = await _transcribe(h)
-        await worker
+        status, body, _ = await _transcribe_with_node(h, node, failure)
         assert status == 400 and body["error"]["code"] == "bad_audio" and "decode" in body["error"]["message"]
         crash = {"outcome": "failed", "error": {"code": "worker_crashed", "message": "signal 11"}}
-        worker = asyncio.create_task(_fake_node(h, node, crash))
-        status, body, _ = await _transcribe(h)
-        await worker
+        status, body, _ = await _transcribe_with_node(h, node, crash)
         assert status == 500 and body["error"]["code"] == "worker_crashed"
         assert body["error"]["type"] == "server_error"
+
+
+@pytest.mark.asyncio
+async def test_stop_wakes_long_polls_at_once() -> None:
+    settings = SchedulerSettings()
+    running = await start_scheduler(settings, host="127.0.0.1", port=0)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            running.url + "/v1/nodes",
+            json={"agent_version": "0.1.0", "hostname": "a", "hardware": HARDWARE, "devices": [CPU_EN]},
+        ) as resp:
+            node = (await resp.json())["node_id"]
+
+        async def poll() -> int:
+            async with session.get(running.url + f"/v1/nodes/{node}/jobs/next", params={"wait_s": 25}) as resp:
+                return resp.status
+
+        waiter = asyncio.create_task(poll())
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await running.stop()
+        assert await asyncio.wait_for(waiter, 3) == 204
+        assert time.monotonic() - started < 3
+
+
+@pytest.mark.asyncio
+async def test_serve_logs_its_url_and_stops_on_sigterm(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="node_agent.scheduler")
+    server = asyncio.create_task(serve(SchedulerSettings(listen="127.0.0.1:0")))
+    for _ in range(100):
+        match = re.search(r"scheduler listening on (http://\S+)", caplog.text)
+        if match:
+            break
+        await asyncio.sleep(0.02)
+    assert match is not None
+    async with aiohttp.ClientSession() as session:
+        async with session.get(match.group(1) + "/healthz") as resp:
+            assert (resp.status, await resp.json()) == (200, {"ok": True})
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.wait_for(server, 5)
+    assert "scheduler stopped" in caplog.text

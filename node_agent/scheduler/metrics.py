@@ -68,10 +68,16 @@ class SchedulerMetrics:
             "node_agent_scheduler_results_accepted", "Result reports accepted (duplicates excluded).", registry=registry
         )
         self.results_rejected = Counter(
-            "node_agent_scheduler_results_rejected", "Result reports rejected, by reason.", ["reason"], registry=registry
+            "node_agent_scheduler_results_rejected",
+            "Result reports rejected, by reason.",
+            ["reason"],
+            registry=registry,
         )
         self.jobs_requeued = Counter(
-            "node_agent_scheduler_jobs_requeued", "Jobs put back in the queue, by reason.", ["reason"], registry=registry
+            "node_agent_scheduler_jobs_requeued",
+            "Jobs put back in the queue, by reason.",
+            ["reason"],
+            registry=registry,
         )
         for outcome in JOB_OUTCOMES:
             self.jobs.labels(outcome)

@@ -18,6 +18,7 @@ import re
 import signal
 import time
 import unicodedata
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 
@@ -50,7 +51,6 @@ from .schemas import (
     JobSpec,
     JobSubmission,
     JobSubmitted,
-    JobView,
     LeaseRequest,
     RegisterRequest,
     RenewRequest,
@@ -269,7 +269,8 @@ def sanitize_filename(name: str | None) -> str | None:
     """A display-only copy of an upload's name: last path component, printable, at most 100 chars."""
     if not name:
         return None
-    base = re.split(r"[\\/]", name)[-1]
+    # Some clients (aiohttp among them) percent-encode the name in Content-Disposition.
+    base = re.split(r"[\\/]", urllib.parse.unquote(name))[-1]
     base = "".join(ch for ch in base if unicodedata.category(ch)[0] not in ("C", "Z") or ch == " ").strip()
     return base[:MAX_FILENAME_CHARS] or None
 
@@ -586,9 +587,13 @@ class Running:
     state: SchedulerState
     app: web.Application
     runner: web.AppRunner
+    _stopped: bool = False
 
     async def stop(self) -> None:
-        await self.runner.cleanup()
+        """Stop serving: long polls answer at once, the expiry task ends. Safe to call twice."""
+        if not self._stopped:
+            self._stopped = True
+            await self.runner.cleanup()
 
 
 async def start_scheduler(
