@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ValidationError
 
@@ -312,8 +313,10 @@ async def _read_multipart(request: web.Request, max_bytes: int) -> tuple[dict[st
                     fields[name] = data.decode("utf-8")
                 except UnicodeDecodeError:
                     raise InvalidInput(f"{name}: form field is not UTF-8 text", param=name) from None
-    except (ValueError, AssertionError) as exc:
-        raise InvalidInput(f"malformed multipart/form-data body: {exc}") from None
+    except (ValueError, AssertionError, HttpProcessingError) as exc:
+        # A part header that breaks the grammar (CR/LF/NUL smuggled into a file name) is the client's error.
+        reason = getattr(exc, "message", None) or str(exc)
+        raise InvalidInput(f"malformed multipart/form-data body: {str(reason).splitlines()[0][:120]}") from None
     return fields, upload
 
 
