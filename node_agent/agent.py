@@ -36,7 +36,7 @@ from .config import Settings, host_port
 from .devices import choose_device, resources_for
 from .errors import ConfigError, JobError, JobShutdown, LeaseLost, WorkerUnavailable
 from .lease import Lease, LeaseKeeper, LeaseUnavailable
-from .metrics import AgentMetrics, MetricsObserver, job_outcome
+from .metrics import JOB_OUTCOMES, AgentMetrics, MetricsObserver, job_outcome
 from .scheduler.schemas import JobAssignment
 from .supervisor import JobRequest, JobResult, Worker, WorkerState, worker_spec
 
@@ -128,6 +128,7 @@ class Agent:
         self._tasks: list[asyncio.Task[Any]] = []
         self._poll_tasks: list[asyncio.Task[Any]] = []
         self._job_tasks: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
         self._reregister = asyncio.Event()
 
         device = choose_device(settings.asr.device.value, int(self.facts.get("cuda_device_count", 0)))
@@ -175,7 +176,14 @@ class Agent:
         # Tell the scheduler the node is idle and draining, so operators do not see ghost jobs.
         await self._send_heartbeat()
 
+    def _own(self, task: asyncio.Task[Any]) -> None:
+        """Keep a background task referenced until done; ``stop`` waits for the stragglers."""
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def stop(self) -> None:
+        if self._background:
+            await asyncio.wait(self._background, timeout=5.0)
         await asyncio.gather(*(w.stop() for w in self.workers.values()), return_exceptions=True)
         for task in self._tasks + self._poll_tasks:
             task.cancel()
@@ -410,41 +418,59 @@ class Agent:
             await report
             raise
         finally:
-            await keeper.release(lease)
+            # The job is over once reported; releasing is housekeeping (the scheduler already dropped the lease
+            # when it accepted the result) and may retry through a partition, so it must not hold up the node.
+            self._own(loop.create_task(keeper.release(lease), name=f"release-{lease.lease_id}"))
 
     async def _fetch_audio(self, a: JobAssignment) -> bytes:
         assert self.client is not None
         delays = backoff_delays(0.2, 2.0)
-        for attempt in range(4):
+        attempts = 6
+        for attempt in range(1, attempts + 1):
             try:
-                return await self.client.fetch_audio(a.audio.url)
-            except SchedulerUnavailable:
-                if attempt == 3:
+                data = await self.client.fetch_audio(a.audio.url)
+                # A proxy error page or a cut connection must not reach the decoder as "audio".
+                if len(data) != a.audio.bytes:
+                    raise SchedulerUnavailable(
+                        f"audio: got {len(data)} bytes, the assignment announced {a.audio.bytes}")
+                return data
+            except SchedulerUnavailable as exc:
+                if attempt == attempts:
                     raise
+                log.warning("job %s: audio fetch failed (%s); retrying", a.job_id, exc)
                 await asyncio.sleep(next(delays))
         raise AssertionError("unreachable")
 
     async def _send_events(self, job_id: str, attempt: int, epoch: int,
                            queue: asyncio.Queue[dict[str, Any] | None]) -> None:
-        """Forward segment events in order; batching what piled up. Never blocks the decode."""
+        """Forward segment events in order, batching what piled up. Never blocks the decode.
+
+        A batch that could not be delivered is carried into the next post (the scheduler replaces segments by
+        id, so a resend is harmless); after the last segment one final attempt is made.
+        """
         assert self.client is not None
+        pending: list[dict[str, Any]] = []
         done = False
         while not done:
-            batch = [await queue.get()]
+            item = await queue.get()
+            items = [item]
             while not queue.empty():
-                batch.append(queue.get_nowait())
-            if batch[-1] is None:
-                done = True
-                batch.pop()
-            if not batch:
+                items.append(queue.get_nowait())
+            done = items[-1] is None
+            pending.extend(e for e in items if e is not None)
+            if not pending:
                 continue
             try:
-                await self.client.post_events(job_id, attempt, epoch, batch)  # type: ignore[arg-type]
+                await self.client.post_events(job_id, attempt, epoch, pending)
+                pending = []
             except Rejected as exc:
                 log.warning("job %s: segment events rejected (%s); no more will be sent", job_id, exc)
                 return
             except SchedulerError as exc:
-                log.warning("job %s: segment events not delivered: %s", job_id, exc)
+                log.warning("job %s: %d segment event(s) not delivered yet: %s", job_id, len(pending), exc)
+                if done:
+                    with contextlib.suppress(SchedulerError):
+                        await self.client.post_events(job_id, attempt, epoch, pending)
 
     async def _report(self, running: RunningJob, lease: Lease, result: JobResult | None,
                       error: JobError | None) -> None:
@@ -541,9 +567,7 @@ class Agent:
             "health": {"status": health, "reasons": reasons},
             "workers": workers,
             "jobs": [r.view(now) for r in self.running.values()],
-            "totals": {outcome: self.totals.get(outcome, 0) for outcome in
-                       ("succeeded", "failed", "timeout", "stalled", "worker_crashed", "lease_lost", "bad_audio",
-                        "shutdown")},
+            "totals": {outcome: self.totals.get(outcome, 0) for outcome in JOB_OUTCOMES},
             "recent_failures": [
                 {**f, "age_s": round(time.time() - f["at"], 1)} for f in reversed(self.recent_failures)],
             "lease_losses_10m": sum(1 for t in self.lease_losses if now - t < LEASE_LOSS_WINDOW_S),

@@ -1,14 +1,491 @@
-"""Drop-in endpoints of the ASR service this agent replaces (POST /utterance, GET /health). Being written."""
+"""Drop-in endpoints of the ASR service this agent replaces: ``POST /utterance`` and ``GET /health``.
+
+An utterance becomes an ordinary job on the scheduler the agent uses (``POST /v1/jobs``, then long polls on
+``GET /v1/jobs/{id}``), so it takes the path every job takes: queue, lease, supervisor, plugin process, metrics.
+Its time limit travels as the job's ``deadline_s``: a decode that overruns it is stopped by the supervisor
+killing the worker process, which is then replaced. (The old service's timeout only stopped waiting, and the
+next request queued behind the abandoned decode.)
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import math
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+import aiohttp
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .scheduler.schemas import JobOptions
+from .supervisor import RESTART_REASONS, WorkerState
 
 if TYPE_CHECKING:
     from .agent import Agent
 
+log = logging.getLogger("node_agent.compat")
+
+#: Time limit of one utterance (seconds from its arrival) when the request names none.
+DEFAULT_TIMEOUT_S = 60.0
+#: The largest ``timeout_s`` a request may ask for.
+MAX_TIMEOUT_S = 600.0
+#: Utterances that may wait behind each serving worker before more are answered 503.
+QUEUE_PER_WORKER = 2
+#: After the deadline: time for the supervisor's kill (SIGTERM grace) and the node's report to arrive.
+REPORT_GRACE_S = 5.0
+#: Longest single long poll, so a draining or stopping agent answers waiting clients promptly.
+POLL_SLICE_S = 5.0
+SRC_LANGS = ("auto", "zh", "en", "ja", "ko")
+MIN_SAMPLE_RATE = 8000
+MAX_SAMPLE_RATE = 48000
+#: How many finished utterances the averages in /health cover.
+RECENT = 100
+#: Bodies above this are parsed and base64-decoded in a thread so the event loop keeps serving.
+THREAD_BYTES = 1024 * 1024
+#: Serving worker states: a worker starting or backing off will take the queued work within seconds.
+_SERVING = (WorkerState.ready, WorkerState.busy, WorkerState.starting, WorkerState.backoff)
+#: Decode options of the old request, passed on under the same names (checked by the scheduler's JobOptions).
+OPTION_FIELDS = ("beam_size", "best_of", "temperature", "no_speech_threshold", "log_prob_threshold",
+                 "compression_ratio_threshold", "condition_on_previous_text", "vad_filter", "initial_prompt")
+#: Job error code -> HTTP status; anything else is 500.
+_ERROR_STATUS = {"bad_audio": 400, "invalid_request": 400, "timeout": 504, "stalled": 504,
+                 "shutdown": 503, "worker_unavailable": 503}
+
+
+@dataclass
+class CompatLimits:
+    """Bounds of the endpoint: the default time limit and the wait queue per serving worker."""
+
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    queue_per_worker: int = QUEUE_PER_WORKER
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "CompatLimits":
+        """Values from a ``compat`` settings section where one exists, else the module defaults."""
+        section = getattr(settings, "compat", None)
+        return cls(
+            timeout_s=float(getattr(section, "timeout_s", DEFAULT_TIMEOUT_S)),
+            queue_per_worker=int(getattr(section, "queue_per_worker", QUEUE_PER_WORKER)),
+        )
+
+
+class UtteranceRequest(BaseModel):
+    """The old service's request. Unknown fields are ignored, as the old service did."""
+
+    model_config = ConfigDict(extra="ignore", coerce_numbers_to_str=True)
+
+    job_id: str | None = Field(None, max_length=256)
+    trace_id: str | None = Field(None, max_length=256)
+    src_lang: str = "auto"
+    audio: str
+    sample_rate: int = 16000
+    timeout_s: float | None = None
+    beam_size: int | None = None
+    best_of: int | None = None
+    temperature: float | None = None
+    no_speech_threshold: float | None = None
+    log_prob_threshold: float | None = None
+    compression_ratio_threshold: float | None = None
+    condition_on_previous_text: bool | None = None
+    vad_filter: bool | None = None
+    initial_prompt: str | None = None
+
+    @field_validator("src_lang", mode="before")
+    @classmethod
+    def _known_language(cls, value: Any) -> Any:
+        if value is None:
+            return "auto"
+        if not isinstance(value, str) or value.strip().lower() not in SRC_LANGS:
+            raise ValueError(f"{str(value)[:20]!r} is not one of {', '.join(SRC_LANGS)}")
+        return value.strip().lower()
+
+    @field_validator("sample_rate", mode="before")
+    @classmethod
+    def _default_rate(cls, value: Any) -> Any:
+        return 16000 if value is None else value
+
+    @field_validator("sample_rate")
+    @classmethod
+    def _rate_in_range(cls, value: int) -> int:
+        if not MIN_SAMPLE_RATE <= value <= MAX_SAMPLE_RATE:
+            raise ValueError(f"{value} Hz is outside {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz")
+        return value
+
+    @field_validator("timeout_s")
+    @classmethod
+    def _timeout_in_range(cls, value: float | None) -> float | None:
+        if value is not None and not (0 < value <= MAX_TIMEOUT_S and math.isfinite(value)):
+            raise ValueError(f"must be above 0 and at most {MAX_TIMEOUT_S:g} seconds")
+        return value
+
+    def options(self) -> dict[str, Any]:
+        """Decode options for the job, checked against the scheduler's own option schema."""
+        raw = {name: getattr(self, name) for name in OPTION_FIELDS if getattr(self, name) is not None}
+        try:
+            return JobOptions.model_validate(raw).model_dump(exclude_none=True)
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+
+
+class CompatError(Exception):
+    """An answer other than 200: HTTP status, stable code, one-line message, and the field at fault."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.retry_after = retry_after
+
+
+def _invalid(exc: ValidationError) -> CompatError:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or None
+    message = err["msg"].removeprefix("Value error, ")
+    return CompatError(400, "invalid_request", f"{field}: {message}" if field else message, field)
+
+
+def _decode_audio(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise CompatError(400, "invalid_request", "audio: not valid base64", "audio") from None
+
+
+def _ids(data: Any) -> dict[str, Any]:
+    """The caller's ids, echoed in every answer that can carry them, errors included."""
+    if not isinstance(data, dict):
+        return {"job_id": None, "trace_id": None}
+    return {key: data.get(key) if isinstance(data.get(key), (str, int)) else None for key in ("job_id", "trace_id")}
+
+
+def _segment(seg: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "start": seg.get("start"),
+        "end": seg.get("end"),
+        "text": str(seg.get("text", "")).strip(),
+        "no_speech_prob": seg.get("no_speech_prob"),
+        "avg_logprob": seg.get("avg_logprob"),
+        "compression_ratio": seg.get("compression_ratio"),
+    }
+
+
+class CompatService:
+    """State of the compatibility endpoints: requests in flight, totals, recent waits, one HTTP session."""
+
+    def __init__(self, agent: "Agent", limits: CompatLimits | None = None) -> None:
+        self.agent = agent
+        self.limits = limits or CompatLimits.from_settings(agent.settings)
+        self.in_flight = 0
+        self.totals: Counter[str] = Counter()
+        self.waits: deque[float] = deque(maxlen=RECENT)  # seconds queued before a node took the job
+        self.latencies: deque[float] = deque(maxlen=RECENT)  # seconds from arrival to answer
+        self._session: aiohttp.ClientSession | None = None
+
+    # ----- bounds ------------------------------------------------------------------------------------------------
+
+    def serving_workers(self) -> int:
+        return sum(1 for w in self.agent.workers.values() if w.state in _SERVING)
+
+    def capacity(self) -> int:
+        """How many utterances may be in flight: one running plus a short queue per serving worker."""
+        return self.serving_workers() * (1 + max(0, self.limits.queue_per_worker))
+
+    def retry_after(self) -> int:
+        recent = list(self.latencies)[-10:]
+        typical = sum(recent) / len(recent) if recent else 1.0
+        return int(min(30, max(1, math.ceil(typical))))
+
+    def _admit(self) -> None:
+        agent = self.agent
+        why = None
+        if agent.draining:
+            why = "the node is draining"
+        elif not agent.identity.registered:
+            why = "the node is not registered with its scheduler yet"
+        elif self.capacity() == 0:
+            why = "no worker can take jobs: " + "; ".join(
+                f"{w.resource} {w.state.value}" for w in agent.workers.values())
+        elif self.in_flight >= self.capacity():
+            why = f"busy: {self.in_flight} utterances in flight (limit {self.capacity()})"
+        if why is not None:
+            raise CompatError(503, "busy", why, retry_after=self.retry_after())
+
+    def served_languages(self) -> set[str] | None:
+        """Languages this node's models serve; None means any (a multilingual model)."""
+        fallback = ["en"] if self.agent.settings.asr.model.endswith(".en") else None
+        served: set[str] = set()
+        for worker in self.agent.workers.values():
+            languages = worker.info.get("languages", fallback)
+            if languages is None:
+                return None
+            served.update(languages)
+        return served
+
+    # ----- the scheduler -----------------------------------------------------------------------------------------
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            headers = {"User-Agent": "node-agent-compat"}
+            token = self.agent.settings.scheduler.token
+            if token is not None:
+                headers["Authorization"] = f"Bearer {token.get_secret_value()}"
+            self._session = aiohttp.ClientSession(headers=headers)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def _scheduler(self, method: str, path: str, timeout: float, **kwargs: Any) -> tuple[int, Any]:
+        url = self.agent.scheduler_url
+        if not url.startswith(("http://", "https://")):
+            raise CompatError(503, "unavailable", "the agent is not connected to a scheduler yet", retry_after=1)
+        try:
+            async with self._http().request(method, url + path, timeout=aiohttp.ClientTimeout(total=timeout),
+                                            **kwargs) as resp:
+                data = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise CompatError(503, "unavailable", f"scheduler {url} unreachable: {type(exc).__name__}: {exc}",
+                              retry_after=1) from None
+        try:
+            body = json.loads(data) if data else None
+        except (ValueError, UnicodeDecodeError):
+            body = None
+        return status, body
+
+    @staticmethod
+    def _scheduler_error(what: str, status: int, body: Any) -> CompatError:
+        err = body.get("error") if isinstance(body, dict) else None
+        code = str(err.get("code", "")) if isinstance(err, dict) else ""
+        message = str(err.get("message", "")) if isinstance(err, dict) else ""
+        text = f"{what}: scheduler answered {status}" + (f" {code}: {message}" if code else "")
+        if status == 400:
+            param = err.get("param") if isinstance(err, dict) else None
+            return CompatError(400, "invalid_request", message or text, "audio" if param == "audio_b64" else param)
+        if status == 413:
+            return CompatError(413, "too_large", message or text, "audio")
+        if status == 503:
+            return CompatError(503, "unavailable", text, retry_after=1)
+        return CompatError(500, "scheduler_error", text)
+
+    async def _submit(self, req: UtteranceRequest, deadline_s: float) -> str:
+        body = {
+            "audio_b64": req.audio,
+            "format": "pcm_s16le",
+            "sample_rate": req.sample_rate,
+            "language": None if req.src_lang == "auto" else req.src_lang,
+            "options": req.options(),
+            "deadline_s": round(deadline_s, 3),
+        }
+        timeout = max(60.0, self.agent.settings.scheduler.request_timeout_s)
+        status, reply = await self._scheduler("POST", "/v1/jobs", timeout, json=body)
+        if status != 202 or not isinstance(reply, dict) or "job_id" not in reply:
+            raise self._scheduler_error("submitting the job", status, reply)
+        return str(reply["job_id"])
+
+    async def _wait(self, job_id: str, give_up: float, limit_s: float) -> dict[str, Any]:
+        """Long-poll the job until it is finished or ``give_up`` (loop time) passes."""
+        loop = asyncio.get_running_loop()
+        request_timeout = self.agent.settings.scheduler.request_timeout_s
+        while True:
+            left = give_up - loop.time()
+            if left <= 0:
+                raise CompatError(504, "timeout", f"no result within the time limit of {limit_s:g} s "
+                                                  f"(scheduler job {job_id})")
+            wait = min(left, POLL_SLICE_S)
+            status, view = await self._scheduler("GET", f"/v1/jobs/{job_id}", wait + request_timeout,
+                                                 params={"wait_s": f"{wait:.2f}"})
+            if status != 200 or not isinstance(view, dict):
+                raise self._scheduler_error(f"following job {job_id}", status, view)
+            if view.get("state") in ("succeeded", "failed"):
+                return view
+            if self.agent.draining and view.get("state") == "queued":
+                raise CompatError(503, "unavailable", "the node is draining; the utterance was not started",
+                                  retry_after=self.retry_after())
+
+    # ----- handlers ----------------------------------------------------------------------------------------------
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        # Read the stream ourselves: the app's client_max_size is sized for small control requests.
+        limit = self.agent.settings.http.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise CompatError(413, "too_large", f"request body is over the limit of {limit} bytes")
+        body = bytearray()
+        while chunk := await request.content.read(1 << 20):
+            body.extend(chunk)
+            if len(body) > limit:
+                raise CompatError(413, "too_large", f"request body is over the limit of {limit} bytes")
+        return bytes(body)
+
+    @staticmethod
+    async def _load_json(raw: bytes) -> dict[str, Any]:
+        try:
+            data = await asyncio.to_thread(json.loads, raw) if len(raw) > THREAD_BYTES else json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CompatError(400, "invalid_request", f"request body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise CompatError(400, "invalid_request", "request body must be a JSON object")
+        return data
+
+    async def _validate(self, data: dict[str, Any]) -> tuple[UtteranceRequest, int]:
+        """The request, checked field by field; returns it and its audio byte count."""
+        try:
+            req = UtteranceRequest.model_validate(data)
+        except ValidationError as exc:
+            raise _invalid(exc) from None
+        req.options()  # option bounds fail here, before any work is queued
+        if not req.audio:
+            raise CompatError(400, "invalid_request", "audio: audio is empty", "audio")
+        audio = await asyncio.to_thread(_decode_audio, req.audio) if len(req.audio) > THREAD_BYTES \
+            else _decode_audio(req.audio)
+        if not audio:
+            raise CompatError(400, "invalid_request", "audio: audio is empty", "audio")
+        if len(audio) % 2:
+            raise CompatError(400, "invalid_request", f"audio: pcm16 audio must be a whole number of 16-bit "
+                                                      f"samples; got {len(audio)} bytes", "audio")
+        max_s = self.agent.settings.asr.max_audio_s
+        if len(audio) / 2 / req.sample_rate > max_s:
+            raise CompatError(400, "invalid_request", f"audio: longer than this node's limit of {max_s:g} s "
+                                                      "(asr.max_audio_s)", "audio")
+        served = self.served_languages()
+        if req.src_lang != "auto" and served is not None and req.src_lang not in served:
+            raise CompatError(400, "invalid_request", f"src_lang: {req.src_lang!r} is not served by this node's "
+                                                      f"model {self.agent.settings.asr.model} (serves "
+                                                      f"{', '.join(sorted(served))} or auto)", "src_lang")
+        return req, len(audio)
+
+    async def utterance(self, request: web.Request) -> web.Response:
+        """``POST /utterance``: transcribe one base64 pcm16 utterance through the scheduler."""
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
+        ids: dict[str, Any] = {"job_id": None, "trace_id": None}
+        try:
+            self._admit()
+        except CompatError as exc:
+            self.totals["busy"] += 1
+            log.info("utterance rejected: %s", exc.message)
+            return self._error_response(exc, ids)
+        self.in_flight += 1
+        scheduler_job = None
+        status = 200
+        try:
+            data = await self._load_json(await self._read_body(request))
+            ids = _ids(data)
+            req, audio_bytes = await self._validate(data)
+            limit_s = req.timeout_s or self.limits.timeout_s
+            scheduler_job = await self._submit(req, max(0.001, limit_s - (loop.time() - arrived)))
+            give_up = arrived + limit_s + self.agent.settings.worker.stop_grace_s + REPORT_GRACE_S
+            view = await self._wait(scheduler_job, give_up, limit_s)
+            queued = (view.get("timings") or {}).get("queued_s")
+            if isinstance(queued, (int, float)):
+                self.waits.append(float(queued))
+            if view["state"] == "failed":
+                error = view.get("error") or {}
+                code = str(error.get("code") or "failed")
+                raise CompatError(_ERROR_STATUS.get(code, 500), code,
+                                  str(error.get("message") or "transcription failed"),
+                                  "audio" if code == "bad_audio" else None,
+                                  retry_after=self.retry_after() if code in ("shutdown", "worker_unavailable")
+                                  else None)
+            result = view.get("result") or {}
+            self.totals["completed"] += 1
+            body = {
+                **ids,
+                "text": result.get("text", ""),
+                "language": result.get("language"),
+                "language_probability": result.get("language_probability"),
+                "segments": [_segment(s) for s in result.get("segments") or []],
+                "duration": round(float(result.get("duration_s") or audio_bytes / 2 / req.sample_rate), 3),
+            }
+            return web.json_response(body, headers={"X-Scheduler-Job-Id": scheduler_job})
+        except CompatError as exc:
+            status = exc.status
+            # Refused before anything was queued: the request's fault. Otherwise the utterance failed.
+            self.totals["rejected" if scheduler_job is None and exc.status in (400, 413) else "failed"] += 1
+            if exc.status == 504:
+                self.totals["timeout"] += 1
+            return self._error_response(exc, ids, scheduler_job)
+        finally:
+            self.in_flight -= 1
+            elapsed = loop.time() - arrived
+            self.latencies.append(elapsed)
+            log.info("utterance job_id=%s trace_id=%s scheduler_job=%s answered %d in %.2f s",
+                     ids.get("job_id"), ids.get("trace_id"), scheduler_job or "-", status, elapsed)
+
+    @staticmethod
+    def _error_response(exc: CompatError, ids: dict[str, Any], scheduler_job: str | None = None) -> web.Response:
+        error: dict[str, Any] = {"code": exc.code, "message": exc.message}
+        if exc.field:
+            error["field"] = exc.field
+        headers = {}
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(int(math.ceil(exc.retry_after)))
+        if scheduler_job:
+            headers["X-Scheduler-Job-Id"] = scheduler_job
+        return web.json_response({"error": error, **ids}, status=exc.status, headers=headers)
+
+    def health_doc(self) -> tuple[int, dict[str, Any]]:
+        agent = self.agent
+        workers = [self._worker_view(w.snapshot()) for w in agent.workers.values()]
+        restarts: Counter[str] = Counter()
+        for w in agent.workers.values():
+            restarts.update(w.restarts)
+        reasons = []
+        if agent.draining:
+            reasons.append("draining")
+        if not agent.identity.registered:
+            reasons.append("not registered with the scheduler")
+        if self.serving_workers() == 0:
+            reasons.append("no worker can take jobs")
+        status = "ok" if not reasons else "draining" if agent.draining else "degraded"
+        doc = {
+            "status": status,
+            "reasons": reasons,
+            "worker": workers[0] if workers else None,
+            "workers": workers,
+            "queue_depth": self.in_flight,
+            "queue_limit": self.capacity(),
+            "totals": {key: self.totals.get(key, 0) for key in ("completed", "failed", "timeout", "rejected",
+                                                                "busy")},
+            "restarts": sum(restarts.values()),
+            "restarts_by_reason": {reason: restarts.get(reason, 0) for reason in RESTART_REASONS},
+            "avg_wait_s": round(sum(self.waits) / len(self.waits), 4) if self.waits else 0.0,
+            "avg_latency_s": round(sum(self.latencies) / len(self.latencies), 4) if self.latencies else 0.0,
+        }
+        return (200 if status == "ok" else 503), doc
+
+    @staticmethod
+    def _worker_view(snap: dict[str, Any]) -> dict[str, Any]:
+        return {key: snap.get(key) for key in ("resource", "state", "pid", "model", "device", "compute_type",
+                                               "uptime_s", "jobs_served", "jobs_served_total", "last_error")}
+
+    async def health(self, request: web.Request) -> web.Response:
+        """``GET /health``: the old service's health document (200 when it can serve, else 503)."""
+        status, doc = self.health_doc()
+        return web.json_response(doc, status=status)
+
+
+COMPAT_KEY: web.AppKey[CompatService] = web.AppKey("compat", CompatService)
+
 
 def add_compat_routes(app: web.Application, agent: "Agent") -> None:
     """Register the compatibility routes on the agent's HTTP app."""
+    service = CompatService(agent)
+    app[COMPAT_KEY] = service
+    app.router.add_post("/utterance", service.utterance)
+    app.router.add_get("/health", service.health)
+
+    async def close(_: web.Application) -> None:
+        await service.close()
+
+    app.on_cleanup.append(close)

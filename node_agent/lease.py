@@ -111,8 +111,9 @@ class LeaseKeeper:
         loop = asyncio.get_running_loop()
         interval = self.settings.renew_interval
         deadline_s = self.settings.renew_deadline
-        # Retry a failed renewal quickly, but a few times within the deadline at most.
-        retry_s = max(0.05, min(interval / 2, deadline_s / 4))
+        # After a failed renewal, retry several times before the renew deadline (client-go: RetryPeriod 2 s
+        # within a RenewDeadline of 10 s), so one lost request or a brief 5xx never costs the job.
+        retry_s = max(0.05, min(interval / 2, deadline_s / 8))
         next_at = lease.renewed_at + interval
         while True:
             await asyncio.sleep(max(0.0, next_at - loop.time()))

@@ -130,8 +130,11 @@ class AgentMetrics:
         self.worker_up.labels(device).set(0)
         for state in WorkerState:
             self.worker_state.labels(device, state.value).set(0)
-        for metric in (self.asr_audio_seconds, self.asr_segments, self.asr_fallback_segments):
+        for metric in (self.asr_audio_seconds, self.asr_segments, self.asr_fallback_segments,
+                       self.asr_segment_conversion, self.asr_segment_decode, self.asr_transcribe_call, self.asr_rtf):
             metric.labels(model, device)
+        for histogram in (self.lease_acquire_duration, self.lease_renew_duration, self.lease_margin):
+            histogram.labels(device)
 
     def set_node(self, node_id: str, hostname: str, gpu_uuids: Iterable[str | None]) -> None:
         self.node_info.clear()

@@ -1,0 +1,372 @@
+"""``node-agent status``: read the local agent's ``GET /status`` and show it in an 80-column terminal.
+
+Fetching is one bounded HTTP call; everything about layout is pure functions of the status document
+(``render``, ``exit_code``), so they are tested with a hand-made dict. Exit status: 0 healthy, 1 degraded,
+2 agent unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import json
+import re
+import shutil
+import sys
+import unicodedata
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable
+from typing import Any
+
+from .config import load_settings
+
+TIMEOUT_S = 5.0
+WIDTH = 80
+#: At most this many recent failures are shown (the agent keeps more).
+SHOWN_FAILURES = 5
+ELLIPSIS = "..."
+EXIT_HEALTHY, EXIT_DEGRADED, EXIT_UNREACHABLE = 0, 1, 2
+_WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
+#: Terminal escape sequences (CSI and OSC), removed whole so no fragments such as "[31m" remain.
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b.?")
+
+
+class AgentUnreachable(Exception):
+    """No usable status document came back from the agent."""
+
+
+# ----- where and how to ask ---------------------------------------------------------------------------------------
+
+
+def default_url(listen: str) -> str:
+    """The base URL for an ``http.listen`` HOST:PORT; a wildcard bind is reached on loopback."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if host in _WILDCARD_HOSTS:
+        host = "127.0.0.1"
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def normalize_url(url: str) -> str:
+    """Accept ``HOST:PORT`` as well as a full base URL; no trailing slash."""
+    url = url.strip()
+    if "://" not in url:
+        url = "http://" + url
+    return url.rstrip("/")
+
+
+def _is_loopback(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def fetch_status(base_url: str, timeout_s: float = TIMEOUT_S) -> dict[str, Any]:
+    """``GET base_url/status``; raises ``AgentUnreachable`` with a one-line reason."""
+    request = urllib.request.Request(base_url + "/status", headers={"Accept": "application/json",
+                                                                    "User-Agent": "node-agent-status"})
+    # An http_proxy set for the node's outbound traffic must not swallow a call to this very host.
+    handlers = [urllib.request.ProxyHandler({})] if _is_loopback(base_url) else []
+    opener = urllib.request.build_opener(*handlers)
+    try:
+        with opener.open(request, timeout=timeout_s) as resp:
+            body = resp.read(16 * 1024 * 1024)
+    except urllib.error.HTTPError as exc:
+        raise AgentUnreachable(f"HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        if isinstance(reason, TimeoutError):
+            raise AgentUnreachable(f"no answer within {timeout_s:g} s") from None
+        raise AgentUnreachable(str(getattr(reason, "strerror", None) or reason)) from None
+    except TimeoutError:
+        raise AgentUnreachable(f"no answer within {timeout_s:g} s") from None
+    except (OSError, ValueError) as exc:
+        raise AgentUnreachable(str(exc) or type(exc).__name__) from None
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise AgentUnreachable("the answer is not JSON (is this a node-agent?)") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("health"), dict):
+        raise AgentUnreachable("the answer is not a node-agent status document")
+    return doc
+
+
+def exit_code(status: dict[str, Any]) -> int:
+    """0 when the agent calls itself healthy, 1 otherwise (degraded, or a status this version does not know)."""
+    health = status.get("health") or {}
+    return EXIT_HEALTHY if health.get("status") == "healthy" else EXIT_DEGRADED
+
+
+# ----- text that fits -------------------------------------------------------------------------------------------
+
+
+def cells(text: str) -> int:
+    """Terminal columns ``text`` takes: wide (CJK) characters take two, combining marks none."""
+    return sum(_char_cells(ch) for ch in text)
+
+
+def _char_cells(ch: str) -> int:
+    if unicodedata.combining(ch):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+def clean(value: Any) -> str:
+    """One line of printable text: newlines and tabs become spaces, other control characters are dropped
+    (an error message must not be able to move the cursor or recolour the terminal)."""
+    text = _ESCAPES.sub("", "" if value is None else str(value))
+    out = []
+    for ch in text:
+        if ch in "\n\r\t\v\f":
+            out.append(" ")
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co"):
+            continue
+        else:
+            out.append(ch)
+    return " ".join("".join(out).split())
+
+
+def truncate(text: str, width: int) -> str:
+    """``text`` cut to ``width`` columns, ending in an ellipsis when anything was cut."""
+    if cells(text) <= width:
+        return text
+    room = max(0, width - len(ELLIPSIS))
+    out, used = [], 0
+    for ch in text:
+        w = _char_cells(ch)
+        if used + w > room:
+            break
+        out.append(ch)
+        used += w
+    return "".join(out).rstrip() + ELLIPSIS
+
+
+def _head(word: str, room: int) -> str:
+    """The longest start of ``word`` that fits in ``room`` columns (at least one character)."""
+    used = 0
+    for i, ch in enumerate(word):
+        used += _char_cells(ch)
+        if used > room:
+            return word[:max(1, i)]
+    return word
+
+
+def _cut(line: str, width: int) -> str:
+    """``line`` marked as continued: an ellipsis appended, cutting the line if it must."""
+    if cells(line) + len(ELLIPSIS) <= width:
+        return line + ELLIPSIS
+    return truncate(line + " " * width, width)
+
+
+def wrap(text: str, width: int, first: str = "", indent: str = "", max_lines: int = 3) -> list[str]:
+    """Greedy word wrap by terminal columns: ``first`` prefixes line one, ``indent`` the others; words longer
+    than a line are split; when more than ``max_lines`` are needed the last one shown ends in an ellipsis."""
+    words = clean(text).split()
+    lines: list[str] = []
+    line, prefix = "", first
+    i = 0
+    while i < len(words):
+        room = max(1, width - cells(prefix))
+        candidate = f"{line} {words[i]}" if line else words[i]
+        if cells(candidate) <= room:
+            line, i = candidate, i + 1
+            continue
+        if not line:
+            line = _head(words[i], room)
+            words[i] = words[i][len(line):]
+        lines.append(prefix + line)
+        line, prefix = "", indent
+    if line or not lines:
+        lines.append(prefix + line)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines - 1] + [_cut(lines[max_lines - 1], width)]
+    return lines
+
+
+def pack(items: Iterable[str], width: int, first: str = "", indent: str = "", sep: str = "  ",
+         max_lines: int = 3) -> list[str]:
+    """``items`` joined by ``sep``, starting a new line between items rather than inside one (an item too long
+    for a whole line is cut); ``first`` prefixes line one, ``indent`` the others."""
+    lines: list[str] = []
+    line: str | None = None
+    prefix = first
+    for item in (clean(i) for i in items):
+        if not item:
+            continue
+        if line is None:
+            line = truncate(item, max(1, width - cells(prefix)))
+        elif cells(line + sep + item) <= width - cells(prefix):
+            line = line + sep + item
+        else:
+            lines.append(prefix + line + sep.rstrip())
+            prefix = indent
+            line = truncate(item, max(1, width - cells(prefix)))
+    if line is not None:
+        lines.append(prefix + line)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines - 1] + [_cut(lines[max_lines - 1], width)]
+    return lines or [first.rstrip()]
+
+
+def fit(lines: Iterable[str], width: int) -> list[str]:
+    """The last guard: no line wider than ``width``."""
+    return [truncate(line.rstrip(), width) for line in lines]
+
+
+# ----- formatting values ----------------------------------------------------------------------------------------
+
+
+def duration(seconds: Any) -> str:
+    """Compact human duration: ``4.2s``, ``12m03s``, ``3h02m``, ``2d03h``; ``-`` when unknown."""
+    if not isinstance(seconds, (int, float)) or seconds != seconds:  # None or NaN
+        return "-"
+    s = max(0.0, float(seconds))
+    if s < 60:
+        return f"{s:.1f}s"
+    whole = int(s)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def mib(n: Any) -> str:
+    if not isinstance(n, (int, float)) or n <= 0:
+        return "-"
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _v(value: Any) -> str:
+    return "-" if value is None or value == "" else clean(value)
+
+
+def _restarts(restarts: Any) -> str:
+    if not isinstance(restarts, dict) or not any(restarts.values()):
+        return "restarts 0"
+    parts = ", ".join(f"{k} {v}" for k, v in sorted(restarts.items()) if v)
+    return f"restarts {sum(int(v) for v in restarts.values())} ({parts})"
+
+
+# ----- the page -------------------------------------------------------------------------------------------------
+
+
+def render(status: dict[str, Any], width: int = WIDTH) -> str:
+    """The status document as text no wider than ``width`` columns (at least 40; one trailing newline).
+
+    Tolerates missing keys, so an agent of another version still gets a page rather than a traceback."""
+    width = max(40, width)
+    agent = status.get("agent") or {}
+    health = status.get("health") or {}
+    out: list[str] = []
+    label = "%-10s "
+    sub = " " * 11
+
+    out.append(f"node-agent {_v(agent.get('version'))} on {_v(agent.get('hostname'))} "
+               f"(pid {_v(agent.get('pid'))})")
+    reg = "registered" if agent.get("registered") else "NOT registered"
+    hb = agent.get("last_heartbeat_age_s")
+    out.extend(pack([_v(agent.get("node_id") or "(no id yet)"),
+                     f"{reg}, last heartbeat " + (f"{duration(hb)} ago" if hb is not None else "never")],
+                    width, first=label % "node", indent=sub, max_lines=2))
+    out.append(label % "scheduler" + _v(agent.get("scheduler_url")))
+    out.append(label % "agent" + f"{_v(agent.get('state'))}, up {duration(agent.get('uptime_s'))}, "
+               f"RSS {mib(agent.get('rss_bytes'))}")
+    state = str(health.get("status") or "unknown")
+    out.append(label % "health" + (state if state == "healthy" else state.upper()))
+    for reason in health.get("reasons") or []:
+        out.extend(wrap(reason, width, first=sub + "- ", indent=sub + "  ", max_lines=3))
+
+    workers = status.get("workers") or []
+    out.append("")
+    out.append(f"workers ({len(workers)})")
+    for w in workers:
+        kind = "/".join(x for x in (_v(w.get("device")), _v(w.get("compute_type"))) if x != "-") or "-"
+        out.extend(pack([_v(w.get("resource")), _v(w.get("state")), f"pid {_v(w.get('pid'))}", kind,
+                         f"up {duration(w.get('uptime_s'))}"], width, first="  ", indent=" " * 6, max_lines=2))
+        out.extend(wrap(_v(w.get("model")), width, first="      model ", indent=" " * 12, max_lines=2))
+        load = w.get("model_load_s")
+        out.extend(pack([f"RSS {mib(w.get('rss_bytes'))}",
+                         f"jobs {_v(w.get('jobs_served'))} (total {_v(w.get('jobs_served_total'))})",
+                         _restarts(w.get("restarts")), f"load {duration(load)}" if load else ""],
+                        width, first=" " * 6, indent=" " * 6, sep=", ", max_lines=2))
+        if w.get("last_error"):
+            out.extend(wrap(w["last_error"], width, first="      last error: ", indent=" " * 8, max_lines=3))
+
+    jobs = status.get("jobs") or []
+    out.append("")
+    out.append(f"running jobs ({len(jobs)})" if jobs else "running jobs: none")
+    for j in jobs:
+        out.extend(pack([_v(j.get("job_id")), f"attempt {_v(j.get('attempt'))} on {_v(j.get('resource'))}"],
+                        width, first="  ", indent=" " * 6, max_lines=2))
+        audio = j.get("audio_s")
+        since = j.get("since_last_segment_s")
+        out.extend(pack([f"audio {duration(audio) if audio is not None else '?'}",
+                         f"elapsed {duration(j.get('elapsed_s'))}", f"segments {_v(j.get('segments'))}",
+                         f"last {duration(since)} ago" if since is not None else ""],
+                        width, first=" " * 6, indent=" " * 6, sep=", ", max_lines=2))
+        if j.get("lease_id"):
+            margin = j.get("lease_margin_s")
+            out.extend(pack([f"lease {_v(j.get('lease_id'))}", f"epoch {_v(j.get('epoch'))}"],
+                            width, first=" " * 6, indent=" " * 6, sep=" ", max_lines=2))
+            out.extend(pack([f"renewed {duration(j.get('since_last_renewal_s'))} ago "
+                             f"({_v(j.get('renewals'))} renewals)",
+                             "margin " + (f"{margin:.2f}s" if isinstance(margin, (int, float)) else "-")],
+                            width, first=" " * 6, indent=" " * 6, sep=", ", max_lines=2))
+        else:
+            out.append("      no lease yet")
+
+    totals = status.get("totals") or {}
+    out.append("")
+    out.extend(pack([f"{k} {v}" for k, v in totals.items()] or ["none"], width, first=label % "totals",
+                    indent=sub, sep=", ", max_lines=4))
+    losses = status.get("lease_losses_10m")
+    if losses:
+        out.append(sub + f"lease losses in the last 10 minutes: {losses}")
+
+    failures = (status.get("recent_failures") or [])[:SHOWN_FAILURES]
+    if failures:
+        out.append("")
+        out.append(f"recent failures ({len(failures)} shown, newest first)")
+        for f in failures:
+            head = [f"{duration(f.get('age_s'))} ago", _v(f.get("job_id")), _v(f.get("code")),
+                    "(report not accepted)" if f.get("accepted") is False else ""]
+            out.extend(pack(head, width, first="  ", indent=" " * 6, max_lines=2))
+            out.extend(wrap(_v(f.get("message")), width, first=" " * 6, indent=" " * 6, max_lines=2))
+    return "\n".join(fit(out, width)) + "\n"
+
+
+# ----- the command ----------------------------------------------------------------------------------------------
+
+
+def _terminal_width() -> int:
+    return min(WIDTH, max(40, shutil.get_terminal_size((WIDTH, 24)).columns))
+
+
+def status_command(args: argparse.Namespace) -> int:
+    """``node-agent status [--url URL] [--json] [--config FILE]``: 0 healthy, 1 degraded, 2 unreachable."""
+    if getattr(args, "url", None):
+        url = normalize_url(args.url)
+    else:
+        url = default_url(load_settings(getattr(args, "config", None)).http.listen)
+    try:
+        status = fetch_status(url)
+    except AgentUnreachable as exc:
+        print(f"node-agent: cannot reach the agent at {url}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    # A message in a script the terminal's encoding lacks must not turn into a traceback.
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
+    if getattr(args, "json", False):
+        print(json.dumps(status, indent=2, ensure_ascii=False))
+    else:
+        sys.stdout.write(render(status, _terminal_width()))
+    sys.stdout.flush()
+    return exit_code(status)

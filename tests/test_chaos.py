@@ -1,0 +1,70 @@
+"""The agent against a scheduler that answers 500, 503 + Retry-After, garbage, or nothing, on each endpoint in
+turn: no crash, no job reported twice as a new result, recovery within bounded time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from chaos_proxy import ChaosProxy
+from helpers import clip, reference, wer
+from procs import free_port, job, metric, submit, wait_for
+from test_cluster import long_audio_b64_fields, ready, start_agent, start_scheduler, status_of
+
+ALL = ("500", "503", "garbage", "hang")
+# Heartbeats and renewals have deadlines of their own (node gone after 3 missed heartbeats, self-fencing after
+# 2/3 TTL): two faults in a row are what they must ride out; more is a partition, tested elsewhere.
+PLAN = {
+    "next_job": ALL, "audio": ALL, "lease_acquire": ALL, "events": ALL, "result": ALL, "lease_release": ALL,
+    "heartbeat": ("500", "garbage"), "lease_renew": ("500", "garbage"), "register": ALL,
+}
+
+
+async def test_each_endpoint_in_turn_fails_every_way_and_the_agent_recovers(tmp_path):
+    sched_port = free_port()
+    sched, scheduler = await start_scheduler(tmp_path, sched_port, NODE_AGENT_SCHEDULER__HEARTBEAT_INTERVAL_S="2")
+    proxy = await ChaosProxy(scheduler, hang_s=2.5).start(free_port())
+    proxy.inject("register", *ALL)  # the very first registration meets every failure shape
+    agent = None
+    try:
+        agent, url = await start_agent(tmp_path, "agent", proxy.url, NODE_AGENT_SCHEDULER__REQUEST_TIMEOUT_S="1.5",
+                                       NODE_AGENT_LEASE__TTL_S="6")
+        assert proxy.injected[("register", "hang")] == 1
+        jobs = []
+        for endpoint, kinds in PLAN.items():
+            if endpoint == "register":
+                continue
+            proxy.inject(endpoint, *kinds)
+            if endpoint in ("lease_renew", "events"):
+                audio, fields = long_audio_b64_fields(1)  # long enough to renew, and many segments
+                job_id = submit(scheduler, audio, **fields)
+            else:
+                job_id = submit(scheduler, clip("jfk.flac"))
+            jobs.append(job_id)
+            view = await wait_for(lambda: (v := job(scheduler, job_id, 5))["state"] in ("succeeded", "failed") and v,
+                                  90, f"job with faults on {endpoint}")
+            assert view["state"] == "succeeded", (endpoint, view)
+            assert view["attempt"] == 1, (endpoint, view["attempt"], proxy.answers[-3:])
+            if endpoint not in ("lease_renew", "events"):
+                assert wer(reference("jfk.flac"), view["result"]["text"]) <= 0.05
+            await wait_for(lambda: not proxy.faults[endpoint], 30, f"all faults on {endpoint} consumed")
+            if endpoint == "events":
+                # Undelivered batches were carried forward: clients saw every segment in the end.
+                assert len(view["segments"]) == len(view["result"]["segments"]) >= 5
+            await wait_for(lambda: ready(url), 30, "agent ready again")
+        for endpoint, kinds in PLAN.items():
+            for kind in kinds:
+                assert proxy.injected[(endpoint, kind)] == 1, (endpoint, kind)
+        # Exactly one accepted result per job; retries after a garbage answer were recognised as duplicates.
+        assert metric(scheduler, "node_agent_scheduler_jobs_total", {"outcome": "succeeded"}) == len(jobs)
+        assert (metric(scheduler, "node_agent_scheduler_results_rejected_total") or 0) == 0
+        accepted = [json.loads(body) for _, status, body in proxy.answers if status == 200]
+        assert sum(1 for a in accepted if not a.get("duplicate")) == len(jobs), proxy.answers
+        st = status_of(url)
+        assert st["totals"]["succeeded"] == len(jobs) and st["agent"]["registered"]
+        assert "Traceback" not in agent.log()
+    finally:
+        if agent is not None:
+            await agent.stop()
+        await proxy.stop()
+        await sched.stop()
