@@ -86,3 +86,10 @@ def test_token_never_printed(tmp_path):
                          capture_output=True, text=True)
     assert err.returncode == 2 and "s3cret" not in err.stderr and "scheduler.token" in err.stderr
     assert len(err.stderr.strip().splitlines()) == 1
+
+
+def test_example_config_is_valid():
+    from pathlib import Path
+
+    s = load_settings(Path(__file__).parent.parent / "config" / "node-agent.example.yaml", {})
+    assert s.asr.device_index == [0, 1] and s.scheduler.url.startswith("http://")
