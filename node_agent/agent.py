@@ -576,8 +576,12 @@ class Agent:
 
 async def run_agent(settings: Settings) -> int:
     """``node-agent run``: everything until SIGTERM/SIGINT, then drain and exit 0."""
+    from prometheus_client import disable_created_metrics
+
     from .http_api import start_http
 
+    # *_created series double every counter's cardinality and no rule or dashboard reads them.
+    disable_created_metrics()
     facts = await probe_node()
     agent = Agent(settings, facts=facts)
     embedded = None
