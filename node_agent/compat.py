@@ -214,10 +214,11 @@ class CompatService:
         elif self.capacity() == 0:
             why = "no worker can take jobs: " + "; ".join(
                 f"{w.resource} {w.state.value}" for w in agent.workers.values())
-        elif self.in_flight >= self.capacity():
-            why = f"busy: {self.in_flight} utterances in flight (limit {self.capacity()})"
         if why is not None:
-            raise CompatError(503, "busy", why, retry_after=self.retry_after())
+            raise CompatError(503, "unavailable", why, retry_after=self.retry_after())
+        if self.in_flight >= self.capacity():
+            raise CompatError(503, "busy", f"{self.in_flight} utterances in flight (limit {self.capacity()})",
+                              retry_after=self.retry_after())
 
     def served_languages(self) -> set[str] | None:
         """Languages this node's models serve; None means any (a multilingual model)."""

@@ -185,7 +185,9 @@ class SchedulerSettings(_Section):
 
 
 class HttpSettings(_Section):
-    listen: str = Field("127.0.0.1:9464", description="HOST:PORT for /metrics, /healthz, /readyz, /status.")
+    listen: str = Field(
+        "127.0.0.1:9464", description="HOST:PORT for /metrics, /healthz, /readyz, /status, /utterance, /health."
+    )
     max_body_bytes: int = Field(200 * 1024**2, ge=1024)
 
     @field_validator("listen")
@@ -193,6 +195,13 @@ class HttpSettings(_Section):
     def _host_port(cls, value: str) -> str:
         _split_host_port(value)
         return value
+
+
+class CompatSettings(_Section):
+    """The drop-in endpoints of the old ASR service (POST /utterance, GET /health)."""
+
+    timeout_s: float = Field(60.0, gt=0, le=600, description="Per-utterance limit; over it: 504, worker replaced.")
+    queue_per_worker: int = Field(2, ge=0, le=100, description="Waiting utterances per worker before 503.")
 
 
 class NodeSettings(_Section):
@@ -216,6 +225,7 @@ class Settings(_Section):
     lease: LeaseSettings = Field(default_factory=LeaseSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    compat: CompatSettings = Field(default_factory=CompatSettings)
     node: NodeSettings = Field(default_factory=NodeSettings)
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
     log: LogSettings = Field(default_factory=LogSettings)

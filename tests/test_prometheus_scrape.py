@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from helpers import clip
-from test_metrics import agent_stack
+from stack import agent_stack
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -16,7 +16,7 @@ import pytest
 
 from node_agent import status as st
 from node_agent.supervisor import WorkerState
-from test_metrics import agent_stack, eventually, long_audio
+from stack import agent_stack, eventually, long_audio
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 2**20

@@ -1,0 +1,301 @@
+"""The old ASR service's endpoints (POST /utterance, GET /health) on a real in-process agent, and Mandarin output.
+
+Every utterance runs as a real job on the embedded scheduler through lease, supervisor and the real plugin process;
+the time-limit test checks that the worker really is killed and replaced. The Mandarin tests use the offline
+``base`` model and compare the agent with plain faster-whisper run in this process with the same settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from helpers import cer, decode_clip, normalize_zh, pcm16, reference, wer
+from node_agent.compat import COMPAT_KEY, DEFAULT_TIMEOUT_S, QUEUE_PER_WORKER, CompatLimits, CompatService
+from node_agent.supervisor import WorkerState
+from stack import AgentStack, agent_stack, eventually, long_audio
+
+pytestmark = pytest.mark.timeout(240)
+
+ZH_CLIPS = [
+    "aishell1_BAC009S0724W0121.wav",
+    "aishell1_BAC009S0764W0121.wav",
+    "wenetspeech_TEST_NET_Y0000000000_-KTKHdZ2fb8_S00000.wav",
+    "funasr_asr_example_zh.wav",
+    "paddlespeech_zh.wav",
+]
+RESPONSE_KEYS = {"job_id", "trace_id", "text", "language", "language_probability", "segments", "duration"}
+SEGMENT_KEYS = {"start", "end", "text", "no_speech_prob", "avg_logprob", "compression_ratio"}
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def exact_pcm16(samples: np.ndarray) -> bytes:
+    """Little-endian pcm16 that decodes back to exactly ``samples`` when they came from 16-bit audio
+    (``helpers.pcm16`` scales by 32767, which nudges every sample and so the decode)."""
+    return np.clip(np.round(samples * 32768.0), -32768, 32767).astype("<i2").tobytes()
+
+
+def utterance_body(name: str, src_lang: str = "auto", **fields: Any) -> dict[str, Any]:
+    """The old service's request for one test clip (its own 16-bit samples at 16 kHz, base64)."""
+    return {"job_id": f"job-{name[:12]}", "trace_id": "trace-1", "src_lang": src_lang,
+            "audio": b64(exact_pcm16(decode_clip(name))), "sample_rate": 16000, **fields}
+
+
+async def post(s: AgentStack, body: Any) -> tuple[int, Any, Any]:
+    kwargs = {"json": body} if not isinstance(body, (bytes, str)) else {"data": body}
+    async with s.session.post(s.http.url + "/utterance", **kwargs) as resp:
+        return resp.status, await resp.json(), resp.headers
+
+
+async def health(s: AgentStack) -> tuple[int, dict[str, Any]]:
+    async with s.session.get(s.http.url + "/health") as resp:
+        return resp.status, await resp.json()
+
+
+async def scraped(s: AgentStack, name: str, **labels: str) -> float | None:
+    """One sample as the agent's /metrics endpoint shows it."""
+    async with s.session.get(s.http.url + "/metrics") as resp:
+        text = await resp.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
+
+
+def compat(s: AgentStack) -> CompatService:
+    return s.http.runner.app[COMPAT_KEY]
+
+
+# ----- shapes and the path a request takes -----------------------------------------------------------------------
+
+
+async def test_utterance_runs_as_a_scheduler_job_and_answers_in_the_old_shape(tmp_path: Path) -> None:
+    # A token on the scheduler: the endpoint must pass the agent's own bearer token on.
+    async with agent_stack(tmp_path, scheduler={"token": "compat-secret"}) as s:
+        worker = s.agent.workers["cpu"]
+        status, doc = await health(s)
+        assert status == 200, doc
+        assert doc["status"] == "ok" and doc["queue_depth"] == 0
+        assert doc["queue_limit"] == 1 + QUEUE_PER_WORKER
+        assert doc["worker"]["state"] == "ready" and doc["worker"]["pid"] == worker.pid
+        assert doc["totals"] == {"completed": 0, "failed": 0, "timeout": 0, "rejected": 0, "busy": 0}
+        assert doc["restarts"] == 0 and doc["avg_wait_s"] == 0.0
+
+        body = utterance_body("jfk.flac", "en", beam_size=5, temperature=0, no_speech_threshold=0.6,
+                              log_prob_threshold=-1.0, compression_ratio_threshold=2.4, context="ignored")
+        status, reply, headers = await post(s, body)
+        assert status == 200, reply
+        assert set(reply) == RESPONSE_KEYS
+        assert reply["job_id"] == "job-jfk.flac" and reply["trace_id"] == "trace-1"
+        assert reply["language"] == "en" and reply["language_probability"] == 1.0  # src_lang given
+        assert reply["duration"] == pytest.approx(11.0, abs=0.01)
+        assert wer(reference("jfk.flac"), reply["text"]) == 0.0, reply["text"]
+        assert reply["segments"] and all(set(seg) == SEGMENT_KEYS for seg in reply["segments"])
+        assert reply["segments"][0]["start"] == 0.0 and reply["segments"][-1]["end"] <= 11.0
+        assert wer(reply["text"], " ".join(seg["text"] for seg in reply["segments"])) == 0.0
+
+        # It was an ordinary job: queued on the scheduler, leased, run by the worker, counted by the agent.
+        job_id = headers["X-Scheduler-Job-Id"]
+        async with s.session.get(f"{s.scheduler.url}/v1/jobs/{job_id}",
+                                 headers={"Authorization": "Bearer compat-secret"}) as resp:
+            view = await resp.json()
+        assert view["state"] == "succeeded" and view["node_id"] == s.agent.identity.node_id, view
+        assert view["result"]["text"] == reply["text"]
+        await s.wait_counted("succeeded")
+        assert s.sample("node_agent_lease_acquire_duration_seconds_count", device="cpu") == 1.0
+        assert s.sample("node_agent_asr_audio_seconds_total", model="tiny.en", device="cpu") == pytest.approx(11.0)
+        assert s.scheduler_registry.get_sample_value("node_agent_scheduler_jobs_total",
+                                                     {"outcome": "succeeded"}) == 1.0
+
+        status, doc = await health(s)
+        assert status == 200
+        assert doc["totals"]["completed"] == 1 and doc["queue_depth"] == 0
+        assert doc["worker"]["jobs_served"] == 1 and doc["avg_wait_s"] >= 0.0 and doc["avg_latency_s"] > 0
+
+        # A draining node takes no more utterances, and says so in /health.
+        await s.agent.drain(0)
+        status, reply, headers = await post(s, body)
+        assert status == 503 and reply["error"] == {"code": "unavailable", "message": "the node is draining"}
+        assert int(headers["Retry-After"]) >= 1 and reply["job_id"] is None  # refused before the body was read
+        status, doc = await health(s)
+        assert status == 503 and doc["status"] == "draining" and doc["reasons"] == ["draining"]
+        assert doc["totals"]["busy"] == 1
+
+
+async def test_bad_requests_are_400_naming_the_field(tmp_path: Path) -> None:
+    async with agent_stack(tmp_path) as s:
+        good = b64(pcm16(decode_clip("jfk.flac")[:16000]))
+        cases: list[tuple[dict[str, Any], str, str]] = [
+            ({"audio": "not base64!"}, "audio", "not valid base64"),
+            ({"audio": b64(b"\x00\x01\x02")}, "audio", "whole number of 16-bit samples; got 3 bytes"),
+            ({"audio": ""}, "audio", "audio is empty"),
+            ({"audio": None}, "audio", "valid string"),
+            ({"src_lang": "fr"}, "src_lang", "'fr' is not one of auto, zh, en, ja, ko"),
+            ({"src_lang": "zh"}, "src_lang", "not served by this node's model tiny.en"),
+            ({"sample_rate": 4000}, "sample_rate", "4000 Hz is outside 8000..48000 Hz"),
+            ({"sample_rate": 96000}, "sample_rate", "outside"),
+            ({"beam_size": 0}, "beam_size", "greater than or equal to 1"),
+            ({"temperature": 1.5}, "temperature", "less than or equal to 1"),
+            ({"timeout_s": 0}, "timeout_s", "must be above 0"),
+        ]
+        for change, field, words in cases:
+            body = {"job_id": "j-1", "trace_id": "t-1", "src_lang": "en", "audio": good, **change}
+            status, reply, _ = await post(s, body)
+            assert status == 400, (change, reply)
+            error = reply["error"]
+            assert error["code"] == "invalid_request" and error["field"] == field, (change, reply)
+            assert error["message"].startswith(f"{field}: ") and words in error["message"], (change, reply)
+            assert reply["job_id"] == "j-1" and reply["trace_id"] == "t-1"
+        missing = {"job_id": "j-1", "src_lang": "en"}
+        status, reply, _ = await post(s, missing)
+        assert status == 400 and reply["error"]["field"] == "audio", reply
+        assert reply["error"]["message"] == "audio: Field required"
+        status, reply, _ = await post(s, b"{not json")
+        assert status == 400 and reply["error"]["message"].startswith("request body is not valid JSON"), reply
+        status, reply, _ = await post(s, b"[1, 2]")
+        assert status == 400 and reply["error"]["message"] == "request body must be a JSON object", reply
+        # Nothing of that reached the scheduler.
+        assert s.scheduler_registry.get_sample_value("node_agent_scheduler_jobs_submitted_total") == 0.0
+
+        # Audio the worker itself rejects (too short to decode) comes back as the job's bad_audio, still 400.
+        status, reply, _ = await post(s, {"job_id": "j-2", "src_lang": "en", "audio": b64(b"\x00\x00" * 400)})
+        assert status == 400, reply
+        assert reply["error"]["code"] == "bad_audio" and reply["error"]["field"] == "audio", reply
+        assert "too short" in reply["error"]["message"] and reply["job_id"] == "j-2"
+        status, doc = await health(s)
+        assert doc["totals"] == {"completed": 0, "failed": 1, "timeout": 0, "rejected": len(cases) + 3, "busy": 0}
+
+
+# ----- busy and over time ----------------------------------------------------------------------------------------
+
+
+async def test_busy_is_503_and_over_time_is_504_with_the_worker_killed_and_replaced(tmp_path: Path) -> None:
+    async with agent_stack(tmp_path) as s:
+        service = compat(s)
+        service.limits = CompatLimits(timeout_s=DEFAULT_TIMEOUT_S, queue_per_worker=0)  # one in flight at most
+        worker = s.agent.workers["cpu"]
+        old_pid = worker.pid
+        assert old_pid is not None
+        # ~130 s of speech: about 9 s of decoding on an idle 2-core machine, far past the 3 s limit.
+        limit_s = 3.0
+        slow = {"job_id": "slow", "trace_id": "t-slow", "src_lang": "en", "audio": b64(long_audio(12)),
+                "timeout_s": limit_s}
+        started = time.monotonic()
+        first = asyncio.ensure_future(post(s, slow))
+        await eventually(lambda: worker.state is WorkerState.busy, 20, "the slow utterance is decoding")
+
+        status, reply, headers = await post(s, utterance_body("jfk.flac", "en"))
+        assert status == 503, reply
+        assert reply["error"] == {"code": "busy", "message": "1 utterances in flight (limit 1)"}
+        assert int(headers["Retry-After"]) >= 1
+        status, doc = await health(s)
+        assert doc["queue_depth"] == 1 and doc["queue_limit"] == 1 and doc["totals"]["busy"] == 1
+        assert doc["worker"]["state"] == "busy"
+
+        status, reply, _ = await first
+        elapsed = time.monotonic() - started
+        assert status == 504, reply
+        assert reply["error"]["code"] == "timeout" and reply["job_id"] == "slow", reply
+        assert "deadline" in reply["error"]["message"] and f"worker pid {old_pid} killed" in reply["error"]["message"]
+        assert elapsed < limit_s + s.settings.worker.stop_grace_s + 5, elapsed
+        # The decode did not go on in the background: that process is gone, and a new one took its place.
+        assert not psutil.pid_exists(old_pid)
+        await eventually(lambda: worker.state is WorkerState.ready, 60, "the replacement worker is ready")
+        assert worker.pid != old_pid
+        assert await scraped(s, "node_agent_worker_restarts_total", device="cpu", reason="timeout") == 1.0
+        await s.wait_counted("timeout")
+
+        status, doc = await health(s)
+        assert status == 200 and doc["worker"]["pid"] == worker.pid
+        assert doc["restarts"] == 1 and doc["restarts_by_reason"]["timeout"] == 1
+        assert doc["totals"] == {"completed": 0, "failed": 1, "timeout": 1, "rejected": 0, "busy": 1}
+
+        # The next utterance is served at once by the new process.
+        status, reply, _ = await post(s, utterance_body("jfk.flac", "en"))
+        assert status == 200 and wer(reference("jfk.flac"), reply["text"]) == 0.0, reply
+
+
+def test_limits_come_from_a_compat_settings_section_when_there_is_one() -> None:
+    class Section:
+        timeout_s = 12.5
+        queue_per_worker = 5
+
+    class WithSection:
+        compat = Section()
+
+    assert CompatLimits.from_settings(WithSection()) == CompatLimits(12.5, 5)
+    assert CompatLimits.from_settings(object()) == CompatLimits(DEFAULT_TIMEOUT_S, QUEUE_PER_WORKER)
+
+
+# ----- Mandarin output ------------------------------------------------------------------------------------------
+
+
+def plain_faster_whisper(names: list[str]) -> dict[str, str]:
+    """Plain faster-whisper with the agent's settings (beam 5, int8, 2 threads, zh), then OpenCC t2s,
+    as the agent's worker converts its output."""
+    import opencc
+    from faster_whisper import WhisperModel
+
+    from node_agent.models import resolve_model
+
+    model = WhisperModel(resolve_model("base"), device="cpu", compute_type="int8", cpu_threads=2)
+    t2s = opencc.OpenCC("t2s")
+    out = {}
+    for name in names:
+        # The very samples the agent is sent, decoded as its plugin decodes raw pcm16.
+        audio = np.frombuffer(exact_pcm16(decode_clip(name)), "<i2").astype(np.float32) / 32768.0
+        segments, _ = model.transcribe(audio, language="zh", beam_size=5)
+        out[name] = t2s.convert("".join(seg.text for seg in segments).strip())
+    return out
+
+
+async def transcribe_zh(s: AgentStack) -> dict[str, str]:
+    texts = {}
+    for name in ZH_CLIPS:
+        status, reply, _ = await post(s, utterance_body(name, "zh"))
+        assert status == 200, (name, reply)
+        assert reply["language"] == "zh"
+        texts[name] = reply["text"]
+    return texts
+
+
+@pytest.mark.timeout(300)
+async def test_mandarin_is_simplified_by_default_traditional_on_request_and_as_good_as_plain(
+        tmp_path: Path) -> None:
+    import opencc
+
+    t2s, s2t = opencc.OpenCC("t2s"), opencc.OpenCC("s2t")
+    plain = await asyncio.to_thread(plain_faster_whisper, ZH_CLIPS)
+    async with agent_stack(tmp_path / "simplified", asr={"model": "base"}) as s:
+        simplified = await transcribe_zh(s)
+    async with agent_stack(tmp_path / "traditional", asr={"model": "base", "zh_script": "traditional"}) as s:
+        traditional = await transcribe_zh(s)
+
+    for name in ZH_CLIPS:
+        assert simplified[name] and t2s.convert(simplified[name]) == simplified[name], (name, simplified[name])
+        assert s2t.convert(traditional[name]) == traditional[name], (name, traditional[name])
+        # The same decode in the other script.
+        assert normalize_zh(traditional[name]) == normalize_zh(simplified[name]), name
+    assert any(traditional[n] != simplified[n] for n in ZH_CLIPS)  # e.g. 广州 -> 廣州
+    assert "广州" in simplified["aishell1_BAC009S0724W0121.wav"]
+    assert "廣州" in traditional["aishell1_BAC009S0724W0121.wav"]
+
+    agent_cer = {n: cer(reference(n), simplified[n]) for n in ZH_CLIPS}
+    plain_cer = {n: cer(reference(n), plain[n]) for n in ZH_CLIPS}
+    mean_agent, mean_plain = sum(agent_cer.values()) / 5, sum(plain_cer.values()) / 5
+    print(f"\nMandarin CER (normalised, base): agent {mean_agent:.4f}, plain faster-whisper {mean_plain:.4f}; "
+          + ", ".join(f"{n[:18]} {agent_cer[n]:.3f}/{plain_cer[n]:.3f}" for n in ZH_CLIPS))
+    assert mean_agent <= mean_plain + 1e-9, (agent_cer, plain_cer)
+    assert all(agent_cer[n] <= plain_cer[n] + 1e-9 for n in ZH_CLIPS), (agent_cer, plain_cer)
