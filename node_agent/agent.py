@@ -130,6 +130,7 @@ class Agent:
         self._job_tasks: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._reregister = asyncio.Event()
+        self._outages: dict[str, str] = {}
 
         device = choose_device(settings.asr.device.value, int(self.facts.get("cuda_device_count", 0)))
         self.device = device
@@ -305,10 +306,22 @@ class Agent:
             self._reregister.set()
             return
         except SchedulerError as exc:
-            log.warning("heartbeat failed: %s", exc)
+            self._log_outage("heartbeat", exc)
             return
+        self._log_recovery("heartbeat")
         ident.last_heartbeat_ok = asyncio.get_running_loop().time()
         self.metrics.heartbeat_last_success.set(time.time())
+
+    def _log_outage(self, what: str, exc: Exception) -> None:
+        """One line when a repeating call starts failing or fails differently, not one per retry."""
+        reason = str(exc)
+        if self._outages.get(what) != reason:
+            log.warning("%s failed (retrying with backoff): %s", what, reason)
+            self._outages[what] = reason
+
+    def _log_recovery(self, what: str) -> None:
+        if self._outages.pop(what, None) is not None:
+            log.info("%s works again", what)
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -341,9 +354,10 @@ class Agent:
                 await asyncio.sleep(0.2)
                 continue
             except SchedulerError as exc:
-                log.warning("polling for jobs failed: %s", exc)
+                self._log_outage(f"polling for jobs on {resource}", exc)
                 await asyncio.sleep(next(delays))
                 continue
+            self._log_recovery(f"polling for jobs on {resource}")
             delays = backoff_delays(0.5, 10.0)
             if assignment is None:
                 continue
