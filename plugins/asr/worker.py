@@ -124,9 +124,9 @@ class AsrEngine:
         }
         kwargs.update(options)
         if batched:
+            # Long-audio mode (longform.py) always finds speech with its own VAD; vad_filter does not apply.
             kwargs["batch_size"] = batch_size
-            kwargs.pop("condition_on_previous_text", None)  # chunks are decoded independently
-            kwargs["vad_filter"] = True
+            kwargs.pop("vad_filter", None)
         return kwargs, batched
 
     def _convert_zh(self, text: str, language: str | None) -> str:
@@ -154,9 +154,9 @@ class AsrEngine:
         try:
             if batched:
                 if self._batched is None:
-                    from faster_whisper import BatchedInferencePipeline
+                    from .longform import LongformTranscriber
 
-                    self._batched = BatchedInferencePipeline(model=self.model)
+                    self._batched = LongformTranscriber(self.model)
                 segments, info = self._batched.transcribe(audio, **kwargs)
             else:
                 segments, info = self.model.transcribe(audio, **kwargs)
