@@ -165,16 +165,22 @@ class _Process:
         except (psutil.Error, OSError):
             return 0
 
+    def _signal(self, sig: int) -> None:
+        # os.kill, not Popen.send_signal: the latter polls first, and polling reaps a process that just died,
+        # so asyncio's child watcher would lose its exit status and report 255 instead of the signal.
+        # The pid cannot be reused before the watcher reaps it, and then returncode is set and we stop.
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
     async def kill(self, grace_s: float) -> int | None:
         """SIGTERM, then SIGKILL after ``grace_s``; returns the exit status."""
         if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
+            self._signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(self.proc.wait(), grace_s)
             except asyncio.TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
+                self._signal(signal.SIGKILL)
                 await self.proc.wait()
         self.close()
         return self.proc.returncode
