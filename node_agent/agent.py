@@ -592,6 +592,8 @@ async def run_agent(settings: Settings) -> int:
     """``node-agent run``: everything until SIGTERM/SIGINT, then drain and exit 0."""
     from prometheus_client import disable_created_metrics
 
+    from .diagnostics import MemoryReport
+
     from .http_api import start_http
 
     # *_created series double every counter's cardinality and no rule or dashboard reads them.
@@ -624,6 +626,7 @@ async def run_agent(settings: Settings) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGUSR1, MemoryReport())
     await agent.start(url)
     await stop.wait()
     await agent.drain(settings.shutdown.grace_s)

@@ -44,6 +44,8 @@ async def main() -> int:
     ap.add_argument("--clients", type=int, default=3)
     ap.add_argument("--kill-every", type=float, default=120.0)
     ap.add_argument("--restart-every", type=float, default=600.0)
+    ap.add_argument("--tracemalloc", action="store_true",
+                    help="trace the agents' allocations and print the sites that grew (slows the agents a little)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="node-agent-soak-"))
@@ -55,7 +57,10 @@ async def main() -> int:
     agents = []
     for name in ("agent-a", "agent-b"):
         http_port = free_port()
-        proc = await Proc(name, ["run"], agent_env(scheduler, tmp / name, http_port), tmp).start()
+        env = agent_env(scheduler, tmp / name, http_port)
+        if args.tracemalloc:
+            env["PYTHONTRACEMALLOC"] = "1"
+        proc = await Proc(name, ["run"], env, tmp).start()
         agents.append((proc, f"http://127.0.0.1:{http_port}"))
     for proc, url in agents:
         await wait_for(lambda: _ok(f"{url}/readyz"), 120, f"{proc.name} ready")
@@ -68,6 +73,9 @@ async def main() -> int:
         return body["workers"][0]["pid"] if code == 200 else None
 
     start_mem = {p.name: (rss(p.pid), rss(worker_pid(u))) for p, u in agents}
+    for p, _ in agents:
+        p.signal(signal.SIGUSR1)  # diagnostics baseline (node_agent/diagnostics.py)
+    rss_series: dict[str, list[float]] = {p.name: [] for p, _ in agents}
     outcomes: Counter[str] = Counter()
     latencies: list[float] = []
     forgotten = 0
@@ -96,6 +104,13 @@ async def main() -> int:
                 forgotten += 1
                 await asyncio.sleep(1)
 
+    async def sample_rss() -> None:
+        """Agent RSS once a minute: a leak climbs steadily, allocator fragmentation levels off."""
+        while time.monotonic() < stop_at:
+            for p, _ in agents:
+                rss_series[p.name].append(rss(p.pid) / 2**20)
+            await asyncio.sleep(min(60.0, max(0.0, stop_at - time.monotonic())))
+
     async def chaos() -> None:
         next_kill = time.monotonic() + args.kill_every
         next_restart = time.monotonic() + args.restart_every
@@ -117,10 +132,17 @@ async def main() -> int:
                 print(f"[{time.strftime('%H:%M:%S')}] restarted the scheduler", flush=True)
                 next_restart = now + args.restart_every
 
-    await asyncio.gather(*(client(i) for i in range(args.clients)), chaos())
+    await asyncio.gather(*(client(i) for i in range(args.clients)), chaos(), sample_rss())
     end_mem = {p.name: (rss(p.pid), rss(worker_pid(u))) for p, u in agents}
     lease_losses = sum(metric(u, "node_agent_lease_lost_total") or 0 for _, u in agents)
     restarts = {p.name: metric(u, "node_agent_worker_restarts_total") for p, u in agents}
+    for p, _ in agents:
+        # The report blocks the agent while it snapshots; wait for it before stopping the agent.
+        before = p.log().count("node_agent.diagnostics")
+        p.signal(signal.SIGUSR1)
+        await wait_for(lambda p=p, before=before: p.log().count("node_agent.diagnostics") > before + 1, 60,
+                       f"{p.name} memory report")
+        await asyncio.sleep(1)
     for p, _ in agents:
         await p.stop()
     await sched_box[0].stop()
@@ -135,6 +157,14 @@ async def main() -> int:
         (a0, w0), (a1, w1) = start_mem[name], end_mem[name]
         print(f"{name}: agent RSS {a0 / 2**20:.1f} -> {a1 / 2**20:.1f} MiB, worker RSS {w0 / 2**20:.1f} -> "
               f"{w1 / 2**20:.1f} MiB")
+        print(f"{name}: agent RSS each minute (MiB): {' '.join(f'{v:.0f}' for v in rss_series[name])}")
+    for p, _ in agents:
+        report = [ln.split("memory", 1)[1] for ln in p.log().splitlines() if "node_agent.diagnostics" in ln
+                  or "memory growth:" in ln or "memory: traced" in ln]
+        if report:
+            print(f"{p.name} memory report (first and last USR1):")
+            for ln in report[-(3 + 12):]:
+                print("   memory" + ln)
     print(f"logs: {tmp}")
     return 0
 

@@ -1,0 +1,75 @@
+"""Memory diagnostics (SIGUSR1 report) and the agent's allocator setting."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import re
+import signal
+import tracemalloc
+
+import pytest
+
+from node_agent.allocator import pin_mmap_threshold
+from node_agent.diagnostics import MemoryReport
+from procs import free_port, http_json, job, submit, wait_for
+from helpers import clip
+from test_cluster import start_agent, start_scheduler
+
+_kept: list[bytes] = []
+
+
+def _grow() -> None:
+    _kept.extend(bytes(1000) + bytes([i % 256]) for i in range(2000))  # ~2 MB retained at this line
+
+
+def test_report_names_the_site_that_grew(caplog):
+    report = MemoryReport()
+    tracemalloc.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="node_agent.diagnostics"):
+            report()
+            assert "baseline recorded" in caplog.text
+            caplog.clear()
+            _grow()
+            report()
+    finally:
+        tracemalloc.stop()
+        _kept.clear()
+    growth = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory growth")]
+    assert growth and "test_diagnostics.py" in growth[0], growth
+    grown_kib = float(re.search(r"\(\+([\d.]+) KiB\)", growth[0]).group(1))
+    assert grown_kib > 1800, growth[0]
+
+
+def test_report_without_tracing_says_how_to_turn_it_on(caplog):
+    assert not tracemalloc.is_tracing()
+    with caplog.at_level(logging.INFO, logger="node_agent.diagnostics"):
+        MemoryReport()()
+    assert "PYTHONTRACEMALLOC=1" in caplog.text and "gc objects" in caplog.text
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_mmap_threshold_is_pinned_on_glibc():
+    assert pin_mmap_threshold() is True
+
+
+async def test_sigusr1_reports_memory_and_the_agent_keeps_serving(tmp_path):
+    sched, scheduler = await start_scheduler(tmp_path, free_port())
+    agent = None
+    try:
+        agent, url = await start_agent(tmp_path, "agent", scheduler, PYTHONTRACEMALLOC="1")
+        agent.signal(signal.SIGUSR1)
+        await wait_for(lambda: "baseline recorded" in agent.log(), 30, "baseline")
+        job_id = submit(scheduler, clip("jfk.flac"))
+        await wait_for(lambda: job(scheduler, job_id)["state"] == "succeeded", 60, "job done")
+        agent.signal(signal.SIGUSR1)
+        await wait_for(lambda: "memory growth:" in agent.log(), 30, "growth report")
+        assert http_json("GET", f"{url}/readyz")[0] == 200
+        assert agent.proc.returncode is None
+    finally:
+        if agent is not None:
+            await agent.stop()
+        await sched.stop()
+    await asyncio.sleep(0)
