@@ -36,8 +36,6 @@ import tempfile
 import threading
 import time
 import urllib.parse
-import uuid
-import wave
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,7 +45,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import psutil  # noqa: E402
 
-from helpers import DATA, cer, joined, pcm16, references, wer  # noqa: E402
+from helpers import DATA, cer, joined, multipart, references, wav_bytes, wer  # noqa: E402
 from node_agent.devices import choose_cpu_threads  # noqa: E402
 from node_agent.models import resolve_model  # noqa: E402
 
@@ -117,16 +115,6 @@ class Http:
         raise AssertionError("unreachable")
 
 
-def multipart(data: bytes, filename: str, fields: dict[str, str]) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-             for k, v in fields.items()]
-    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-                 f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
-
-
 class Agent:
     """A ``node-agent run`` subprocess with the embedded scheduler, on free loopback ports."""
 
@@ -191,7 +179,7 @@ class Agent:
     def submit(self, data: bytes, filename: str, options: dict[str, Any] | None = None) -> str:
         assert self.sched is not None
         fields = {"options": json.dumps(options)} if options else {}
-        body, ctype = multipart(data, filename, fields)
+        body, ctype = multipart(fields, filename, data)
         status, reply = self.sched.request("POST", "/v1/jobs", body, {"Content-Type": ctype})
         if status != 202:
             raise RuntimeError(f"submit failed: {status} {reply}")
@@ -524,9 +512,7 @@ def long_audio(b: Bench) -> None:
     out = {}
     joined_path = OUT / ZH_JOINED
     joined_path.parent.mkdir(exist_ok=True)
-    with wave.open(str(joined_path), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
-        w.writeframes(pcm16(joined(ZH_JOINED_ORDER)[0]))
+    joined_path.write_bytes(wav_bytes(joined(ZH_JOINED_ORDER)[0]))
     refs = {name: row["reference_text"] for name, row in references().items()}
     refs[str(joined_path)] = "".join(refs[n] for n in ZH_JOINED_ORDER)
     for name, model, score, kind in ((LONG_EN, "tiny.en", wer, "WER"), (LONG_ZH, "base", cer, "CER"),

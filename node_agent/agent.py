@@ -593,7 +593,6 @@ async def run_agent(settings: Settings) -> int:
     from prometheus_client import disable_created_metrics
 
     from .diagnostics import MemoryReport
-
     from .http_api import start_http
 
     # *_created series double every counter's cardinality and no rule or dashboard reads them.

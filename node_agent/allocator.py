@@ -6,9 +6,10 @@ threshold"), so every later audio buffer comes from the heap instead, where a fe
 pin the freed space: RSS climbs by tens of MiB over a soak while the Python heap stays flat (tracemalloc,
 docs/reliability.md). Pinning the threshold keeps multi-MB buffers on mmap, returned to the OS on free.
 
-Workers are left alone on purpose: CTranslate2 decodes faster with the dynamic threshold (its big buffers
-then come from already-faulted heap pages), and they are recycled by RSS anyway. Setting this with
-``mallopt`` rather than ``MALLOC_MMAP_THRESHOLD_`` keeps it out of the environment the workers inherit.
+Workers are left alone: what was measured is the agent's growth, a worker's RSS is already bounded by
+recycling (``worker.max_rss_bytes``), and CTranslate2's allocation pattern under a fixed threshold is not what
+this fix was measured with. Setting this with ``mallopt`` rather than ``MALLOC_MMAP_THRESHOLD_`` keeps it out of
+the environment the workers inherit.
 """
 
 from __future__ import annotations

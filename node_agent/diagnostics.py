@@ -38,5 +38,6 @@ class MemoryReport:
             self._baseline = snap
             log.info("memory: baseline recorded; send USR1 again to see growth since now")
             return
-        for stat in snap.compare_to(self._baseline, "lineno")[:TOP]:
-            log.info("memory growth: %s", stat)
+        # One record for the whole list, so that a reader of the log sees the report complete or not at all.
+        growth = snap.compare_to(self._baseline, "lineno")[:TOP]
+        log.info("memory growth since the baseline, top %d:\n%s", TOP, "\n".join(f"  {s}" for s in growth))

@@ -6,6 +6,7 @@ import csv
 import io
 import re
 import unicodedata
+import uuid
 import wave
 from functools import lru_cache
 from pathlib import Path
@@ -88,6 +89,19 @@ def joined(names: list[str], pause_s: float = 0.8) -> tuple[np.ndarray, list[tup
         parts.append(audio)
         t += len(audio) / SR
     return np.concatenate(parts), spans
+
+
+def multipart(fields: dict[str, str], filename: str, data: bytes,
+              content_type: str = "application/octet-stream") -> tuple[bytes, str]:
+    """A multipart/form-data body with ``fields`` and one ``file`` part; ``filename`` goes in verbatim (hostile
+    names are a test case). Returns (body, Content-Type header)."""
+    boundary = "----node-agent-" + uuid.uuid4().hex
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+                 f"Content-Type: {content_type}\r\n\r\n".encode() + data + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
 def wav_bytes(samples: np.ndarray, rate: int = SR, width: int = 2) -> bytes:

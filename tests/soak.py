@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import random
 import signal
@@ -136,13 +137,12 @@ async def main() -> int:
     end_mem = {p.name: (rss(p.pid), rss(worker_pid(u))) for p, u in agents}
     lease_losses = sum(metric(u, "node_agent_lease_lost_total") or 0 for _, u in agents)
     restarts = {p.name: metric(u, "node_agent_worker_restarts_total") for p, u in agents}
+    end_marker = "memory growth since the baseline" if args.tracemalloc else "tracemalloc is off"
     for p, _ in agents:
-        # The report blocks the agent while it snapshots; wait for it before stopping the agent.
-        before = p.log().count("node_agent.diagnostics")
+        # The report blocks the agent while it snapshots; wait for its last record before stopping the agent.
+        before = p.log().count(end_marker)
         p.signal(signal.SIGUSR1)
-        await wait_for(lambda p=p, before=before: p.log().count("node_agent.diagnostics") > before + 1, 60,
-                       f"{p.name} memory report")
-        await asyncio.sleep(1)
+        await wait_for(lambda p=p, before=before: p.log().count(end_marker) > before, 60, f"{p.name} memory report")
     for p, _ in agents:
         await p.stop()
     await sched_box[0].stop()
@@ -158,13 +158,15 @@ async def main() -> int:
         print(f"{name}: agent RSS {a0 / 2**20:.1f} -> {a1 / 2**20:.1f} MiB, worker RSS {w0 / 2**20:.1f} -> "
               f"{w1 / 2**20:.1f} MiB")
         print(f"{name}: agent RSS each minute (MiB): {' '.join(f'{v:.0f}' for v in rss_series[name])}")
-    for p, _ in agents:
-        report = [ln.split("memory", 1)[1] for ln in p.log().splitlines() if "node_agent.diagnostics" in ln
-                  or "memory growth:" in ln or "memory: traced" in ln]
-        if report:
-            print(f"{p.name} memory report (first and last USR1):")
-            for ln in report[-(3 + 12):]:
-                print("   memory" + ln)
+    if args.tracemalloc:
+        for p, _ in agents:
+            log = p.log()
+            # The final report: the traced-size record, then the growth record (a header and indented sites).
+            first, header, *rest = log[log.rindex("memory: traced"):].splitlines()
+            sites = itertools.takewhile(lambda ln: ln.startswith("  "), rest)
+            print(f"{p.name} memory at the end, and growth since the start:")
+            for ln in (first, header, *sites):
+                print("   " + ln.split("node_agent.diagnostics: ", 1)[-1])
     print(f"logs: {tmp}")
     return 0
 

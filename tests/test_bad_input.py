@@ -13,7 +13,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from helpers import DATA, clip, reference, wer
+from helpers import DATA, clip, multipart, reference, wer
 from procs import free_port, http_json, job, metric, submit, wait_for
 from test_cluster import start_agent, status_of
 from test_supervisor import _float_wav_with_nan, _wav_with_lying_header
@@ -50,16 +50,6 @@ BAD_JOBS = {
     "nan and inf float pcm": (_float_wav_with_nan(), {}, "NaN"),
     "over max_audio_s": (over_limit_audio(), {"format": "pcm_s16le", "sample_rate": 16000}, "max_audio_s"),
 }
-
-
-def multipart(fields: dict[str, str], filename: str, data: bytes) -> tuple[bytes, str]:
-    boundary = "----badinput"
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-             for k, v in fields.items()]
-    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-                 f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
 def post_raw(url: str, body: bytes, content_type: str, timeout: float = 60) -> tuple[int, bytes]:

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from helpers import DATA, clip, joined, pcm16, reference, wer
+from helpers import DATA, clip, joined, multipart, pcm16, reference, wer
 from procs import Proc, agent_env, free_port, http_json, job, metric, submit, wait_for
 from test_supervisor import LONG_CLIPS
 
@@ -77,17 +77,10 @@ async def test_run_with_embedded_scheduler_submit_and_openai_endpoint(tmp_path):
         assert final.startswith("jfk.flac: ") and wer(reference("jfk.flac"), final.split(": ", 1)[1]) <= 0.05
 
         def openai(fmt: str) -> tuple[int, str]:
-            import aiohttp  # noqa: F401  (multipart built by hand with urllib below)
-            boundary = "----nodeagenttest"
-            parts = [
-                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="jfk.flac"\r\n'
-                f"Content-Type: audio/flac\r\n\r\n".encode() + clip("jfk.flac") + b"\r\n",
-                f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'.encode(),
-                f'--{boundary}\r\nContent-Disposition: form-data; name="response_format"\r\n\r\n{fmt}\r\n'.encode(),
-                f"--{boundary}--\r\n".encode(),
-            ]
-            req = urllib.request.Request(f"{scheduler}/v1/audio/transcriptions", data=b"".join(parts),
-                                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            body, ctype = multipart({"model": "whisper-1", "response_format": fmt}, "jfk.flac", clip("jfk.flac"),
+                                    "audio/flac")
+            req = urllib.request.Request(f"{scheduler}/v1/audio/transcriptions", data=body,
+                                         headers={"Content-Type": ctype})
             with urllib.request.urlopen(req, timeout=120) as resp:
                 return resp.status, resp.read().decode()
 
