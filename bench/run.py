@@ -312,10 +312,10 @@ class ForeignCpu:
 def plain_server(model: str, threads: int) -> int:
     """``run.py --plain-server MODEL THREADS``: one plain faster-whisper process, timing requests from stdin.
 
-    Each plain configuration gets a process of its own, as each agent worker is one: CTranslate2's big buffers
-    come from glibc malloc, whose mmap threshold rises after large frees, so a process that has run batched
-    decoding afterwards pays far fewer page faults on every decode (about 15 % faster here). Sharing one
-    process between the plain sides would hand that to some of them.
+    Each plain configuration gets a process of its own, as each agent worker is one: a process that had run
+    batched decoding was measured decoding sequentially about 15 % faster afterwards, so sharing one process
+    between the plain sides would hand that to some of them. (The cause is open: fixing glibc's mmap threshold
+    from the start did not reproduce it; docs/benchmarks.md.)
     """
     plain = Plain(model, threads)
     print(json.dumps({"ready": True}), flush=True)
@@ -702,6 +702,7 @@ def startup(b: Bench) -> None:
 def threads(b: Bench) -> None:
     """cpu_threads 1 and 2 (and what 0 picks here) with plain faster-whisper: seconds per clip."""
     out = {}
+    seconds = {name: float(row["duration_s"]) for name, row in references().items()}
     for t in sorted({1, 2, b.threads}):
         p = b.plain("tiny.en", role="threads", threads=t)
         p.run("jfk.flac")
@@ -709,7 +710,7 @@ def threads(b: Bench) -> None:
         long = median([p.run(LONG_EN)["total_s"] for _ in range(b.reps(2, 1))])
         out[t] = {"jfk_s": short, "long_en_s": long}
         b.thread_rows.append((f"{t}{' (what 0 picks here)' if t == b.threads else ''}", fmt(short),
-                              f"{short / 11.0:.3f}", fmt(long), f"{long / 100.78:.3f}"))
+                              f"{short / seconds['jfk.flac']:.3f}", fmt(long), f"{long / seconds[LONG_EN]:.3f}"))
     b.results["sections"]["threads"] = out
 
 
