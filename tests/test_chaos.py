@@ -36,7 +36,10 @@ async def test_each_endpoint_in_turn_fails_every_way_and_the_agent_recovers(tmp_
                 continue
             proxy.inject(endpoint, *kinds)
             if endpoint in ("lease_renew", "events"):
-                audio, fields = long_audio_b64_fields(1)  # long enough to renew, and many segments
+                # Many segments for events; for renewals, the two faults land at 2 and 2.5 s into the lease
+                # (TTL 6: renew every 2 s, retry after 0.5 s), so the job must outlast them with room to
+                # spare: 51 s of audio decoded in 2.4 s on a CI machine once, and the second fault was never met.
+                audio, fields = long_audio_b64_fields(3 if endpoint == "lease_renew" else 1)
                 job_id = submit(scheduler, audio, **fields)
             else:
                 job_id = submit(scheduler, clip("jfk.flac"))
