@@ -46,6 +46,8 @@ log = logging.getLogger("node_agent.agent")
 POLL_WAIT_S = 20.0
 #: How long a final result report is retried before the job is left to the scheduler's lease expiry.
 REPORT_RETRY_S = 300.0
+#: How long segment events still undelivered at the end of a job are retried before the result is reported.
+EVENTS_FLUSH_S = 4.0
 RECENT_FAILURES = 10
 LEASE_LOSS_WINDOW_S = 600.0
 
@@ -421,7 +423,8 @@ class Agent:
         finally:
             events.put_nowait(None)
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(sender), 5.0)
+                # A little longer than the sender's own flush budget: it normally ends by itself.
+                await asyncio.wait_for(asyncio.shield(sender), EVENTS_FLUSH_S + 1.0)
         if isinstance(error, LeaseLost):
             self.lease_losses.append(loop.time())
         # The report must survive cancellation (shutdown): shield it, and await it to the end.
@@ -460,9 +463,12 @@ class Agent:
         """Forward segment events in order, batching what piled up. Never blocks the decode.
 
         A batch that could not be delivered is carried into the next post (the scheduler replaces segments by
-        id, so a resend is harmless); after the last segment one final attempt is made.
+        id, so a resend is harmless). After the last segment, what is still undelivered is retried with backoff
+        for at most ``EVENTS_FLUSH_S``: the result waits for that flush (clients see segments before the
+        transcript), so a blip at the very end of a job costs no events, and a dead scheduler costs seconds.
         """
         assert self.client is not None
+        loop = asyncio.get_running_loop()
         pending: list[dict[str, Any]] = []
         done = False
         while not done:
@@ -482,9 +488,24 @@ class Agent:
                 return
             except SchedulerError as exc:
                 log.warning("job %s: %d segment event(s) not delivered yet: %s", job_id, len(pending), exc)
-                if done:
-                    with contextlib.suppress(SchedulerError):
-                        await self.client.post_events(job_id, attempt, epoch, pending)
+        if not pending:
+            return
+        flush_by = loop.time() + EVENTS_FLUSH_S
+        delays = backoff_delays(0.2, 1.0)
+        while (wait := min(next(delays), flush_by - loop.time())) > 0:
+            await asyncio.sleep(wait)
+            try:
+                await asyncio.wait_for(self.client.post_events(job_id, attempt, epoch, pending),
+                                       max(0.1, flush_by - loop.time()))
+                return
+            except Rejected as exc:
+                log.warning("job %s: segment events rejected (%s); no more will be sent", job_id, exc)
+                return
+            except (SchedulerError, asyncio.TimeoutError) as exc:
+                log.warning("job %s: %d segment event(s) not delivered yet: %s", job_id, len(pending),
+                            exc or "timed out")
+        log.warning("job %s: %d segment event(s) never delivered; the result carries every segment",
+                    job_id, len(pending))
 
     async def _report(self, running: RunningJob, lease: Lease, result: JobResult | None,
                       error: JobError | None) -> None:

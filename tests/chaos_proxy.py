@@ -5,6 +5,7 @@ timeout. Faults are queued per endpoint and consumed one request at a time."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections import Counter, defaultdict, deque
 
@@ -38,7 +39,8 @@ class ChaosProxy:
         self.faults: dict[str, deque[str]] = defaultdict(deque)
         self.injected: Counter[tuple[str, str]] = Counter()
         self.forwarded: Counter[str] = Counter()
-        self.answers: list[tuple[str, int, bytes]] = []  # (endpoint, status, body) of forwarded results
+        # (endpoint, status, body) of forwarded results; for events, the request body (what was delivered)
+        self.answers: list[tuple[str, int, bytes]] = []
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self.url = ""
@@ -48,6 +50,12 @@ class ChaosProxy:
 
     def pending(self) -> int:
         return sum(len(q) for q in self.faults.values())
+
+    def delivered_segment_ids(self) -> set[int]:
+        """Ids of the segments the scheduler accepted through the events endpoint (a garbage answer counts:
+        the scheduler did store them)."""
+        return {e["id"] for name, status, body in self.answers if name == "events" and status in (200, 202, 204)
+                for e in json.loads(body)["events"]}
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         name = endpoint_of(request.method, request.path)
@@ -74,6 +82,8 @@ class ChaosProxy:
             self.forwarded[name] += 1
         if name == "result":
             self.answers.append((name, status, data))
+        elif name == "events":
+            self.answers.append((name, status, body))
         if fault == "garbage":
             # The scheduler did the work; the node only sees a broken answer (the worst case for idempotency).
             return web.Response(status=200, body=b"<html>proxy error</html>", content_type="text/html")
