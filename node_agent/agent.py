@@ -491,7 +491,7 @@ class Agent:
         if not pending:
             return
         flush_by = loop.time() + EVENTS_FLUSH_S
-        delays = backoff_delays(0.2, 1.0)
+        delays = backoff_delays(0.1, 0.5)  # several tries fit the budget even if one of them hangs
         while (wait := min(next(delays), flush_by - loop.time())) > 0:
             await asyncio.sleep(wait)
             try:
