@@ -95,6 +95,9 @@ def agent_env(scheduler_url: str, state_dir: Path, http_port: int, **extra: str)
         "NODE_AGENT_NODE__STATE_DIR": str(state_dir),
         "NODE_AGENT_HTTP__LISTEN": f"127.0.0.1:{http_port}",
         "NODE_AGENT_ASR__DEVICE": "cpu",
+        # Pinned like the in-process tests: the default (all cores, up to 8) would make a many-core CI decode
+        # several times faster and eat the margins of tests that act while a job is still running.
+        "NODE_AGENT_ASR__CPU_THREADS": "2",
         "NODE_AGENT_WORKER__STOP_GRACE_S": "0.5",
     }
     env.update(extra)

@@ -138,7 +138,7 @@ async def test_long_audio_mode_loses_no_utterance_and_streams(worker_factory):
     assert [seg["id"] for seg in result.segments] == list(range(1, len(result.segments) + 1))
     # Three windows: the first window's segments arrive while the later ones are still being decoded.
     assert len(arrivals) == len(result.segments) >= 6
-    assert done - arrivals[0] > 0.5, (arrivals[0], done)
+    assert done - arrivals[0] > 0.2, (arrivals[0], done)  # all at the end would be milliseconds apart
     t = result.timings
     assert t["first_segment_s"] < t["total_s"] / 2
 

@@ -72,7 +72,7 @@ async def test_deadline_kills_the_worker_and_the_next_job_runs_on_a_new_one(work
     old_pid = worker.pid
     loop = asyncio.get_running_loop()
     with pytest.raises(JobTimeout) as info:
-        await worker.run_job(long_job("slow", deadline=loop.time() + 1.0))
+        await worker.run_job(long_job("slow", repeat=2, deadline=loop.time() + 1.0))
     assert "deadline" in str(info.value)
     assert not pid_alive(old_pid)
     assert worker.restarts["timeout"] == 1
@@ -82,11 +82,12 @@ async def test_deadline_kills_the_worker_and_the_next_job_runs_on_a_new_one(work
 
 
 async def test_per_audio_timeout_applies_after_the_audio_length_is_known(worker_factory):
-    # ~100 s of audio needs ~8 s here; the budget is max(3 s, 0.02 x 100 s) = 3 s. jfk needs ~1 s.
-    s = make_settings(asr={"timeout": {"min_s": 3, "per_audio_s": 0.02, "stall_s": 60}})
+    # ~204 s of audio needs ~10 s here; the budget is max(2 s, 0.02 x 204.3 s) = 4.1 s, which only the audio's
+    # length can give (min_s alone would say 2.0 s). jfk needs ~1 s.
+    s = make_settings(asr={"timeout": {"min_s": 2, "per_audio_s": 0.02, "stall_s": 60}})
     worker = await worker_factory(s)
-    with pytest.raises(JobTimeout, match="3.0 s"):
-        await worker.run_job(long_job("slow", repeat=2))
+    with pytest.raises(JobTimeout, match=r"deadline of 4\.1 s"):
+        await worker.run_job(long_job("slow", repeat=4))
     assert (await worker.run_job(JobRequest("short", clip("jfk.flac")))).text
 
 
