@@ -119,6 +119,12 @@ def job(scheduler: str, job_id: str, wait_s: float = 0) -> dict[str, Any]:
     return reply
 
 
+async def wait_finished(scheduler: str, job_id: str, timeout: float, what: str) -> dict[str, Any]:
+    """The job's view once it succeeded or failed (long-polling the scheduler 5 s at a time)."""
+    return await wait_for(lambda: (v := job(scheduler, job_id, 5))["state"] in ("succeeded", "failed") and v,
+                          timeout, what)
+
+
 def metric(url: str, name: str, labels: dict[str, str] | None = None) -> float | None:
     """One sample from a /metrics page (None if absent)."""
     from prometheus_client.parser import text_string_to_metric_families

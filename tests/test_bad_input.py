@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from helpers import DATA, clip, multipart, reference, wer
-from procs import free_port, http_json, job, metric, submit, wait_for
+from procs import free_port, http_json, job, metric, submit, wait_for, wait_finished
 from test_cluster import start_agent, status_of
 from test_supervisor import _float_wav_with_nan, _wav_with_lying_header
 
@@ -80,8 +80,7 @@ async def test_bad_audio_through_the_job_api_and_openai_endpoint(agent):
             assert code == 400 and "audio" in reply["error"]["message"], (name, reply)
             continue
         job_id = submit(scheduler, data, **fields)
-        view = await wait_for(lambda: (v := job(scheduler, job_id, 5))["state"] in ("succeeded", "failed") and v,
-                              60, name)
+        view = await wait_finished(scheduler, job_id, 60, name)
         assert view["state"] == "failed" and view["error"]["code"] == "bad_audio", (name, view)
         assert needle in view["error"]["message"], (name, view["error"])
         if fields.get("format") == "pcm_s16le":
@@ -93,8 +92,7 @@ async def test_bad_audio_through_the_job_api_and_openai_endpoint(agent):
         assert code == 400 and needle in err["message"], (name, code, err)
     # A header lying about its length still decodes what is there.
     job_id = submit(scheduler, _wav_with_lying_header())
-    view = await wait_for(lambda: (v := job(scheduler, job_id, 5))["state"] != "queued" and
-                          v["state"] in ("succeeded", "failed") and v, 60, "lying header")
+    view = await wait_finished(scheduler, job_id, 60, "lying header")
     assert view["state"] == "succeeded", view
     st = status_of(url)
     assert st["workers"][0]["pid"] == pid and sum(st["workers"][0]["restarts"].values()) == 0

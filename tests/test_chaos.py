@@ -8,7 +8,7 @@ import json
 
 from chaos_proxy import ChaosProxy
 from helpers import clip, reference, wer
-from procs import free_port, job, metric, submit, wait_for
+from procs import free_port, metric, submit, wait_for, wait_finished
 from test_cluster import long_audio_b64_fields, ready, start_agent, start_scheduler, status_of
 
 ALL = ("500", "503", "garbage", "hang")
@@ -44,8 +44,7 @@ async def test_each_endpoint_in_turn_fails_every_way_and_the_agent_recovers(tmp_
             else:
                 job_id = submit(scheduler, clip("jfk.flac"))
             jobs.append(job_id)
-            view = await wait_for(lambda: (v := job(scheduler, job_id, 5))["state"] in ("succeeded", "failed") and v,
-                                  90, f"job with faults on {endpoint}")
+            view = await wait_finished(scheduler, job_id, 90, f"job with faults on {endpoint}")
             assert view["state"] == "succeeded", (endpoint, view)
             assert view["attempt"] == 1, (endpoint, view["attempt"], proxy.answers[-3:])
             if endpoint not in ("lease_renew", "events"):
@@ -86,8 +85,7 @@ async def test_events_failing_at_the_end_of_a_job_are_retried_before_the_result(
         # flush after its last segment meets the rest.
         proxy.inject("events", "500", "503", "500", "500")
         job_id = submit(scheduler, clip("jfk.flac"))
-        view = await wait_for(lambda: (v := job(scheduler, job_id, 5))["state"] in ("succeeded", "failed") and v,
-                              60, "job finished")
+        view = await wait_finished(scheduler, job_id, 60, "job finished")
         assert view["state"] == "succeeded", view
         assert not proxy.faults["events"]
         ids = {s["id"] for s in view["result"]["segments"]}

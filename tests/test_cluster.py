@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from helpers import DATA, clip, joined, multipart, pcm16, reference, wer
-from procs import Proc, agent_env, free_port, http_json, job, metric, submit, wait_for
+from procs import Proc, agent_env, free_port, http_json, job, metric, submit, wait_for, wait_finished
 from test_supervisor import LONG_CLIPS
 
 
@@ -112,8 +112,7 @@ async def test_short_ttl_lease_is_renewed_through_a_long_job(tmp_path):
         # ~100 s of speech (~5 s to decode): renewals every 1/3 s need the job to last well past 1 s.
         audio, fields = long_audio_b64_fields(2)
         job_id = submit(scheduler, audio, **fields)
-        view = await wait_for(lambda: (v := job(scheduler, job_id, 5))["state"] in ("succeeded", "failed") and v,
-                              120, "job finished")
+        view = await wait_finished(scheduler, job_id, 120, "job finished")
         assert view["state"] == "succeeded", view
         assert view["attempt"] == 1
         renewals = metric(url, "node_agent_lease_renewals_total", {"result": "ok"})
@@ -148,8 +147,7 @@ async def test_paused_holder_is_fenced_and_the_job_completes_elsewhere(tmp_path)
         await wait_for(lambda: job(scheduler, job_id)["node_id"] == b_node, 30, "attempt 2 running on B")
         a.signal(signal.SIGCONT)
 
-        view = await wait_for(lambda: (v := job(scheduler, job_id, 5))["state"] in ("succeeded", "failed") and v,
-                              180, "job finished on B")
+        view = await wait_finished(scheduler, job_id, 180, "job finished on B")
         assert view["state"] == "succeeded" and view["node_id"] == b_node and view["attempt"] == 2, view
         # A's late word (its result, or its lease_lost report) was refused: exactly one result counted.
         await wait_for(lambda: (metric(scheduler, "node_agent_scheduler_results_rejected_total") or 0) >= 1, 60,

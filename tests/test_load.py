@@ -10,7 +10,7 @@ import signal
 import psutil
 
 from helpers import clip
-from procs import job, metric, submit, wait_for, free_port
+from procs import free_port, job, metric, submit, wait_finished, wait_for
 from test_cluster import start_agent, start_scheduler, status_of
 
 CLIPS = ["ljspeech_LJ002-0020.wav", "voices_Lab41-SRI-VOiCES-src-sp0307-ch127535-sg0042.wav",
@@ -39,8 +39,7 @@ async def test_sixty_jobs_four_clients_two_worker_kills(tmp_path):
             for i in range(15):
                 name = CLIPS[(n * 15 + i) % len(CLIPS)]
                 job_id = await asyncio.to_thread(submit, scheduler, clip(name))
-                view = await wait_for(
-                    lambda: (v := job(scheduler, job_id, 5))["state"] in ("succeeded", "failed") and v, 180, job_id)
+                view = await wait_finished(scheduler, job_id, 180, job_id)
                 results[job_id] = view
 
         async def killer() -> None:

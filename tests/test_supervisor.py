@@ -82,7 +82,7 @@ async def test_deadline_kills_the_worker_and_the_next_job_runs_on_a_new_one(work
 
 
 async def test_per_audio_timeout_applies_after_the_audio_length_is_known(worker_factory):
-    # ~204 s of audio needs ~10 s here; the budget is max(2 s, 0.02 x 204.3 s) = 4.1 s, which only the audio's
+    # ~207 s of audio needs ~10 s here; the budget is max(2 s, 0.02 x 206.7 s) = 4.1 s, which only the audio's
     # length can give (min_s alone would say 2.0 s). jfk needs ~1 s.
     s = make_settings(asr={"timeout": {"min_s": 2, "per_audio_s": 0.02, "stall_s": 60}})
     worker = await worker_factory(s)
