@@ -17,7 +17,6 @@ import sys
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -38,6 +37,7 @@ from .errors import ConfigError, JobError, JobShutdown, LeaseLost, WorkerUnavail
 from .lease import Lease, LeaseKeeper, LeaseUnavailable
 from .metrics import JOB_OUTCOMES, AgentMetrics, MetricsObserver, job_outcome
 from .scheduler.schemas import JobAssignment
+from .statedir import StateDir
 from .supervisor import JobRequest, JobResult, Worker, WorkerState, worker_spec
 
 log = logging.getLogger("node_agent.agent")
@@ -111,8 +111,9 @@ class Agent:
     """One node: its workers, its place in the cluster, its job loops."""
 
     def __init__(self, settings: Settings, metrics: AgentMetrics | None = None,
-                 facts: dict[str, Any] | None = None) -> None:
+                 facts: dict[str, Any] | None = None, state: StateDir | None = None) -> None:
         self.settings = settings
+        self.state = state or StateDir(settings.node.state_dir)
         self.metrics = metrics or AgentMetrics(version=__version__)
         self.facts = facts or {"cuda_device_count": 0, "gpus": [], "compute_types": {}}
         self.hostname = settings.node.name or socket.gethostname()
@@ -147,12 +148,13 @@ class Agent:
     async def start(self, scheduler_url: str) -> None:
         """Start workers and the background loops; returns at once."""
         self.scheduler_url = scheduler_url
+        self.state.lock()  # before anything starts: a second agent on this directory stops here
         token = self.settings.scheduler.token.get_secret_value() if self.settings.scheduler.token else None
         self.client = SchedulerClient(scheduler_url, token, self.settings.scheduler.request_timeout_s, self.metrics)
         for resource, worker in self.workers.items():
             self.keepers[resource] = LeaseKeeper(self.client, self.settings.lease, self.metrics, resource)
             await worker.start()
-        self.identity.node_id = self._load_node_id()
+        self.identity.node_id = self.state.load_node_id()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._registration_loop(), name="registration"))
         self._tasks.append(loop.create_task(self._heartbeat_loop(), name="heartbeat"))
@@ -194,28 +196,9 @@ class Agent:
         if self.client is not None:
             await self.client.close()
         self.metrics.registered.set(0)
+        self.state.unlock()
 
     # ----- registration and heartbeats ---------------------------------------------------------------------------
-
-    def _state_file(self) -> Path:
-        return Path(self.settings.node.state_dir) / "node-id"
-
-    def _load_node_id(self) -> str | None:
-        try:
-            value = self._state_file().read_text().strip()
-        except OSError:
-            return None
-        return value or None
-
-    def _save_node_id(self, node_id: str) -> None:
-        path = self._state_file()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(node_id + "\n")
-            os.replace(tmp, path)
-        except OSError as exc:
-            log.warning("cannot persist node id in %s: %s", path, exc)
 
     def registration_body(self) -> dict[str, Any]:
         devices = []
@@ -269,7 +252,7 @@ class Agent:
             ident.registered = True
             ident.last_heartbeat_ok = asyncio.get_running_loop().time()
             ident.registered_event.set()
-            self._save_node_id(reply.node_id)
+            self.state.save_node_id(reply.node_id)
             self.metrics.registered.set(1)
             self.metrics.heartbeat_last_success.set(time.time())
             self.metrics.set_node(reply.node_id, self.hostname, [g.get("uuid") for g in self.facts.get("gpus", [])])
@@ -341,8 +324,10 @@ class Agent:
         while not self.draining:
             await self.identity.registered_event.wait()
             if worker.state is WorkerState.fatal:
-                log.error("worker %s is fatal (%s): not taking jobs on it", resource, worker.last_error)
-                return
+                log.error("worker %s is fatal (%s): not taking jobs on it until it is retried", resource,
+                          worker.last_error)
+                await worker.wait_not_fatal()
+                continue
             with contextlib.suppress(asyncio.TimeoutError):
                 await worker.wait_ready(5.0)
             if worker.state is not WorkerState.ready:
@@ -618,17 +603,27 @@ async def run_agent(settings: Settings) -> int:
 
     # *_created series double every counter's cardinality and no rule or dashboard reads them.
     disable_created_metrics()
+    # First, so a second agent on the same node.state_dir exits at once instead of after the node probe.
+    state = StateDir(settings.node.state_dir)
+    state.lock()
     facts = await probe_node()
-    agent = Agent(settings, facts=facts)
+    agent = Agent(settings, facts=facts, state=state)
     embedded = None
     url = settings.scheduler.url
     if url == "embedded":
         from .scheduler.server import start_scheduler
 
-        embedded = await start_scheduler(settings.scheduler)
+        embedded = await start_scheduler(settings.scheduler)  # a port in use: ListenError, one line in cli.main
         url = embedded.url
+    try:
+        http = await start_http(agent, settings.http)
+    except BaseException:
+        if embedded is not None:
+            await embedded.stop()
+        raise
+    # Logged once both ports are bound, so a port in use ends in its one error line and nothing more.
+    if embedded is not None:
         log.info("embedded scheduler listening on %s", url)
-    http = await start_http(agent, settings.http)
     log.info("agent endpoints on %s (/metrics /healthz /readyz /status)", http.url)
 
     loop = asyncio.get_running_loop()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -19,9 +18,21 @@ import yaml
 
 from . import __version__
 from .config import Settings, load_settings
-from .errors import ConfigError, JobError, NodeAgentError
+from .errors import ConfigError, JobError, NodeAgentError, UsageError
+from .jsonio import dumps
+from .languages import NOT_A_CODE, english_only, english_only_message, is_language_code
 
 log = logging.getLogger("node_agent")
+
+DESCRIPTION = """\
+Speech recognition on this machine, as one node of a cluster or on its own. `node-agent run` starts the agent
+(with a scheduler inside it by default); `submit` sends audio files to it and prints the transcripts; `status`
+shows what it is doing; `transcribe` decodes files directly, without any scheduler."""
+
+EPILOG = """\
+Settings come from config/node-agent.yaml (or --config FILE, or NODE_AGENT_CONFIG); any key can be overridden
+from the environment as NODE_AGENT_<SECTION>__<KEY>, e.g. NODE_AGENT_ASR__MODEL=base. Run `node-agent COMMAND
+--help` for a command's options."""
 
 
 def _setup_logging(level: str) -> None:
@@ -31,14 +42,8 @@ def _setup_logging(level: str) -> None:
 
 
 def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Settings:
-    settings = load_settings(args.config)
-    if overrides:
-        data = settings.model_dump()
-        for dotted, value in overrides.items():
-            section, key = dotted.split(".", 1)
-            data[section][key] = value
-        settings = Settings.model_validate(data)
-    return settings
+    # Options validated with the rest: `--model nosuchmodel` is one config-error line, not a traceback.
+    return load_settings(args.config, overrides=overrides)
 
 
 # ----- transcribe ------------------------------------------------------------------------------------------------
@@ -68,7 +73,8 @@ async def _transcribe(args: argparse.Namespace, settings: Settings) -> int:
             if worker.state is not WorkerState.fatal:
                 with _suppress_timeout():
                     await worker.wait_ready(settings.worker.start_timeout_s)
-            job = JobRequest(job_id=name, audio=data, language=args.language)
+            job = JobRequest(job_id=name, audio=data, language=args.language,
+                             options={"allow_truncated": True} if args.allow_truncated else {})
             started = time.perf_counter()
 
             def show(event: dict[str, Any]) -> None:
@@ -85,7 +91,7 @@ async def _transcribe(args: argparse.Namespace, settings: Settings) -> int:
             wall = time.perf_counter() - started
             if args.json:
                 doc = {"file": path, **result.to_dict(), "wall_s": round(wall, 3)}
-                print(json.dumps(doc, ensure_ascii=False), flush=True)
+                print(dumps(doc), flush=True)
             else:
                 rtf = wall / result.duration_s if result.duration_s else 0.0
                 print(f"{name}: {result.duration_s:.2f} s audio in {wall:.2f} s wall (RTF {rtf:.3f}), "
@@ -103,11 +109,28 @@ class _suppress_timeout:
         return exc_type is asyncio.TimeoutError
 
 
+def _language_arg(value: str | None) -> str | None:
+    """``--language`` as a Whisper code (any case accepted); None for ``auto`` or absent (detect)."""
+    if value is None:
+        return None
+    code = value.strip().lower()
+    if code in ("", "auto"):
+        return None
+    if not is_language_code(code):
+        raise UsageError(f"--language {value}: {NOT_A_CODE}")
+    return code
+
+
 def cmd_transcribe(args: argparse.Namespace) -> int:
+    args.language = _language_arg(args.language)
     overrides: dict[str, Any] = {}
     if args.model:
         overrides["asr.model"] = args.model
     settings = _load(args, overrides)
+    # Checked before a worker starts: the plugin would refuse every file, each after a model load.
+    language = args.language or settings.asr.language
+    if language and language != "en" and english_only(settings.asr.model):
+        raise UsageError(english_only_message(settings.asr.model, language))
     _setup_logging("WARNING")
     return asyncio.run(_transcribe(args, settings))
 
@@ -151,6 +174,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from .submit import submit_files
 
+    args.language = _language_arg(args.language)
     settings = _load(args)
     _setup_logging("WARNING")
     return asyncio.run(submit_files(args, settings))
@@ -163,43 +187,88 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="node-agent", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--version", action="version", version=f"node-agent {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="node-agent", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"node-agent {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands",
+                                help="one of the commands below")
+
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=description)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--config", metavar="FILE", help="YAML settings (default config/node-agent.yaml)")
+        p.add_argument("--config", metavar="FILE",
+                       help="YAML settings file (default: config/node-agent.yaml, or NODE_AGENT_CONFIG)")
         return p
 
-    p = with_config(sub.add_parser("run", help="join the scheduler and serve jobs"))
+    def with_language(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--language", metavar="CODE",
+                       help="spoken language as a Whisper code such as en or zh (default: detected per file; "
+                            "asr.language sets one for every file)")
+        p.add_argument("--allow-truncated", action="store_true",
+                       help="decode what a file holds even when its header declares more audio (by default such "
+                            "a file fails with bad_audio)")
+
+    p = with_config(command(
+        "run", "start the agent: take jobs from the scheduler and decode them",
+        "Start the agent: register with the scheduler (by default one started inside this process on "
+        "scheduler.listen), take jobs, decode them in supervised worker processes, and serve /metrics, /status "
+        "and /utterance on http.listen. SIGTERM or Ctrl-C lets running jobs finish first."))
     p.set_defaults(func=cmd_run)
 
-    p = with_config(sub.add_parser("scheduler", help="run the scheduler alone"))
-    p.add_argument("--listen", metavar="HOST:PORT")
+    p = with_config(command(
+        "scheduler", "run a scheduler alone, for several agents to share",
+        "Run the scheduler alone, for agents on other machines (scheduler.url pointing here) and for clients "
+        "using the job API or the OpenAI-compatible /v1/audio/transcriptions."))
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help="address to serve on (default: scheduler.listen, 127.0.0.1:8470; 0.0.0.0:8470 for "
+                        "every interface)")
     p.set_defaults(func=cmd_scheduler)
 
-    p = with_config(sub.add_parser("transcribe", help="transcribe files locally through a supervised worker"))
-    p.add_argument("audio", nargs="+", metavar="AUDIO")
-    p.add_argument("--model", help="override asr.model")
-    p.add_argument("--language", help="language code (default: detect)")
-    p.add_argument("--json", action="store_true", help="one JSON document per file")
+    p = with_config(command(
+        "transcribe", "transcribe files here, without a scheduler",
+        "Transcribe audio files on this machine through one supervised worker, without any scheduler; "
+        "segments print as they are decoded. Exit status 1 when any file failed."))
+    p.add_argument("audio", nargs="+", metavar="AUDIO",
+                   help="audio files in any format ffmpeg reads (wav, flac, mp3, ogg, ...)")
+    p.add_argument("--model", metavar="MODEL",
+                   help="model to use instead of asr.model: tiny.en (English), base (multilingual), a hub name "
+                        "such as large-v3, or a model directory")
+    with_language(p)
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document per file (text, segments, timings) instead of text lines")
     p.set_defaults(func=cmd_transcribe)
 
-    p = with_config(sub.add_parser("submit", help="submit files to a scheduler and print the transcripts"))
-    p.add_argument("audio", nargs="+", metavar="AUDIO")
-    p.add_argument("--scheduler", metavar="URL", help="scheduler URL (default from config, embedded listen)")
-    p.add_argument("--language", help="language code (default: detect)")
-    p.add_argument("--json", action="store_true", help="one JSON document per file")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for all jobs")
+    p = with_config(command(
+        "submit", "send files to a scheduler and print the transcripts",
+        "Send audio files to a scheduler as jobs, print their segments as they are decoded, then each file's "
+        "transcript. Exit status 1 when any file failed."))
+    p.add_argument("audio", nargs="+", metavar="AUDIO", help="audio files to transcribe")
+    p.add_argument("--scheduler", metavar="URL",
+                   help="scheduler to send to, as http://HOST:PORT or HOST:PORT (default: scheduler.url, or "
+                        "the embedded scheduler's scheduler.listen)")
+    with_language(p)
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document per file (job id, text, segments) instead of text lines")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="stop waiting for jobs not finished within this many seconds (default: 600)")
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("status", help="show the local agent's state")
-    p.add_argument("--url", help="agent HTTP URL (default from config http.listen)")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--config", metavar="FILE")
+    p = command(
+        "status", "show the local agent's state",
+        "Show the agent's state: registration, workers, running jobs with their leases, totals and recent "
+        "failures. Exit status 0 healthy, 1 degraded, 2 agent unreachable.")
+    p.add_argument("--url", metavar="URL",
+                   help="the agent to ask, as http://HOST:PORT or HOST:PORT (default: from http.listen)")
+    p.add_argument("--json", action="store_true", help="print the agent's whole status document as JSON")
+    p.add_argument("--config", metavar="FILE",
+                   help="settings file whose http.listen locates the agent (default: config/node-agent.yaml)")
     p.set_defaults(func=cmd_status)
 
-    p = with_config(sub.add_parser("check-config", help="validate and print the effective settings"))
+    p = with_config(command(
+        "check-config", "validate and print the effective settings",
+        "Validate the settings (file plus NODE_AGENT_* environment overrides) and print the result, secrets "
+        "masked. A mistake is one line naming the key, the value and where it came from."))
     p.set_defaults(func=cmd_check_config)
     return parser
 
@@ -210,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"node-agent: config error: {exc}", file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"node-agent: {exc}", file=sys.stderr)
         return 2
     except NodeAgentError as exc:
         print(f"node-agent: {exc}", file=sys.stderr)

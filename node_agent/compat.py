@@ -10,19 +10,22 @@ next request queued behind the abandoned decode.)
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
+import io
 import json
 import logging
 import math
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .jsonio import json_response
 from .scheduler.schemas import JobOptions
 from .supervisor import RESTART_REASONS, WorkerState
 
@@ -31,7 +34,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("node_agent.compat")
 
-#: Time limit of one utterance (seconds from its arrival) when the request names none.
+T = TypeVar("T")
+
+#: Time limit of one utterance (seconds from when its body has arrived) when the request names none.
 DEFAULT_TIMEOUT_S = 60.0
 #: The largest ``timeout_s`` a request may ask for.
 MAX_TIMEOUT_S = 600.0
@@ -48,6 +53,10 @@ MAX_SAMPLE_RATE = 48000
 RECENT = 100
 #: Bodies above this are parsed and base64-decoded in a thread so the event loop keeps serving.
 THREAD_BYTES = 1024 * 1024
+#: Seconds the whole request body may take to arrive when the settings name no ``compat.body_timeout_s``.
+BODY_TIMEOUT_S = 30.0
+#: Bytes taken from the request stream at a time.
+READ_CHUNK = 1 << 20
 #: Serving worker states: a worker starting or backing off will take the queued work within seconds.
 _SERVING = (WorkerState.ready, WorkerState.busy, WorkerState.starting, WorkerState.backoff)
 #: Decode options of the old request, passed on under the same names (checked by the scheduler's JobOptions).
@@ -60,10 +69,11 @@ _ERROR_STATUS = {"bad_audio": 400, "invalid_request": 400, "timeout": 504, "stal
 
 @dataclass
 class CompatLimits:
-    """Bounds of the endpoint: the default time limit and the wait queue per serving worker."""
+    """Bounds of the endpoint: the default time limit, the wait queue per serving worker, the body's arrival."""
 
     timeout_s: float = DEFAULT_TIMEOUT_S
     queue_per_worker: int = QUEUE_PER_WORKER
+    body_timeout_s: float = BODY_TIMEOUT_S
 
     @classmethod
     def from_settings(cls, settings: Any) -> "CompatLimits":
@@ -72,6 +82,7 @@ class CompatLimits:
         return cls(
             timeout_s=float(getattr(section, "timeout_s", DEFAULT_TIMEOUT_S)),
             queue_per_worker=int(getattr(section, "queue_per_worker", QUEUE_PER_WORKER)),
+            body_timeout_s=float(getattr(section, "body_timeout_s", BODY_TIMEOUT_S)),
         )
 
 
@@ -154,10 +165,32 @@ def _invalid(exc: ValidationError) -> CompatError:
 
 
 def _decode_audio(text: str) -> bytes:
+    # a2b_base64 reads an ASCII str in place; b64decode would first copy it into bytes. strict_mode refuses what
+    # b64decode(validate=True) refuses: characters outside the alphabet and misplaced padding.
     try:
-        return base64.b64decode(text, validate=True)
+        return binascii.a2b_base64(text, strict_mode=True)
     except (binascii.Error, ValueError):
         raise CompatError(400, "invalid_request", "audio: not valid base64", "audio") from None
+
+
+def _consume(func: Callable[[Any], T], box: list[Any]) -> T:
+    return func(box.pop())
+
+
+async def _consume_off_loop(func: Callable[[Any], T], box: list[Any], size: int) -> T:
+    """``func`` applied to the one value in ``box``, in a thread when ``size`` is large.
+
+    The box hands the value over: once ``func`` returns, nothing holds it. (Passed as an argument, it would live
+    on in the thread pool's work item until that worker thread next runs, which a parse holding the GIL in
+    another worker can put off: an extra copy of the body at the worst moment.)
+    """
+    if size > THREAD_BYTES:
+        return await asyncio.to_thread(_consume, func, box)
+    return _consume(func, box)
+
+
+def _decode_text(body: bytearray) -> str:
+    return body.decode("utf-8-sig")
 
 
 def _ids(data: Any) -> dict[str, Any]:
@@ -184,7 +217,8 @@ class CompatService:
     def __init__(self, agent: "Agent", limits: CompatLimits | None = None) -> None:
         self.agent = agent
         self.limits = limits or CompatLimits.from_settings(agent.settings)
-        self.in_flight = 0
+        self.in_flight = 0  # admitted utterances: their bodies are in, and they hold a place in the queue
+        self.receiving = 0  # requests whose bodies are still arriving (bounded by body_timeout_s, not counted)
         self.totals: Counter[str] = Counter()
         self.waits: deque[float] = deque(maxlen=RECENT)  # seconds queued before a node took the job
         self.latencies: deque[float] = deque(maxlen=RECENT)  # seconds from arrival to answer
@@ -272,24 +306,27 @@ class CompatService:
         text = f"{what}: scheduler answered {status}" + (f" {code}: {message}" if code else "")
         if status == 400:
             param = err.get("param") if isinstance(err, dict) else None
-            return CompatError(400, "invalid_request", message or text, "audio" if param == "audio_b64" else param)
+            return CompatError(400, "invalid_request", message or text,
+                               "audio" if param in ("audio_b64", "file") else param)
         if status == 413:
             return CompatError(413, "too_large", message or text, "audio")
         if status == 503:
             return CompatError(503, "unavailable", text, retry_after=1)
         return CompatError(500, "scheduler_error", text)
 
-    async def _submit(self, req: UtteranceRequest, deadline_s: float) -> str:
-        body = {
-            "audio_b64": req.audio,
-            "format": "pcm_s16le",
-            "sample_rate": req.sample_rate,
-            "language": None if req.src_lang == "auto" else req.src_lang,
-            "options": req.options(),
-            "deadline_s": round(deadline_s, 3),
-        }
+    async def _submit(self, req: UtteranceRequest, audio: bytes, deadline_s: float) -> str:
+        # Multipart with the raw audio: no base64 text rebuilt, and aiohttp reads the BytesIO (which shares the
+        # bytes' buffer) in small chunks, so the socket's send buffer never holds a second copy either.
+        form = aiohttp.FormData()
+        form.add_field("format", "pcm_s16le")
+        form.add_field("sample_rate", str(req.sample_rate))
+        if req.src_lang != "auto":
+            form.add_field("language", req.src_lang)
+        form.add_field("options", json.dumps(req.options()))
+        form.add_field("deadline_s", f"{deadline_s:.3f}")
+        form.add_field("file", io.BytesIO(audio), filename="utterance.pcm", content_type="application/octet-stream")
         timeout = max(60.0, self.agent.settings.scheduler.request_timeout_s)
-        status, reply = await self._scheduler("POST", "/v1/jobs", timeout, json=body)
+        status, reply = await self._scheduler("POST", "/v1/jobs", timeout, data=form)
         if status != 202 or not isinstance(reply, dict) or "job_id" not in reply:
             raise self._scheduler_error("submitting the job", status, reply)
         return str(reply["job_id"])
@@ -316,44 +353,75 @@ class CompatService:
 
     # ----- handlers ----------------------------------------------------------------------------------------------
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def _read_body(self, request: web.Request) -> str:
+        """The whole body as text, read within ``body_timeout_s`` and counted against ``http.max_body_bytes``."""
         # Read the stream ourselves: the app's client_max_size is sized for small control requests.
         limit = self.agent.settings.http.max_body_bytes
+        too_large = CompatError(413, "too_large", f"request body is over the limit of {limit} bytes")
         if request.content_length is not None and request.content_length > limit:
-            raise CompatError(413, "too_large", f"request body is over the limit of {limit} bytes")
+            raise too_large
+        timeout_s = self.limits.body_timeout_s
         body = bytearray()
-        while chunk := await request.content.read(1 << 20):
-            body.extend(chunk)
-            if len(body) > limit:
-                raise CompatError(413, "too_large", f"request body is over the limit of {limit} bytes")
-        return bytes(body)
+        self.receiving += 1
+        try:
+            async with asyncio.timeout(timeout_s):
+                while chunk := await request.content.read(READ_CHUNK):
+                    if len(body) + len(chunk) > limit:
+                        raise too_large
+                    body.extend(chunk)
+        except TimeoutError:
+            raise CompatError(408, "timeout", f"the request body did not arrive within {timeout_s:g} s "
+                                              "(compat.body_timeout_s)") from None
+        except (ConnectionError, HttpProcessingError) as exc:
+            # The client hung up mid-body or broke the framing: its fault, not a bug worth a traceback.
+            raise CompatError(400, "invalid_request", f"request body incomplete: {type(exc).__name__}") from None
+        finally:
+            self.receiving -= 1
+        # Decoded here, once, and the bytes dropped as soon as the text exists: json.loads(bytes) would hold
+        # the bytes, a decoded copy and the parsed values all at once.
+        size, box = len(body), [body]
+        del body
+        try:
+            return await _consume_off_loop(_decode_text, box, size)
+        except UnicodeDecodeError as exc:
+            raise CompatError(400, "invalid_request", f"request body is not valid JSON: {exc}") from None
 
     @staticmethod
-    async def _load_json(raw: bytes) -> dict[str, Any]:
+    async def _load_json(text: str) -> dict[str, Any]:
+        size, box = len(text), [text]
+        del text  # the parsed values replace the text: never both for longer than the parse
         try:
-            data = await asyncio.to_thread(json.loads, raw) if len(raw) > THREAD_BYTES else json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+            data = await _consume_off_loop(json.loads, box, size)
+        except ValueError as exc:
             raise CompatError(400, "invalid_request", f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise CompatError(400, "invalid_request", "request body is not valid JSON: nested too deeply") from None
         if not isinstance(data, dict):
             raise CompatError(400, "invalid_request", "request body must be a JSON object")
         return data
 
-    async def _validate(self, data: dict[str, Any]) -> tuple[UtteranceRequest, int]:
-        """The request, checked field by field; returns it and its audio byte count."""
+    async def _validate(self, data: dict[str, Any]) -> tuple[UtteranceRequest, bytes]:
+        """The request, checked field by field, and its decoded audio.
+
+        The base64 text leaves ``data`` and the request here, so only the decoded bytes live on.
+        """
         try:
             req = UtteranceRequest.model_validate(data)
         except ValidationError as exc:
             raise _invalid(exc) from None
+        text, req.audio = req.audio, ""
+        data.pop("audio", None)
         req.options()  # option bounds fail here, before any work is queued
-        if not req.audio:
+        if not text:
             raise CompatError(400, "invalid_request", "audio: audio is empty", "audio")
-        audio = await asyncio.to_thread(_decode_audio, req.audio) if len(req.audio) > THREAD_BYTES \
-            else _decode_audio(req.audio)
+        size, box = len(text), [text]
+        del text
+        audio = await _consume_off_loop(_decode_audio, box, size)
         if not audio:
             raise CompatError(400, "invalid_request", "audio: audio is empty", "audio")
         if len(audio) % 2:
-            raise CompatError(400, "invalid_request", f"audio: pcm16 audio must be a whole number of 16-bit "
-                                                      f"samples; got {len(audio)} bytes", "audio")
+            raise CompatError(400, "bad_audio", f"audio: pcm16 audio must be a whole number of 16-bit "
+                                                f"samples; got {len(audio)} bytes", "audio")
         max_s = self.agent.settings.asr.max_audio_s
         if len(audio) / 2 / req.sample_rate > max_s:
             raise CompatError(400, "invalid_request", f"audio: longer than this node's limit of {max_s:g} s "
@@ -363,7 +431,7 @@ class CompatService:
             raise CompatError(400, "invalid_request", f"src_lang: {req.src_lang!r} is not served by this node's "
                                                       f"model {self.agent.settings.asr.model} (serves "
                                                       f"{', '.join(sorted(served))} or auto)", "src_lang")
-        return req, len(audio)
+        return req, audio
 
     async def utterance(self, request: web.Request) -> web.Response:
         """``POST /utterance``: transcribe one base64 pcm16 utterance through the scheduler."""
@@ -371,21 +439,33 @@ class CompatService:
         arrived = loop.time()
         ids: dict[str, Any] = {"job_id": None, "trace_id": None}
         try:
+            # Refused at once when it could not be served anyway, before a large body is read for nothing.
             self._admit()
         except CompatError as exc:
-            self.totals["busy"] += 1
-            log.info("utterance rejected: %s", exc.message)
-            return self._error_response(exc, ids)
-        self.in_flight += 1
+            return self._busy(exc, ids)
+        counted = False
         scheduler_job = None
-        status = 200
+        status: int | None = None
+        detail = ""
         try:
+            # Not in flight while the body arrives: a client that never finishes sending must not hold a slot.
             data = await self._load_json(await self._read_body(request))
             ids = _ids(data)
-            req, audio_bytes = await self._validate(data)
+            req, audio = await self._validate(data)
+            try:
+                self._admit()
+            except CompatError as exc:
+                status = exc.status
+                return self._busy(exc, ids)
+            self.in_flight += 1
+            counted = True
+            # The time limit covers the work, not the upload (which body_timeout_s bounds on its own).
+            received = loop.time()
             limit_s = req.timeout_s or self.limits.timeout_s
-            scheduler_job = await self._submit(req, max(0.001, limit_s - (loop.time() - arrived)))
-            give_up = arrived + limit_s + self.agent.settings.worker.stop_grace_s + REPORT_GRACE_S
+            audio_bytes = len(audio)
+            scheduler_job = await self._submit(req, audio, limit_s)
+            del audio  # the scheduler has its own copy; this one must not live on through the wait
+            give_up = received + limit_s + self.agent.settings.worker.stop_grace_s + REPORT_GRACE_S
             view = await self._wait(scheduler_job, give_up, limit_s)
             queued = (view.get("timings") or {}).get("queued_s")
             if isinstance(queued, (int, float)):
@@ -399,7 +479,6 @@ class CompatService:
                                   retry_after=self.retry_after() if code in ("shutdown", "worker_unavailable")
                                   else None)
             result = view.get("result") or {}
-            self.totals["completed"] += 1
             body = {
                 **ids,
                 "text": result.get("text", ""),
@@ -408,20 +487,40 @@ class CompatService:
                 "segments": [_segment(s) for s in result.get("segments") or []],
                 "duration": round(float(result.get("duration_s") or audio_bytes / 2 / req.sample_rate), 3),
             }
-            return web.json_response(body, headers={"X-Scheduler-Job-Id": scheduler_job})
+            response = json_response(body, headers={"X-Scheduler-Job-Id": scheduler_job})
+            self.totals["completed"] += 1
+            status = 200
+            return response
         except CompatError as exc:
-            status = exc.status
+            status, detail = exc.status, f" ({exc.code}: {exc.message})"
             # Refused before anything was queued: the request's fault. Otherwise the utterance failed.
-            self.totals["rejected" if scheduler_job is None and exc.status in (400, 413) else "failed"] += 1
+            self.totals["rejected" if scheduler_job is None and exc.status in (400, 408, 413) else "failed"] += 1
             if exc.status == 504:
                 self.totals["timeout"] += 1
-            return self._error_response(exc, ids, scheduler_job)
+            response = self._error_response(exc, ids, scheduler_job)
+            if exc.status in (408, 413):
+                response.force_close()  # the rest of the body is not wanted: no keep-alive after it
+            return response
+        except Exception:
+            # A bug, not the caller's fault: still the endpoint's JSON shape, and logged as what it was.
+            status = 500
+            self.totals["failed"] += 1
+            log.exception("utterance job_id=%s trace_id=%s: unexpected error", ids.get("job_id"), ids.get("trace_id"))
+            return self._error_response(CompatError(500, "internal", "internal agent error; see the agent log"),
+                                        ids, scheduler_job)
         finally:
-            self.in_flight -= 1
+            if counted:
+                self.in_flight -= 1
             elapsed = loop.time() - arrived
             self.latencies.append(elapsed)
-            log.info("utterance job_id=%s trace_id=%s scheduler_job=%s answered %d in %.2f s",
-                     ids.get("job_id"), ids.get("trace_id"), scheduler_job or "-", status, elapsed)
+            log.info("utterance job_id=%s trace_id=%s scheduler_job=%s answered %s in %.2f s%s",
+                     ids.get("job_id"), ids.get("trace_id"), scheduler_job or "-",
+                     status if status is not None else "nothing (cancelled)", elapsed, detail)
+
+    def _busy(self, exc: CompatError, ids: dict[str, Any]) -> web.Response:
+        self.totals["busy"] += 1
+        log.info("utterance rejected: %s", exc.message)
+        return self._error_response(exc, ids)
 
     @staticmethod
     def _error_response(exc: CompatError, ids: dict[str, Any], scheduler_job: str | None = None) -> web.Response:
@@ -433,7 +532,7 @@ class CompatService:
             headers["Retry-After"] = str(int(math.ceil(exc.retry_after)))
         if scheduler_job:
             headers["X-Scheduler-Job-Id"] = scheduler_job
-        return web.json_response({"error": error, **ids}, status=exc.status, headers=headers)
+        return json_response({"error": error, **ids}, status=exc.status, headers=headers)
 
     def health_doc(self) -> tuple[int, dict[str, Any]]:
         agent = self.agent
@@ -473,7 +572,7 @@ class CompatService:
     async def health(self, request: web.Request) -> web.Response:
         """``GET /health``: the old service's health document (200 when it can serve, else 503)."""
         status, doc = self.health_doc()
-        return web.json_response(doc, status=status)
+        return json_response(doc, status=status)
 
 
 COMPAT_KEY: web.AppKey[CompatService] = web.AppKey("compat", CompatService)

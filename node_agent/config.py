@@ -6,10 +6,12 @@ mistake is one line naming the key, the value and the file instead of a failure 
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import types
 from enum import Enum
-from pathlib import Path
-from typing import Any, Mapping
+from pathlib import Path, PurePath
+from typing import Any, Mapping, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -18,11 +20,14 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .errors import ConfigError
+from .models import check_model_name
 
 ENV_PREFIX = "NODE_AGENT_"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "node-agent.yaml"
@@ -85,6 +90,13 @@ class AsrSettings(_Section):
     batch_size: int = Field(8, ge=1, le=64)
     timeout: TimeoutSettings = Field(default_factory=TimeoutSettings)
 
+    @field_validator("model")
+    @classmethod
+    def _model_known(cls, value: str) -> str:
+        # Here rather than at worker start: a typo must stop check-config, not fail three worker starts.
+        check_model_name(value)
+        return value
+
     @field_validator("device_index", mode="before")
     @classmethod
     def _one_index(cls, value: Any) -> Any:
@@ -114,7 +126,19 @@ class WorkerSettings(_Section):
         4 * 1024**3, ge=64 * 1024**2, description="Recycle a worker (between jobs) above this resident memory."
     )
     start_timeout_s: float = Field(120.0, gt=0, description="Model load and warm-up must finish within this.")
-    stop_grace_s: float = Field(3.0, ge=0, description="SIGTERM to SIGKILL grace when stopping a worker.")
+    stop_grace_s: float = Field(
+        3.0, ge=0,
+        description="SIGTERM to SIGKILL grace when stopping a worker; also how long a job past its deadline may "
+        "take to reach the next segment boundary and stop there before its worker is killed.",
+    )
+    fatal_retry_s: float = Field(
+        300.0, gt=0,
+        description="A fatal worker is started again after this long, doubling after each fatal (at most 1 h).",
+    )
+    fatal_unhealthy_after_s: float = Field(
+        600.0, gt=0,
+        description="/healthz answers 503 once every worker has been fatal this long, so the agent is restarted.",
+    )
     backoff: BackoffSettings = Field(default_factory=BackoffSettings)
 
 
@@ -146,6 +170,21 @@ class LeaseSettings(_Section):
     def renew_deadline(self) -> float:
         return self.renew_deadline_s if self.renew_deadline_s is not None else self.ttl_s * 2 / 3
 
+    def timing(self, granted_ttl_s: float) -> tuple[float, float]:
+        """(renew interval, self-fence deadline) for a lease the scheduler granted with ``granted_ttl_s``.
+
+        The grant, not our request, decides: a scheduler may clamp the TTL, and renewing on our own TTL's
+        schedule would let a shorter grant expire between renewals. Explicit settings apply only while they
+        still fit the grant (below TTL/2 and below TTL); otherwise TTL/3 and 2/3 TTL, as etcd and client-go do.
+        """
+        interval = granted_ttl_s / 3
+        if self.renew_every_s is not None and self.renew_every_s < granted_ttl_s / 2:
+            interval = self.renew_every_s
+        deadline = granted_ttl_s * 2 / 3
+        if self.renew_deadline_s is not None and self.renew_deadline_s < granted_ttl_s:
+            deadline = self.renew_deadline_s
+        return interval, deadline
+
 
 class SchedulerSettings(_Section):
     url: str = Field("embedded", description="'embedded' runs the scheduler in-process; else its base URL.")
@@ -170,11 +209,8 @@ class SchedulerSettings(_Section):
 
     @field_validator("token")
     @classmethod
-    def _token_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
-        # An empty token would let a bare "Bearer " header through; unset it instead.
-        if value is not None and not value.get_secret_value().strip():
-            raise ValueError("must not be empty (leave it unset, or null, for no authentication)")
-        return value
+    def _token_usable(cls, value: SecretStr | None) -> SecretStr | None:
+        return _usable_token(value)
 
     @field_validator("url")
     @classmethod
@@ -188,6 +224,14 @@ class HttpSettings(_Section):
     listen: str = Field(
         "127.0.0.1:9464", description="HOST:PORT for /metrics, /healthz, /readyz, /status, /utterance, /health."
     )
+    token: SecretStr | None = Field(
+        None,
+        description="Bearer token required on /utterance, /health and /status; /metrics, /healthz and /readyz "
+        "stay open for scrapers and probes.",
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="Serve a non-loopback http.listen without http.token (anyone who can reach it may use it)."
+    )
     max_body_bytes: int = Field(200 * 1024**2, ge=1024)
 
     @field_validator("listen")
@@ -196,17 +240,71 @@ class HttpSettings(_Section):
         _split_host_port(value)
         return value
 
+    @field_validator("token")
+    @classmethod
+    def _token_usable(cls, value: SecretStr | None) -> SecretStr | None:
+        return _usable_token(value)
+
+    @model_validator(mode="after")
+    def _reachable_only_with_token(self) -> "HttpSettings":
+        # /utterance spends scheduler capacity under the agent's own scheduler token, and /status shows job and
+        # lease ids: beyond loopback, that needs a token of its own or an explicit opt-out.
+        if self.token is None and not self.allow_unauthenticated and not _is_loopback(self.listen):
+            error = PydanticCustomError(
+                "insecure_listen",
+                "a non-loopback address needs http.token (or http.allow_unauthenticated: true)",
+            )
+            # Raised as a ValidationError so the one-line message names http.listen and its value.
+            raise ValidationError.from_exception_data(
+                type(self).__name__, [InitErrorDetails(type=error, loc=("listen",), input=self.listen)]
+            )
+        return self
+
 
 class CompatSettings(_Section):
     """The drop-in endpoints of the old ASR service (POST /utterance, GET /health)."""
 
     timeout_s: float = Field(60.0, gt=0, le=600, description="Per-utterance limit; over it: 504, worker replaced.")
     queue_per_worker: int = Field(2, ge=0, le=100, description="Waiting utterances per worker before 503.")
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=600,
+        description="The whole request body must arrive within this; a slower or idle client gets 408.",
+    )
+
+
+def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_STATE_HOME/node-agent``, or ``~/.local/state/node-agent`` when that is unset (XDG base dirs)."""
+    environ = os.environ if environ is None else environ
+    base = environ.get("XDG_STATE_HOME", "")
+    # The XDG spec: a relative value is invalid and is ignored.
+    root = Path(base) if os.path.isabs(base) else Path(os.path.expanduser("~")) / ".local" / "state"
+    return root / "node-agent"
 
 
 class NodeSettings(_Section):
-    state_dir: Path = Field(Path("var/node-agent"), description="Where the node id is persisted.")
+    state_dir: Path = Field(
+        None,
+        validate_default=True,
+        description="Where the node id is persisted; one per agent (locked). "
+        "null = $XDG_STATE_HOME/node-agent (~/.local/state/node-agent).",
+    )
     name: str | None = Field(None, description="Hostname reported to the scheduler; default the machine's.")
+
+    @field_validator("state_dir", mode="before")
+    @classmethod
+    def _state_dir_default(cls, value: Any, info: ValidationInfo) -> Any:
+        # Resolved when settings are loaded, not at import, from the environment load_settings was given.
+        if value is None:
+            return default_state_dir((info.context or {}).get("environ"))
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must not be empty (leave it unset or null for $XDG_STATE_HOME/node-agent)")
+        return value
+
+    @field_validator("state_dir")
+    @classmethod
+    def _state_dir_absolute(cls, value: Path) -> Path:
+        # Absolute at load time: a relative default made two agents started in one directory share a node id.
+        return value.expanduser().absolute()
 
 
 class ShutdownSettings(_Section):
@@ -235,6 +333,8 @@ class Settings(_Section):
         data = self.model_dump(mode="json")
         if self.scheduler.token is not None:
             data["scheduler"]["token"] = "**********"
+        if self.http.token is not None:
+            data["http"]["token"] = "**********"
         return data
 
 
@@ -245,9 +345,75 @@ def _split_host_port(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _is_loopback(listen: str) -> bool:
+    """Whether a validated ``HOST:PORT`` binds only to this machine (a name other than localhost counts as not)."""
+    host, _ = _split_host_port(listen)
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def host_port(value: str) -> tuple[str, int]:
     """Split a validated ``HOST:PORT`` setting."""
     return _split_host_port(value)
+
+
+#: What YAML reads as null; refused as a secret, null for an optional non-secret string from the environment.
+_NULL_WORDS = ("", "~", "null")
+
+
+def _usable_token(value: SecretStr | None) -> SecretStr | None:
+    """Refuse a token that is blank, 'null' or '~' (scheduler.token and http.token alike).
+
+    An empty token would let a bare "Bearer " header through. 'null' or '~' as a string (quoted in YAML, or any
+    environment value: those are taken raw) most likely meant "no token"; taken literally it would be a guessable
+    token, taken as null it would turn authentication off unseen. Refuse both.
+    """
+    if value is not None and value.get_secret_value().strip().lower() in _NULL_WORDS:
+        raise ValueError("must not be empty, 'null' or '~' (to run without authentication, leave it unset)")
+    return value
+
+
+def _field_type(path: list[str]) -> Any:
+    """The annotation of the Settings field at ``path``, or None where no such field exists."""
+    model: Any = Settings
+    annotation: Any = None
+    for key in path:
+        field = model.model_fields.get(key) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        annotation = model = field.annotation
+    return annotation
+
+
+def _env_value(path: list[str], raw: str) -> Any:
+    """An environment string as the value for the field at ``path``.
+
+    Numbers, bools, lists and sections are parsed as YAML, as in the file ("5" -> 5, "[0, 1]" -> [0, 1]).
+    Strings, secrets, paths and enums are taken raw: YAML would turn "secret #x" into "secret" and "" or "null"
+    into null, which for scheduler.token meant authentication silently off.
+    """
+    annotation = _field_type(path)
+    union = get_origin(annotation) in (Union, types.UnionType)
+    members = [a for a in (get_args(annotation) if union else (annotation,)) if a is not type(None)]
+    stringy = bool(members) and all(
+        isinstance(a, type) and issubclass(a, (str, SecretStr, PurePath, Enum)) for a in members
+    )
+    if stringy:
+        optional = union and len(members) < len(get_args(annotation))
+        # An optional plain string (asr.language, node.name) can still be set back to null; a secret cannot.
+        if optional and SecretStr not in members and raw.strip().lower() in _NULL_WORDS:
+            return None
+        return raw
+    if raw == "":
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def _env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any, str]]:
@@ -256,12 +422,7 @@ def _env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any, str
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
             continue
         path = [part.lower() for part in name[len(ENV_PREFIX):].split("__")]
-        # YAML parsing gives "5" -> 5, "true" -> True, "[0, 1]" -> [0, 1], as in the file itself.
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            value = raw
-        out.append((path, value, name))
+        out.append((path, _env_value(path, raw), name))
     return out
 
 
@@ -275,8 +436,10 @@ def _set_path(data: dict[str, Any], path: list[str], value: Any, origin: str) ->
     node[path[-1]] = value
 
 
-def load_settings(path: Path | str | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Load YAML (default file if ``path`` is None), apply environment overrides, validate.
+def load_settings(path: Path | str | None = None, environ: Mapping[str, str] | None = None,
+                  overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Load YAML (default file if ``path`` is None), apply environment overrides, then ``overrides`` (dotted
+    keys from command-line options, e.g. ``{"asr.model": "base"}``), validate.
 
     Raises ConfigError with one line naming the key, the value and where it came from.
     """
@@ -303,10 +466,16 @@ def load_settings(path: Path | str | None = None, environ: Mapping[str, str] | N
     env_origin: dict[tuple[str, ...], str] = {}
     for key_path, value, name in _env_overrides(environ):
         _set_path(data, key_path, value, name)
-        env_origin[tuple(key_path)] = name
+        env_origin[tuple(key_path)] = f"environment {name}"
+    for dotted, value in (overrides or {}).items():
+        _set_path(data, dotted.split("."), value, "command line")
+        env_origin[tuple(dotted.split("."))] = "command line"
 
+    # A section left out is built by its default factory, which sees no validation context: give node.state_dir's
+    # default (from XDG_STATE_HOME in ``environ``) a section to be validated in.
+    data.setdefault("node", {})
     try:
-        return Settings.model_validate(data)
+        return Settings.model_validate(data, context={"environ": environ})
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(str(p) for p in err["loc"])
@@ -314,10 +483,10 @@ def load_settings(path: Path | str | None = None, environ: Mapping[str, str] | N
         # The env variable that set this key, a section above it, or (model checks) a key below it.
         origin = next((env_origin[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in env_origin), None)
         origin = origin or next((name for k, name in env_origin.items() if k[: len(loc)] == loc), None)
-        where = f"environment {origin}" if origin else str(file)
+        where = origin or str(file)
         value = err.get("input")
         shown = "**********" if "token" in loc else repr(value)
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         extra = f" ({len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class NodeAgentError(Exception):
     """Base of every error this project raises on purpose."""
@@ -9,6 +11,36 @@ class NodeAgentError(Exception):
 
 class ConfigError(NodeAgentError):
     """The configuration is invalid; the message is one line naming key, value and origin."""
+
+
+class UsageError(NodeAgentError):
+    """A command-line argument is wrong; the message is one line naming the option and the fix."""
+
+
+class ListenError(NodeAgentError):
+    """A server could not bind its address; the message names the address and the settings key to change."""
+
+    def __init__(self, address: str, key: str, reason: str) -> None:
+        super().__init__(f"cannot listen on {address} ({key}): {reason}")
+        self.address = address
+        self.key = key
+
+    @classmethod
+    def from_os_error(cls, exc: OSError, host: str, port: int, key: str) -> "ListenError":
+        """From what binding raised: asyncio wraps the errno in a long sentence, so the reason is rebuilt."""
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        errno_ = exc.errno
+        # socket.gaierror (an unresolvable host) has a negative errno whose os.strerror text is useless.
+        reason = os.strerror(errno_) if isinstance(errno_, int) and errno_ > 0 else (exc.strerror or str(exc))
+        return cls(shown, key, reason.lower())
+
+
+class SchedulerUnreachable(NodeAgentError):
+    """No connection to the scheduler could be made (nothing listening, wrong host, network down)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"cannot reach the scheduler at {url}: {reason}")
+        self.url = url
 
 
 class WireError(NodeAgentError):

@@ -1,19 +1,77 @@
-"""The agent's own HTTP endpoints: /metrics, /healthz, /readyz, /status (loopback by default)."""
+"""The agent's own HTTP endpoints: /metrics, /healthz, /readyz, /status (loopback by default).
+
+With ``http.token`` set, /status and the compatibility endpoints (/utterance, /health) need it as a bearer
+token; /metrics, /healthz and /readyz stay open for scrapers and probes.
+"""
 
 from __future__ import annotations
 
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .config import HttpSettings, host_port
+from .errors import ListenError
+from .jsonio import json_response
 
 if TYPE_CHECKING:
     from .agent import Agent
 
+log = logging.getLogger("node_agent.http")
+
 AGENT_KEY: web.AppKey["Agent"] = web.AppKey("agent")
+#: Paths that need ``http.token`` when it is set. Everything else is for scrapers and probes.
+PROTECTED_PATHS = frozenset({"/status", "/utterance", "/health"})
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, code: str, message: str, path: str, headers: dict[str, str] | None = None) -> web.Response:
+    body: dict[str, Any] = {"error": {"code": code, "message": message}}
+    if path == "/utterance":
+        body.update(job_id=None, trace_id=None)  # the old service's error shape always carries the caller's ids
+    return json_response(body, status=status, headers=headers)
+
+
+def bearer_ok(header: str, expected: bytes) -> bool:
+    """Whether an ``Authorization`` header carries the expected bearer token (compared in constant time)."""
+    scheme, _, value = header.partition(" ")
+    presented = value.strip().encode("utf-8", "surrogatepass")
+    return scheme.lower() == "bearer" and hmac.compare_digest(presented, expected)
+
+
+def _auth_middleware(token: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    expected = token.encode("utf-8", "surrogatepass")
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # Checked before the handler runs, so a stranger's body is never read. The matched route decides, not
+        # the raw path, so no spelling of a protected path slips past.
+        resource = request.match_info.route.resource
+        protected = resource is not None and resource.canonical in PROTECTED_PATHS
+        if protected and not bearer_ok(request.headers.get("Authorization", ""), expected):
+            return _error(401, "unauthorized", "missing or wrong bearer token: send 'Authorization: Bearer <token>' "
+                          "(http.token)", request.path, {"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    return auth
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Any unexpected exception becomes a logged JSON 500, never a plain-text page."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("unexpected error answering %s %s; answered 500", request.method, request.path)
+        return _error(500, "internal", "internal agent error; see the agent log", request.path)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -24,21 +82,29 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    # Answering at all proves the event loop is alive; that is what liveness means here.
-    return web.json_response({"ok": True})
+    # Answering at all proves the event loop is alive; that is what liveness means here. Except when every
+    # worker has been fatal for worker.fatal_unhealthy_after_s: then a restart of the agent is the remedy left.
+    workers = list(request.app[AGENT_KEY].workers.values())
+    if workers and all(w.fatal_for_too_long() for w in workers):
+        reason = "; ".join(f"worker {w.resource} fatal: {w.last_error}" for w in workers)
+        return json_response({"ok": False, "reason": reason}, status=503)
+    return json_response({"ok": True})
 
 
 async def _readyz(request: web.Request) -> web.Response:
     ready, reason = request.app[AGENT_KEY].ready()
-    return web.json_response({"ready": ready, "reason": reason}, status=200 if ready else 503)
+    return json_response({"ready": ready, "reason": reason}, status=200 if ready else 503)
 
 
 async def _status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[AGENT_KEY].status())
+    return json_response(request.app[AGENT_KEY].status())
 
 
 def create_app(agent: "Agent", settings: HttpSettings) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024)
+    middlewares: list[Any] = [_error_middleware]
+    if settings.token is not None:
+        middlewares.append(_auth_middleware(settings.token.get_secret_value()))
+    app = web.Application(client_max_size=64 * 1024, middlewares=middlewares)
     app[AGENT_KEY] = agent
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
@@ -63,7 +129,12 @@ async def start_http(agent: "Agent", settings: HttpSettings, port: int | None = 
     host, default_port = host_port(settings.listen)
     runner = web.AppRunner(create_app(agent, settings), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, default_port if port is None else port)
-    await site.start()
+    port = default_port if port is None else port
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError.from_os_error(exc, host, port, "http.listen") from None
     bound = runner.addresses[0]
     return RunningHttp(runner, f"http://{host if ':' not in host else '[' + host + ']'}:{bound[1]}")

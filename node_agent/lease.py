@@ -58,6 +58,26 @@ class LeaseKeeper:
         self.metrics = metrics
         self.device = device
         self.current: Lease | None = None
+        #: The TTL range the scheduler grants (from registration); requests are clamped into it.
+        self.bounds: tuple[float, float] | None = None
+        self._clamp_logged: float | None = None
+
+    def set_bounds(self, min_ttl_s: float, max_ttl_s: float) -> None:
+        """Adopt the scheduler's TTL range, as announced at registration."""
+        self.bounds = (min_ttl_s, max_ttl_s)
+
+    def requested_ttl(self) -> float:
+        """``lease.ttl_s`` clamped into the scheduler's bounds (logged once per distinct clamp)."""
+        ttl = self.settings.ttl_s
+        if self.bounds is not None:
+            low, high = self.bounds
+            clamped = min(max(ttl, low), high)
+            if clamped != ttl and self._clamp_logged != clamped:
+                log.warning("lease.ttl_s = %g is outside the scheduler's range %g..%g s: asking for %g s",
+                            ttl, low, high, clamped)
+                self._clamp_logged = clamped
+            ttl = clamped
+        return ttl
 
     async def acquire(self, node_id: str, job_id: str) -> Lease:
         """Get the lease for ``job_id`` on this device; waits on 409 up to ``lease.acquire_timeout_s``."""
@@ -68,7 +88,7 @@ class LeaseKeeper:
         while True:
             sent = loop.time()
             try:
-                grant = await self.client.acquire_lease(node_id, job_id, self.device, self.settings.ttl_s)
+                grant = await self.client.acquire_lease(node_id, job_id, self.device, self.requested_ttl())
             except LeaseHeld as exc:
                 wait = exc.retry_after
                 reason = f"{self.device} is held (retry after {wait:g} s)"
@@ -109,14 +129,15 @@ class LeaseKeeper:
 
     async def _renew_loop(self, lease: Lease, on_lost: Callable[[LeaseLost], None]) -> None:
         loop = asyncio.get_running_loop()
-        interval = self.settings.renew_interval
-        deadline_s = self.settings.renew_deadline
-        # After a failed renewal, retry several times before the renew deadline (client-go: RetryPeriod 2 s
-        # within a RenewDeadline of 10 s), so one lost request or a brief 5xx never costs the job.
-        retry_s = max(0.05, min(interval / 2, deadline_s / 8))
+        # Timed by the TTL the scheduler granted (and re-granted on each renewal), never by our request alone.
+        interval, deadline_s = self.settings.timing(lease.ttl_s)
         next_at = lease.renewed_at + interval
         while True:
             await asyncio.sleep(max(0.0, next_at - loop.time()))
+            interval, deadline_s = self.settings.timing(lease.ttl_s)
+            # After a failed renewal, retry several times before the renew deadline (client-go: RetryPeriod 2 s
+            # within a RenewDeadline of 10 s), so one lost request or a brief 5xx never costs the job.
+            retry_s = max(0.05, min(interval / 2, deadline_s / 8))
             now = loop.time()
             fence_at = lease.renewed_at + deadline_s
             if now >= fence_at:
@@ -152,7 +173,7 @@ class LeaseKeeper:
             self._count("ok", done - sent)
             if self.metrics is not None:
                 self.metrics.lease_margin.labels(self.device).observe(max(0.0, margin))
-            next_at = sent + interval
+            next_at = sent + self.settings.timing(lease.ttl_s)[0]
 
     def _count(self, result: str, seconds: float) -> None:
         if self.metrics is not None:

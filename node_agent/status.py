@@ -68,10 +68,13 @@ def _is_loopback(url: str) -> bool:
         return False
 
 
-def fetch_status(base_url: str, timeout_s: float = TIMEOUT_S) -> dict[str, Any]:
-    """``GET base_url/status``; raises ``AgentUnreachable`` with a one-line reason."""
-    request = urllib.request.Request(base_url + "/status", headers={"Accept": "application/json",
-                                                                    "User-Agent": "node-agent-status"})
+def fetch_status(base_url: str, timeout_s: float = TIMEOUT_S, token: str | None = None) -> dict[str, Any]:
+    """``GET base_url/status`` (with ``token`` as the bearer token when given); raises ``AgentUnreachable``
+    with a one-line reason."""
+    headers = {"Accept": "application/json", "User-Agent": "node-agent-status"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(base_url + "/status", headers=headers)
     # An http_proxy set for the node's outbound traffic must not swallow a call to this very host.
     handlers = [urllib.request.ProxyHandler({})] if _is_loopback(base_url) else []
     opener = urllib.request.build_opener(*handlers)
@@ -79,6 +82,10 @@ def fetch_status(base_url: str, timeout_s: float = TIMEOUT_S) -> dict[str, Any]:
         with opener.open(request, timeout=timeout_s) as resp:
             body = resp.read(16 * 1024 * 1024)
     except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            hint = "wrong http.token" if token is not None else "no http.token set here"
+            raise AgentUnreachable(f"HTTP 401 {exc.reason}: the agent requires its http.token "
+                                   f"(NODE_AGENT_HTTP__TOKEN); {hint}") from None
         raise AgentUnreachable(f"HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
         reason = exc.reason
@@ -352,12 +359,12 @@ def _terminal_width() -> int:
 
 def status_command(args: argparse.Namespace) -> int:
     """``node-agent status [--url URL] [--json] [--config FILE]``: 0 healthy, 1 degraded, 2 unreachable."""
-    if getattr(args, "url", None):
-        url = normalize_url(args.url)
-    else:
-        url = default_url(load_settings(getattr(args, "config", None)).http.listen)
+    # Loaded even with --url: the agent's http.token (file or NODE_AGENT_HTTP__TOKEN) comes from the settings.
+    settings = load_settings(getattr(args, "config", None))
+    url = normalize_url(args.url) if getattr(args, "url", None) else default_url(settings.http.listen)
+    token = settings.http.token.get_secret_value() if settings.http.token is not None else None
     try:
-        status = fetch_status(url)
+        status = fetch_status(url, token=token)
     except AgentUnreachable as exc:
         print(f"node-agent: cannot reach the agent at {url}: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE

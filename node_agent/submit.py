@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,31 +12,46 @@ from typing import Any
 import aiohttp
 
 from .config import Settings, host_port
+from .errors import SchedulerUnreachable
+from .jsonio import dumps
 
 TERMINAL = ("succeeded", "failed")
 
 
 def scheduler_url(args: argparse.Namespace, settings: Settings) -> str:
     if args.scheduler:
-        return args.scheduler.rstrip("/")
+        url = args.scheduler.strip()
+        return ("http://" + url if "://" not in url else url).rstrip("/")  # HOST:PORT is accepted too
     if settings.scheduler.url != "embedded":
         return settings.scheduler.url
     host, port = host_port(settings.scheduler.listen)
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
 
 
-async def _submit_one(session: aiohttp.ClientSession, url: str, path: str, language: str | None) -> str:
+def _unreachable(url: str, exc: aiohttp.ClientConnectorError) -> SchedulerUnreachable:
+    errno_ = exc.os_error.errno
+    reason = os.strerror(errno_).lower() if isinstance(errno_, int) and errno_ > 0 else str(exc.os_error or exc)
+    return SchedulerUnreachable(url, f"{reason} (is `node-agent run` or `node-agent scheduler` running there?)")
+
+
+async def _submit_one(session: aiohttp.ClientSession, url: str, name: str, audio: bytes, language: str | None,
+                      allow_truncated: bool = False) -> str:
     data = aiohttp.FormData()
-    data.add_field("file", Path(path).read_bytes(), filename=Path(path).name,
-                   content_type="application/octet-stream")
+    data.add_field("file", audio, filename=name, content_type="application/octet-stream")
     if language:
         data.add_field("language", language)
-    async with session.post(f"{url}/v1/jobs", data=data) as resp:
-        body = await resp.json(content_type=None)
-        if resp.status != 202:
-            err = (body or {}).get("error", {}) if isinstance(body, dict) else {}
-            raise RuntimeError(f"{resp.status} {err.get('code', '')}: {err.get('message', body)}")
-        return body["job_id"]
+    if allow_truncated:
+        data.add_field("allow_truncated", "true")
+    try:
+        async with session.post(f"{url}/v1/jobs", data=data) as resp:
+            body = await resp.json(content_type=None)
+    except aiohttp.ClientConnectorError as exc:
+        # Nothing there at all: every other file would fail the same way, so this ends the command.
+        raise _unreachable(url, exc) from None
+    if resp.status != 202:
+        err = (body or {}).get("error", {}) if isinstance(body, dict) else {}
+        raise RuntimeError(f"{resp.status} {err.get('code', '')}: {err.get('message', body)}")
+    return body["job_id"]
 
 
 async def _follow(session: aiohttp.ClientSession, url: str, path: str, job_id: str, as_json: bool,
@@ -81,10 +96,14 @@ async def submit_files(args: argparse.Namespace, settings: Settings) -> int:
         jobs: dict[str, str] = {}
         for path in args.audio:
             try:
-                jobs[path] = await _submit_one(session, url, path, args.language)
+                audio = Path(path).read_bytes()
             except OSError as exc:
-                print(f"node-agent: {path}: cannot read: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+                print(f"node-agent: {path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
                 failures += 1
+                continue
+            try:
+                jobs[path] = await _submit_one(session, url, Path(path).name, audio, args.language,
+                                             args.allow_truncated)
             except (aiohttp.ClientError, RuntimeError, asyncio.TimeoutError) as exc:
                 print(f"node-agent: {path}: submit to {url} failed: {exc}", file=sys.stderr)
                 failures += 1
@@ -94,7 +113,7 @@ async def submit_files(args: argparse.Namespace, settings: Settings) -> int:
         if view.get("state") == "succeeded":
             result = view.get("result") or {}
             if args.json:
-                print(json.dumps({"file": path, "job_id": job_id, **result}, ensure_ascii=False))
+                print(dumps({"file": path, "job_id": job_id, **result}))
             else:
                 print(f"{Path(path).name}: {result.get('text', '').strip()}")
         else:

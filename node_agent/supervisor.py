@@ -4,12 +4,15 @@ One ``Worker`` owns one plugin process for one device at a time and runs one job
 an explicit state machine::
 
     starting -> ready <-> busy
-       |          |        | (crash, timeout, stall, abort: kill, then restart)
+       |          |        | (crash, stall, abort, unstoppable overrun: kill, then restart)
        v          v        v
-    backoff -> starting ...      fatal (after repeated failures to start)      stopped
+    backoff -> starting ...      fatal -> (after worker.fatal_retry_s) starting      stopped
 
-Time limits are enforced here, one level above the decode, by killing the process: the only way to stop a
-native decode for real. Every job handed to ``run_job`` ends in exactly one ``JobResult`` or one ``JobError``.
+Time limits are enforced here, one level above the decode. A job past its deadline is asked to stop (a
+``cancel`` frame): the plugin stops at its next segment boundary, answers ``stopped`` and stays loaded, and the
+job fails ``timeout``. Only a process that does not stop within ``worker.stop_grace_s``, or that is silent for
+``asr.timeout.stall_s``, is killed: the only way to end a native decode stuck inside one segment. Kills back off
+like crashes. Every job handed to ``run_job`` ends in exactly one ``JobResult`` or one ``JobError``.
 """
 
 from __future__ import annotations
@@ -56,8 +59,13 @@ class WorkerState(str, enum.Enum):
     stopped = "stopped"
 
 
-#: Why a worker process was replaced; fixed so metrics can export every reason from the start.
+#: Why a worker process was replaced; fixed so metrics can export every reason from the start. ``timeout``
+#: counts only kills (a job that stopped at its deadline costs no restart); retries of a fatal worker are starts,
+#: not replacements, and are not counted.
 RESTART_REASONS = ("crash", "timeout", "stall", "recycle", "lease_lost")
+
+#: Longest wait between retries of a fatal worker (``worker.fatal_retry_s`` doubles up to this).
+FATAL_RETRY_MAX_S = 3600.0
 
 
 @dataclass
@@ -229,6 +237,13 @@ class Worker:
         self._stopping = False
         self._quick_failures = 0
         self._crash_streak = 0
+        self._fatal_count = 0  # fatals since the worker last started well; sets the retry delay
+        #: ``time.monotonic()`` when the worker first went fatal since it last started well (stays set through
+        #: failed retries); None otherwise. /healthz reads it.
+        self.fatal_since: float | None = None
+        self._fatal_retry_at: float | None = None
+        self._not_fatal = asyncio.Event()
+        self._not_fatal.set()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # ----- introspection -------------------------------------------------------------------------------------
@@ -265,8 +280,15 @@ class Worker:
                 WorkerState.ready, WorkerState.busy) else None,
             "model_load_s": self.info.get("load_s"),
             "last_error": self.last_error,
+            "fatal_retry_in_s": round(max(0.0, self._fatal_retry_at - time.monotonic()), 1)
+            if self._fatal_retry_at is not None and self.state is WorkerState.fatal else None,
             "current_job": dict(self.current_job) if self.current_job else None,
         }
+
+    def fatal_for_too_long(self) -> bool:
+        """Fatal (or retrying after fatal without success) for over ``worker.fatal_unhealthy_after_s``."""
+        return (self.fatal_since is not None and self.state not in (WorkerState.ready, WorkerState.busy)
+                and time.monotonic() - self.fatal_since > self.settings.fatal_unhealthy_after_s)
 
     def _set_state(self, state: WorkerState) -> None:
         if state is not self.state:
@@ -277,6 +299,10 @@ class Worker:
             self._ready.set()
         elif state is not WorkerState.busy:
             self._ready.clear()
+        if state is WorkerState.fatal:
+            self._not_fatal.clear()
+        else:
+            self._not_fatal.set()
 
     def _spawn_task(self, coro: Any) -> None:
         # Owned tasks: kept referenced, and failures are logged rather than vanishing.
@@ -302,6 +328,10 @@ class Worker:
         await asyncio.wait_for(self._ready.wait(), timeout)
         return self.state
 
+    async def wait_not_fatal(self) -> None:
+        """Wait until a fatal worker is retried (or stopped)."""
+        await self._not_fatal.wait()
+
     def _backoff_delay(self, failures: int) -> float:
         b = self.settings.backoff
         delay = min(b.max_s, b.initial_s * b.multiplier ** max(0, failures - 1))
@@ -323,9 +353,7 @@ class Worker:
                 log.error("worker %s: %s (%d/%d)", self.resource, self.last_error, self._quick_failures,
                           self.settings.backoff.max_quick_failures)
                 if self._quick_failures >= self.settings.backoff.max_quick_failures:
-                    self._set_state(WorkerState.fatal)
-                    log.error("worker %s: fatal after %d failed starts: %s", self.resource,
-                              self._quick_failures, self.last_error)
+                    self._go_fatal(f"{self._quick_failures} failed starts")
                     return
                 delay = self._backoff_delay(self._quick_failures)
                 continue
@@ -339,7 +367,45 @@ class Worker:
                      self.resource, proc.pid, self.model, proc.info.get("device"),
                      proc.info.get("compute_type"), proc.info.get("load_s", 0.0))
             self._spawn_task(self._watch_idle_exit(proc))
+            self._spawn_task(self._watch_started_well(proc))
             return
+
+    async def _watch_started_well(self, proc: _Process) -> None:
+        """After ``min_uptime_s`` up, the quick-failure count and any fatal history are forgotten."""
+        await asyncio.sleep(self.settings.backoff.min_uptime_s)
+        if self._proc is proc and proc.proc.returncode is None:
+            self._started_well()
+
+    def _started_well(self) -> None:
+        self._quick_failures = 0
+        self._fatal_count = 0
+        self.fatal_since = None
+        self._fatal_retry_at = None
+
+    def _go_fatal(self, why: str) -> None:
+        """Give up for now; start again after ``worker.fatal_retry_s``, doubling per fatal up to an hour."""
+        now = time.monotonic()
+        if self.fatal_since is None:
+            self.fatal_since = now
+        self._fatal_count += 1
+        s = self.settings
+        cap = max(FATAL_RETRY_MAX_S, s.fatal_retry_s)
+        delay = min(cap, s.fatal_retry_s * 2 ** (self._fatal_count - 1)) * random.uniform(0.9, 1.1)
+        self._fatal_retry_at = now + delay
+        self._set_state(WorkerState.fatal)
+        log.error("worker %s: fatal after %s: %s; retrying in %.0f s (worker.fatal_retry_s)", self.resource, why,
+                  self.last_error, delay)
+        self._spawn_task(self._retry_after_fatal(delay))
+
+    async def _retry_after_fatal(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self._stopping or self.state is not WorkerState.fatal:
+            return
+        log.info("worker %s: starting again after fatal (%d so far)", self.resource, self._fatal_count)
+        self._quick_failures = 0
+        self._fatal_retry_at = None
+        self._set_state(WorkerState.starting)
+        await self._start_loop(0.0)
 
     async def _spawn(self) -> _Process:
         parent, child = socket.socketpair()
@@ -380,7 +446,7 @@ class Worker:
             if uptime < self.settings.backoff.min_uptime_s:
                 self._quick_failures += 1
             if self._quick_failures >= self.settings.backoff.max_quick_failures:
-                self._set_state(WorkerState.fatal)
+                self._go_fatal(f"{self._quick_failures} exits within worker.backoff.min_uptime_s of ready")
                 return
             self._restart("crash", self._backoff_delay(max(1, self._quick_failures)))
 
@@ -414,10 +480,14 @@ class Worker:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            self.fatal_since = self._fatal_retry_at = None
             self._set_state(WorkerState.stopped)
 
     def abort(self, error: JobError) -> bool:
-        """Stop the running job now (lease lost, shutdown): the process is killed and ``run_job`` raises ``error``."""
+        """Stop the running job now (lease lost, shutdown): the process is killed and ``run_job`` raises ``error``.
+
+        Killed rather than asked to stop: a fenced job must not go on decoding even until its next segment.
+        """
         if self._abort is not None and not self._abort.done():
             self._abort.set_result(error)
             return True
@@ -449,9 +519,11 @@ class Worker:
             self._set_state(WorkerState.busy)
             self.current_job = {"job_id": job.job_id, "audio_s": None, "segments": 0,
                                 "started": time.monotonic(), "last_segment": None}
+            failed = False
             try:
                 result = await self._drive(proc, job, on_segment)
             except JobError as exc:
+                failed = True
                 self.observer.job_failed(self, job, exc)
                 log.info("job %s failed on %s: %s: %s", job.job_id, self.resource, exc.code, exc.message)
                 raise
@@ -460,9 +532,11 @@ class Worker:
                 self._abort = None
                 if self.state is WorkerState.busy:
                     self._set_state(WorkerState.ready)
+                    if failed:  # the process outlived its job's failure (an error answer, or stopped in time)
+                        self._maybe_recycle(proc)
             self.jobs_served_total += 1
             self._crash_streak = 0
-            self._quick_failures = 0
+            self._started_well()
             self.observer.job_succeeded(self, result)
             self._maybe_recycle(proc)
             return result
@@ -477,11 +551,19 @@ class Worker:
             self._set_state(WorkerState.starting)
             self._spawn_task(self._replace(proc, "recycle", graceful=True))
 
-    async def _fail(self, proc: _Process, reason: str, error: JobError, *, delay: float = 0.0) -> JobError:
+    def _kill_streak_delay(self) -> float:
+        """Count one more kill or crash mid-job; the first restarts at once (most likely that job's audio),
+        a streak backs off."""
+        self._crash_streak += 1
+        return self._backoff_delay(self._crash_streak - 1) if self._crash_streak > 1 else 0.0
+
+    async def _fail(self, proc: _Process, reason: str, error: JobError, *, grace_s: float | None = None) -> JobError:
         """Kill the process mid-job, schedule its replacement, and hand back the job's error."""
         self._proc = None
+        # Kills for time limits back off like crashes; lease losses and shutdown are not the worker's fault.
+        delay = self._kill_streak_delay() if reason in ("timeout", "stall") else 0.0
         self._set_state(WorkerState.backoff if delay > 0 else WorkerState.starting)
-        await proc.kill(self.settings.stop_grace_s)
+        await proc.kill(self.settings.stop_grace_s if grace_s is None else grace_s)
         self.last_error = f"{error.code}: {error.message}"
         self._restart(reason, delay)
         return error
@@ -499,6 +581,9 @@ class Worker:
         if job.deadline is not None:
             deadline = min(deadline, job.deadline)
         stall_at = t0 + t.stall_s
+        #: Once the deadline passed: the cancel is out and the plugin has until then to answer ``stopped``.
+        stop_by: float | None = None
+        overrun = ""  # what the deadline was, for the error message
         segments: list[dict[str, Any]] = []
         header = {"type": "job", "job_id": job.job_id, "format": job.format, "sample_rate": job.sample_rate,
                   "language": job.language, "options": job.options}
@@ -513,7 +598,7 @@ class Worker:
                 if read is None:
                     read = loop.create_task(wire.read_frame(proc.reader))
                 now = loop.time()
-                limit = min(deadline, stall_at) - now
+                limit = (stop_by if stop_by is not None else min(deadline, stall_at)) - now
                 done, _ = await asyncio.wait({read, abort}, timeout=max(0.0, limit),
                                              return_when=asyncio.FIRST_COMPLETED)
                 if abort in done:
@@ -524,10 +609,21 @@ class Worker:
                     raise await self._fail(proc, reason, error)
                 if read not in done:
                     now = loop.time()
-                    if now >= deadline:
+                    if stop_by is not None:
+                        # Stuck inside one segment (or ignoring us): only a kill ends a native decode. The grace
+                        # is spent already, so no second one before SIGKILL.
                         raise await self._fail(proc, "timeout", JobTimeout(
-                            f"job {job.job_id} exceeded its deadline of {deadline - t0:.1f} s on {self.resource}; "
-                            f"worker pid {proc.pid} killed"))
+                            f"{overrun}; worker pid {proc.pid} did not stop within worker.stop_grace_s = "
+                            f"{self.settings.stop_grace_s:g} s and was killed"), grace_s=0.0)
+                    if now >= deadline:
+                        overrun = f"job {job.job_id} exceeded its deadline of {deadline - t0:.1f} s on {self.resource}"
+                        stop_by = now + self.settings.stop_grace_s
+                        log.info("%s: asking worker pid %d to stop it", overrun, proc.pid)
+                        try:
+                            await wire.write_frame(proc.writer, {"type": "cancel", "job_id": job.job_id})
+                        except (ConnectionError, RuntimeError) as exc:
+                            raise await self._crashed(proc, job, f"could not send the cancel: {exc}")
+                        continue
                     raise await self._fail(proc, "stall", JobStalled(
                         f"job {job.job_id}: no progress from worker pid {proc.pid} for "
                         f"{t.stall_s:g} s (asr.timeout.stall_s); worker killed"))
@@ -543,12 +639,17 @@ class Worker:
                     raise await self._crashed(proc, job, None)
                 msg, _ = frame
                 kind = msg["type"]
+                if msg.get("job_id", job.job_id) != job.job_id:
+                    log.warning("job %s: dropping a stale %r for job %s from worker pid %d", job.job_id, kind,
+                                msg.get("job_id"), proc.pid)
+                    continue
                 now = loop.time()
                 stall_at = now + t.stall_s
                 if kind == "started":
                     duration = float(msg["duration_s"])
                     budget = max(t.min_s, t.per_audio_s * duration)
-                    deadline = t0 + budget if job.deadline is None else min(t0 + budget, job.deadline)
+                    if stop_by is None:
+                        deadline = t0 + budget if job.deadline is None else min(t0 + budget, job.deadline)
                     if self.current_job is not None:
                         self.current_job["audio_s"] = duration
                     self.observer.job_started(self, job, duration)
@@ -561,8 +662,16 @@ class Worker:
                     self.observer.segment(self, event)
                     if on_segment is not None:
                         on_segment(event)
+                elif kind == "stopped" and stop_by is not None:
+                    proc.jobs_served += 1
+                    log.info("job %s: stopped after %d segments in %.2f s; worker pid %d kept", job.job_id,
+                             len(segments), now - (stop_by - self.settings.stop_grace_s), proc.pid)
+                    raise JobTimeout(f"{overrun}; stopped after {len(segments)} segments, worker pid {proc.pid} kept")
                 elif kind == "result":
                     proc.jobs_served += 1
+                    if stop_by is not None:
+                        # Finished as the cancel went out; the plugin drops that cancel. The deadline still holds.
+                        raise JobTimeout(f"{overrun} (finished just after it); worker pid {proc.pid} kept")
                     return JobResult(
                         job_id=job.job_id,
                         text=msg["text"],
@@ -576,6 +685,7 @@ class Worker:
                         worker_pid=proc.pid,
                     )
                 elif kind == "error":
+                    # Also after a cancel went out: the job failed on its own first, and that error says why.
                     proc.jobs_served += 1
                     raise job_error(msg.get("code", "failed"), msg.get("message", "unknown worker error"))
                 else:
@@ -589,14 +699,11 @@ class Worker:
     async def _crashed(self, proc: _Process, job: JobRequest, detail: str | None) -> JobError:
         self._proc = None
         code = await proc.kill(self.settings.stop_grace_s)
-        self._crash_streak += 1
         what = detail or describe_exit(code)
         error = WorkerCrashed(f"worker pid {proc.pid} on {self.resource} died during job {job.job_id}: {what}")
         self.last_error = f"{error.code}: {error.message}"
         log.error("%s", error.message)
-        # Crash loops back off; a single crash restarts at once (it most likely was that job's audio).
-        delay = self._backoff_delay(self._crash_streak - 1) if self._crash_streak > 1 else 0.0
-        self._restart("crash", delay)
+        self._restart("crash", self._kill_streak_delay())
         return error
 
 

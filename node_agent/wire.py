@@ -3,12 +3,18 @@
 Frame = 8-byte big-endian prefix (header length, payload length), UTF-8 JSON header, payload.
 Audio travels as the payload, so an hour of 16 kHz audio is one memcpy-sized frame, not base64.
 Both ends use this module: the agent through asyncio streams, the plugin through a blocking socket.
+
+Messages (the header's ``type``). Agent -> plugin: ``job`` (audio as payload), ``cancel`` (stop job ``job_id``
+at the next segment boundary; a cancel for any other job is stale and ignored), ``stop`` (exit). Plugin ->
+agent: ``ready`` or ``fatal`` once, then per job ``started``, ``segment``... and one of ``result``, ``error``
+or ``stopped`` (the answer to ``cancel``), each carrying the ``job_id``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import select
 import socket
 import struct
 from typing import Any
@@ -96,6 +102,11 @@ class BlockingChannel:
         header = _decode_header(self._recv_exactly(head_len) or b"")
         payload = self._recv_exactly(payload_len) or b"" if payload_len else b""
         return header, payload
+
+    def poll(self, timeout_s: float = 0.0) -> bool:
+        """Whether a frame (or the end of the stream) is waiting; never blocks longer than ``timeout_s``."""
+        readable, _, _ = select.select([self._sock], [], [], timeout_s)
+        return bool(readable)
 
     def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
         for part in encode(header, payload):

@@ -1,18 +1,25 @@
-"""Small shared test helpers: clips, references, scoring, and building audio."""
+"""Small shared test helpers: clips, references, scoring, building audio, and plain faster-whisper."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import os
 import re
 import unicodedata
 import uuid
 import wave
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import jiwer
 import numpy as np
+
+if TYPE_CHECKING:
+    from node_agent.config import AsrSettings
 
 DATA = Path(__file__).parent / "data"
 SR = 16000
@@ -112,3 +119,93 @@ def wav_bytes(samples: np.ndarray, rate: int = SR, width: int = 2) -> bytes:
         w.setframerate(rate)
         w.writeframes(pcm16(samples))
     return buf.getvalue()
+
+
+# ----- plain faster-whisper on the same audio, the yardstick for every accuracy check -----------------------------
+#
+# A model's output depends on the CPU's kernels (another machine decodes the same clip differently), so accuracy
+# tests never compare the agent with transcripts or scores measured on one machine. They compare it with plain
+# faster-whisper run here, on this machine, on the very samples the agent was sent, with the settings and decode
+# options the agent's worker uses: same model directory, device, compute type, thread count and options.
+
+
+@dataclass(frozen=True)
+class PlainTranscript:
+    """What the agent would report for the same audio: text and segments (times rounded as the worker rounds)."""
+
+    text: str
+    language: str
+    segments: tuple[dict[str, Any], ...]
+
+
+#: Raw decodes (faster-whisper's own text, before any script conversion) by audio, model and options.
+_PLAIN_DECODES: dict[tuple[Any, ...], tuple[str, tuple[tuple[float, float, str], ...]]] = {}
+
+
+@lru_cache(maxsize=None)
+def _plain_model(path: str, device: str, compute_type: str, cpu_threads: int) -> Any:
+    """One loaded model per configuration for the whole test session (loading base takes seconds)."""
+    from faster_whisper import WhisperModel
+
+    return WhisperModel(path, device=device, compute_type=compute_type, cpu_threads=cpu_threads, num_workers=1)
+
+
+@lru_cache(maxsize=None)
+def _converter(zh_script: str) -> Any:
+    """The worker's own OpenCC step (``AsrEngine._convert_zh``) for one ``asr.zh_script``."""
+    from plugins.asr.worker import AsrEngine
+
+    return AsrEngine({"zh_script": zh_script})._convert_zh
+
+
+def samples_of_pcm16(data: bytes) -> np.ndarray:
+    """Raw little-endian pcm16 at 16 kHz as float32, the way the worker's decoder reads it."""
+    return np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
+
+
+def plain_transcript(audio: str | np.ndarray, *, asr: "AsrSettings | None" = None, model: str | None = None,
+                     language: str | None = None, **options: Any) -> PlainTranscript:
+    """Plain ``faster_whisper.WhisperModel.transcribe`` of ``audio`` (a clip name, or 16 kHz float32 samples).
+
+    ``asr`` is the agent's ASR settings (default: the tests' ``make_settings()``, i.e. tiny.en on the CPU with
+    2 threads; ``model`` overrides just the model). Device, compute type and threads are chosen with the agent's
+    own functions; the decode options are the agent's defaults (``asr.beam_size``, ``vad_filter``,
+    ``condition_on_previous_text``, ``language``) updated with ``options``, as a job's options update them.
+    Mandarin text is converted per segment by the worker's own converter, as the worker converts it. Results are
+    cached per audio and options, so a clip many tests check is decoded once per session.
+    """
+    import ctranslate2
+
+    from conftest import make_settings
+    from node_agent.devices import choose_compute_type, choose_cpu_threads, choose_device
+    from node_agent.models import resolve_model
+
+    asr = asr or make_settings().asr
+    if model is not None:
+        asr = asr.model_copy(update={"model": model})
+    if "batched" in options:
+        raise ValueError("long-audio (batched) mode is the agent's own decoder, not plain faster-whisper")
+    device = choose_device(asr.device.value, ctranslate2.get_cuda_device_count())
+    compute_type = choose_compute_type(device, ctranslate2.get_supported_compute_types(device), asr.compute_type)
+    threads = choose_cpu_threads(asr.cpu_threads, len(os.sched_getaffinity(0)))
+    path = resolve_model(asr.model)
+    lang = language or asr.language
+    kwargs = {"language": None if lang == "auto" else lang, "beam_size": asr.beam_size,
+              "vad_filter": asr.vad_filter, "condition_on_previous_text": asr.condition_on_previous_text, **options}
+    samples = decode_clip(audio) if isinstance(audio, str) else np.ascontiguousarray(audio, dtype=np.float32)
+    key = (hashlib.sha1(samples.tobytes()).hexdigest(), path, device, compute_type, threads,
+           tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+    if key not in _PLAIN_DECODES:
+        segments, info = _plain_model(path, device, compute_type, threads).transcribe(samples, **kwargs)
+        _PLAIN_DECODES[key] = (info.language, tuple((seg.start, seg.end, seg.text) for seg in segments))
+    language_found, decoded = _PLAIN_DECODES[key]
+    convert = _converter(asr.zh_script.value)
+    out = tuple({"start": round(start, 3), "end": round(end, 3), "text": convert(text, language_found)}
+                for start, end, text in decoded)
+    return PlainTranscript("".join(seg["text"] for seg in out).strip(), language_found, out)
+
+
+def plain_wer(hypothesis: str, audio: str | np.ndarray, **kwargs: Any) -> float:
+    """Word error rate of the agent's ``hypothesis`` against plain faster-whisper's transcript of the same audio
+    (``plain_transcript`` arguments); 0.0 means the same words."""
+    return jiwer.wer(normalize_en(plain_transcript(audio, **kwargs).text), normalize_en(hypothesis))

@@ -44,7 +44,8 @@ class Proc:
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("wb")
         self._args = [sys.executable, "-m", "node_agent", *args]
-        self._env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        # XDG_STATE_HOME in the test's directory: an agent given no node.state_dir never uses the user's own.
+        self._env = {**os.environ, "XDG_STATE_HOME": str(log_dir / "xdg-state"), **env, "PYTHONUNBUFFERED": "1"}
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> "Proc":

@@ -1,7 +1,7 @@
 """The old ASR service's endpoints (POST /utterance, GET /health) on a real in-process agent, and Mandarin output.
 
 Every utterance runs as a real job on the embedded scheduler through lease, supervisor and the real plugin process;
-the time-limit test checks that the worker really is killed and replaced. The Mandarin tests use the offline
+the time-limit test checks that the decode really is stopped and the worker kept. The Mandarin tests use the offline
 ``base`` model and compare the agent with plain faster-whisper run in this process with the same settings.
 """
 
@@ -9,17 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import psutil
 import pytest
+from aioresponses import aioresponses
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import cer, decode_clip, normalize_zh, pcm16, reference, wer
-from node_agent.compat import COMPAT_KEY, DEFAULT_TIMEOUT_S, QUEUE_PER_WORKER, CompatLimits, CompatService
+from conftest import make_settings
+from helpers import (cer, decode_clip, normalize_zh, pcm16, plain_transcript, plain_wer, reference, samples_of_pcm16,
+                     wer)
+from node_agent.compat import (BODY_TIMEOUT_S, COMPAT_KEY, DEFAULT_TIMEOUT_S, QUEUE_PER_WORKER, CompatLimits,
+                               CompatService)
 from node_agent.supervisor import WorkerState
 from stack import AgentStack, agent_stack, eventually, long_audio
 
@@ -101,7 +109,10 @@ async def test_utterance_runs_as_a_scheduler_job_and_answers_in_the_old_shape(tm
         assert reply["job_id"] == "job-jfk.flac" and reply["trace_id"] == "trace-1"
         assert reply["language"] == "en" and reply["language_probability"] == 1.0  # src_lang given
         assert reply["duration"] == pytest.approx(11.0, abs=0.01)
-        assert wer(reference("jfk.flac"), reply["text"]) == 0.0, reply["text"]
+        plain = await asyncio.to_thread(plain_wer, reply["text"], "jfk.flac", language="en", beam_size=5,
+                                        temperature=0.0, no_speech_threshold=0.6, log_prob_threshold=-1.0,
+                                        compression_ratio_threshold=2.4)
+        assert plain == 0.0, reply["text"]  # the same words as plain faster-whisper with the request's options
         assert reply["segments"] and all(set(seg) == SEGMENT_KEYS for seg in reply["segments"])
         assert reply["segments"][0]["start"] == 0.0 and reply["segments"][-1]["end"] <= 11.0
         assert wer(reply["text"], " ".join(seg["text"] for seg in reply["segments"])) == 0.0
@@ -139,7 +150,6 @@ async def test_bad_requests_are_400_naming_the_field(tmp_path: Path) -> None:
         good = b64(pcm16(decode_clip("jfk.flac")[:16000]))
         cases: list[tuple[dict[str, Any], str, str]] = [
             ({"audio": "not base64!"}, "audio", "not valid base64"),
-            ({"audio": b64(b"\x00\x01\x02")}, "audio", "whole number of 16-bit samples; got 3 bytes"),
             ({"audio": ""}, "audio", "audio is empty"),
             ({"audio": None}, "audio", "valid string"),
             ({"src_lang": "fr"}, "src_lang", "'fr' is not one of auto, zh, en, ja, ko"),
@@ -181,15 +191,17 @@ async def test_bad_requests_are_400_naming_the_field(tmp_path: Path) -> None:
 # ----- busy and over time ----------------------------------------------------------------------------------------
 
 
-async def test_busy_is_503_and_over_time_is_504_with_the_worker_killed_and_replaced(tmp_path: Path) -> None:
-    async with agent_stack(tmp_path) as s:
+async def test_busy_is_503_and_over_time_is_504_with_the_decode_stopped(tmp_path: Path) -> None:
+    # The decode stops at its next segment boundary after the limit (one 30 s window at most): a 15 s grace
+    # holds that on a loaded machine, so the worker is kept rather than killed.
+    async with agent_stack(tmp_path, worker={"stop_grace_s": 15}) as s:
         service = compat(s)
         service.limits = CompatLimits(timeout_s=DEFAULT_TIMEOUT_S, queue_per_worker=0)  # one in flight at most
         worker = s.agent.workers["cpu"]
         old_pid = worker.pid
         assert old_pid is not None
         # ~270 s of speech: over 10 s of decoding on an idle 2-core machine, far past the 3 s limit even on a
-        # faster one (killed at the limit, so the length costs nothing).
+        # faster one (stopped at the limit, so the length costs nothing).
         limit_s = 3.0
         slow = {"job_id": "slow", "trace_id": "t-slow", "src_lang": "en", "audio": b64(long_audio(24)),
                 "timeout_s": limit_s}
@@ -209,57 +221,208 @@ async def test_busy_is_503_and_over_time_is_504_with_the_worker_killed_and_repla
         elapsed = time.monotonic() - started
         assert status == 504, reply
         assert reply["error"]["code"] == "timeout" and reply["job_id"] == "slow", reply
-        assert "deadline" in reply["error"]["message"] and f"worker pid {old_pid} killed" in reply["error"]["message"]
+        assert "deadline" in reply["error"]["message"] and f"worker pid {old_pid} kept" in reply["error"]["message"]
         assert elapsed < limit_s + s.settings.worker.stop_grace_s + 5, elapsed
-        # The decode did not go on in the background: that process is gone, and a new one took its place.
-        assert not psutil.pid_exists(old_pid)
-        await eventually(lambda: worker.state is WorkerState.ready, 60, "the replacement worker is ready")
-        assert worker.pid != old_pid
-        assert await scraped(s, "node_agent_worker_restarts_total", device="cpu", reason="timeout") == 1.0
+        # The decode did not go on in the background: the same process is idle (no CPU spent), not replaced.
+        await eventually(lambda: worker.state is WorkerState.ready, 10, "the worker is ready again")
+        assert worker.pid == old_pid
+        before = psutil.Process(old_pid).cpu_times()
+        await asyncio.sleep(1.0)
+        after = psutil.Process(old_pid).cpu_times()
+        assert (after.user + after.system) - (before.user + before.system) < 0.3
+        assert await scraped(s, "node_agent_worker_restarts_total", device="cpu", reason="timeout") == 0.0
         await s.wait_counted("timeout")
 
         status, doc = await health(s)
-        assert status == 200 and doc["worker"]["pid"] == worker.pid
-        assert doc["restarts"] == 1 and doc["restarts_by_reason"]["timeout"] == 1
+        assert status == 200 and doc["worker"]["pid"] == old_pid
+        assert doc["restarts"] == 0 and doc["restarts_by_reason"]["timeout"] == 0
         assert doc["totals"] == {"completed": 0, "failed": 1, "timeout": 1, "rejected": 0, "busy": 1}
 
-        # The next utterance is served at once by the new process.
+        # The next utterance is served at once by the same process.
         status, reply, _ = await post(s, utterance_body("jfk.flac", "en"))
-        assert status == 200 and wer(reference("jfk.flac"), reply["text"]) == 0.0, reply
+        assert status == 200, reply
+        assert await asyncio.to_thread(plain_wer, reply["text"], "jfk.flac", language="en") == 0.0, reply
 
 
 def test_limits_come_from_a_compat_settings_section_when_there_is_one() -> None:
     class Section:
         timeout_s = 12.5
         queue_per_worker = 5
+        body_timeout_s = 7.0
 
     class WithSection:
         compat = Section()
 
-    assert CompatLimits.from_settings(WithSection()) == CompatLimits(12.5, 5)
-    assert CompatLimits.from_settings(object()) == CompatLimits(DEFAULT_TIMEOUT_S, QUEUE_PER_WORKER)
+    assert CompatLimits.from_settings(WithSection()) == CompatLimits(12.5, 5, 7.0)
+    assert CompatLimits.from_settings(object()) == CompatLimits(DEFAULT_TIMEOUT_S, QUEUE_PER_WORKER, BODY_TIMEOUT_S)
+
+
+# ----- bodies: slow, idle, too large, too deep ---------------------------------------------------------------------
+
+
+class RawClient:
+    """One connection speaking HTTP/1.1 by hand, for requests no client library sends: a body that stops after
+    a byte, or that trickles."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, url: str) -> "RawClient":
+        parts = urlsplit(url)
+        return cls(*await asyncio.open_connection(parts.hostname, parts.port))
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def answer(self, timeout: float) -> tuple[int, dict[str, str], Any]:
+        """Status, headers and JSON body of the answer."""
+        async def read() -> tuple[int, dict[str, str], Any]:
+            status_line = await self.reader.readline()
+            status = int(status_line.split(b" ", 2)[1])
+            headers = {}
+            while (line := await self.reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode().partition(":")
+                headers[name.strip().lower()] = value.strip()
+            body = await self.reader.readexactly(int(headers["content-length"]))
+            return status, headers, json.loads(body)
+        return await asyncio.wait_for(read(), timeout)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def post_head(length: int | None, path: str = "/utterance") -> bytes:
+    framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    return f"POST {path} HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\n{framing}\r\n\r\n".encode()
+
+
+async def test_idle_and_trickling_bodies_hold_no_place_and_get_408(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="node_agent.compat")
+    body_timeout_s = 4.0
+    async with agent_stack(tmp_path, compat={"body_timeout_s": body_timeout_s}) as s:
+        service = compat(s)
+        assert service.capacity() == 3
+        # As many stalled uploads as there are places: two send headers and one byte, one trickles a byte every
+        # 0.3 s (a per-read timeout would never fire on it; the whole body has one deadline).
+        started = time.monotonic()
+        stalled = [await RawClient.open(s.http.url) for _ in range(3)]
+        for client in stalled:
+            await client.send(post_head(100_000) + b"{")
+
+        async def trickle(client: RawClient) -> None:
+            try:
+                while True:
+                    await asyncio.sleep(0.3)
+                    await client.send(b" ")
+            except (ConnectionError, OSError):
+                pass
+
+        trickler = asyncio.ensure_future(trickle(stalled[2]))
+        try:
+            await eventually(lambda: service.receiving == 3, 10, "three bodies arriving")
+            assert service.in_flight == 0
+            status, doc = await health(s)
+            assert status == 200 and doc["queue_depth"] == 0, doc
+
+            # A real utterance is served meanwhile (it used to get 503 busy "3 utterances in flight").
+            status, reply, _ = await post(s, utterance_body("jfk.flac", "en"))
+            assert status == 200, reply
+            assert wer(reference("jfk.flac"), reply["text"]) == 0.0, reply["text"]
+
+            for client in stalled:
+                status, headers, reply = await client.answer(body_timeout_s + 30)
+                assert status == 408, reply
+                assert reply["error"]["code"] == "timeout" and "compat.body_timeout_s" in reply["error"]["message"]
+                assert reply["job_id"] is None and headers.get("connection") == "close"
+            # Not before the deadline, whatever the trickle.
+            assert time.monotonic() - started >= body_timeout_s
+        finally:
+            trickler.cancel()
+            for client in stalled:
+                client.close()
+        assert service.receiving == 0 and service.in_flight == 0
+        status, doc = await health(s)
+        assert doc["totals"] == {"completed": 1, "failed": 0, "timeout": 0, "rejected": 3, "busy": 0}
+        assert caplog.text.count("answered 408") == 3 and caplog.text.count("answered 200") == 1
+
+
+async def test_oversized_and_deeply_nested_bodies_and_unexpected_errors(tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="node_agent.compat")
+    limit = 1024 * 1024
+    async with agent_stack(tmp_path, http={"max_body_bytes": limit}) as s:
+        # Over the limit by its Content-Length: refused before reading (the client has sent 10 bytes of it).
+        client = await RawClient.open(s.http.url)
+        try:
+            await client.send(post_head(limit + 1) + b'{"audio":"')
+            status, headers, reply = await client.answer(20)
+        finally:
+            client.close()
+        assert status == 413 and reply["error"]["code"] == "too_large", reply
+        assert str(limit) in reply["error"]["message"] and headers.get("connection") == "close"
+
+        # Chunked, so no length up front: refused once the bytes read pass the limit, with the body unfinished
+        # (the terminating chunk is never sent).
+        client = await RawClient.open(s.http.url)
+        try:
+            chunk = b" " * (limit // 2)
+            await client.send(post_head(None) + b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(3)))
+            status, _, reply = await client.answer(20)
+        finally:
+            client.close()
+        assert status == 413 and reply["error"]["code"] == "too_large", reply
+
+        # A client that hangs up mid-body: the request's fault, counted as refused, not logged as a bug.
+        client = await RawClient.open(s.http.url)
+        await client.send(post_head(5000) + b'{"audio": "')
+        await eventually(lambda: compat(s).receiving == 1, 10, "the body arriving")
+        client.close()
+        await eventually(lambda: compat(s).totals["rejected"] == 3, 10, "the hang-up counted")
+        assert compat(s).receiving == 0 and "request body incomplete" in caplog.text
+        assert "unexpected error" not in caplog.text
+
+        # JSON nested deeper than the parser's recursion limit: a 400 like any other bad JSON, not a plain 500.
+        for deep in (b"[" * 100_000 + b"]" * 100_000,
+                     b'{"job_id": "deep", "audio": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):
+            status, reply, headers = await post(s, deep)
+            assert status == 400, reply
+            assert reply["error"] == {"code": "invalid_request",
+                                      "message": "request body is not valid JSON: nested too deeply"}
+            assert headers["Content-Type"].startswith("application/json")
+
+        # A scheduler answer no real scheduler gives ("result" a list) breaks the handler: still the endpoint's
+        # JSON error, logged as the 500 it is.
+        job = "job-0123456789abcdef"
+        with aioresponses(passthrough_unmatched=True) as mocked:
+            mocked.post(f"{s.scheduler.url}/v1/jobs", status=202, payload={"job_id": job, "state": "queued"})
+            mocked.get(re.compile(re.escape(f"{s.scheduler.url}/v1/jobs/{job}") + r"(\?.*)?$"), status=200,
+                       payload={"job_id": job, "state": "succeeded", "result": ["not", "an", "object"]})
+            status, reply, headers = await post(s, utterance_body("jfk.flac", "en"))
+        assert status == 500, reply
+        assert reply["error"]["code"] == "internal" and reply["job_id"] == "job-jfk.flac", reply
+        assert headers["X-Scheduler-Job-Id"] == job
+        assert "unexpected error" in caplog.text and f"scheduler_job={job} answered 500" in caplog.text
+        assert "answered 200" not in caplog.text
+
+        status, doc = await health(s)
+        assert doc["totals"] == {"completed": 0, "failed": 1, "timeout": 0, "rejected": 5, "busy": 0}
+        # The endpoint still serves.
+        status, reply, _ = await post(s, utterance_body("jfk.flac", "en"))
+        assert status == 200 and wer(reference("jfk.flac"), reply["text"]) == 0.0, reply
 
 
 # ----- Mandarin output ------------------------------------------------------------------------------------------
 
 
-def plain_faster_whisper(names: list[str]) -> dict[str, str]:
-    """Plain faster-whisper with the agent's settings (beam 5, int8, 2 threads, zh), then OpenCC t2s,
-    as the agent's worker converts its output."""
-    import opencc
-    from faster_whisper import WhisperModel
-
-    from node_agent.models import resolve_model
-
-    model = WhisperModel(resolve_model("base"), device="cpu", compute_type="int8", cpu_threads=2)
-    t2s = opencc.OpenCC("t2s")
-    out = {}
-    for name in names:
-        # The very samples the agent is sent, decoded as its plugin decodes raw pcm16.
-        audio = np.frombuffer(exact_pcm16(decode_clip(name)), "<i2").astype(np.float32) / 32768.0
-        segments, _ = model.transcribe(audio, language="zh", beam_size=5)
-        out[name] = t2s.convert("".join(seg.text for seg in segments).strip())
-    return out
+def plain_faster_whisper(names: list[str], zh_script: str = "simplified") -> dict[str, str]:
+    """Plain faster-whisper with the agent's settings (``base``, zh), its output converted to ``zh_script`` per
+    segment by the worker's converter, on the very samples the agent is sent (``helpers.plain_transcript``)."""
+    asr = make_settings(asr={"model": "base", "zh_script": zh_script}).asr
+    return {name: plain_transcript(samples_of_pcm16(exact_pcm16(decode_clip(name))), asr=asr, language="zh").text
+            for name in names}
 
 
 async def transcribe_zh(s: AgentStack) -> dict[str, str]:
@@ -279,6 +442,7 @@ async def test_mandarin_is_simplified_by_default_traditional_on_request_and_as_g
 
     t2s, s2t = opencc.OpenCC("t2s"), opencc.OpenCC("s2t")
     plain = await asyncio.to_thread(plain_faster_whisper, ZH_CLIPS)
+    plain_traditional = await asyncio.to_thread(plain_faster_whisper, ZH_CLIPS, "traditional")
     async with agent_stack(tmp_path / "simplified", asr={"model": "base"}) as s:
         simplified = await transcribe_zh(s)
     async with agent_stack(tmp_path / "traditional", asr={"model": "base", "zh_script": "traditional"}) as s:
@@ -290,8 +454,9 @@ async def test_mandarin_is_simplified_by_default_traditional_on_request_and_as_g
         # The same decode in the other script.
         assert normalize_zh(traditional[name]) == normalize_zh(simplified[name]), name
     assert any(traditional[n] != simplified[n] for n in ZH_CLIPS)  # e.g. 广州 -> 廣州
-    assert "广州" in simplified["aishell1_BAC009S0724W0121.wav"]
-    assert "廣州" in traditional["aishell1_BAC009S0724W0121.wav"]
+    # Which characters there are to convert depends on the decode, which depends on the CPU: the yardstick is
+    # plain faster-whisper's decode of the same samples here, converted as the worker converts it.
+    assert simplified == plain and traditional == plain_traditional, (simplified, plain, traditional)
 
     agent_cer = {n: cer(reference(n), simplified[n]) for n in ZH_CLIPS}
     plain_cer = {n: cer(reference(n), plain[n]) for n in ZH_CLIPS}

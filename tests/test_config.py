@@ -91,5 +91,109 @@ def test_token_never_printed(tmp_path):
 def test_example_config_is_valid():
     from pathlib import Path
 
-    s = load_settings(Path(__file__).parent.parent / "config" / "node-agent.example.yaml", {})
+    # It listens beyond loopback, so it needs the agent's HTTP token, which belongs in the environment.
+    s = load_settings(Path(__file__).parent.parent / "config" / "node-agent.example.yaml",
+                      {"NODE_AGENT_HTTP__TOKEN": "example-token"})
     assert s.asr.device_index == [0, 1] and s.scheduler.url.startswith("http://")
+
+
+# ----- environment values: strings raw, YAML only for numbers, bools and lists ------------------------------------
+
+
+def test_environment_strings_are_taken_raw(tmp_path):
+    p = write(tmp_path, "{}\n")
+    s = load_settings(p, {"NODE_AGENT_SCHEDULER__TOKEN": "secret #x", "NODE_AGENT_NODE__NAME": "1:20",
+                          "NODE_AGENT_ASR__COMPUTE_TYPE": "int8", "NODE_AGENT_ASR__BEAM_SIZE": "3",
+                          "NODE_AGENT_ASR__VAD_FILTER": "true"})
+    # YAML would have read "secret #x" as "secret" (a comment) and "1:20" as the sexagesimal integer 80.
+    assert s.scheduler.token is not None and s.scheduler.token.get_secret_value() == "secret #x"
+    assert s.node.name == "1:20"
+    assert s.asr.beam_size == 3 and s.asr.vad_filter is True
+    # An optional plain string can still be set back to null from the environment.
+    s = load_settings(write(tmp_path, "asr:\n  language: en\n"), {"NODE_AGENT_ASR__LANGUAGE": "null"})
+    assert s.asr.language is None
+
+
+@pytest.mark.parametrize("key", ["scheduler.token", "http.token"])
+@pytest.mark.parametrize("value", ["", " ", "null", "~", "NULL"])
+def test_blank_or_null_token_from_the_environment_is_refused(tmp_path, value, key):
+    p = write(tmp_path, "{}\n")
+    variable = "NODE_AGENT_" + key.upper().replace(".", "__")
+    with pytest.raises(ConfigError) as info:
+        load_settings(p, {variable: value})
+    msg = str(info.value)
+    assert msg.startswith(f"environment {variable}: {key} = **********: ")
+    assert "leave it unset" in msg and "\n" not in msg
+
+
+def test_blank_token_in_yaml_is_refused_the_same_way(tmp_path):
+    with pytest.raises(ConfigError, match=r"scheduler\.token = \*+: must not be empty"):
+        load_settings(write(tmp_path, "scheduler:\n  token: ' '\n"), {})
+    assert load_settings(write(tmp_path, "scheduler:\n  token: null\n"), {}).scheduler.token is None
+
+
+# ----- asr.model ---------------------------------------------------------------------------------------------------
+
+
+def test_unknown_model_is_refused_with_the_names_that_work(tmp_path):
+    p = write(tmp_path, "asr:\n  model: nosuchmodel\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(p, {})
+    msg = str(info.value)
+    assert msg.startswith(f"{p}: asr.model = 'nosuchmodel': unknown model 'nosuchmodel': use a model directory, "
+                          "an offline name (tiny.en, base), a faster-whisper name (")
+    assert "large-v3" in msg and "\n" not in msg
+    # check-config (and so `run`) stops on it with that one line.
+    err = subprocess.run([sys.executable, "-m", "node_agent", "check-config", "--config", str(p)],
+                         capture_output=True, text=True)
+    assert err.returncode == 2 and err.stdout == ""
+    assert err.stderr.startswith("node-agent: config error: ") and "unknown model 'nosuchmodel'" in err.stderr
+    assert len(err.stderr.strip().splitlines()) == 1
+    # The same from an option, before any worker starts.
+    err = subprocess.run([sys.executable, "-m", "node_agent", "transcribe", "--model", "nosuchmodel",
+                          str(Path(__file__).parent / "data" / "jfk.flac")], capture_output=True, text=True)
+    assert err.returncode == 2 and err.stdout == ""
+    assert err.stderr.startswith("node-agent: config error: command line: asr.model = 'nosuchmodel': unknown model")
+    assert len(err.stderr.strip().splitlines()) == 1
+
+
+def test_model_directories_and_hub_names(tmp_path):
+    p = write(tmp_path, "{}\n")
+    model = tmp_path / "my-model"
+    model.mkdir()
+    (model / "model.bin").write_bytes(b"\0")
+    assert load_settings(p, {"NODE_AGENT_ASR__MODEL": str(model)}).asr.model == str(model)
+    for hub in ("large-v3", "distil-large-v3", "Systran/faster-whisper-small"):
+        assert load_settings(p, {"NODE_AGENT_ASR__MODEL": hub}).asr.model == hub
+    empty = tmp_path / "empty-dir"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="has no model.bin"):
+        load_settings(p, {"NODE_AGENT_ASR__MODEL": str(empty)})
+    for missing in (str(tmp_path / "nope"), "./models/nope", "~/no-such-model-dir-here"):
+        with pytest.raises(ConfigError, match="model directory .* does not exist"):
+            load_settings(p, {"NODE_AGENT_ASR__MODEL": missing})
+
+
+def test_model_names_are_read_without_loading_faster_whisper():
+    # The agent process never loads ctranslate2 (it belongs to the plugin process); validating a hub name must
+    # not change that.
+    code = ("import sys; from node_agent.config import load_settings; "
+            "assert load_settings(None, {'NODE_AGENT_ASR__MODEL': 'large-v3'}).asr.model == 'large-v3'; "
+            "print(sorted(m for m in ('faster_whisper', 'ctranslate2', 'av', 'huggingface_hub') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ----- node.state_dir ----------------------------------------------------------------------------------------------
+
+
+def test_state_dir_defaults_to_xdg_state_home_and_is_absolute(tmp_path, monkeypatch):
+    p = write(tmp_path, "{}\n")
+    assert load_settings(p, {"XDG_STATE_HOME": "/srv/state"}).node.state_dir == Path("/srv/state/node-agent")
+    home = Path.home() / ".local" / "state" / "node-agent"
+    assert load_settings(p, {}).node.state_dir == home
+    assert load_settings(p, {"XDG_STATE_HOME": "relative/ignored"}).node.state_dir == home
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(p, {"NODE_AGENT_NODE__STATE_DIR": "rel/x"}).node.state_dir == tmp_path / "rel" / "x"
+    with pytest.raises(ConfigError, match="environment NODE_AGENT_NODE__STATE_DIR: node.state_dir = '': must not"):
+        load_settings(p, {"NODE_AGENT_NODE__STATE_DIR": ""})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import make_settings
-from helpers import clip, reference, wer
+from helpers import clip, plain_transcript, wer
 from node_agent.agent import Agent
 from node_agent.supervisor import JobRequest, Worker, WorkerState, worker_spec
 
@@ -44,6 +44,9 @@ async def test_real_job_on_the_gpu_with_auto_compute_type():
         assert await worker.wait_ready(120) is WorkerState.ready, worker.last_error
         assert worker.info["device"] == "cuda" and worker.info["compute_type"] in ("float16", "int8_float16")
         result = await worker.run_job(JobRequest("jfk", clip("jfk.flac")))
-        assert wer(reference("jfk.flac"), result.text) <= 0.05
+        # The yardstick is plain faster-whisper on this GPU with the same compute type: float16 kernels differ
+        # between cards, so no fixed transcript or score holds on all of them.
+        plain = plain_transcript("jfk.flac", asr=s.asr)
+        assert wer(plain.text, result.text) == 0.0, (result.text, plain.text)
     finally:
         await worker.stop()

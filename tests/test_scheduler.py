@@ -710,10 +710,11 @@ SUCCESS = {
         "language": "en",
         "language_probability": 0.98,
         "duration_s": 3.25,
+        # Numbered from 1, as faster-whisper (and so every node) numbers segments.
         "segments": [
-            {"id": 0, "start": 0.0, "end": 1.5, "text": " Hello there.", "avg_logprob": -0.2,
+            {"id": 1, "start": 0.0, "end": 1.5, "text": " Hello there.", "avg_logprob": -0.2,
              "compression_ratio": 1.1, "no_speech_prob": 0.01, "temperature": 0.0},
-            {"id": 1, "start": 1.5, "end": 3.25, "text": " General Kenobi.", "avg_logprob": -0.3,
+            {"id": 2, "start": 1.5, "end": 3.25, "text": " General Kenobi.", "avg_logprob": -0.3,
              "compression_ratio": 1.2, "no_speech_prob": 0.02, "temperature": 0.2},
         ],
     }
@@ -763,6 +764,7 @@ async def test_openai_transcriptions_formats(response_format: str) -> None:
         else:
             assert (body["task"], body["language"], body["duration"]) == ("transcribe", "en", 3.25)
             assert body["text"] == "Hello there. General Kenobi."
+            assert [s["id"] for s in body["segments"]] == [0, 1]  # OpenAI numbers segments from 0
             second = body["segments"][1]
             assert second == {"id": 1, "seek": 0, "start": 1.5, "end": 3.25, "text": " General Kenobi.", "tokens": [],
                               "temperature": 0.2, "avg_logprob": -0.3, "compression_ratio": 1.2,
@@ -828,3 +830,56 @@ async def test_serve_logs_its_url_and_stops_on_sigterm(caplog: pytest.LogCapture
     os.kill(os.getpid(), signal.SIGTERM)
     await asyncio.wait_for(server, 5)
     assert "scheduler stopped" in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_json_answers_are_real_utf8() -> None:
+    async with scheduler() as h:
+        node = await h.register([GPU_ANY])
+        job = await h.submit(language="zh")
+        _, assignment = await h.poll(node)
+        _, grant, _ = await h.lease(node, job, resource="gpu:0")
+        segment = {"id": 1, "start": 0.0, "end": 1.0, "text": "广州市房地产"}
+        await h.call("POST", f"/v1/jobs/{job}/events",
+                     json={"attempt": assignment["attempt"], "lease_epoch": grant["epoch"], "events": [segment]})
+        async with h.session.get(f"{h.url}/v1/jobs/{job}") as resp:
+            raw = await resp.read()
+            assert resp.headers["Content-Type"] == "application/json; charset=utf-8"
+        assert "广州市房地产".encode() in raw and b"\\u" not in raw, raw
+        assert json.loads(raw)["segments"][0]["text"] == "广州市房地产"
+        # A lone surrogate (sent as an escape) cannot be UTF-8: the answer falls back to escapes, still JSON.
+        odd = {"id": 2, "start": 1.0, "end": 2.0, "text": "a\ud800b"}
+        await h.call("POST", f"/v1/jobs/{job}/events",
+                     json={"attempt": assignment["attempt"], "lease_epoch": grant["epoch"], "events": [odd]})
+        status, view, _ = await h.call("GET", f"/v1/jobs/{job}")
+        assert status == 200 and view["segments"][1]["text"] == "a\ud800b"
+
+
+@pytest.mark.asyncio
+async def test_language_must_be_a_whisper_code_on_both_apis() -> None:
+    async with scheduler() as h:
+        for language in ("english", "xx"):
+            status, reply, _ = await h.call("POST", "/v1/jobs", json={"audio_b64": "AAAA", "language": language})
+            assert status == 400 and reply["error"]["code"] == "invalid_request", reply
+            assert reply["error"]["message"].startswith(f"language: {language!r} is not a language code; use a "
+                                                        "code such as en, zh"), reply
+            status, reply, _ = await _transcribe(h, language=language)
+            assert status == 400, reply
+            assert reply["error"]["param"] == "language" and reply["error"]["type"] == "invalid_request_error"
+            assert "not a language code" in reply["error"]["message"]
+        assert await h.submit(language="yue")  # Cantonese: a three-letter Whisper code
+
+
+@pytest.mark.asyncio
+async def test_port_in_use_is_one_line_naming_the_key() -> None:
+    from node_agent.errors import ListenError
+
+    busy = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = busy.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(ListenError) as exc:
+            await start_scheduler(SchedulerSettings(), host="127.0.0.1", port=port)
+        assert str(exc.value) == f"cannot listen on 127.0.0.1:{port} (scheduler.listen): address already in use"
+    finally:
+        busy.close()
+        await busy.wait_closed()

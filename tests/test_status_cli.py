@@ -197,7 +197,7 @@ def closed_port() -> int:
 def test_url_from_config_and_unreachable_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     port = closed_port()
     config = tmp_path / "agent.yaml"
-    config.write_text(f"http:\n  listen: 0.0.0.0:{port}\n")
+    config.write_text(f"http:\n  listen: 0.0.0.0:{port}\n  allow_unauthenticated: true\n")
     code = st.status_command(argparse.Namespace(url=None, json=False, config=str(config)))
     out, err = capsys.readouterr()
     assert code == 2 and out == ""
@@ -263,8 +263,10 @@ async def test_status_of_a_healthy_agent(tmp_path: Path) -> None:
 
 
 async def test_status_of_an_agent_with_a_fatal_worker(tmp_path: Path) -> None:
-    missing = tmp_path / "no-such-model"
-    async with agent_stack(tmp_path, asr={"model": str(missing)},
+    damaged = tmp_path / "damaged-model"  # passes the settings check (a directory with model.bin), fails to load
+    damaged.mkdir()
+    (damaged / "model.bin").write_bytes(b"not a model")
+    async with agent_stack(tmp_path, asr={"model": str(damaged)},
                            worker={"backoff": {"max_quick_failures": 1}}) as s:
         worker = s.agent.workers["cpu"]
         assert worker.state is WorkerState.fatal, worker.state
@@ -281,7 +283,7 @@ async def test_status_of_an_agent_with_a_fatal_worker(tmp_path: Path) -> None:
         assert code == 1
         health = json.loads(out)["health"]
         assert health["status"] == "degraded"
-        assert any(r.startswith("worker cpu is fatal") and "no-such-model" in r for r in health["reasons"]), health
+        assert any(r.startswith("worker cpu is fatal") and "damaged-model" in r for r in health["reasons"]), health
 
 
 async def test_status_shows_the_running_job_and_its_lease(tmp_path: Path) -> None:

@@ -52,7 +52,8 @@ def to_verbose_json(result: Mapping[str, Any], segments: Iterable[Mapping[str, A
         "text": result.get("text", ""),
         "segments": [
             {
-                "id": s.get("id", index),
+                # OpenAI numbers segments from 0; faster-whisper (and so a node's segments) from 1.
+                "id": index,
                 "seek": 0,
                 "start": s["start"],
                 "end": s["end"],

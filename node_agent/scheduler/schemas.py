@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 
 from ..errors import JOB_ERRORS
+from ..languages import NOT_A_CODE, is_language_code
 
 PROTOCOL_VERSION = 1
 
@@ -54,8 +55,15 @@ def _auto_is_none(value: Any) -> Any:
     return None if value in ("auto", "") else value
 
 
-#: A job's language: a 2-3 letter lowercase code; "auto" or null means detect it.
-JobLanguage = Annotated[LanguageCode | None, BeforeValidator(_auto_is_none)]
+def _whisper_code(value: str | None) -> str | None:
+    # Checked on submission, so a job no model can run is refused at once rather than decoded as detect.
+    if value is not None and not is_language_code(value):
+        raise ValueError(f"{value[:20]!r} is {NOT_A_CODE} (or auto to detect)")
+    return value
+
+
+#: A job's language: one of Whisper's codes (node_agent/languages.py); "auto" or null means detect it.
+JobLanguage = Annotated[str | None, BeforeValidator(_auto_is_none), AfterValidator(_whisper_code)]
 
 
 class _NodeMessage(BaseModel):
@@ -275,6 +283,8 @@ class JobOptions(BaseModel):
     no_speech_threshold: float | None = Field(None, ge=0.0, le=1.0)
     log_prob_threshold: float | None = Field(None, ge=-100.0, le=0.0)
     compression_ratio_threshold: float | None = Field(None, gt=0.0, le=100.0)
+    #: Decode audio shorter than its header declares (or pcm16 with half a sample) instead of refusing it.
+    allow_truncated: bool | None = None
 
 
 OPTION_KEYS: tuple[str, ...] = tuple(JobOptions.model_fields)

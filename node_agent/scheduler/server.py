@@ -28,6 +28,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel, ValidationError
 
 from ..config import SchedulerSettings, host_port
+from ..errors import ListenError
+from ..jsonio import json_response
 from .errors import (
     InvalidInput,
     JobNotAssigned,
@@ -153,7 +155,7 @@ def _error_response(
     if openai:
         # OpenAI's shape is a superset of ours: clients of either read code and message.
         error.update(type="invalid_request_error" if status < 500 else "server_error", param=param)
-    return web.json_response({"error": error}, status=status)
+    return json_response({"error": error}, status=status)
 
 
 @web.middleware
@@ -245,7 +247,7 @@ async def _read_json(request: web.Request, model: type[M]) -> M:
 
 
 def _json(model: BaseModel, status: int = 200, **kwargs: Any) -> web.Response:
-    return web.json_response(model.model_dump(mode="json", **kwargs), status=status)
+    return json_response(model.model_dump(mode="json", **kwargs), status=status)
 
 
 def _query_float(request: web.Request, name: str, default: float, low: float, high: float) -> float:
@@ -331,7 +333,7 @@ def _decode_b64(text: str) -> bytes:
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"ok": True})
+    return json_response({"ok": True})
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -398,7 +400,7 @@ async def _release_lease(request: web.Request) -> web.Response:
 async def _post_events(request: web.Request) -> web.Response:
     report = await _read_json(request, EventsReport)
     request.app[STATE_KEY].post_events(request.match_info["job_id"], report)
-    return web.json_response({"accepted": True}, status=202)
+    return json_response({"accepted": True}, status=202)
 
 
 async def _post_result(request: web.Request) -> web.Response:
@@ -407,13 +409,29 @@ async def _post_result(request: web.Request) -> web.Response:
     return _json(ack)
 
 
+def _form_flag(fields: Mapping[str, str], name: str) -> bool | None:
+    """A true/false form field (also 1/0); None when absent or empty."""
+    raw = fields.get(name, "").strip().lower()
+    if raw in ("true", "1"):
+        return True
+    if raw in ("false", "0"):
+        return False
+    if raw:
+        raise InvalidInput(f"{name}: expected true or false, got {raw[:20]!r}", param=name)
+    return None
+
+
 def _form_spec(fields: Mapping[str, str]) -> JobSpec:
-    data: dict[str, Any] = {k: v for k, v in fields.items() if v != ""}
+    data: dict[str, Any] = {k: v for k, v in fields.items() if v != "" and k != "allow_truncated"}
     if "options" in data:
         try:
             data["options"] = json.loads(data["options"])
         except ValueError:
             raise InvalidInput("options: not valid JSON", param="options") from None
+    # A plain form field for the one option a curl user most needs; it lands among the decode options.
+    allow_truncated = _form_flag(fields, "allow_truncated")
+    if allow_truncated is not None and isinstance(data.get("options", {}), dict):
+        data["options"] = {**data.get("options", {}), "allow_truncated": allow_truncated}
     return _validate(JobSpec, data)
 
 
@@ -438,8 +456,10 @@ async def _submit_job(request: web.Request) -> web.Response:
 def _check_audio(spec: JobSpec, audio: bytes, param: str) -> None:
     if not audio:
         raise InvalidInput(f"{param}: audio is empty", param=param)
-    if spec.format == "pcm_s16le" and len(audio) % 2:
-        raise InvalidInput(f"{param}: pcm_s16le audio must be a whole number of 16-bit samples", param=param)
+    if spec.format == "pcm_s16le" and len(audio) % 2 and not spec.options.allow_truncated:
+        # bad_audio like every other cut audio (the plugin refuses it too); allow_truncated drops the half sample.
+        raise InvalidInput(f"{param}: audio truncated: pcm_s16le audio must be a whole number of 16-bit samples; "
+                           f"got {len(audio)} bytes", code="bad_audio", param=param)
 
 
 async def _get_job(request: web.Request) -> web.Response:
@@ -483,6 +503,8 @@ async def _openai_transcriptions(request: web.Request) -> web.Response:
             options["temperature"] = float(fields["temperature"])
         except ValueError:
             raise InvalidInput("temperature: not a number", param="temperature") from None
+    if (allow_truncated := _form_flag(fields, "allow_truncated")) is not None:
+        options["allow_truncated"] = allow_truncated
     # Other OpenAI fields (model, timestamp_granularities[], ...) are accepted and ignored.
     spec = _validate(
         JobSpec,
@@ -511,11 +533,11 @@ async def _openai_transcriptions(request: web.Request) -> web.Response:
     result = view.result or {}
     segments = view.segments
     if response_format == "json":
-        return web.json_response({"text": result.get("text", "")})
+        return json_response({"text": result.get("text", "")})
     if response_format == "text":
         return web.Response(text=result.get("text", ""), content_type="text/plain")
     if response_format == "verbose_json":
-        return web.json_response(to_verbose_json(result, segments))
+        return json_response(to_verbose_json(result, segments))
     if response_format == "srt":
         return web.Response(text=to_srt(segments), content_type="application/x-subrip")
     return web.Response(text=to_vtt(segments), content_type="text/vtt")
@@ -615,6 +637,9 @@ async def start_scheduler(
     try:
         site = web.TCPSite(runner, host, port)
         await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError.from_os_error(exc, host, port, "scheduler.listen") from None
     except BaseException:
         await runner.cleanup()
         raise

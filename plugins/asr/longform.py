@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -258,12 +258,13 @@ class LongformTranscriber:
         self.settings = settings
 
     def transcribe(self, audio: np.ndarray, language: str | None = None, batch_size: int = 8,
-                   **kwargs: Any) -> tuple[Iterator[Any], LongformInfo]:
+                   check: Callable[[], None] | None = None, **kwargs: Any) -> tuple[Iterator[Any], LongformInfo]:
         """Plan sections and windows and decode the first batch (language detection included); returns
-        ``(segments, info)``. The remaining batches are decoded as ``segments`` is iterated."""
+        ``(segments, info)``. The remaining batches are decoded as ``segments`` is iterated. ``check`` is called
+        before every batch and may raise to stop the decode there (the caller's cancel)."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        run = _Run(self.model, self.settings, audio, language, batch_size, _Options.from_kwargs(kwargs))
+        run = _Run(self.model, self.settings, audio, language, batch_size, _Options.from_kwargs(kwargs), check)
         run.decode_round()
         return run.segments(), run.info
 
@@ -272,8 +273,10 @@ class _Run:
     """One long-audio transcription: its sections, their progress, and the decoding rounds."""
 
     def __init__(self, model: Any, settings: LongformSettings, audio: np.ndarray, language: str | None,
-                 batch_size: int, opts: _Options) -> None:
+                 batch_size: int, opts: _Options, check: Callable[[], None] | None = None) -> None:
         self.model = model
+        # A batch can take round_budget_s; segments may not come out between batches, so look for a cancel here.
+        self.check = check or (lambda: None)
         self.settings = settings
         self.audio = audio
         self.opts = opts
@@ -358,6 +361,7 @@ class _Run:
                 items.append((sec, window))
         if not items:
             return
+        self.check()
         started = time.perf_counter()
         self.info.windows += len(items)
         features = np.stack([
@@ -370,7 +374,9 @@ class _Run:
         groups: dict[bool, list[int]] = {}
         for k, (sec, _) in enumerate(items):
             groups.setdefault(bool(self._previous(sec)), []).append(k)
-        for with_prompt in sorted(groups, reverse=True):
+        for n, with_prompt in enumerate(sorted(groups, reverse=True)):
+            if n:
+                self.check()
             self._decode([items[k] for k in groups[with_prompt]], features[groups[with_prompt]])
         self.window_cost = (time.perf_counter() - started) / len(items)
         for sec, _ in items:

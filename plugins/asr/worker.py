@@ -2,7 +2,9 @@
 
 Segments are iterated straight from faster-whisper's generator here, in this thread, and each one is sent
 the moment it exists. There is deliberately no thread pool and no timeout in this process: the agent's
-supervisor enforces time limits by killing the whole process, the only way to really stop a decode.
+supervisor enforces time limits. Between two segments (and between long-audio batches) this loop looks,
+without blocking, for a ``cancel`` from the agent and stops there, staying loaded for the next job; a decode
+stuck inside one segment cannot look, and the supervisor kills the process instead.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from node_agent.errors import InvalidRequest, JobError, TranscriptionFailed
+from node_agent.languages import english_only_message
 from node_agent.wire import BlockingChannel
 
 from . import audio as audio_mod
@@ -37,7 +41,43 @@ JOB_OPTIONS: dict[str, tuple[type, ...]] = {
     "no_speech_threshold": (int, float),
     "batched": (bool,),
     "batch_size": (int,),
+    # Not a faster-whisper option: accept audio shorter than its header declares (see audio.decode).
+    "allow_truncated": (bool,),
 }
+
+
+class DecodeStopped(Exception):
+    """The agent cancelled the running job; raised by ``JobControl.check`` at a segment boundary."""
+
+
+class JobControl:
+    """What the agent sent while a job runs, read between segments without blocking.
+
+    A ``cancel`` for this job stops it; ``stop`` stops it and then the process. A cancel naming another job
+    crossed that job's result on the way and is dropped.
+    """
+
+    def __init__(self, channel: BlockingChannel, job_id: str) -> None:
+        self.channel = channel
+        self.job_id = job_id
+        self.exit_after = False
+
+    def check(self) -> None:
+        while self.channel.poll():
+            frame = self.channel.recv()
+            if frame is None:
+                raise ConnectionResetError("the agent closed the channel during a job")
+            kind, job_id = frame[0]["type"], frame[0].get("job_id")
+            if kind == "stop":
+                self.exit_after = True
+                raise DecodeStopped()
+            if kind == "cancel" and job_id == self.job_id:
+                raise DecodeStopped()
+            log.debug("job %s: ignoring %s for job %s", self.job_id, kind, job_id)
+
+
+def _no_check() -> None:
+    return None
 
 
 class AsrEngine:
@@ -107,12 +147,13 @@ class AsrEngine:
                 raise InvalidRequest(f"unknown decode option {key!r} (known: {', '.join(sorted(JOB_OPTIONS))})")
             if isinstance(value, bool) and bool not in JOB_OPTIONS[key] or not isinstance(value, JOB_OPTIONS[key]):
                 raise InvalidRequest(f"decode option {key!r} has the wrong type ({type(value).__name__})")
+        options.pop("allow_truncated", None)  # used by the audio decode, not by faster-whisper
         defaults = self.spec.get("defaults", {})
         language = header.get("language") or defaults.get("language")
         if language == "auto":
             language = None
         if language and not self.multilingual and language != "en":
-            raise InvalidRequest(f"model {self.spec['model']} serves English only; language {language!r} requested")
+            raise InvalidRequest(english_only_message(self.spec["model"], language))
         batched_min = self.spec.get("batched_min_audio_s")
         batched = options.pop("batched", batched_min is not None and duration_s >= batched_min)
         batch_size = options.pop("batch_size", self.spec.get("batch_size", 8))
@@ -139,16 +180,20 @@ class AsrEngine:
             self._zh_converter = opencc.OpenCC("t2s" if script == "simplified" else "s2t")
         return self._zh_converter.convert(text)
 
-    def run(self, header: dict[str, Any], payload: bytes, emit) -> None:
+    def run(self, header: dict[str, Any], payload: bytes, emit: Callable[[dict[str, Any]], None],
+            check: Callable[[], None] = _no_check) -> None:
+        """Decode one job, sending its messages through ``emit``; ``check`` raises to stop between segments."""
         job_id = header["job_id"]
         t_start = time.perf_counter()
         audio = audio_mod.decode(
-            payload, header.get("format", "auto"), header.get("sample_rate"), float(self.spec["max_audio_s"])
+            payload, header.get("format", "auto"), header.get("sample_rate"), float(self.spec["max_audio_s"]),
+            allow_truncated=(header.get("options") or {}).get("allow_truncated") is True,
         )
         duration_s = audio.shape[0] / audio_mod.SAMPLE_RATE
         decode_audio_s = time.perf_counter() - t_start
         kwargs, batched = self._options(header, duration_s)
         emit({"type": "started", "job_id": job_id, "duration_s": duration_s, "decode_audio_s": decode_audio_s})
+        check()
 
         t0 = time.perf_counter()
         try:
@@ -157,7 +202,7 @@ class AsrEngine:
                     from .longform import LongformTranscriber
 
                     self._batched = LongformTranscriber(self.model)
-                segments, info = self._batched.transcribe(audio, **kwargs)
+                segments, info = self._batched.transcribe(audio, check=check, **kwargs)
             else:
                 segments, info = self.model.transcribe(audio, **kwargs)
         except (ValueError, TypeError) as exc:
@@ -171,35 +216,42 @@ class AsrEngine:
         last = t1
         first_segment_s = None
         # The decode happens in this loop: each next() runs the beam search for the next window.
-        for segment in segments:
-            now = time.perf_counter()
-            text = self._convert_zh(segment.text, info.language)
-            texts.append(text)
-            count += 1
-            fallbacks += segment.temperature > 0
-            if first_segment_s is None:
-                first_segment_s = now - t_start
-            event = {
-                "type": "segment",
-                "job_id": job_id,
-                "id": segment.id,
-                "start": round(segment.start, 3),
-                "end": round(segment.end, 3),
-                "text": text,
-                "temperature": segment.temperature,
-                "avg_logprob": segment.avg_logprob,
-                "compression_ratio": segment.compression_ratio,
-                "no_speech_prob": segment.no_speech_prob,
-                "decode_s": round(now - last, 6),
-            }
-            if segment.words:
-                event["words"] = [
-                    {"start": w.start, "end": w.end, "word": self._convert_zh(w.word, info.language),
-                     "probability": w.probability}
-                    for w in segment.words
-                ]
-            emit(event)
-            last = time.perf_counter()
+        try:
+            for segment in segments:
+                now = time.perf_counter()
+                text = self._convert_zh(segment.text, info.language)
+                texts.append(text)
+                count += 1
+                fallbacks += segment.temperature > 0
+                if first_segment_s is None:
+                    first_segment_s = now - t_start
+                event = {
+                    "type": "segment",
+                    "job_id": job_id,
+                    "id": segment.id,
+                    "start": round(segment.start, 3),
+                    "end": round(segment.end, 3),
+                    "text": text,
+                    "temperature": segment.temperature,
+                    "avg_logprob": segment.avg_logprob,
+                    "compression_ratio": segment.compression_ratio,
+                    "no_speech_prob": segment.no_speech_prob,
+                    "decode_s": round(now - last, 6),
+                }
+                if segment.words:
+                    event["words"] = [
+                        {"start": w.start, "end": w.end, "word": self._convert_zh(w.word, info.language),
+                         "probability": w.probability}
+                        for w in segment.words
+                    ]
+                emit(event)
+                last = time.perf_counter()
+                check()
+        finally:
+            # Stopped part-way: close the generator now, so the decode's state is released before the next job.
+            close = getattr(segments, "close", None)
+            if close is not None:
+                close()
         segments_iteration_s = time.perf_counter() - t1
 
         emit({
@@ -222,14 +274,17 @@ class AsrEngine:
         })
 
 
-def serve(channel: BlockingChannel, spec: dict[str, Any]) -> int:
-    """Load, report ready, serve jobs until told to stop or the agent goes away. Returns the exit status."""
-    engine = AsrEngine(spec)
+def serve(channel: BlockingChannel, spec: dict[str, Any], engine: Any = None) -> int:
+    """Load, report ready, serve jobs until told to stop or the agent goes away. Returns the exit status.
+
+    ``engine`` (``load()`` and ``run()`` as ``AsrEngine`` has them) is for the tests' model-free stand-in."""
+    engine = engine or AsrEngine(spec)
     try:
         ready = engine.load()
     except Exception as exc:  # any load failure is fatal for this process; report it, then exit
         log.error("model load failed: %s", exc)
-        channel.send({"type": "fatal", "message": f"{type(exc).__name__}: {exc}"})
+        # Named here: ctranslate2's errors (a damaged model.bin, say) do not say which model they are about.
+        channel.send({"type": "fatal", "message": f"model {spec.get('model')!r}: {type(exc).__name__}: {exc}"})
         return 3
     ready.update(type="ready", pid=os.getpid())
     channel.send(ready)
@@ -243,12 +298,20 @@ def serve(channel: BlockingChannel, spec: dict[str, Any]) -> int:
         header, payload = frame
         if header["type"] == "stop":
             return 0
+        if header["type"] == "cancel":
+            continue  # its job ended before the cancel arrived: stale
         if header["type"] != "job":
             channel.send({"type": "error", "job_id": header.get("job_id"), "code": "invalid_request",
                           "message": f"unknown message type {header['type']!r}"})
             continue
+        control = JobControl(channel, header["job_id"])
         try:
-            engine.run(header, payload, channel.send)
+            engine.run(header, payload, channel.send, control.check)
+        except DecodeStopped:
+            channel.send({"type": "stopped", "job_id": header["job_id"]})
+            log.info("job %s stopped at the agent's request", header["job_id"])
+            if control.exit_after:
+                return 0
         except JobError as exc:
             channel.send({"type": "error", "job_id": header.get("job_id"), **exc.to_dict()})
         except (RuntimeError, MemoryError) as exc:

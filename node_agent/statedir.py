@@ -1,0 +1,94 @@
+"""The node's state directory: the persisted node id, and the lock that gives the directory to one agent.
+
+Two agents on one directory would read the same node id and register as one node, each overwriting the other's
+devices and fighting over its leases. ``flock`` on a ``lock`` file is released by the kernel when the process
+ends however it ends, so a crash leaves no stale lock behind (the file and its old pid stay; only the lock counts).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from pathlib import Path
+
+from .errors import ConfigError
+
+log = logging.getLogger("node_agent.statedir")
+
+LOCK_FILE = "lock"
+NODE_ID_FILE = "node-id"
+
+
+class StateDir:
+    """``node.state_dir``: lock it once per process (``lock``), then read and write the node id in it."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    @property
+    def locked(self) -> bool:
+        return self._fd is not None
+
+    def lock(self) -> None:
+        """Take the directory for this process, or raise ConfigError naming the pid that holds it."""
+        if self._fd is not None:
+            return
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            # Python opens it non-inheritable: worker processes never hold the lock after the agent is gone.
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(
+                f"node.state_dir {self.path}: cannot create {LOCK_FILE!r} in it: {exc.strerror}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise ConfigError(
+                f"node.state_dir {self.path} is in use by another node-agent ({holder}); "
+                "give each agent its own node.state_dir"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise ConfigError(f"node.state_dir {self.path}: cannot lock {LOCK_FILE!r}: {exc.strerror}") from None
+        # Truncate only once locked: before that the file holds the current holder's pid.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def unlock(self) -> None:
+        """Release the lock (closing the descriptor does it). The file stays: unlinking it would let a third
+        agent lock a new file while a second still waits on the old one."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def load_node_id(self) -> str | None:
+        try:
+            value = (self.path / NODE_ID_FILE).read_text().strip()
+        except OSError:
+            return None
+        return value or None
+
+    def save_node_id(self, node_id: str) -> None:
+        path = self.path / NODE_ID_FILE
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(node_id + "\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot persist node id in %s: %s", path, exc)
+
+
+def _holder(fd: int) -> str:
+    """'pid N' from the lock file, or 'pid unknown' while the holder has not written it yet."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        text = ""
+    return f"pid {text}" if text.isdigit() else "pid unknown"
