@@ -26,7 +26,7 @@ run: $(STAMP)
 
 ## The whole test suite (real model, real processes, real HTTP on loopback; Prometheus where installed).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 check-config: $(STAMP)
 	$(BIN)/node-agent check-config --config config/node-agent.yaml

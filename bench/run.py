@@ -739,8 +739,8 @@ def profile(b: Bench) -> None:
 
     async def main() -> Any:
         sched = await start_scheduler(settings.scheduler)
-        agent = NodeAgent(settings, facts=await probe_node())
-        await agent.start(sched.url)
+        agent = NodeAgent(settings, sched.url, facts=await probe_node())
+        await agent.start()
         await agent.workers["cpu"].wait_ready(120)
         await agent.identity.registered_event.wait()
         client = Agent("profile-client", b.tmp)

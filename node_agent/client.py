@@ -3,25 +3,32 @@
 Each call maps the scheduler's answer to a typed outcome: a validated reply, or one of the errors below. Transport
 failures, timeouts, 5xx and unparseable bodies all become ``SchedulerUnavailable`` (retry later); 4xx answers
 that mean something specific get their own type. Retry loops live with the callers, which know their deadlines.
+The node calls need a node id; the job calls (``submit_job``, ``get_job``) do not, so ``node-agent submit`` and
+``/utterance`` use this client too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
-import random
+import os
 import time
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import aiohttp
 from pydantic import BaseModel, ValidationError
 
+from .contracts import one_line
 from .errors import NodeAgentError
 from .metrics import AgentMetrics
 from .scheduler.schemas import (
     HeartbeatResponse,
     JobAssignment,
+    JobSubmitted,
+    JobView,
     LeaseGrant,
     RegisterResponse,
     RenewResponse,
@@ -33,12 +40,16 @@ T = TypeVar("T", bound=BaseModel)
 
 
 class SchedulerError(NodeAgentError):
-    """Base of client-side scheduler errors."""
+    """Base of client-side scheduler errors: ``status``, and for an error answer the scheduler's ``code``,
+    its own one-line ``detail`` and the request field at fault (``param``) where it names one."""
 
-    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, code: str | None = None, *,
+                 detail: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.detail = detail if detail is not None else message
+        self.param = param
 
 
 class SchedulerUnavailable(SchedulerError):
@@ -47,6 +58,15 @@ class SchedulerUnavailable(SchedulerError):
     def __init__(self, message: str, status: int | None = None, retry_after: float | None = None) -> None:
         super().__init__(message, status)
         self.retry_after = retry_after
+
+
+class ConnectFailed(SchedulerUnavailable):
+    """No connection could be made at all (nothing listening, unknown host, network down); ``reason`` is the
+    operating system's one-line reason, e.g. ``connection refused``."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class UnknownNode(SchedulerError):
@@ -73,12 +93,8 @@ class BadRequest(SchedulerError):
     """Another 4xx: our request was wrong. Definitive."""
 
 
-def backoff_delays(initial: float = 0.5, maximum: float = 30.0, multiplier: float = 2.0):
-    """Exponential backoff with full jitter, forever (callers bound the loop)."""
-    delay = initial
-    while True:
-        yield random.uniform(delay / 2, delay)
-        delay = min(maximum, delay * multiplier)
+class NotFound(BadRequest):
+    """404 other than unknown_node: the job (or audio) named does not exist there. Definitive."""
 
 
 class SchedulerClient:
@@ -112,20 +128,25 @@ class SchedulerClient:
 
     async def _call(self, method: str, endpoint: str, path: str, *, body: Any = None,
                     params: dict[str, Any] | None = None, timeout: float | None = None,
-                    raw: bool = False) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
-        """One HTTP exchange; returns (status, parsed JSON or bytes, headers). Records metrics."""
+                    raw: bool = False, form: aiohttp.FormData | None = None,
+                    ) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
+        """One HTTP exchange (a JSON ``body`` or a multipart ``form``); returns (status, parsed JSON or bytes,
+        headers). Records metrics."""
         timeout = timeout if timeout is not None else self.request_timeout_s
         started = time.perf_counter()
         code = "error"
         try:
             async with self._http().request(
-                method, self.base_url + path, json=body, params=params,
+                method, self.base_url + path, json=body, data=form, params=params,
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:
                 code = str(resp.status)
                 data = await resp.read()
                 headers = resp.headers
                 status = resp.status
+        except aiohttp.ClientConnectorError as exc:
+            reason = _os_reason(exc)
+            raise ConnectFailed(f"{endpoint}: cannot connect to {self.base_url}: {reason}", reason) from None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise SchedulerUnavailable(f"{endpoint}: {type(exc).__name__}: {exc or 'timed out'}") from None
         finally:
@@ -151,33 +172,35 @@ class SchedulerClient:
         try:
             return model.model_validate(data)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "body"
-            raise SchedulerUnavailable(
-                f"{endpoint}: scheduler answered {status} with an invalid reply ({where}: {first['msg']})",
-                status) from None
+            raise SchedulerUnavailable(f"{endpoint}: scheduler answered {status} with an invalid reply "
+                                       f"({one_line(exc, top='body', more=False)})", status) from None
 
     @staticmethod
-    def _error(endpoint: str, status: int, data: Any) -> tuple[str, str]:
+    def _error(status: int, data: Any) -> tuple[str, str, str | None]:
+        """(code, message, param) of an error answer; the message alone when the body is not the protocol's."""
         err = data.get("error") if isinstance(data, dict) else None
         if isinstance(err, dict):
-            return str(err.get("code", "")), str(err.get("message", ""))[:300]
-        return "", f"HTTP {status}"
+            param = err.get("param")
+            return (str(err.get("code", "")), str(err.get("message", ""))[:300],
+                    param if isinstance(param, str) else None)
+        return "", f"HTTP {status}", None
 
     def _fail(self, endpoint: str, status: int, data: Any, headers: Any) -> SchedulerError:
-        code, message = self._error(endpoint, status, data)
+        code, message, param = self._error(status, data)
         text = f"{endpoint}: {status} {code}: {message}".rstrip(": ")
         if status == 404 and code == "unknown_node":
-            return UnknownNode(text, status, code)
+            return UnknownNode(text, status, code, detail=message)
         if status == 409 and code == "resource_held":
             return LeaseHeld(text, _retry_after(headers) or 1.0)
         if status == 410:
-            return Gone(text, status, code)
+            return Gone(text, status, code, detail=message)
         if status == 409:
-            return Rejected(text, status, code)
+            return Rejected(text, status, code, detail=message)
         if status in (408, 429):
             return SchedulerUnavailable(text, status, _retry_after(headers))
-        return BadRequest(text, status, code)
+        if status == 404:
+            return NotFound(text, status, code, detail=message, param=param)
+        return BadRequest(text, status, code, detail=message, param=param)
 
     # ----- calls -------------------------------------------------------------------------------------------------
 
@@ -246,6 +269,57 @@ class SchedulerClient:
         if status in (200, 201):
             return self._parse(ResultAck, "result", status, data)
         raise self._fail("result", status, data, headers)
+
+    # ----- the job API (a client's calls; no node identity) ------------------------------------------------------
+
+    async def submit_job(self, audio: bytes, *, filename: str = "audio", format: str | None = None,
+                         sample_rate: int | None = None, language: str | None = None,
+                         options: Mapping[str, Any] | BaseModel | None = None, deadline_s: float | None = None,
+                         allow_truncated: bool = False) -> JobSubmitted:
+        """``POST /v1/jobs`` as multipart with the raw audio; fields left None are not sent (scheduler defaults)."""
+        form = aiohttp.FormData()
+        if format is not None:
+            form.add_field("format", format)
+        if sample_rate is not None:
+            form.add_field("sample_rate", str(sample_rate))
+        if language is not None:
+            form.add_field("language", language)
+        if isinstance(options, BaseModel):
+            options = options.model_dump(exclude_none=True)
+        if options:
+            form.add_field("options", json.dumps(dict(options)))
+        if deadline_s is not None:
+            form.add_field("deadline_s", f"{deadline_s:.3f}")
+        if allow_truncated:
+            form.add_field("allow_truncated", "true")
+        # A BytesIO shares the bytes' buffer and aiohttp sends it in small chunks: no second copy of the audio
+        # is built, neither as base64 text nor in the socket's send buffer.
+        form.add_field("file", io.BytesIO(audio), filename=filename, content_type="application/octet-stream")
+        status, data, headers = await self._call("POST", "job_submit", "/v1/jobs", form=form,
+                                                 timeout=max(60.0, self.request_timeout_s))
+        if status in (200, 201, 202):
+            return self._parse(JobSubmitted, "job_submit", status, data)
+        raise self._fail("job_submit", status, data, headers)
+
+    async def get_job(self, job_id: str, wait_s: float = 0.0, after_segment: int | None = None) -> JobView:
+        """``GET /v1/jobs/{id}``: with ``wait_s`` a long poll that answers early once the job finished or (with
+        ``after_segment``) has more segments than that."""
+        params: dict[str, Any] = {"wait_s": f"{max(0.0, wait_s):.2f}"}
+        if after_segment is not None:
+            params["after_segment"] = str(after_segment)
+        status, data, headers = await self._call("GET", "job_view", f"/v1/jobs/{job_id}", params=params,
+                                                 timeout=wait_s + self.request_timeout_s)
+        if status == 200:
+            return self._parse(JobView, "job_view", status, data)
+        raise self._fail("job_view", status, data, headers)
+
+
+def _os_reason(exc: aiohttp.ClientConnectorError) -> str:
+    """The operating system's reason a connection failed, as a user reads it (``connection refused``)."""
+    errno_ = exc.os_error.errno
+    if isinstance(errno_, int) and errno_ > 0:
+        return os.strerror(errno_).lower()
+    return str(exc.os_error or exc)
 
 
 def _retry_after(headers: Any) -> float | None:

@@ -11,26 +11,32 @@ from __future__ import annotations
 
 import asyncio
 import binascii
-import io
 import json
 import logging
 import math
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
+from .client import BadRequest, SchedulerClient, SchedulerError, SchedulerUnavailable
+from .config import Settings
+from .contracts import OPTION_KEYS, DecodeOptions, JobErrorCode, error_key, one_line
 from .jsonio import json_response
-from .scheduler.schemas import JobOptions
+from .node_view import LocalNodeView
 from .supervisor import RESTART_REASONS, WorkerState
-
-if TYPE_CHECKING:
-    from .agent import Agent
 
 log = logging.getLogger("node_agent.compat")
 
@@ -59,12 +65,22 @@ BODY_TIMEOUT_S = 30.0
 READ_CHUNK = 1 << 20
 #: Serving worker states: a worker starting or backing off will take the queued work within seconds.
 _SERVING = (WorkerState.ready, WorkerState.busy, WorkerState.starting, WorkerState.backoff)
-#: Decode options of the old request, passed on under the same names (checked by the scheduler's JobOptions).
-OPTION_FIELDS = ("beam_size", "best_of", "temperature", "no_speech_threshold", "log_prob_threshold",
-                 "compression_ratio_threshold", "condition_on_previous_text", "vad_filter", "initial_prompt")
-#: Job error code -> HTTP status; anything else is 500.
-_ERROR_STATUS = {"bad_audio": 400, "invalid_request": 400, "timeout": 504, "stalled": 504,
-                 "shutdown": 503, "worker_unavailable": 503}
+#: Decode options the request may carry as top-level fields, under their own names: every ``DecodeOptions`` key.
+OPTION_FIELDS: tuple[str, ...] = OPTION_KEYS
+#: Job error code -> HTTP status, for every code (a test checks none is missing): the caller's mistakes are 400,
+#: time limits 504, a node that cannot take work now 503 (retry), and the node's own failures 500.
+_ERROR_STATUS: dict[str, int] = {
+    JobErrorCode.bad_audio: 400,
+    JobErrorCode.invalid_request: 400,
+    JobErrorCode.timeout: 504,
+    JobErrorCode.stalled: 504,
+    JobErrorCode.shutdown: 503,
+    JobErrorCode.worker_unavailable: 503,
+    JobErrorCode.worker_crashed: 500,
+    JobErrorCode.lease_lost: 500,
+    JobErrorCode.lease_expired: 500,
+    JobErrorCode.failed: 500,
+}
 
 
 @dataclass
@@ -97,15 +113,20 @@ class UtteranceRequest(BaseModel):
     audio: str
     sample_rate: int = 16000
     timeout_s: float | None = None
-    beam_size: int | None = None
-    best_of: int | None = None
-    temperature: float | None = None
-    no_speech_threshold: float | None = None
-    log_prob_threshold: float | None = None
-    compression_ratio_threshold: float | None = None
-    condition_on_previous_text: bool | None = None
-    vad_filter: bool | None = None
-    initial_prompt: str | None = None
+    #: The decode options, gathered from the request's top-level fields of the same names (``OPTION_FIELDS``).
+    decode: DecodeOptions = Field(default_factory=DecodeOptions)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _gather_options(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> "UtteranceRequest":
+        if not isinstance(data, dict):
+            return handler(data)
+        flat = {name: data[name] for name in OPTION_FIELDS if data.get(name) is not None}
+        # A shallow copy: the (large) audio text is shared, not copied. A "decode" key of the caller's is not ours.
+        req = handler({k: v for k, v in data.items() if k not in OPTION_FIELDS and k != "decode"})
+        # Lax, as the old service was: "5" is 5 here, unlike in a scheduler submission. Errors keep their key.
+        req.decode = DecodeOptions.model_validate(flat, strict=False)
+        return req
 
     @field_validator("src_lang", mode="before")
     @classmethod
@@ -136,12 +157,8 @@ class UtteranceRequest(BaseModel):
         return value
 
     def options(self) -> dict[str, Any]:
-        """Decode options for the job, checked against the scheduler's own option schema."""
-        raw = {name: getattr(self, name) for name in OPTION_FIELDS if getattr(self, name) is not None}
-        try:
-            return JobOptions.model_validate(raw).model_dump(exclude_none=True)
-        except ValidationError as exc:
-            raise _invalid(exc) from None
+        """The job's decode options as sent to the scheduler (only those set)."""
+        return self.decode.wire()
 
 
 class CompatError(Exception):
@@ -158,10 +175,7 @@ class CompatError(Exception):
 
 
 def _invalid(exc: ValidationError) -> CompatError:
-    err = exc.errors()[0]
-    field = ".".join(str(p) for p in err["loc"]) or None
-    message = err["msg"].removeprefix("Value error, ")
-    return CompatError(400, "invalid_request", f"{field}: {message}" if field else message, field)
+    return CompatError(400, "invalid_request", one_line(exc, more=False), error_key(exc))
 
 
 def _decode_audio(text: str) -> bytes:
@@ -212,22 +226,26 @@ def _segment(seg: dict[str, Any]) -> dict[str, Any]:
 
 
 class CompatService:
-    """State of the compatibility endpoints: requests in flight, totals, recent waits, one HTTP session."""
+    """State of the compatibility endpoints: requests in flight, totals, recent waits."""
 
-    def __init__(self, agent: "Agent", limits: CompatLimits | None = None) -> None:
-        self.agent = agent
-        self.limits = limits or CompatLimits.from_settings(agent.settings)
+    def __init__(self, node: LocalNodeView, client: SchedulerClient, settings: Settings,
+                 limits: CompatLimits | None = None) -> None:
+        #: The node, read-only: its workers, registration and draining decide what is admitted.
+        self.node = node
+        #: The node's own scheduler client (its token, its metrics), to submit through.
+        self.client = client
+        self.settings = settings
+        self.limits = limits or CompatLimits.from_settings(settings)
         self.in_flight = 0  # admitted utterances: their bodies are in, and they hold a place in the queue
         self.receiving = 0  # requests whose bodies are still arriving (bounded by body_timeout_s, not counted)
         self.totals: Counter[str] = Counter()
         self.waits: deque[float] = deque(maxlen=RECENT)  # seconds queued before a node took the job
         self.latencies: deque[float] = deque(maxlen=RECENT)  # seconds from arrival to answer
-        self._session: aiohttp.ClientSession | None = None
 
     # ----- bounds ------------------------------------------------------------------------------------------------
 
     def serving_workers(self) -> int:
-        return sum(1 for w in self.agent.workers.values() if w.state in _SERVING)
+        return sum(1 for state in self.node.worker_states().values() if state in _SERVING)
 
     def capacity(self) -> int:
         """How many utterances may be in flight: one running plus a short queue per serving worker."""
@@ -239,15 +257,15 @@ class CompatService:
         return int(min(30, max(1, math.ceil(typical))))
 
     def _admit(self) -> None:
-        agent = self.agent
+        node = self.node
         why = None
-        if agent.draining:
+        if node.draining:
             why = "the node is draining"
-        elif not agent.identity.registered:
+        elif not node.registered:
             why = "the node is not registered with its scheduler yet"
         elif self.capacity() == 0:
             why = "no worker can take jobs: " + "; ".join(
-                f"{w.resource} {w.state.value}" for w in agent.workers.values())
+                f"{resource} {state.value}" for resource, state in node.worker_states().items())
         if why is not None:
             raise CompatError(503, "unavailable", why, retry_after=self.retry_after())
         if self.in_flight >= self.capacity():
@@ -256,98 +274,48 @@ class CompatService:
 
     def served_languages(self) -> set[str] | None:
         """Languages this node's models serve; None means any (a multilingual model)."""
-        fallback = ["en"] if self.agent.settings.asr.model.endswith(".en") else None
-        served: set[str] = set()
-        for worker in self.agent.workers.values():
-            languages = worker.info.get("languages", fallback)
-            if languages is None:
-                return None
-            served.update(languages)
-        return served
+        return self.node.served_languages()
 
     # ----- the scheduler -----------------------------------------------------------------------------------------
 
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            headers = {"User-Agent": "node-agent-compat"}
-            token = self.agent.settings.scheduler.token
-            if token is not None:
-                headers["Authorization"] = f"Bearer {token.get_secret_value()}"
-            self._session = aiohttp.ClientSession(headers=headers)
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-    async def _scheduler(self, method: str, path: str, timeout: float, **kwargs: Any) -> tuple[int, Any]:
-        url = self.agent.scheduler_url
-        if not url.startswith(("http://", "https://")):
-            raise CompatError(503, "unavailable", "the agent is not connected to a scheduler yet", retry_after=1)
-        try:
-            async with self._http().request(method, url + path, timeout=aiohttp.ClientTimeout(total=timeout),
-                                            **kwargs) as resp:
-                data = await resp.read()
-                status = resp.status
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise CompatError(503, "unavailable", f"scheduler {url} unreachable: {type(exc).__name__}: {exc}",
-                              retry_after=1) from None
-        try:
-            body = json.loads(data) if data else None
-        except (ValueError, UnicodeDecodeError):
-            body = None
-        return status, body
-
     @staticmethod
-    def _scheduler_error(what: str, status: int, body: Any) -> CompatError:
-        err = body.get("error") if isinstance(body, dict) else None
-        code = str(err.get("code", "")) if isinstance(err, dict) else ""
-        message = str(err.get("message", "")) if isinstance(err, dict) else ""
-        text = f"{what}: scheduler answered {status}" + (f" {code}: {message}" if code else "")
-        if status == 400:
-            param = err.get("param") if isinstance(err, dict) else None
-            return CompatError(400, "invalid_request", message or text,
-                               "audio" if param in ("audio_b64", "file") else param)
-        if status == 413:
-            return CompatError(413, "too_large", message or text, "audio")
-        if status == 503:
-            return CompatError(503, "unavailable", text, retry_after=1)
-        return CompatError(500, "scheduler_error", text)
+    def _scheduler_error(what: str, exc: SchedulerError) -> CompatError:
+        """The answer for a scheduler call that failed: its refusals of the request are passed on as the
+        request's fault (400, 413); an unreachable or unavailable scheduler is 503; anything else is 500."""
+        if isinstance(exc, SchedulerUnavailable) and exc.status in (None, 503):
+            return CompatError(503, "unavailable", f"{what}: {exc}", retry_after=exc.retry_after or 1)
+        if isinstance(exc, BadRequest) and exc.status == 400:
+            return CompatError(400, "invalid_request", exc.detail,
+                               "audio" if exc.param in ("audio_b64", "file") else exc.param)
+        if isinstance(exc, BadRequest) and exc.status == 413:
+            return CompatError(413, "too_large", exc.detail, "audio")
+        return CompatError(500, "scheduler_error", f"{what}: {exc}")
 
     async def _submit(self, req: UtteranceRequest, audio: bytes, deadline_s: float) -> str:
-        # Multipart with the raw audio: no base64 text rebuilt, and aiohttp reads the BytesIO (which shares the
-        # bytes' buffer) in small chunks, so the socket's send buffer never holds a second copy either.
-        form = aiohttp.FormData()
-        form.add_field("format", "pcm_s16le")
-        form.add_field("sample_rate", str(req.sample_rate))
-        if req.src_lang != "auto":
-            form.add_field("language", req.src_lang)
-        form.add_field("options", json.dumps(req.options()))
-        form.add_field("deadline_s", f"{deadline_s:.3f}")
-        form.add_field("file", io.BytesIO(audio), filename="utterance.pcm", content_type="application/octet-stream")
-        timeout = max(60.0, self.agent.settings.scheduler.request_timeout_s)
-        status, reply = await self._scheduler("POST", "/v1/jobs", timeout, data=form)
-        if status != 202 or not isinstance(reply, dict) or "job_id" not in reply:
-            raise self._scheduler_error("submitting the job", status, reply)
-        return str(reply["job_id"])
+        try:
+            submitted = await self.client.submit_job(
+                audio, filename="utterance.pcm", format="pcm_s16le", sample_rate=req.sample_rate,
+                language=None if req.src_lang == "auto" else req.src_lang, options=req.options(),
+                deadline_s=deadline_s)
+        except SchedulerError as exc:
+            raise self._scheduler_error("submitting the job", exc) from None
+        return submitted.job_id
 
     async def _wait(self, job_id: str, give_up: float, limit_s: float) -> dict[str, Any]:
         """Long-poll the job until it is finished or ``give_up`` (loop time) passes."""
         loop = asyncio.get_running_loop()
-        request_timeout = self.agent.settings.scheduler.request_timeout_s
         while True:
             left = give_up - loop.time()
             if left <= 0:
                 raise CompatError(504, "timeout", f"no result within the time limit of {limit_s:g} s "
                                                   f"(scheduler job {job_id})")
-            wait = min(left, POLL_SLICE_S)
-            status, view = await self._scheduler("GET", f"/v1/jobs/{job_id}", wait + request_timeout,
-                                                 params={"wait_s": f"{wait:.2f}"})
-            if status != 200 or not isinstance(view, dict):
-                raise self._scheduler_error(f"following job {job_id}", status, view)
-            if view.get("state") in ("succeeded", "failed"):
-                return view
-            if self.agent.draining and view.get("state") == "queued":
+            try:
+                view = await self.client.get_job(job_id, wait_s=min(left, POLL_SLICE_S))
+            except SchedulerError as exc:
+                raise self._scheduler_error(f"following job {job_id}", exc) from None
+            if view.state in ("succeeded", "failed"):
+                return view.model_dump()
+            if self.node.draining and view.state == "queued":
                 raise CompatError(503, "unavailable", "the node is draining; the utterance was not started",
                                   retry_after=self.retry_after())
 
@@ -356,7 +324,7 @@ class CompatService:
     async def _read_body(self, request: web.Request) -> str:
         """The whole body as text, read within ``body_timeout_s`` and counted against ``http.max_body_bytes``."""
         # Read the stream ourselves: the app's client_max_size is sized for small control requests.
-        limit = self.agent.settings.http.max_body_bytes
+        limit = self.settings.http.max_body_bytes
         too_large = CompatError(413, "too_large", f"request body is over the limit of {limit} bytes")
         if request.content_length is not None and request.content_length > limit:
             raise too_large
@@ -411,7 +379,6 @@ class CompatService:
             raise _invalid(exc) from None
         text, req.audio = req.audio, ""
         data.pop("audio", None)
-        req.options()  # option bounds fail here, before any work is queued
         if not text:
             raise CompatError(400, "invalid_request", "audio: audio is empty", "audio")
         size, box = len(text), [text]
@@ -422,14 +389,14 @@ class CompatService:
         if len(audio) % 2:
             raise CompatError(400, "bad_audio", f"audio: pcm16 audio must be a whole number of 16-bit "
                                                 f"samples; got {len(audio)} bytes", "audio")
-        max_s = self.agent.settings.asr.max_audio_s
+        max_s = self.settings.asr.max_audio_s
         if len(audio) / 2 / req.sample_rate > max_s:
             raise CompatError(400, "invalid_request", f"audio: longer than this node's limit of {max_s:g} s "
                                                       "(asr.max_audio_s)", "audio")
         served = self.served_languages()
         if req.src_lang != "auto" and served is not None and req.src_lang not in served:
             raise CompatError(400, "invalid_request", f"src_lang: {req.src_lang!r} is not served by this node's "
-                                                      f"model {self.agent.settings.asr.model} (serves "
+                                                      f"model {self.settings.asr.model} (serves "
                                                       f"{', '.join(sorted(served))} or auto)", "src_lang")
         return req, audio
 
@@ -465,7 +432,7 @@ class CompatService:
             audio_bytes = len(audio)
             scheduler_job = await self._submit(req, audio, limit_s)
             del audio  # the scheduler has its own copy; this one must not live on through the wait
-            give_up = received + limit_s + self.agent.settings.worker.stop_grace_s + REPORT_GRACE_S
+            give_up = received + limit_s + self.settings.worker.stop_grace_s + REPORT_GRACE_S
             view = await self._wait(scheduler_job, give_up, limit_s)
             queued = (view.get("timings") or {}).get("queued_s")
             if isinstance(queued, (int, float)):
@@ -535,19 +502,20 @@ class CompatService:
         return json_response({"error": error, **ids}, status=exc.status, headers=headers)
 
     def health_doc(self) -> tuple[int, dict[str, Any]]:
-        agent = self.agent
-        workers = [self._worker_view(w.snapshot()) for w in agent.workers.values()]
+        node = self.node
+        snapshots = node.worker_snapshots()
+        workers = [self._worker_view(snap) for snap in snapshots]
         restarts: Counter[str] = Counter()
-        for w in agent.workers.values():
-            restarts.update(w.restarts)
+        for snap in snapshots:
+            restarts.update(snap["restarts"])
         reasons = []
-        if agent.draining:
+        if node.draining:
             reasons.append("draining")
-        if not agent.identity.registered:
+        if not node.registered:
             reasons.append("not registered with the scheduler")
         if self.serving_workers() == 0:
             reasons.append("no worker can take jobs")
-        status = "ok" if not reasons else "draining" if agent.draining else "degraded"
+        status = "ok" if not reasons else "draining" if node.draining else "degraded"
         doc = {
             "status": status,
             "reasons": reasons,
@@ -578,14 +546,10 @@ class CompatService:
 COMPAT_KEY: web.AppKey[CompatService] = web.AppKey("compat", CompatService)
 
 
-def add_compat_routes(app: web.Application, agent: "Agent") -> None:
+def add_compat_routes(app: web.Application, node: LocalNodeView, client: SchedulerClient,
+                      settings: Settings) -> None:
     """Register the compatibility routes on the agent's HTTP app."""
-    service = CompatService(agent)
+    service = CompatService(node, client, settings)
     app[COMPAT_KEY] = service
     app.router.add_post("/utterance", service.utterance)
     app.router.add_get("/health", service.health)
-
-    async def close(_: web.Application) -> None:
-        await service.close()
-
-    app.on_cleanup.append(close)

@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from .contracts import error_loc, one_line
 from .errors import ConfigError
 from .models import check_model_name
 
@@ -477,17 +478,14 @@ def load_settings(path: Path | str | None = None, environ: Mapping[str, str] | N
     try:
         return Settings.model_validate(data, context={"environ": environ})
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(str(p) for p in err["loc"])
-        key = ".".join(loc) or "(top level)"
+        loc = error_loc(exc)
         # The env variable that set this key, a section above it, or (model checks) a key below it.
         origin = next((env_origin[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in env_origin), None)
         origin = origin or next((name for k, name in env_origin.items() if k[: len(loc)] == loc), None)
-        where = origin or str(file)
-        value = err.get("input")
-        shown = "**********" if "token" in loc else repr(value)
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        extra = f" ({len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-        raise ConfigError(f"{where}: {key} = {shown}: {msg}{extra}") from None
+        raise ConfigError(one_line(exc, where=origin or str(file), unknown="unknown key", top="(top level)",
+                                   value=_shown)) from None
+
+
+def _shown(loc: tuple[str, ...], value: Any) -> str:
+    """A bad value as a config error shows it; a token never."""
+    return "**********" if "token" in loc else repr(value)

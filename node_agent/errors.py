@@ -1,7 +1,8 @@
-"""Typed errors. Every job failure carries a ``code`` from the fixed list in docs/protocol.md."""
+"""Typed errors. Every job failure carries a ``code`` from ``JobErrorCode``, the one list (docs/protocol.md)."""
 
 from __future__ import annotations
 
+import enum
 import os
 
 
@@ -47,10 +48,25 @@ class WireError(NodeAgentError):
     """A frame between agent and worker was malformed or the stream ended mid-frame."""
 
 
+class JobErrorCode(enum.StrEnum):
+    """Every job error code on the wire, in metric labels and in HTTP status maps; docs/protocol.md explains each."""
+
+    bad_audio = "bad_audio"
+    invalid_request = "invalid_request"
+    timeout = "timeout"
+    stalled = "stalled"
+    worker_crashed = "worker_crashed"
+    worker_unavailable = "worker_unavailable"
+    lease_lost = "lease_lost"
+    lease_expired = "lease_expired"
+    shutdown = "shutdown"
+    failed = "failed"
+
+
 class JobError(NodeAgentError):
     """A job ended without a transcript. ``code`` is stable and machine-readable."""
 
-    code = "failed"
+    code: JobErrorCode = JobErrorCode.failed
     #: Whether a scheduler may dispatch the job again (the fault was the node's, not the input's).
     retryable = False
 
@@ -59,39 +75,39 @@ class JobError(NodeAgentError):
         self.message = message
 
     def to_dict(self) -> dict[str, str]:
-        return {"code": self.code, "message": self.message}
+        return {"code": str(self.code), "message": self.message}
 
 
 class BadAudio(JobError):
-    code = "bad_audio"
+    code = JobErrorCode.bad_audio
 
 
 class InvalidRequest(JobError):
-    code = "invalid_request"
+    code = JobErrorCode.invalid_request
 
 
 class JobTimeout(JobError):
-    code = "timeout"
+    code = JobErrorCode.timeout
 
 
 class JobStalled(JobError):
-    code = "stalled"
+    code = JobErrorCode.stalled
 
 
 class WorkerCrashed(JobError):
-    code = "worker_crashed"
+    code = JobErrorCode.worker_crashed
     retryable = True
 
 
 class WorkerUnavailable(JobError):
     """No worker can take the job (fatal after repeated start failures, or stopping)."""
 
-    code = "worker_unavailable"
+    code = JobErrorCode.worker_unavailable
     retryable = True
 
 
 class LeaseLost(JobError):
-    code = "lease_lost"
+    code = JobErrorCode.lease_lost
     retryable = True
 
     def __init__(self, message: str, reason: str = "rejected") -> None:
@@ -102,20 +118,20 @@ class LeaseLost(JobError):
 class LeaseExpired(JobError):
     """Scheduler side: the job's lease expired on its last allowed attempt."""
 
-    code = "lease_expired"
+    code = JobErrorCode.lease_expired
 
 
 class JobShutdown(JobError):
-    code = "shutdown"
+    code = JobErrorCode.shutdown
     retryable = True
 
 
 class TranscriptionFailed(JobError):
-    code = "failed"
+    code = JobErrorCode.failed
 
 
-#: code -> class, for turning a worker's or scheduler's error dict back into a typed error.
-JOB_ERRORS: dict[str, type[JobError]] = {
+#: code -> class, for turning a worker's or scheduler's error back into a typed error (tests check it is complete).
+JOB_ERRORS: dict[JobErrorCode, type[JobError]] = {
     cls.code: cls
     for cls in (
         BadAudio,
@@ -133,5 +149,5 @@ JOB_ERRORS: dict[str, type[JobError]] = {
 
 
 def job_error(code: str, message: str) -> JobError:
-    """Rebuild a typed error from its wire form; unknown codes become ``failed``."""
-    return JOB_ERRORS.get(code, TranscriptionFailed)(message)
+    """Rebuild a typed error from its wire form; a code outside ``JobErrorCode`` is a ``ValueError`` (a bug)."""
+    return JOB_ERRORS[JobErrorCode(code)](message)

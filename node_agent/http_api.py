@@ -1,7 +1,8 @@
 """The agent's own HTTP endpoints: /metrics, /healthz, /readyz, /status (loopback by default).
 
 With ``http.token`` set, /status and the compatibility endpoints (/utterance, /health) need it as a bearer
-token; /metrics, /healthz and /readyz stay open for scrapers and probes.
+token; /metrics, /healthz and /readyz stay open for scrapers and probes. Every handler reads the node through
+its read-only view (``node_view.LocalNodeView``), never the agent.
 """
 
 from __future__ import annotations
@@ -10,21 +11,21 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .config import HttpSettings, host_port
+from .client import SchedulerClient
+from .compat import add_compat_routes
+from .config import Settings, host_port
 from .errors import ListenError
 from .jsonio import json_response
-
-if TYPE_CHECKING:
-    from .agent import Agent
+from .node_view import LocalNodeView
 
 log = logging.getLogger("node_agent.http")
 
-AGENT_KEY: web.AppKey["Agent"] = web.AppKey("agent")
+NODE_KEY: web.AppKey[LocalNodeView] = web.AppKey("node", LocalNodeView)
 #: Paths that need ``http.token`` when it is set. Everything else is for scrapers and probes.
 PROTECTED_PATHS = frozenset({"/status", "/utterance", "/health"})
 
@@ -75,44 +76,38 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    agent = request.app[AGENT_KEY]
-    agent.metrics.refresh_workers(agent.workers.values())
-    body = generate_latest(agent.metrics.registry)
+    body = generate_latest(request.app[NODE_KEY].metrics_registry())
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    # Answering at all proves the event loop is alive; that is what liveness means here. Except when every
-    # worker has been fatal for worker.fatal_unhealthy_after_s: then a restart of the agent is the remedy left.
-    workers = list(request.app[AGENT_KEY].workers.values())
-    if workers and all(w.fatal_for_too_long() for w in workers):
-        reason = "; ".join(f"worker {w.resource} fatal: {w.last_error}" for w in workers)
+    alive, reason = request.app[NODE_KEY].liveness()
+    if not alive:
         return json_response({"ok": False, "reason": reason}, status=503)
     return json_response({"ok": True})
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    ready, reason = request.app[AGENT_KEY].ready()
+    ready, reason = request.app[NODE_KEY].ready()
     return json_response({"ready": ready, "reason": reason}, status=200 if ready else 503)
 
 
 async def _status(request: web.Request) -> web.Response:
-    return json_response(request.app[AGENT_KEY].status())
+    return json_response(request.app[NODE_KEY].status())
 
 
-def create_app(agent: "Agent", settings: HttpSettings) -> web.Application:
+def create_app(node: LocalNodeView, client: SchedulerClient, settings: Settings) -> web.Application:
+    """The agent's endpoints and the old service's, over ``node``; ``/utterance`` submits through ``client``."""
     middlewares: list[Any] = [_error_middleware]
-    if settings.token is not None:
-        middlewares.append(_auth_middleware(settings.token.get_secret_value()))
+    if settings.http.token is not None:
+        middlewares.append(_auth_middleware(settings.http.token.get_secret_value()))
     app = web.Application(client_max_size=64 * 1024, middlewares=middlewares)
-    app[AGENT_KEY] = agent
+    app[NODE_KEY] = node
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/status", _status)
-    from .compat import add_compat_routes
-
-    add_compat_routes(app, agent)
+    add_compat_routes(app, node, client, settings)
     return app
 
 
@@ -125,9 +120,11 @@ class RunningHttp:
         await self.runner.cleanup()
 
 
-async def start_http(agent: "Agent", settings: HttpSettings, port: int | None = None) -> RunningHttp:
-    host, default_port = host_port(settings.listen)
-    runner = web.AppRunner(create_app(agent, settings), access_log=None)
+async def start_http(node: LocalNodeView, client: SchedulerClient, settings: Settings,
+                     port: int | None = None) -> RunningHttp:
+    """Serve the app on ``http.listen`` (or ``port``: 0 picks a free one)."""
+    host, default_port = host_port(settings.http.listen)
+    runner = web.AppRunner(create_app(node, client, settings), access_log=None)
     await runner.setup()
     port = default_port if port is None else port
     site = web.TCPSite(runner, host, port)

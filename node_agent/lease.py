@@ -3,7 +3,8 @@
 The holder cannot trust itself to notice expiry (a paused process keeps acting), so two rules apply:
 the scheduler rejects results carrying a stale epoch, and the keeper here stops the job as soon as no
 renewal has succeeded for the renew deadline (2/3 TTL by default), before the scheduler's TTL runs out.
-All timing uses the event loop's monotonic clock; the TTL on the wire is relative seconds.
+All timing uses the event loop's monotonic clock; the TTL on the wire is relative seconds. Every retry (acquire,
+renewal, release) goes through the agent's retry policy (``node_agent.retry``): full jitter, capped waits, a total.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from .client import Gone, LeaseHeld, SchedulerClient, SchedulerError, SchedulerUnavailable, backoff_delays
+from .client import Gone, LeaseHeld, SchedulerClient, SchedulerError, SchedulerUnavailable
 from .config import LeaseSettings
 from .errors import LeaseLost
 from .metrics import AgentMetrics
+from .retry import Backoff, RetryPolicies, RetryPolicy, retry_after_of
 
 log = logging.getLogger("node_agent.lease")
 
@@ -52,11 +54,13 @@ class LeaseKeeper:
     """Acquires, renews and releases leases for one device."""
 
     def __init__(self, client: SchedulerClient, settings: LeaseSettings, metrics: AgentMetrics | None,
-                 device: str) -> None:
+                 device: str, policies: RetryPolicies | None = None) -> None:
         self.client = client
         self.settings = settings
         self.metrics = metrics
         self.device = device
+        self.policies = policies or RetryPolicies()
+        self._on_retry = metrics.count_retry if metrics is not None else None
         self.current: Lease | None = None
         #: The TTL range the scheduler grants (from registration); requests are clamped into it.
         self.bounds: tuple[float, float] | None = None
@@ -83,17 +87,17 @@ class LeaseKeeper:
         """Get the lease for ``job_id`` on this device; waits on 409 up to ``lease.acquire_timeout_s``."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        give_up = started + self.settings.acquire_timeout_s
-        delays = backoff_delays(0.2, 5.0)
+        policy = replace(self.policies.lease_acquire, max_total_s=self.settings.acquire_timeout_s)
+        backoff = policy.start("lease_acquire", self._on_retry, clock=loop.time)
         while True:
             sent = loop.time()
             try:
                 grant = await self.client.acquire_lease(node_id, job_id, self.device, self.requested_ttl())
             except LeaseHeld as exc:
-                wait = exc.retry_after
-                reason = f"{self.device} is held (retry after {wait:g} s)"
+                retry_after: float | None = exc.retry_after
+                reason = f"{self.device} is held (retry after {exc.retry_after:g} s)"
             except SchedulerUnavailable as exc:
-                wait = exc.retry_after or next(delays)
+                retry_after = exc.retry_after
                 reason = str(exc)
             except Gone as exc:
                 raise LeaseUnavailable(f"job {job_id} is no longer assigned to this node: {exc}",
@@ -110,11 +114,11 @@ class LeaseKeeper:
                 log.info("lease %s granted for job %s on %s: epoch=%d ttl=%.1fs", lease.lease_id, job_id,
                          self.device, lease.epoch, lease.ttl_s)
                 return lease
-            if loop.time() + wait > give_up:
+            # A held device's Retry-After is the scheduler's estimate, so it is waited out (up to the cap per wait).
+            if not await backoff.wait(retry_after):
                 raise LeaseUnavailable(
                     f"no lease for job {job_id} within lease.acquire_timeout_s = "
                     f"{self.settings.acquire_timeout_s:g} s: {reason}")
-            await asyncio.sleep(wait)
 
     @contextlib.asynccontextmanager
     async def hold(self, lease: Lease, on_lost: Callable[[LeaseLost], None]) -> AsyncIterator[Lease]:
@@ -132,12 +136,10 @@ class LeaseKeeper:
         # Timed by the TTL the scheduler granted (and re-granted on each renewal), never by our request alone.
         interval, deadline_s = self.settings.timing(lease.ttl_s)
         next_at = lease.renewed_at + interval
+        retries: Backoff | None = None  # the retry sequence of the current run of failures
         while True:
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             interval, deadline_s = self.settings.timing(lease.ttl_s)
-            # After a failed renewal, retry several times before the renew deadline (client-go: RetryPeriod 2 s
-            # within a RenewDeadline of 10 s), so one lost request or a brief 5xx never costs the job.
-            retry_s = max(0.05, min(interval / 2, deadline_s / 8))
             now = loop.time()
             fence_at = lease.renewed_at + deadline_s
             if now >= fence_at:
@@ -162,8 +164,14 @@ class LeaseKeeper:
                 self._count("failed", loop.time() - sent)
                 log.warning("lease %s: renewal failed (%s); %.1f s left before self-fencing", lease.lease_id,
                             exc or "timed out", fence_at - loop.time())
-                next_at = min(loop.time() + retry_s, fence_at)
+                if retries is None:
+                    retries = self.renew_retry_policy(interval, deadline_s, fence_at - loop.time()).start(
+                        "lease_renew", self._on_retry, clock=loop.time)
+                # No wait left before the fence: the next turn of the loop fences.
+                delay = retries.schedule(retry_after_of(exc))
+                next_at = fence_at if delay is None else min(loop.time() + delay, fence_at)
                 continue
+            retries = None
             done = loop.time()
             margin = lease.expires_at() - done
             lease.renewed_at = sent
@@ -174,6 +182,14 @@ class LeaseKeeper:
             if self.metrics is not None:
                 self.metrics.lease_margin.labels(self.device).observe(max(0.0, margin))
             next_at = sent + self.settings.timing(lease.ttl_s)[0]
+
+    @staticmethod
+    def renew_retry_policy(interval_s: float, deadline_s: float, left_s: float) -> RetryPolicy:
+        """Retries after a failed renewal: several fit before the renew deadline (client-go: RetryPeriod 2 s
+        within a RenewDeadline of 10 s), so one lost request or a brief 5xx never costs the job; the total is
+        the time left before self-fencing."""
+        first = max(0.05, min(interval_s / 2, deadline_s / 8))
+        return RetryPolicy(initial_s=first, max_wait_s=max(first, interval_s / 2), max_total_s=max(0.0, left_s))
 
     def _count(self, result: str, seconds: float) -> None:
         if self.metrics is not None:
@@ -193,13 +209,15 @@ class LeaseKeeper:
             self.current = None
             if self.metrics is not None:
                 self.metrics.leases_held.labels(self.device).dec()
-        for delay in (0.0, 0.2, 1.0):
-            await asyncio.sleep(delay)
+        backoff = self.policies.lease_release.start("lease_release", self._on_retry)
+        while True:
             try:
                 await self.client.release_lease(lease.lease_id)
                 log.info("lease %s released (job %s)", lease.lease_id, lease.job_id)
                 return
             except SchedulerUnavailable as exc:
                 log.warning("lease %s: release failed (%s)", lease.lease_id, exc)
+                if not await backoff.wait(exc.retry_after):
+                    return
             except SchedulerError:
                 return

@@ -13,26 +13,23 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .contracts import JOB_OUTCOMES, job_outcome
 from .supervisor import RESTART_REASONS, JobRequest, JobResult, Worker, WorkerObserver, WorkerState
 
 if TYPE_CHECKING:
     from .errors import JobError
 
-JOB_OUTCOMES = ("succeeded", "failed", "timeout", "stalled", "worker_crashed", "lease_lost", "bad_audio", "shutdown")
 LEASE_LOST_REASONS = ("expired", "rejected", "self_fenced")
+#: Every operation the agent retries (``node_agent_retries_total{operation}``): the fields of ``RetryPolicies``
+#: plus the lease renewal.
+RETRY_OPERATIONS = ("register", "heartbeat", "poll", "audio", "lease_acquire", "lease_renew", "lease_release",
+                    "events", "result")
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _JOB_SECONDS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 _RTF = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)
 _MARGIN = (0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 60)
 _SEGMENT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
-
-
-def job_outcome(code: str | None) -> str:
-    """Map a job error code to the bounded ``outcome`` label (None = success)."""
-    if code is None:
-        return "succeeded"
-    return code if code in JOB_OUTCOMES else "failed"
 
 
 class AgentMetrics:
@@ -55,6 +52,10 @@ class AgentMetrics:
         self.scheduler_request_duration = Histogram(
             "node_agent_scheduler_request_duration_seconds", "Scheduler call latency.", ["endpoint"],
             buckets=_LATENCY + (30,), registry=r)
+        self.retries = Counter("node_agent_retries_total", "Retries of scheduler calls by operation (each one after "
+                               "a failed try, under the retry policy).", ["operation"], registry=r)
+        for operation in RETRY_OPERATIONS:
+            self.retries.labels(operation)
 
         self.lease_acquire_duration = Histogram(
             "node_agent_lease_acquire_duration_seconds", "Time to get a lease, including waiting on 409.",
@@ -140,6 +141,12 @@ class AgentMetrics:
         self.node_info.clear()
         for uuid in list(gpu_uuids) or [""]:
             self.node_info.labels(node_id, hostname, uuid or "").set(1)
+
+    def count_retry(self, operation: str) -> None:
+        """The ``on_retry`` hook of every retry policy; the label set is bounded to ``RETRY_OPERATIONS``."""
+        if operation not in RETRY_OPERATIONS:
+            raise ValueError(f"unknown retry operation {operation!r}")
+        self.retries.labels(operation).inc()
 
     def count_job(self, code: str | None, duration_s: float | None = None) -> None:
         self.jobs.labels(job_outcome(code)).inc()

@@ -10,6 +10,7 @@ Backoff And Jitter"). A server's ``Retry-After`` is honoured as a lower bound on
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -18,6 +19,20 @@ from dataclasses import dataclass
 
 class RetryBudgetSpent(Exception):
     """The policy's total time is used up; the caller gives up with the last error it saw."""
+
+
+def jittered_delay(retry: int, initial_s: float, max_s: float, multiplier: float = 2.0,
+                   rng: Callable[[], float] = random.random) -> float:
+    """The wait before retry number ``retry`` (1-based): full jitter, uniform in [0, min(max_s, initial_s *
+    multiplier ** (retry - 1))]. Pure apart from ``rng``; the supervisor's restart backoff uses it too."""
+    ceiling = min(max_s, initial_s * multiplier ** max(0, retry - 1))
+    return rng() * ceiling
+
+
+def retry_after_of(exc: BaseException) -> float | None:
+    """The server's ``Retry-After`` carried by an error (``SchedulerUnavailable``, ``LeaseHeld``), if any."""
+    value = getattr(exc, "retry_after", None)
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 @dataclass(frozen=True)
@@ -55,7 +70,7 @@ class Backoff:
         self._clock = clock
         self._rng = rng
         self._started = clock()
-        self._ceiling = policy.initial_s
+        self._attempt = 0
         self.retries = 0
 
     def elapsed(self) -> float:
@@ -68,28 +83,81 @@ class Backoff:
         return max(0.0, self.policy.max_total_s - self.elapsed())
 
     def next_delay(self, retry_after: float | None = None) -> float | None:
-        """The wait before the next try, or None when it would end past the total budget."""
-        delay = self._rng() * self._ceiling
-        self._ceiling = min(self.policy.max_wait_s, self._ceiling * self.policy.multiplier)
+        """The wait before the next try, or None when it would end past the total budget (not counted)."""
+        p = self.policy
+        self._attempt += 1
+        delay = jittered_delay(self._attempt, p.initial_s, p.max_wait_s, p.multiplier, self._rng)
         if retry_after is not None and retry_after > 0:
-            delay = max(delay, min(retry_after, self.policy.max_wait_s))
+            delay = max(delay, min(retry_after, p.max_wait_s))
         remaining = self.remaining()
         if remaining is not None and delay >= remaining:
             return None
         return delay
 
+    def schedule(self, retry_after: float | None = None) -> float | None:
+        """Like ``next_delay``, and counts the retry (metric included) when there is one; for callers that do
+        their own waiting (the lease renewal, which also watches its fence)."""
+        delay = self.next_delay(retry_after)
+        if delay is not None:
+            self.retries += 1
+            if self._on_retry is not None:
+                self._on_retry(self.operation)
+        return delay
+
     async def wait(self, retry_after: float | None = None) -> bool:
         """Sleep before the next try and count it; False (without sleeping) when the budget is spent."""
-        delay = self.next_delay(retry_after)
+        delay = self.schedule(retry_after)
         if delay is None:
             return False
-        self.retries += 1
-        if self._on_retry is not None:
-            self._on_retry(self.operation)
         await asyncio.sleep(delay)
         return True
 
     def reset(self) -> None:
         """Start over after a success (lifetime loops: the next outage begins with short waits again)."""
         self._started = self._clock()
-        self._ceiling = self.policy.initial_s
+        self._attempt = 0
+
+
+@dataclass(frozen=True)
+class RetryPolicies:
+    """The agent's policy for each operation it retries (the ``operation`` label of
+    ``node_agent_retries_total``). Defaults are the production values; tests pass faster ones.
+
+    Lease renewals are not here: their waits follow the granted TTL (``LeaseKeeper``), their total is the fence.
+    """
+
+    #: Registration lives as long as the agent: a node that cannot register has nothing else to do.
+    register: RetryPolicy = RetryPolicy(initial_s=0.5, max_wait_s=30.0, max_total_s=None)
+    #: One heartbeat, retried until the next one is due (the total is also cut to the heartbeat interval).
+    heartbeat: RetryPolicy = RetryPolicy(initial_s=0.5, max_wait_s=5.0, max_total_s=30.0)
+    #: Polling for jobs lives as long as the agent; reset after each answer.
+    poll: RetryPolicy = RetryPolicy(initial_s=0.5, max_wait_s=10.0, max_total_s=None)
+    #: A job's audio; after this the scheduler re-queues the assignment on its own.
+    audio: RetryPolicy = RetryPolicy(initial_s=0.2, max_wait_s=2.0, max_total_s=15.0)
+    #: Waiting for a device (409 with Retry-After) or through a blip; the total is ``lease.acquire_timeout_s``.
+    lease_acquire: RetryPolicy = RetryPolicy(initial_s=0.2, max_wait_s=5.0, max_total_s=20.0)
+    #: Housekeeping only: an unreleased lease expires after its TTL anyway.
+    lease_release: RetryPolicy = RetryPolicy(initial_s=0.2, max_wait_s=1.0, max_total_s=10.0)
+    #: Segment events still undelivered when the job ends; short steps so several tries fit even if one hangs.
+    events: RetryPolicy = RetryPolicy(initial_s=0.1, max_wait_s=0.5, max_total_s=4.0)
+    #: The result: retried for minutes, after which the scheduler's lease expiry re-queues the job.
+    result: RetryPolicy = RetryPolicy(initial_s=0.2, max_wait_s=10.0, max_total_s=300.0)
+
+
+class OutageLog:
+    """One log line when a repeating call starts failing or fails differently, one when it works again;
+    not one per retry."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = logger
+        self._reasons: dict[str, str] = {}
+
+    def failed(self, what: str, exc: BaseException) -> None:
+        reason = str(exc) or type(exc).__name__
+        if self._reasons.get(what) != reason:
+            self._log.warning("%s failed (retrying with backoff): %s", what, reason)
+            self._reasons[what] = reason
+
+    def recovered(self, what: str) -> None:
+        if self._reasons.pop(what, None) is not None:
+            self._log.info("%s works again", what)

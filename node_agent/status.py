@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import sys
+import textwrap
 import unicodedata
 import urllib.error
 import urllib.parse
@@ -112,6 +113,19 @@ def exit_code(status: dict[str, Any]) -> int:
 
 
 # ----- text that fits -------------------------------------------------------------------------------------------
+#
+# The wrapping is textwrap's. What is this module's own is counting terminal columns, where textwrap counts
+# characters: while wrapping, each wide (CJK) character is followed by a pad character so that len() counts its
+# two columns, and _ColumnWrapper keeps a long word from being split between the two; the pads go afterwards.
+
+_PAD = "\ue000"  # private use: clean() drops those, so no text shown has one of its own
+_HARD_SPACE = "\u00a0"  # textwrap breaks only at ASCII whitespace; clean() turns this one into a plain space
+
+
+def _char_cells(ch: str) -> int:
+    if unicodedata.combining(ch):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
 
 
 def cells(text: str) -> int:
@@ -119,10 +133,40 @@ def cells(text: str) -> int:
     return sum(_char_cells(ch) for ch in text)
 
 
-def _char_cells(ch: str) -> int:
-    if unicodedata.combining(ch):
-        return 0
-    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+class _ColumnWrapper(textwrap.TextWrapper):
+    """Splits a word longer than a line without parting a wide character from its pad."""
+
+    def _handle_long_word(self, reversed_chunks: list[str], cur_line: list[str], cur_len: int,
+                          width: int) -> None:
+        chunk = reversed_chunks[-1]
+        end = max(0, width - cur_len)
+        if chunk[end:end + 1] == _PAD:
+            end -= 1
+        if end <= 0 and not cur_line:
+            end = 2  # a line narrower than one wide character: overflow rather than loop
+        cur_line.append(chunk[:max(0, end)])
+        reversed_chunks[-1] = chunk[max(0, end):]
+
+
+def _wrap(text: str, width: int, first: str = "", indent: str = "") -> list[str]:
+    """``textwrap.wrap`` by terminal columns. Never at hyphens: ids such as ``job-1234`` stay whole."""
+    padded = "".join(ch + _PAD if _char_cells(ch) == 2 else ch for ch in text)
+    wrapper = _ColumnWrapper(width, initial_indent=first, subsequent_indent=indent, break_on_hyphens=False)
+    return [line.replace(_PAD, "").replace(_HARD_SPACE, " ") for line in wrapper.wrap(padded)]
+
+
+def _head(text: str, width: int) -> str:
+    """The start of ``text`` that fits in ``width`` columns, cut anywhere (indentation kept)."""
+    # As one unbreakable word, textwrap cuts it wherever the room ends.
+    lines = _wrap(text.replace(" ", _HARD_SPACE), max(1, width))
+    return lines[0].rstrip() if lines else ""
+
+
+def _shown(lines: list[str], width: int, max_lines: int) -> list[str]:
+    """At most ``max_lines`` lines; when some are left out, the last one shown ends in an ellipsis."""
+    if len(lines) <= max_lines:
+        return lines
+    return lines[:max_lines - 1] + [_head(lines[max_lines - 1], width - len(ELLIPSIS)) + ELLIPSIS]
 
 
 def clean(value: Any) -> str:
@@ -144,82 +188,22 @@ def truncate(text: str, width: int) -> str:
     """``text`` cut to ``width`` columns, ending in an ellipsis when anything was cut."""
     if cells(text) <= width:
         return text
-    room = max(0, width - len(ELLIPSIS))
-    out, used = [], 0
-    for ch in text:
-        w = _char_cells(ch)
-        if used + w > room:
-            break
-        out.append(ch)
-        used += w
-    return "".join(out).rstrip() + ELLIPSIS
-
-
-def _head(word: str, room: int) -> str:
-    """The longest start of ``word`` that fits in ``room`` columns (at least one character)."""
-    used = 0
-    for i, ch in enumerate(word):
-        used += _char_cells(ch)
-        if used > room:
-            return word[:max(1, i)]
-    return word
-
-
-def _cut(line: str, width: int) -> str:
-    """``line`` marked as continued: an ellipsis appended, cutting the line if it must."""
-    if cells(line) + len(ELLIPSIS) <= width:
-        return line + ELLIPSIS
-    return truncate(line + " " * width, width)
+    return _head(text, width - len(ELLIPSIS)) + ELLIPSIS
 
 
 def wrap(text: str, width: int, first: str = "", indent: str = "", max_lines: int = 3) -> list[str]:
-    """Greedy word wrap by terminal columns: ``first`` prefixes line one, ``indent`` the others; words longer
-    than a line are split; when more than ``max_lines`` are needed the last one shown ends in an ellipsis."""
-    words = clean(text).split()
-    lines: list[str] = []
-    line, prefix = "", first
-    i = 0
-    while i < len(words):
-        room = max(1, width - cells(prefix))
-        candidate = f"{line} {words[i]}" if line else words[i]
-        if cells(candidate) <= room:
-            line, i = candidate, i + 1
-            continue
-        if not line:
-            line = _head(words[i], room)
-            words[i] = words[i][len(line):]
-        lines.append(prefix + line)
-        line, prefix = "", indent
-    if line or not lines:
-        lines.append(prefix + line)
-    if len(lines) > max_lines:
-        lines = lines[:max_lines - 1] + [_cut(lines[max_lines - 1], width)]
-    return lines
+    """Word wrap by terminal columns: ``first`` prefixes line one, ``indent`` the others; words longer than a
+    line are split; when more than ``max_lines`` are needed the last one shown ends in an ellipsis."""
+    return _shown(_wrap(clean(text), width, first, indent), width, max_lines) or [first]
 
 
 def pack(items: Iterable[str], width: int, first: str = "", indent: str = "", sep: str = "  ",
          max_lines: int = 3) -> list[str]:
     """``items`` joined by ``sep``, starting a new line between items rather than inside one (an item too long
     for a whole line is cut); ``first`` prefixes line one, ``indent`` the others."""
-    lines: list[str] = []
-    line: str | None = None
-    prefix = first
-    for item in (clean(i) for i in items):
-        if not item:
-            continue
-        if line is None:
-            line = truncate(item, max(1, width - cells(prefix)))
-        elif cells(line + sep + item) <= width - cells(prefix):
-            line = line + sep + item
-        else:
-            lines.append(prefix + line + sep.rstrip())
-            prefix = indent
-            line = truncate(item, max(1, width - cells(prefix)))
-    if line is not None:
-        lines.append(prefix + line)
-    if len(lines) > max_lines:
-        lines = lines[:max_lines - 1] + [_cut(lines[max_lines - 1], width)]
-    return lines or [first.rstrip()]
+    room = max(1, width - max(cells(first), cells(indent)) - len(sep.strip()))
+    words = [truncate(item, room).replace(" ", _HARD_SPACE) for item in map(clean, items) if item]
+    return _shown(_wrap(sep.join(words), width, first, indent), width, max_lines) or [first.rstrip()]
 
 
 def fit(lines: Iterable[str], width: int) -> list[str]:

@@ -1,21 +1,30 @@
-"""``node-agent submit``: send files to a scheduler, stream their segments, print the transcripts."""
+"""``node-agent submit``: send files to a scheduler, stream their segments, print the transcripts.
+
+Every call goes through the scheduler client (typed errors); a poll that fails is retried under the one retry
+policy (full jitter, a cap on each wait), all within the ``--timeout`` deadline.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
+from .client import ConnectFailed, SchedulerClient, SchedulerError, SchedulerUnavailable
 from .config import Settings, host_port
 from .errors import SchedulerUnreachable
 from .jsonio import dumps
+from .retry import Backoff, RetryPolicy
 
 TERMINAL = ("succeeded", "failed")
+#: Longest single long poll for a job's progress.
+POLL_SLICE_S = 10.0
+#: Failed polls (a scheduler restarting, a network blip) are retried with full jitter, each wait at most
+#: ``max_wait_s``; the total is set per job to what is left of ``--timeout``.
+POLL_RETRY = RetryPolicy(initial_s=0.5, max_wait_s=10.0, max_total_s=None)
 
 
 def scheduler_url(args: argparse.Namespace, settings: Settings) -> str:
@@ -28,71 +37,65 @@ def scheduler_url(args: argparse.Namespace, settings: Settings) -> str:
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
 
 
-def _unreachable(url: str, exc: aiohttp.ClientConnectorError) -> SchedulerUnreachable:
-    errno_ = exc.os_error.errno
-    reason = os.strerror(errno_).lower() if isinstance(errno_, int) and errno_ > 0 else str(exc.os_error or exc)
-    return SchedulerUnreachable(url, f"{reason} (is `node-agent run` or `node-agent scheduler` running there?)")
+def _failure(exc: SchedulerError) -> str:
+    """One line for a refused or failed call, as ``STATUS CODE: MESSAGE`` when the scheduler answered one."""
+    if isinstance(exc, SchedulerUnavailable) or exc.status is None:
+        return str(exc)
+    return f"{exc.status} {exc.code or ''}: {exc.detail}"
 
 
-async def _submit_one(session: aiohttp.ClientSession, url: str, name: str, audio: bytes, language: str | None,
+async def _submit_one(client: SchedulerClient, name: str, audio: bytes, language: str | None,
                       allow_truncated: bool = False) -> str:
-    data = aiohttp.FormData()
-    data.add_field("file", audio, filename=name, content_type="application/octet-stream")
-    if language:
-        data.add_field("language", language)
-    if allow_truncated:
-        data.add_field("allow_truncated", "true")
     try:
-        async with session.post(f"{url}/v1/jobs", data=data) as resp:
-            body = await resp.json(content_type=None)
-    except aiohttp.ClientConnectorError as exc:
+        submitted = await client.submit_job(audio, filename=name, language=language or None,
+                                            allow_truncated=allow_truncated)
+    except ConnectFailed as exc:
         # Nothing there at all: every other file would fail the same way, so this ends the command.
-        raise _unreachable(url, exc) from None
-    if resp.status != 202:
-        err = (body or {}).get("error", {}) if isinstance(body, dict) else {}
-        raise RuntimeError(f"{resp.status} {err.get('code', '')}: {err.get('message', body)}")
-    return body["job_id"]
+        raise SchedulerUnreachable(client.base_url, f"{exc.reason} (is `node-agent run` or `node-agent scheduler` "
+                                                    "running there?)") from None
+    return submitted.job_id
 
 
-async def _follow(session: aiohttp.ClientSession, url: str, path: str, job_id: str, as_json: bool,
+async def _follow(client: SchedulerClient, path: str, job_id: str, as_json: bool,
                   timeout: float) -> dict[str, Any]:
     seen = 0
     loop = asyncio.get_running_loop()
     give_up = loop.time() + timeout
     name = Path(path).name
+    backoff: Backoff | None = None  # the current run of failed polls, if any
     while True:
         left = give_up - loop.time()
         if left <= 0:
             return {"state": "failed", "error": {"code": "timeout", "message": f"no result within {timeout:g} s"}}
-        params = {"wait_s": f"{min(10.0, left):.1f}", "after_segment": str(seen)}
         try:
-            async with session.get(f"{url}/v1/jobs/{job_id}", params=params,
-                                   timeout=aiohttp.ClientTimeout(total=min(10.0, left) + 10)) as resp:
-                view = await resp.json(content_type=None)
-                if resp.status != 200:
-                    return {"state": "failed", "error": view.get("error") if isinstance(view, dict) else None}
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            view = await client.get_job(job_id, wait_s=min(POLL_SLICE_S, left), after_segment=seen)
+        except SchedulerUnavailable as exc:
+            if backoff is None:
+                backoff = dataclasses.replace(POLL_RETRY, max_total_s=left).start("job_poll")
             print(f"node-agent: {name}: polling failed ({exc}); retrying", file=sys.stderr)
-            await asyncio.sleep(1.0)
+            if not await backoff.wait(exc.retry_after):
+                return {"state": "failed", "error": {"code": "timeout", "message": f"no result within {timeout:g} "
+                                                                                   f"s; the last poll failed: {exc}"}}
             continue
-        segments = view.get("segments") or []
+        except SchedulerError as exc:
+            return {"state": "failed", "error": {"code": exc.code or "failed", "message": exc.detail}}
+        backoff = None
+        segments = view.segments
         if len(segments) < seen:
             seen = 0  # a new attempt started over
         for seg in segments[seen:]:
             if not as_json:
                 print(f"{name} [{seg['start']:.2f} -> {seg['end']:.2f}] {seg['text'].strip()}", flush=True)
         seen = len(segments)
-        if view.get("state") in TERMINAL:
-            return view
+        if view.state in TERMINAL:
+            return view.model_dump()
 
 
 async def submit_files(args: argparse.Namespace, settings: Settings) -> int:
     url = scheduler_url(args, settings)
-    headers = {}
-    if settings.scheduler.token is not None:
-        headers["Authorization"] = f"Bearer {settings.scheduler.token.get_secret_value()}"
+    token = settings.scheduler.token.get_secret_value() if settings.scheduler.token is not None else None
     failures = 0
-    async with aiohttp.ClientSession(headers=headers) as session:
+    async with SchedulerClient(url, token, settings.scheduler.request_timeout_s) as client:
         jobs: dict[str, str] = {}
         for path in args.audio:
             try:
@@ -102,13 +105,11 @@ async def submit_files(args: argparse.Namespace, settings: Settings) -> int:
                 failures += 1
                 continue
             try:
-                jobs[path] = await _submit_one(session, url, Path(path).name, audio, args.language,
-                                             args.allow_truncated)
-            except (aiohttp.ClientError, RuntimeError, asyncio.TimeoutError) as exc:
-                print(f"node-agent: {path}: submit to {url} failed: {exc}", file=sys.stderr)
+                jobs[path] = await _submit_one(client, Path(path).name, audio, args.language, args.allow_truncated)
+            except SchedulerError as exc:
+                print(f"node-agent: {path}: submit to {url} failed: {_failure(exc)}", file=sys.stderr)
                 failures += 1
-        views = await asyncio.gather(*(_follow(session, url, p, j, args.json, args.timeout)
-                                       for p, j in jobs.items()))
+        views = await asyncio.gather(*(_follow(client, p, j, args.json, args.timeout) for p, j in jobs.items()))
     for (path, job_id), view in zip(jobs.items(), views):
         if view.get("state") == "succeeded":
             result = view.get("result") or {}

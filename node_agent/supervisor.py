@@ -37,6 +37,7 @@ import psutil
 
 from . import wire
 from .config import AsrSettings, TimeoutSettings, WorkerSettings
+from .contracts import DecodeOptions, parse_options
 from .errors import (
     JobError,
     JobStalled,
@@ -46,6 +47,21 @@ from .errors import (
     WorkerUnavailable,
     job_error,
 )
+from .plugin_messages import (
+    CancelMessage,
+    ErrorMessage,
+    FatalMessage,
+    JobMessage,
+    ReadyMessage,
+    ResultMessage,
+    SegmentMessage,
+    StartedMessage,
+    StopMessage,
+    StoppedMessage,
+    parse_from_plugin,
+    to_header,
+)
+from .retry import jittered_delay
 
 log = logging.getLogger("node_agent.supervisor")
 
@@ -77,9 +93,13 @@ class JobRequest:
     format: str = "auto"
     sample_rate: int | None = None
     language: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
+    #: A mapping (the wire form) is checked into ``DecodeOptions`` here: ``InvalidRequest`` if it is not valid.
+    options: DecodeOptions = field(default_factory=DecodeOptions)
     #: Absolute deadline on the event loop's monotonic clock, if the caller has one.
     deadline: float | None = None
+
+    def __post_init__(self) -> None:
+        self.options = parse_options(self.options)
 
 
 @dataclass
@@ -197,7 +217,7 @@ class _Process:
         """Ask politely (a stop frame between jobs), then kill."""
         if self.proc.returncode is None:
             with contextlib.suppress(ConnectionError, RuntimeError, WireError):
-                await wire.write_frame(self.writer, {"type": "stop"})
+                await wire.write_frame(self.writer, to_header(StopMessage()))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.proc.wait(), max(grace_s, 0.1))
         await self.kill(grace_s)
@@ -333,9 +353,9 @@ class Worker:
         await self._not_fatal.wait()
 
     def _backoff_delay(self, failures: int) -> float:
+        # The agent's one jitter (full jitter): workers on many nodes must not restart in step.
         b = self.settings.backoff
-        delay = min(b.max_s, b.initial_s * b.multiplier ** max(0, failures - 1))
-        return delay * random.uniform(0.8, 1.2)  # jitter: workers on many nodes must not restart in step
+        return jittered_delay(max(1, failures), b.initial_s, b.max_s, b.multiplier)
 
     async def _start_loop(self, delay: float) -> None:
         while not self._stopping:
@@ -421,18 +441,24 @@ class Worker:
             child.close()
         reader, writer = await asyncio.open_connection(sock=parent)
         p = _Process(proc, reader, writer)
+        first: Any = None
+        problem = ""
         try:
             frame = await asyncio.wait_for(wire.read_frame(reader), self.settings.start_timeout_s)
+            first = parse_from_plugin(frame[0]) if frame is not None else None
         except asyncio.TimeoutError:
             await p.kill(self.settings.stop_grace_s)
             raise _StartFailed(f"not ready within worker.start_timeout_s = {self.settings.start_timeout_s:g} s")
-        except WireError:
-            frame = None
-        if frame is None or frame[0]["type"] != "ready":
-            reason = frame[0].get("message") if frame and frame[0]["type"] == "fatal" else None
+        except WireError as exc:
+            problem = f"{exc}; "
+        if not isinstance(first, ReadyMessage):
             code = await p.kill(self.settings.stop_grace_s)
-            raise _StartFailed(reason or f"worker {describe_exit(code)} before ready")
-        p.info = {k: v for k, v in frame[0].items() if k != "type"}
+            if isinstance(first, FatalMessage):
+                raise _StartFailed(first.message)
+            if first is not None:
+                problem = f"{first.type!r} before 'ready'; "
+            raise _StartFailed(f"{problem}worker {describe_exit(code)} before ready")
+        p.info = first.model_dump(exclude={"type"}, exclude_unset=True)
         return p
 
     async def _watch_idle_exit(self, proc: _Process) -> None:
@@ -585,8 +611,8 @@ class Worker:
         stop_by: float | None = None
         overrun = ""  # what the deadline was, for the error message
         segments: list[dict[str, Any]] = []
-        header = {"type": "job", "job_id": job.job_id, "format": job.format, "sample_rate": job.sample_rate,
-                  "language": job.language, "options": job.options}
+        header = to_header(JobMessage(job_id=job.job_id, format=job.format, sample_rate=job.sample_rate,
+                                      language=job.language, options=job.options.wire()))
         try:
             await wire.write_frame(proc.writer, header, job.audio)
         except (ConnectionError, RuntimeError) as exc:
@@ -620,7 +646,7 @@ class Worker:
                         stop_by = now + self.settings.stop_grace_s
                         log.info("%s: asking worker pid %d to stop it", overrun, proc.pid)
                         try:
-                            await wire.write_frame(proc.writer, {"type": "cancel", "job_id": job.job_id})
+                            await wire.write_frame(proc.writer, to_header(CancelMessage(job_id=job.job_id)))
                         except (ConnectionError, RuntimeError) as exc:
                             raise await self._crashed(proc, job, f"could not send the cancel: {exc}")
                         continue
@@ -629,32 +655,32 @@ class Worker:
                         f"{t.stall_s:g} s (asr.timeout.stall_s); worker killed"))
                 try:
                     frame = read.result()
+                    msg = parse_from_plugin(frame[0]) if frame is not None else None
                 except WireError as exc:
                     raise await self._crashed(proc, job, f"protocol error: {exc}")
                 except (ConnectionError, OSError) as exc:
                     raise await self._crashed(proc, job, f"connection lost: {exc}")
                 finally:
                     read = None
-                if frame is None:
+                if msg is None:
                     raise await self._crashed(proc, job, None)
-                msg, _ = frame
-                kind = msg["type"]
-                if msg.get("job_id", job.job_id) != job.job_id:
-                    log.warning("job %s: dropping a stale %r for job %s from worker pid %d", job.job_id, kind,
-                                msg.get("job_id"), proc.pid)
+                msg_job = getattr(msg, "job_id", job.job_id)
+                if msg_job != job.job_id:
+                    log.warning("job %s: dropping a stale %r for job %s from worker pid %d", job.job_id, msg.type,
+                                msg_job, proc.pid)
                     continue
                 now = loop.time()
                 stall_at = now + t.stall_s
-                if kind == "started":
-                    duration = float(msg["duration_s"])
+                if isinstance(msg, StartedMessage):
+                    duration = msg.duration_s
                     budget = max(t.min_s, t.per_audio_s * duration)
                     if stop_by is None:
                         deadline = t0 + budget if job.deadline is None else min(t0 + budget, job.deadline)
                     if self.current_job is not None:
                         self.current_job["audio_s"] = duration
                     self.observer.job_started(self, job, duration)
-                elif kind == "segment":
-                    event = {k: v for k, v in msg.items() if k not in ("type", "job_id")}
+                elif isinstance(msg, SegmentMessage):
+                    event = msg.event()
                     segments.append(event)
                     if self.current_job is not None:
                         self.current_job["segments"] = len(segments)
@@ -662,34 +688,34 @@ class Worker:
                     self.observer.segment(self, event)
                     if on_segment is not None:
                         on_segment(event)
-                elif kind == "stopped" and stop_by is not None:
+                elif isinstance(msg, StoppedMessage) and stop_by is not None:
                     proc.jobs_served += 1
                     log.info("job %s: stopped after %d segments in %.2f s; worker pid %d kept", job.job_id,
                              len(segments), now - (stop_by - self.settings.stop_grace_s), proc.pid)
                     raise JobTimeout(f"{overrun}; stopped after {len(segments)} segments, worker pid {proc.pid} kept")
-                elif kind == "result":
+                elif isinstance(msg, ResultMessage):
                     proc.jobs_served += 1
                     if stop_by is not None:
                         # Finished as the cancel went out; the plugin drops that cancel. The deadline still holds.
                         raise JobTimeout(f"{overrun} (finished just after it); worker pid {proc.pid} kept")
                     return JobResult(
                         job_id=job.job_id,
-                        text=msg["text"],
-                        language=msg["language"],
-                        language_probability=msg["language_probability"],
-                        duration_s=msg["duration_s"],
+                        text=msg.text,
+                        language=msg.language,
+                        language_probability=msg.language_probability,
+                        duration_s=msg.duration_s,
                         segments=segments,
-                        timings=msg["timings"],
-                        fallback_segments=msg.get("fallback_segments", 0),
-                        batched=msg.get("batched", False),
+                        timings=dict(msg.timings),
+                        fallback_segments=msg.fallback_segments,
+                        batched=msg.batched,
                         worker_pid=proc.pid,
                     )
-                elif kind == "error":
+                elif isinstance(msg, ErrorMessage):
                     # Also after a cancel went out: the job failed on its own first, and that error says why.
                     proc.jobs_served += 1
-                    raise job_error(msg.get("code", "failed"), msg.get("message", "unknown worker error"))
+                    raise job_error(msg.code, msg.message)
                 else:
-                    raise await self._crashed(proc, job, f"unexpected message {kind!r}")
+                    raise await self._crashed(proc, job, f"unexpected message {msg.type!r}")
         finally:
             if read is not None and not read.done():
                 read.cancel()

@@ -4,10 +4,9 @@ Frame = 8-byte big-endian prefix (header length, payload length), UTF-8 JSON hea
 Audio travels as the payload, so an hour of 16 kHz audio is one memcpy-sized frame, not base64.
 Both ends use this module: the agent through asyncio streams, the plugin through a blocking socket.
 
-Messages (the header's ``type``). Agent -> plugin: ``job`` (audio as payload), ``cancel`` (stop job ``job_id``
-at the next segment boundary; a cancel for any other job is stale and ignored), ``stop`` (exit). Plugin ->
-agent: ``ready`` or ``fatal`` once, then per job ``started``, ``segment``... and one of ``result``, ``error``
-or ``stopped`` (the answer to ``cancel``), each carrying the ``job_id``.
+This module only frames: a header is any JSON object with a string ``type``. The messages themselves (``job``,
+``cancel``, ``stop`` / ``ready``, ``fatal``, ``started``, ``segment``, ``result``, ``error``, ``stopped``) are
+typed once in ``node_agent.plugin_messages``, which both sides use to build and check them.
 """
 
 from __future__ import annotations

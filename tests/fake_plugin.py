@@ -10,7 +10,8 @@ The process script is ``spec["fake"]``:
     fail_while: a path; loading fails while it exists
     exit_after_ready_s: exit with status 1 this long after loading (an idle death)
     job: the default job script
-A job's script is its ``options["fake"]``, else ``spec["fake"]["job"]``:
+A job's script is its ``options["fake"]`` (``FakeOptions``: the decode options plus the script, validated on
+arrival like the real ones), else ``spec["fake"]["job"]``:
     segments: N (default 3), every_s: seconds of "decoding" before each (default 0.02)
     duration_s: the audio length reported in ``started`` (default 1.0)
     crash_after: k: SIGSEGV itself after sending k segments
@@ -34,12 +35,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from node_agent.contracts import DecodeOptions
+from node_agent.plugin_messages import JobMessage, PluginMessage, ResultMessage, SegmentMessage, StartedMessage
+
 #: argv that starts this fake, for ``Worker(command=...)``.
 COMMAND = [sys.executable, str(Path(__file__).resolve())]
 
 
+class FakeOptions(DecodeOptions):
+    """The decode options plus the job's script (see the module docstring)."""
+
+    fake: dict[str, Any] | None = None
+
+
 class FakeEngine:
-    """``AsrEngine``'s interface (``load``, ``run``), following a script."""
+    """``AsrEngine``'s interface (``load``, ``run``, ``options_model``), following a script."""
+
+    options_model = FakeOptions
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
@@ -62,20 +74,19 @@ class FakeEngine:
         return {"model": self.spec.get("model", "fake"), "device": "cpu", "compute_type": "int8",
                 "load_s": 0.0, "languages": ["en"], "multilingual": False}
 
-    def run(self, header: dict[str, Any], payload: bytes, emit: Callable[[dict[str, Any]], None],
+    def run(self, job: JobMessage, options: FakeOptions, payload: bytes, emit: Callable[[PluginMessage], None],
             check: Callable[[], None]) -> None:
         from node_agent.errors import job_error
 
-        job_id = header["job_id"]
+        job_id = job.job_id
         script = dict(self.script.get("job") or {})
-        script.update((header.get("options") or {}).get("fake") or {})
+        script.update(options.fake or {})
         if not script.get("ignore_stop"):
             look = check
         else:
             def look() -> None:
                 return None
-        emit({"type": "started", "job_id": job_id, "duration_s": float(script.get("duration_s", 1.0)),
-              "decode_audio_s": 0.0})
+        emit(StartedMessage(job_id=job_id, duration_s=float(script.get("duration_s", 1.0)), decode_audio_s=0.0))
         look()
         texts = []
         for i in range(1, int(script.get("segments", 3)) + 1):
@@ -84,19 +95,18 @@ class FakeEngine:
             time.sleep(float(script.get("every_s", 0.02)))
             text = f" segment {i}."
             texts.append(text)
-            emit({"type": "segment", "job_id": job_id, "id": i, "start": float(i - 1), "end": float(i),
-                  "text": text, "temperature": 0.0, "avg_logprob": -0.1, "compression_ratio": 1.0,
-                  "no_speech_prob": 0.0, "decode_s": float(script.get("every_s", 0.02))})
+            emit(SegmentMessage(job_id=job_id, id=i, start=float(i - 1), end=float(i), text=text, temperature=0.0,
+                                avg_logprob=-0.1, compression_ratio=1.0, no_speech_prob=0.0,
+                                decode_s=float(script.get("every_s", 0.02))))
             if script.get("crash_after") == i:
                 os.kill(os.getpid(), signal.SIGSEGV)
             look()
         if script.get("error"):
             raise job_error(script["error"], f"fake error for job {job_id}")
-        emit({"type": "result", "job_id": job_id, "text": "".join(texts).strip(), "language": "en",
-              "language_probability": 1.0, "duration_s": float(script.get("duration_s", 1.0)),
-              "segments_count": len(texts), "fallback_segments": 0, "batched": False,
-              "timings": {"decode_audio_s": 0.0, "transcribe_call_s": 0.0, "segments_iteration_s": 0.0,
-                          "first_segment_s": None, "total_s": 0.0}})
+        emit(ResultMessage(job_id=job_id, text="".join(texts).strip(), language="en", language_probability=1.0,
+                           duration_s=float(script.get("duration_s", 1.0)), segments_count=len(texts),
+                           timings={"decode_audio_s": 0.0, "transcribe_call_s": 0.0, "segments_iteration_s": 0.0,
+                                    "first_segment_s": None, "total_s": 0.0}))
 
 
 def main() -> int:

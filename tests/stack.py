@@ -101,7 +101,7 @@ class AgentStack:
         wait until that is done too."""
         await eventually(lambda: self.sample("node_agent_jobs_total", outcome=outcome) == count, timeout,
                          f"node_agent_jobs_total{{outcome={outcome!r}}} == {count}")
-        await eventually(lambda: not self.agent.running and self.sample("node_agent_jobs_in_progress") == 0,
+        await eventually(lambda: not self.agent.ledger.running and self.sample("node_agent_jobs_in_progress") == 0,
                          timeout, "the agent has no job in progress")
 
 
@@ -117,9 +117,9 @@ async def agent_stack(tmp_path: Path, **sections: dict[str, Any]) -> AsyncIterat
     http: RunningHttp | None = None
     session: aiohttp.ClientSession | None = None
     try:
-        agent = Agent(settings, metrics=metrics, facts=await node_facts())
-        await agent.start(scheduler.url)
-        http = await start_http(agent, settings.http, port=0)
+        agent = Agent(settings, scheduler.url, metrics=metrics, facts=await node_facts())
+        await agent.start()
+        http = await start_http(agent.view, agent.client, settings, port=0)
         session = aiohttp.ClientSession()
         await asyncio.wait_for(agent.identity.registered_event.wait(), settings.worker.start_timeout_s + 30)
         yield AgentStack(settings, agent, registry, metrics, scheduler, scheduler_registry, http, session)

@@ -1,4 +1,6 @@
-"""Failure shapes a real scheduler rarely produces (aioresponses): 5xx, Retry-After, garbage, timeouts."""
+"""Failure shapes a real scheduler rarely produces (aioresponses): 5xx, Retry-After, garbage, timeouts.
+
+How the job runner rides them out (the result report retried, a rejection not) is in test_job_runner.py."""
 
 from __future__ import annotations
 
@@ -7,16 +9,21 @@ import re
 
 import pytest
 from aioresponses import aioresponses
-from yarl import URL
 from prometheus_client import CollectorRegistry
 
 from conftest import make_settings
-from node_agent.agent import Agent, RunningJob
-from node_agent.client import Gone, LeaseHeld, Rejected, SchedulerClient, SchedulerUnavailable, UnknownNode
-from node_agent.lease import Lease, LeaseKeeper
+from node_agent.client import (
+    BadRequest,
+    Gone,
+    LeaseHeld,
+    NotFound,
+    Rejected,
+    SchedulerClient,
+    SchedulerUnavailable,
+    UnknownNode,
+)
+from node_agent.lease import LeaseKeeper
 from node_agent.metrics import AgentMetrics
-from node_agent.scheduler.schemas import JobAssignment
-from node_agent.supervisor import JobResult
 
 BASE = "http://scheduler.test"
 
@@ -32,6 +39,10 @@ GOOD = {
     "lease_release": ("DELETE", f"{BASE}/v1/leases/l1", 204, None),
     "events": ("POST", f"{BASE}/v1/jobs/j1/events", 202, None),
     "result": ("POST", f"{BASE}/v1/jobs/j1/result", 200, {"accepted": True}),
+    "job_submit": ("POST", f"{BASE}/v1/jobs", 202, {"job_id": "j1", "state": "queued"}),
+    "job_view": ("GET", re.compile(re.escape(f"{BASE}/v1/jobs/j1") + r"\?.*"), 200,
+                 {"job_id": "j1", "state": "running", "attempt": 1, "node_id": "n1", "language": None,
+                  "segments": [], "result": None, "error": None, "created_age_s": 0.5, "timings": {}}),
 }
 
 
@@ -46,6 +57,8 @@ def call(client: SchedulerClient, endpoint: str):
         "lease_release": lambda: client.release_lease("l1"),
         "events": lambda: client.post_events("j1", 1, 3, [{"id": 1, "start": 0, "end": 1, "text": "x"}]),
         "result": lambda: client.report_result("j1", {"attempt": 1}),
+        "job_submit": lambda: client.submit_job(b"\0\0", format="pcm_s16le", sample_rate=16000),
+        "job_view": lambda: client.get_job("j1", 0.1, after_segment=0),
     }[endpoint]()
 
 
@@ -148,57 +161,3 @@ async def test_lease_acquire_waits_out_503_and_409_then_succeeds():
         assert registry.get_sample_value("node_agent_leases_held", {"device": "cpu"}) == 1
     finally:
         await client.close()
-
-
-async def test_result_report_is_retried_until_accepted_and_counted_once():
-    registry = CollectorRegistry()
-    metrics = AgentMetrics(registry)
-    agent = Agent(make_settings(), metrics=metrics)
-    agent.client = SchedulerClient(BASE, None, 1.0, metrics)
-    agent.identity.node_id = "n1"
-    loop = asyncio.get_running_loop()
-    assignment = JobAssignment.model_validate({
-        "job_id": "j1", "attempt": 1, "language": None, "options": {}, "deadline_s": None, "queued_s": 0.1,
-        "audio": {"format": "auto", "sample_rate": None, "bytes": 10, "url": "/v1/jobs/j1/audio"}})
-    running = RunningJob(assignment, "cpu", loop.time())
-    lease = Lease("l1", 3, 15, "cpu", "j1", loop.time(), loop.time())
-    result = JobResult("j1", "hello", "en", 0.99, 1.0, [], {"segments_iteration_s": 0.1}, 0, False, 123)
-    url = f"{BASE}/v1/jobs/j1/result"
-    try:
-        with aioresponses() as m:
-            m.post(url, status=500)
-            m.post(url, status=503, headers={"Retry-After": "0"})
-            m.post(url, exception=asyncio.TimeoutError())
-            m.post(url, status=200, body="{{garbage")
-            m.post(url, status=200, payload={"accepted": True})
-            m.post(url, status=200, payload={"accepted": True, "duplicate": True})  # must never be used
-            await agent._report(running, lease, result, None)
-            sent = m.requests[("POST", URL(url))]
-        assert len(sent) == 5
-        bodies = [r.kwargs["json"] for r in sent]
-        assert all(b == bodies[0] for b in bodies)  # idempotent: the same report every time
-        assert bodies[0]["lease_epoch"] == 3 and bodies[0]["attempt"] == 1
-        assert agent.totals["succeeded"] == 1
-        assert registry.get_sample_value("node_agent_jobs_total", {"outcome": "succeeded"}) == 1
-    finally:
-        await agent.client.close()
-
-
-async def test_rejected_result_is_not_retried():
-    agent = Agent(make_settings(), metrics=AgentMetrics(CollectorRegistry()))
-    agent.client = SchedulerClient(BASE, None, 1.0)
-    agent.identity.node_id = "n1"
-    loop = asyncio.get_running_loop()
-    assignment = JobAssignment.model_validate({
-        "job_id": "j1", "attempt": 1, "language": None, "options": {}, "deadline_s": None, "queued_s": 0.0,
-        "audio": {"format": "auto", "sample_rate": None, "bytes": 10, "url": "/v1/jobs/j1/audio"}})
-    lease = Lease("l1", 3, 15, "cpu", "j1", loop.time(), loop.time())
-    url = f"{BASE}/v1/jobs/j1/result"
-    try:
-        with aioresponses() as m:
-            m.post(url, status=409, payload={"error": {"code": "stale_attempt", "message": "late"}})
-            await agent._report(RunningJob(assignment, "cpu", loop.time()), lease, None, None)
-            assert len(m.requests[("POST", URL(url))]) == 1
-        assert agent.totals["failed"] == 1
-    finally:
-        await agent.client.close()

@@ -129,6 +129,9 @@ async def test_utterance_runs_as_a_scheduler_job_and_answers_in_the_old_shape(tm
         assert s.sample("node_agent_asr_audio_seconds_total", model="tiny.en", device="cpu") == pytest.approx(11.0)
         assert s.scheduler_registry.get_sample_value("node_agent_scheduler_jobs_total",
                                                      {"outcome": "succeeded"}) == 1.0
+        # Submitted and followed through the node's scheduler client, so counted in its metrics too.
+        assert s.sample("node_agent_scheduler_requests_total", endpoint="job_submit", code="202") == 1.0
+        assert (s.sample("node_agent_scheduler_requests_total", endpoint="job_view", code="200") or 0) >= 1
 
         status, doc = await health(s)
         assert status == 200
@@ -393,22 +396,32 @@ async def test_oversized_and_deeply_nested_bodies_and_unexpected_errors(tmp_path
                                       "message": "request body is not valid JSON: nested too deeply"}
             assert headers["Content-Type"].startswith("application/json")
 
-        # A scheduler answer no real scheduler gives ("result" a list) breaks the handler: still the endpoint's
-        # JSON error, logged as the 500 it is.
+        # Scheduler answers no real scheduler gives. One that is not a job view ("result" a list) is refused by
+        # the scheduler client: a 500 naming the field. One that is a job view but breaks the handler (segments
+        # that are not objects) is still the endpoint's JSON error, logged as the 500 it is.
         job = "job-0123456789abcdef"
+        view = {"job_id": job, "state": "succeeded", "attempt": 1, "node_id": "n1", "language": "en",
+                "segments": [], "error": None, "created_age_s": 1.0, "timings": {}}
+        polls = re.compile(re.escape(f"{s.scheduler.url}/v1/jobs/{job}") + r"(\?.*)?$")
         with aioresponses(passthrough_unmatched=True) as mocked:
             mocked.post(f"{s.scheduler.url}/v1/jobs", status=202, payload={"job_id": job, "state": "queued"})
-            mocked.get(re.compile(re.escape(f"{s.scheduler.url}/v1/jobs/{job}") + r"(\?.*)?$"), status=200,
-                       payload={"job_id": job, "state": "succeeded", "result": ["not", "an", "object"]})
+            mocked.get(polls, status=200, payload={**view, "result": ["not", "an", "object"]})
+            status, reply, headers = await post(s, utterance_body("jfk.flac", "en"))
+        assert status == 500, reply
+        assert reply["error"]["code"] == "scheduler_error" and "invalid reply (result:" in reply["error"]["message"]
+        assert headers["X-Scheduler-Job-Id"] == job and "unexpected error" not in caplog.text
+        with aioresponses(passthrough_unmatched=True) as mocked:
+            mocked.post(f"{s.scheduler.url}/v1/jobs", status=202, payload={"job_id": job, "state": "queued"})
+            mocked.get(polls, status=200, payload={**view, "result": {"text": "x", "segments": ["not", "objects"]}})
             status, reply, headers = await post(s, utterance_body("jfk.flac", "en"))
         assert status == 500, reply
         assert reply["error"]["code"] == "internal" and reply["job_id"] == "job-jfk.flac", reply
         assert headers["X-Scheduler-Job-Id"] == job
         assert "unexpected error" in caplog.text and f"scheduler_job={job} answered 500" in caplog.text
-        assert "answered 200" not in caplog.text
+        assert f"scheduler_job={job} answered 200" not in caplog.text
 
         status, doc = await health(s)
-        assert doc["totals"] == {"completed": 0, "failed": 1, "timeout": 0, "rejected": 5, "busy": 0}
+        assert doc["totals"] == {"completed": 0, "failed": 2, "timeout": 0, "rejected": 5, "busy": 0}
         # The endpoint still serves.
         status, reply, _ = await post(s, utterance_body("jfk.flac", "en"))
         assert status == 200 and wer(reference("jfk.flac"), reply["text"]) == 0.0, reply

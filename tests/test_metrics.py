@@ -123,7 +123,7 @@ async def test_a_job_past_its_deadline_is_stopped_and_counted_as_a_timeout_not_a
         await eventually(lambda: worker.state is WorkerState.ready, 60, "the worker is ready again")
         assert worker.pid == old_pid
         assert s.sample("node_agent_worker_up", device="cpu") == 1.0
-        status = s.agent.status()
+        status = s.agent.view.status()
         assert status["totals"]["timeout"] == 1
         assert status["recent_failures"][0]["code"] == "timeout"
 

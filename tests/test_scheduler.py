@@ -32,7 +32,7 @@ from node_agent.scheduler.schemas import (
     ResultReport,
     TranscriptResult,
 )
-from node_agent.scheduler.errors import LeaseUnusable, ReportRejected, UnknownNode
+from node_agent.scheduler.errors import LeaseUnusable, NodeNotFound, ReportRejected
 from node_agent.scheduler.server import sanitize_filename, serve, start_scheduler
 from node_agent.scheduler.state import SchedulerState
 
@@ -261,7 +261,7 @@ def test_node_gone_expires_its_leases_and_requeues_its_jobs() -> None:
     assert state.view_job(leased.job_id).state == "queued"
     assert state.view_job(assigned.job_id).attempt == 2
     assert state.lease(grant.lease_id).state == "expired"  # type: ignore[union-attr]
-    with pytest.raises(UnknownNode):
+    with pytest.raises(NodeNotFound):
         state.heartbeat(node, HeartbeatRequest(state="ready"))
     assert registry.get_sample_value("node_agent_scheduler_jobs_requeued_total", {"reason": "node_gone"}) == 2
     assert registry.get_sample_value("node_agent_scheduler_leases_expired_total", {"node_id": node}) == 1

@@ -292,12 +292,12 @@ async def test_status_shows_the_running_job_and_its_lease(tmp_path: Path) -> Non
         job_id = await s.submit_json(long_audio(12), format="pcm_s16le", sample_rate=16000)
 
         def leased() -> bool:
-            running = s.agent.running.get(job_id)
+            running = s.agent.ledger.running.get(job_id)
             return running is not None and running.lease is not None and running.worker is not None \
                 and (running.worker.current_job or {}).get("audio_s") is not None
 
         await eventually(leased, 30, "the job is running under a lease")
-        lease = s.agent.running[job_id].lease
+        lease = s.agent.ledger.running[job_id].lease
         assert lease is not None
         code, out, err = await run_status("--url", s.http.url)
         assert code == 0, (out, err)

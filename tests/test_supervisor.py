@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from fake_plugin import COMMAND as FAKE_COMMAND
+from fake_plugin import FakeOptions
 from helpers import clip, joined, pcm16, plain_wer
 from node_agent import wire
 from node_agent.config import Settings
@@ -210,7 +211,7 @@ async def fake_factory() -> AsyncIterator[Callable[..., Any]]:
 
 def fake_job(job_id: str, deadline: float | None = None, **script: Any) -> JobRequest:
     """A job for the stand-in plugin; ``script`` says how it goes (tests/fake_plugin.py)."""
-    return JobRequest(job_id, b"\x00\x00", format="pcm_s16le", sample_rate=16000, options={"fake": script},
+    return JobRequest(job_id, b"\x00\x00", format="pcm_s16le", sample_rate=16000, options=FakeOptions(fake=script),
                       deadline=deadline)
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from ..errors import NodeAgentError
 
 
-class SchedulerError(NodeAgentError):
-    """A request the scheduler refuses; ``code`` is the machine-readable reason on the wire."""
+class ApiError(NodeAgentError):
+    """A request the scheduler refuses; ``code`` is the machine-readable reason on the wire. (A client sees it
+    as one of the errors in ``node_agent/client.py``.)"""
 
     code = "internal"
 
@@ -19,42 +20,42 @@ class SchedulerError(NodeAgentError):
         self.param = param
 
 
-class InvalidInput(SchedulerError):
+class InvalidInput(ApiError):
     code = "invalid_request"
 
 
-class Unauthorized(SchedulerError):
+class Unauthorized(ApiError):
     code = "unauthorized"
 
 
-class TooLarge(SchedulerError):
+class TooLarge(ApiError):
     code = "too_large"
 
 
-class UnknownNode(SchedulerError):
+class NodeNotFound(ApiError):
     """The node id is not registered (never was, forgotten, or gone): the agent registers again."""
 
     code = "unknown_node"
 
 
-class UnknownJob(SchedulerError):
+class UnknownJob(ApiError):
     code = "unknown_job"
 
 
-class JobNotAssigned(SchedulerError):
+class JobNotAssigned(ApiError):
     """A lease was asked for a job this node does not currently hold an assignment for."""
 
     code = "job_not_assigned"
 
 
-class LeaseUnusable(SchedulerError):
+class LeaseUnusable(ApiError):
     """A renewal of a lease that is no longer live; code: lease_expired | lease_released |
     lease_superseded | stale_epoch | unknown_lease."""
 
     code = "unknown_lease"
 
 
-class ResourceHeld(SchedulerError):
+class ResourceHeld(ApiError):
     """Another live lease holds the resource; the caller may retry after ``retry_after_s``."""
 
     code = "resource_held"
@@ -64,18 +65,18 @@ class ResourceHeld(SchedulerError):
         self.retry_after_s = retry_after_s
 
 
-class ReportRejected(SchedulerError):
+class ReportRejected(ApiError):
     """A result or events report not from the job's current holder; code: stale_attempt |
     stale_epoch | already_completed."""
 
     code = "stale_attempt"
 
 
-class ShuttingDown(SchedulerError):
+class ShuttingDown(ApiError):
     code = "shutting_down"
 
 
-class WaitTimeout(SchedulerError):
+class WaitTimeout(ApiError):
     """A synchronous request gave up waiting for its job."""
 
     code = "timeout"

@@ -12,11 +12,11 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .schemas import JOB_ERROR_CODES, NODE_STATES
+from ..contracts import JOB_OUTCOMES, job_outcome
+from .schemas import NODE_STATES
 
 REQUEUE_REASONS: tuple[str, ...] = ("lease_expired", "released", "assign_timeout", "node_gone", "retryable_error")
 REJECT_REASONS: tuple[str, ...] = ("stale_attempt", "stale_epoch", "already_completed")
-JOB_OUTCOMES: tuple[str, ...] = ("succeeded", *JOB_ERROR_CODES)
 
 #: Returns (queued jobs, {node state: count}).
 Snapshot = Callable[[], tuple[int, Mapping[str, int]]]
@@ -93,7 +93,8 @@ class SchedulerMetrics:
             counter.labels(node_id)
 
     def job_finished(self, outcome: str) -> None:
-        self.jobs.labels(outcome if outcome in JOB_OUTCOMES else "failed").inc()
+        """Count a terminal job; ``outcome`` is ``succeeded`` or a ``JobErrorCode`` (anything else raises)."""
+        self.jobs.labels(job_outcome(None if outcome == "succeeded" else outcome)).inc()
 
     def node_forgotten(self, node_id: str) -> None:
         """Drop a long-gone node's series so the label set stays bounded."""

@@ -12,24 +12,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 
-from ..errors import JOB_ERRORS
+from ..contracts import OPTION_KEYS as OPTION_KEYS  # re-exported: the server lists the known options
+from ..contracts import DecodeOptions
+from ..errors import JOB_ERRORS, JobErrorCode
 from ..languages import NOT_A_CODE, is_language_code
 
 PROTOCOL_VERSION = 1
 
-#: Every job error code on the wire (docs/protocol.md explains each).
-JOB_ERROR_CODES: tuple[str, ...] = (
-    "bad_audio",
-    "invalid_request",
-    "timeout",
-    "stalled",
-    "worker_crashed",
-    "worker_unavailable",
-    "lease_lost",
-    "lease_expired",
-    "shutdown",
-    "failed",
-)
+#: Every job error code on the wire (``JobErrorCode``; docs/protocol.md explains each).
+JOB_ERROR_CODES: tuple[str, ...] = tuple(JobErrorCode)
 #: Failures that are the node's fault, not the input's: the job is dispatched again while attempts remain.
 RETRYABLE_ERROR_CODES: frozenset[str] = frozenset(code for code, cls in JOB_ERRORS.items() if cls.retryable)
 
@@ -263,31 +254,8 @@ class ResultAck(_Reply):
 # ------------------------------------------------------------------------------------ jobs (client)
 
 
-class JobOptions(BaseModel):
-    """The decode options a client may set; this class is the one list of known option keys.
-
-    Unset options are not sent to the node, which applies its own configured defaults.
-    """
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    beam_size: int | None = Field(None, ge=1, le=20)
-    best_of: int | None = Field(None, ge=1, le=20)
-    temperature: float | None = Field(None, ge=0.0, le=1.0)
-    initial_prompt: str | None = Field(None, max_length=4000)
-    vad_filter: bool | None = None
-    condition_on_previous_text: bool | None = None
-    batched: bool | None = None
-    batch_size: int | None = Field(None, ge=1, le=64)
-    word_timestamps: bool | None = None
-    no_speech_threshold: float | None = Field(None, ge=0.0, le=1.0)
-    log_prob_threshold: float | None = Field(None, ge=-100.0, le=0.0)
-    compression_ratio_threshold: float | None = Field(None, gt=0.0, le=100.0)
-    #: Decode audio shorter than its header declares (or pcm16 with half a sample) instead of refusing it.
-    allow_truncated: bool | None = None
-
-
-OPTION_KEYS: tuple[str, ...] = tuple(JobOptions.model_fields)
+#: The decode options a client may set: the one model, ``node_agent.contracts.DecodeOptions``.
+JobOptions = DecodeOptions
 
 
 class JobSpec(_ClientRequest):

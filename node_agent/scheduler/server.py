@@ -28,20 +28,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel, ValidationError
 
 from ..config import SchedulerSettings, host_port
+from ..contracts import error_key, error_loc, one_line
 from ..errors import ListenError
 from ..jsonio import json_response
 from .errors import (
+    ApiError,
     InvalidInput,
     JobNotAssigned,
     LeaseUnusable,
+    NodeNotFound,
     ReportRejected,
     ResourceHeld,
-    SchedulerError,
     ShuttingDown,
     TooLarge,
     Unauthorized,
     UnknownJob,
-    UnknownNode,
     WaitTimeout,
 )
 from .formats import RESPONSE_FORMATS, to_srt, to_verbose_json, to_vtt
@@ -126,10 +127,10 @@ REGISTRY_KEY = web.AppKey("scheduler_registry", CollectorRegistry)
 NOTIFIER_KEY = web.AppKey("scheduler_notifier", Notifier)
 
 # The one place typed errors become HTTP statuses.
-_HTTP_STATUS: dict[type[SchedulerError], int] = {
+_HTTP_STATUS: dict[type[ApiError], int] = {
     InvalidInput: 400,
     Unauthorized: 401,
-    UnknownNode: 404,
+    NodeNotFound: 404,
     UnknownJob: 404,
     ResourceHeld: 409,
     ReportRejected: 409,
@@ -141,7 +142,7 @@ _HTTP_STATUS: dict[type[SchedulerError], int] = {
 }
 
 
-def _status_of(exc: SchedulerError) -> int:
+def _status_of(exc: ApiError) -> int:
     for cls in type(exc).__mro__:
         if cls in _HTTP_STATUS:
             return _HTTP_STATUS[cls]  # type: ignore[index]
@@ -165,7 +166,7 @@ async def _error_middleware(
     openai = request.path == OPENAI_PATH
     try:
         return await handler(request)
-    except SchedulerError as exc:
+    except ApiError as exc:
         response = _error_response(_status_of(exc), exc.code, exc.message, exc.param, openai)
         if isinstance(exc, ResourceHeld):
             response.headers["Retry-After"] = str(exc.retry_after_s)
@@ -212,19 +213,12 @@ def _auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]
 
 def _describe(exc: ValidationError, prefix: str = "") -> tuple[str, str | None]:
     """One line naming the first bad field, and that field's name."""
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    field = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or None)
-    if err["type"] == "extra_forbidden":
-        if loc.startswith("options.") or prefix.startswith("options"):
-            msg = f"unknown option; known options: {', '.join(OPTION_KEYS)}"
-        else:
-            msg = "unknown field"
+    loc = ".".join(error_loc(exc))
+    if loc.startswith("options.") or prefix.startswith("options"):
+        unknown = f"unknown option; known options: {', '.join(OPTION_KEYS)}"
     else:
-        msg = err["msg"].removeprefix("Value error, ")
-    more = len(exc.errors()) - 1
-    text = f"{field}: {msg}" if field else msg
-    return text + (f" ({more} more error{'s' if more > 1 else ''})" if more else ""), field
+        unknown = "unknown field"
+    return one_line(exc, prefix=prefix, unknown=unknown), error_key(exc, prefix)
 
 
 def _validate(model: type[M], data: Any, prefix: str = "") -> M:

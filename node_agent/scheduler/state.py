@@ -26,10 +26,10 @@ from .errors import (
     InvalidInput,
     JobNotAssigned,
     LeaseUnusable,
+    NodeNotFound,
     ReportRejected,
     ResourceHeld,
     UnknownJob,
-    UnknownNode,
 )
 from .metrics import SchedulerMetrics
 from .schemas import (
@@ -88,7 +88,7 @@ class Node:
 
 
 @dataclass
-class Lease:
+class LeaseRecord:
     lease_id: str
     node_id: str
     job_id: str
@@ -159,9 +159,9 @@ class SchedulerState:
         self._assigned: set[str] = set()  # job ids assigned and not yet leased
         self._deadlines: list[tuple[float, int, str]] = []  # heap of queued jobs' deadlines
         self._finished: deque[tuple[float, str]] = deque()  # (finished_at, job_id), in finishing order
-        self._leases: dict[str, Lease] = {}  # every lease not yet forgotten
-        self._active: dict[str, Lease] = {}  # live leases only
-        self._holders: dict[tuple[str, str], Lease] = {}  # (node_id, resource) -> live lease
+        self._leases: dict[str, LeaseRecord] = {}  # every lease not yet forgotten
+        self._active: dict[str, LeaseRecord] = {}  # live leases only
+        self._holders: dict[tuple[str, str], LeaseRecord] = {}  # (node_id, resource) -> live lease
         self._dead_leases: deque[tuple[float, str]] = deque()
         #: (node_id, resource) -> last epoch granted; never reset, so fencing tokens only grow.
         self._epochs: dict[tuple[str, str], int] = {}
@@ -229,7 +229,7 @@ class SchedulerState:
         node = self._nodes.get(node_id)
         if node is None or node.state == "gone":
             why = "is gone (missed its heartbeats)" if node is not None else "is not registered"
-            raise UnknownNode(f"node {node_id} {why}; register again")
+            raise NodeNotFound(f"node {node_id} {why}; register again")
         return node
 
     def heartbeat(self, node_id: str, req: HeartbeatRequest) -> HeartbeatResponse:
@@ -429,7 +429,7 @@ class SchedulerState:
         if report.events:
             self._emit(job_topic(job_id))
 
-    def _check_holder(self, job: Job, attempt: int, epoch: int, node_id: str | None) -> Lease:
+    def _check_holder(self, job: Job, attempt: int, epoch: int, node_id: str | None) -> LeaseRecord:
         """The job's live lease if (attempt, epoch) is its current holder's; else ReportRejected."""
         if job.terminal:
             raise ReportRejected(f"job {job.job_id} already finished ({job.state})", code="already_completed")
@@ -520,7 +520,7 @@ class SchedulerState:
         epoch = self._epochs.get(key, 0) + 1
         self._epochs[key] = epoch
         ttl = self._clamp_ttl(req.ttl_s)
-        lease = Lease(
+        lease = LeaseRecord(
             lease_id=f"lease-{secrets.token_hex(8)}",
             node_id=req.node_id,
             job_id=job.job_id,
@@ -588,11 +588,11 @@ class SchedulerState:
                 job, now, "released", "lease_lost", f"node {lease.node_id} released the lease without a result"
             )
 
-    def lease(self, lease_id: str) -> Lease | None:
+    def lease(self, lease_id: str) -> LeaseRecord | None:
         """A lease by id (for tests and status pages); None once forgotten."""
         return self._leases.get(lease_id)
 
-    def _end_lease(self, lease: Lease, state: LeaseState, now: float) -> None:
+    def _end_lease(self, lease: LeaseRecord, state: LeaseState, now: float) -> None:
         lease.state = state
         lease.ended_at = now
         self._active.pop(lease.lease_id, None)
@@ -601,7 +601,7 @@ class SchedulerState:
             del self._holders[key]
         self._dead_leases.append((now, lease.lease_id))
 
-    def _expire_lease(self, lease: Lease, now: float, reason: str = "lease_expired") -> None:
+    def _expire_lease(self, lease: LeaseRecord, now: float, reason: str = "lease_expired") -> None:
         self._end_lease(lease, "expired", now)
         self.metrics.leases_expired.labels(lease.node_id).inc()
         log.info(

@@ -17,34 +17,30 @@ from typing import Any
 
 import numpy as np
 
-from node_agent.errors import InvalidRequest, JobError, TranscriptionFailed
+from node_agent.contracts import PLUGIN_ONLY_OPTIONS, DecodeOptions, parse_options
+from node_agent.errors import InvalidRequest, JobError, JobErrorCode, WireError
 from node_agent.languages import english_only_message
+from node_agent.plugin_messages import (
+    CancelMessage,
+    ErrorMessage,
+    FatalMessage,
+    JobMessage,
+    PluginMessage,
+    ReadyMessage,
+    ResultMessage,
+    SegmentMessage,
+    StartedMessage,
+    StopMessage,
+    StoppedMessage,
+    WordInfo,
+    parse_from_agent,
+    to_header,
+)
 from node_agent.wire import BlockingChannel
 
 from . import audio as audio_mod
 
 log = logging.getLogger("plugins.asr")
-
-#: Per-job decode options a caller may set, with the type each must have.
-JOB_OPTIONS: dict[str, tuple[type, ...]] = {
-    "beam_size": (int,),
-    "best_of": (int,),
-    "patience": (int, float),
-    "temperature": (int, float, list),
-    "initial_prompt": (str,),
-    "hotwords": (str,),
-    "vad_filter": (bool,),
-    "condition_on_previous_text": (bool,),
-    "word_timestamps": (bool,),
-    "compression_ratio_threshold": (int, float),
-    "log_prob_threshold": (int, float),
-    "no_speech_threshold": (int, float),
-    "batched": (bool,),
-    "batch_size": (int,),
-    # Not a faster-whisper option: accept audio shorter than its header declares (see audio.decode).
-    "allow_truncated": (bool,),
-}
-
 
 class DecodeStopped(Exception):
     """The agent cancelled the running job; raised by ``JobControl.check`` at a segment boundary."""
@@ -67,13 +63,13 @@ class JobControl:
             frame = self.channel.recv()
             if frame is None:
                 raise ConnectionResetError("the agent closed the channel during a job")
-            kind, job_id = frame[0]["type"], frame[0].get("job_id")
-            if kind == "stop":
+            message = parse_from_agent(frame[0])
+            if isinstance(message, StopMessage):
                 self.exit_after = True
                 raise DecodeStopped()
-            if kind == "cancel" and job_id == self.job_id:
+            if isinstance(message, CancelMessage) and message.job_id == self.job_id:
                 raise DecodeStopped()
-            log.debug("job %s: ignoring %s for job %s", self.job_id, kind, job_id)
+            log.debug("job %s: ignoring %s for job %s", self.job_id, message.type, getattr(message, "job_id", None))
 
 
 def _no_check() -> None:
@@ -82,6 +78,9 @@ def _no_check() -> None:
 
 class AsrEngine:
     """faster-whisper loaded once; ``run`` decodes one job and reports through ``emit``."""
+
+    #: The options model jobs are validated against on arrival.
+    options_model: type[DecodeOptions] = DecodeOptions
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
@@ -140,30 +139,27 @@ class AsrEngine:
     def multilingual(self) -> bool:
         return bool(self.model.model.is_multilingual)
 
-    def _options(self, header: dict[str, Any], duration_s: float) -> tuple[dict[str, Any], bool]:
-        options = dict(header.get("options") or {})
-        for key, value in options.items():
-            if key not in JOB_OPTIONS:
-                raise InvalidRequest(f"unknown decode option {key!r} (known: {', '.join(sorted(JOB_OPTIONS))})")
-            if isinstance(value, bool) and bool not in JOB_OPTIONS[key] or not isinstance(value, JOB_OPTIONS[key]):
-                raise InvalidRequest(f"decode option {key!r} has the wrong type ({type(value).__name__})")
-        options.pop("allow_truncated", None)  # used by the audio decode, not by faster-whisper
+    def _options(self, job: JobMessage, options: DecodeOptions, duration_s: float) -> tuple[dict[str, Any], bool]:
+        """faster-whisper's keyword arguments for ``job`` (the node's defaults under its options), and whether
+        it runs in long-audio mode."""
         defaults = self.spec.get("defaults", {})
-        language = header.get("language") or defaults.get("language")
+        language = job.language or defaults.get("language")
         if language == "auto":
             language = None
         if language and not self.multilingual and language != "en":
             raise InvalidRequest(english_only_message(self.spec["model"], language))
         batched_min = self.spec.get("batched_min_audio_s")
-        batched = options.pop("batched", batched_min is not None and duration_s >= batched_min)
-        batch_size = options.pop("batch_size", self.spec.get("batch_size", 8))
+        batched = options.batched if options.batched is not None else (
+            batched_min is not None and duration_s >= batched_min)
+        batch_size = options.batch_size or self.spec.get("batch_size", 8)
         kwargs: dict[str, Any] = {
             "language": language,
             "beam_size": defaults.get("beam_size", 5),
             "vad_filter": defaults.get("vad_filter", False),
             "condition_on_previous_text": defaults.get("condition_on_previous_text", True),
         }
-        kwargs.update(options)
+        # The plugin's own options (audio decode, long-audio mode) are not faster-whisper's.
+        kwargs.update(options.model_dump(exclude_none=True, exclude=set(PLUGIN_ONLY_OPTIONS)))
         if batched:
             # Long-audio mode (longform.py) always finds speech with its own VAD; vad_filter does not apply.
             kwargs["batch_size"] = batch_size
@@ -180,19 +176,20 @@ class AsrEngine:
             self._zh_converter = opencc.OpenCC("t2s" if script == "simplified" else "s2t")
         return self._zh_converter.convert(text)
 
-    def run(self, header: dict[str, Any], payload: bytes, emit: Callable[[dict[str, Any]], None],
+    def run(self, job: JobMessage, options: DecodeOptions, payload: bytes, emit: Callable[[PluginMessage], None],
             check: Callable[[], None] = _no_check) -> None:
-        """Decode one job, sending its messages through ``emit``; ``check`` raises to stop between segments."""
-        job_id = header["job_id"]
+        """Decode one job with its checked ``options``, sending its messages through ``emit``; ``check`` raises
+        to stop between segments."""
+        job_id = job.job_id
         t_start = time.perf_counter()
         audio = audio_mod.decode(
-            payload, header.get("format", "auto"), header.get("sample_rate"), float(self.spec["max_audio_s"]),
-            allow_truncated=(header.get("options") or {}).get("allow_truncated") is True,
+            payload, job.format, job.sample_rate, float(self.spec["max_audio_s"]),
+            allow_truncated=options.allow_truncated is True,
         )
         duration_s = audio.shape[0] / audio_mod.SAMPLE_RATE
         decode_audio_s = time.perf_counter() - t_start
-        kwargs, batched = self._options(header, duration_s)
-        emit({"type": "started", "job_id": job_id, "duration_s": duration_s, "decode_audio_s": decode_audio_s})
+        kwargs, batched = self._options(job, options, duration_s)
+        emit(StartedMessage(job_id=job_id, duration_s=duration_s, decode_audio_s=decode_audio_s))
         check()
 
         t0 = time.perf_counter()
@@ -225,23 +222,22 @@ class AsrEngine:
                 fallbacks += segment.temperature > 0
                 if first_segment_s is None:
                     first_segment_s = now - t_start
-                event = {
-                    "type": "segment",
-                    "job_id": job_id,
-                    "id": segment.id,
-                    "start": round(segment.start, 3),
-                    "end": round(segment.end, 3),
-                    "text": text,
-                    "temperature": segment.temperature,
-                    "avg_logprob": segment.avg_logprob,
-                    "compression_ratio": segment.compression_ratio,
-                    "no_speech_prob": segment.no_speech_prob,
-                    "decode_s": round(now - last, 6),
-                }
+                event = SegmentMessage(
+                    job_id=job_id,
+                    id=segment.id,
+                    start=round(segment.start, 3),
+                    end=round(segment.end, 3),
+                    text=text,
+                    temperature=segment.temperature,
+                    avg_logprob=segment.avg_logprob,
+                    compression_ratio=segment.compression_ratio,
+                    no_speech_prob=segment.no_speech_prob,
+                    decode_s=round(now - last, 6),
+                )
                 if segment.words:
-                    event["words"] = [
-                        {"start": w.start, "end": w.end, "word": self._convert_zh(w.word, info.language),
-                         "probability": w.probability}
+                    event.words = [
+                        WordInfo(start=w.start, end=w.end, word=self._convert_zh(w.word, info.language),
+                                 probability=w.probability)
                         for w in segment.words
                     ]
                 emit(event)
@@ -254,67 +250,79 @@ class AsrEngine:
                 close()
         segments_iteration_s = time.perf_counter() - t1
 
-        emit({
-            "type": "result",
-            "job_id": job_id,
-            "text": "".join(texts).strip(),
-            "language": info.language,
-            "language_probability": info.language_probability,
-            "duration_s": duration_s,
-            "segments_count": count,
-            "fallback_segments": fallbacks,
-            "batched": batched,
-            "timings": {
+        emit(ResultMessage(
+            job_id=job_id,
+            text="".join(texts).strip(),
+            language=info.language,
+            language_probability=info.language_probability,
+            duration_s=duration_s,
+            segments_count=count,
+            fallback_segments=fallbacks,
+            batched=batched,
+            timings={
                 "decode_audio_s": round(decode_audio_s, 6),
                 "transcribe_call_s": round(transcribe_call_s, 6),
                 "segments_iteration_s": round(segments_iteration_s, 6),
                 "first_segment_s": round(first_segment_s, 6) if first_segment_s is not None else None,
                 "total_s": round(time.perf_counter() - t_start, 6),
             },
-        })
+        ))
 
 
 def serve(channel: BlockingChannel, spec: dict[str, Any], engine: Any = None) -> int:
     """Load, report ready, serve jobs until told to stop or the agent goes away. Returns the exit status.
 
-    ``engine`` (``load()`` and ``run()`` as ``AsrEngine`` has them) is for the tests' model-free stand-in."""
+    ``engine`` (``load()``, ``run()`` and ``options_model`` as ``AsrEngine`` has them) is for the tests'
+    model-free stand-in."""
     engine = engine or AsrEngine(spec)
+
+    def send(message: PluginMessage) -> None:
+        channel.send(to_header(message))
+
     try:
-        ready = engine.load()
+        ready = ReadyMessage(**engine.load(), pid=os.getpid())
     except Exception as exc:  # any load failure is fatal for this process; report it, then exit
         log.error("model load failed: %s", exc)
         # Named here: ctranslate2's errors (a damaged model.bin, say) do not say which model they are about.
-        channel.send({"type": "fatal", "message": f"model {spec.get('model')!r}: {type(exc).__name__}: {exc}"})
+        send(FatalMessage(message=f"model {spec.get('model')!r}: {type(exc).__name__}: {exc}"))
         return 3
-    ready.update(type="ready", pid=os.getpid())
-    channel.send(ready)
+    send(ready)
     log.info("ready: model=%s device=%s compute_type=%s load_s=%.2f",
-             ready["model"], ready["device"], ready["compute_type"], ready["load_s"])
+             ready.model, ready.device, ready.compute_type, ready.load_s)
 
+    options_model: type[DecodeOptions] = getattr(engine, "options_model", DecodeOptions)
     while True:
         frame = channel.recv()
         if frame is None:
             return 0  # the agent closed the channel
         header, payload = frame
-        if header["type"] == "stop":
-            return 0
-        if header["type"] == "cancel":
-            continue  # its job ended before the cancel arrived: stale
-        if header["type"] != "job":
-            channel.send({"type": "error", "job_id": header.get("job_id"), "code": "invalid_request",
-                          "message": f"unknown message type {header['type']!r}"})
-            continue
-        control = JobControl(channel, header["job_id"])
         try:
-            engine.run(header, payload, channel.send, control.check)
+            message = parse_from_agent(header)
+        except WireError as exc:
+            job_id = header.get("job_id")
+            send(ErrorMessage(job_id=job_id if isinstance(job_id, str) else None,
+                              code=JobErrorCode.invalid_request, message=str(exc)))
+            continue
+        if isinstance(message, StopMessage):
+            return 0
+        if isinstance(message, CancelMessage):
+            continue  # its job ended before the cancel arrived: stale
+        job_id = message.job_id
+        control = JobControl(channel, job_id)
+        try:
+            # Checked on arrival: whatever sent the job, only known options with valid values reach the decode.
+            options = parse_options(message.options, options_model)
+            engine.run(message, options, payload, send, control.check)
         except DecodeStopped:
-            channel.send({"type": "stopped", "job_id": header["job_id"]})
-            log.info("job %s stopped at the agent's request", header["job_id"])
+            send(StoppedMessage(job_id=job_id))
+            log.info("job %s stopped at the agent's request", job_id)
             if control.exit_after:
                 return 0
         except JobError as exc:
-            channel.send({"type": "error", "job_id": header.get("job_id"), **exc.to_dict()})
+            send(ErrorMessage(job_id=job_id, code=exc.code, message=exc.message))
+        except WireError as exc:
+            # The agent sent something this plugin cannot read while the job ran: a bug on one side, this job only.
+            send(ErrorMessage(job_id=job_id, code=JobErrorCode.failed, message=f"protocol error: {exc}"))
         except (RuntimeError, MemoryError) as exc:
             # Python-level failures inside ctranslate2 (e.g. CUDA out of memory) cost this job only.
-            err = TranscriptionFailed(f"{type(exc).__name__}: {exc}")
-            channel.send({"type": "error", "job_id": header.get("job_id"), **err.to_dict()})
+            send(ErrorMessage(job_id=job_id, code=JobErrorCode.failed, message=f"{type(exc).__name__}: {exc}"))

@@ -1,0 +1,83 @@
+"""The job loop of one device: long-poll the scheduler while its worker can take a job, run it, repeat.
+
+Each job runs in a task of its own (``JobLoop.job``) so that cancelling the loop (the agent draining) stops the
+polling and never the job; the composition root waits for that task within the shutdown grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from .client import SchedulerClient, SchedulerError, UnknownNode
+from .job_runner import JobOutcome, JobRunner
+from .metrics import AgentMetrics
+from .registration import NodeIdentity
+from .retry import OutageLog, RetryPolicies, retry_after_of
+from .supervisor import Worker, WorkerState
+
+log = logging.getLogger("node_agent.jobs")
+
+#: Long-poll wait per request; the scheduler caps it too.
+POLL_WAIT_S = 20.0
+
+
+class JobLoop:
+    """Polls for one device's jobs and hands each to its ``JobRunner``; one job at a time."""
+
+    def __init__(self, client: SchedulerClient, worker: Worker, runner: JobRunner, identity: NodeIdentity, *,
+                 metrics: AgentMetrics, reregister: Callable[[], None], policies: RetryPolicies | None = None,
+                 wait_s: float = POLL_WAIT_S) -> None:
+        self.client = client
+        self.worker = worker
+        self.runner = runner
+        self.identity = identity
+        self.metrics = metrics
+        self.policies = policies or RetryPolicies()
+        self.wait_s = wait_s
+        self._reregister = reregister
+        self._outages = OutageLog(log)
+        #: The job in flight, if any (its own task: see the module docstring).
+        self.job: asyncio.Task[JobOutcome] | None = None
+
+    @property
+    def resource(self) -> str:
+        return self.worker.resource
+
+    async def run(self) -> None:
+        """Poll and run jobs until cancelled."""
+        resource, worker = self.resource, self.worker
+        what = f"polling for jobs on {resource}"
+        backoff = self.policies.poll.start("poll", self.metrics.count_retry)
+        while True:
+            await self.identity.registered_event.wait()
+            if worker.state is WorkerState.fatal:
+                log.error("worker %s is fatal (%s): not taking jobs on it until it is retried", resource,
+                          worker.last_error)
+                await worker.wait_not_fatal()
+                continue
+            with contextlib.suppress(asyncio.TimeoutError):
+                await worker.wait_ready(5.0)
+            if worker.state is not WorkerState.ready:
+                continue
+            node_id = self.identity.node_id
+            assert node_id is not None
+            try:
+                assignment = await self.client.next_job(node_id, self.wait_s, resource)
+            except UnknownNode:
+                self._reregister()
+                await asyncio.sleep(0.2)  # the registered event clears at once; this only yields
+                continue
+            except SchedulerError as exc:
+                self._outages.failed(what, exc)
+                await backoff.wait(retry_after_of(exc))  # no total: polling lasts as long as the agent
+                continue
+            self._outages.recovered(what)
+            backoff.reset()
+            if assignment is None:
+                continue
+            self.job = asyncio.get_running_loop().create_task(self.runner.run(assignment),
+                                                              name=f"job-{assignment.job_id}")
+            await asyncio.shield(self.job)

@@ -1,0 +1,313 @@
+"""One job, start to end: fetch audio -> lease -> decode with streamed events -> result report -> release.
+
+``JobRunner.run`` is handed an assignment and returns a ``JobOutcome``; it is given everything it talks to (the
+scheduler client, the device's lease keeper and worker, the retry policies, metrics) and keeps no other state
+than the ``JobLedger`` it writes for status. The report runs under ``asyncio.shield`` and is awaited to the end,
+so a shutdown never loses a result; releasing the lease afterwards is housekeeping in a background task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any
+
+from .client import BadRequest, Rejected, SchedulerClient, SchedulerError, SchedulerUnavailable
+from .errors import JobError, LeaseLost
+from .lease import Lease, LeaseKeeper, LeaseUnavailable
+from .metrics import AgentMetrics, job_outcome
+from .registration import NodeIdentity
+from .retry import RetryPolicies, retry_after_of
+from .scheduler.schemas import JobAssignment
+from .supervisor import JobRequest, JobResult, Worker
+
+log = logging.getLogger("node_agent.jobs")
+
+#: Failures kept for status.
+RECENT_FAILURES = 10
+#: How far back status counts lease losses.
+LEASE_LOSS_WINDOW_S = 600.0
+
+
+@dataclass
+class RunningJob:
+    """What status shows about a job in flight."""
+
+    assignment: JobAssignment
+    resource: str
+    received: float  # event-loop time
+    lease: Lease | None = None
+    worker: Worker | None = None
+
+    def view(self, now: float) -> dict[str, Any]:
+        current = (self.worker.current_job or {}) if self.worker else {}
+        lease = self.lease
+        last_seg = current.get("last_segment")
+        return {
+            "job_id": self.assignment.job_id,
+            "attempt": self.assignment.attempt,
+            "resource": self.resource,
+            "audio_s": current.get("audio_s"),
+            "elapsed_s": round(now - self.received, 2),
+            "segments": current.get("segments", 0),
+            "since_last_segment_s": round(time.monotonic() - last_seg, 2) if last_seg else None,
+            "lease_id": lease.lease_id if lease else None,
+            "epoch": lease.epoch if lease else None,
+            "since_last_renewal_s": round(now - lease.renewed_at, 2) if lease else None,
+            "lease_margin_s": round(lease.last_margin_s, 3) if lease and lease.last_margin_s is not None else None,
+            "renewals": lease.renewals if lease else 0,
+        }
+
+
+class JobLedger:
+    """The node's record of jobs, shared by its runners and read by status: in flight, totals, recent failures,
+    lease losses."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, RunningJob] = {}
+        self.totals: Counter[str] = Counter()
+        self.recent_failures: deque[dict[str, Any]] = deque(maxlen=RECENT_FAILURES)
+        self.lease_losses: deque[float] = deque(maxlen=100)  # event-loop times
+
+    def lease_losses_since(self, since: float) -> int:
+        return sum(1 for t in self.lease_losses if t >= since)
+
+
+class Report(enum.Enum):
+    """What became of the result report."""
+
+    accepted = "accepted"
+    rejected = "rejected"  # stale attempt or epoch, or already completed: definitive
+    abandoned = "abandoned"  # the scheduler stayed unreachable for the result policy's total
+    not_sent = "not_sent"  # the job never ran: no audio, or no lease
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """How one assignment ended."""
+
+    job_id: str
+    attempt: int
+    #: The ``node_agent_jobs_total`` label ("succeeded", "timeout", ...); None when the job never ran.
+    outcome: str | None
+    report: Report
+    error: JobError | None = None
+    #: Why the job never ran (its audio could not be fetched, no lease), for logs and tests.
+    reason: str | None = None
+    seconds: float = 0.0
+    requeued: bool = False
+
+
+class JobRunner:
+    """Runs jobs on one device, one at a time."""
+
+    def __init__(self, client: SchedulerClient, keeper: LeaseKeeper, worker: Worker, identity: NodeIdentity, *,
+                 metrics: AgentMetrics, policies: RetryPolicies | None = None,
+                 ledger: JobLedger | None = None) -> None:
+        self.client = client
+        self.keeper = keeper
+        self.worker = worker
+        self.identity = identity
+        self.metrics = metrics
+        self.policies = policies or RetryPolicies()
+        self.ledger = ledger if ledger is not None else JobLedger()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    async def run(self, assignment: JobAssignment) -> JobOutcome:
+        """Run one assignment to its end and say how it ended. Never raises but for cancellation."""
+        loop = asyncio.get_running_loop()
+        a = assignment
+        running = RunningJob(a, self.worker.resource, loop.time(), worker=self.worker)
+        self.ledger.running[a.job_id] = running
+        self.metrics.jobs_in_progress.inc()
+        self.metrics.job_queue_wait.observe(max(0.0, a.queued_s))
+        log.info("job %s attempt %d received on %s", a.job_id, a.attempt, self.worker.resource)
+        try:
+            return await self._execute(running)
+        except Exception as exc:
+            log.exception("job %s: unexpected error", a.job_id)
+            return JobOutcome(a.job_id, a.attempt, None, Report.not_sent, reason=f"unexpected error: {exc!r}")
+        finally:
+            self.ledger.running.pop(a.job_id, None)
+            self.metrics.jobs_in_progress.dec()
+
+    async def settle(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for background housekeeping (lease releases) to finish."""
+        if self._background:
+            await asyncio.wait(self._background, timeout=timeout)
+
+    def _own(self, task: asyncio.Task[Any]) -> None:
+        """Keep a background task referenced until done; ``settle`` waits for the stragglers."""
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _execute(self, running: RunningJob) -> JobOutcome:
+        loop = asyncio.get_running_loop()
+        a = running.assignment
+        deadline = running.received + a.deadline_s if a.deadline_s else None
+        try:
+            audio = await self._fetch_audio(a)
+        except SchedulerError as exc:
+            # Without a lease we cannot report; the scheduler re-queues the assignment on its own.
+            log.error("job %s: could not fetch audio, leaving it to the scheduler: %s", a.job_id, exc)
+            return JobOutcome(a.job_id, a.attempt, None, Report.not_sent, reason=f"audio: {exc}")
+        try:
+            lease = await self.keeper.acquire(self.identity.node_id or "", a.job_id)
+        except LeaseUnavailable as exc:
+            log.error("job %s: %s", a.job_id, exc)
+            return JobOutcome(a.job_id, a.attempt, None, Report.not_sent, reason=str(exc))
+        running.lease = lease
+
+        result, error = await self._decode(a, lease, audio, deadline)
+        del audio
+        if isinstance(error, LeaseLost):
+            self.ledger.lease_losses.append(loop.time())
+        # The report must survive cancellation (shutdown): shield it, and await it to the end.
+        report = loop.create_task(self._report(running, lease, result, error))
+        try:
+            reported, requeued = await asyncio.shield(report)
+        except asyncio.CancelledError:
+            await report
+            raise
+        finally:
+            # The job is over once reported; releasing is housekeeping (the scheduler already dropped the lease
+            # when it accepted the result) and may retry through a partition, so it must not hold up the node.
+            self._own(loop.create_task(self.keeper.release(lease), name=f"release-{lease.lease_id}"))
+        code = None if result is not None else (error.code if error else "failed")
+        return JobOutcome(a.job_id, a.attempt, job_outcome(code), reported, error,
+                          seconds=loop.time() - running.received, requeued=requeued)
+
+    async def _decode(self, a: JobAssignment, lease: Lease, audio: bytes,
+                      deadline: float | None) -> tuple[JobResult | None, JobError | None]:
+        """The decode under the lease, its segments streamed to the scheduler as they come."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        sender = loop.create_task(self._send_events(a.job_id, a.attempt, lease.epoch, events))
+        try:
+            async with self.keeper.hold(lease, on_lost=self.worker.abort):
+                result = await self.worker.run_job(
+                    JobRequest(job_id=a.job_id, audio=audio, format=a.audio.format,
+                               sample_rate=a.audio.sample_rate, language=a.language, options=a.options,
+                               deadline=deadline),
+                    on_segment=events.put_nowait)
+            return result, None
+        except JobError as exc:
+            return None, exc
+        finally:
+            events.put_nowait(None)
+            flush_s = self.policies.events.max_total_s or 0.0
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                # A little longer than the sender's own flush budget: it normally ends by itself.
+                await asyncio.wait_for(asyncio.shield(sender), flush_s + 1.0)
+
+    async def _fetch_audio(self, a: JobAssignment) -> bytes:
+        backoff = self.policies.audio.start("audio", self.metrics.count_retry)
+        while True:
+            try:
+                data = await self.client.fetch_audio(a.audio.url)
+                # A proxy error page or a cut connection must not reach the decoder as "audio".
+                if len(data) != a.audio.bytes:
+                    raise SchedulerUnavailable(
+                        f"audio: got {len(data)} bytes, the assignment announced {a.audio.bytes}")
+                return data
+            except SchedulerUnavailable as exc:
+                delay = backoff.schedule(exc.retry_after)
+                if delay is None:
+                    raise
+                log.warning("job %s: audio fetch failed (%s); retrying", a.job_id, exc)
+                await asyncio.sleep(delay)
+
+    async def _send_events(self, job_id: str, attempt: int, epoch: int,
+                           queue: asyncio.Queue[dict[str, Any] | None]) -> None:
+        """Forward segment events in order, batching what piled up. Never blocks the decode.
+
+        A batch that could not be delivered is carried into the next post (the scheduler replaces segments by
+        id, so a resend is harmless). After the last segment, what is still undelivered is retried under the
+        ``events`` policy (4 s in all): the result waits for that flush (clients see segments before the
+        transcript), so a blip at the very end of a job costs no events, and a dead scheduler costs seconds.
+        """
+        pending: list[dict[str, Any]] = []
+        done = False
+        retry_after: float | None = None
+        while not done:
+            item = await queue.get()
+            items = [item]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            done = items[-1] is None
+            pending.extend(e for e in items if e is not None)
+            if not pending:
+                continue
+            try:
+                await self.client.post_events(job_id, attempt, epoch, pending)
+                pending = []
+            except Rejected as exc:
+                log.warning("job %s: segment events rejected (%s); no more will be sent", job_id, exc)
+                return
+            except SchedulerError as exc:
+                log.warning("job %s: %d segment event(s) not delivered yet: %s", job_id, len(pending), exc)
+                retry_after = retry_after_of(exc)
+        if not pending:
+            return
+        backoff = self.policies.events.start("events", self.metrics.count_retry)
+        while await backoff.wait(retry_after):
+            try:
+                # Each try is bounded by what is left, so one hanging request cannot outlast the flush.
+                await asyncio.wait_for(self.client.post_events(job_id, attempt, epoch, pending),
+                                       max(0.1, backoff.remaining() or 0.0))
+                return
+            except Rejected as exc:
+                log.warning("job %s: segment events rejected (%s); no more will be sent", job_id, exc)
+                return
+            except (SchedulerError, asyncio.TimeoutError) as exc:
+                log.warning("job %s: %d segment event(s) not delivered yet: %s", job_id, len(pending),
+                            exc or "timed out")
+                retry_after = retry_after_of(exc)
+        log.warning("job %s: %d segment event(s) never delivered; the result carries every segment",
+                    job_id, len(pending))
+
+    async def _report(self, running: RunningJob, lease: Lease, result: JobResult | None,
+                      error: JobError | None) -> tuple[Report, bool]:
+        """Report the result (the same body on every try: reports are idempotent); count the job once."""
+        loop = asyncio.get_running_loop()
+        a = running.assignment
+        body: dict[str, Any] = {
+            "node_id": self.identity.node_id,
+            "attempt": a.attempt,
+            "lease_epoch": lease.epoch,
+            "outcome": "succeeded" if result is not None else "failed",
+            "result": result.to_dict() if result is not None else None,
+            "error": error.to_dict() if error is not None else None,
+            "timings": {**(result.timings if result else {}),
+                        "node_s": round(loop.time() - running.received, 4)},
+        }
+        code = None if result is not None else (error.code if error else "failed")
+        policy = self.policies.result
+        backoff = policy.start("result", self.metrics.count_retry)
+        report, requeued = Report.abandoned, False
+        while True:
+            try:
+                ack = await self.client.report_result(a.job_id, body)
+                report, requeued = Report.accepted, ack.requeued
+                log.info("job %s attempt %d %s in %.2f s (result accepted%s)", a.job_id, a.attempt,
+                         job_outcome(code), loop.time() - running.received, ", requeued" if ack.requeued else "")
+                break
+            except (Rejected, BadRequest) as exc:
+                report = Report.rejected
+                log.warning("job %s attempt %d: result rejected by the scheduler: %s", a.job_id, a.attempt, exc)
+                break
+            except SchedulerError as exc:
+                if not await backoff.wait(retry_after_of(exc)):
+                    log.error("job %s: giving up reporting after %.0f s: %s", a.job_id, backoff.elapsed(), exc)
+                    break
+        self.ledger.totals[job_outcome(code)] += 1
+        self.metrics.count_job(code, loop.time() - running.received)
+        if error is not None:
+            self.ledger.recent_failures.append({"job_id": a.job_id, "code": error.code, "message": error.message,
+                                                "at": time.time(), "accepted": report is Report.accepted})
+        return report, requeued

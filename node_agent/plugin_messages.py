@@ -1,0 +1,200 @@
+"""The messages between the agent and a plugin process, declared once for both sides.
+
+A message travels as the JSON header of one ``node_agent.wire`` frame, its kind in ``type``; only ``job``
+carries a payload (the audio). Agent -> plugin: ``job``, ``cancel`` (stop that job at the next segment
+boundary; one naming any other job is stale and ignored), ``stop`` (exit). Plugin -> agent: ``ready`` or
+``fatal`` once, then per job ``started``, ``segment``... and one of ``result``, ``error`` or ``stopped`` (the
+answer to ``cancel``). ``to_header`` encodes one; ``parse_from_agent`` / ``parse_from_plugin`` check one on
+arrival and raise ``WireError`` naming the type for an unknown or malformed message.
+
+Both sides ship together, so the shapes are strict: an unknown field is an error, not ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .contracts import one_line
+from .errors import JobErrorCode, WireError
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: The message's kind; each class below fixes it with a ``Literal``.
+    type: str
+
+
+# ------------------------------------------------------------------------------------- agent -> plugin
+
+
+class JobMessage(_Message):
+    """Decode one job; the audio is the frame's payload. ``options`` is ``DecodeOptions`` in wire form (only
+    those set), validated by the plugin on arrival."""
+
+    type: Literal["job"] = "job"
+    job_id: str
+    format: str = "auto"
+    sample_rate: int | None = None
+    language: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class CancelMessage(_Message):
+    """Stop job ``job_id`` at its next segment boundary and answer ``stopped``."""
+
+    type: Literal["cancel"] = "cancel"
+    job_id: str
+
+
+class StopMessage(_Message):
+    """Exit (after stopping a running job, if any)."""
+
+    type: Literal["stop"] = "stop"
+
+
+# ------------------------------------------------------------------------------------- plugin -> agent
+
+
+class ReadyMessage(_Message):
+    """The model is loaded and warm; what the plugin loaded, for status and metrics."""
+
+    type: Literal["ready"] = "ready"
+    model: str
+    device: str
+    compute_type: str
+    load_s: float
+    pid: int
+    model_path: str | None = None
+    device_index: int | None = None
+    cpu_threads: int | None = None
+    warmup_s: float | None = None
+    multilingual: bool | None = None
+    #: Languages the model serves; None: any (a multilingual model).
+    languages: list[str] | None = None
+    versions: dict[str, str] | None = None
+
+
+class FatalMessage(_Message):
+    """Loading failed; the process exits next."""
+
+    type: Literal["fatal"] = "fatal"
+    message: str
+
+
+class StartedMessage(_Message):
+    """The job's audio is decoded: its length sets the job's time budget."""
+
+    type: Literal["started"] = "started"
+    job_id: str
+    duration_s: float = Field(ge=0)
+    decode_audio_s: float = 0.0
+
+
+class WordInfo(BaseModel):
+    """One word of a segment (``word_timestamps``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start: float
+    end: float
+    word: str
+    probability: float
+
+
+class SegmentMessage(_Message):
+    """One transcript segment, sent the moment it exists."""
+
+    type: Literal["segment"] = "segment"
+    job_id: str
+    id: int
+    start: float
+    end: float
+    text: str
+    #: The temperature the segment was finally decoded at (above 0: a fallback); faster-whisper allows None.
+    temperature: float | None
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+    decode_s: float
+    #: Only with the ``word_timestamps`` option.
+    words: list[WordInfo] | None = None
+
+    def event(self) -> dict[str, Any]:
+        """The segment as the agent streams and reports it (no ``type`` or ``job_id``)."""
+        return self.model_dump(exclude={"type", "job_id"}, exclude_unset=True)
+
+
+class ResultMessage(_Message):
+    """The job's transcript; its segments went before it."""
+
+    type: Literal["result"] = "result"
+    job_id: str
+    text: str
+    language: str
+    language_probability: float
+    duration_s: float
+    segments_count: int
+    fallback_segments: int = 0
+    batched: bool = False
+    timings: dict[str, float | None] = Field(default_factory=dict)
+
+
+class ErrorMessage(_Message):
+    """The job failed; ``job_id`` is None when the message that failed named none."""
+
+    type: Literal["error"] = "error"
+    job_id: str | None
+    code: JobErrorCode
+    message: str
+
+
+class StoppedMessage(_Message):
+    """The answer to ``cancel``: the job stopped at a segment boundary and the process stays loaded."""
+
+    type: Literal["stopped"] = "stopped"
+    job_id: str
+
+
+AgentMessage = JobMessage | CancelMessage | StopMessage
+PluginMessage = (ReadyMessage | FatalMessage | StartedMessage | SegmentMessage | ResultMessage | ErrorMessage
+                 | StoppedMessage)
+
+_FROM_AGENT: dict[str, type[_Message]] = {m.model_fields["type"].default: m
+                                           for m in (JobMessage, CancelMessage, StopMessage)}
+_FROM_PLUGIN: dict[str, type[_Message]] = {m.model_fields["type"].default: m
+                                            for m in (ReadyMessage, FatalMessage, StartedMessage, SegmentMessage,
+                                                      ResultMessage, ErrorMessage, StoppedMessage)}
+
+
+def to_header(message: _Message) -> dict[str, Any]:
+    """The frame header of ``message``: its ``type`` and the fields that were set."""
+    return {"type": message.type, **message.model_dump(mode="json", exclude={"type"}, exclude_unset=True)}
+
+
+def _parse(header: dict[str, Any], kinds: dict[str, type[_Message]], sender: str) -> Any:
+    kind = header.get("type")
+    cls = kinds.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise WireError(f"unknown message type {kind!r} from the {sender} (known: {', '.join(kinds)})")
+    try:
+        return cls.model_validate(header)
+    except ValidationError as exc:
+        raise WireError(f"malformed {kind!r} message from the {sender}: {one_line(exc)}") from None
+
+
+def parse_from_agent(header: dict[str, Any]) -> AgentMessage:
+    """A frame header the plugin received, checked; ``WireError`` naming the type if unknown or malformed."""
+    return _parse(header, _FROM_AGENT, "agent")  # type: ignore[no-any-return]
+
+
+def parse_from_plugin(header: dict[str, Any]) -> PluginMessage:
+    """A frame header the agent received, checked; ``WireError`` naming the type if unknown or malformed."""
+    return _parse(header, _FROM_PLUGIN, "plugin")  # type: ignore[no-any-return]
+
+
+__all__ = ["AgentMessage", "CancelMessage", "ErrorMessage", "FatalMessage", "JobMessage", "PluginMessage",
+           "ReadyMessage", "ResultMessage", "SegmentMessage", "StartedMessage", "StopMessage", "StoppedMessage",
+           "WordInfo", "parse_from_agent", "parse_from_plugin", "to_header"]

@@ -1,0 +1,278 @@
+"""The job runner, one job at a time: its outcomes against a real scheduler on loopback, and against the failure
+shapes a real one rarely produces (aioresponses). The worker is the scripted stand-in plugin process
+(tests/fake_plugin.py, through the supervisor's ``command=`` seam): fast, and no timing depends on decoding."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from aioresponses import aioresponses
+from prometheus_client import CollectorRegistry
+from yarl import URL
+
+from conftest import make_settings
+from fake_plugin import COMMAND as FAKE_COMMAND
+from node_agent.client import SchedulerClient
+from node_agent.config import SchedulerSettings
+from node_agent.errors import LeaseLost
+from node_agent.job_runner import JobRunner, Report
+from node_agent.lease import LeaseKeeper
+from node_agent.metrics import AgentMetrics
+from node_agent.registration import NodeIdentity
+from node_agent.retry import RetryPolicies, RetryPolicy
+from node_agent.scheduler.schemas import JobAssignment
+from node_agent.scheduler.server import Running, start_scheduler
+from node_agent.supervisor import Worker, WorkerState, worker_spec
+
+BASE = "http://scheduler.test"
+AUDIO = b"\x00\x01" * 8000  # what the fake plugin is handed; it does not look
+#: Fast retries, so the failure shapes take milliseconds; the production values are tested in test_retry.
+FAST = RetryPolicies(**{name: RetryPolicy(initial_s=0.01, max_wait_s=0.05, max_total_s=total) for name, total in
+                        {"register": None, "heartbeat": 2.0, "poll": None, "audio": 2.0, "lease_acquire": 2.0,
+                         "lease_release": 1.0, "events": 1.0, "result": 5.0}.items()})
+
+
+@pytest.fixture
+async def fake_worker() -> AsyncIterator[Callable[..., Any]]:
+    workers: list[Worker] = []
+
+    async def make(**job: Any) -> Worker:
+        """A ready worker running the stand-in plugin; ``job`` is the script every job follows."""
+        s = make_settings()
+        spec = worker_spec(s.asr, "cpu", 0, log_level="WARNING")
+        spec["fake"] = {"job": job}
+        worker = Worker("cpu", spec, s.worker, s.asr.timeout, command=FAKE_COMMAND)
+        workers.append(worker)
+        await worker.start()
+        assert await worker.wait_ready(30) is WorkerState.ready, worker.last_error
+        return worker
+
+    yield make
+    for worker in workers:
+        await worker.stop()
+
+
+@dataclass
+class Parts:
+    """A runner and what it was built from."""
+
+    runner: JobRunner
+    client: SchedulerClient
+    registry: CollectorRegistry
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        return self.registry.get_sample_value(name, labels)
+
+
+def build(worker: Worker, url: str, node_id: str, lease: dict[str, Any] | None = None) -> Parts:
+    registry = CollectorRegistry()
+    metrics = AgentMetrics(registry)
+    metrics.declare_device("cpu", "tiny.en")
+    client = SchedulerClient(url, None, 2.0, metrics)
+    keeper = LeaseKeeper(client, make_settings(lease=lease or {}).lease, metrics, "cpu", FAST)
+    runner = JobRunner(client, keeper, worker, NodeIdentity(node_id=node_id), metrics=metrics, policies=FAST)
+    return Parts(runner, client, registry)
+
+
+# ----- against a real scheduler ----------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def assigned_job(**scheduler: Any) -> AsyncIterator[tuple[Running, str, JobAssignment]]:
+    """A real scheduler on loopback, a node registered with it, and one job assigned to that node."""
+    running = await start_scheduler(SchedulerSettings(**scheduler), CollectorRegistry(), host="127.0.0.1", port=0)
+    client = SchedulerClient(running.url, None, 2.0)
+    try:
+        reply = await client.register({
+            "node_id": None, "agent_version": "test", "hostname": "runner-test",
+            "hardware": {"cpu_cores": 2, "memory_bytes": 1 << 30, "gpus": []},
+            "devices": [{"resource": "cpu", "plugin": "asr", "model": "tiny.en", "compute_type": "int8",
+                         "languages": ["en"]}]})
+        form = aiohttp.FormData()
+        form.add_field("file", AUDIO, filename="clip.pcm", content_type="application/octet-stream")
+        form.add_field("format", "pcm_s16le")
+        form.add_field("sample_rate", "16000")
+        async with aiohttp.ClientSession() as session:
+            async with session.post(running.url + "/v1/jobs", data=form) as resp:
+                assert resp.status == 202, await resp.text()
+        assignment = await client.next_job(reply.node_id, 5.0, "cpu")
+        assert assignment is not None
+        yield running, reply.node_id, assignment
+    finally:
+        await client.close()
+        await running.stop()
+
+
+async def job_view(url: str, job_id: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{url}/v1/jobs/{job_id}") as resp:
+            return await resp.json()
+
+
+async def test_a_job_succeeds_is_reported_once_and_its_lease_released(fake_worker):
+    worker = await fake_worker(segments=4)
+    async with assigned_job() as (running, node_id, assignment):
+        parts = build(worker, running.url, node_id)
+        try:
+            outcome = await parts.runner.run(assignment)
+            await parts.runner.settle(5.0)
+        finally:
+            await parts.client.close()
+        assert (outcome.job_id, outcome.outcome, outcome.report, outcome.error) == (
+            assignment.job_id, "succeeded", Report.accepted, None)
+        view = await job_view(running.url, assignment.job_id)
+        assert view["state"] == "succeeded" and view["result"]["text"] == "segment 1. segment 2. segment 3. segment 4."
+        assert [s["id"] for s in view["result"]["segments"]] == [1, 2, 3, 4]
+    assert parts.runner.ledger.totals == {"succeeded": 1} and not parts.runner.ledger.running
+    assert parts.sample("node_agent_jobs_total", outcome="succeeded") == 1
+    assert parts.sample("node_agent_jobs_in_progress") == 0
+    assert parts.sample("node_agent_leases_held", device="cpu") == 0
+    assert parts.sample("node_agent_scheduler_requests_total", endpoint="lease_release", code="204") == 1
+    assert parts.sample("node_agent_scheduler_requests_total", endpoint="result", code="200") == 1
+    assert all(parts.sample("node_agent_retries_total", operation=op) == 0 for op in ("audio", "result", "events"))
+
+
+async def test_a_lease_lost_mid_job_stops_it_and_the_stale_report_is_rejected(fake_worker):
+    # Slow segments: the job is still decoding when its lease goes.
+    worker = await fake_worker(segments=40, every_s=0.1)
+    async with assigned_job(lease_min_ttl_s=0.5) as (running, node_id, assignment):
+        parts = build(worker, running.url, node_id, lease={"ttl_s": 1.5})
+        try:
+            task = asyncio.get_running_loop().create_task(parts.runner.run(assignment))
+            await eventually(lambda: parts.runner.keeper.current and (worker.current_job or {}).get("segments"),
+                             10, "the job is decoding under its lease")
+            lease_id = parts.runner.keeper.current.lease_id
+            # Someone else gave the lease back: the next renewal gets 410 and the job must stop.
+            async with aiohttp.ClientSession() as session:
+                async with session.delete(f"{running.url}/v1/leases/{lease_id}") as resp:
+                    assert resp.status == 204
+            outcome = await asyncio.wait_for(task, 10)
+            await parts.runner.settle(5.0)
+        finally:
+            await parts.client.close()
+    assert outcome.outcome == "lease_lost" and isinstance(outcome.error, LeaseLost), outcome
+    assert outcome.error.reason == "rejected"
+    assert outcome.report is Report.rejected  # the scheduler re-queued the job when the lease went
+    assert len(parts.runner.ledger.lease_losses) == 1
+    assert parts.runner.ledger.recent_failures[0]["code"] == "lease_lost"
+    assert parts.sample("node_agent_jobs_total", outcome="lease_lost") == 1
+    assert parts.sample("node_agent_lease_lost_total", device="cpu", reason="rejected") == 1
+    assert await worker.wait_ready(30) is WorkerState.ready  # replaced, ready for the next job
+
+
+# ----- failure shapes (aioresponses) -----------------------------------------------------------------------------
+
+ASSIGNMENT = JobAssignment.model_validate({
+    "job_id": "j1", "attempt": 1, "language": None, "options": {}, "deadline_s": None, "queued_s": 0.1,
+    "audio": {"format": "pcm_s16le", "sample_rate": 16000, "bytes": len(AUDIO), "url": "/v1/jobs/j1/audio"}})
+RESULT = f"{BASE}/v1/jobs/j1/result"
+
+
+def serve_job(m: aioresponses) -> None:
+    """Everything a job needs but its result answer."""
+    m.get(f"{BASE}/v1/jobs/j1/audio", status=200, body=AUDIO)
+    m.post(f"{BASE}/v1/leases", status=201, payload={"lease_id": "l1", "epoch": 3, "ttl_s": 15, "resource": "cpu"})
+    m.post(f"{BASE}/v1/jobs/j1/events", status=202, repeat=True)
+    m.delete(f"{BASE}/v1/leases/l1", status=204)
+
+
+async def test_the_report_is_retried_through_failures_until_accepted_and_counted_once(fake_worker):
+    worker = await fake_worker()
+    parts = build(worker, BASE, "n1")
+    try:
+        with aioresponses() as m:
+            serve_job(m)
+            m.post(RESULT, status=500)
+            m.post(RESULT, status=503, headers={"Retry-After": "0"})
+            m.post(RESULT, exception=asyncio.TimeoutError())
+            m.post(RESULT, status=200, body="{{garbage")
+            m.post(RESULT, status=200, payload={"accepted": True})
+            m.post(RESULT, status=200, payload={"accepted": True, "duplicate": True})  # must never be used
+            outcome = await parts.runner.run(ASSIGNMENT)
+            await parts.runner.settle(5.0)
+            sent = m.requests[("POST", URL(RESULT))]
+    finally:
+        await parts.client.close()
+    assert (outcome.outcome, outcome.report) == ("succeeded", Report.accepted)
+    assert len(sent) == 5
+    bodies = [r.kwargs["json"] for r in sent]
+    assert all(b == bodies[0] for b in bodies)  # idempotent: the same report every time
+    assert bodies[0]["lease_epoch"] == 3 and bodies[0]["attempt"] == 1 and bodies[0]["node_id"] == "n1"
+    assert bodies[0]["result"]["text"] == "segment 1. segment 2. segment 3."
+    assert parts.runner.ledger.totals["succeeded"] == 1
+    assert parts.sample("node_agent_jobs_total", outcome="succeeded") == 1
+    assert parts.sample("node_agent_retries_total", operation="result") == 4
+
+
+async def test_a_rejected_report_is_not_retried(fake_worker):
+    worker = await fake_worker(error="bad_audio")
+    parts = build(worker, BASE, "n1")
+    try:
+        with aioresponses() as m:
+            serve_job(m)
+            m.post(RESULT, status=409, payload={"error": {"code": "stale_attempt", "message": "late"}})
+            outcome = await parts.runner.run(ASSIGNMENT)
+            await parts.runner.settle(5.0)
+            assert len(m.requests[("POST", URL(RESULT))]) == 1
+    finally:
+        await parts.client.close()
+    assert (outcome.outcome, outcome.report, outcome.error.code) == ("bad_audio", Report.rejected, "bad_audio")
+    assert parts.runner.ledger.totals["bad_audio"] == 1
+    assert parts.runner.ledger.recent_failures[0]["accepted"] is False
+    assert parts.sample("node_agent_retries_total", operation="result") == 0
+
+
+async def test_no_lease_within_the_acquire_timeout_the_job_never_runs(fake_worker):
+    worker = await fake_worker()
+    parts = build(worker, BASE, "n1", lease={"acquire_timeout_s": 0.5})
+    loop = asyncio.get_running_loop()
+    try:
+        with aioresponses() as m:
+            m.get(f"{BASE}/v1/jobs/j1/audio", status=200, body=AUDIO)
+            m.post(f"{BASE}/v1/leases", status=409, headers={"Retry-After": "0.05"}, repeat=True,
+                   payload={"error": {"code": "resource_held", "message": "held"}})
+            started = loop.time()
+            outcome = await parts.runner.run(ASSIGNMENT)
+            took = loop.time() - started
+            tries = len(m.requests[("POST", URL(f"{BASE}/v1/leases"))])
+    finally:
+        await parts.client.close()
+    assert (outcome.outcome, outcome.report) == (None, Report.not_sent)
+    assert "lease.acquire_timeout_s" in outcome.reason and "held" in outcome.reason
+    assert took < 0.5 + 2.0  # the total cap holds (the slack is for a loaded machine)
+    assert tries >= 2 and parts.sample("node_agent_retries_total", operation="lease_acquire") == tries - 1
+    assert worker.snapshot()["jobs_served"] == 0 and not parts.runner.ledger.totals
+    assert parts.sample("node_agent_jobs_total", outcome="failed") == 0
+
+
+async def test_audio_that_never_arrives_whole_leaves_the_job_to_the_scheduler(fake_worker):
+    worker = await fake_worker()
+    parts = build(worker, BASE, "n1")
+    try:
+        with aioresponses() as m:
+            # A proxy's error page in place of the audio: the wrong length, so never handed to the decoder.
+            m.get(f"{BASE}/v1/jobs/j1/audio", status=200, body=b"<html>bad gateway</html>", repeat=True)
+            outcome = await parts.runner.run(ASSIGNMENT)
+            assert ("POST", URL(f"{BASE}/v1/leases")) not in m.requests
+    finally:
+        await parts.client.close()
+    assert (outcome.outcome, outcome.report) == (None, Report.not_sent)
+    assert outcome.reason is not None and "announced" in outcome.reason
+    assert parts.sample("node_agent_retries_total", operation="audio") >= 1
+    assert worker.snapshot()["jobs_served"] == 0
+
+
+async def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout
+    while not (value := check()):
+        if loop.time() > give_up:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        await asyncio.sleep(0.02)
+    return value
