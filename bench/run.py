@@ -47,7 +47,7 @@ import psutil  # noqa: E402
 
 from helpers import DATA, cer, joined, multipart, references, wav_bytes, wer  # noqa: E402
 from node_agent.devices import choose_cpu_threads  # noqa: E402
-from node_agent.models import resolve_model  # noqa: E402
+from node_agent.model_resolution import resolve_model  # noqa: E402
 
 SECTIONS = ("overhead", "iteration", "long", "throughput", "memory", "startup", "threads", "profile")
 OUT = ROOT / ".bench"
@@ -592,7 +592,7 @@ def throughput(b: Bench) -> None:
 PLAIN_RSS = """
 import sys, json, psutil
 from faster_whisper import WhisperModel
-from node_agent.models import resolve_model
+from node_agent.model_resolution import resolve_model
 m = WhisperModel(resolve_model("tiny.en"), device="cpu", compute_type="int8", cpu_threads=int(sys.argv[1]))
 clips = [open(p, "rb").read() for p in sys.argv[3:]]
 rss = []
@@ -656,7 +656,7 @@ PLAIN_START = """
 import time, numpy as np
 t0 = time.perf_counter()
 from faster_whisper import WhisperModel
-from node_agent.models import resolve_model
+from node_agent.model_resolution import resolve_model
 m = WhisperModel(resolve_model("tiny.en"), device="cpu", compute_type="int8", cpu_threads=%d)
 segs, _ = m.transcribe(np.zeros(16000, dtype=np.float32), language="en", beam_size=1)
 list(segs)

@@ -5,7 +5,7 @@ The pipeline it wires, data flowing one way::
     Registration (registration.py): register, heartbeat ──> NodeIdentity
     JobLoop (job_loop.py), one per device: poll ──> JobRunner (job_runner.py): audio -> LeaseKeeper (lease.py)
         -> Worker (supervisor.py) -> plugin process; result report -> release ──> JobOutcome, JobLedger
-    LocalNodeView (node_view.py) <── read by the HTTP face (http_api.py, compat.py)
+    LocalNodeView (node_view.py) <── read by the HTTP face (http_api.py, legacy_asr_api.py)
 
 Nothing here decides anything about a job; every retry goes through ``retry.RetryPolicies``.
 """

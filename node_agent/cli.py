@@ -151,22 +151,22 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .agent import run_agent
-    from .allocator import pin_mmap_threshold
+    from .mmap_tuning import pin_mmap_threshold
 
     settings = _load(args)
     _setup_logging(settings.log.level)
-    pin_mmap_threshold()  # this process moves MB-sized audio buffers; see allocator.py
+    pin_mmap_threshold()  # this process moves MB-sized audio buffers; see mmap_tuning.py
     return asyncio.run(run_agent(settings))
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
-    from .allocator import pin_mmap_threshold
+    from .mmap_tuning import pin_mmap_threshold
     from .scheduler.server import serve
 
     overrides = {"scheduler.listen": args.listen} if args.listen else None
     settings = _load(args, overrides)
     _setup_logging(settings.log.level)
-    pin_mmap_threshold()  # holds every queued job's audio; see allocator.py
+    pin_mmap_threshold()  # holds every queued job's audio; see mmap_tuning.py
     asyncio.run(serve(settings.scheduler))
     return 0
 
@@ -181,7 +181,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import status_command
+    from .status_render import status_command
 
     return status_command(args)
 

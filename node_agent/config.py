@@ -28,7 +28,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .contracts import error_loc, one_line
 from .errors import ConfigError
-from .models import check_model_name
+from .model_resolution import check_model_name
 
 ENV_PREFIX = "NODE_AGENT_"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "node-agent.yaml"

@@ -178,7 +178,7 @@ def plain_transcript(audio: str | np.ndarray, *, asr: "AsrSettings | None" = Non
 
     from conftest import make_settings
     from node_agent.devices import choose_compute_type, choose_cpu_threads, choose_device
-    from node_agent.models import resolve_model
+    from node_agent.model_resolution import resolve_model
 
     asr = asr or make_settings().asr
     if model is not None:

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import make_settings
 from helpers import (cer, decode_clip, normalize_zh, pcm16, plain_transcript, plain_wer, reference, samples_of_pcm16,
                      wer)
-from node_agent.compat import (BODY_TIMEOUT_S, COMPAT_KEY, DEFAULT_TIMEOUT_S, QUEUE_PER_WORKER, CompatLimits,
+from node_agent.legacy_asr_api import (BODY_TIMEOUT_S, COMPAT_KEY, DEFAULT_TIMEOUT_S, QUEUE_PER_WORKER, CompatLimits,
                                CompatService)
 from node_agent.supervisor import WorkerState
 from stack import AgentStack, agent_stack, eventually, long_audio
@@ -303,7 +303,7 @@ def post_head(length: int | None, path: str = "/utterance") -> bytes:
 
 async def test_idle_and_trickling_bodies_hold_no_place_and_get_408(tmp_path: Path,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="node_agent.compat")
+    caplog.set_level(logging.INFO, logger="node_agent.legacy_asr_api")
     body_timeout_s = 4.0
     async with agent_stack(tmp_path, compat={"body_timeout_s": body_timeout_s}) as s:
         service = compat(s)
@@ -354,7 +354,7 @@ async def test_idle_and_trickling_bodies_hold_no_place_and_get_408(tmp_path: Pat
 
 async def test_oversized_and_deeply_nested_bodies_and_unexpected_errors(tmp_path: Path,
                                                                         caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="node_agent.compat")
+    caplog.set_level(logging.INFO, logger="node_agent.legacy_asr_api")
     limit = 1024 * 1024
     async with agent_stack(tmp_path, http={"max_body_bytes": limit}) as s:
         # Over the limit by its Content-Length: refused before reading (the client has sent 10 bytes of it).

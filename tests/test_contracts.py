@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from fake_plugin import COMMAND as FAKE_COMMAND
-from node_agent import compat, errors, wire
+from node_agent import legacy_asr_api as compat, errors, wire
 from node_agent.contracts import (
     JOB_OUTCOMES,
     OPTION_KEYS,

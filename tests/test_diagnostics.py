@@ -11,7 +11,7 @@ import tracemalloc
 import pytest
 
 from helpers import clip
-from node_agent.allocator import pin_mmap_threshold
+from node_agent.mmap_tuning import pin_mmap_threshold
 from node_agent.diagnostics import MemoryReport
 from procs import free_port, http_json, job, submit, wait_for
 from test_cluster import start_agent, start_scheduler

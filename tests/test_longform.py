@@ -157,7 +157,7 @@ def test_sections_decoded_side_by_side_keep_every_utterance_in_order():
     # they are forced here with one window per section; the worker path is covered above.
     from faster_whisper import WhisperModel
 
-    from node_agent.models import resolve_model
+    from node_agent.model_resolution import resolve_model
     from plugins.asr.longform import LongformTranscriber
 
     audio = samples_of_pcm16(pcm16(joined(CLIPS, pause_s=PAUSE_S)[0]))  # the worker test's samples

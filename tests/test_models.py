@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from node_agent.errors import ConfigError
-from node_agent.models import TINY_EN_SHA256, resolve_model, verify_model_file
+from node_agent.model_resolution import TINY_EN_SHA256, resolve_model, verify_model_file
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from node_agent import status as st
+from node_agent import status_render as st
 from node_agent.supervisor import WorkerState
 from stack import agent_stack, eventually, long_audio
 

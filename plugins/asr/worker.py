@@ -93,7 +93,7 @@ class AsrEngine:
         from faster_whisper import WhisperModel
 
         from node_agent.devices import choose_compute_type, choose_cpu_threads, choose_device
-        from node_agent.models import resolve_model
+        from node_agent.model_resolution import resolve_model
 
         device = choose_device(self.spec["device"], ctranslate2.get_cuda_device_count())
         compute_type = choose_compute_type(

@@ -38,7 +38,7 @@ from .jsonio import json_response
 from .node_view import LocalNodeView
 from .supervisor import RESTART_REASONS, WorkerState
 
-log = logging.getLogger("node_agent.compat")
+log = logging.getLogger("node_agent.legacy_asr_api")
 
 T = TypeVar("T")
 
