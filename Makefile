@@ -31,9 +31,10 @@ test: $(STAMP)
 check-config: $(STAMP)
 	$(BIN)/node-agent check-config --config config/node-agent.yaml
 
-## Side-by-side benchmark against plain faster-whisper (several minutes; writes nothing unless asked).
+## Side-by-side benchmark against plain faster-whisper, and the scheduler under 200 fake nodes (several minutes;
+## writes nothing unless asked). One or some sections: make bench SECTIONS=scheduler (or SECTIONS=overhead,long).
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(if $(SECTIONS),--only $(SECTIONS))
 
 ## 30-minute soak: 2 agents, worker kills, scheduler restarts; prints outcomes, latency, memory.
 soak: $(STAMP)

@@ -5,7 +5,8 @@
     .venv/bin/python bench/run.py --quick               # fewer repeats
     .venv/bin/python bench/run.py --only overhead,long  # some sections
 
-Sections: overhead, iteration, long, throughput, memory, startup, threads, profile. Both sides are warm (one
+Sections: overhead, iteration, long, throughput, memory, startup, threads, profile, scheduler (the last is
+``bench/scheduler.py``: the scheduler alone under 200 fake nodes, no model). Both sides are warm (one
 untimed run each first); timed runs alternate between the sides and each figure is a median. The agent side is
 a real ``node-agent run`` subprocess with its embedded scheduler on loopback, driven over HTTP the way a client
 would (submit, long-poll); the plain side is ``WhisperModel.transcribe`` plus iterating its segments, timed inside
@@ -49,7 +50,7 @@ from helpers import DATA, cer, joined, multipart, references, wav_bytes, wer  # 
 from node_agent.devices import choose_cpu_threads  # noqa: E402
 from node_agent.model_resolution import resolve_model  # noqa: E402
 
-SECTIONS = ("overhead", "iteration", "long", "throughput", "memory", "startup", "threads", "profile")
+SECTIONS = ("overhead", "iteration", "long", "throughput", "memory", "startup", "threads", "profile", "scheduler")
 OUT = ROOT / ".bench"
 SHORT_CLIP = "stereo_diarization_left.wav"  # 5.0 s
 LONG_EN = "lucier_i_am_sitting_in_a_room_long.wav"
@@ -771,8 +772,30 @@ def profile(b: Bench) -> None:
           fmt(timings["cpu_s"] / jobs), "-", "-", f"see {OUT.name}/profile-agent.txt")
 
 
+def scheduler(b: Bench) -> None:
+    """S. The standalone scheduler under 200 fake nodes (bench/scheduler.py, in processes of its own): jobs/s and
+    queued_s at assignment, as fast as possible and at 200 jobs/s offered."""
+    raw, md = OUT / "scheduler.json", OUT / "scheduler.md"
+    cmd = [sys.executable, str(ROOT / "bench" / "scheduler.py"), "--json", str(raw), "--markdown", str(md)]
+    if b.quick:
+        cmd += ["--jobs", "500"]
+    log("scheduler: " + " ".join(cmd[1:]))
+    proc = subprocess.run(cmd, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench/scheduler.py exited with {proc.returncode}")
+    res = json.loads(raw.read_text())
+    b.results["sections"]["scheduler"] = {k: res[k] for k in ("config", "phases", "cluster_stats")}
+    for p in res["phases"]:
+        if p["offered_jobs_per_s"] is None:
+            b.row("S", f"scheduler (in-memory), {p['jobs']} jobs as fast as possible, {res['config']['nodes']} fake "
+                  f"nodes: jobs/s", f"{p['jobs_per_s']:.0f} jobs/s", "-", "-", ">= 300 jobs/s")
+        else:
+            b.row("S", f"scheduler, {p['offered_jobs_per_s']:g} jobs/s offered: queued_s at assignment p50 / p99",
+                  f"{p['queued_p50_s'] * 1000:.1f} / {p['queued_p99_s'] * 1000:.1f} ms", "-", "-", "p99 <= 50 ms")
+
+
 RUNNERS = {"overhead": overhead, "iteration": iteration, "long": long_audio, "throughput": throughput,
-           "memory": memory, "startup": startup, "threads": threads, "profile": profile}
+           "memory": memory, "startup": startup, "threads": threads, "profile": profile, "scheduler": scheduler}
 
 
 def print_table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:

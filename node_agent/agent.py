@@ -60,7 +60,8 @@ class Agent:
 
     def __init__(self, settings: Settings, scheduler_url: str | None = None, *, metrics: AgentMetrics | None = None,
                  facts: dict[str, Any] | None = None, state: StateDir | None = None,
-                 policies: RetryPolicies | None = None) -> None:
+                 policies: RetryPolicies | None = None, worker_command: list[str] | None = None) -> None:
+        # worker_command: the plugin's argv (default ``python -m plugins.asr``); tests pass a stand-in plugin.
         self.settings = settings
         self.state = state or StateDir(settings.node.state_dir)
         self.metrics = metrics or AgentMetrics(version=__version__)
@@ -80,7 +81,8 @@ class Agent:
         self.keepers: dict[str, LeaseKeeper] = {}
         for index, resource in zip(settings.asr.device_index, resources_for(self.device, settings.asr.device_index)):
             spec = worker_spec(settings.asr, self.device, index, log_level=settings.log.level)
-            self.workers[resource] = Worker(resource, spec, settings.worker, settings.asr.timeout, observer)
+            self.workers[resource] = Worker(resource, spec, settings.worker, settings.asr.timeout, observer,
+                                            command=worker_command)
             self.keepers[resource] = LeaseKeeper(self.client, settings.lease, self.metrics, resource, self.policies)
             self.metrics.declare_device(resource, settings.asr.model)
 

@@ -245,8 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
         "transcript. Exit status 1 when any file failed."))
     p.add_argument("audio", nargs="+", metavar="AUDIO", help="audio files to transcribe")
     p.add_argument("--scheduler", metavar="URL",
-                   help="scheduler to send to, as http://HOST:PORT or HOST:PORT (default: scheduler.url, or "
-                        "the embedded scheduler's scheduler.listen)")
+                   help="scheduler to send to, as http://HOST:PORT or HOST:PORT, or several separated by commas "
+                        "(replicas, failed over in order) (default: scheduler.url, or the embedded scheduler's "
+                        "scheduler.listen)")
     with_language(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON document per file (job id, text, segments) instead of text lines")

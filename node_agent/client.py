@@ -5,6 +5,10 @@ failures, timeouts, 5xx and unparseable bodies all become ``SchedulerUnavailable
 that mean something specific get their own type. Retry loops live with the callers, which know their deadlines.
 The node calls need a node id; the job calls (``submit_job``, ``get_job``) do not, so ``node-agent submit`` and
 ``/utterance`` use this client too.
+
+A client may be given several scheduler URLs (replicas on one store). It calls one, the current, and moves to the
+next when a call to it fails in transport or answers 5xx, so the caller's next try (under its retry policy) goes to
+a scheduler that may answer. A refused connection (nothing was sent) moves on within the same call.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import aiohttp
@@ -97,16 +102,61 @@ class NotFound(BadRequest):
     """404 other than unknown_node: the job (or audio) named does not exist there. Definitive."""
 
 
-class SchedulerClient:
-    """One aiohttp session to one scheduler; every call is bounded by ``request_timeout_s``."""
+class UnknownJob(NotFound):
+    """404 unknown_job. For a job this client submitted, the scheduler lost it (a restart of one that keeps its
+    state in memory, or the job outlived ``job_retention_s``): say ``lost_job_line`` once, never retry."""
 
-    def __init__(self, base_url: str, token: str | None, request_timeout_s: float,
+
+def lost_job_line(job_id: str) -> str:
+    """The one line for a job a client submitted that its scheduler no longer knows."""
+    return f"job {job_id} is unknown to the scheduler (it restarted and lost it?)"
+
+
+def new_idempotency_key() -> str:
+    """A fresh ``Idempotency-Key`` for one submission; every retry of that submission sends the same key."""
+    return uuid.uuid4().hex
+
+
+class SchedulerClient:
+    """One aiohttp session to a scheduler, failing over between ``base_url``'s URLs (a comma list or a sequence;
+    see the module docstring); every call is bounded by ``request_timeout_s``."""
+
+    def __init__(self, base_url: str | Sequence[str], token: str | None, request_timeout_s: float,
                  metrics: AgentMetrics | None = None) -> None:
-        self.base_url = base_url.rstrip("/")
+        listed = base_url.split(",") if isinstance(base_url, str) else list(base_url)
+        #: Every scheduler URL this client may call, in the order they are tried.
+        self.urls: tuple[str, ...] = tuple(u.strip().rstrip("/") for u in listed if u.strip())
+        if not self.urls:
+            raise ValueError("no scheduler URL")
+        self._current = 0
+        self._switch_logged: set[int] = set()  # URLs a failover moved to, logged since the last success
         self._token = token
         self.request_timeout_s = request_timeout_s
         self.metrics = metrics
         self._session: aiohttp.ClientSession | None = None
+        if metrics is not None:
+            metrics.scheduler_url_index.set(0)
+
+    @property
+    def base_url(self) -> str:
+        """The scheduler URL calls go to now."""
+        return self.urls[self._current]
+
+    def _failed_over(self, index: int, reason: str) -> None:
+        """The URL at ``index`` failed: move to the next, unless a concurrent call has already moved on."""
+        if len(self.urls) == 1 or index != self._current:
+            return
+        self._current = (index + 1) % len(self.urls)
+        if self.metrics is not None:
+            self.metrics.scheduler_url_index.set(self._current)
+        # One line per URL moved to during an outage, not one per retry while every scheduler is down.
+        if self._current not in self._switch_logged:
+            self._switch_logged.add(self._current)
+            log.warning("scheduler %s failed (%s): switching to %s", self.urls[index], reason, self.base_url)
+
+    def _answered(self, index: int) -> None:
+        if self._switch_logged and index == self._current:
+            self._switch_logged.clear()
 
     async def __aenter__(self) -> "SchedulerClient":
         return self
@@ -128,36 +178,55 @@ class SchedulerClient:
 
     async def _call(self, method: str, endpoint: str, path: str, *, body: Any = None,
                     params: dict[str, Any] | None = None, timeout: float | None = None,
-                    raw: bool = False, form: aiohttp.FormData | None = None,
+                    raw: bool = False, form: Callable[[], aiohttp.FormData] | None = None,
+                    headers: Mapping[str, str] | None = None,
                     ) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
-        """One HTTP exchange (a JSON ``body`` or a multipart ``form``); returns (status, parsed JSON or bytes,
-        headers). Records metrics."""
+        """One HTTP exchange (a JSON ``body``, or a multipart body that ``form()`` builds afresh for each try);
+        returns (status, parsed JSON or bytes, the answer's headers). Records metrics. A refused connection is tried on each other URL in turn, all within
+        ``timeout``; any other failure moves to the next URL for the caller's next try."""
         timeout = timeout if timeout is not None else self.request_timeout_s
-        started = time.perf_counter()
-        code = "error"
-        try:
-            async with self._http().request(
-                method, self.base_url + path, json=body, data=form, params=params,
-                timeout=aiohttp.ClientTimeout(total=timeout),
-            ) as resp:
-                code = str(resp.status)
-                data = await resp.read()
-                headers = resp.headers
-                status = resp.status
-        except aiohttp.ClientConnectorError as exc:
-            reason = _os_reason(exc)
-            raise ConnectFailed(f"{endpoint}: cannot connect to {self.base_url}: {reason}", reason) from None
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise SchedulerUnavailable(f"{endpoint}: {type(exc).__name__}: {exc or 'timed out'}") from None
-        finally:
-            if self.metrics is not None:
-                self.metrics.scheduler_requests.labels(endpoint, code).inc()
-                self.metrics.scheduler_request_duration.labels(endpoint).observe(time.perf_counter() - started)
+        give_up = time.monotonic() + timeout
+        refused: list[str] = []
+        while True:
+            index = self._current
+            url = self.urls[index]
+            started = time.perf_counter()
+            code = "error"
+            try:
+                async with self._http().request(
+                    method, url + path, json=body, data=form() if form is not None else None, params=params,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=max(0.001, give_up - time.monotonic())),
+                ) as resp:
+                    code = str(resp.status)
+                    data = await resp.read()
+                    answer = resp.headers
+                    status = resp.status
+                break
+            except aiohttp.ClientConnectorError as exc:
+                reason = _os_reason(exc)
+                self._failed_over(index, reason)
+                refused.append(url)
+                # Nothing reached that scheduler, so the request may go to the next one now, once each.
+                if len(refused) < len(self.urls) and time.monotonic() < give_up:
+                    continue
+                where = ", ".join(dict.fromkeys(refused))
+                raise ConnectFailed(f"{endpoint}: cannot connect to {where}: {reason}", reason) from None
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                reason = f"{type(exc).__name__}: {exc or 'timed out'}"
+                self._failed_over(index, reason)
+                raise SchedulerUnavailable(f"{endpoint}: {reason}") from None
+            finally:
+                if self.metrics is not None:
+                    self.metrics.scheduler_requests.labels(endpoint, code).inc()
+                    self.metrics.scheduler_request_duration.labels(endpoint).observe(time.perf_counter() - started)
         if status >= 500:
+            self._failed_over(index, f"answered {status}")
             raise SchedulerUnavailable(f"{endpoint}: scheduler answered {status}", status,
-                                       _retry_after(headers))
+                                       _retry_after(answer))
+        self._answered(index)
         if raw and status < 300:
-            return status, data, headers
+            return status, data, answer
         parsed: Any = None
         if data:
             try:
@@ -165,7 +234,7 @@ class SchedulerClient:
             except (ValueError, UnicodeDecodeError):
                 raise SchedulerUnavailable(f"{endpoint}: scheduler answered {status} with a body that is not "
                                            f"JSON ({data[:60]!r})", status) from None
-        return status, parsed, headers
+        return status, parsed, answer
 
     @staticmethod
     def _parse(model: type[T], endpoint: str, status: int, data: Any) -> T:
@@ -198,6 +267,8 @@ class SchedulerClient:
             return Rejected(text, status, code, detail=message)
         if status in (408, 429):
             return SchedulerUnavailable(text, status, _retry_after(headers))
+        if status == 404 and code == "unknown_job":
+            return UnknownJob(text, status, code, detail=message, param=param)
         if status == 404:
             return NotFound(text, status, code, detail=message, param=param)
         return BadRequest(text, status, code, detail=message, param=param)
@@ -245,9 +316,11 @@ class SchedulerClient:
             return self._parse(LeaseGrant, "lease_acquire", status, data)
         raise self._fail("lease_acquire", status, data, headers)
 
-    async def renew_lease(self, lease_id: str, epoch: int, timeout: float | None = None) -> RenewResponse:
+    async def renew_lease(self, lease_id: str, epoch: int, node_id: str,
+                          timeout: float | None = None) -> RenewResponse:
+        """Renew as the lease's holder: the scheduler checks the node and epoch against the lease."""
         status, data, headers = await self._call("POST", "lease_renew", f"/v1/leases/{lease_id}/renew",
-                                                 body={"epoch": epoch}, timeout=timeout)
+                                                 body={"node_id": node_id, "epoch": epoch}, timeout=timeout)
         if status == 200:
             return self._parse(RenewResponse, "lease_renew", status, data)
         raise self._fail("lease_renew", status, data, headers)
@@ -257,10 +330,13 @@ class SchedulerClient:
         if status not in (200, 204, 404, 410):
             raise self._fail("lease_release", status, data, headers)
 
-    async def post_events(self, job_id: str, attempt: int, epoch: int, events: list[dict[str, Any]]) -> None:
+    async def post_events(self, job_id: str, node_id: str, lease_id: str, attempt: int, epoch: int,
+                          events: list[dict[str, Any]]) -> None:
+        """Stream segments as the job's holder: (attempt, lease_id, epoch, node_id) must name its live lease."""
         status, data, headers = await self._call(
             "POST", "events", f"/v1/jobs/{job_id}/events",
-            body={"attempt": attempt, "lease_epoch": epoch, "events": events})
+            body={"node_id": node_id, "lease_id": lease_id, "attempt": attempt, "lease_epoch": epoch,
+                  "events": events})
         if status not in (200, 202, 204):
             raise self._fail("events", status, data, headers)
 
@@ -275,28 +351,38 @@ class SchedulerClient:
     async def submit_job(self, audio: bytes, *, filename: str = "audio", format: str | None = None,
                          sample_rate: int | None = None, language: str | None = None,
                          options: Mapping[str, Any] | BaseModel | None = None, deadline_s: float | None = None,
-                         allow_truncated: bool = False) -> JobSubmitted:
-        """``POST /v1/jobs`` as multipart with the raw audio; fields left None are not sent (scheduler defaults)."""
-        form = aiohttp.FormData()
+                         allow_truncated: bool = False, idempotency_key: str | None = None) -> JobSubmitted:
+        """``POST /v1/jobs`` as multipart with the raw audio; fields left None are not sent (scheduler defaults).
+        Retries of one submission pass the same ``idempotency_key``, so the scheduler answers them with the job
+        the first one created (a POST whose answer was lost creates no second job)."""
+        fields: dict[str, str] = {}
         if format is not None:
-            form.add_field("format", format)
+            fields["format"] = format
         if sample_rate is not None:
-            form.add_field("sample_rate", str(sample_rate))
+            fields["sample_rate"] = str(sample_rate)
         if language is not None:
-            form.add_field("language", language)
+            fields["language"] = language
         if isinstance(options, BaseModel):
             options = options.model_dump(exclude_none=True)
         if options:
-            form.add_field("options", json.dumps(dict(options)))
+            fields["options"] = json.dumps(dict(options))
         if deadline_s is not None:
-            form.add_field("deadline_s", f"{deadline_s:.3f}")
+            fields["deadline_s"] = f"{deadline_s:.3f}"
         if allow_truncated:
-            form.add_field("allow_truncated", "true")
-        # A BytesIO shares the bytes' buffer and aiohttp sends it in small chunks: no second copy of the audio
-        # is built, neither as base64 text nor in the socket's send buffer.
-        form.add_field("file", io.BytesIO(audio), filename=filename, content_type="application/octet-stream")
-        status, data, headers = await self._call("POST", "job_submit", "/v1/jobs", form=form,
-                                                 timeout=max(60.0, self.request_timeout_s))
+            fields["allow_truncated"] = "true"
+
+        def form() -> aiohttp.FormData:
+            body = aiohttp.FormData()
+            for name, value in fields.items():
+                body.add_field(name, value)
+            # A BytesIO shares the bytes' buffer and aiohttp sends it in small chunks: no second copy of the
+            # audio is built, neither as base64 text nor in the socket's send buffer.
+            body.add_field("file", io.BytesIO(audio), filename=filename, content_type="application/octet-stream")
+            return body
+
+        status, data, headers = await self._call(
+            "POST", "job_submit", "/v1/jobs", form=form, timeout=max(60.0, self.request_timeout_s),
+            headers={"Idempotency-Key": idempotency_key} if idempotency_key else None)
         if status in (200, 201, 202):
             return self._parse(JobSubmitted, "job_submit", status, data)
         raise self._fail("job_submit", status, data, headers)

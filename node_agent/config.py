@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import types
+import urllib.parse
 from enum import Enum
 from pathlib import Path, PurePath
 from typing import Any, Mapping, Union, get_args, get_origin
@@ -188,7 +189,11 @@ class LeaseSettings(_Section):
 
 
 class SchedulerSettings(_Section):
-    url: str = Field("embedded", description="'embedded' runs the scheduler in-process; else its base URL.")
+    url: str = Field(
+        "embedded",
+        description="'embedded' runs the scheduler in-process; else its base URL, or several (replicas, tried in "
+        "order, failing over on a transport error or 5xx) as 'http://a:8470,http://b:8470' or a YAML list.",
+    )
     listen: str = Field("127.0.0.1:8470", description="HOST:PORT of the embedded/standalone scheduler.")
     token: SecretStr | None = Field(None, description="Bearer token required on every scheduler call.")
     request_timeout_s: float = Field(10.0, gt=0)
@@ -201,6 +206,21 @@ class SchedulerSettings(_Section):
     max_body_bytes: int = Field(200 * 1024**2, ge=1024)
     max_wait_s: float = Field(30.0, gt=0, description="Upper bound for long-poll waits.")
     job_retention_s: float = Field(3600.0, gt=0, description="Finished jobs are forgotten after this.")
+    max_queued_jobs: int = Field(
+        10_000, ge=1, description="Unfinished jobs (queued, assigned or running) before a submit is refused (429)."
+    )
+    max_queued_bytes: int = Field(
+        2 * 1024**3, ge=1024, description="Audio bytes of unfinished jobs before a submit is refused (429)."
+    )
+    keep_audio: bool = Field(
+        False, description="Keep a finished job's audio until job_retention_s (default: dropped when it finishes)."
+    )
+    default_deadline_s: float = Field(
+        86_400.0, gt=0, le=7 * 24 * 3600, description="Deadline of a job submitted without one."
+    )
+    unservable_after_s: float = Field(
+        60.0, gt=0, description="A queued job no live node can serve fails with no_capable_node after this."
+    )
 
     @field_validator("listen")
     @classmethod
@@ -213,12 +233,15 @@ class SchedulerSettings(_Section):
     def _token_usable(cls, value: SecretStr | None) -> SecretStr | None:
         return _usable_token(value)
 
-    @field_validator("url")
+    @field_validator("url", mode="before")
     @classmethod
-    def _url(cls, value: str) -> str:
-        if value != "embedded" and not value.startswith(("http://", "https://")):
-            raise ValueError("must be 'embedded' or an http(s):// URL")
-        return value.rstrip("/")
+    def _url(cls, value: Any) -> Any:
+        # A YAML list is kept as the comma form: one string is what the environment gives and what callers read.
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)
+        if not isinstance(value, str) or value == "embedded":
+            return value  # a wrong type is refused by the str annotation, with its own message
+        return ",".join(scheduler_urls(value))
 
 
 class HttpSettings(_Section):
@@ -344,6 +367,29 @@ def _split_host_port(value: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError("must be HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def scheduler_urls(value: str) -> list[str]:
+    """The base URLs of a ``scheduler.url`` that is not 'embedded': one, or several separated by commas, each
+    an http(s):// URL with a host (trailing slashes dropped). Raises ValueError naming the first bad one."""
+    urls: list[str] = []
+    for raw in value.split(","):
+        url = raw.strip()
+        if not url:
+            raise ValueError("an empty URL in the list (a stray comma?)")
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError on a port that is not a number in range
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or " " in url:
+            raise ValueError(f"{url!r} is not an http(s)://HOST[:PORT] URL (expected 'embedded', a URL, or "
+                             "several URLs separated by commas)")
+        url = url.rstrip("/")
+        if url in urls:
+            raise ValueError(f"{url!r} is listed twice")
+        urls.append(url)
+    return urls
 
 
 def _is_loopback(listen: str) -> bool:

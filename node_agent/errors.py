@@ -60,6 +60,7 @@ class JobErrorCode(enum.StrEnum):
     lease_lost = "lease_lost"
     lease_expired = "lease_expired"
     shutdown = "shutdown"
+    no_capable_node = "no_capable_node"
     failed = "failed"
 
 
@@ -126,6 +127,13 @@ class JobShutdown(JobError):
     retryable = True
 
 
+class NoCapableNode(JobError):
+    """Scheduler side: no live node serves what the job asks (its language, or the model it needs); refused at
+    submission, or failed after ``scheduler.unservable_after_s`` in the queue without one."""
+
+    code = JobErrorCode.no_capable_node
+
+
 class TranscriptionFailed(JobError):
     code = JobErrorCode.failed
 
@@ -143,6 +151,7 @@ JOB_ERRORS: dict[JobErrorCode, type[JobError]] = {
         LeaseLost,
         LeaseExpired,
         JobShutdown,
+        NoCapableNode,
         TranscriptionFailed,
     )
 }

@@ -17,7 +17,15 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
-from .client import BadRequest, Rejected, SchedulerClient, SchedulerError, SchedulerUnavailable
+from .client import (
+    BadRequest,
+    Rejected,
+    SchedulerClient,
+    SchedulerError,
+    SchedulerUnavailable,
+    UnknownJob,
+    lost_job_line,
+)
 from .errors import JobError, LeaseLost
 from .lease import Lease, LeaseKeeper, LeaseUnavailable
 from .metrics import AgentMetrics, job_outcome
@@ -187,7 +195,7 @@ class JobRunner:
         """The decode under the lease, its segments streamed to the scheduler as they come."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-        sender = loop.create_task(self._send_events(a.job_id, a.attempt, lease.epoch, events))
+        sender = loop.create_task(self._send_events(a.job_id, a.attempt, lease, events))
         try:
             async with self.keeper.hold(lease, on_lost=self.worker.abort):
                 result = await self.worker.run_job(
@@ -222,7 +230,7 @@ class JobRunner:
                 log.warning("job %s: audio fetch failed (%s); retrying", a.job_id, exc)
                 await asyncio.sleep(delay)
 
-    async def _send_events(self, job_id: str, attempt: int, epoch: int,
+    async def _send_events(self, job_id: str, attempt: int, lease: Lease,
                            queue: asyncio.Queue[dict[str, Any] | None]) -> None:
         """Forward segment events in order, batching what piled up. Never blocks the decode.
 
@@ -244,7 +252,7 @@ class JobRunner:
             if not pending:
                 continue
             try:
-                await self.client.post_events(job_id, attempt, epoch, pending)
+                await self.client.post_events(job_id, lease.node_id, lease.lease_id, attempt, lease.epoch, pending)
                 pending = []
             except Rejected as exc:
                 log.warning("job %s: segment events rejected (%s); no more will be sent", job_id, exc)
@@ -258,8 +266,9 @@ class JobRunner:
         while await backoff.wait(retry_after):
             try:
                 # Each try is bounded by what is left, so one hanging request cannot outlast the flush.
-                await asyncio.wait_for(self.client.post_events(job_id, attempt, epoch, pending),
-                                       max(0.1, backoff.remaining() or 0.0))
+                await asyncio.wait_for(
+                    self.client.post_events(job_id, lease.node_id, lease.lease_id, attempt, lease.epoch, pending),
+                    max(0.1, backoff.remaining() or 0.0))
                 return
             except Rejected as exc:
                 log.warning("job %s: segment events rejected (%s); no more will be sent", job_id, exc)
@@ -277,7 +286,9 @@ class JobRunner:
         loop = asyncio.get_running_loop()
         a = running.assignment
         body: dict[str, Any] = {
-            "node_id": self.identity.node_id,
+            # The holder's identity, as the lease was granted: the scheduler accepts nothing else.
+            "node_id": lease.node_id,
+            "lease_id": lease.lease_id,
             "attempt": a.attempt,
             "lease_epoch": lease.epoch,
             "outcome": "succeeded" if result is not None else "failed",
@@ -296,6 +307,11 @@ class JobRunner:
                 report, requeued = Report.accepted, ack.requeued
                 log.info("job %s attempt %d %s in %.2f s (result accepted%s)", a.job_id, a.attempt,
                          job_outcome(code), loop.time() - running.received, ", requeued" if ack.requeued else "")
+                break
+            except UnknownJob:
+                # Definitive like a rejection; the one line says why (the scheduler restarted without the job).
+                report = Report.rejected
+                log.warning("job %s attempt %d: result dropped: %s", a.job_id, a.attempt, lost_job_line(a.job_id))
                 break
             except (Rejected, BadRequest) as exc:
                 report = Report.rejected

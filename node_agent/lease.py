@@ -39,6 +39,8 @@ class Lease:
     ttl_s: float
     resource: str
     job_id: str
+    #: The node id the lease was granted to: renewals, events and results name it (the scheduler checks).
+    node_id: str
     acquired_at: float
     #: When the last successful renewal (or the grant) was *sent*: the scheduler's expiry is at least this + TTL.
     renewed_at: float
@@ -109,7 +111,7 @@ class LeaseKeeper:
                 if self.metrics is not None:
                     self.metrics.lease_acquire_duration.labels(self.device).observe(now - started)
                     self.metrics.leases_held.labels(self.device).inc()
-                lease = Lease(grant.lease_id, grant.epoch, grant.ttl_s, self.device, job_id, now, sent)
+                lease = Lease(grant.lease_id, grant.epoch, grant.ttl_s, self.device, job_id, node_id, now, sent)
                 self.current = lease
                 log.info("lease %s granted for job %s on %s: epoch=%d ttl=%.1fs", lease.lease_id, job_id,
                          self.device, lease.epoch, lease.ttl_s)
@@ -151,7 +153,7 @@ class LeaseKeeper:
             sent = loop.time()
             try:
                 reply = await asyncio.wait_for(
-                    self.client.renew_lease(lease.lease_id, lease.epoch, timeout=fence_at - sent),
+                    self.client.renew_lease(lease.lease_id, lease.epoch, lease.node_id, timeout=fence_at - sent),
                     timeout=fence_at - sent)
             except Gone as exc:
                 self._count("failed", loop.time() - sent)

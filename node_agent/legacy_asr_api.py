@@ -16,7 +16,7 @@ import logging
 import math
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -31,11 +31,20 @@ from pydantic import (
     model_validator,
 )
 
-from .client import BadRequest, SchedulerClient, SchedulerError, SchedulerUnavailable
+from .client import (
+    BadRequest,
+    SchedulerClient,
+    SchedulerError,
+    SchedulerUnavailable,
+    UnknownJob,
+    lost_job_line,
+    new_idempotency_key,
+)
 from .config import Settings
 from .contracts import OPTION_KEYS, DecodeOptions, JobErrorCode, error_key, one_line
 from .jsonio import json_response
 from .node_view import LocalNodeView
+from .retry import Backoff, RetryPolicy, retry_after_of
 from .supervisor import RESTART_REASONS, WorkerState
 
 log = logging.getLogger("node_agent.legacy_asr_api")
@@ -52,6 +61,9 @@ QUEUE_PER_WORKER = 2
 REPORT_GRACE_S = 5.0
 #: Longest single long poll, so a draining or stopping agent answers waiting clients promptly.
 POLL_SLICE_S = 5.0
+#: A submit or poll that failed in transport or with 5xx (the scheduler restarting, a replica failing over) is
+#: retried with full jitter and short waits; the total is what is left of the utterance's time limit.
+SCHEDULER_RETRY = RetryPolicy(initial_s=0.2, max_wait_s=2.0, max_total_s=None)
 SRC_LANGS = ("auto", "zh", "en", "ja", "ko")
 MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 48000
@@ -76,6 +88,9 @@ _ERROR_STATUS: dict[str, int] = {
     JobErrorCode.stalled: 504,
     JobErrorCode.shutdown: 503,
     JobErrorCode.worker_unavailable: 503,
+    # 503, not 422: this endpoint already refuses (400) a src_lang the node's own model cannot serve, so a job that
+    # still ends without a capable node lost the node(s) that could run it while queued; retrying later is right.
+    JobErrorCode.no_capable_node: 503,
     JobErrorCode.worker_crashed: 500,
     JobErrorCode.lease_lost: 500,
     JobErrorCode.lease_expired: 500,
@@ -282,7 +297,7 @@ class CompatService:
     def _scheduler_error(what: str, exc: SchedulerError) -> CompatError:
         """The answer for a scheduler call that failed: its refusals of the request are passed on as the
         request's fault (400, 413); an unreachable or unavailable scheduler is 503; anything else is 500."""
-        if isinstance(exc, SchedulerUnavailable) and exc.status in (None, 503):
+        if isinstance(exc, SchedulerUnavailable) and exc.status in (None, 429, 503):  # 429: its queue is full
             return CompatError(503, "unavailable", f"{what}: {exc}", retry_after=exc.retry_after or 1)
         if isinstance(exc, BadRequest) and exc.status == 400:
             return CompatError(400, "invalid_request", exc.detail,
@@ -291,19 +306,42 @@ class CompatService:
             return CompatError(413, "too_large", exc.detail, "audio")
         return CompatError(500, "scheduler_error", f"{what}: {exc}")
 
+    @staticmethod
+    def _transient(exc: SchedulerError, garbled: bool = False) -> bool:
+        """Worth another try at the same call: no answer at all, a 5xx, or (``garbled``) an answer that is not
+        the protocol's; never a queue_full 429, which fails fast."""
+        if not isinstance(exc, SchedulerUnavailable):
+            return False
+        return exc.status is None or exc.status >= 500 or (garbled and exc.status not in (408, 429))
+
     async def _submit(self, req: UtteranceRequest, audio: bytes, deadline_s: float) -> str:
-        try:
-            submitted = await self.client.submit_job(
-                audio, filename="utterance.pcm", format="pcm_s16le", sample_rate=req.sample_rate,
-                language=None if req.src_lang == "auto" else req.src_lang, options=req.options(),
-                deadline_s=deadline_s)
-        except SchedulerError as exc:
-            raise self._scheduler_error("submitting the job", exc) from None
-        return submitted.job_id
+        """Submit, retrying a failed POST within ``deadline_s`` with its Idempotency-Key (no second job). Every try
+        is the same submission (the key's contract), so the job's deadline stays ``deadline_s``; the wait that
+        follows is bounded by the time limit all the same."""
+        key = new_idempotency_key()
+        backoff: Backoff | None = None
+        while True:
+            try:
+                submitted = await self.client.submit_job(
+                    audio, filename="utterance.pcm", format="pcm_s16le", sample_rate=req.sample_rate,
+                    language=None if req.src_lang == "auto" else req.src_lang, options=req.options(),
+                    deadline_s=deadline_s, idempotency_key=key)
+                return submitted.job_id
+            except SchedulerError as exc:
+                # A garbled answer too: the job may exist, and the key makes a retry find it instead of a twin.
+                if not self._transient(exc, garbled=True):
+                    raise self._scheduler_error("submitting the job", exc) from None
+                if backoff is None:
+                    backoff = replace(SCHEDULER_RETRY, max_total_s=deadline_s).start("job_submit")
+                    log.warning("utterance: submitting the job failed (%s); retrying", exc)
+                if not await backoff.wait(retry_after_of(exc)):
+                    raise self._scheduler_error("submitting the job", exc) from None
 
     async def _wait(self, job_id: str, give_up: float, limit_s: float) -> dict[str, Any]:
-        """Long-poll the job until it is finished or ``give_up`` (loop time) passes."""
+        """Long-poll the job until it is finished or ``give_up`` (loop time) passes; polls that fail in transport
+        or with 5xx are retried until then, and a job the scheduler no longer knows is a 503 (submit again)."""
         loop = asyncio.get_running_loop()
+        backoff: Backoff | None = None
         while True:
             left = give_up - loop.time()
             if left <= 0:
@@ -311,8 +349,19 @@ class CompatService:
                                                   f"(scheduler job {job_id})")
             try:
                 view = await self.client.get_job(job_id, wait_s=min(left, POLL_SLICE_S))
+            except UnknownJob:
+                # Submitted here moments ago: the scheduler lost it. Nothing to wait for; the caller may resend.
+                raise CompatError(503, "unavailable", lost_job_line(job_id), retry_after=1) from None
             except SchedulerError as exc:
-                raise self._scheduler_error(f"following job {job_id}", exc) from None
+                if not self._transient(exc):
+                    raise self._scheduler_error(f"following job {job_id}", exc) from None
+                if backoff is None:
+                    backoff = replace(SCHEDULER_RETRY, max_total_s=left).start("job_poll")
+                    log.warning("utterance: following job %s failed (%s); retrying", job_id, exc)
+                if not await backoff.wait(retry_after_of(exc)):
+                    raise self._scheduler_error(f"following job {job_id}", exc) from None
+                continue
+            backoff = None
             if view.state in ("succeeded", "failed"):
                 return view.model_dump()
             if self.node.draining and view.state == "queued":

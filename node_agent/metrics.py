@@ -52,6 +52,9 @@ class AgentMetrics:
         self.scheduler_request_duration = Histogram(
             "node_agent_scheduler_request_duration_seconds", "Scheduler call latency.", ["endpoint"],
             buckets=_LATENCY + (30,), registry=r)
+        self.scheduler_url_index = Gauge(
+            "node_agent_scheduler_url_index", "Which of scheduler.url's URLs calls go to now (0: the first); "
+            "it changes on each failover.", registry=r)
         self.retries = Counter("node_agent_retries_total", "Retries of scheduler calls by operation (each one after "
                                "a failed try, under the retry policy).", ["operation"], registry=r)
         for operation in RETRY_OPERATIONS:

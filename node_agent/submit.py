@@ -1,7 +1,9 @@
 """``node-agent submit``: send files to a scheduler, stream their segments, print the transcripts.
 
-Every call goes through the scheduler client (typed errors); a poll that fails is retried under the one retry
-policy (full jitter, a cap on each wait), all within the ``--timeout`` deadline.
+Every call goes through the scheduler client (typed errors, failover between several ``--scheduler`` URLs). A
+submit or a poll that fails in transport or with 5xx (a scheduler restarting) is retried under the one retry policy
+(full jitter, a cap on each wait), all within ``--timeout``; a submit's retries carry one ``Idempotency-Key``, so a
+POST whose answer was lost creates no second job. Only a scheduler never reached at all ends the command at once.
 """
 
 from __future__ import annotations
@@ -13,9 +15,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .client import ConnectFailed, SchedulerClient, SchedulerError, SchedulerUnavailable
-from .config import Settings, host_port
-from .errors import SchedulerUnreachable
+from .client import (
+    ConnectFailed,
+    SchedulerClient,
+    SchedulerError,
+    SchedulerUnavailable,
+    UnknownJob,
+    lost_job_line,
+    new_idempotency_key,
+)
+from .config import Settings, host_port, scheduler_urls
+from .errors import SchedulerUnreachable, UsageError
 from .jsonio import dumps
 from .retry import Backoff, RetryPolicy
 
@@ -25,12 +35,22 @@ POLL_SLICE_S = 10.0
 #: Failed polls (a scheduler restarting, a network blip) are retried with full jitter, each wait at most
 #: ``max_wait_s``; the total is set per job to what is left of ``--timeout``.
 POLL_RETRY = RetryPolicy(initial_s=0.5, max_wait_s=10.0, max_total_s=None)
+#: Failed submissions likewise, the total set to ``--timeout``.
+SUBMIT_RETRY = RetryPolicy(initial_s=0.5, max_wait_s=10.0, max_total_s=None)
+#: The job state for a job the scheduler no longer knows (not a scheduler state: it never answers it).
+LOST = "lost"
 
 
 def scheduler_url(args: argparse.Namespace, settings: Settings) -> str:
+    """The scheduler URL(s) to use, comma-separated when several (failover order)."""
     if args.scheduler:
-        url = args.scheduler.strip()
-        return ("http://" + url if "://" not in url else url).rstrip("/")  # HOST:PORT is accepted too
+        # HOST:PORT is accepted too, for each of a comma list.
+        given = ",".join(u if "://" in u or not u.strip() else "http://" + u.strip()
+                         for u in args.scheduler.split(","))
+        try:
+            return ",".join(scheduler_urls(given))
+        except ValueError as exc:
+            raise UsageError(f"--scheduler {args.scheduler!r}: {exc}") from None
     if settings.scheduler.url != "embedded":
         return settings.scheduler.url
     host, port = host_port(settings.scheduler.listen)
@@ -45,15 +65,31 @@ def _failure(exc: SchedulerError) -> str:
 
 
 async def _submit_one(client: SchedulerClient, name: str, audio: bytes, language: str | None,
-                      allow_truncated: bool = False) -> str:
-    try:
-        submitted = await client.submit_job(audio, filename=name, language=language or None,
-                                            allow_truncated=allow_truncated)
-    except ConnectFailed as exc:
-        # Nothing there at all: every other file would fail the same way, so this ends the command.
-        raise SchedulerUnreachable(client.base_url, f"{exc.reason} (is `node-agent run` or `node-agent scheduler` "
-                                                    "running there?)") from None
-    return submitted.job_id
+                      allow_truncated: bool = False, *, timeout: float = 600.0, reached: bool = False) -> str:
+    """Submit one file, retrying a failed POST (same Idempotency-Key) within ``timeout``. ``reached``: whether
+    a scheduler has answered this command before (if not, a refused connection ends the command at once)."""
+    key = new_idempotency_key()
+    backoff: Backoff | None = None
+    while True:
+        try:
+            submitted = await client.submit_job(audio, filename=name, language=language or None,
+                                                allow_truncated=allow_truncated, idempotency_key=key)
+            return submitted.job_id
+        except ConnectFailed as exc:
+            if not reached:
+                # Nothing there at all (every URL refused): every file would fail the same way; a wrong URL or a
+                # scheduler not started is far likelier than a restart, so say so now instead of waiting.
+                raise SchedulerUnreachable(", ".join(client.urls), f"{exc.reason} (is `node-agent run` or "
+                                           "`node-agent scheduler` running there?)") from None
+            error: SchedulerUnavailable = exc
+        except SchedulerUnavailable as exc:
+            error = exc
+            reached = reached or exc.status is not None  # something answered: a later refusal is a restart
+        if backoff is None:
+            backoff = dataclasses.replace(SUBMIT_RETRY, max_total_s=timeout).start("job_submit")
+        print(f"node-agent: {name}: submitting failed ({error}); retrying", file=sys.stderr)
+        if not await backoff.wait(error.retry_after):
+            raise error
 
 
 async def _follow(client: SchedulerClient, path: str, job_id: str, as_json: bool,
@@ -77,6 +113,9 @@ async def _follow(client: SchedulerClient, path: str, job_id: str, as_json: bool
                 return {"state": "failed", "error": {"code": "timeout", "message": f"no result within {timeout:g} "
                                                                                    f"s; the last poll failed: {exc}"}}
             continue
+        except UnknownJob:
+            # It was submitted here, so the scheduler lost it: polling on would only repeat the 404.
+            return {"state": LOST, "error": {"code": "unknown_job", "message": lost_job_line(job_id)}}
         except SchedulerError as exc:
             return {"state": "failed", "error": {"code": exc.code or "failed", "message": exc.detail}}
         backoff = None
@@ -97,7 +136,8 @@ async def submit_files(args: argparse.Namespace, settings: Settings) -> int:
     failures = 0
     async with SchedulerClient(url, token, settings.scheduler.request_timeout_s) as client:
         jobs: dict[str, str] = {}
-        for path in args.audio:
+        reached = False  # whether any scheduler has answered yet
+        for index, path in enumerate(args.audio):
             try:
                 audio = Path(path).read_bytes()
             except OSError as exc:
@@ -105,8 +145,17 @@ async def submit_files(args: argparse.Namespace, settings: Settings) -> int:
                 failures += 1
                 continue
             try:
-                jobs[path] = await _submit_one(client, Path(path).name, audio, args.language, args.allow_truncated)
+                jobs[path] = await _submit_one(client, Path(path).name, audio, args.language, args.allow_truncated,
+                                               timeout=args.timeout, reached=reached)
+                reached = True
             except SchedulerError as exc:
+                reached = reached or not isinstance(exc, ConnectFailed)
+                if exc.status == 422 and exc.code == "no_capable_node":
+                    # Every file asks for the same language, so the rest would be refused alike: the scheduler's
+                    # line (what was asked, what the nodes serve, what to change) is said once, and nothing waits.
+                    print(f"node-agent: {exc.detail}", file=sys.stderr)
+                    failures += len(args.audio) - index
+                    break
                 print(f"node-agent: {path}: submit to {url} failed: {_failure(exc)}", file=sys.stderr)
                 failures += 1
         views = await asyncio.gather(*(_follow(client, p, j, args.json, args.timeout) for p, j in jobs.items()))
@@ -117,6 +166,9 @@ async def submit_files(args: argparse.Namespace, settings: Settings) -> int:
                 print(dumps({"file": path, "job_id": job_id, **result}))
             else:
                 print(f"{Path(path).name}: {result.get('text', '').strip()}")
+        elif view.get("state") == LOST:
+            failures += 1
+            print(f"node-agent: {path}: {lost_job_line(job_id)}", file=sys.stderr)
         else:
             failures += 1
             err = view.get("error") or {}

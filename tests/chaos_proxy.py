@@ -22,6 +22,8 @@ ENDPOINTS = {
     "lease_release": ("DELETE", re.compile(r"^/v1/leases/[^/]+$")),
     "events": ("POST", re.compile(r"^/v1/jobs/[^/]+/events$")),
     "result": ("POST", re.compile(r"^/v1/jobs/[^/]+/result$")),
+    "job_submit": ("POST", re.compile(r"^/v1/jobs$")),
+    "job_view": ("GET", re.compile(r"^/v1/jobs/[^/]+$")),
 }
 
 
@@ -71,13 +73,15 @@ class ChaosProxy:
             await asyncio.sleep(self.hang_s)
             return web.Response(status=504, text="too late")
         assert self._session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() in ("authorization", "content-type", "idempotency-key")}
         async with self._session.request(request.method, self.upstream + request.path_qs, data=body or None,
                                          headers=headers) as resp:
             data = await resp.read()
             status = resp.status
             ctype = resp.headers.get("Content-Type")
             retry_after = resp.headers.get("Retry-After")
+            replayed = resp.headers.get("Idempotent-Replayed")
         if name:
             self.forwarded[name] += 1
         if name == "result":
@@ -92,13 +96,17 @@ class ChaosProxy:
             out.headers["Content-Type"] = ctype
         if retry_after:
             out.headers["Retry-After"] = retry_after
+        if replayed:
+            out.headers["Idempotent-Replayed"] = replayed
         return out
 
     async def start(self, port: int) -> "ChaosProxy":
         self._session = aiohttp.ClientSession()
         app = web.Application(client_max_size=512 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
+        # At stop, a request still in flight is the agent's last long poll, forwarded to the scheduler: abandon
+        # it rather than wait out the poll (aiohttp waits up to 60 s for handlers by default).
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", port).start()
         self.url = f"http://127.0.0.1:{port}"

@@ -42,6 +42,12 @@ from node_agent.plugin_messages import JobMessage, PluginMessage, ResultMessage,
 COMMAND = [sys.executable, str(Path(__file__).resolve())]
 
 
+def command(**script: Any) -> list[str]:
+    """argv for a fake following ``script`` (the process script above), for a worker built elsewhere (the
+    agent's ``worker_command=``), where the test does not write the worker's spec."""
+    return [*COMMAND, "--script", json.dumps(script)]
+
+
 class FakeOptions(DecodeOptions):
     """The decode options plus the job's script (see the module docstring)."""
 
@@ -113,6 +119,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--spec", required=True)
+    parser.add_argument("--script", help="a process script (JSON) that replaces spec['fake']")
     args = parser.parse_args()
     from plugins.asr.__main__ import _die_with_parent
     from plugins.asr.worker import serve
@@ -121,6 +128,8 @@ def main() -> int:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     spec = json.loads(args.spec)
+    if args.script:
+        spec["fake"] = json.loads(args.script)
     logging.basicConfig(level=spec.get("log_level", "WARNING"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s fake-plugin[%(process)d] %(message)s")
     channel = BlockingChannel(socket.socket(fileno=args.fd))

@@ -106,9 +106,11 @@ class AgentStack:
 
 
 @contextlib.asynccontextmanager
-async def agent_stack(tmp_path: Path, **sections: dict[str, Any]) -> AsyncIterator[AgentStack]:
+async def agent_stack(tmp_path: Path, worker_command: list[str] | None = None,
+                      **sections: dict[str, Any]) -> AsyncIterator[AgentStack]:
     """Start scheduler, agent and agent endpoints on free ports; yields once the agent has registered
-    (its worker is then ready or fatal). Everything is stopped on the way out."""
+    (its worker is then ready or fatal). Everything is stopped on the way out. ``worker_command``: a stand-in
+    plugin (``fake_plugin.command(...)``) where the test is about the agent, not about decoding."""
     settings = make_settings(node={"state_dir": str(tmp_path / "state")}, **sections)
     registry, scheduler_registry = CollectorRegistry(), CollectorRegistry()
     metrics = AgentMetrics(registry=registry)
@@ -117,7 +119,8 @@ async def agent_stack(tmp_path: Path, **sections: dict[str, Any]) -> AsyncIterat
     http: RunningHttp | None = None
     session: aiohttp.ClientSession | None = None
     try:
-        agent = Agent(settings, scheduler.url, metrics=metrics, facts=await node_facts())
+        agent = Agent(settings, scheduler.url, metrics=metrics, facts=await node_facts(),
+                      worker_command=worker_command)
         await agent.start()
         http = await start_http(agent.view, agent.client, settings, port=0)
         session = aiohttp.ClientSession()

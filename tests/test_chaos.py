@@ -22,7 +22,10 @@ PLAN = {
 
 async def test_each_endpoint_in_turn_fails_every_way_and_the_agent_recovers(tmp_path):
     sched_port = free_port()
-    sched, scheduler = await start_scheduler(tmp_path, sched_port, NODE_AGENT_SCHEDULER__HEARTBEAT_INTERVAL_S="2")
+    # Long polls capped at 3 s: a fault that is forwarded first (garbage on next_job) answers when the poll ends,
+    # and the poll's length is not what is tested here.
+    sched, scheduler = await start_scheduler(tmp_path, sched_port, NODE_AGENT_SCHEDULER__HEARTBEAT_INTERVAL_S="2",
+                                             NODE_AGENT_SCHEDULER__MAX_WAIT_S="3")
     proxy = await ChaosProxy(scheduler, hang_s=2.5).start(free_port())
     proxy.inject("register", *ALL)  # the very first registration meets every failure shape
     agent = None
@@ -62,8 +65,14 @@ async def test_each_endpoint_in_turn_fails_every_way_and_the_agent_recovers(tmp_
         # Exactly one accepted result per job; retries after a garbage answer were recognised as duplicates.
         assert metric(scheduler, "node_agent_scheduler_jobs_total", {"outcome": "succeeded"}) == len(jobs)
         assert (metric(scheduler, "node_agent_scheduler_results_rejected_total") or 0) == 0
-        accepted = [json.loads(body) for name, status, body in proxy.answers if name == "result" and status == 200]
-        assert sum(1 for a in accepted if not a.get("duplicate")) == len(jobs), proxy.answers
+
+        def new_results() -> int:
+            return sum(1 for name, status, body in proxy.answers
+                       if name == "result" and status == 200 and not json.loads(body).get("duplicate"))
+
+        # The last job's answer may still be on its way through the proxy (the job showed finished first).
+        await wait_for(lambda: new_results() >= len(jobs), 10, "every result relayed")
+        assert new_results() == len(jobs), proxy.answers
         st = status_of(url)
         assert st["totals"]["succeeded"] == len(jobs) and st["agent"]["registered"]
         assert "Traceback" not in agent.log()
@@ -90,8 +99,11 @@ async def test_events_failing_at_the_end_of_a_job_are_retried_before_the_result(
         assert not proxy.faults["events"]
         ids = {s["id"] for s in view["result"]["segments"]}
         assert ids and proxy.delivered_segment_ids() == ids
-        # Delivered before the result was reported: the result is the last thing the proxy saw for this job.
-        assert [name for name, _, _ in proxy.answers][-1] == "result"
+        # Delivered before the result was reported: the result is the last thing the proxy saw for this job. The
+        # scheduler shows the job finished before the proxy has relayed its answer to the result (the proxy runs
+        # in this process, the job is polled from a thread), so first wait for that answer.
+        await wait_for(lambda: any(name == "result" for name, _, _ in proxy.answers), 10, "the result relayed")
+        assert [name for name, _, _ in proxy.answers][-1] == "result", [name for name, _, _ in proxy.answers]
         assert "never delivered" not in agent.log() and "Traceback" not in agent.log()
     finally:
         if agent is not None:

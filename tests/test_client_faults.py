@@ -53,10 +53,10 @@ def call(client: SchedulerClient, endpoint: str):
         "next_job": lambda: client.next_job("n1", 0.1, "cpu"),
         "audio": lambda: client.fetch_audio("/v1/jobs/j1/audio"),
         "lease_acquire": lambda: client.acquire_lease("n1", "j1", "cpu", 15),
-        "lease_renew": lambda: client.renew_lease("l1", 3),
+        "lease_renew": lambda: client.renew_lease("l1", 3, "n1"),
         "lease_release": lambda: client.release_lease("l1"),
-        "events": lambda: client.post_events("j1", 1, 3, [{"id": 1, "start": 0, "end": 1, "text": "x"}]),
-        "result": lambda: client.report_result("j1", {"attempt": 1}),
+        "events": lambda: client.post_events("j1", "n1", "l1", 1, 3, [{"id": 1, "start": 0, "end": 1, "text": "x"}]),
+        "result": lambda: client.report_result("j1", {"node_id": "n1", "lease_id": "l1", "attempt": 1}),
         "job_submit": lambda: client.submit_job(b"\0\0", format="pcm_s16le", sample_rate=16000),
         "job_view": lambda: client.get_job("j1", 0.1, after_segment=0),
     }[endpoint]()
@@ -133,7 +133,7 @@ async def test_specific_4xx_answers_are_typed():
             m.post(f"{BASE}/v1/leases/l1/renew", status=410,
                    payload={"error": {"code": "lease_expired", "message": "too late"}})
             with pytest.raises(Gone) as gone:
-                await client.renew_lease("l1", 3)
+                await client.renew_lease("l1", 3, "n1")
             assert gone.value.code == "lease_expired"
             m.post(f"{BASE}/v1/jobs/j1/result", status=409,
                    payload={"error": {"code": "stale_epoch", "message": "old"}})

@@ -421,6 +421,22 @@ def test_systemd_stop_timeout_outlasts_drain() -> None:
     assert scheduler_exec.endswith("node-agent scheduler --listen 0.0.0.0:8470")
 
 
+def test_systemd_healthcheck_restarts_an_agent_whose_healthz_fails() -> None:
+    # The agent's /healthz turns 503 after every worker was fatal too long; under systemd a timer acts on it.
+    service = SYSTEMD / "node-agent-healthcheck.service"
+    text = service.read_text(encoding="utf-8")
+    (listen,) = [v.split("=", 1)[1] for v in _systemd_values(SYSTEMD / "node-agent.service", "Environment")
+                 if v.startswith("NODE_AGENT_HTTP__LISTEN=")]
+    port = listen.rsplit(":", 1)[1]
+    assert f"http://127.0.0.1:{port}/healthz" in text
+    assert "systemctl is-active --quiet node-agent || exit 0" in text  # a stopped agent stays stopped
+    assert "systemctl restart node-agent" in text
+    assert _systemd_values(service, "Type") == ["oneshot"]
+    timer = SYSTEMD / "node-agent-healthcheck.timer"
+    assert _systemd_values(timer, "OnUnitActiveSec") == ["1min"]
+    assert _systemd_values(timer, "WantedBy") == ["timers.target"]
+
+
 def test_k8s_manifests() -> None:
     docs = _k8s_docs()
     kustomization = _load_yaml(K8S / "kustomization.yaml")

@@ -197,6 +197,7 @@ async def test_the_report_is_retried_through_failures_until_accepted_and_counted
             outcome = await parts.runner.run(ASSIGNMENT)
             await parts.runner.settle(5.0)
             sent = m.requests[("POST", URL(RESULT))]
+            events_sent = m.requests[("POST", URL(f"{BASE}/v1/jobs/j1/events"))]
     finally:
         await parts.client.close()
     assert (outcome.outcome, outcome.report) == ("succeeded", Report.accepted)
@@ -204,6 +205,10 @@ async def test_the_report_is_retried_through_failures_until_accepted_and_counted
     bodies = [r.kwargs["json"] for r in sent]
     assert all(b == bodies[0] for b in bodies)  # idempotent: the same report every time
     assert bodies[0]["lease_epoch"] == 3 and bodies[0]["attempt"] == 1 and bodies[0]["node_id"] == "n1"
+    # Events and the result name the lease's holder in full: the scheduler fences on all four.
+    assert bodies[0]["lease_id"] == "l1"
+    holder = {"node_id": "n1", "lease_id": "l1", "attempt": 1, "lease_epoch": 3}
+    assert events_sent and all(r.kwargs["json"].items() >= holder.items() for r in events_sent)
     assert bodies[0]["result"]["text"] == "segment 1. segment 2. segment 3."
     assert parts.runner.ledger.totals["succeeded"] == 1
     assert parts.sample("node_agent_jobs_total", outcome="succeeded") == 1

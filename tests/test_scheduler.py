@@ -28,13 +28,21 @@ from node_agent.scheduler.schemas import (
     LeaseGrant,
     LeaseRequest,
     RegisterRequest,
+    EventsReport,
     RenewRequest,
     ResultReport,
-    TranscriptResult,
 )
-from node_agent.scheduler.errors import LeaseUnusable, NodeNotFound, ReportRejected
+from node_agent.scheduler.errors import (
+    LeaseUnusable,
+    NodeNotFound,
+    QueueFull,
+    ReportRejected,
+    TooLarge,
+    UnknownJob,
+    Unservable,
+)
 from node_agent.scheduler.server import sanitize_filename, serve, start_scheduler
-from node_agent.scheduler.state import SchedulerState
+from node_agent.scheduler.state import QUEUE_FULL_RETRY_S, SchedulerState
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -84,18 +92,24 @@ def take(
     return assignment, grant
 
 
-def report(node_id: str, attempt: int, epoch: int, outcome: str = "succeeded", code: str | None = None) -> ResultReport:
+def report(
+    node_id: str, attempt: int, grant: LeaseGrant, outcome: str = "succeeded", code: str | None = None
+) -> ResultReport:
+    """A result as the holder of ``grant`` sends it (its lease id and epoch)."""
+    holder = {"node_id": node_id, "lease_id": grant.lease_id, "attempt": attempt, "lease_epoch": grant.epoch}
     if outcome == "succeeded":
-        return ResultReport(
-            node_id=node_id, attempt=attempt, lease_epoch=epoch, outcome="succeeded", result=TranscriptResult(text="hi")
-        )
-    return ResultReport.model_validate(
+        return ResultReport.model_validate({**holder, "outcome": "succeeded", "result": {"text": "hi"}})
+    return ResultReport.model_validate({**holder, "outcome": "failed", "error": {"code": code, "message": "boom"}})
+
+
+def events(node_id: str, attempt: int, grant: LeaseGrant, *segments: dict[str, Any]) -> EventsReport:
+    return EventsReport.model_validate(
         {
             "node_id": node_id,
+            "lease_id": grant.lease_id,
             "attempt": attempt,
-            "lease_epoch": epoch,
-            "outcome": "failed",
-            "error": {"code": code, "message": "boom"},
+            "lease_epoch": grant.epoch,
+            "events": list(segments),
         }
     )
 
@@ -148,12 +162,40 @@ class Harness:
             "POST", "/v1/leases", json={"node_id": node_id, "job_id": job_id, "resource": resource, "ttl_s": ttl_s}
         )
 
-    async def result(self, job_id: str, node_id: str, attempt: int, epoch: int, **fields: Any) -> tuple[int, Any]:
-        body = {"node_id": node_id, "attempt": attempt, "lease_epoch": epoch, "outcome": "succeeded"}
+    async def result(
+        self, job_id: str, node_id: str, attempt: int, grant: dict[str, Any], **fields: Any
+    ) -> tuple[int, Any]:
+        """Report as the holder of ``grant`` (its lease id and epoch); ``fields`` override any of the body."""
+        body = {
+            "node_id": node_id,
+            "lease_id": grant["lease_id"],
+            "attempt": attempt,
+            "lease_epoch": grant["epoch"],
+            "outcome": "succeeded",
+        }
         body.update(fields)
         if body["outcome"] == "succeeded":
             body.setdefault("result", {"text": "hello world", "language": "en", "duration_s": 2.0, "segments": []})
         status, reply, _ = await self.call("POST", f"/v1/jobs/{job_id}/result", json=body)
+        return status, reply
+
+    async def events(
+        self, job_id: str, node_id: str, attempt: int, grant: dict[str, Any], *segments: dict[str, Any]
+    ) -> tuple[int, Any]:
+        body = {
+            "node_id": node_id,
+            "lease_id": grant["lease_id"],
+            "attempt": attempt,
+            "lease_epoch": grant["epoch"],
+            "events": list(segments),
+        }
+        status, reply, _ = await self.call("POST", f"/v1/jobs/{job_id}/events", json=body)
+        return status, reply
+
+    async def renew(self, lease_id: str, node_id: str, epoch: int) -> tuple[int, Any]:
+        status, reply, _ = await self.call(
+            "POST", f"/v1/leases/{lease_id}/renew", json={"node_id": node_id, "epoch": epoch}
+        )
         return status, reply
 
     async def job(self, job_id: str, **params: Any) -> dict[str, Any]:
@@ -182,30 +224,130 @@ async def scheduler(**overrides: Any) -> AsyncIterator[Harness]:
 # ------------------------------------------------------------------------------------ state (pure)
 
 
-def test_epochs_grow_per_resource_and_stale_reports_are_fenced() -> None:
+def test_epochs_grow_and_stale_reports_are_fenced() -> None:
     state, clock, registry = make_state()
     node = register(state)
     for _ in range(3):
         state.submit(JobSpec(), AUDIO)
     a1, first = take(state, node)
     assert first.epoch == 1
-    state.report_result(a1.job_id, report(node, 1, 1))
+    state.report_result(a1.job_id, report(node, 1, first))
     a2, second = take(state, node)
     assert second.epoch == 2
     # Asking again for the same job supersedes the older lease: only the newest epoch may report.
     third = state.grant_lease(LeaseRequest(node_id=node, job_id=a2.job_id, resource="cpu", ttl_s=10))
     assert third.epoch == 3
     with pytest.raises(LeaseUnusable) as exc:
-        state.renew_lease(second.lease_id, RenewRequest(epoch=2))
+        state.renew_lease(second.lease_id, RenewRequest(node_id=node, epoch=2))
     assert exc.value.code == "lease_superseded"
     with pytest.raises(ReportRejected) as rejected:
-        state.report_result(a2.job_id, report(node, 1, 2))
+        state.report_result(a2.job_id, report(node, 1, second))
     assert rejected.value.code == "stale_epoch"
     assert registry.get_sample_value("node_agent_scheduler_results_rejected_total", {"reason": "stale_epoch"}) == 1
-    # A GPU on the same node has its own epoch sequence.
+    # Another node's first lease continues the one sequence.
     gpu_node = register(state, [GPU_ANY])
     _, gpu = take(state, gpu_node, resource="gpu:0")
-    assert gpu.epoch == 1
+    assert gpu.epoch == 4
+
+
+def test_epochs_strictly_increase_across_nodes_and_resources() -> None:
+    """One sequence for the whole scheduler: an epoch is never granted twice, whatever the node or resource."""
+    state, _, _ = make_state()
+    nodes = [register(state, [CPU_EN, GPU_ANY]), register(state, [CPU_EN, GPU_ANY])]
+    for _ in range(8):
+        state.submit(JobSpec(), AUDIO)
+    epochs: list[int] = []
+    for _round in range(2):
+        grants: list[tuple[str, JobAssignment, LeaseGrant]] = []
+        for resource in ("gpu:0", "cpu"):
+            for node in reversed(nodes) if resource == "cpu" else nodes:
+                assignment = state.assign_next(node, resource)
+                assert assignment is not None and assignment.resource == resource
+                req = LeaseRequest(node_id=node, job_id=assignment.job_id, resource=resource, ttl_s=10)
+                grant = state.grant_lease(req)
+                epochs.append(grant.epoch)
+                grants.append((node, assignment, grant))
+        for node, assignment, grant in grants:
+            state.report_result(assignment.job_id, report(node, assignment.attempt, grant))
+    assert len(epochs) == 8
+    assert all(a < b for a, b in zip(epochs, epochs[1:])), epochs
+
+
+def test_a_superseded_lease_on_another_resource_cannot_report() -> None:
+    """Gap (a): the job leased on cpu, then leased again on gpu:0. The cpu lease's (attempt, epoch) used to be
+    accepted, because gpu:0 counted its own epochs from 1 and results named no lease."""
+    state, clock, registry = make_state()
+    node = register(state, [CPU_EN, GPU_ANY])
+    job = state.submit(JobSpec(), AUDIO)
+    assignment = state.assign_next(node, "cpu")
+    assert assignment is not None
+    old = state.grant_lease(LeaseRequest(node_id=node, job_id=job.job_id, resource="cpu", ttl_s=10))
+    new = state.grant_lease(LeaseRequest(node_id=node, job_id=job.job_id, resource="gpu:0", ttl_s=10))
+    assert new.epoch > old.epoch and state.lease(old.lease_id).state == "superseded"  # type: ignore[union-attr]
+    with pytest.raises(ReportRejected) as rejected:
+        state.report_result(job.job_id, report(node, 1, old))
+    assert rejected.value.code == "stale_epoch" and f"lease_id {old.lease_id}" in rejected.value.message
+    # Even the old epoch under the new lease's id is refused: every field must match.
+    mixed = LeaseGrant(lease_id=new.lease_id, epoch=old.epoch, ttl_s=10, resource="gpu:0")
+    with pytest.raises(ReportRejected, match=f"lease_epoch {old.epoch} "):
+        state.report_result(job.job_id, report(node, 1, mixed))
+    with pytest.raises(ReportRejected):
+        state.post_events(job.job_id, events(node, 1, old, {"id": 1, "start": 0.0, "end": 1.0, "text": " old"}))
+    with pytest.raises(LeaseUnusable) as renewal:
+        state.renew_lease(old.lease_id, RenewRequest(node_id=node, epoch=old.epoch))
+    assert renewal.value.code == "lease_superseded"
+    assert state.view_job(job.job_id).state == "running" and state.view_job(job.job_id).segments == []
+    assert registry.get_sample_value("node_agent_scheduler_results_rejected_total", {"reason": "stale_epoch"}) == 2
+    # The old lease's TTL passing changes nothing; the live lease still reports.
+    clock.advance(5)
+    assert not state.report_result(job.job_id, report(node, 1, new)).duplicate
+    assert state.view_job(job.job_id).state == "succeeded"
+    # The old lease's report after the job finished is still not a "duplicate" of the accepted one.
+    with pytest.raises(ReportRejected) as late:
+        state.report_result(job.job_id, report(node, 1, old))
+    assert late.value.code == "already_completed"
+
+
+def test_events_and_results_from_another_node_are_refused_and_leave_nothing() -> None:
+    """Gap (b): events from a node other than the holder, with the holder's attempt, lease and epoch."""
+    state, _, registry = make_state()
+    holder, other = register(state), register(state)
+    job = state.submit(JobSpec(), AUDIO)
+    assignment, grant = take(state, holder)
+    with pytest.raises(ReportRejected) as rejected:
+        state.post_events(job.job_id, events(other, 1, grant, {"id": 1, "start": 0.0, "end": 1.0, "text": " fake"}))
+    assert rejected.value.code == "stale_epoch" and f"node_id {other}" in rejected.value.message
+    assert state.view_job(job.job_id).segments == []
+    with pytest.raises(ReportRejected, match=f"node_id {other}"):
+        state.report_result(job.job_id, report(other, 1, grant))
+    real = {"id": 1, "start": 0.0, "end": 1.0, "text": " real"}
+    state.post_events(job.job_id, events(holder, 1, grant, real))
+    # The holder's result carries no segments, so the streamed ones are the job's: only the holder's.
+    state.report_result(job.job_id, report(holder, 1, grant))
+    view = state.view_job(job.job_id)
+    assert (view.state, view.node_id, view.segments) == ("succeeded", holder, [real])
+    # And the holder's accepted report, repeated by the other node, is no duplicate of it.
+    with pytest.raises(ReportRejected) as late:
+        state.report_result(job.job_id, report(other, 1, grant))
+    assert late.value.code == "already_completed"
+    assert registry.get_sample_value("node_agent_scheduler_results_rejected_total", {"reason": "stale_epoch"}) == 1
+
+
+def test_a_renewal_from_another_node_is_refused_and_does_not_extend_the_lease() -> None:
+    """Gap (c): the holder's lease id and epoch, renewed in another node's name."""
+    state, clock, registry = make_state(lease_min_ttl_s=1.0)
+    holder, other = register(state), register(state)
+    job = state.submit(JobSpec(), AUDIO)
+    _, grant = take(state, holder, ttl_s=5)
+    clock.advance(4)
+    with pytest.raises(LeaseUnusable) as refused:
+        state.renew_lease(grant.lease_id, RenewRequest(node_id=other, epoch=grant.epoch))
+    assert refused.value.code == "stale_epoch" and f"node_id {other}" in refused.value.message
+    assert not registry.get_sample_value("node_agent_scheduler_leases_renewed_total", {"node_id": holder})
+    clock.advance(1.1)  # past the TTL counted from the grant: the refused renewal did not extend it
+    state.tick()
+    assert state.lease(grant.lease_id).state == "expired"  # type: ignore[union-attr]
+    assert (state.view_job(job.job_id).state, state.view_job(job.job_id).attempt) == ("queued", 2)
 
 
 def test_expiry_requeues_until_max_attempts_then_fails_lease_expired(caplog: pytest.LogCaptureFixture) -> None:
@@ -215,7 +357,7 @@ def test_expiry_requeues_until_max_attempts_then_fails_lease_expired(caplog: pyt
     job = state.submit(JobSpec(), AUDIO)
     a1, l1 = take(state, node, ttl_s=5)
     clock.advance(4)
-    state.renew_lease(l1.lease_id, RenewRequest(epoch=l1.epoch))
+    state.renew_lease(l1.lease_id, RenewRequest(node_id=node, epoch=l1.epoch))
     clock.advance(4.9)
     state.tick()
     assert state.view_job(job.job_id).state == "running"  # the renewal pushed expiry to now + ttl
@@ -224,7 +366,7 @@ def test_expiry_requeues_until_max_attempts_then_fails_lease_expired(caplog: pyt
     view = state.view_job(job.job_id)
     assert (view.state, view.attempt, view.segments) == ("queued", 2, [])
     with pytest.raises(LeaseUnusable) as exc:
-        state.renew_lease(l1.lease_id, RenewRequest(epoch=l1.epoch))
+        state.renew_lease(l1.lease_id, RenewRequest(node_id=node, epoch=l1.epoch))
     assert exc.value.code == "lease_expired"
     a2, l2 = take(state, node, ttl_s=5)
     assert (a2.attempt, l2.epoch) == (2, 2)
@@ -232,7 +374,7 @@ def test_expiry_requeues_until_max_attempts_then_fails_lease_expired(caplog: pyt
     view = state.view_job(job.job_id)  # no tick: every call applies what fell due first
     assert view.state == "failed" and view.error is not None and view.error.code == "lease_expired"
     with pytest.raises(ReportRejected) as late:
-        state.report_result(job.job_id, report(node, 2, 2))
+        state.report_result(job.job_id, report(node, 2, l2))
     assert late.value.code == "already_completed"
     sample = registry.get_sample_value
     assert sample("node_agent_scheduler_leases_expired_total", {"node_id": node}) == 2
@@ -296,14 +438,14 @@ def test_retryable_failure_at_max_attempts_is_terminal() -> None:
     node = register(state)
     job = state.submit(JobSpec(), AUDIO)
     a1, l1 = take(state, node)
-    assert state.report_result(job.job_id, report(node, 1, l1.epoch, "failed", "worker_crashed")).requeued
+    assert state.report_result(job.job_id, report(node, 1, l1, "failed", "worker_crashed")).requeued
     a2, l2 = take(state, node)
-    ack = state.report_result(job.job_id, report(node, 2, l2.epoch, "failed", "worker_crashed"))
+    ack = state.report_result(job.job_id, report(node, 2, l2, "failed", "worker_crashed"))
     assert not ack.requeued
     view = state.view_job(job.job_id)
     assert view.state == "failed" and view.error is not None and view.error.code == "worker_crashed"
     # The first report, retried after the job moved on, still gets its original answer.
-    again = state.report_result(job.job_id, report(node, 1, l1.epoch, "failed", "worker_crashed"))
+    again = state.report_result(job.job_id, report(node, 1, l1, "failed", "worker_crashed"))
     assert again.requeued and again.duplicate
     assert registry.get_sample_value("node_agent_scheduler_jobs_total", {"outcome": "worker_crashed"}) == 1
 
@@ -430,10 +572,10 @@ async def test_lease_grant_epochs_and_resource_held(caplog: pytest.LogCaptureFix
         assert status == 410 and reply["error"]["code"] == "job_not_assigned"
         status, reply, _ = await h.lease("node-nobody", second)
         assert status == 404 and reply["error"]["code"] == "unknown_node"
-        status, _ = await h.result(first, node, 1, 1)
+        status, _ = await h.result(first, node, 1, grant)
         assert status == 200
         status, grant2, _ = await h.lease(node, second)
-        assert status == 201 and grant2["epoch"] == 2  # one sequence per (node, resource), never reset
+        assert status == 201 and grant2["epoch"] == 2  # one sequence for the whole scheduler, never reset
         assert h.metric("node_agent_scheduler_leases_granted_total", node_id=node) == 2
     assert f"lease granted lease_id={grant['lease_id']} node_id={node} resource=cpu epoch=1" in caplog.text
 
@@ -448,9 +590,9 @@ async def test_renew_extends_release_is_idempotent() -> None:
         lease_id, epoch = grant["lease_id"], grant["epoch"]
         for _ in range(4):  # 0.8 s in all: past one TTL, alive thanks to the renewals
             await asyncio.sleep(0.2)
-            status, reply, _ = await h.call("POST", f"/v1/leases/{lease_id}/renew", json={"epoch": epoch})
+            status, reply = await h.renew(lease_id, node, epoch)
             assert status == 200 and reply == {"lease_id": lease_id, "epoch": epoch, "ttl_s": 0.6}
-        status, reply, _ = await h.call("POST", f"/v1/leases/{lease_id}/renew", json={"epoch": epoch + 1})
+        status, reply = await h.renew(lease_id, node, epoch + 1)
         assert status == 410 and reply["error"]["code"] == "stale_epoch"
         assert (await h.job(job))["state"] == "running"
         assert h.metric("node_agent_scheduler_leases_renewed_total", node_id=node) == 4
@@ -458,9 +600,9 @@ async def test_renew_extends_release_is_idempotent() -> None:
         assert status == 204
         status, _, _ = await h.call("DELETE", f"/v1/leases/{lease_id}")
         assert status == 204
-        status, reply, _ = await h.call("POST", f"/v1/leases/{lease_id}/renew", json={"epoch": epoch})
+        status, reply = await h.renew(lease_id, node, epoch)
         assert status == 410 and reply["error"]["code"] == "lease_released"
-        status, reply, _ = await h.call("POST", "/v1/leases/lease-nope/renew", json={"epoch": 1})
+        status, reply = await h.renew("lease-nope", node, 1)
         assert status == 410 and reply["error"]["code"] == "unknown_lease"
         view = await h.job(job)
         assert (view["state"], view["attempt"]) == ("queued", 2)  # the holder gave up
@@ -474,24 +616,21 @@ async def test_expired_lease_requeues_and_late_result_is_rejected() -> None:
         await h.poll(node)
         _, grant, _ = await h.lease(node, job, ttl_s=0.3)
         await asyncio.sleep(0.6)
-        status, reply, _ = await h.call("POST", f"/v1/leases/{grant['lease_id']}/renew", json={"epoch": grant["epoch"]})
+        status, reply = await h.renew(grant["lease_id"], node, grant["epoch"])
         assert status == 410 and reply["error"]["code"] == "lease_expired"
         view = await h.job(job)
         assert (view["state"], view["attempt"], view["node_id"]) == ("queued", 2, None)
-        status, reply = await h.result(job, node, 1, grant["epoch"])
+        status, reply = await h.result(job, node, 1, grant)
         assert status == 409 and reply["error"]["code"] == "stale_attempt"
-        status, reply, _ = await h.call(
-            "POST", f"/v1/jobs/{job}/events",
-            json={"attempt": 1, "lease_epoch": grant["epoch"], "events": [{"id": 0, "start": 0, "end": 1, "text": ""}]},
-        )
+        status, reply = await h.events(job, node, 1, grant, {"id": 0, "start": 0, "end": 1, "text": ""})
         assert status == 409 and reply["error"]["code"] == "stale_attempt"
         status, assignment = await h.poll(node)
         assert assignment["attempt"] == 2
         _, grant2, _ = await h.lease(node, job)
         assert grant2["epoch"] == grant["epoch"] + 1
-        status, reply = await h.result(job, node, 2, grant["epoch"])
+        status, reply = await h.result(job, node, 2, grant)
         assert status == 409 and reply["error"]["code"] == "stale_epoch"
-        status, reply = await h.result(job, node, 2, grant2["epoch"])
+        status, reply = await h.result(job, node, 2, grant2)
         assert (status, reply["accepted"]) == (200, True)
         assert h.metric("node_agent_scheduler_leases_expired_total", node_id=node) == 1
         assert h.metric("node_agent_scheduler_jobs_requeued_total", reason="lease_expired") == 1
@@ -507,16 +646,14 @@ async def test_exactly_one_result_and_duplicate_retry_is_idempotent() -> None:
         await h.poll(node)
         _, grant, _ = await h.lease(node, job)
         segments = [{"id": 0, "start": 0.0, "end": 1.0, "text": " hello", "avg_logprob": -0.1}]
-        status, reply, _ = await h.call(
-            "POST", f"/v1/jobs/{job}/events", json={"attempt": 1, "lease_epoch": grant["epoch"], "events": segments}
-        )
+        status, reply = await h.events(job, node, 1, grant, *segments)
         assert status == 202
         assert (await h.job(job))["segments"] == segments
-        status, reply = await h.result(job, node, 1, grant["epoch"], timings={"decode_s": 0.5})
+        status, reply = await h.result(job, node, 1, grant, timings={"decode_s": 0.5})
         assert status == 200 and reply["accepted"] is True and reply["duplicate"] is False
-        status, reply = await h.result(job, node, 1, grant["epoch"], timings={"decode_s": 0.5})
+        status, reply = await h.result(job, node, 1, grant, timings={"decode_s": 0.5})
         assert status == 200 and reply["accepted"] is True and reply["duplicate"] is True
-        status, reply = await h.result(job, node, 1, grant["epoch"] + 5)
+        status, reply = await h.result(job, node, 1, grant, lease_epoch=grant["epoch"] + 5)
         assert status == 409 and reply["error"]["code"] == "already_completed"
         view = await h.job(job)
         assert view["state"] == "succeeded" and view["result"]["text"] == "hello world"
@@ -524,7 +661,7 @@ async def test_exactly_one_result_and_duplicate_retry_is_idempotent() -> None:
         assert h.metric("node_agent_scheduler_jobs_total", outcome="succeeded") == 1
         assert h.metric("node_agent_scheduler_results_rejected_total", reason="already_completed") == 1
         # Accepting the result released the lease.
-        status, reply, _ = await h.call("POST", f"/v1/leases/{grant['lease_id']}/renew", json={"epoch": grant["epoch"]})
+        status, reply = await h.renew(grant["lease_id"], node, grant["epoch"])
         assert status == 410 and reply["error"]["code"] == "lease_released"
 
 
@@ -536,7 +673,7 @@ async def test_retryable_failure_requeues_and_input_failure_is_terminal() -> Non
         await h.poll(node)
         _, grant, _ = await h.lease(node, job)
         status, reply = await h.result(
-            job, node, 1, grant["epoch"], outcome="failed", error={"code": "worker_crashed", "message": "signal 11"}
+            job, node, 1, grant, outcome="failed", error={"code": "worker_crashed", "message": "signal 11"}
         )
         assert status == 200 and reply["requeued"] is True
         assert h.metric("node_agent_scheduler_jobs_requeued_total", reason="retryable_error") == 1
@@ -544,7 +681,7 @@ async def test_retryable_failure_requeues_and_input_failure_is_terminal() -> Non
         assert assignment["attempt"] == 2
         _, grant, _ = await h.lease(node, job)
         status, reply = await h.result(
-            job, node, 2, grant["epoch"], outcome="failed", error={"code": "bad_audio", "message": "not audio"}
+            job, node, 2, grant, outcome="failed", error={"code": "bad_audio", "message": "not audio"}
         )
         assert status == 200 and reply["requeued"] is False
         view = await h.job(job)
@@ -579,11 +716,94 @@ async def test_gone_node_gets_404_and_its_lease_expires() -> None:
         assert reply["nodes"][0]["state"] == "gone"
         status, reply, _ = await h.call("PUT", f"/v1/nodes/{node}/heartbeat", json={"state": "ready"})
         assert status == 404 and reply["error"]["code"] == "unknown_node"
-        status, reply, _ = await h.call("POST", f"/v1/leases/{grant['lease_id']}/renew", json={"epoch": grant["epoch"]})
+        status, reply = await h.renew(grant["lease_id"], node, grant["epoch"])
         assert status == 410 and reply["error"]["code"] == "lease_expired"
         assert (await h.job(job))["state"] == "queued"
         assert await h.register(node_id=node) == node
         assert h.metric("node_agent_scheduler_jobs_requeued_total", reason="node_gone") == 1
+
+
+@pytest.mark.asyncio
+async def test_http_epochs_strictly_increase_across_nodes_and_resources() -> None:
+    async with scheduler() as h:
+        nodes = [await h.register([CPU_EN, GPU_ANY]), await h.register([CPU_EN, GPU_ANY])]
+        for _ in range(4):
+            await h.submit()
+        epochs = []
+        for node, resource in [(nodes[0], "cpu"), (nodes[1], "gpu:0"), (nodes[1], "cpu"), (nodes[0], "gpu:0")]:
+            status, assignment = await h.poll(node, resource=resource)
+            assert status == 200, assignment
+            status, grant, _ = await h.lease(node, assignment["job_id"], resource=resource)
+            assert status == 201, grant
+            epochs.append(grant["epoch"])
+        assert epochs == sorted(set(epochs)) and len(epochs) == 4, epochs
+
+
+@pytest.mark.asyncio
+async def test_http_superseded_lease_on_another_resource_cannot_report() -> None:
+    """Gap (a) over HTTP: after the job is leased again on gpu:0, the cpu lease's report is refused."""
+    async with scheduler() as h:
+        node = await h.register([CPU_EN, GPU_ANY])
+        job = await h.submit()
+        assert (await h.poll(node, resource="cpu"))[0] == 200
+        _, old, _ = await h.lease(node, job, resource="cpu")
+        status, new, _ = await h.lease(node, job, resource="gpu:0")
+        assert status == 201 and new["epoch"] > old["epoch"]
+        status, reply = await h.result(job, node, 1, old)
+        assert status == 409 and reply["error"]["code"] == "stale_epoch"
+        assert f"lease_id {old['lease_id']}" in reply["error"]["message"]
+        status, reply = await h.events(job, node, 1, old, {"id": 1, "start": 0.0, "end": 1.0, "text": " old"})
+        assert status == 409 and reply["error"]["code"] == "stale_epoch"
+        status, reply = await h.renew(old["lease_id"], node, old["epoch"])
+        assert status == 410 and reply["error"]["code"] == "lease_superseded"
+        assert (await h.job(job))["segments"] == []
+        status, reply = await h.result(job, node, 1, new)
+        assert status == 200 and reply["duplicate"] is False
+        view = await h.job(job)
+        assert view["state"] == "succeeded" and view["segments"] == []
+        assert h.metric("node_agent_scheduler_results_rejected_total", reason="stale_epoch") == 1
+
+
+@pytest.mark.asyncio
+async def test_http_events_and_results_from_another_node_are_refused() -> None:
+    """Gap (b) over HTTP: another node with the holder's attempt, lease and epoch gets 409 and leaves nothing."""
+    async with scheduler() as h:
+        holder, other = await h.register(), await h.register()
+        job = await h.submit()
+        assert (await h.poll(holder))[0] == 200
+        _, grant, _ = await h.lease(holder, job)
+        fake = {"id": 1, "start": 0.0, "end": 1.0, "text": " fake"}
+        status, reply = await h.events(job, other, 1, grant, fake)
+        assert status == 409 and reply["error"]["code"] == "stale_epoch"
+        assert f"node_id {other}" in reply["error"]["message"]
+        status, reply = await h.result(job, other, 1, grant)
+        assert status == 409 and f"node_id {other}" in reply["error"]["message"]
+        status, reply = await h.result(job, holder, 1, grant, result={"text": "real", "segments": []})
+        assert status == 200 and reply["duplicate"] is False
+        view = await h.job(job)
+        assert (view["state"], view["node_id"], view["segments"]) == ("succeeded", holder, [])
+        assert view["result"]["text"] == "real"
+        # The holder's body, resent in the other node's name, is no duplicate of the accepted report.
+        status, reply = await h.result(job, other, 1, grant, result={"text": "real", "segments": []})
+        assert status == 409 and reply["error"]["code"] == "already_completed"
+
+
+@pytest.mark.asyncio
+async def test_http_renewal_from_another_node_is_refused() -> None:
+    """Gap (c) over HTTP: the holder's lease id and epoch, renewed in another node's name, answer 410."""
+    async with scheduler() as h:
+        holder, other = await h.register(), await h.register()
+        job = await h.submit()
+        assert (await h.poll(holder))[0] == 200
+        _, grant, _ = await h.lease(holder, job)
+        status, reply = await h.renew(grant["lease_id"], other, grant["epoch"])
+        assert status == 410 and reply["error"]["code"] == "stale_epoch"
+        assert f"node_id {other}" in reply["error"]["message"]
+        assert not h.metric("node_agent_scheduler_leases_renewed_total", node_id=holder)
+        status, reply, _ = await h.call("POST", f"/v1/leases/{grant['lease_id']}/renew", json={"epoch": grant["epoch"]})
+        assert status == 400 and "node_id" in reply["error"]["message"]  # required: protocol 1 has no anonymous renewal
+        status, reply = await h.renew(grant["lease_id"], holder, grant["epoch"])
+        assert status == 200 and h.metric("node_agent_scheduler_leases_renewed_total", node_id=holder) == 1
 
 
 @pytest.mark.asyncio
@@ -670,17 +890,14 @@ async def test_multipart_submission_and_job_long_poll_on_segments() -> None:
         assert assignment["options"] == {"vad_filter": True}
         _, grant, _ = await h.lease(node, job, resource="gpu:0")
 
-        def events(*segments: dict[str, Any]) -> dict[str, Any]:
-            return {"attempt": 1, "lease_epoch": grant["epoch"], "events": list(segments)}
-
         watcher = asyncio.create_task(h.job(job, wait_s=10, after_segment=1))
         await asyncio.sleep(0.1)
         assert not watcher.done()
         event = {"id": 0, "start": 0.0, "end": 0.5, "text": "你好"}
-        await h.call("POST", f"/v1/jobs/{job}/events", json=events(event))
+        await h.events(job, node, 1, grant, event)
         assert not watcher.done()  # one segment is not more than after_segment=1
         event2 = {"id": 1, "start": 0.5, "end": 1.0, "text": "世界"}
-        await h.call("POST", f"/v1/jobs/{job}/events", json=events(event2))
+        await h.events(job, node, 1, grant, event2)
         view = await asyncio.wait_for(watcher, 2)
         assert [s["text"] for s in view["segments"]] == ["你好", "世界"]
         assert view["filename"] == "passwd.raw" and view["state"] == "running"
@@ -695,12 +912,9 @@ async def _fake_node(h: Harness, node: str, outcome: dict[str, Any]) -> None:
     assert status == 201, grant
     segments = outcome.get("result", {}).get("segments", [])
     if segments:
-        status, _, _ = await h.call(
-            "POST", f"/v1/jobs/{job}/events",
-            json={"attempt": assignment["attempt"], "lease_epoch": grant["epoch"], "events": segments},
-        )
+        status, _ = await h.events(job, node, assignment["attempt"], grant, *segments)
         assert status == 202
-    status, reply = await h.result(job, node, assignment["attempt"], grant["epoch"], **outcome)
+    status, reply = await h.result(job, node, assignment["attempt"], grant, **outcome)
     assert status == 200, reply
 
 
@@ -840,8 +1054,7 @@ async def test_json_answers_are_real_utf8() -> None:
         _, assignment = await h.poll(node)
         _, grant, _ = await h.lease(node, job, resource="gpu:0")
         segment = {"id": 1, "start": 0.0, "end": 1.0, "text": "广州市房地产"}
-        await h.call("POST", f"/v1/jobs/{job}/events",
-                     json={"attempt": assignment["attempt"], "lease_epoch": grant["epoch"], "events": [segment]})
+        await h.events(job, node, assignment["attempt"], grant, segment)
         async with h.session.get(f"{h.url}/v1/jobs/{job}") as resp:
             raw = await resp.read()
             assert resp.headers["Content-Type"] == "application/json; charset=utf-8"
@@ -849,8 +1062,7 @@ async def test_json_answers_are_real_utf8() -> None:
         assert json.loads(raw)["segments"][0]["text"] == "广州市房地产"
         # A lone surrogate (sent as an escape) cannot be UTF-8: the answer falls back to escapes, still JSON.
         odd = {"id": 2, "start": 1.0, "end": 2.0, "text": "a\ud800b"}
-        await h.call("POST", f"/v1/jobs/{job}/events",
-                     json={"attempt": assignment["attempt"], "lease_epoch": grant["epoch"], "events": [odd]})
+        await h.events(job, node, assignment["attempt"], grant, odd)
         status, view, _ = await h.call("GET", f"/v1/jobs/{job}")
         assert status == 200 and view["segments"][1]["text"] == "a\ud800b"
 
@@ -883,3 +1095,259 @@ async def test_port_in_use_is_one_line_naming_the_key() -> None:
     finally:
         busy.close()
         await busy.wait_closed()
+
+
+# ------------------------------------------------------------------ bounded, and fails fast (issue 14)
+
+ZH_ONLY = {"resource": "gpu:0", "plugin": "asr", "model": "base", "compute_type": "float16", "languages": ["zh"]}
+ZH_REFUSAL = "no live node serves language 'zh' (nodes serve: en with tiny.en); run a node with asr.model: base"
+
+
+def test_queue_bounds_refuse_past_either_cap_and_a_finished_job_frees_its_place() -> None:
+    state, _, registry = make_state(max_queued_jobs=2, max_queued_bytes=4096)
+    node = register(state)
+    first = state.submit(JobSpec(), bytes(1000))
+    state.submit(JobSpec(), bytes(1000))
+    with pytest.raises(QueueFull) as exc:
+        state.submit(JobSpec(), bytes(10))
+    assert exc.value.code == "queue_full" and exc.value.retry_after_s == QUEUE_FULL_RETRY_S
+    assert exc.value.message == "queue full: 2 unfinished jobs reach scheduler.max_queued_jobs (2); retry later"
+    # Running jobs still hold their audio, so they count until they finish.
+    assignment, grant = take(state, node)
+    assert assignment.job_id == first.job_id
+    with pytest.raises(QueueFull):
+        state.submit(JobSpec(), bytes(10))
+    state.report_result(first.job_id, report(node, 1, grant))
+    third = state.submit(JobSpec(), bytes(2000))
+    with pytest.raises(QueueFull):
+        state.submit(JobSpec(), bytes(1))  # 2 unfinished again
+    state.settings.max_queued_jobs = 10
+    with pytest.raises(QueueFull) as exc:
+        state.submit(JobSpec(), bytes(1100))
+    assert exc.value.message == (
+        "queue full: 3000 bytes of unfinished jobs' audio and this job's 1100 would pass "
+        "scheduler.max_queued_bytes (4096); retry later"
+    )
+    assert state.submit(JobSpec(), bytes(1096)).job_id  # exactly at the cap fits
+    with pytest.raises(TooLarge, match=r"audio of 5000 bytes is over scheduler.max_queued_bytes \(4096\)"):
+        state.submit(JobSpec(), bytes(5000))  # could never fit: 413, not a retry
+    assert registry.get_sample_value("node_agent_scheduler_jobs_refused_total", {"reason": "queue_full"}) == 4
+    assert registry.get_sample_value("node_agent_scheduler_unfinished_jobs") == 3
+    assert registry.get_sample_value("node_agent_scheduler_unfinished_audio_bytes") == 1000 + 2000 + 1096
+    assert state.view_job(third.job_id).state == "queued"
+
+
+def test_finished_audio_is_dropped_unless_keep_audio_and_jobs_get_the_default_deadline() -> None:
+    for keep in (False, True):
+        state, clock, _ = make_state(keep_audio=keep, default_deadline_s=100)
+        node = register(state)
+        job = state.submit(JobSpec(), AUDIO)
+        clock.advance(4)
+        assignment, grant = take(state, node)
+        assert assignment.deadline_s == 96  # no deadline given: scheduler.default_deadline_s from submission
+        assert state.job_audio(job.job_id) == AUDIO
+        state.report_result(job.job_id, report(node, 1, grant))
+        if keep:
+            assert state.job_audio(job.job_id) == AUDIO and job.audio == AUDIO
+        else:
+            assert job.audio == b""
+            with pytest.raises(UnknownJob, match="audio was dropped"):
+                state.job_audio(job.job_id)
+        # A queued job without a deadline times out after the default, and reports its real time in the queue.
+        waiting = state.submit(JobSpec(language="en"), AUDIO)
+        clock.advance(100)
+        view = state.view_job(waiting.job_id)
+        assert view.state == "failed" and view.error is not None and view.error.code == "timeout"
+        assert view.timings["queued_s"] == 100.0
+
+
+def test_a_job_no_live_node_serves_is_refused_at_submit_with_what_to_change() -> None:
+    state, _, registry = make_state()
+    # No node yet (the embedded scheduler starts before its agent registers): queued, not refused.
+    early = state.submit(JobSpec(language="zh"), AUDIO)
+    assert state.view_job(early.job_id).state == "queued"
+    register(state, [CPU_EN])
+    with pytest.raises(Unservable) as exc:
+        state.submit(JobSpec(language="zh"), AUDIO)
+    assert (exc.value.code, exc.value.message, exc.value.param) == ("no_capable_node", ZH_REFUSAL, "language")
+    assert state.submit(JobSpec(language="en"), AUDIO) and state.submit(JobSpec(), AUDIO)  # en, and detect
+    register(state, [CPU_EN, GPU_ANY])  # a multilingual device serves every language
+    assert state.submit(JobSpec(language="zh"), AUDIO)
+    assert registry.get_sample_value("node_agent_scheduler_jobs_refused_total", {"reason": "no_capable_node"}) == 1
+    assert registry.get_sample_value("node_agent_scheduler_jobs_refused_total", {"reason": "queue_full"}) == 0
+
+
+def test_a_queued_job_whose_last_capable_node_went_fails_after_unservable_after_s() -> None:
+    # Nodes are gone 15 s after their last heartbeat (5 s x 3).
+    state, clock, registry = make_state(unservable_after_s=60, heartbeat_interval_s=5, node_gone_after_heartbeats=3)
+    start = clock.now
+    ja = state.submit(JobSpec(language="ja"), AUDIO)  # no node now, and none that comes serves it
+    zh = state.submit(JobSpec(language="zh"), AUDIO)
+    clock.advance(50)
+    en_node = register(state, [CPU_EN])
+    register(state, [ZH_ONLY])  # serves zh in time; never heartbeats, so it is gone at 65 s
+    clock.advance(5)
+    state.heartbeat(en_node, HeartbeatRequest(state="ready"))
+    clock.advance(5)  # 60 s
+    view = state.view_job(ja.job_id)
+    assert view.state == "failed" and view.error is not None and view.error.code == "no_capable_node", view
+    assert view.error.message == (
+        "queued 60 s without a capable node (scheduler.unservable_after_s: 60): no live node serves language 'ja' "
+        "(nodes serve: en with tiny.en, zh with base); run a node with asr.model: base"
+    )
+    assert view.timings["queued_s"] == 60.0
+    clock.advance(6)  # 66 s: the zh node is found gone; its job has no capable node from now on
+    assert state.view_job(zh.job_id).state == "queued"
+    clock.advance(59)
+    assert state.view_job(zh.job_id).state == "queued"
+    clock.advance(1)
+    view = state.view_job(zh.job_id)
+    assert view.state == "failed" and view.error is not None and view.error.code == "no_capable_node", view
+    # The en node went too (no heartbeat since 55 s): no node is live at all now.
+    assert view.error.message == (
+        "queued 60 s without a capable node (scheduler.unservable_after_s: 60): no live node serves language 'zh' "
+        "(no node is live); run a node with asr.model: base"
+    )
+    assert view.timings["queued_s"] == clock.now - start
+    assert registry.get_sample_value("node_agent_scheduler_jobs_total", {"outcome": "no_capable_node"}) == 2
+
+
+def test_a_running_job_whose_node_went_is_requeued_then_fails_unservable_and_servable_jobs_wait() -> None:
+    state, clock, _ = make_state(unservable_after_s=60, heartbeat_interval_s=5, node_gone_after_heartbeats=3)
+    zh_node = register(state, [ZH_ONLY])
+    en_node = register(state, [CPU_EN])
+    zh = state.submit(JobSpec(language="zh"), AUDIO)
+    take(state, zh_node, resource="gpu:0")
+    en = state.submit(JobSpec(language="en"), AUDIO)  # servable the whole time: it waits, however long
+    for _ in range(20):  # 100 s; only the en node heartbeats
+        clock.advance(5)
+        state.heartbeat(en_node, HeartbeatRequest(state="busy"))
+    zh_view = state.view_job(zh.job_id)
+    assert zh_view.state == "failed" and zh_view.error is not None and zh_view.error.code == "no_capable_node"
+    assert "(nodes serve: en with tiny.en)" in zh_view.error.message and zh_view.attempt == 2
+    assert state.view_job(en.job_id).state == "queued"
+
+
+@pytest.mark.asyncio
+async def test_http_queue_full_is_429_with_retry_after_on_both_apis() -> None:
+    async with scheduler(max_queued_jobs=1, max_queued_bytes=4096) as h:
+        await h.submit(bytes(3000))
+        status, reply, headers = await h.call("POST", "/v1/jobs", json={"audio_b64": "AAAA"})
+        assert status == 429 and reply["error"]["code"] == "queue_full", reply
+        assert reply["error"]["message"] == "queue full: 1 unfinished jobs reach scheduler.max_queued_jobs (1); " \
+                                            "retry later"
+        assert headers["Retry-After"] == str(QUEUE_FULL_RETRY_S)
+        status, reply, headers = await asyncio.wait_for(_transcribe(h), 2)  # refused at once, not waited on
+        assert status == 429 and reply["error"]["code"] == "queue_full" and headers["Retry-After"]
+        assert reply["error"]["type"] == "invalid_request_error"
+    async with scheduler(max_queued_bytes=4096) as h:
+        await h.submit(bytes(3000))
+        form = aiohttp.FormData()
+        form.add_field("file", bytes(2000), filename="a.wav")
+        status, reply, headers = await h.call("POST", "/v1/jobs", data=form)
+        assert status == 429 and "scheduler.max_queued_bytes (4096)" in reply["error"]["message"], reply
+        assert headers["Retry-After"] == str(QUEUE_FULL_RETRY_S)
+        status, reply, _ = await h.call("POST", "/v1/jobs", json={"audio_b64": base64.b64encode(bytes(5000)).decode()})
+        assert status == 413 and reply["error"]["code"] == "too_large", reply
+        assert reply["error"]["message"] == "audio of 5000 bytes is over scheduler.max_queued_bytes (4096)"
+        assert h.metric("node_agent_scheduler_jobs_refused_total", reason="queue_full") == 1
+        async with h.session.get(h.url + "/metrics") as resp:
+            text = await resp.text()
+        assert "node_agent_scheduler_unfinished_audio_bytes 3000.0" in text
+        assert "node_agent_scheduler_unfinished_jobs 1.0" in text
+
+
+@pytest.mark.asyncio
+async def test_http_no_capable_node_is_422_at_once_on_both_apis() -> None:
+    async with scheduler() as h:
+        queued = await h.submit(language="zh")  # no node registered yet: queued as before
+        assert (await h.job(queued))["state"] == "queued"
+        await h.register([CPU_EN])
+        status, reply, _ = await h.call("POST", "/v1/jobs", json={"audio_b64": "AAAA", "language": "zh"})
+        assert status == 422 and reply["error"] == {"code": "no_capable_node", "message": ZH_REFUSAL}, reply
+        started = time.monotonic()
+        status, reply, _ = await asyncio.wait_for(_transcribe(h, language="zh"), 2)
+        assert time.monotonic() - started < 2
+        assert status == 422 and reply["error"]["code"] == "no_capable_node", reply
+        assert reply["error"]["message"] == ZH_REFUSAL and reply["error"]["param"] == "language"
+        assert reply["error"]["type"] == "invalid_request_error"
+        assert h.metric("node_agent_scheduler_jobs_refused_total", reason="no_capable_node") == 2
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    """A JSON object nesting ``levels`` containers deep (the object itself is the first)."""
+    value: Any = 0
+    for _ in range(levels - 1):
+        value = [value]
+    return {"deep": value}
+
+
+@pytest.mark.asyncio
+async def test_nested_json_past_the_limit_is_400_on_every_json_endpoint() -> None:
+    from node_agent.scheduler.server import MAX_JSON_DEPTH
+
+    endpoints = [
+        ("POST", "/v1/nodes"),
+        ("PUT", "/v1/nodes/node-x/heartbeat"),
+        ("POST", "/v1/leases"),
+        ("POST", "/v1/leases/lease-x/renew"),
+        ("POST", "/v1/jobs"),
+        ("POST", "/v1/jobs/job-x/events"),
+        ("POST", "/v1/jobs/job-x/result"),
+    ]
+    too_deep = [b"[" * 100_000, json.dumps(_nested(MAX_JSON_DEPTH + 1)).encode()]
+    async with scheduler() as h:
+        for method, path in endpoints:
+            for body in too_deep:
+                status, reply, _ = await h.call(method, path, data=body, headers={"Content-Type": "application/json"})
+                assert status == 400 and reply["error"]["code"] == "invalid_request", (path, reply)
+                assert reply["error"]["message"] == f"request body is nested deeper than {MAX_JSON_DEPTH} levels"
+            # At the limit the depth is fine: the body is refused (or not) for what it holds.
+            status, reply, _ = await h.call(method, path, json=_nested(MAX_JSON_DEPTH))
+            assert status != 500 and "nested deeper" not in json.dumps(reply), (path, reply)
+        form = aiohttp.FormData()
+        form.add_field("file", AUDIO, filename="a.wav")
+        form.add_field("options", "[" * 100_000)
+        status, reply, _ = await h.call("POST", "/v1/jobs", data=form)
+        assert status == 400 and reply["error"]["code"] == "invalid_request", reply
+        assert reply["error"]["message"] == f"options is nested deeper than {MAX_JSON_DEPTH} levels"
+
+
+@pytest.mark.asyncio
+async def test_non_finite_segment_times_are_refused_where_they_arrive() -> None:
+    async with scheduler() as h:
+        node = await h.register([GPU_ANY])
+        job = await h.submit()
+        _, assignment = await h.poll(node)
+        _, grant, _ = await h.lease(node, job, resource="gpu:0")
+        attempt = assignment["attempt"]
+        good = {"id": 1, "start": 0.0, "end": 1.0, "text": " fine"}
+        for bad in ({**good, "start": float("nan")}, {**good, "end": float("inf")}, {**good, "start": -float("inf")}):
+            status, reply = await h.events(job, node, attempt, grant, bad)
+            assert status == 400 and reply["error"]["code"] == "invalid_request", reply
+            assert "finite" in reply["error"]["message"], reply
+            result = {"text": "x", "segments": [bad]}
+            status, reply = await h.result(job, node, attempt, grant, result=result)
+            assert status == 400 and "finite" in reply["error"]["message"], reply
+        status, reply = await h.result(job, node, attempt, grant, result={"text": "x", "duration_s": float("nan")})
+        assert status == 400 and "duration_s" in reply["error"]["message"], reply
+        assert (await h.events(job, node, attempt, grant, good))[0] == 202
+        status, reply = await h.result(job, node, attempt, grant, result={"text": " fine", "segments": [good]})
+        assert status == 200, reply
+        assert (await h.job(job))["segments"] == [good]
+
+
+def test_subtitle_formats_never_fail_on_odd_times() -> None:
+    odd = [
+        {"id": 1, "start": float("nan"), "end": float("inf"), "text": "a"},
+        {"id": 2, "start": -3.0, "end": 1e308, "text": "b"},
+        {"id": 3, "text": "c"},  # no times at all
+        {"id": 4, "start": "1.5", "end": None, "text": "d"},
+    ]
+    srt = to_srt(odd)
+    assert "1\n00:00:00,000 --> 00:00:00,000\na\n" in srt
+    assert "2\n00:00:00,000 --> 99:59:59,999\nb\n" in srt
+    assert to_vtt(odd).count("00:00:00.000 --> ") == 4
+    from node_agent.scheduler.formats import to_verbose_json
+
+    assert json.dumps(to_verbose_json({"text": "abcd"}, odd), allow_nan=False)  # every time finite

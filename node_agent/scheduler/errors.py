@@ -80,3 +80,20 @@ class WaitTimeout(ApiError):
     """A synchronous request gave up waiting for its job."""
 
     code = "timeout"
+
+
+class QueueFull(ApiError):
+    """A submission past ``scheduler.max_queued_jobs`` or ``max_queued_bytes``; retry after ``retry_after_s``."""
+
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Unservable(ApiError):
+    """A submission no live node can serve (``JobErrorCode.no_capable_node``): the message names what was asked,
+    what the live nodes serve, and what to change."""
+
+    code = "no_capable_node"

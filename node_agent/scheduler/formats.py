@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Mapping
 
 RESPONSE_FORMATS: tuple[str, ...] = ("json", "text", "srt", "verbose_json", "vtt")
+#: The latest time a cue can show (99:59:59.999); a later time is shown as this, never an error.
+_MAX_MILLIS = 100 * 3_600_000 - 1
+
+
+def seconds_of(value: Any) -> float:
+    """A segment time as finite seconds >= 0: the scheduler refuses NaN and infinities where they arrive, but
+    a renderer must not fail on one that got through (or on a missing or non-numeric value): those become 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return 0.0
+    return max(0.0, float(value))
 
 
 def _timestamp(seconds: float, separator: str) -> str:
-    millis = max(0, round(seconds * 1000))
+    millis = round(min(seconds_of(seconds) * 1000, _MAX_MILLIS))  # min first: 1e308 * 1000 is inf
     hours, millis = divmod(millis, 3_600_000)
     minutes, millis = divmod(millis, 60_000)
     secs, millis = divmod(millis, 1000)
@@ -32,14 +43,14 @@ def _cue_text(segment: Mapping[str, Any]) -> str:
 
 def to_srt(segments: Iterable[Mapping[str, Any]]) -> str:
     cues = [
-        f"{number}\n{srt_timestamp(s['start'])} --> {srt_timestamp(s['end'])}\n{_cue_text(s)}\n"
+        f"{number}\n{srt_timestamp(s.get('start'))} --> {srt_timestamp(s.get('end'))}\n{_cue_text(s)}\n"
         for number, s in enumerate(segments, start=1)
     ]
     return "\n".join(cues)
 
 
 def to_vtt(segments: Iterable[Mapping[str, Any]]) -> str:
-    cues = [f"{vtt_timestamp(s['start'])} --> {vtt_timestamp(s['end'])}\n{_cue_text(s)}\n" for s in segments]
+    cues = [f"{vtt_timestamp(s.get('start'))} --> {vtt_timestamp(s.get('end'))}\n{_cue_text(s)}\n" for s in segments]
     return "WEBVTT\n\n" + "\n".join(cues)
 
 
@@ -55,8 +66,8 @@ def to_verbose_json(result: Mapping[str, Any], segments: Iterable[Mapping[str, A
                 # OpenAI numbers segments from 0; faster-whisper (and so a node's segments) from 1.
                 "id": index,
                 "seek": 0,
-                "start": s["start"],
-                "end": s["end"],
+                "start": seconds_of(s.get("start")),
+                "end": seconds_of(s.get("end")),
                 "text": s.get("text", ""),
                 "tokens": list(s.get("tokens") or []),
                 "temperature": s.get("temperature", 0.0),

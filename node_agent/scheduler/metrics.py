@@ -1,7 +1,7 @@
 """Prometheus metrics of the scheduler, all on an injected registry.
 
-Counters are bumped by the state machine; the two gauges (queue depth, nodes by state) are read from
-it at scrape time so they can never drift from the truth.
+Counters are bumped by the state machine; the gauges (queue depth, nodes by state, unfinished jobs and their
+audio bytes) are read from it at scrape time so they can never drift from the truth.
 """
 
 from __future__ import annotations
@@ -17,37 +17,59 @@ from .schemas import NODE_STATES
 
 REQUEUE_REASONS: tuple[str, ...] = ("lease_expired", "released", "assign_timeout", "node_gone", "retryable_error")
 REJECT_REASONS: tuple[str, ...] = ("stale_attempt", "stale_epoch", "already_completed")
+#: Why a submission was refused before it was queued (the error codes of the 429 and the 422).
+REFUSE_REASONS: tuple[str, ...] = ("queue_full", "no_capable_node")
 
 #: Returns (queued jobs, {node state: count}).
 Snapshot = Callable[[], tuple[int, Mapping[str, int]]]
+#: Returns (unfinished jobs, their audio bytes): what scheduler.max_queued_jobs / max_queued_bytes bound.
+Load = Callable[[], tuple[int, int]]
 
 
 class _GaugeCollector(Collector):
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot, load: Load | None) -> None:
         self._snapshot = snapshot
+        self._load = load
 
-    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
-        return (
+    def _families(self) -> list[GaugeMetricFamily]:
+        families = [
             GaugeMetricFamily("node_agent_scheduler_queue_depth", "Jobs waiting in the queue."),
             GaugeMetricFamily("node_agent_scheduler_nodes", "Known nodes by state.", labels=["state"]),
-        )
+        ]
+        if self._load is not None:
+            families += [
+                GaugeMetricFamily(
+                    "node_agent_scheduler_unfinished_jobs",
+                    "Jobs queued, assigned or running (bounded by scheduler.max_queued_jobs).",
+                ),
+                GaugeMetricFamily(
+                    "node_agent_scheduler_unfinished_audio_bytes",
+                    "Audio bytes of unfinished jobs (bounded by scheduler.max_queued_bytes).",
+                ),
+            ]
+        return families
 
     def describe(self) -> Iterable[Metric]:
         return self._families()
 
     def collect(self) -> Iterable[Metric]:
         depth, by_state = self._snapshot()
-        queue, nodes = self._families()
+        families = self._families()
+        queue, nodes = families[0], families[1]
         queue.add_metric([], depth)
         for state in NODE_STATES:
             nodes.add_metric([state], by_state.get(state, 0))
-        return (queue, nodes)
+        if self._load is not None:
+            jobs, audio_bytes = self._load()
+            families[2].add_metric([], jobs)
+            families[3].add_metric([], audio_bytes)
+        return families
 
 
 class SchedulerMetrics:
     """The scheduler's metrics; names are fixed by docs/protocol.md."""
 
-    def __init__(self, registry: CollectorRegistry, snapshot: Snapshot) -> None:
+    def __init__(self, registry: CollectorRegistry, snapshot: Snapshot, load: Load | None = None) -> None:
         self.leases_granted = Counter(
             "node_agent_scheduler_leases_granted", "Device leases granted.", ["node_id"], registry=registry
         )
@@ -79,13 +101,21 @@ class SchedulerMetrics:
             ["reason"],
             registry=registry,
         )
+        self.jobs_refused = Counter(
+            "node_agent_scheduler_jobs_refused",
+            "Job submissions refused before they were queued, by reason (queue_full: 429, no_capable_node: 422).",
+            ["reason"],
+            registry=registry,
+        )
         for outcome in JOB_OUTCOMES:
             self.jobs.labels(outcome)
+        for reason in REFUSE_REASONS:
+            self.jobs_refused.labels(reason)
         for reason in REJECT_REASONS:
             self.results_rejected.labels(reason)
         for reason in REQUEUE_REASONS:
             self.jobs_requeued.labels(reason)
-        registry.register(_GaugeCollector(snapshot))
+        registry.register(_GaugeCollector(snapshot, load))
 
     def node_seen(self, node_id: str) -> None:
         """Export the per-node lease series at 0 as soon as a node registers."""

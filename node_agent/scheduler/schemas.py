@@ -182,6 +182,9 @@ class LeaseGrant(_Reply):
 
 
 class RenewRequest(_NodeMessage):
+    """Renewals, like events and results, are accepted only from the lease's holder (its node and epoch)."""
+
+    node_id: str = Field(min_length=1, max_length=64)
     epoch: int
     #: Optional new TTL (clamped like a grant's); default: the TTL the lease has.
     ttl_s: float | None = Field(None, gt=0)
@@ -194,9 +197,10 @@ class RenewResponse(_Reply):
 
 
 class Segment(BaseModel):
-    """One transcript segment; any further faster-whisper fields ride along unchanged."""
+    """One transcript segment; any further faster-whisper fields ride along unchanged. ``start`` and ``end``
+    must be finite (NaN or an infinity is refused with 400 where it arrives, so SRT/VTT can always render)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     id: int
     start: float
@@ -205,13 +209,18 @@ class Segment(BaseModel):
 
 
 class EventsReport(_NodeMessage):
+    """Streamed segments, fenced like a result: (attempt, lease_id, lease_epoch, node_id) name the holder."""
+
+    node_id: str = Field(min_length=1, max_length=64)
+    lease_id: str = Field(min_length=1, max_length=64)
     attempt: int = Field(ge=1)
     lease_epoch: int = Field(ge=1)
     events: list[Segment] = Field(max_length=100_000)
 
 
 class TranscriptResult(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # Declared numbers (duration_s, language_probability) finite, like a segment's times.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     text: str
     language: str | None = None
@@ -228,9 +237,11 @@ class JobErrorInfo(BaseModel):
 
 
 class ResultReport(_NodeMessage):
-    """A node's final word on one attempt; idempotent by (job_id, attempt, lease_epoch)."""
+    """A node's final word on one attempt; accepted only from the job's current holder (attempt, lease_id,
+    lease_epoch, node_id), and idempotent by those."""
 
-    node_id: str
+    node_id: str = Field(min_length=1, max_length=64)
+    lease_id: str = Field(min_length=1, max_length=64)
     attempt: int = Field(ge=1)
     lease_epoch: int = Field(ge=1)
     outcome: Literal["succeeded", "failed"]

@@ -37,12 +37,14 @@ from .errors import (
     JobNotAssigned,
     LeaseUnusable,
     NodeNotFound,
+    QueueFull,
     ReportRejected,
     ResourceHeld,
     ShuttingDown,
     TooLarge,
     Unauthorized,
     UnknownJob,
+    Unservable,
     WaitTimeout,
 )
 from .formats import RESPONSE_FORMATS, to_srt, to_verbose_json, to_vtt
@@ -74,6 +76,9 @@ THREAD_PARSE_BYTES = 1024 * 1024
 SHUTDOWN_TIMEOUT_S = 5.0
 OPENAI_PATH = "/v1/audio/transcriptions"
 MAX_FILENAME_CHARS = 100
+#: Deepest nesting a JSON body (or the multipart ``options`` field) may have. The protocol's own shapes need
+#: under 10 levels; far deeper input only exists to exhaust the parser's or a serializer's recursion.
+MAX_JSON_DEPTH = 32
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -137,6 +142,8 @@ _HTTP_STATUS: dict[type[ApiError], int] = {
     JobNotAssigned: 410,
     LeaseUnusable: 410,
     TooLarge: 413,
+    Unservable: 422,
+    QueueFull: 429,
     ShuttingDown: 503,
     WaitTimeout: 504,
 }
@@ -168,7 +175,7 @@ async def _error_middleware(
         return await handler(request)
     except ApiError as exc:
         response = _error_response(_status_of(exc), exc.code, exc.message, exc.param, openai)
-        if isinstance(exc, ResourceHeld):
+        if isinstance(exc, (ResourceHeld, QueueFull)):
             response.headers["Retry-After"] = str(exc.retry_after_s)
         if isinstance(exc, Unauthorized):
             response.headers["WWW-Authenticate"] = "Bearer"
@@ -229,12 +236,38 @@ def _validate(model: type[M], data: Any, prefix: str = "") -> M:
         raise InvalidInput(message, param=field) from None
 
 
+def _nested_deeper_than(data: Any, limit: int) -> bool:
+    """Whether ``data`` (parsed JSON) nests lists/objects more than ``limit`` levels; iterative, so no recursion."""
+    stack: list[tuple[Any, int]] = [(data, 1)] if isinstance(data, (dict, list)) else []
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in value.values() if isinstance(value, dict) else value:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return False
+
+
+def parse_json(text: bytes | str, what: str = "request body", param: str | None = None) -> Any:
+    """``text`` as JSON, or ``InvalidInput`` (400) when it is not JSON or nests deeper than ``MAX_JSON_DEPTH``.
+
+    The one parser of every JSON the scheduler receives."""
+    too_deep = InvalidInput(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels", param=param)
+    try:
+        data = json.loads(text)
+    except RecursionError:  # far past the limit: the C parser gives up before the check below could run
+        raise too_deep from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"{what} is not valid JSON: {exc}", param=param) from None
+    if _nested_deeper_than(data, MAX_JSON_DEPTH):
+        raise too_deep
+    return data
+
+
 async def _read_json(request: web.Request, model: type[M]) -> M:
     body = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge -> 413
-    try:
-        data = await asyncio.to_thread(json.loads, body) if len(body) > THREAD_PARSE_BYTES else json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    data = await asyncio.to_thread(parse_json, body) if len(body) > THREAD_PARSE_BYTES else parse_json(body)
     if not isinstance(data, dict):
         raise InvalidInput("request body must be a JSON object")
     return _validate(model, data)
@@ -418,10 +451,7 @@ def _form_flag(fields: Mapping[str, str], name: str) -> bool | None:
 def _form_spec(fields: Mapping[str, str]) -> JobSpec:
     data: dict[str, Any] = {k: v for k, v in fields.items() if v != "" and k != "allow_truncated"}
     if "options" in data:
-        try:
-            data["options"] = json.loads(data["options"])
-        except ValueError:
-            raise InvalidInput("options: not valid JSON", param="options") from None
+        data["options"] = parse_json(data["options"], what="options", param="options")
     # A plain form field for the one option a curl user most needs; it lands among the decode options.
     allow_truncated = _form_flag(fields, "allow_truncated")
     if allow_truncated is not None and isinstance(data.get("options", {}), dict):
@@ -443,8 +473,30 @@ async def _submit_job(request: web.Request) -> web.Response:
         spec = JobSpec.model_validate(submission.model_dump(exclude={"audio_b64"}))
         filename, param = None, "audio_b64"
     _check_audio(spec, audio, param)
-    job = request.app[STATE_KEY].submit(spec, audio, filename)
-    return _json(JobSubmitted(job_id=job.job_id, state="queued"), status=202)
+    state = request.app[STATE_KEY]
+    key = _idempotency_key(request)
+    replayed = key is not None and state.submitted(key, spec, len(audio), filename) is not None
+    job = state.submit(spec, audio, filename, idempotency_key=key)
+    # A replay answers as the first try did, with the job as it is now; the header tells the client it was one.
+    headers = {"Idempotent-Replayed": "true"} if replayed else None
+    submitted = JobSubmitted(job_id=job.job_id, state=job.state)  # type: ignore[arg-type]
+    return json_response(submitted.model_dump(mode="json"), status=202, headers=headers)
+
+
+#: An ``Idempotency-Key`` is 1-255 visible ASCII characters (a UUID is what clients send).
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    """The submission's ``Idempotency-Key`` header, if it has one (IETF draft-ietf-httpapi-idempotency-key)."""
+    raw = request.headers.get("Idempotency-Key")
+    if raw is None:
+        return None
+    key = raw.strip().strip('"')
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise InvalidInput("Idempotency-Key: must be 1-255 visible ASCII characters, e.g. a UUID",
+                           param="Idempotency-Key")
+    return key
 
 
 def _check_audio(spec: JobSpec, audio: bytes, param: str) -> None:
@@ -518,7 +570,8 @@ async def _openai_transcriptions(request: web.Request) -> web.Response:
     if view.state == "failed":
         error = view.error
         code, message = (error.code, error.message) if error is not None else ("failed", "transcription failed")
-        status = 400 if code in ("bad_audio", "invalid_request") else 504 if code == "timeout" else 500
+        statuses = {"bad_audio": 400, "invalid_request": 400, "no_capable_node": 422, "timeout": 504}
+        status = statuses.get(code, 500)
         return _error_response(status, code, message, "file" if code == "bad_audio" else None, openai=True)
     if view.state != "succeeded":
         if notifier.closed:

@@ -17,19 +17,23 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 from prometheus_client import CollectorRegistry
 
 from ..config import SchedulerSettings
+from ..languages import MULTILINGUAL_MODEL
 from .errors import (
     InvalidInput,
     JobNotAssigned,
     LeaseUnusable,
     NodeNotFound,
+    QueueFull,
     ReportRejected,
     ResourceHeld,
+    TooLarge,
     UnknownJob,
+    Unservable,
 )
 from .metrics import SchedulerMetrics
 from .schemas import (
@@ -62,6 +66,10 @@ from .schemas import (
 log = logging.getLogger("node_agent.scheduler")
 
 QUEUE_TOPIC = "queue"
+#: Retry-After of a 429 queue_full: a place frees whenever any job finishes, which on a busy cluster is seconds.
+QUEUE_FULL_RETRY_S = 5
+#: How many distinct (languages, model) offers a no_capable_node message lists before "and N more".
+MAX_OFFERS_SHOWN = 5
 Listener = Callable[[str], None]
 LeaseState = Literal["active", "expired", "released", "superseded"]
 
@@ -92,6 +100,7 @@ class LeaseRecord:
     lease_id: str
     node_id: str
     job_id: str
+    attempt: int
     resource: str
     epoch: int
     ttl_s: float
@@ -127,8 +136,9 @@ class Job:
     result: dict[str, Any] | None = None
     error: JobErrorInfo | None = None
     node_timings: dict[str, Any] = field(default_factory=dict)
-    #: (attempt, lease_epoch) -> the answer given, so a retried report gets the same answer.
-    accepted_reports: dict[tuple[int, int], ResultAck] = field(default_factory=dict)
+    #: (attempt, lease_id, lease_epoch, node_id) -> the answer given, so the holder's retried report gets the
+    #: same answer (and a report naming anyone else does not).
+    accepted_reports: dict[tuple[int, str, int, str], ResultAck] = field(default_factory=dict)
 
     @property
     def terminal(self) -> bool:
@@ -137,6 +147,62 @@ class Job:
 
 def _language_fits(device: DeviceSpec, language: str | None) -> bool:
     return language is None or device.languages is None or language in device.languages
+
+
+def _serves(device: DeviceSpec, language: str | None) -> bool:
+    """Whether ``device`` can run a job in ``language``: the one capability rule, for assignment and admission."""
+    return device.plugin == "asr" and _language_fits(device, language)
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the live nodes' devices serve, summed up so that each job is checked in O(1)."""
+
+    live_nodes: int
+    #: Some live device takes every language (a multilingual model without a language list).
+    any_language: bool
+    has_device: bool
+    languages: frozenset[str]
+    #: "en with tiny.en": one per distinct (languages, model), for messages.
+    offers: tuple[str, ...]
+
+    @classmethod
+    def of(cls, nodes: Iterable[Node]) -> "Served":
+        live = [n for n in nodes if n.state != "gone"]
+        devices = [d for n in live for d in n.devices if d.plugin == "asr"]
+        offers: dict[str, None] = {}
+        for d in devices:
+            languages = "/".join(d.languages) if d.languages is not None else "any language"
+            offers[f"{languages or 'no language'} with {d.model}"] = None
+        return cls(
+            live_nodes=len(live),
+            any_language=any(d.languages is None for d in devices),
+            has_device=bool(devices),
+            languages=frozenset(lang for d in devices for lang in d.languages or ()),
+            offers=tuple(offers),
+        )
+
+    def serves(self, language: str | None) -> bool:
+        """Whether some live device can run a job in ``language`` (None: detect it; any device will do)."""
+        if language is None:
+            return self.has_device
+        return self.any_language or language in self.languages
+
+
+def unservable_message(language: str | None, served: Served) -> str:
+    """One line for a job no live node serves: what was asked, what the live nodes serve, and what to change."""
+    asked = f"serves language {language!r}" if language is not None else "has an asr device"
+    if served.offers:
+        shown = ", ".join(served.offers[:MAX_OFFERS_SHOWN])
+        more = len(served.offers) - MAX_OFFERS_SHOWN
+        serving = f"nodes serve: {shown}" + (f" and {more} more" if more > 0 else "")
+    else:
+        serving = "no node is live" if not served.live_nodes else "no live node has an asr device"
+    if language is not None and language != "en":
+        fix = f"run a node with asr.model: {MULTILINGUAL_MODEL}"
+    else:
+        fix = "start a node (node-agent run)"
+    return f"no live node {asked} ({serving}); {fix}"
 
 
 class SchedulerState:
@@ -150,7 +216,9 @@ class SchedulerState:
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self.metrics = SchedulerMetrics(registry if registry is not None else CollectorRegistry(), self._snapshot)
+        self.metrics = SchedulerMetrics(
+            registry if registry is not None else CollectorRegistry(), self._snapshot, self._load
+        )
         self._listeners: list[Listener] = []
         self._nodes: dict[str, Node] = {}
         self._jobs: dict[str, Job] = {}
@@ -163,8 +231,21 @@ class SchedulerState:
         self._active: dict[str, LeaseRecord] = {}  # live leases only
         self._holders: dict[tuple[str, str], LeaseRecord] = {}  # (node_id, resource) -> live lease
         self._dead_leases: deque[tuple[float, str]] = deque()
-        #: (node_id, resource) -> last epoch granted; never reset, so fencing tokens only grow.
-        self._epochs: dict[tuple[str, str], int] = {}
+        # What max_queued_jobs / max_queued_bytes bound: jobs not yet finished, and their audio.
+        self._open_jobs = 0
+        self._open_bytes = 0
+        self._refusing = False  # the last submission was refused queue_full (logged once per episode)
+        self._served_cache: Served | None = None  # None: nodes changed since it was summed up
+        self._recheck_queue = False  # nodes changed: which queued jobs are servable must be worked out again
+        #: Queued jobs no live node can serve -> since when; insertion order is "since" order.
+        self._unservable: dict[str, float] = {}
+        #: Idempotency-Key -> (submitted at, job id, what was submitted), remembered for job_retention_s so that
+        #: a client retrying a POST whose answer it lost gets the job the first try created. Insertion order is
+        #: submission order, so expired keys are dropped from the front.
+        self._submissions: dict[str, tuple[float, str, tuple[Any, ...]]] = {}
+        #: The last epoch granted. One sequence for the whole scheduler (every node and resource), never reset
+        #: or reused, so an epoch names exactly one lease; a store backs it with a database sequence.
+        self._epoch = 0
 
     # ------------------------------------------------------------------------------------ plumbing
 
@@ -194,6 +275,18 @@ class SchedulerState:
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    def _load(self) -> tuple[int, int]:
+        return self._open_jobs, self._open_bytes
+
+    def _served(self) -> Served:
+        if self._served_cache is None:
+            self._served_cache = Served.of(self._nodes.values())
+        return self._served_cache
+
+    def _nodes_changed(self) -> None:
+        self._served_cache = None
+        self._recheck_queue = True
+
     # ------------------------------------------------------------------------------------- nodes
 
     def register(self, req: RegisterRequest) -> RegisterResponse:
@@ -210,6 +303,7 @@ class SchedulerState:
             registered_at=now,
             last_heartbeat=now,
         )
+        self._nodes_changed()
         self.metrics.node_seen(node_id)
         log.info(
             "node registered node_id=%s hostname=%s devices=%s%s",
@@ -265,6 +359,7 @@ class SchedulerState:
     def _node_gone(self, node: Node, now: float) -> None:
         node.state = "gone"
         node.gone_at = now
+        self._nodes_changed()  # before its jobs are re-queued: they are checked against the nodes left
         log.info("node gone node_id=%s last_heartbeat_age_s=%.1f", node.node_id, now - node.last_heartbeat)
         for lease in [lease for lease in self._active.values() if lease.node_id == node.node_id]:
             self._expire_lease(lease, now, reason="node_gone")
@@ -275,11 +370,43 @@ class SchedulerState:
 
     # -------------------------------------------------------------------------------- jobs: client
 
-    def submit(self, spec: JobSpec, audio: bytes, filename: str | None = None) -> Job:
-        """Queue a job (audio already decoded and checked non-empty)."""
+    def submitted(self, idempotency_key: str, spec: JobSpec, size: int, filename: str | None = None) -> Job | None:
+        """The job an earlier submission with this ``Idempotency-Key`` created (within job_retention_s), or None.
+        The same key on a different submission is the client's mistake: ``InvalidInput``."""
+        now = self._now()
+        cutoff = now - self.settings.job_retention_s
+        while self._submissions:
+            key, (at, _, _) = next(iter(self._submissions.items()))
+            if at > cutoff:
+                break
+            del self._submissions[key]
+        known = self._submissions.get(idempotency_key)
+        if known is None or known[1] not in self._jobs:
+            return None
+        if known[2] != (spec, size, filename):
+            raise InvalidInput(
+                f"Idempotency-Key {idempotency_key[:40]!r} was already used for a different submission (job "
+                f"{known[1]}); use a new key for a new job",
+                code="idempotency_key_reused",
+                param="Idempotency-Key",
+            )
+        return self._jobs[known[1]]
+
+    def submit(self, spec: JobSpec, audio: bytes, filename: str | None = None,
+               idempotency_key: str | None = None) -> Job:
+        """Queue a job (audio already decoded and checked non-empty), or refuse it: ``Unservable`` when live
+        nodes exist and none serves it, ``QueueFull`` past the queue's bounds. With an ``idempotency_key`` seen
+        before, the job that submission created is returned instead (see ``submitted``)."""
+        if idempotency_key is not None:
+            earlier = self.submitted(idempotency_key, spec, len(audio), filename)
+            if earlier is not None:
+                log.info("job submission replayed job_id=%s (same Idempotency-Key)", earlier.job_id)
+                return earlier
         now = self._now()
         if not audio:
             raise InvalidInput("audio is empty", param="audio")
+        self._admit(spec, len(audio))
+        deadline_s = spec.deadline_s if spec.deadline_s is not None else self.settings.default_deadline_s
         self._seq += 1
         job = Job(
             job_id=f"job-{secrets.token_hex(8)}",
@@ -290,9 +417,13 @@ class SchedulerState:
             filename=filename,
             created_at=now,
             queued_at=now,
-            deadline_at=now + spec.deadline_s if spec.deadline_s is not None else None,
+            deadline_at=now + deadline_s,
         )
         self._jobs[job.job_id] = job
+        if idempotency_key is not None:
+            self._submissions[idempotency_key] = (now, job.job_id, (spec, len(audio), filename))
+        self._open_jobs += 1
+        self._open_bytes += job.audio_bytes
         self.metrics.jobs_submitted.inc()
         log.info(
             "job queued job_id=%s bytes=%d format=%s language=%s",
@@ -301,13 +432,54 @@ class SchedulerState:
             spec.format,
             spec.language or "auto",
         )
-        self._enqueue(job)
+        self._enqueue(job, now)
         return job
 
-    def _enqueue(self, job: Job) -> None:
+    def _admit(self, spec: JobSpec, size: int) -> None:
+        """Refuse a submission that no live node can serve, or that the queue's bounds have no room for."""
+        s = self.settings
+        served = self._served()
+        # No live node at all is not a refusal: nodes may be starting (the embedded scheduler starts before its
+        # agent registers). Such a job waits, and fails after unservable_after_s if none comes.
+        if served.live_nodes and not served.serves(spec.language):
+            self.metrics.jobs_refused.labels("no_capable_node").inc()
+            message = unservable_message(spec.language, served)
+            log.info("job refused reason=no_capable_node %s", message)
+            raise Unservable(message, param="language" if spec.language is not None else None)
+        if size > s.max_queued_bytes:
+            raise TooLarge(f"audio of {size} bytes is over scheduler.max_queued_bytes ({s.max_queued_bytes})")
+        if self._open_jobs >= s.max_queued_jobs:
+            why = f"{self._open_jobs} unfinished jobs reach scheduler.max_queued_jobs ({s.max_queued_jobs})"
+        elif self._open_bytes + size > s.max_queued_bytes:
+            why = (f"{self._open_bytes} bytes of unfinished jobs' audio and this job's {size} would pass "
+                   f"scheduler.max_queued_bytes ({s.max_queued_bytes})")
+        else:
+            if self._refusing:
+                self._refusing = False
+                log.info("queue accepting jobs again unfinished_jobs=%d bytes=%d", self._open_jobs, self._open_bytes)
+            return
+        self.metrics.jobs_refused.labels("queue_full").inc()
+        if not self._refusing:
+            self._refusing = True
+            log.warning("queue full, refusing jobs: %s", why)
+        raise QueueFull(f"queue full: {why}; retry later", retry_after_s=QUEUE_FULL_RETRY_S)
+
+    def _enqueue(self, job: Job, now: float) -> None:
         bisect.insort(self._queue, (job.seq, job.job_id))
         if job.deadline_at is not None:
             heapq.heappush(self._deadlines, (job.deadline_at, job.seq, job.job_id))
+            if len(self._deadlines) > 2 * len(self._queue) + 64:
+                # Entries of jobs that left the queue are dropped lazily; with a day-long default deadline they
+                # would pile up for a day, so the heap is rebuilt from the queue once they outnumber it.
+                self._deadlines = [
+                    (j.deadline_at, j.seq, j.job_id)
+                    for j in (self._jobs[job_id] for _, job_id in self._queue)
+                    if j.deadline_at is not None
+                ]
+                heapq.heapify(self._deadlines)
+        if not self._served().serves(job.spec.language):
+            self._unservable.pop(job.job_id, None)
+            self._unservable[job.job_id] = now
         self._emit(QUEUE_TOPIC)
         self._emit(job_topic(job.job_id))
 
@@ -351,7 +523,7 @@ class SchedulerState:
     def job_audio(self, job_id: str) -> bytes:
         self._now()
         job = self._job(job_id)
-        if job.terminal:
+        if job.terminal and not self.settings.keep_audio:
             raise UnknownJob(f"job {job_id} has finished; its audio was dropped")
         return job.audio
 
@@ -377,6 +549,7 @@ class SchedulerState:
     def _assign(self, job: Job, node: Node, device: DeviceSpec, now: float) -> JobAssignment:
         waited = now - job.queued_at
         job.queued_total_s += waited
+        self._unservable.pop(job.job_id, None)
         job.state = "assigned"
         job.node_id = node.node_id
         job.resource = device.resource
@@ -417,7 +590,19 @@ class SchedulerState:
         """Store streamed segments from the job's current holder (a segment id seen before is replaced)."""
         self._now()
         job = self._job(job_id)
-        self._check_holder(job, report.attempt, report.lease_epoch, node_id=None)
+        try:
+            self._check_holder(job, report.attempt, report.lease_id, report.lease_epoch, report.node_id)
+        except ReportRejected as exc:
+            log.info(
+                "events rejected job_id=%s node_id=%s lease_id=%s attempt=%d lease_epoch=%d reason=%s",
+                job_id,
+                report.node_id,
+                report.lease_id,
+                report.attempt,
+                report.lease_epoch,
+                exc.code,
+            )
+            raise
         for segment in report.events:
             data = segment.model_dump()
             pos = job.segment_pos.get(segment.id)
@@ -429,40 +614,49 @@ class SchedulerState:
         if report.events:
             self._emit(job_topic(job_id))
 
-    def _check_holder(self, job: Job, attempt: int, epoch: int, node_id: str | None) -> LeaseRecord:
-        """The job's live lease if (attempt, epoch) is its current holder's; else ReportRejected."""
+    def _check_holder(self, job: Job, attempt: int, lease_id: str, epoch: int, node_id: str) -> LeaseRecord:
+        """The job's live lease if (attempt, lease id, epoch, node) all name its current holder; else
+        ReportRejected naming the first field that does not match. Renewals, events and results all pass here."""
         if job.terminal:
             raise ReportRejected(f"job {job.job_id} already finished ({job.state})", code="already_completed")
-        if attempt != job.attempt or (node_id is not None and node_id != job.node_id):
+        if attempt != job.attempt:
             raise ReportRejected(
-                f"attempt {attempt} from node {node_id or '?'} is not the current attempt {job.attempt} "
-                f"(on node {job.node_id or 'none'}) of job {job.job_id}",
+                f"attempt {attempt} is not the current attempt {job.attempt} of job {job.job_id}",
                 code="stale_attempt",
             )
         lease = self._active.get(job.lease_id) if job.lease_id is not None else None
-        if lease is None or lease.epoch != epoch:
-            current = f"current epoch {lease.epoch}" if lease is not None else "no live lease"
-            raise ReportRejected(
-                f"lease epoch {epoch} is not the live lease of job {job.job_id} ({current})", code="stale_epoch"
-            )
-        return lease
+        if lease is None:
+            raise ReportRejected(f"job {job.job_id} has no live lease", code="stale_epoch")
+        # Each field is checked on its own: a superseded lease, a reused epoch number or a node repeating the
+        # holder's numbers must all be refused, and the message says which field gave it away.
+        if lease_id != lease.lease_id:
+            why = f"lease_id {lease_id} is not the live lease {lease.lease_id} of job {job.job_id}"
+        elif epoch != lease.epoch:
+            why = f"lease_epoch {epoch} is not the epoch {lease.epoch} of job {job.job_id}'s live lease {lease_id}"
+        elif node_id != lease.node_id:
+            why = f"node_id {node_id} is not the holder {lease.node_id} of job {job.job_id}'s lease {lease_id}"
+        else:
+            return lease
+        raise ReportRejected(why, code="stale_epoch")
 
     def report_result(self, job_id: str, report: ResultReport) -> ResultAck:
-        """Accept the one final result of a job, fenced by attempt and lease epoch."""
+        """Accept the one final result of a job from its current holder (``_check_holder``)."""
         now = self._now()
         job = self._job(job_id)
-        previous = job.accepted_reports.get((report.attempt, report.lease_epoch))
+        holder = (report.attempt, report.lease_id, report.lease_epoch, report.node_id)
+        previous = job.accepted_reports.get(holder)
         if previous is not None:
-            # (attempt, epoch) names one holder: each attempt goes to one node, epochs are per node.
+            # The accepted holder retrying (its answer was lost): the same answer again, nothing changes.
             return previous.model_copy(update={"duplicate": True})
         try:
-            lease = self._check_holder(job, report.attempt, report.lease_epoch, node_id=report.node_id)
+            lease = self._check_holder(job, report.attempt, report.lease_id, report.lease_epoch, report.node_id)
         except ReportRejected as exc:
             self.metrics.results_rejected.labels(exc.code).inc()
             log.info(
-                "result rejected job_id=%s node_id=%s attempt=%d lease_epoch=%d reason=%s",
+                "result rejected job_id=%s node_id=%s lease_id=%s attempt=%d lease_epoch=%d reason=%s",
                 job_id,
                 report.node_id,
+                report.lease_id,
                 report.attempt,
                 report.lease_epoch,
                 exc.code,
@@ -489,7 +683,7 @@ class SchedulerState:
             else:
                 ack = ResultAck()
                 self._finish(job, now, error)
-        job.accepted_reports[(report.attempt, report.lease_epoch)] = ack
+        job.accepted_reports[holder] = ack
         return ack
 
     # ------------------------------------------------------------------------------------ leases
@@ -517,13 +711,13 @@ class SchedulerState:
             # The same job asks again (a retry after a lost answer, or another device): the older
             # lease is fenced off so only the newest epoch can report.
             self._end_lease(self._active[job.lease_id], "superseded", now)
-        epoch = self._epochs.get(key, 0) + 1
-        self._epochs[key] = epoch
+        epoch = self._next_epoch()
         ttl = self._clamp_ttl(req.ttl_s)
         lease = LeaseRecord(
             lease_id=f"lease-{secrets.token_hex(8)}",
             node_id=req.node_id,
             job_id=job.job_id,
+            attempt=job.attempt,
             resource=req.resource,
             epoch=epoch,
             ttl_s=ttl,
@@ -554,6 +748,11 @@ class SchedulerState:
         self._emit(job_topic(job.job_id))
         return LeaseGrant(lease_id=lease.lease_id, epoch=epoch, ttl_s=ttl, resource=req.resource)
 
+    def _next_epoch(self) -> int:
+        """The next fencing token: strictly greater than every epoch granted before, on any node or resource."""
+        self._epoch += 1
+        return self._epoch
+
     def _clamp_ttl(self, ttl_s: float) -> float:
         return min(max(ttl_s, self.settings.lease_min_ttl_s), self.settings.lease_max_ttl_s)
 
@@ -564,10 +763,17 @@ class SchedulerState:
             raise LeaseUnusable(f"lease {lease_id} is not known", code="unknown_lease")
         if lease.state != "active":
             raise LeaseUnusable(f"lease {lease_id} is {lease.state}", code=f"lease_{lease.state}")
-        if req.epoch != lease.epoch:
-            raise LeaseUnusable(
-                f"epoch {req.epoch} does not match lease {lease_id} (epoch {lease.epoch})", code="stale_epoch"
+        job = self._jobs.get(lease.job_id)
+        if job is None:  # a live lease's job is never forgotten; this is only a guard
+            raise LeaseUnusable(f"lease {lease_id} is for a forgotten job", code="unknown_lease")
+        try:
+            # The path names the lease and so its attempt; the body must name the same epoch and node.
+            self._check_holder(job, lease.attempt, lease_id, req.epoch, req.node_id)
+        except ReportRejected as exc:
+            log.info(
+                "renewal rejected lease_id=%s node_id=%s epoch=%d reason=%s", lease_id, req.node_id, req.epoch, exc.code
             )
+            raise LeaseUnusable(exc.message, code=exc.code) from None
         if req.ttl_s is not None:
             lease.ttl_s = self._clamp_ttl(req.ttl_s)
         lease.expires_at = now + lease.ttl_s
@@ -649,18 +855,23 @@ class SchedulerState:
             previous_node or "-",
             job.attempt,
         )
-        self._enqueue(job)
+        self._enqueue(job, now)
 
     def _finish(self, job: Job, now: float, error: JobErrorInfo | None) -> None:
         if job.state == "queued":
             self._queue.remove((job.seq, job.job_id))
+            self._unservable.pop(job.job_id, None)
+            job.queued_total_s += now - job.queued_at  # a job that ends in the queue reports its real wait
         self._assigned.discard(job.job_id)
+        self._open_jobs -= 1
+        self._open_bytes -= job.audio_bytes
         if job.lease_id is not None and job.lease_id in self._active:
             self._end_lease(self._active[job.lease_id], "released", now)
         job.state = "succeeded" if error is None else "failed"
         job.error = error
         job.finished_at = now
-        job.audio = b""  # nobody needs it any more; keep memory for queued work
+        if not self.settings.keep_audio:
+            job.audio = b""  # nobody needs it any more; keep memory (and max_queued_bytes) for queued work
         self._finished.append((now, job.job_id))
         outcome = "succeeded" if error is None else error.code
         self.metrics.job_finished(outcome)
@@ -676,6 +887,36 @@ class SchedulerState:
         self._emit(job_topic(job.job_id))
 
     # ---------------------------------------------------------------------------------- the clock
+
+    def _fail_unservable(self, now: float) -> None:
+        """Fail queued jobs that no live node has served for ``unservable_after_s`` (no_capable_node)."""
+        after = self.settings.unservable_after_s
+        if self._recheck_queue:  # the nodes changed: O(queue), but only then
+            self._recheck_queue = False
+            served = self._served()
+            for _, job_id in self._queue:
+                if served.serves(self._jobs[job_id].spec.language):
+                    self._unservable.pop(job_id, None)
+                elif job_id not in self._unservable:
+                    self._unservable[job_id] = now
+        while self._unservable:
+            job_id, since = next(iter(self._unservable.items()))
+            if now - since < after:
+                break  # the rest became unservable later
+            job = self._jobs.get(job_id)
+            if job is None or job.state != "queued":  # a guard: leaving the queue removes a job from the map
+                del self._unservable[job_id]
+                continue
+            message = unservable_message(job.spec.language, self._served())
+            self._finish(
+                job,
+                now,
+                JobErrorInfo(
+                    code="no_capable_node",
+                    message=f"queued {now - since:.0f} s without a capable node (scheduler.unservable_after_s: "
+                    f"{after:g}): {message}",
+                ),
+            )
 
     def _advance(self, now: float) -> None:
         s = self.settings
@@ -704,6 +945,7 @@ class SchedulerState:
             job = self._jobs.get(job_id)
             if job is not None and job.state == "queued":
                 self._finish(job, now, JobErrorInfo(code="timeout", message="the deadline passed while queued"))
+        self._fail_unservable(now)
         while self._finished and now - self._finished[0][0] >= s.job_retention_s:
             _, job_id = self._finished.popleft()
             self._jobs.pop(job_id, None)

@@ -1,0 +1,785 @@
+#!/usr/bin/env python3
+"""Scheduler throughput: a real standalone scheduler, a cluster of fake nodes, submitters; jobs/s and queue time.
+
+    .venv/bin/python bench/scheduler.py                         # 200 nodes; 2000 jobs as fast as possible, then
+                                                                # 2000 at 200 jobs/s offered (~25 s here)
+    .venv/bin/python bench/scheduler.py --markdown FILE         # also write the table as markdown
+    make bench SECTIONS=scheduler                               # the same, as a section of bench/run.py
+
+Three kinds of process, so that no side's CPU is another's:
+- the scheduler: ``node-agent scheduler`` as a subprocess on a free loopback port (``--replicas N`` starts N of
+  them, which only makes sense on a shared store; ``--scheduler-env KEY=VALUE`` configures them, e.g. the store);
+- the cluster (``--cluster``, a process of its own): ``--nodes`` protocol-speaking fake nodes with one ``cpu``
+  device each and no model. Each registers, heartbeats at the interval it is given, long-polls for a job, fetches
+  its audio, takes the lease, renews it every TTL/3 as the agent does, "decodes" ``--decode-s`` (50 ms), posts one
+  segment event and then the result, with the holder's fields (node_id, lease_id, attempt, lease_epoch). Its
+  messages are the wire models of ``node_agent/scheduler/schemas.py``, so a protocol change breaks this loudly;
+- this driver: the submitters (multipart ``POST /v1/jobs``, one aiohttp session, many tasks) and the measuring.
+
+Measured per load: jobs per second from the first submit to the last accepted result (the 200 a node gets for its
+result), ``queued_s`` of every assignment (the field the scheduler puts in it), and each job's time from its
+submit (for an offered load: its scheduled submit time) to its accepted result. Timestamps cross processes on the
+system-wide monotonic clock. Afterwards every job is checked: exactly one accepted result, ``succeeded`` in its
+view, and the scheduler's counters agree (results accepted = jobs, none rejected); any failure exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import aiohttp  # noqa: E402
+import psutil  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from node_agent.scheduler.schemas import (  # noqa: E402
+    DeviceSpec,
+    EventsReport,
+    Hardware,
+    HeartbeatRequest,
+    JobAssignment,
+    LeaseGrant,
+    LeaseRequest,
+    RegisterRequest,
+    RegisterResponse,
+    RenewRequest,
+    ResultAck,
+    ResultReport,
+    Segment,
+    TranscriptResult,
+)
+
+try:  # not a dependency: used only where already installed, and named in the report
+    import uvloop
+except ImportError:
+    uvloop = None
+
+TARGET_JOBS_PER_S = 300.0
+TARGET_P99_QUEUED_S = 0.050
+AUDIO = bytes(16_000)  # 0.5 s of pcm_s16le silence at 16 kHz: the scheduler never decodes it
+LONG_POLL_S = 30.0
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_loop(main: Any) -> Any:
+    if uvloop is not None:
+        return uvloop.run(main)
+    return asyncio.run(main)
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100); nan for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------ the cluster process
+
+
+@dataclass
+class ClusterStats:
+    registrations: int = 0
+    heartbeats: int = 0
+    polls: int = 0
+    jobs: int = 0
+    renewals: int = 0
+    errors: int = 0
+
+
+class Emitter:
+    """JSON lines to the driver on stdout, written in batches (timestamps travel inside, so delay costs nothing)."""
+
+    def __init__(self) -> None:
+        self._buf: list[str] = []
+
+    def emit(self, **record: Any) -> None:
+        self._buf.append(json.dumps(record, separators=(",", ":")) + "\n")
+
+    def flush(self) -> None:
+        if self._buf:
+            sys.stdout.write("".join(self._buf))
+            sys.stdout.flush()
+            self._buf.clear()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            self.flush()
+
+
+class FakeNode:
+    """One node with one ``cpu`` device and no model, speaking protocol v1 as the agent does."""
+
+    def __init__(self, index: int, url: str, session: aiohttp.ClientSession, out: Emitter, stats: ClusterStats,
+                 decode_s: float, lease_ttl_s: float, renew_every_s: float | None) -> None:
+        self.index, self.url, self.session, self.out, self.stats = index, url, session, out, stats
+        self.decode_s, self.lease_ttl_s, self.renew_every_s = decode_s, lease_ttl_s, renew_every_s
+        self.node_id: str | None = None
+        self.heartbeat_s = 5.0
+        self.running: list[str] = []
+        self.registered = asyncio.Event()
+
+    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        async with self.session.request(method, self.url + path, json=body) as resp:
+            raw = await resp.read()
+            if resp.content_type == "application/json" and raw:
+                return resp.status, json.loads(raw)
+            return resp.status, raw
+
+    def error(self, where: str, status: int, body: Any, job_id: str | None = None) -> None:
+        self.stats.errors += 1
+        self.out.emit(e=where, status=status, body=str(body)[:300], job=job_id, node=self.node_id)
+
+    async def register(self) -> None:
+        req = RegisterRequest(
+            node_id=self.node_id, agent_version="bench", hostname=f"fake-{self.index}",
+            hardware=Hardware(cpu_cores=1, memory_bytes=1 << 30),
+            devices=[DeviceSpec(resource="cpu", model="fake", compute_type="int8", languages=None)])
+        while True:
+            status, body = await self.call("POST", "/v1/nodes", req.model_dump(mode="json"))
+            if status == 201:
+                reply = RegisterResponse.model_validate(body)
+                self.node_id, self.heartbeat_s = reply.node_id, reply.heartbeat_interval_s
+                self.stats.registrations += 1
+                self.registered.set()
+                return
+            self.error("register", status, body)
+            await asyncio.sleep(1)
+
+    async def heartbeats(self) -> None:
+        await asyncio.sleep(random.uniform(0, self.heartbeat_s))  # spread 200 nodes over the interval
+        while True:
+            req = HeartbeatRequest(state="busy" if self.running else "ready", running_jobs=self.running)
+            status, body = await self.call("PUT", f"/v1/nodes/{self.node_id}/heartbeat", req.model_dump(mode="json"))
+            self.stats.heartbeats += 1
+            if status == 404:  # forgotten or marked gone: register again with the same id, as the agent does
+                self.error("heartbeat", status, body)
+                await self.register()
+            elif status == 200:
+                self.heartbeat_s = float(body.get("heartbeat_interval_s", self.heartbeat_s))
+            else:
+                self.error("heartbeat", status, body)
+            await asyncio.sleep(self.heartbeat_s)
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except Exception as exc:  # tell the driver at once, not at the end: its load would wait for nothing
+            self.error("crashed", 0, repr(exc))
+            self.out.flush()
+            raise
+
+    async def _run(self) -> None:
+        await self.register()
+        beats = asyncio.create_task(self.heartbeats())
+        try:
+            while True:
+                status, body = await self.call("GET", f"/v1/nodes/{self.node_id}/jobs/next?wait_s={LONG_POLL_S:g}")
+                self.stats.polls += 1
+                if status == 200:
+                    await self.job(JobAssignment.model_validate(body))
+                elif status == 404:
+                    self.error("poll", status, body)
+                    await self.register()
+                elif status != 204:
+                    self.error("poll", status, body)
+                    await asyncio.sleep(0.5)
+        finally:
+            beats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beats
+
+    async def job(self, a: JobAssignment) -> None:
+        self.out.emit(a=a.job_id, q=a.queued_s, n=a.attempt, t=time.monotonic())
+        assert self.node_id is not None
+        status, audio = await self.call("GET", a.audio.url)
+        if status != 200 or len(audio) != a.audio.bytes:
+            self.error("audio", status, f"{len(audio)} bytes, assignment says {a.audio.bytes}", a.job_id)
+            return
+        req = LeaseRequest(node_id=self.node_id, job_id=a.job_id, resource=a.resource or "cpu", ttl_s=self.lease_ttl_s)
+        status, body = await self.call("POST", "/v1/leases", req.model_dump(mode="json"))
+        if status != 201:
+            self.error("lease", status, body, a.job_id)
+            return
+        lease = LeaseGrant.model_validate(body)
+        self.running = [a.job_id]
+        renewals = asyncio.create_task(self.renew(lease))
+        try:
+            await asyncio.sleep(self.decode_s)
+            seg = Segment(id=0, start=0.0, end=0.5, text=" bench")
+            events = EventsReport(node_id=self.node_id, lease_id=lease.lease_id, attempt=a.attempt,
+                                  lease_epoch=lease.epoch, events=[seg])
+            status, body = await self.call("POST", f"/v1/jobs/{a.job_id}/events", events.model_dump(mode="json"))
+            if status != 202:
+                self.error("events", status, body, a.job_id)
+        finally:
+            renewals.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewals
+        report = ResultReport(
+            node_id=self.node_id, lease_id=lease.lease_id, attempt=a.attempt, lease_epoch=lease.epoch,
+            outcome="succeeded",
+            result=TranscriptResult(text="bench", language="en", language_probability=1.0, duration_s=0.5,
+                                    segments=[seg]),
+            timings={"decode_s": self.decode_s, "audio_s": 0.5})
+        status, body = await self.call("POST", f"/v1/jobs/{a.job_id}/result", report.model_dump(mode="json"))
+        self.running = []
+        if status != 200:
+            self.error("result", status, body, a.job_id)
+            return
+        ack = ResultAck.model_validate(body)
+        self.stats.jobs += 1
+        self.out.emit(r=a.job_id, t=time.monotonic(), dup=ack.duplicate, rq=ack.requeued, ok=ack.accepted)
+
+    async def renew(self, lease: LeaseGrant) -> None:
+        every = self.renew_every_s if self.renew_every_s is not None else lease.ttl_s / 3
+        body = RenewRequest(node_id=self.node_id or "", epoch=lease.epoch).model_dump(mode="json", exclude_none=True)
+        while True:
+            await asyncio.sleep(every)
+            status, reply = await self.call("POST", f"/v1/leases/{lease.lease_id}/renew", body)
+            if status == 200:
+                self.stats.renewals += 1
+            else:
+                self.error("renew", status, reply, lease.lease_id)
+                return
+
+
+async def cluster_main(args: argparse.Namespace) -> int:
+    urls = args.cluster.split(",")
+    out, stats = Emitter(), ClusterStats()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # No per-host limit: every node holds a long poll, and a heartbeat or a job request may run beside it.
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=LONG_POLL_S + 30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        nodes = [FakeNode(i, urls[i % len(urls)], session, out, stats, args.decode_s, args.lease_ttl_s,
+                          args.renew_every_s) for i in range(args.nodes)]
+        tasks = [asyncio.create_task(n.run()) for n in nodes]
+        flusher = asyncio.create_task(out.run())
+        ready = asyncio.create_task(asyncio.wait([asyncio.create_task(n.registered.wait()) for n in nodes]))
+        done, _ = await asyncio.wait([ready, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        if ready in done:
+            out.emit(ready=len(nodes), node_ids=[n.node_id for n in nodes])
+            out.flush()
+            waiter = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        failed = [t for t in done if t in tasks and not t.cancelled() and t.exception() is not None]
+        for t in failed:
+            out.emit(e="node crashed", status=0, body=repr(t.exception())[:300], job=None, node=None)
+        for t in [*tasks, flusher]:
+            t.cancel()
+        await asyncio.gather(*tasks, flusher, return_exceptions=True)
+    out.emit(stats=stats.__dict__)
+    out.flush()
+    return 1 if failed else 0
+
+
+# ------------------------------------------------------------------------------------------- the driver
+
+
+@dataclass
+class Phase:
+    name: str
+    jobs: int
+    rate: float | None  # offered jobs/s; None: as fast as possible
+    submit_t: dict[str, float] = field(default_factory=dict)  # job id -> submit time (scheduled, for a rate)
+    first_submit: float = 0.0
+    submit_errors: list[str] = field(default_factory=list)
+    max_lag_s: float = 0.0  # how late the latest submit left against its schedule (offered load only)
+    submit_end: float = 0.0
+
+
+class Procs:
+    """CPU seconds of the scheduler(s), the cluster, this driver and everything else on the machine."""
+
+    def __init__(self, scheduler_pids: list[int], cluster_pid: int) -> None:
+        self.groups = {"scheduler": [psutil.Process(p) for p in scheduler_pids],
+                       "cluster": [psutil.Process(cluster_pid)], "driver": [psutil.Process()]}
+
+    def snapshot(self) -> dict[str, float]:
+        ours = {p.pid for group in self.groups.values() for p in group}
+        out = {}
+        for name, group in self.groups.items():
+            out[name] = sum(sum(p.cpu_times()[:2]) for p in group)
+        others: dict[int, float] = {}
+        for proc in psutil.process_iter(["pid", "cpu_times"]):
+            t = proc.info["cpu_times"]
+            if t is not None and proc.info["pid"] not in ours:
+                others[proc.info["pid"]] = t.user + t.system
+        out["_others"] = others  # type: ignore[assignment]
+        return out
+
+    @staticmethod
+    def cores(before: dict[str, Any], after: dict[str, Any], wall: float) -> dict[str, float]:
+        out = {k: round((after[k] - before[k]) / wall, 2) for k in before if not k.startswith("_")}
+        # Processes alive at both ends only: a rough count of what other users kept busy meanwhile.
+        other = sum(v - before["_others"][pid] for pid, v in after["_others"].items() if pid in before["_others"])
+        out["other processes"] = round(other / wall, 2)
+        return out
+
+
+class Driver:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        if args.workdir is not None:
+            args.workdir.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix="node-agent-bench-sched-", dir=args.workdir))
+        self.schedulers: list[subprocess.Popen[bytes]] = []
+        self.urls: list[str] = []
+        self.cluster: asyncio.subprocess.Process | None = None
+        self.assigned: dict[str, list[tuple[float, int, float]]] = {}  # job -> [(queued_s, attempt, t)]
+        self.accepted: dict[str, list[tuple[float, bool]]] = {}  # job -> [(t, duplicate)]
+        self.errors: list[dict[str, Any]] = []
+        self.cluster_stats: dict[str, Any] = {}
+        self.cluster_ready = asyncio.Event()
+        self.progress = asyncio.Event()
+        boundary = "bench-" + os.urandom(8).hex()
+        self.body = (f'--{boundary}\r\nContent-Disposition: form-data; name="format"\r\n\r\npcm_s16le\r\n'
+                     f'--{boundary}\r\nContent-Disposition: form-data; name="sample_rate"\r\n\r\n16000\r\n'
+                     f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="bench.pcm"\r\n'
+                     f"Content-Type: application/octet-stream\r\n\r\n").encode()
+        self.body += AUDIO + f"\r\n--{boundary}--\r\n".encode()
+        self.content_type = f"multipart/form-data; boundary={boundary}"
+
+    # ------------------------------------------------------------------ processes
+
+    def start_schedulers(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_AGENT_")}
+        env.update({"NODE_AGENT_NODE__STATE_DIR": str(self.tmp / "state"), "PYTHONUNBUFFERED": "1"})
+        for item in self.args.scheduler_env:
+            key, _, value = item.partition("=")
+            env[key] = value
+        for i in range(self.args.replicas):
+            port = free_port()
+            logf = (self.tmp / f"scheduler-{i}.log").open("ab")
+            # cProfile writes its file when the scheduler returns from SIGTERM (it stops cleanly on it).
+            prof = ["-m", "cProfile", "-o", str(self.tmp / f"scheduler-{i}.prof")] if self.args.profile else []
+            self.schedulers.append(subprocess.Popen(
+                [sys.executable, *prof, "-m", "node_agent", "scheduler", "--listen", f"127.0.0.1:{port}"],
+                env=env, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT))
+            self.urls.append(f"http://127.0.0.1:{port}")
+
+    async def wait_schedulers(self, session: aiohttp.ClientSession, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        for i, (proc, url) in enumerate(zip(self.schedulers, self.urls)):
+            while True:
+                if proc.poll() is not None:
+                    tail = (self.tmp / f"scheduler-{i}.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"scheduler {i} exited with {proc.returncode}:\n{tail}")
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    async with session.get(url + "/healthz") as resp:
+                        if resp.status == 200:
+                            break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"scheduler {i} not up within {timeout} s; see {self.tmp}")
+                await asyncio.sleep(0.05)
+
+    async def start_cluster(self) -> None:
+        a = self.args
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--cluster", ",".join(self.urls), "--nodes",
+               str(a.nodes), "--decode-s", str(a.decode_s), "--lease-ttl-s", str(a.lease_ttl_s)]
+        if a.renew_every_s is not None:
+            cmd += ["--renew-every-s", str(a.renew_every_s)]
+        self.cluster_log = (self.tmp / "cluster.log").open("ab")
+        self.cluster = await asyncio.create_subprocess_exec(
+            *cmd, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=self.cluster_log, limit=1 << 22)
+        self.reader = asyncio.create_task(self.read_cluster())
+        ready = asyncio.create_task(self.cluster_ready.wait())
+        done, _ = await asyncio.wait([ready, self.reader], timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        if ready not in done:
+            ready.cancel()
+            raise RuntimeError(f"the fake cluster did not come up ({len(self.errors)} errors: {self.errors[:3]}); "
+                               f"see {self.tmp / 'cluster.log'}")
+
+    async def read_cluster(self) -> None:
+        assert self.cluster is not None and self.cluster.stdout is not None
+        async for line in self.cluster.stdout:
+            rec = json.loads(line)
+            if "a" in rec:
+                self.assigned.setdefault(rec["a"], []).append((rec["q"], rec["n"], rec["t"]))
+            elif "r" in rec:
+                self.accepted.setdefault(rec["r"], []).append((rec["t"], rec["dup"]))
+                self.progress.set()
+            elif "e" in rec:
+                self.errors.append(rec)
+                self.progress.set()
+            elif "ready" in rec:
+                self.cluster_ready.set()
+            elif "stats" in rec:
+                self.cluster_stats = rec["stats"]
+
+    async def stop(self) -> None:
+        if self.cluster is not None and self.cluster.returncode is None:
+            self.cluster.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.cluster.wait(), 15)
+            except TimeoutError:
+                self.cluster.kill()
+                await self.cluster.wait()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.reader, 5)
+        for proc in self.schedulers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.schedulers:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    # ------------------------------------------------------------------ load
+
+    async def submit(self, session: aiohttp.ClientSession, phase: Phase, i: int, at: float | None) -> None:
+        url = self.urls[i % len(self.urls)]
+        t = time.monotonic()
+        try:
+            async with session.post(url + "/v1/jobs", data=self.body,
+                                    headers={"Content-Type": self.content_type}) as resp:
+                body = await resp.read()
+                if resp.status != 202:
+                    phase.submit_errors.append(f"{resp.status} {body[:200]!r}")
+                    return
+                phase.submit_t[json.loads(body)["job_id"]] = at if at is not None else t
+        except (aiohttp.ClientError, OSError) as exc:
+            phase.submit_errors.append(repr(exc))
+        finally:
+            phase.submit_end = max(phase.submit_end, time.monotonic())
+            self.progress.set()
+
+    async def run_phase(self, session: aiohttp.ClientSession, phase: Phase) -> dict[str, Any]:
+        before_accepted = sum(len(v) for v in self.accepted.values())
+        before_errors = len(self.errors)
+        cpu0 = self.procs.snapshot()
+        load0 = os.getloadavg()
+        phase.first_submit = t0 = time.monotonic()
+        if phase.rate is None:
+            counter = iter(range(phase.jobs))
+
+            async def submitter() -> None:
+                for i in counter:
+                    await self.submit(session, phase, i, None)
+
+            submitting = asyncio.gather(*(submitter() for _ in range(self.args.submitters)))
+        else:
+            async def paced() -> None:
+                tasks = []
+                for i in range(phase.jobs):
+                    at = t0 + i / phase.rate
+                    delay = at - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    phase.max_lag_s = max(phase.max_lag_s, time.monotonic() - at)
+                    tasks.append(asyncio.create_task(self.submit(session, phase, i, at)))
+                await asyncio.gather(*tasks)
+
+            submitting = asyncio.ensure_future(paced())
+        deadline = t0 + self.args.phase_timeout_s
+        # Done when every accepted submission has its accepted result. Counting distinct acks first keeps this
+        # from scanning every job on every ack; the scan decides.
+        done_before = len(self.accepted)
+        while True:
+            self.progress.clear()
+            if (submitting.done() and len(self.accepted) - done_before >= len(phase.submit_t)
+                    and all(j in self.accepted for j in phase.submit_t)):
+                break
+            if time.monotonic() > deadline or any(e["e"] == "crashed" for e in self.errors[before_errors:]):
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.progress.wait(), 0.25)
+        await submitting
+        wall_end = max((self.accepted[j][0][0] for j in phase.submit_t if j in self.accepted), default=time.monotonic())
+        wall = max(wall_end - t0, 1e-9)
+        cpu1 = self.procs.snapshot()
+        ids = list(phase.submit_t)
+        queued = [q for j in ids for (q, _, _) in self.assigned.get(j, [])]
+        e2e = [self.accepted[j][0][0] - phase.submit_t[j] for j in ids if j in self.accepted]
+        # What the node side took (audio, lease, decode, events, result): round trips to the scheduler under load.
+        service = [self.accepted[j][0][0] - self.assigned[j][-1][2] for j in ids
+                   if j in self.accepted and j in self.assigned]
+        done = sum(1 for j in ids if j in self.accepted)
+        result = {
+            "phase": phase.name, "offered_jobs_per_s": phase.rate, "jobs": phase.jobs, "submitted": len(ids),
+            "finished": done, "wall_s": round(wall, 3), "jobs_per_s": round(done / wall, 1),
+            "queued_p50_s": percentile(queued, 50), "queued_p99_s": percentile(queued, 99),
+            "queued_max_s": max(queued, default=float("nan")),
+            "e2e_p50_s": percentile(e2e, 50), "e2e_p99_s": percentile(e2e, 99),
+            "node_p50_s": percentile(service, 50), "node_p99_s": percentile(service, 99),
+            "submit_rate_per_s": round(len(ids) / max(phase.submit_end - t0, 1e-9), 1),
+            "max_submit_lag_s": round(phase.max_lag_s, 4),
+            "cores": Procs.cores(cpu0, cpu1, wall),
+            "load_at_start": load0, "load_at_end": os.getloadavg(),
+            "submit_errors": phase.submit_errors[:20], "n_submit_errors": len(phase.submit_errors),
+            "acks_in_phase": sum(len(v) for v in self.accepted.values()) - before_accepted,
+            "cluster_errors": self.errors[before_errors:][:20], "n_cluster_errors": len(self.errors) - before_errors,
+        }
+        if done < len(ids):
+            result["missing"] = [j for j in ids if j not in self.accepted][:20]
+        return result
+
+    # ------------------------------------------------------------------ checks
+
+    async def metrics(self, session: aiohttp.ClientSession) -> dict[str, float]:
+        wanted = {"node_agent_scheduler_results_accepted_total", "node_agent_scheduler_results_rejected_total",
+                  "node_agent_scheduler_jobs_requeued_total", "node_agent_scheduler_jobs_submitted_total",
+                  "node_agent_scheduler_jobs_refused_total"}
+        totals: dict[str, float] = {}
+        for url in self.urls:
+            async with session.get(url + "/metrics") as resp:
+                text = await resp.text()
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name in wanted:
+                        totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+        return totals
+
+    async def check(self, session: aiohttp.ClientSession, phases: list[Phase]) -> dict[str, Any]:
+        ids = [j for p in phases for j in p.submit_t]
+        states: dict[str, str] = {}
+        sem = asyncio.Semaphore(32)
+
+        async def view(i: int, job_id: str) -> None:
+            async with sem, session.get(f"{self.urls[i % len(self.urls)]}/v1/jobs/{job_id}") as resp:
+                body = await resp.json() if resp.status == 200 else {}
+                states[job_id] = body.get("state", f"http {resp.status}")
+
+        await asyncio.gather(*(view(i, j) for i, j in enumerate(ids)))
+        metrics = await self.metrics(session)
+        problems = []
+        for p in phases:
+            if len(p.submit_t) != p.jobs:
+                problems.append(f"{p.name}: {p.jobs - len(p.submit_t)} submissions failed: {p.submit_errors[:3]}")
+        known = set(ids)
+        for job_id in ids:
+            acks = self.accepted.get(job_id, [])
+            if len(acks) != 1 or acks[0][1]:
+                problems.append(f"{job_id}: {len(acks)} accepted results (duplicate flags {[d for _, d in acks]})")
+            if states[job_id] != "succeeded":
+                problems.append(f"{job_id}: state {states[job_id]}")
+        stray = [j for j in self.accepted if j not in known]
+        if stray:
+            problems.append(f"{len(stray)} results for jobs this driver did not submit: {stray[:3]}")
+        if self.errors:
+            problems.append(f"{len(self.errors)} unexpected answers to fake nodes, first: {self.errors[:3]}")
+        accepted = metrics.get("node_agent_scheduler_results_accepted_total")
+        if accepted != len(ids):
+            problems.append(f"scheduler counted {accepted} accepted results for {len(ids)} jobs")
+        if metrics.get("node_agent_scheduler_results_rejected_total", 0):
+            problems.append(f"scheduler rejected {metrics['node_agent_scheduler_results_rejected_total']} results")
+        return {"jobs": {j: {"acks": len(self.accepted.get(j, [])), "state": states[j],
+                             "attempts": [n for _, n, _ in self.assigned.get(j, [])]} for j in ids},
+                "metrics": metrics, "problems": problems[:50], "n_problems": len(problems)}
+
+    # ------------------------------------------------------------------ main
+
+    async def main(self) -> dict[str, Any]:
+        a = self.args
+        out: dict[str, Any] = {"machine": machine(), "config": {
+            "label": a.label, "nodes": a.nodes, "jobs": a.jobs, "rate": a.rate, "decode_s": a.decode_s,
+            "submitters": a.submitters, "warmup": a.warmup, "replicas": a.replicas, "scheduler_env": a.scheduler_env,
+            "lease_ttl_s": a.lease_ttl_s, "renew_every_s": a.renew_every_s, "profile": a.profile,
+            "event_loop": "uvloop" if uvloop is not None else "asyncio"}}
+        self.start_schedulers()
+        connector = aiohttp.TCPConnector(limit=max(64, a.submitters * 2))
+        timeout = aiohttp.ClientTimeout(total=120)
+        try:
+            async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+                await self.wait_schedulers(session)
+                await self.start_cluster()
+                assert self.cluster is not None
+                self.procs = Procs([p.pid for p in self.schedulers], self.cluster.pid)
+                log(f"{len(self.urls)} scheduler(s) at {', '.join(self.urls)}; {a.nodes} fake nodes ready")
+                phases = []
+                if a.warmup:
+                    warm = Phase("warm-up", a.warmup, None)
+                    await self.run_phase(session, warm)
+                    phases.append(warm)
+                results = []
+                for name in a.loads.split(","):
+                    phase = Phase("as fast as possible", a.jobs, None) if name == "max" else Phase(
+                        f"{a.rate:g} jobs/s offered", a.jobs, a.rate)
+                    log(f"{phase.name}: {phase.jobs} jobs")
+                    res = await self.run_phase(session, phase)
+                    log(f"{phase.name}: {res['jobs_per_s']} jobs/s, queued_s p50 {res['queued_p50_s'] * 1000:.1f} ms "
+                        f"p99 {res['queued_p99_s'] * 1000:.1f} ms; cores {res['cores']}")
+                    results.append(res)
+                    phases.append(phase)
+                    await asyncio.sleep(0.5)
+                out["phases"] = results
+                out["checks"] = await self.check(session, phases)
+        finally:
+            await self.stop()
+        out["cluster_stats"] = self.cluster_stats
+        out["logs"] = str(self.tmp)
+        out["machine"]["load_at_end"] = os.getloadavg()
+        return out
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"date": time.strftime("%a %b %d %H:%M:%S %Z %Y"), "cpu": cpu, "cores": os.cpu_count(),
+            "usable_cores": len(os.sched_getaffinity(0)),
+            "memory_gib": round(psutil.virtual_memory().total / 1024**3, 1),
+            "python": platform.python_version(), "aiohttp": aiohttp.__version__, "load_at_start": os.getloadavg()}
+
+
+# ------------------------------------------------------------------------------------------- reporting
+
+
+def ms(x: float) -> str:
+    return "n/a" if x != x else f"{x * 1000:.1f} ms"
+
+
+def table(result: dict[str, Any]) -> str:
+    label = result["config"]["label"]
+    head = ("store", "load", "jobs", "wall", "jobs/s", "queued_s p50 / p99", "submit->result p50 / p99",
+            "assigned->result p50 / p99", "cores: scheduler / cluster / driver / others")
+    rows = []
+    for p in result["phases"]:
+        c = p["cores"]
+        rows.append((label, p["phase"], f"{p['finished']}/{p['jobs']}", f"{p['wall_s']:.2f} s",
+                     f"{p['jobs_per_s']:.0f}", f"{ms(p['queued_p50_s'])} / {ms(p['queued_p99_s'])}",
+                     f"{ms(p['e2e_p50_s'])} / {ms(p['e2e_p99_s'])}",
+                     f"{ms(p['node_p50_s'])} / {ms(p['node_p99_s'])}",
+                     f"{c['scheduler']:.2f} / {c['cluster']:.2f} / {c['driver']:.2f} / {c['other processes']:.2f}"))
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def verdicts(result: dict[str, Any]) -> list[str]:
+    out = []
+    for p in result["phases"]:
+        if p["offered_jobs_per_s"] is None:
+            ok = p["jobs_per_s"] >= TARGET_JOBS_PER_S
+            out.append(f"throughput, as fast as possible: {p['jobs_per_s']:.0f} jobs/s (target >= "
+                       f"{TARGET_JOBS_PER_S:.0f}): {'met' if ok else 'NOT met'}")
+        elif p["offered_jobs_per_s"] == 200:
+            ok = p["queued_p99_s"] <= TARGET_P99_QUEUED_S
+            out.append(f"assignment latency at 200 jobs/s offered: queued_s p99 {ms(p['queued_p99_s'])} (target <= "
+                       f"{TARGET_P99_QUEUED_S * 1000:.0f} ms): {'met' if ok else 'NOT met'}; submitted at "
+                       f"{p['submit_rate_per_s']:.0f}/s, latest submit {p['max_submit_lag_s'] * 1000:.0f} ms behind "
+                       f"schedule")
+    return out
+
+
+def checked(checks: dict[str, Any]) -> str:
+    requeued = checks["metrics"].get("node_agent_scheduler_jobs_requeued_total", 0)
+    # A re-queue is not wrong in itself (the job still ends once), but with nodes that never fail it means a
+    # lease lapsed or an assignment timed out under the load: worth seeing.
+    also = f"; {requeued:.0f} re-queued" if requeued else "; none re-queued"
+    if not checks["n_problems"]:
+        return f"each of the {len(checks['jobs'])} jobs ended exactly once, with an accepted result{also}"
+    return f"{checks['n_problems']} problems{also}: " + "; ".join(checks["problems"][:5])
+
+
+def report(result: dict[str, Any], command: str) -> str:
+    m, c = result["machine"], result["config"]
+    load = lambda xs: "/".join(f"{x:.2f}" for x in xs)  # noqa: E731
+    lines = [
+        f"`{command}` on {m['date']}: {m['cpu']}, {m['usable_cores']} cores, {m['memory_gib']} GiB; Python "
+        f"{m['python']}, aiohttp {m['aiohttp']}, event loop {c['event_loop']}; load (1/5/15 min) at start "
+        f"{load(m['load_at_start'])}, at end {load(m['load_at_end'])}. {c['replicas']} scheduler process(es), "
+        f"{c['nodes']} fake nodes (one process), decode {c['decode_s'] * 1000:.0f} ms, {c['submitters']} submitters "
+        f"as fast as possible, {c['warmup']} warm-up jobs first.",
+        "",
+        table(result),
+        "",
+        *[f"- {v}" for v in verdicts(result)],
+        f"- checks: {checked(result['checks'])}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=200, help="fake nodes (default 200)")
+    parser.add_argument("--jobs", type=int, default=2000, help="jobs per load (default 2000)")
+    parser.add_argument("--rate", type=float, default=200.0, help="offered jobs/s of the paced load (default 200)")
+    parser.add_argument("--loads", default="max,rate", help="which loads, in order: max (as fast as possible), "
+                        "rate (--rate offered); default max,rate")
+    parser.add_argument("--warmup", type=int, default=100, help="untimed jobs first (default 100)")
+    parser.add_argument("--submitters", type=int, default=32, help="concurrent submit tasks, as fast as possible")
+    parser.add_argument("--decode-s", type=float, default=0.05, help="each fake decode (default 0.05 s)")
+    parser.add_argument("--lease-ttl-s", type=float, default=15.0, help="TTL the fake nodes ask for (default 15)")
+    parser.add_argument("--renew-every-s", type=float, default=None,
+                        help="renew this often instead of every TTL/3 (the agent's rate)")
+    parser.add_argument("--replicas", type=int, default=1, help="scheduler processes (a shared store only)")
+    parser.add_argument("--scheduler-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment for the scheduler(s), e.g. NODE_AGENT_SCHEDULER__STORE=...; the "
+                             "caller's NODE_AGENT_* variables are not passed on")
+    parser.add_argument("--label", default="in-memory", help="the store column of the table")
+    parser.add_argument("--phase-timeout-s", type=float, default=300.0, help="give up on a load after this")
+    parser.add_argument("--json", type=Path, help="write raw results (every job's outcome included) here")
+    parser.add_argument("--workdir", type=Path, help="where the logs go (default: a temporary directory, removed "
+                        "after a run whose checks pass)")
+    parser.add_argument("--markdown", type=Path, help="write the table and the verdicts as markdown here")
+    parser.add_argument("--profile", action="store_true", help="run the scheduler(s) under cProfile and print "
+                        "where their time went (slows them: numbers for finding costs, not for the docs)")
+    parser.add_argument("--cluster", metavar="URLS", help=argparse.SUPPRESS)  # internal: be the fake cluster
+    args = parser.parse_args(argv)
+    if args.cluster:
+        return run_loop(cluster_main(args))
+    if args.loads and set(args.loads.split(",")) - {"max", "rate"}:
+        parser.error(f"--loads: expected max and/or rate, got {args.loads}")
+    result = run_loop(Driver(args).main())
+    command = " ".join(["bench/scheduler.py", *(argv if argv is not None else sys.argv[1:])])
+    text = report(result, command)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=str))
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(text)
+    if result["checks"]["n_problems"]:
+        log(f"FAILED: {result['checks']['n_problems']} problems; logs in {result['logs']}")
+        return 1
+    if args.profile:
+        import pstats
+
+        for prof in sorted(Path(result["logs"]).glob("scheduler-*.prof")):
+            print(f"{prof}:")
+            pstats.Stats(str(prof)).sort_stats("tottime").print_stats(30)
+        log(f"profiles kept in {result['logs']}")
+    elif args.workdir is None:
+        shutil.rmtree(result["logs"], ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
