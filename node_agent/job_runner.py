@@ -40,6 +40,9 @@ log = logging.getLogger("node_agent.jobs")
 RECENT_FAILURES = 10
 #: How far back status counts lease losses.
 LEASE_LOSS_WINDOW_S = 600.0
+#: The longest a scheduler's Retry-After holds back segment events during a job (they pile up meanwhile; the
+#: result carries every segment anyway, so a long hold only delays what streaming clients see).
+EVENTS_HOLD_MAX_S = 5.0
 
 
 @dataclass
@@ -239,9 +242,11 @@ class JobRunner:
         ``events`` policy (4 s in all): the result waits for that flush (clients see segments before the
         transcript), so a blip at the very end of a job costs no events, and a dead scheduler costs seconds.
         """
+        loop = asyncio.get_running_loop()
         pending: list[dict[str, Any]] = []
         done = False
         retry_after: float | None = None
+        hold_until = 0.0  # after a refusal with Retry-After, later segments pile up until then
         while not done:
             item = await queue.get()
             items = [item]
@@ -249,17 +254,20 @@ class JobRunner:
                 items.append(queue.get_nowait())
             done = items[-1] is None
             pending.extend(e for e in items if e is not None)
-            if not pending:
+            if not pending or (not done and loop.time() < hold_until):
                 continue
             try:
                 await self.client.post_events(job_id, lease.node_id, lease.lease_id, attempt, lease.epoch, pending)
                 pending = []
+                retry_after, hold_until = None, 0.0
             except Rejected as exc:
                 log.warning("job %s: segment events rejected (%s); no more will be sent", job_id, exc)
                 return
             except SchedulerError as exc:
                 log.warning("job %s: %d segment event(s) not delivered yet: %s", job_id, len(pending), exc)
                 retry_after = retry_after_of(exc)
+                if retry_after:
+                    hold_until = loop.time() + min(retry_after, EVENTS_HOLD_MAX_S)
         if not pending:
             return
         backoff = self.policies.events.start("events", self.metrics.count_retry)

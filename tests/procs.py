@@ -39,11 +39,14 @@ def http_json(method: str, url: str, body: Any = None, timeout: float = 10) -> t
 class Proc:
     """A node-agent subprocess with its log captured to a file."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path,
+                 python_opts: tuple[str, ...] = ()) -> None:
+        # python_opts: interpreter options (``-X tracemalloc``) for this process alone; unlike PYTHON* variables,
+        # the plugin processes it starts do not inherit them.
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("wb")
-        self._args = [sys.executable, "-m", "node_agent", *args]
+        self._args = [sys.executable, *python_opts, "-m", "node_agent", *args]
         # XDG_STATE_HOME in the test's directory: an agent given no node.state_dir never uses the user's own.
         self._env = {**os.environ, "XDG_STATE_HOME": str(log_dir / "xdg-state"), **env, "PYTHONUNBUFFERED": "1"}
         self.proc: asyncio.subprocess.Process | None = None

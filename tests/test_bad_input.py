@@ -12,12 +12,15 @@ import urllib.request
 
 import numpy as np
 import pytest
+import pytest_asyncio
 
 from helpers import DATA, clip, multipart, plain_transcript, plain_wer
 from node_agent.config import load_settings
 from procs import free_port, http_json, job, metric, submit, wait_for, wait_finished
 from test_cluster import start_agent, status_of
 from test_supervisor import _float_wav_with_nan, _wav_with_lying_header
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 def video_only_file() -> bytes:
@@ -62,10 +65,13 @@ def post_raw(url: str, body: bytes, content_type: str, timeout: float = 60) -> t
         return exc.code, exc.read()
 
 
-@pytest.fixture
-async def agent(tmp_path):
+# One agent for the module's tests: none of them counts what another sends (4xx requests are no jobs, and the
+# only jobs the 4xx test runs succeed).
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def agent(tmp_path_factory):
     port = free_port()
-    proc, url = await start_agent(tmp_path, "agent", "embedded", NODE_AGENT_SCHEDULER__LISTEN=f"127.0.0.1:{port}",
+    proc, url = await start_agent(tmp_path_factory.mktemp("bad-input"), "agent", "embedded",
+                                  NODE_AGENT_SCHEDULER__LISTEN=f"127.0.0.1:{port}",
                                   NODE_AGENT_ASR__MAX_AUDIO_S="30",
                                   NODE_AGENT_SCHEDULER__MAX_BODY_BYTES=str(4 * 1024 * 1024))
     yield url, f"http://127.0.0.1:{port}"

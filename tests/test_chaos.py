@@ -22,10 +22,10 @@ PLAN = {
 
 async def test_each_endpoint_in_turn_fails_every_way_and_the_agent_recovers(tmp_path):
     sched_port = free_port()
-    # Long polls capped at 3 s: a fault that is forwarded first (garbage on next_job) answers when the poll ends,
+    # Long polls capped at 1 s: a fault that is forwarded first (garbage on next_job) answers when the poll ends,
     # and the poll's length is not what is tested here.
     sched, scheduler = await start_scheduler(tmp_path, sched_port, NODE_AGENT_SCHEDULER__HEARTBEAT_INTERVAL_S="2",
-                                             NODE_AGENT_SCHEDULER__MAX_WAIT_S="3")
+                                             NODE_AGENT_SCHEDULER__MAX_WAIT_S="1")
     proxy = await ChaosProxy(scheduler, hang_s=2.5).start(free_port())
     proxy.inject("register", *ALL)  # the very first registration meets every failure shape
     agent = None
@@ -41,8 +41,9 @@ async def test_each_endpoint_in_turn_fails_every_way_and_the_agent_recovers(tmp_
             if endpoint in ("lease_renew", "events"):
                 # Many segments for events; for renewals, the two faults land at 2 and 2.5 s into the lease
                 # (TTL 6: renew every 2 s, retry after 0.5 s), so the job must outlast them with room to
-                # spare: 51 s of audio decoded in 2.4 s on a CI machine once, and the second fault was never met.
-                audio, fields = long_audio_b64_fields(3 if endpoint == "lease_renew" else 1)
+                # spare: 51 s of audio decoded in 2.4 s on a CI machine once, and the second fault was never met;
+                # twice that (about 5 s there, more on a slower or busier machine) leaves 2.5 s after it.
+                audio, fields = long_audio_b64_fields(2 if endpoint == "lease_renew" else 1)
                 job_id = submit(scheduler, audio, **fields)
             else:
                 job_id = submit(scheduler, clip("jfk.flac"))

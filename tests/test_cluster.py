@@ -34,9 +34,11 @@ def status_of(url: str) -> dict:
     return body
 
 
-async def start_agent(tmp_path, name: str, scheduler_url: str, **env: str) -> tuple[Proc, str]:
+async def start_agent(tmp_path, name: str, scheduler_url: str, python_opts: tuple[str, ...] = (),
+                      **env: str) -> tuple[Proc, str]:
     port = free_port()
-    proc = await Proc(name, ["run"], agent_env(scheduler_url, tmp_path / name, port, **env), tmp_path).start()
+    proc = await Proc(name, ["run"], agent_env(scheduler_url, tmp_path / name, port, **env), tmp_path,
+                      python_opts).start()
     url = f"http://127.0.0.1:{port}"
     try:
         await wait_for(lambda: ready(url), 90, f"{name} ready")
@@ -44,6 +46,19 @@ async def start_agent(tmp_path, name: str, scheduler_url: str, **env: str) -> tu
         await proc.stop()
         raise AssertionError(proc.log())
     return proc, url
+
+
+async def start_agents(tmp_path, names: list[str], scheduler_url: str, **env: str) -> list[tuple[Proc, str]]:
+    """Several agents started side by side (start-up is mostly waiting on imports, probe and model load)."""
+    started = await asyncio.gather(*(start_agent(tmp_path, n, scheduler_url, **env) for n in names),
+                                   return_exceptions=True)
+    failed = [r for r in started if isinstance(r, BaseException)]
+    if failed:
+        for r in started:
+            if not isinstance(r, BaseException):
+                await r[0].stop()
+        raise failed[0]
+    return started
 
 
 async def start_scheduler(tmp_path, port: int, name: str = "scheduler", **env: str) -> tuple[Proc, str]:
@@ -135,14 +150,15 @@ async def test_paused_holder_is_fenced_and_the_job_completes_elsewhere(tmp_path)
     try:
         a, a_url = await start_agent(tmp_path, "agent-a", scheduler, NODE_AGENT_LEASE__TTL_S="2")
         procs.append(a)
-        audio, fields = long_audio_b64_fields(3)  # ~150 s of speech: ~10 s to decode here
+        a_node = status_of(a_url)["agent"]["node_id"]
+        # ~50 s of speech: 2.4 s or more to decode, against the one poll between "running" and the freeze.
+        audio, fields = long_audio_b64_fields(1)
         job_id = submit(scheduler, audio, **fields)
         await wait_for(lambda: job(scheduler, job_id)["state"] == "running", 30, "job running on A")
-        a_node = status_of(a_url)["agent"]["node_id"]
-        assert job(scheduler, job_id)["node_id"] == a_node
         # Freeze A mid-job before B exists: B's start-up (imports, probe, model load) does not shrink with a
         # faster machine the way A's decode does, so starting B first would race A's result.
         a.signal(signal.SIGSTOP)  # A's event loop freezes; its lease cannot be renewed
+        assert job(scheduler, job_id)["node_id"] == a_node
         await wait_for(lambda: job(scheduler, job_id)["attempt"] == 2, 20, "job re-queued after A's lease expired")
         b, b_url = await start_agent(tmp_path, "agent-b", scheduler, NODE_AGENT_LEASE__TTL_S="2")
         procs.append(b)
@@ -197,8 +213,7 @@ async def test_two_agents_twenty_jobs_exactly_one_result_each(tmp_path):
     sched, scheduler = await start_scheduler(tmp_path, port)
     procs = [sched]
     try:
-        a, a_url = await start_agent(tmp_path, "agent-a", scheduler)
-        b, b_url = await start_agent(tmp_path, "agent-b", scheduler)
+        (a, a_url), (b, b_url) = await start_agents(tmp_path, ["agent-a", "agent-b"], scheduler)
         procs += [a, b]
         names = ["ljspeech_LJ002-0020.wav", "voices_Lab41-SRI-VOiCES-src-sp0307-ch127535-sg0042.wav",
                  "librivox_sense_and_sensibility_01_austen_64kb-0930.wav", "stereo_diarization_left.wav"]

@@ -215,6 +215,39 @@ async def test_the_report_is_retried_through_failures_until_accepted_and_counted
     assert parts.sample("node_agent_retries_total", operation="result") == 4
 
 
+async def test_segment_events_hold_back_for_the_schedulers_retry_after(fake_worker):
+    # 12 segments over ~1.2 s; the first post is answered 503 with Retry-After: 1. The segments that follow pile
+    # up instead of being posted one by one into a scheduler that asked for a second's rest.
+    worker = await fake_worker(segments=12, every_s=0.1)
+    parts = build(worker, BASE, "n1")
+    loop = asyncio.get_running_loop()
+    posted: list[tuple[float, int]] = []
+
+    def record(url: Any, **kwargs: Any) -> None:
+        posted.append((loop.time(), len(kwargs["json"]["events"])))
+
+    try:
+        with aioresponses() as m:
+            m.get(f"{BASE}/v1/jobs/j1/audio", status=200, body=AUDIO)
+            m.post(f"{BASE}/v1/leases", status=201,
+                   payload={"lease_id": "l1", "epoch": 3, "ttl_s": 15, "resource": "cpu"})
+            m.post(f"{BASE}/v1/jobs/j1/events", status=503, headers={"Retry-After": "1"}, callback=record)
+            m.post(f"{BASE}/v1/jobs/j1/events", status=202, repeat=True, callback=record)
+            m.delete(f"{BASE}/v1/leases/l1", status=204)
+            m.post(RESULT, status=200, payload={"accepted": True})
+            outcome = await parts.runner.run(ASSIGNMENT)
+            await parts.runner.settle(5.0)
+    finally:
+        await parts.client.close()
+    assert (outcome.outcome, outcome.report) == ("succeeded", Report.accepted)
+    refused_at = posted[0][0]
+    # Nothing was posted within the second the scheduler asked for (but what ends the job is flushed at once).
+    during = [t for t, _ in posted[1:-1] if t - refused_at < 0.95]
+    assert not during, posted
+    # Every segment reached the scheduler in the end, the refused ones carried forward.
+    assert sum(n for _, n in posted[1:]) == 12, posted
+
+
 async def test_a_rejected_report_is_not_retried(fake_worker):
     worker = await fake_worker(error="bad_audio")
     parts = build(worker, BASE, "n1")

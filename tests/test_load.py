@@ -11,7 +11,7 @@ import psutil
 
 from helpers import clip
 from procs import free_port, job, metric, submit, wait_finished, wait_for
-from test_cluster import start_agent, start_scheduler, status_of
+from test_cluster import start_agents, start_scheduler, status_of
 
 CLIPS = ["ljspeech_LJ002-0020.wav", "voices_Lab41-SRI-VOiCES-src-sp0307-ch127535-sg0042.wav",
          "librivox_sense_and_sensibility_01_austen_64kb-0930.wav", "stereo_diarization_left.wav",
@@ -24,12 +24,11 @@ async def test_sixty_jobs_four_clients_two_worker_kills(tmp_path):
     procs = [sched]
     rng = random.Random(7)
     try:
-        a, a_url = await start_agent(tmp_path, "agent-a", scheduler)
-        b, b_url = await start_agent(tmp_path, "agent-b", scheduler)
+        (a, a_url), (b, b_url) = await start_agents(tmp_path, ["agent-a", "agent-b"], scheduler)
         procs += [a, b]
         # Warm-up so the RSS baseline includes what a running agent normally holds.
-        for url in (a_url, b_url):
-            warm = submit(scheduler, clip(CLIPS[0]))
+        # Submitted together, so that each agent most likely takes one.
+        for warm in [submit(scheduler, clip(CLIPS[0])) for _ in (a_url, b_url)]:
             await wait_for(lambda: job(scheduler, warm, 5)["state"] == "succeeded", 60, "warm-up")
         rss_before = {p.pid: psutil.Process(p.pid).memory_info().rss for p in (a, b)}
 

@@ -16,6 +16,9 @@ Mandarin on the offline ``base`` model, English on ``tiny.en``.
   deterministic), no slow-down with the worker's uptime (mean real-time factor of the last 10 rounds within 1.2x
   of the first 10, in worker CPU time: see ``stream``), and ``node_agent_worker_jobs_served`` counts every
   round. These are marked ``slow`` (10-15 s each).
+* Mandarin script: the ``zh`` agent's output for each clip alone is simplified Chinese and what plain
+  faster-whisper gives converted the worker's way; an agent with ``asr.zh_script: traditional`` gives the same
+  decode in traditional characters.
 
 What a single decode of one long recording does (measured on one machine with ``base`` on these five Mandarin
 clips, same settings as the agent; the details differ on other CPUs; whisper decodes up to 30 s as one window, so
@@ -45,6 +48,7 @@ import statistics
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,6 +56,7 @@ import psutil
 import pytest
 import pytest_asyncio
 
+from conftest import make_settings
 from helpers import (PlainTranscript, cer, decode_clip, joined, normalize_en, normalize_zh, plain_transcript, reference,
                      samples_of_pcm16, wer)
 from test_compat import exact_pcm16, post, scraped, utterance_body
@@ -105,6 +110,7 @@ class Reader:
     lang: Language
     stack: AgentStack
     alone: dict[str, str] = field(default_factory=dict)
+    languages: dict[str, str] = field(default_factory=dict)  # the language each reply names
 
     async def plain(self, audio: np.ndarray) -> PlainTranscript:
         """Plain faster-whisper on ``audio`` with this agent's settings (in a thread: the agent keeps serving)."""
@@ -118,6 +124,7 @@ async def start_reader(stack: AgentStack, lang: Language) -> Reader:
         status, reply, _ = await post(stack, utterance_body(name, lang.code))
         assert status == 200, (name, reply)
         reader.alone[name] = reply["text"]
+        reader.languages[name] = reply["language"]
     return reader
 
 
@@ -286,6 +293,60 @@ async def test_mandarin_read_aloud_as_one_job(zh: Reader) -> None:
 @pytest.mark.slow
 async def test_mandarin_read_aloud_as_a_stream_of_utterances(zh: Reader) -> None:
     await stream(zh)
+
+
+# ----- Mandarin script: simplified by default, traditional on request ------------------------------------------
+
+
+def plain_faster_whisper(names: list[str], zh_script: str = "simplified") -> dict[str, str]:
+    """Plain faster-whisper with the agent's settings (``base``, zh), its output converted to ``zh_script`` per
+    segment by the worker's converter, on the very samples the agent is sent (``helpers.plain_transcript``)."""
+    asr = make_settings(asr={"model": ZH.model, "zh_script": zh_script}).asr
+    return {name: plain_transcript(samples_of_pcm16(exact_pcm16(decode_clip(name))), asr=asr, language="zh").text
+            for name in names}
+
+
+async def test_mandarin_is_simplified_by_default_traditional_on_request_and_as_good_as_plain(
+        zh: Reader, tmp_path: Path) -> None:
+    """The simplified side is the ``zh`` agent (default settings) and what it gave for each clip alone."""
+    import opencc
+
+    clips = ZH.order
+    t2s, s2t = opencc.OpenCC("t2s"), opencc.OpenCC("s2t")
+    plain = await asyncio.to_thread(plain_faster_whisper, clips)
+    plain_traditional = await asyncio.to_thread(plain_faster_whisper, clips, "traditional")
+    # Traditional output is checked on the clips whose decode here has characters to convert (e.g. 广州 ->
+    # 廣州), at most two: on the others it would repeat the simplified checks. Which clips those are depends on
+    # the decode, which depends on the CPU: plain faster-whisper's decode of the same samples is the yardstick.
+    converted = [n for n in clips if plain_traditional[n] != plain[n]][:2]
+    assert converted, (plain, plain_traditional)
+    assert zh.stack.settings.asr.model == "base" and zh.stack.settings.asr.zh_script.value == "simplified"
+    simplified = dict(zh.alone)
+    assert all(zh.languages[n] == "zh" for n in clips), zh.languages
+    traditional = {}
+    async with agent_stack(tmp_path / "traditional", asr={"model": ZH.model, "zh_script": "traditional"}) as s:
+        for name in converted:
+            status, reply, _ = await post(s, utterance_body(name, "zh"))
+            assert status == 200 and reply["language"] == "zh", (name, reply)
+            traditional[name] = reply["text"]
+
+    for name in clips:
+        assert simplified[name] and t2s.convert(simplified[name]) == simplified[name], (name, simplified[name])
+    for name in converted:
+        assert s2t.convert(traditional[name]) == traditional[name], (name, traditional[name])
+        # The same decode in the other script.
+        assert normalize_zh(traditional[name]) == normalize_zh(simplified[name]), name
+        assert traditional[name] != simplified[name], name
+    assert simplified == plain, (simplified, plain)
+    assert traditional == {n: plain_traditional[n] for n in converted}, (traditional, plain_traditional)
+
+    agent_cer = {n: cer(reference(n), simplified[n]) for n in clips}
+    plain_cer = {n: cer(reference(n), plain[n]) for n in clips}
+    mean_agent, mean_plain = statistics.fmean(agent_cer.values()), statistics.fmean(plain_cer.values())
+    print(f"\nMandarin CER (normalised, base): agent {mean_agent:.4f}, plain faster-whisper {mean_plain:.4f}; "
+          + ", ".join(f"{n[:18]} {agent_cer[n]:.3f}/{plain_cer[n]:.3f}" for n in clips))
+    assert mean_agent <= mean_plain + SCORE_EPS, (agent_cer, plain_cer)
+    assert all(agent_cer[n] <= plain_cer[n] + SCORE_EPS for n in clips), (agent_cer, plain_cer)
 
 
 async def test_english_read_aloud_as_one_job(en: Reader) -> None:
