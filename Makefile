@@ -4,11 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install check-config bench soak clean
+.PHONY: run test install check-config bench soak lock clean
 
 UV     := $(BIN)/uv
-
-.PHONY: lock
 
 # uv installs in seconds what pip takes half a minute for; it is bootstrapped with the venv's own pip, so a fresh
 # machine needs nothing beyond Python. requirements.lock pins every package (all platforms) for repeatable installs.

@@ -590,19 +590,7 @@ class SchedulerState:
         """Store streamed segments from the job's current holder (a segment id seen before is replaced)."""
         self._now()
         job = self._job(job_id)
-        try:
-            self._check_holder(job, report.attempt, report.lease_id, report.lease_epoch, report.node_id)
-        except ReportRejected as exc:
-            log.info(
-                "events rejected job_id=%s node_id=%s lease_id=%s attempt=%d lease_epoch=%d reason=%s",
-                job_id,
-                report.node_id,
-                report.lease_id,
-                report.attempt,
-                report.lease_epoch,
-                exc.code,
-            )
-            raise
+        self._check_reporter(job, report, "events")
         for segment in report.events:
             data = segment.model_dump()
             pos = job.segment_pos.get(segment.id)
@@ -613,6 +601,15 @@ class SchedulerState:
                 job.segments[pos] = data
         if report.events:
             self._emit(job_topic(job_id))
+
+    def _check_reporter(self, job: Job, report: EventsReport | ResultReport, what: str) -> LeaseRecord:
+        """``_check_holder`` for an events or result report, logging a refusal with the reporter's identity."""
+        try:
+            return self._check_holder(job, report.attempt, report.lease_id, report.lease_epoch, report.node_id)
+        except ReportRejected as exc:
+            log.info("%s rejected job_id=%s node_id=%s lease_id=%s attempt=%d lease_epoch=%d reason=%s", what,
+                     job.job_id, report.node_id, report.lease_id, report.attempt, report.lease_epoch, exc.code)
+            raise
 
     def _check_holder(self, job: Job, attempt: int, lease_id: str, epoch: int, node_id: str) -> LeaseRecord:
         """The job's live lease if (attempt, lease id, epoch, node) all name its current holder; else
@@ -649,18 +646,9 @@ class SchedulerState:
             # The accepted holder retrying (its answer was lost): the same answer again, nothing changes.
             return previous.model_copy(update={"duplicate": True})
         try:
-            lease = self._check_holder(job, report.attempt, report.lease_id, report.lease_epoch, report.node_id)
+            lease = self._check_reporter(job, report, "result")
         except ReportRejected as exc:
             self.metrics.results_rejected.labels(exc.code).inc()
-            log.info(
-                "result rejected job_id=%s node_id=%s lease_id=%s attempt=%d lease_epoch=%d reason=%s",
-                job_id,
-                report.node_id,
-                report.lease_id,
-                report.attempt,
-                report.lease_epoch,
-                exc.code,
-            )
             raise
         self.metrics.results_accepted.inc()
         self._end_lease(lease, "released", now)
