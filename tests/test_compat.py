@@ -194,10 +194,10 @@ async def test_busy_is_503_and_over_time_is_504_with_the_decode_stopped(tmp_path
         worker = s.agent.workers["cpu"]
         old_pid = worker.pid
         assert old_pid is not None
-        # ~270 s of speech: over 10 s of decoding on an idle 2-core machine, far past the 3 s limit even on a
-        # faster one (stopped at the limit, so the length costs nothing).
+        # ~413 s of speech: over 15 s of decoding on an idle 2-core machine, far past the 3 s limit even on a
+        # several times faster one (stopped at the limit, so the length costs nothing).
         limit_s = 3.0
-        slow = {"job_id": "slow", "trace_id": "t-slow", "src_lang": "en", "audio": b64(long_audio(24)),
+        slow = {"job_id": "slow", "trace_id": "t-slow", "src_lang": "en", "audio": b64(long_audio(36)),
                 "timeout_s": limit_s}
         started = time.monotonic()
         first = asyncio.ensure_future(post(s, slow))

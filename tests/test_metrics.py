@@ -105,9 +105,9 @@ async def test_a_job_past_its_deadline_is_stopped_and_counted_as_a_timeout_not_a
     async with agent_stack(tmp_path, scheduler={"max_attempts": 1}, worker={"stop_grace_s": 15}) as s:
         worker = s.agent.workers["cpu"]
         old_pid = worker.pid
-        # ~135 s of speech takes ~6 s here (a faster machine would still need well over 1.5 s); the job may
-        # take 1.5 s, so it is stopped either way and a longer clip costs nothing.
-        job_id = await s.submit_json(long_audio(12), format="pcm_s16le", sample_rate=16000, deadline_s=1.5)
+        # ~270 s of speech takes ~12 s here (a CPU several times faster would still need well over 1.5 s); the
+        # job may take 1.5 s, so it is stopped either way and a longer clip costs nothing.
+        job_id = await s.submit_json(long_audio(24), format="pcm_s16le", sample_rate=16000, deadline_s=1.5)
         view = await s.wait_job(job_id)
         assert view["state"] == "failed" and view["error"]["code"] == "timeout", view
         await s.wait_counted("timeout")

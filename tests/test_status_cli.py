@@ -288,8 +288,10 @@ async def test_status_of_an_agent_with_a_fatal_worker(tmp_path: Path) -> None:
 
 async def test_status_shows_the_running_job_and_its_lease(tmp_path: Path) -> None:
     async with agent_stack(tmp_path) as s:
-        # ~137 s of speech (~6 s to decode here): a `node-agent status` subprocess starts well within it.
-        job_id = await s.submit_json(long_audio(12), format="pcm_s16le", sample_rate=16000)
+        # ~413 s of speech (~18 s to decode here, several seconds even on a CPU several times faster): a
+        # `node-agent status` subprocess starts well within it. The job is not awaited: teardown stops it.
+        audio = long_audio(36)
+        job_id = await s.submit_json(audio, format="pcm_s16le", sample_rate=16000)
 
         def leased() -> bool:
             running = s.agent.ledger.running.get(job_id)
@@ -305,7 +307,7 @@ async def test_status_shows_the_running_job_and_its_lease(tmp_path: Path) -> Non
         assert "running jobs (1)" in out
         assert f"{job_id}  attempt 1 on cpu" in out
         assert f"lease {lease.lease_id} epoch {lease.epoch}" in out
-        assert "audio 2m17s" in out  # 137.5 s of audio, known once the plugin decoded it
+        assert f"audio {st.duration(len(audio) / 32000)}" in out  # known once the plugin decoded it
 
 
 async def test_status_when_nothing_listens() -> None:
