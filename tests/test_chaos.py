@@ -42,8 +42,9 @@ async def test_each_endpoint_in_turn_fails_every_way_and_the_agent_recovers(tmp_
                 # Many segments for events; for renewals, the two faults land at 2 and 2.5 s into the lease
                 # (TTL 6: renew every 2 s, retry after 0.5 s), so the job must outlast them with room to
                 # spare: 51 s of audio decoded in 2.4 s on a CI machine once, and the second fault was never met;
-                # twice that (about 5 s there, more on a slower or busier machine) leaves 2.5 s after it.
-                audio, fields = long_audio_b64_fields(2 if endpoint == "lease_renew" else 1)
+                # three times that (about 7 s there, more on a slower or busier machine) leaves 4.5 s after it,
+                # and still 1 s on a machine twice as fast as that CI.
+                audio, fields = long_audio_b64_fields(3 if endpoint == "lease_renew" else 1)
                 job_id = submit(scheduler, audio, **fields)
             else:
                 job_id = submit(scheduler, clip("jfk.flac"))
