@@ -288,7 +288,7 @@ class HttpSettings(_Section):
 class CompatSettings(_Section):
     """The drop-in endpoints of the old ASR service (POST /utterance, GET /health)."""
 
-    timeout_s: float = Field(60.0, gt=0, le=600, description="Per-utterance limit; over it: 504, worker replaced.")
+    timeout_s: float = Field(60.0, gt=0, le=600, description="Per-utterance limit; over it: 504, the decode stopped.")
     queue_per_worker: int = Field(2, ge=0, le=100, description="Waiting utterances per worker before 503.")
     body_timeout_s: float = Field(
         30.0, gt=0, le=600,

@@ -59,6 +59,8 @@ class DecodeOptions(BaseModel):
 
 #: Every option key, in declaration order (error messages list them).
 OPTION_KEYS: tuple[str, ...] = tuple(DecodeOptions.model_fields)
+#: What an unknown option key is told, wherever options are validated.
+UNKNOWN_OPTION = f"unknown option; known options: {', '.join(OPTION_KEYS)}"
 #: Options the plugin uses itself; the rest are faster-whisper's own ``transcribe`` arguments.
 PLUGIN_ONLY_OPTIONS: frozenset[str] = frozenset({"allow_truncated", "batched", "batch_size"})
 
@@ -70,11 +72,7 @@ def parse_options(raw: Any, model: type[DecodeOptions] = DecodeOptions) -> Decod
     try:
         return model.model_validate(raw if raw is not None else {})
     except ValidationError as exc:
-        raise InvalidRequest(one_line(exc, prefix="options.", unknown=_unknown_option())) from None
-
-
-def _unknown_option() -> str:
-    return f"unknown option; known options: {', '.join(OPTION_KEYS)}"
+        raise InvalidRequest(one_line(exc, prefix="options.", unknown=UNKNOWN_OPTION)) from None
 
 
 # ------------------------------------------------------------------------------------ job outcomes

@@ -25,10 +25,5 @@ def dumps(obj: Any, **kwargs: Any) -> str:
 def json_response(data: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
     """``web.json_response`` with real UTF-8 (aiohttp's default escapes everything outside ASCII);
     Content-Type ``application/json; charset=utf-8``."""
-    text = json.dumps(data, ensure_ascii=False)
-    try:
-        body = text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate: see dumps()
-        body = json.dumps(data).encode("ascii")
-    return web.Response(body=body, status=status, headers=headers, content_type="application/json",
+    return web.Response(body=dumps(data).encode("utf-8"), status=status, headers=headers, content_type="application/json",
                         charset="utf-8")

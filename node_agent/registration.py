@@ -108,16 +108,13 @@ class Registration:
 
     async def _register(self) -> RegisterResponse:
         backoff = self.policies.register.start("register", self.metrics.count_retry)
-        last_reason = None
         while True:
             try:
-                return await self.client.register(self.body())
+                reply = await self.client.register(self.body())
+                self._outages.recovered("registration")
+                return reply
             except SchedulerError as exc:
-                reason = str(exc)
-                # One log line per distinct failure, not one per retry.
-                if reason != last_reason:
-                    log.warning("registration failed, retrying with backoff: %s", reason)
-                    last_reason = reason
+                self._outages.failed("registration", exc)  # one line per distinct failure, not per retry
                 await backoff.wait(retry_after_of(exc))  # no total: registering is all a node can do
 
     def _adopt(self, reply: RegisterResponse) -> None:

@@ -17,10 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
-class RetryBudgetSpent(Exception):
-    """The policy's total time is used up; the caller gives up with the last error it saw."""
-
-
 def jittered_delay(retry: int, initial_s: float, max_s: float, multiplier: float = 2.0,
                    rng: Callable[[], float] = random.random) -> float:
     """The wait before retry number ``retry`` (1-based): full jitter, uniform in [0, min(max_s, initial_s *

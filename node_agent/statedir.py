@@ -27,10 +27,6 @@ class StateDir:
         self.path = Path(path)
         self._fd: int | None = None
 
-    @property
-    def locked(self) -> bool:
-        return self._fd is not None
-
     def lock(self) -> None:
         """Take the directory for this process, or raise ConfigError naming the pid that holds it."""
         if self._fd is not None:

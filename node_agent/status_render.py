@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .config import load_settings
+from .jsonio import dumps
 
 TIMEOUT_S = 5.0
 WIDTH = 80
@@ -356,7 +357,7 @@ def status_command(args: argparse.Namespace) -> int:
     with contextlib.suppress(AttributeError, ValueError):
         sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
     if getattr(args, "json", False):
-        print(json.dumps(status, indent=2, ensure_ascii=False))
+        print(dumps(status, indent=2))
     else:
         sys.stdout.write(render(status, _terminal_width()))
     sys.stdout.flush()

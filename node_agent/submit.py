@@ -28,15 +28,13 @@ from .config import Settings, host_port, scheduler_urls
 from .errors import SchedulerUnreachable, UsageError
 from .jsonio import dumps
 from .retry import Backoff, RetryPolicy
+from .scheduler.schemas import TERMINAL_JOB_STATES
 
-TERMINAL = ("succeeded", "failed")
 #: Longest single long poll for a job's progress.
 POLL_SLICE_S = 10.0
-#: Failed polls (a scheduler restarting, a network blip) are retried with full jitter, each wait at most
-#: ``max_wait_s``; the total is set per job to what is left of ``--timeout``.
-POLL_RETRY = RetryPolicy(initial_s=0.5, max_wait_s=10.0, max_total_s=None)
-#: Failed submissions likewise, the total set to ``--timeout``.
-SUBMIT_RETRY = RetryPolicy(initial_s=0.5, max_wait_s=10.0, max_total_s=None)
+#: Failed submissions and polls (a scheduler restarting, a network blip) are retried with full jitter, each wait
+#: at most ``max_wait_s``; the total is set per call to what is left of ``--timeout``.
+RETRY = RetryPolicy(initial_s=0.5, max_wait_s=10.0, max_total_s=None)
 #: The job state for a job the scheduler no longer knows (not a scheduler state: it never answers it).
 LOST = "lost"
 
@@ -86,7 +84,7 @@ async def _submit_one(client: SchedulerClient, name: str, audio: bytes, language
             error = exc
             reached = reached or exc.status is not None  # something answered: a later refusal is a restart
         if backoff is None:
-            backoff = dataclasses.replace(SUBMIT_RETRY, max_total_s=timeout).start("job_submit")
+            backoff = dataclasses.replace(RETRY, max_total_s=timeout).start("job_submit")
         print(f"node-agent: {name}: submitting failed ({error}); retrying", file=sys.stderr)
         if not await backoff.wait(error.retry_after):
             raise error
@@ -107,7 +105,7 @@ async def _follow(client: SchedulerClient, path: str, job_id: str, as_json: bool
             view = await client.get_job(job_id, wait_s=min(POLL_SLICE_S, left), after_segment=seen)
         except SchedulerUnavailable as exc:
             if backoff is None:
-                backoff = dataclasses.replace(POLL_RETRY, max_total_s=left).start("job_poll")
+                backoff = dataclasses.replace(RETRY, max_total_s=left).start("job_poll")
             print(f"node-agent: {name}: polling failed ({exc}); retrying", file=sys.stderr)
             if not await backoff.wait(exc.retry_after):
                 return {"state": "failed", "error": {"code": "timeout", "message": f"no result within {timeout:g} "
@@ -126,7 +124,7 @@ async def _follow(client: SchedulerClient, path: str, job_id: str, as_json: bool
             if not as_json:
                 print(f"{name} [{seg['start']:.2f} -> {seg['end']:.2f}] {seg['text'].strip()}", flush=True)
         seen = len(segments)
-        if view.state in TERMINAL:
+        if view.state in TERMINAL_JOB_STATES:
             return view.model_dump()
 
 

@@ -17,6 +17,7 @@ from helpers import DATA
 from node_agent import cli
 from node_agent.jsonio import dumps
 from node_agent.languages import WHISPER_LANGUAGES
+from procs import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,11 +44,6 @@ def busy_port() -> Iterator[int]:
         sock.listen()
         yield sock.getsockname()[1]
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_scheduler_on_a_port_in_use(busy_port: int) -> None:

@@ -15,7 +15,6 @@ import base64
 import contextlib
 import logging
 import re
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from node_agent.scheduler.server import Running, start_scheduler
 from node_agent.scheduler.state import SchedulerState
 from node_agent.submit import submit_files
 from stack import agent_stack, eventually
+from procs import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -50,11 +50,6 @@ FAST = RetryPolicies(**{name: RetryPolicy(initial_s=0.05, max_wait_s=0.3, max_to
 FACTS: dict[str, Any] = {"cuda_device_count": 0, "gpus": [], "compute_types": {}}
 AUDIO = b"\x00\x01" * 8000  # the stand-in plugin does not look at it
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def scheduler() -> Running:

@@ -10,7 +10,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import yaml
 
 from helpers import clip
 from stack import agent_stack
+from procs import free_port
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -37,11 +37,6 @@ def prometheus_binary() -> str:
         pytest.skip(reason)
     return found
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def target(url: str) -> str:

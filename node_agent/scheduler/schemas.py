@@ -12,7 +12,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 
-from ..contracts import OPTION_KEYS as OPTION_KEYS  # re-exported: the server lists the known options
 from ..contracts import DecodeOptions
 from ..errors import JOB_ERRORS, JobErrorCode
 from ..languages import NOT_A_CODE, is_language_code

@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel, ValidationError
 
 from ..config import SchedulerSettings, host_port
-from ..contracts import error_key, error_loc, one_line
+from ..contracts import UNKNOWN_OPTION, error_key, error_loc, one_line
 from ..errors import ListenError
 from ..jsonio import json_response
 from .errors import (
@@ -49,7 +49,6 @@ from .errors import (
 )
 from .formats import RESPONSE_FORMATS, to_srt, to_verbose_json, to_vtt
 from .schemas import (
-    OPTION_KEYS,
     RESOURCE_PATTERN,
     EventsReport,
     HeartbeatRequest,
@@ -222,7 +221,7 @@ def _describe(exc: ValidationError, prefix: str = "") -> tuple[str, str | None]:
     """One line naming the first bad field, and that field's name."""
     loc = ".".join(error_loc(exc))
     if loc.startswith("options.") or prefix.startswith("options"):
-        unknown = f"unknown option; known options: {', '.join(OPTION_KEYS)}"
+        unknown = UNKNOWN_OPTION
     else:
         unknown = "unknown field"
     return one_line(exc, prefix=prefix, unknown=unknown), error_key(exc, prefix)
@@ -556,7 +555,7 @@ async def _openai_transcriptions(request: web.Request) -> web.Response:
         JobSpec,
         {
             "language": fields.get("language") or None,
-            "options": _validate(JobOptions, options, prefix="").model_dump(exclude_none=True),
+            "options": _validate(JobOptions, options, prefix="").wire(),
             "deadline_s": OPENAI_WAIT_S,
         },
     )
