@@ -42,7 +42,8 @@ from node_agent.scheduler.errors import (
     Unservable,
 )
 from node_agent.scheduler.server import sanitize_filename, serve, start_scheduler
-from node_agent.scheduler.state import QUEUE_FULL_RETRY_S, SchedulerState
+from node_agent.scheduler.rules import QUEUE_FULL_RETRY_S
+from node_agent.scheduler.state import SchedulerState
 
 pytestmark = pytest.mark.timeout(20)
 

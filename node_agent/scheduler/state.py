@@ -17,25 +17,34 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Literal
 
 from prometheus_client import CollectorRegistry
 
 from ..config import SchedulerSettings
-from ..languages import MULTILINGUAL_MODEL
 from .errors import (
     InvalidInput,
     JobNotAssigned,
     LeaseUnusable,
     NodeNotFound,
-    QueueFull,
     ReportRejected,
     ResourceHeld,
-    TooLarge,
     UnknownJob,
     Unservable,
 )
 from .metrics import SchedulerMetrics
+from .rules import (
+    Holder,
+    Served,
+    admission_refusal,
+    check_holder,
+    clamp_ttl,
+    language_fits,
+    queue_full,
+    requeue_or_fail,
+    unservable_error,
+    unservable_message,
+)
 from .schemas import (
     JOB_ERROR_CODES,
     RETRYABLE_ERROR_CODES,
@@ -66,10 +75,6 @@ from .schemas import (
 log = logging.getLogger("node_agent.scheduler")
 
 QUEUE_TOPIC = "queue"
-#: Retry-After of a 429 queue_full: a place frees whenever any job finishes, which on a busy cluster is seconds.
-QUEUE_FULL_RETRY_S = 5
-#: How many distinct (languages, model) offers a no_capable_node message lists before "and N more".
-MAX_OFFERS_SHOWN = 5
 Listener = Callable[[str], None]
 LeaseState = Literal["active", "expired", "released", "superseded"]
 
@@ -143,66 +148,6 @@ class Job:
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL_JOB_STATES
-
-
-def _language_fits(device: DeviceSpec, language: str | None) -> bool:
-    return language is None or device.languages is None or language in device.languages
-
-
-def _serves(device: DeviceSpec, language: str | None) -> bool:
-    """Whether ``device`` can run a job in ``language``: the one capability rule, for assignment and admission."""
-    return device.plugin == "asr" and _language_fits(device, language)
-
-
-@dataclass(frozen=True)
-class Served:
-    """What the live nodes' devices serve, summed up so that each job is checked in O(1)."""
-
-    live_nodes: int
-    #: Some live device takes every language (a multilingual model without a language list).
-    any_language: bool
-    has_device: bool
-    languages: frozenset[str]
-    #: "en with tiny.en": one per distinct (languages, model), for messages.
-    offers: tuple[str, ...]
-
-    @classmethod
-    def of(cls, nodes: Iterable[Node]) -> "Served":
-        live = [n for n in nodes if n.state != "gone"]
-        devices = [d for n in live for d in n.devices if d.plugin == "asr"]
-        offers: dict[str, None] = {}
-        for d in devices:
-            languages = "/".join(d.languages) if d.languages is not None else "any language"
-            offers[f"{languages or 'no language'} with {d.model}"] = None
-        return cls(
-            live_nodes=len(live),
-            any_language=any(d.languages is None for d in devices),
-            has_device=bool(devices),
-            languages=frozenset(lang for d in devices for lang in d.languages or ()),
-            offers=tuple(offers),
-        )
-
-    def serves(self, language: str | None) -> bool:
-        """Whether some live device can run a job in ``language`` (None: detect it; any device will do)."""
-        if language is None:
-            return self.has_device
-        return self.any_language or language in self.languages
-
-
-def unservable_message(language: str | None, served: Served) -> str:
-    """One line for a job no live node serves: what was asked, what the live nodes serve, and what to change."""
-    asked = f"serves language {language!r}" if language is not None else "has an asr device"
-    if served.offers:
-        shown = ", ".join(served.offers[:MAX_OFFERS_SHOWN])
-        more = len(served.offers) - MAX_OFFERS_SHOWN
-        serving = f"nodes serve: {shown}" + (f" and {more} more" if more > 0 else "")
-    else:
-        serving = "no node is live" if not served.live_nodes else "no live node has an asr device"
-    if language is not None and language != "en":
-        fix = f"run a node with asr.model: {MULTILINGUAL_MODEL}"
-    else:
-        fix = "start a node (node-agent run)"
-    return f"no live node {asked} ({serving}); {fix}"
 
 
 class SchedulerState:
@@ -280,7 +225,7 @@ class SchedulerState:
 
     def _served(self) -> Served:
         if self._served_cache is None:
-            self._served_cache = Served.of(self._nodes.values())
+            self._served_cache = Served.of(n.devices for n in self._nodes.values() if n.state != "gone")
         return self._served_cache
 
     def _nodes_changed(self) -> None:
@@ -446,14 +391,8 @@ class SchedulerState:
             message = unservable_message(spec.language, served)
             log.info("job refused reason=no_capable_node %s", message)
             raise Unservable(message, param="language" if spec.language is not None else None)
-        if size > s.max_queued_bytes:
-            raise TooLarge(f"audio of {size} bytes is over scheduler.max_queued_bytes ({s.max_queued_bytes})")
-        if self._open_jobs >= s.max_queued_jobs:
-            why = f"{self._open_jobs} unfinished jobs reach scheduler.max_queued_jobs ({s.max_queued_jobs})"
-        elif self._open_bytes + size > s.max_queued_bytes:
-            why = (f"{self._open_bytes} bytes of unfinished jobs' audio and this job's {size} would pass "
-                   f"scheduler.max_queued_bytes ({s.max_queued_bytes})")
-        else:
+        why = admission_refusal(s, self._open_jobs, self._open_bytes, size)
+        if why is None:
             if self._refusing:
                 self._refusing = False
                 log.info("queue accepting jobs again unfinished_jobs=%d bytes=%d", self._open_jobs, self._open_bytes)
@@ -462,7 +401,7 @@ class SchedulerState:
         if not self._refusing:
             self._refusing = True
             log.warning("queue full, refusing jobs: %s", why)
-        raise QueueFull(f"queue full: {why}; retry later", retry_after_s=QUEUE_FULL_RETRY_S)
+        raise queue_full(why)
 
     def _enqueue(self, job: Job, now: float) -> None:
         bisect.insort(self._queue, (job.seq, job.job_id))
@@ -540,7 +479,7 @@ class SchedulerState:
             return None
         for index, (_, job_id) in enumerate(self._queue):
             job = self._jobs[job_id]
-            device = next((d for d in devices if _language_fits(d, job.spec.language)), None)
+            device = next((d for d in devices if language_fits(d, job.spec.language)), None)
             if device is not None:
                 del self._queue[index]
                 return self._assign(job, node, device, now)
@@ -614,27 +553,14 @@ class SchedulerState:
     def _check_holder(self, job: Job, attempt: int, lease_id: str, epoch: int, node_id: str) -> LeaseRecord:
         """The job's live lease if (attempt, lease id, epoch, node) all name its current holder; else
         ReportRejected naming the first field that does not match. Renewals, events and results all pass here."""
-        if job.terminal:
-            raise ReportRejected(f"job {job.job_id} already finished ({job.state})", code="already_completed")
-        if attempt != job.attempt:
-            raise ReportRejected(
-                f"attempt {attempt} is not the current attempt {job.attempt} of job {job.job_id}",
-                code="stale_attempt",
-            )
         lease = self._active.get(job.lease_id) if job.lease_id is not None else None
-        if lease is None:
-            raise ReportRejected(f"job {job.job_id} has no live lease", code="stale_epoch")
-        # Each field is checked on its own: a superseded lease, a reused epoch number or a node repeating the
-        # holder's numbers must all be refused, and the message says which field gave it away.
-        if lease_id != lease.lease_id:
-            why = f"lease_id {lease_id} is not the live lease {lease.lease_id} of job {job.job_id}"
-        elif epoch != lease.epoch:
-            why = f"lease_epoch {epoch} is not the epoch {lease.epoch} of job {job.job_id}'s live lease {lease_id}"
-        elif node_id != lease.node_id:
-            why = f"node_id {node_id} is not the holder {lease.node_id} of job {job.job_id}'s lease {lease_id}"
-        else:
-            return lease
-        raise ReportRejected(why, code="stale_epoch")
+        check_holder(
+            Holder(job.job_id, job.terminal, job.state, job.attempt, lease.lease_id if lease else None,
+                   lease.epoch if lease else None, lease.node_id if lease else None),
+            attempt, lease_id, epoch, node_id,
+        )
+        assert lease is not None  # check_holder refuses a job without a live lease
+        return lease
 
     def report_result(self, job_id: str, report: ResultReport) -> ResultAck:
         """Accept the one final result of a job from its current holder (``_check_holder``)."""
@@ -742,7 +668,7 @@ class SchedulerState:
         return self._epoch
 
     def _clamp_ttl(self, ttl_s: float) -> float:
-        return min(max(ttl_s, self.settings.lease_min_ttl_s), self.settings.lease_max_ttl_s)
+        return clamp_ttl(self.settings, ttl_s)
 
     def renew_lease(self, lease_id: str, req: RenewRequest) -> RenewResponse:
         now = self._now()
@@ -820,11 +746,9 @@ class SchedulerState:
         self._assigned.discard(job.job_id)
         if job.lease_id is not None and job.lease_id in self._active:
             self._end_lease(self._active[job.lease_id], "released", now)
-        if job.attempt >= self.settings.max_attempts:
-            self._finish(job, now, JobErrorInfo(code=code, message=f"{message} (after {job.attempt} attempts)"))
-            return
-        if job.deadline_at is not None and job.deadline_at <= now:
-            self._finish(job, now, JobErrorInfo(code="timeout", message=f"the deadline passed ({message})"))
+        outcome = requeue_or_fail(self.settings, job.attempt, job.deadline_at, now, code, message)
+        if outcome != "requeue":
+            self._finish(job, now, outcome)
             return
         previous_node = job.node_id
         job.attempt += 1
@@ -895,16 +819,7 @@ class SchedulerState:
             if job is None or job.state != "queued":  # a guard: leaving the queue removes a job from the map
                 del self._unservable[job_id]
                 continue
-            message = unservable_message(job.spec.language, self._served())
-            self._finish(
-                job,
-                now,
-                JobErrorInfo(
-                    code="no_capable_node",
-                    message=f"queued {now - since:.0f} s without a capable node (scheduler.unservable_after_s: "
-                    f"{after:g}): {message}",
-                ),
-            )
+            self._finish(job, now, unservable_error(job.spec.language, self._served(), now - since, after))
 
     def _advance(self, now: float) -> None:
         s = self.settings
