@@ -739,7 +739,7 @@ def profile(b: Bench) -> None:
     timings: dict[str, float] = {}
 
     async def main() -> Any:
-        sched = await start_scheduler(settings.scheduler)
+        sched = await start_scheduler(settings.scheduler, state_dir=settings.node.state_dir)
         agent = NodeAgent(settings, sched.url, facts=await probe_node())
         await agent.start()
         await agent.workers["cpu"].wait_ready(120)

@@ -179,7 +179,8 @@ async def run_agent(settings: Settings) -> int:
     if url == "embedded":
         from .scheduler.server import start_scheduler
 
-        embedded = await start_scheduler(settings.scheduler)  # a port in use: ListenError, one line in cli.main
+        # A port in use (ListenError) or an unusable store (StoreError): one line in cli.main.
+        embedded = await start_scheduler(settings.scheduler, state_dir=settings.node.state_dir)
         url = embedded.url
     agent = Agent(settings, url, facts=facts, state=state)
     try:

@@ -166,8 +166,8 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     overrides = {"scheduler.listen": args.listen} if args.listen else None
     settings = _load(args, overrides)
     _setup_logging(settings.log.level)
-    pin_mmap_threshold()  # holds every queued job's audio; see mmap_tuning.py
-    asyncio.run(serve(settings.scheduler))
+    pin_mmap_threshold()  # moves MB-sized audio chunks; see mmap_tuning.py
+    asyncio.run(serve(settings.scheduler, settings.node.state_dir))
     return 0
 
 

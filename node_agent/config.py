@@ -221,6 +221,46 @@ class SchedulerSettings(_Section):
     unservable_after_s: float = Field(
         60.0, gt=0, description="A queued job no live node can serve fails with no_capable_node after this."
     )
+    store: SecretStr = Field(
+        SecretStr("sqlite"),
+        description="Where the scheduler keeps its state: 'sqlite' (scheduler.db in node.state_dir), "
+        "'sqlite:////absolute/path.db', 'postgresql://USER[:PASSWORD]@HOST:PORT/DB' (replicas share it), or "
+        "'memory' (lost on restart; for tests).",
+    )
+
+    @property
+    def store_url(self) -> str:
+        return self.store.get_secret_value()
+
+    @property
+    def store_shown(self) -> str:
+        """``store`` with any password replaced by ``***``: what logs, /status and check-config show."""
+        return redact_dsn(self.store_url)
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store(cls, value: Any) -> Any:
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if not isinstance(raw, str):
+            return value
+        raw = raw.strip()
+        if raw in ("sqlite", "memory"):
+            return raw
+        if raw.startswith("sqlite:"):
+            if not raw.startswith("sqlite:////") or len(raw) <= len("sqlite:////"):
+                raise ValueError("give an absolute path as sqlite:////absolute/path.db")
+            return raw
+        if raw.startswith(("postgresql://", "postgres://")):
+            parts = urllib.parse.urlsplit(raw)
+            try:
+                port = parts.port
+            except ValueError:
+                port = -1
+            if not parts.hostname or not parts.path.strip("/") or port == -1:
+                raise ValueError(f"{redact_dsn(raw)!r}: expected postgresql://USER[:PASSWORD]@HOST:PORT/DB")
+            return raw
+        raise ValueError("must be sqlite, sqlite:////absolute/path.db, postgresql://USER[:PASSWORD]@HOST:PORT/DB "
+                         "or memory")
 
     @field_validator("listen")
     @classmethod
@@ -359,7 +399,20 @@ class Settings(_Section):
             data["scheduler"]["token"] = "**********"
         if self.http.token is not None:
             data["http"]["token"] = "**********"
+        data["scheduler"]["store"] = self.scheduler.store_shown
         return data
+
+
+def redact_dsn(dsn: str) -> str:
+    """A store DSN with its password replaced by ``***`` (for logs, /status, check-config)."""
+    try:
+        parts = urllib.parse.urlsplit(dsn)
+        password = parts.password
+    except ValueError:
+        return dsn.split("@")[-1] if "@" in dsn else dsn
+    if password is None:
+        return dsn
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{parts.netloc.rsplit('@', 1)[-1]}"))
 
 
 def _split_host_port(value: str) -> tuple[str, int]:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import itertools
+import os
+import re
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 
 from node_agent.config import Settings, load_settings
 from node_agent.supervisor import Worker, WorkerObserver, WorkerState, worker_spec
+import pg
 
 
 def make_settings(**sections: dict[str, Any]) -> Settings:
@@ -76,3 +80,39 @@ async def worker_factory() -> AsyncIterator[Callable[..., Any]]:
     yield make
     for w in workers:
         await w.stop()
+
+
+def _require_postgresql() -> None:
+    if pg.available():
+        return
+    message = "PostgreSQL (initdb) not found; .ci/run installs the Debian postgresql package"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+_pg_databases = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[pg.PgServer]:
+    """One real PostgreSQL for the session (skipped without one, a failure under CI). Do not stop it."""
+    _require_postgresql()
+    with pg.PgServer() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_dsn(pg_server: pg.PgServer, request: pytest.FixtureRequest) -> Iterator[str]:
+    """The DSN (with password) of a fresh empty database on the session's server, dropped after the test."""
+    dbname = f"t{next(_pg_databases)}_" + re.sub(r"[^a-z0-9_]+", "_", request.node.name.lower())[:40]
+    yield pg_server.create_database(dbname)
+    pg_server.drop_database(dbname)
+
+
+@pytest.fixture
+def pg_private() -> Iterator[pg.PgServer]:
+    """A started PostgreSQL of the test's own, which it may stop and start; deleted after the test."""
+    _require_postgresql()
+    with pg.PgServer() as server:
+        yield server

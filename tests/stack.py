@@ -114,7 +114,8 @@ async def agent_stack(tmp_path: Path, worker_command: list[str] | None = None,
     settings = make_settings(node={"state_dir": str(tmp_path / "state")}, **sections)
     registry, scheduler_registry = CollectorRegistry(), CollectorRegistry()
     metrics = AgentMetrics(registry=registry)
-    scheduler = await start_scheduler(settings.scheduler, scheduler_registry, host="127.0.0.1", port=0)
+    scheduler = await start_scheduler(settings.scheduler, scheduler_registry, host="127.0.0.1", port=0,
+                                      state_dir=settings.node.state_dir)
     agent: Agent | None = None
     http: RunningHttp | None = None
     session: aiohttp.ClientSession | None = None

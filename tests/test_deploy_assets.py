@@ -182,6 +182,7 @@ def _systemd_values(path: Path, key: str) -> list[str]:
 
 
 def _k8s_docs() -> dict[tuple[str, str], dict[str, Any]]:
+    """The manifests kustomize applies, plus the examples (``*.example.yaml``) an operator copies and edits."""
     docs = {}
     for path in sorted(K8S.glob("*.yaml")):
         if path.name == "kustomization.yaml":
@@ -442,8 +443,9 @@ def test_k8s_manifests() -> None:
     kustomization = _load_yaml(K8S / "kustomization.yaml")
     for resource in kustomization["resources"]:
         assert (K8S / resource).exists(), resource
-    listed = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert listed == set(kustomization["resources"]), "every manifest is in kustomization.yaml"
+    examples = {p.name for p in K8S.glob("*.example.yaml")}
+    listed = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"} - examples
+    assert listed == set(kustomization["resources"]), "every manifest but the examples is in kustomization.yaml"
 
     pod = docs[("DaemonSet", "node-agent")]["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] > _grace_s()
@@ -460,13 +462,63 @@ def test_k8s_manifests() -> None:
     mounts = {m["mountPath"] for m in agent["volumeMounts"]}
     assert {"/var/lib/node-agent", "/etc/node-agent"} <= mounts
 
-    scheduler = docs[("Deployment", "node-scheduler")]["spec"]
-    assert scheduler["replicas"] == 1 and scheduler["strategy"]["type"] == "Recreate"
     assert docs[("Service", "node-scheduler")]["spec"]["ports"][0]["port"] == 8470
     assert docs[("Service", "node-agent")]["spec"]["clusterIP"] == "None"
     # The alerts select these job names; prometheus-operator takes them from the Service names.
     monitors = {name for kind, name in docs if kind == "ServiceMonitor"}
     assert monitors == {"node-agent", "node-scheduler"}
+
+
+def test_k8s_scheduler_is_replicated_on_a_secret_store() -> None:
+    docs = _k8s_docs()
+    deployment = docs[("Deployment", "node-scheduler")]
+    spec = deployment["spec"]
+    assert spec["replicas"] == 2
+    # A rolling update never takes both replicas down at once.
+    assert spec["strategy"]["type"] == "RollingUpdate"
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 1
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"][0] == "scheduler"
+    env = {e["name"]: e for e in container["env"]}
+    # The DSN carries a password: from a Secret, never a literal value.
+    store = env["NODE_AGENT_SCHEDULER__STORE"]
+    assert "value" not in store
+    store_ref = store["valueFrom"]["secretKeyRef"]
+    assert (store_ref["name"], store_ref["key"]) == ("node-scheduler-store", "dsn")
+    assert not store_ref.get("optional"), "without the Secret the pods must not start (on a private SQLite each)"
+    assert env["NODE_AGENT_SCHEDULER__TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "node-agent-scheduler-token"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+
+    labels = spec["selector"]["matchLabels"]
+    assert docs[("Service", "node-scheduler")]["spec"]["selector"] == labels
+    pdb = docs[("PodDisruptionBudget", "node-scheduler")]
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"]["minAvailable"] == 1 and pdb["spec"]["selector"]["matchLabels"] == labels
+
+    # The example Secret is named as the Deployment expects, is never applied by kustomize, and holds no
+    # password anyone could leave in place unnoticed.
+    example = K8S / "scheduler-store-secret.example.yaml"
+    assert example.name not in _load_yaml(K8S / "kustomization.yaml")["resources"]
+    secret = docs[("Secret", "node-scheduler-store")]
+    dsn = secret["stringData"]["dsn"]
+    assert dsn.startswith("postgresql://")
+    assert "REPLACE" in dsn.split("@", 1)[0], dsn
+    assert "scheduler-store-secret.example.yaml" in (DEPLOY / "README.md").read_text(encoding="utf-8")
+
+
+def test_systemd_scheduler_reads_its_store_from_an_environment_file() -> None:
+    unit = SYSTEMD / "node-scheduler.service"
+    # Optional ("-"): absent means the SQLite default; read after the shared env file so the DSN there wins.
+    assert _systemd_values(unit, "EnvironmentFile") == ["-/etc/node-agent/env", "-/etc/node-agent/scheduler.env"]
+    assert not [v for v in _systemd_values(unit, "Environment") if v.startswith("NODE_AGENT_SCHEDULER__STORE=")]
+    (state_dir,) = _systemd_values(unit, "StateDirectory")
+    assert _systemd_values(unit, "Environment").count(f"NODE_AGENT_NODE__STATE_DIR=/var/lib/{state_dir}") == 1
+    # The hardening stays.
+    for key, value in (("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("ProtectHome", "yes"),
+                       ("PrivateTmp", "yes"), ("User", "node-agent"), ("CapabilityBoundingSet", "")):
+        assert _systemd_values(unit, key) == [value], key
 
 
 def test_k8s_config_is_valid_for_the_agent(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ since decoding is not what is tested here. The chaos proxy (tests/chaos_proxy.py
 
 from __future__ import annotations
 
+import tempfile
 import argparse
 import asyncio
 import base64
@@ -53,7 +54,8 @@ AUDIO = b"\x00\x01" * 8000  # the stand-in plugin does not look at it
 
 
 async def scheduler() -> Running:
-    return await start_scheduler(make_settings().scheduler, CollectorRegistry(), host="127.0.0.1", port=0)
+    return await start_scheduler(make_settings().scheduler, CollectorRegistry(), host="127.0.0.1", port=0,
+                                 state_dir=Path(tempfile.mkdtemp(prefix="scheduler-")))
 
 
 @contextlib.asynccontextmanager
@@ -100,7 +102,7 @@ async def test_an_agent_fails_over_to_the_second_scheduler_when_the_first_stops(
         async with agent_on([first.url, second.url], tmp_path, {"segments": 2}) as (agent, registry):
             node_id = agent.identity.node_id
             assert agent.client.base_url == first.url
-            assert [n.node_id for n in first.state.list_nodes().nodes] == [node_id]
+            assert [n.node_id for n in (await first.store.list_nodes()).nodes] == [node_id]
             view = await finished(first.url, await submit(first.url))
             assert view["state"] == "succeeded" and view["node_id"] == node_id, view
 
@@ -161,7 +163,8 @@ def submit_args(scheduler_url: str, path: Path, timeout: float = 60.0) -> argpar
 
 async def test_submit_retries_through_503s_and_a_lost_answer_without_a_second_job(tmp_path, capsys) -> None:
     scheduler_registry = CollectorRegistry()
-    running = await start_scheduler(make_settings().scheduler, scheduler_registry, host="127.0.0.1", port=0)
+    running = await start_scheduler(make_settings().scheduler, scheduler_registry, host="127.0.0.1", port=0,
+                                    state_dir=tmp_path)
     proxy = await ChaosProxy(running.url).start(free_port())
     clip = tmp_path / "clip.pcm"
     clip.write_bytes(AUDIO)
@@ -185,7 +188,8 @@ async def test_submit_retries_through_503s_and_a_lost_answer_without_a_second_jo
 
 async def test_a_job_lost_by_a_restarted_scheduler_is_one_line(tmp_path, capsys) -> None:
     port = free_port()
-    settings = make_settings().scheduler
+    # The in-memory store: what a restart loses (the default store keeps the job; test_store.py shows that).
+    settings = make_settings(scheduler={"store": "memory"}).scheduler
     first = await start_scheduler(settings, CollectorRegistry(), host="127.0.0.1", port=port)
     clip = tmp_path / "clip.pcm"
     clip.write_bytes(AUDIO)
@@ -194,7 +198,7 @@ async def test_a_job_lost_by_a_restarted_scheduler_is_one_line(tmp_path, capsys)
     task = loop.create_task(submit_files(submit_args(first.url, clip), make_settings()))
     second: Running | None = None
     try:
-        await eventually(lambda: first.state.queue_depth() == 1, 10, "the job queued")  # no node takes it
+        await eventually(lambda: first.store.state.queue_depth() == 1, 10, "the job queued")  # no node takes it
         await first.stop()
         await asyncio.sleep(0.3)  # the client's polls are refused meanwhile, and retried
         second = await start_scheduler(settings, CollectorRegistry(), host="127.0.0.1", port=port)
@@ -246,7 +250,7 @@ async def test_a_retried_post_with_the_same_idempotency_key_returns_the_same_job
             assert status == 202 and other["job_id"] != first["job_id"]
             status, plain, _ = await post(body, None)  # no key: a new job every time, as before
             assert status == 202 and plain["job_id"] not in (first["job_id"], other["job_id"])
-            assert running.state.queue_depth() == 3
+            assert await running.store.queue_depth() == 3
 
             status, reused, _ = await post({**body, "sample_rate": 8000}, "key-1")
             assert status == 400 and reused["error"]["code"] == "idempotency_key_reused", reused
@@ -254,7 +258,7 @@ async def test_a_retried_post_with_the_same_idempotency_key_returns_the_same_job
             status, bad, _ = await post(body, "x" * 256)
             assert status == 400 and bad["error"]["code"] == "invalid_request", bad
             assert "Idempotency-Key" in bad["error"]["message"]
-            assert running.state.queue_depth() == 3
+            assert await running.store.queue_depth() == 3
     finally:
         await running.stop()
 

@@ -4,6 +4,8 @@ shapes a real one rarely produces (aioresponses). The worker is the scripted sta
 
 from __future__ import annotations
 
+from pathlib import Path
+import tempfile
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
@@ -86,7 +88,9 @@ def build(worker: Worker, url: str, node_id: str, lease: dict[str, Any] | None =
 @contextlib.asynccontextmanager
 async def assigned_job(**scheduler: Any) -> AsyncIterator[tuple[Running, str, JobAssignment]]:
     """A real scheduler on loopback, a node registered with it, and one job assigned to that node."""
-    running = await start_scheduler(SchedulerSettings(**scheduler), CollectorRegistry(), host="127.0.0.1", port=0)
+    store = Path(tempfile.mkdtemp(prefix="scheduler-"))
+    running = await start_scheduler(SchedulerSettings(**scheduler), CollectorRegistry(), host="127.0.0.1", port=0,
+                                    state_dir=store)
     client = SchedulerClient(running.url, None, 2.0)
     try:
         reply = await client.register({

@@ -8,6 +8,7 @@ The in-process agent harness is tests/stack.py.
 
 from __future__ import annotations
 
+import tempfile
 import asyncio
 import base64
 import contextlib
@@ -159,7 +160,8 @@ async def leased_job(ttl_s: float) -> AsyncIterator[LeasedJob]:
     registry, scheduler_registry = CollectorRegistry(), CollectorRegistry()
     metrics = AgentMetrics(registry=registry)
     metrics.declare_device("cpu", "tiny.en")
-    running = await start_scheduler(SchedulerSettings(), scheduler_registry, host="127.0.0.1", port=0)
+    running = await start_scheduler(SchedulerSettings(), scheduler_registry, host="127.0.0.1", port=0,
+                                    state_dir=Path(tempfile.mkdtemp(prefix="scheduler-")))
     client = SchedulerClient(running.url, None, 2.0, metrics)
     case: LeasedJob | None = None
     try:
@@ -193,8 +195,8 @@ async def test_renewals_keep_the_lease_then_an_unreachable_scheduler_self_fences
             # Three TTLs: without renewals the scheduler would have expired the lease twice over.
             await asyncio.sleep(3.0)
             assert not lost, lost
-            server_lease = c.running.state.lease(c.lease.lease_id)
-            assert server_lease is not None and server_lease.state == "active"
+            server_lease = await c.running.store.lease_state(c.lease.lease_id)
+            assert server_lease is not None and server_lease["state"] == "active"
             ok = c.sample("node_agent_lease_renewals_total", result="ok")
             assert ok is not None and ok >= 5, ok
             assert c.sample("node_agent_lease_margin_seconds_count") >= 1
@@ -204,7 +206,7 @@ async def test_renewals_keep_the_lease_then_an_unreachable_scheduler_self_fences
             assert c.sample("node_agent_lease_renewals_total", result="failed") == 0.0
             assert c.lease.renewals == ok
             renewed = c.scheduler_registry.get_sample_value("node_agent_scheduler_leases_renewed_total",
-                                                            {"node_id": server_lease.node_id})
+                                                            {"node_id": server_lease["node_id"]})
             assert renewed is not None and renewed >= ok
 
             await c.stop_scheduler()
@@ -237,12 +239,12 @@ async def test_a_410_on_renewal_stops_the_job_with_the_reason(how: str, reason: 
                         assert resp.status == 204
             else:
                 # The scheduler's view: the lease ran out (a paused node, a clock step on the scheduler).
-                state = c.running.state
-                server_lease = state.lease(c.lease.lease_id)
-                assert server_lease is not None
-                server_lease.expires_at = state.clock() - 0.01
-                state.tick()
-                assert server_lease.state == "expired"
+                store = c.running.store
+                await store.engine.run(lambda tx: tx.execute(
+                    "UPDATE leases SET expires_at = 0 WHERE lease_id = $1", c.lease.lease_id))
+                await store.reap()
+                server_lease = await store.lease_state(c.lease.lease_id)
+                assert server_lease is not None and server_lease["state"] == "expired"
             await eventually(lambda: lost, c.settings.renew_interval + 2.0, "on_lost after a 410 renewal")
             await asyncio.sleep(0.3)
         assert len(lost) == 1

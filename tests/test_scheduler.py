@@ -9,8 +9,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import aiohttp
@@ -212,7 +215,8 @@ class Harness:
 async def scheduler(**overrides: Any) -> AsyncIterator[Harness]:
     settings = SchedulerSettings(**overrides)
     registry = CollectorRegistry()
-    running = await start_scheduler(settings, registry, host="127.0.0.1", port=0)
+    state_dir = Path(tempfile.mkdtemp(prefix="scheduler-"))  # the default store: scheduler.db there
+    running = await start_scheduler(settings, registry, host="127.0.0.1", port=0, state_dir=state_dir)
     headers = {"Authorization": f"Bearer {settings.token.get_secret_value()}"} if settings.token else {}
     session = aiohttp.ClientSession(headers=headers)
     try:
@@ -220,6 +224,7 @@ async def scheduler(**overrides: Any) -> AsyncIterator[Harness]:
     finally:
         await session.close()
         await running.stop()
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------ state (pure)
@@ -503,6 +508,7 @@ async def test_register_heartbeat_and_reregister_after_404(caplog: pytest.LogCap
         assert status == 200
         status, reply, _ = await h.call("PUT", f"/v1/nodes/{node}/heartbeat", json={**beat, "cpu_percent": "lots"})
         assert status == 400 and "cpu_percent" in reply["error"]["message"]
+        await h.running.store.refresh_gauges()  # what a /metrics scrape does first
         assert h.metric("node_agent_scheduler_nodes", state="busy") == 1
         assert h.metric("node_agent_scheduler_nodes", state="ready") == 1
         assert h.metric("node_agent_scheduler_nodes", state="draining") == 0
@@ -1007,9 +1013,9 @@ async def test_openai_errors() -> None:
 
 
 @pytest.mark.asyncio
-async def test_stop_wakes_long_polls_at_once() -> None:
+async def test_stop_wakes_long_polls_at_once(tmp_path: Path) -> None:
     settings = SchedulerSettings()
-    running = await start_scheduler(settings, host="127.0.0.1", port=0)
+    running = await start_scheduler(settings, host="127.0.0.1", port=0, state_dir=tmp_path)
     async with aiohttp.ClientSession() as session:
         async with session.post(
             running.url + "/v1/nodes",
@@ -1030,9 +1036,9 @@ async def test_stop_wakes_long_polls_at_once() -> None:
 
 
 @pytest.mark.asyncio
-async def test_serve_logs_its_url_and_stops_on_sigterm(caplog: pytest.LogCaptureFixture) -> None:
+async def test_serve_logs_its_url_and_stops_on_sigterm(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     caplog.set_level(logging.INFO, logger="node_agent.scheduler")
-    server = asyncio.create_task(serve(SchedulerSettings(listen="127.0.0.1:0")))
+    server = asyncio.create_task(serve(SchedulerSettings(listen="127.0.0.1:0"), tmp_path))
     for _ in range(100):
         match = re.search(r"scheduler listening on (http://\S+)", caplog.text)
         if match:
@@ -1084,14 +1090,14 @@ async def test_language_must_be_a_whisper_code_on_both_apis() -> None:
 
 
 @pytest.mark.asyncio
-async def test_port_in_use_is_one_line_naming_the_key() -> None:
+async def test_port_in_use_is_one_line_naming_the_key(tmp_path: Path) -> None:
     from node_agent.errors import ListenError
 
     busy = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = busy.sockets[0].getsockname()[1]
     try:
         with pytest.raises(ListenError) as exc:
-            await start_scheduler(SchedulerSettings(), host="127.0.0.1", port=port)
+            await start_scheduler(SchedulerSettings(), host="127.0.0.1", port=port, state_dir=tmp_path)
         assert str(exc.value) == f"cannot listen on 127.0.0.1:{port} (scheduler.listen): address already in use"
     finally:
         busy.close()

@@ -97,3 +97,19 @@ class Unservable(ApiError):
     what the live nodes serve, and what to change."""
 
     code = "no_capable_node"
+
+
+class StoreUnavailable(ApiError):
+    """The store (PostgreSQL) cannot be reached or answered with a transient error: 503 with Retry-After. Nothing was
+    changed, so the caller retries the same request."""
+
+    code = "store_unavailable"
+
+    def __init__(self, message: str, retry_after_s: int = 2) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class StoreError(NodeAgentError):
+    """The store cannot be used at all (a path that cannot be opened, a newer schema, a bad DSN): the scheduler does
+    not start, and says why in one line."""

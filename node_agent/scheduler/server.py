@@ -1,7 +1,9 @@
-"""HTTP face of the scheduler (protocol version 1, docs/protocol.md): maps requests onto SchedulerState.
+"""HTTP face of the scheduler (protocol version 1, docs/protocol.md): maps requests onto the store.
 
-Long polls wait on per-topic asyncio events that the state machine fires on change; a background
-task ticks the state so leases expire and waiters wake even when no request arrives.
+Long polls wait on per-topic wake-ups that the store announces after each change it commits (on PostgreSQL, from
+every replica through LISTEN/NOTIFY), and re-check the store now and then besides; a background task reaps what fell
+due (expired leases, vanished nodes, deadlines) so waiters wake even when no request arrives. Uploads are streamed
+into the store as they arrive.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import hmac
 import json
 import logging
 import math
+import random
 import re
 import signal
 import time
 import unicodedata
 import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 
 from aiohttp import BodyPartReader, web
@@ -41,6 +45,7 @@ from .errors import (
     ReportRejected,
     ResourceHeld,
     ShuttingDown,
+    StoreUnavailable,
     TooLarge,
     Unauthorized,
     UnknownJob,
@@ -61,12 +66,17 @@ from .schemas import (
     RenewRequest,
     ResultReport,
 )
-from .state import QUEUE_TOPIC, SchedulerState, job_topic
+from .store import Store, Upload, open_store
+from .topics import QUEUE_TOPIC, job_topic
 
 log = logging.getLogger("node_agent.scheduler")
 
-#: How often leases, heartbeats and assignments are checked for expiry.
-TICK_S = 0.1
+#: A queue change wakes this many of the nodes waiting for work (each then claims from the store); waking all of
+#: them would cost a store transaction per waiting node per job.
+QUEUE_WAKE = 2
+#: JSON bodies are parsed whole, so they are bounded well below max_body_bytes; larger audio goes as multipart,
+#: which is streamed into the store.
+MAX_JSON_BODY_BYTES = 64 * 1024 * 1024
 #: The longest the OpenAI-compatible endpoint waits for its job (it has no deadline field).
 OPENAI_WAIT_S = 600.0
 #: Bodies above this are parsed / decoded in a thread so the event loop keeps serving heartbeats.
@@ -75,6 +85,8 @@ THREAD_PARSE_BYTES = 1024 * 1024
 SHUTDOWN_TIMEOUT_S = 5.0
 OPENAI_PATH = "/v1/audio/transcriptions"
 MAX_FILENAME_CHARS = 100
+#: A form field other than the file (options, language, ...) is small; this bounds what one may hold in memory.
+MAX_FIELD_BYTES = 1024 * 1024
 #: Deepest nesting a JSON body (or the multipart ``options`` field) may have. The protocol's own shapes need
 #: under 10 levels; far deeper input only exists to exhaust the parser's or a serializer's recursion.
 MAX_JSON_DEPTH = 32
@@ -84,48 +96,66 @@ T = TypeVar("T")
 
 
 class Notifier:
-    """Broadcast wake-ups by topic; waiters re-check their condition after each one."""
+    """Wake-ups by topic. Waiters re-check their (asynchronous) condition after each wake-up, and every ``poll_s``
+    besides when given."""
 
-    def __init__(self) -> None:
-        self._events: dict[str, asyncio.Event] = {}
-        self._waiters: dict[str, int] = {}
+    def __init__(self, poll_s: float | None = None, queue_wake: int | None = None) -> None:
+        self._waiters: dict[str, list[asyncio.Event]] = {}
+        self.poll_s = poll_s
+        self.queue_wake = queue_wake
         self.closed = False
 
     def notify(self, topic: str) -> None:
-        event = self._events.pop(topic, None)
-        if event is not None:
+        waiters = self._waiters.get(topic)
+        if not waiters:
+            return
+        limit = self.queue_wake if topic == QUEUE_TOPIC else None
+        woken = waiters[:limit] if limit is not None else list(waiters)
+        for event in woken:
             event.set()
+        del waiters[: len(woken)]
+
+    def wake_all(self) -> None:
+        """Every waiter re-checks (wake-ups may have been missed: a store connection was lost)."""
+        for waiters in self._waiters.values():
+            for event in waiters:
+                event.set()
+            waiters.clear()
 
     def close(self) -> None:
         """Wake every waiter for good (server shutdown)."""
         self.closed = True
-        for event in self._events.values():
-            event.set()
-        self._events.clear()
+        self.wake_all()
 
-    async def wait_for(self, topic: str, check: Callable[[], T | None], timeout: float) -> T | None:
-        """Return ``check()``'s first non-None value, re-checking on each notify; None after ``timeout``."""
+    async def wait_for(self, topic: str, check: Callable[[], Awaitable[T | None]], timeout: float) -> T | None:
+        """Return ``check()``'s first non-None value, re-checking on each wake-up; None after ``timeout``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        self._waiters[topic] = self._waiters.get(topic, 0) + 1
-        try:
-            while True:
-                # Take the event before checking: a change made after the check sets this event.
-                event = self._events.setdefault(topic, asyncio.Event())
-                result = check()
+        while True:
+            # Listen before checking: a change committed during the check wakes this event.
+            event = asyncio.Event()
+            waiters = self._waiters.setdefault(topic, [])
+            waiters.append(event)
+            try:
+                result = await check()
                 remaining = deadline - loop.time()
                 if result is not None or remaining <= 0 or self.closed:
                     return result
+                wait = remaining if self.poll_s is None else min(remaining, self.poll_s * (0.5 + random.random()))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), remaining)
-        finally:
-            self._waiters[topic] -= 1
-            if not self._waiters[topic]:
-                del self._waiters[topic]
-                self._events.pop(topic, None)
+                    await asyncio.wait_for(event.wait(), wait)
+            finally:
+                waiters = self._waiters.get(topic, [])
+                if event in waiters:
+                    waiters.remove(event)
+                    if event.is_set() and topic == QUEUE_TOPIC:
+                        # Woken while it was leaving (answered, or gave up): pass the wake-up on.
+                        self.notify(topic)
+                if not waiters:
+                    self._waiters.pop(topic, None)
 
 
-STATE_KEY = web.AppKey("scheduler_state", SchedulerState)
+STORE_KEY = web.AppKey("scheduler_store", object)
 SETTINGS_KEY = web.AppKey("scheduler_settings", SchedulerSettings)
 REGISTRY_KEY = web.AppKey("scheduler_registry", CollectorRegistry)
 NOTIFIER_KEY = web.AppKey("scheduler_notifier", Notifier)
@@ -144,6 +174,7 @@ _HTTP_STATUS: dict[type[ApiError], int] = {
     Unservable: 422,
     QueueFull: 429,
     ShuttingDown: 503,
+    StoreUnavailable: 503,
     WaitTimeout: 504,
 }
 
@@ -174,14 +205,17 @@ async def _error_middleware(
         return await handler(request)
     except ApiError as exc:
         response = _error_response(_status_of(exc), exc.code, exc.message, exc.param, openai)
-        if isinstance(exc, (ResourceHeld, QueueFull)):
+        if isinstance(exc, StoreUnavailable):
+            log.warning("%s %s: %s", request.method, request.path, exc.message)
+        if isinstance(exc, (ResourceHeld, QueueFull, StoreUnavailable)):
             response.headers["Retry-After"] = str(exc.retry_after_s)
         if isinstance(exc, Unauthorized):
             response.headers["WWW-Authenticate"] = "Bearer"
         return response
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[SETTINGS_KEY].max_body_bytes
-        return _error_response(413, "too_large", f"request body is over the limit of {limit} bytes", None, openai)
+        return _error_response(
+            413, "too_large", f"JSON request body is over the limit of {MAX_JSON_BODY_BYTES} bytes; send large audio "
+            "as multipart/form-data (a 'file' part), which is streamed", None, openai)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -305,46 +339,63 @@ def sanitize_filename(name: str | None) -> str | None:
 
 
 @dataclass
-class Upload:
-    data: bytes
+class FilePart:
+    upload: Upload
     filename: str | None
 
 
-async def _read_multipart(request: web.Request, max_bytes: int) -> tuple[dict[str, str], Upload | None]:
-    """Form fields and the ``file`` part, counting every byte against ``max_bytes``."""
+async def _read_multipart(request: web.Request, max_bytes: int) -> tuple[dict[str, str], FilePart | None]:
+    """Form fields, and the ``file`` part streamed into the store as it arrives; every byte counts against
+    ``max_bytes``. On any error the partial upload is dropped."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise TooLarge(f"request body is over the limit of {max_bytes} bytes")
     try:
         reader = await request.multipart()
     except (AssertionError, ValueError, KeyError) as exc:
         raise InvalidInput(f"malformed multipart/form-data body: {exc}") from None
+    store = _store(request)
     fields: dict[str, str] = {}
-    upload: Upload | None = None
+    upload: FilePart | None = None
     total = 0
     try:
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
                 raise InvalidInput("nested multipart bodies are not supported")
+            name = part.name or ""
+            if name == "file":
+                if upload is not None:
+                    raise InvalidInput("file: more than one 'file' part", param="file")
+                upload = FilePart(await store.begin_upload(), sanitize_filename(part.filename))
+                while chunk := await part.read_chunk(256 * 1024):
+                    total += len(chunk)
+                    if total > max_bytes:
+                        raise TooLarge(f"request body is over the limit of {max_bytes} bytes")
+                    await upload.upload.write(chunk)
+                continue
             data = bytearray()
             while chunk := await part.read_chunk(256 * 1024):
                 total += len(chunk)
                 if total > max_bytes:
                     raise TooLarge(f"request body is over the limit of {max_bytes} bytes")
+                if len(data) > MAX_FIELD_BYTES:
+                    raise InvalidInput(f"{name}: form field is over {MAX_FIELD_BYTES} bytes", param=name)
                 data.extend(chunk)
-            name = part.name or ""
-            if name == "file":
-                upload = Upload(bytes(data), sanitize_filename(part.filename))
-            elif len(fields) >= 64:
+            if len(fields) >= 64:
                 raise InvalidInput("too many form fields")
-            else:
-                try:
-                    fields[name] = data.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise InvalidInput(f"{name}: form field is not UTF-8 text", param=name) from None
-    except (ValueError, AssertionError, HttpProcessingError) as exc:
-        # A part header that breaks the grammar (CR/LF/NUL smuggled into a file name) is the client's error.
-        reason = getattr(exc, "message", None) or str(exc)
-        raise InvalidInput(f"malformed multipart/form-data body: {str(reason).splitlines()[0][:120]}") from None
+            try:
+                fields[name] = data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidInput(f"{name}: form field is not UTF-8 text", param=name) from None
+    except BaseException as exc:
+        if upload is not None:
+            with contextlib.suppress(Exception):
+                await upload.upload.discard()
+        if isinstance(exc, (ValueError, AssertionError, HttpProcessingError)):
+            # A part header that breaks the grammar (CR/LF/NUL smuggled into a file name) is the client's error.
+            reason = getattr(exc, "message", None) or str(exc)
+            raise InvalidInput(
+                f"malformed multipart/form-data body: {str(reason).splitlines()[0][:120]}") from None
+        raise
     return fields, upload
 
 
@@ -363,26 +414,32 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    with contextlib.suppress(StoreUnavailable):  # the counters are still worth a scrape
+        await _store(request).refresh_gauges()
     body = generate_latest(request.app[REGISTRY_KEY])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def _store(request: web.Request) -> Store:
+    return request.app[STORE_KEY]  # type: ignore[return-value]
+
+
 async def _register(request: web.Request) -> web.Response:
     req = await _read_json(request, RegisterRequest)
-    return _json(request.app[STATE_KEY].register(req), status=201)
+    return _json(await _store(request).register(req), status=201)
 
 
 async def _list_nodes(request: web.Request) -> web.Response:
-    return _json(request.app[STATE_KEY].list_nodes())
+    return _json(await _store(request).list_nodes())
 
 
 async def _heartbeat(request: web.Request) -> web.Response:
     req = await _read_json(request, HeartbeatRequest)
-    return _json(request.app[STATE_KEY].heartbeat(request.match_info["node_id"], req))
+    return _json(await _store(request).heartbeat(request.match_info["node_id"], req))
 
 
 async def _next_job(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE_KEY]
+    store = _store(request)
     settings = request.app[SETTINGS_KEY]
     node_id = request.match_info["node_id"]
     wait_s = _query_float(request, "wait_s", 0.0, 0.0, settings.max_wait_s)
@@ -391,11 +448,11 @@ async def _next_job(request: web.Request) -> web.StreamResponse:
         raise InvalidInput(f"resource: {resource[:20]!r} is not cpu or gpu:N", param="resource")
     gone = object()
 
-    def check() -> Any:
+    async def check() -> Any:
         # A poller that hung up must not be handed a job it will never see.
         if _client_gone(request):
             return gone
-        return state.assign_next(node_id, resource)
+        return await store.assign_next(node_id, resource)
 
     assignment = await request.app[NOTIFIER_KEY].wait_for(QUEUE_TOPIC, check, wait_s)
     if assignment is None or assignment is gone:
@@ -403,36 +460,41 @@ async def _next_job(request: web.Request) -> web.StreamResponse:
     return _json(assignment)
 
 
-async def _job_audio(request: web.Request) -> web.Response:
-    audio = request.app[STATE_KEY].job_audio(request.match_info["job_id"])
-    return web.Response(body=audio, content_type="application/octet-stream")
+async def _job_audio(request: web.Request) -> web.StreamResponse:
+    size, chunks = await _store(request).job_audio(request.match_info["job_id"])
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    response.content_length = size
+    await response.prepare(request)
+    async for chunk in chunks:  # one chunk in memory at a time, however long the audio
+        await response.write(chunk)
+    await response.write_eof()
+    return response
 
 
 async def _grant_lease(request: web.Request) -> web.Response:
     req = await _read_json(request, LeaseRequest)
-    return _json(request.app[STATE_KEY].grant_lease(req), status=201)
+    return _json(await _store(request).grant_lease(req), status=201)
 
 
 async def _renew_lease(request: web.Request) -> web.Response:
     req = await _read_json(request, RenewRequest)
-    return _json(request.app[STATE_KEY].renew_lease(request.match_info["lease_id"], req))
+    return _json(await _store(request).renew_lease(request.match_info["lease_id"], req))
 
 
 async def _release_lease(request: web.Request) -> web.Response:
-    request.app[STATE_KEY].release_lease(request.match_info["lease_id"])
+    await _store(request).release_lease(request.match_info["lease_id"])
     return web.Response(status=204)
 
 
 async def _post_events(request: web.Request) -> web.Response:
     report = await _read_json(request, EventsReport)
-    request.app[STATE_KEY].post_events(request.match_info["job_id"], report)
+    await _store(request).post_events(request.match_info["job_id"], report)
     return json_response({"accepted": True}, status=202)
 
 
 async def _post_result(request: web.Request) -> web.Response:
     report = await _read_json(request, ResultReport)
-    ack = request.app[STATE_KEY].report_result(request.match_info["job_id"], report)
-    return _json(ack)
+    return _json(await _store(request).report_result(request.match_info["job_id"], report))
 
 
 def _form_flag(fields: Mapping[str, str], name: str) -> bool | None:
@@ -459,26 +521,38 @@ def _form_spec(fields: Mapping[str, str]) -> JobSpec:
 
 
 async def _submit_job(request: web.Request) -> web.Response:
+    store = _store(request)
+    key = _idempotency_key(request)
     if request.content_type == "multipart/form-data":
-        fields, upload = await _read_multipart(request, request.app[SETTINGS_KEY].max_body_bytes)
-        spec = _form_spec(fields)
-        if upload is None:
-            raise InvalidInput("file: a multipart part named 'file' with the audio is required", param="file")
-        audio, filename, param = upload.data, upload.filename, "file"
+        fields, part = await _read_multipart(request, request.app[SETTINGS_KEY].max_body_bytes)
+        try:
+            spec = _form_spec(fields)
+            if part is None:
+                raise InvalidInput("file: a multipart part named 'file' with the audio is required", param="file")
+        except BaseException:
+            if part is not None:
+                await part.upload.discard()
+            raise
+        upload, filename, param = part.upload, part.filename, "file"
     else:
         submission = await _read_json(request, JobSubmission)
         text = submission.audio_b64
         audio = await asyncio.to_thread(_decode_b64, text) if len(text) > THREAD_PARSE_BYTES else _decode_b64(text)
         spec = JobSpec.model_validate(submission.model_dump(exclude={"audio_b64"}))
+        del submission, text
         filename, param = None, "audio_b64"
-    _check_audio(spec, audio, param)
-    state = request.app[STATE_KEY]
-    key = _idempotency_key(request)
-    replayed = key is not None and state.submitted(key, spec, len(audio), filename) is not None
-    job = state.submit(spec, audio, filename, idempotency_key=key)
+        upload = await store.begin_upload()
+        await upload.write(audio)
+        del audio
+    try:
+        _check_audio(spec, upload.size, param)
+    except BaseException:
+        await upload.discard()
+        raise
+    job_id, state, replayed = await store.submit(spec, upload, filename, idempotency_key=key)
     # A replay answers as the first try did, with the job as it is now; the header tells the client it was one.
     headers = {"Idempotent-Replayed": "true"} if replayed else None
-    submitted = JobSubmitted(job_id=job.job_id, state=job.state)  # type: ignore[arg-type]
+    submitted = JobSubmitted(job_id=job_id, state=state)  # type: ignore[arg-type]
     return json_response(submitted.model_dump(mode="json"), status=202, headers=headers)
 
 
@@ -498,17 +572,17 @@ def _idempotency_key(request: web.Request) -> str | None:
     return key
 
 
-def _check_audio(spec: JobSpec, audio: bytes, param: str) -> None:
-    if not audio:
+def _check_audio(spec: JobSpec, size: int, param: str) -> None:
+    if not size:
         raise InvalidInput(f"{param}: audio is empty", param=param)
-    if spec.format == "pcm_s16le" and len(audio) % 2 and not spec.options.allow_truncated:
+    if spec.format == "pcm_s16le" and size % 2 and not spec.options.allow_truncated:
         # bad_audio like every other cut audio (the plugin refuses it too); allow_truncated drops the half sample.
         raise InvalidInput(f"{param}: audio truncated: pcm_s16le audio must be a whole number of 16-bit samples; "
-                           f"got {len(audio)} bytes", code="bad_audio", param=param)
+                           f"got {size} bytes", code="bad_audio", param=param)
 
 
 async def _get_job(request: web.Request) -> web.Response:
-    state = request.app[STATE_KEY]
+    store = _store(request)
     job_id = request.match_info["job_id"]
     wait_s = _query_float(request, "wait_s", 0.0, 0.0, request.app[SETTINGS_KEY].max_wait_s)
     raw_after = request.query.get("after_segment")
@@ -521,18 +595,59 @@ async def _get_job(request: web.Request) -> web.Response:
         if after < 0:
             raise InvalidInput("after_segment: must be >= 0", param="after_segment")
     if wait_s > 0:
-        await request.app[NOTIFIER_KEY].wait_for(
-            job_topic(job_id), lambda: True if state.job_settled(job_id, after) else None, wait_s
-        )
-    return _json(state.view_job(job_id))
+        async def settled() -> bool | None:
+            return True if await store.job_settled(job_id, after) else None
+
+        await request.app[NOTIFIER_KEY].wait_for(job_topic(job_id), settled, wait_s)
+    return _json(await store.view_job(job_id))
 
 
 async def _openai_transcriptions(request: web.Request) -> web.Response:
-    state = request.app[STATE_KEY]
+    store = _store(request)
     if request.content_type != "multipart/form-data":
         raise InvalidInput("expected a multipart/form-data body with a 'file' part", param="file")
-    fields, upload = await _read_multipart(request, request.app[SETTINGS_KEY].max_body_bytes)
-    if upload is None or not upload.data:
+    fields, part = await _read_multipart(request, request.app[SETTINGS_KEY].max_body_bytes)
+    try:
+        job_id = await _openai_submit(store, fields, part)
+    except BaseException:
+        if part is not None:
+            await part.upload.discard()
+        raise
+    notifier = request.app[NOTIFIER_KEY]
+
+    async def settled() -> bool | None:
+        return True if await store.job_settled(job_id) else None
+
+    # A little past the job's own deadline, so a job that timed out in the queue is reported as such.
+    await notifier.wait_for(job_topic(job_id), settled, OPENAI_WAIT_S + 1.0)
+    view = await store.view_job(job_id)
+    if view.state == "failed":
+        error = view.error
+        code, message = (error.code, error.message) if error is not None else ("failed", "transcription failed")
+        statuses = {"bad_audio": 400, "invalid_request": 400, "no_capable_node": 422, "timeout": 504}
+        status = statuses.get(code, 500)
+        return _error_response(status, code, message, "file" if code == "bad_audio" else None, openai=True)
+    if view.state != "succeeded":
+        if notifier.closed:
+            raise ShuttingDown("the scheduler is shutting down")
+        raise WaitTimeout(f"job {job_id} did not finish within {OPENAI_WAIT_S:g} s")
+    result = view.result or {}
+    segments = view.segments
+    response_format = fields.get("response_format") or "json"
+    if response_format == "json":
+        return json_response({"text": result.get("text", "")})
+    if response_format == "text":
+        return web.Response(text=result.get("text", ""), content_type="text/plain")
+    if response_format == "verbose_json":
+        return json_response(to_verbose_json(result, segments))
+    if response_format == "srt":
+        return web.Response(text=to_srt(segments), content_type="application/x-subrip")
+    return web.Response(text=to_vtt(segments), content_type="text/vtt")
+
+
+async def _openai_submit(store: Store, fields: Mapping[str, str], part: FilePart | None) -> str:
+    """Check an OpenAI-style form and queue its job: the job id."""
+    if part is None or not part.upload.size:
         raise InvalidInput("file: a non-empty 'file' part with the audio is required", param="file")
     response_format = fields.get("response_format") or "json"
     if response_format not in RESPONSE_FORMATS:
@@ -559,51 +674,35 @@ async def _openai_transcriptions(request: web.Request) -> web.Response:
             "deadline_s": OPENAI_WAIT_S,
         },
     )
-    job = state.submit(spec, upload.data, upload.filename)
-    notifier = request.app[NOTIFIER_KEY]
-    # A little past the job's own deadline, so a job that timed out in the queue is reported as such.
-    await notifier.wait_for(
-        job_topic(job.job_id), lambda: True if state.job_settled(job.job_id) else None, OPENAI_WAIT_S + 1.0
-    )
-    view = state.view_job(job.job_id)
-    if view.state == "failed":
-        error = view.error
-        code, message = (error.code, error.message) if error is not None else ("failed", "transcription failed")
-        statuses = {"bad_audio": 400, "invalid_request": 400, "no_capable_node": 422, "timeout": 504}
-        status = statuses.get(code, 500)
-        return _error_response(status, code, message, "file" if code == "bad_audio" else None, openai=True)
-    if view.state != "succeeded":
-        if notifier.closed:
-            raise ShuttingDown("the scheduler is shutting down")
-        raise WaitTimeout(f"job {job.job_id} did not finish within {OPENAI_WAIT_S:g} s")
-    result = view.result or {}
-    segments = view.segments
-    if response_format == "json":
-        return json_response({"text": result.get("text", "")})
-    if response_format == "text":
-        return web.Response(text=result.get("text", ""), content_type="text/plain")
-    if response_format == "verbose_json":
-        return json_response(to_verbose_json(result, segments))
-    if response_format == "srt":
-        return web.Response(text=to_srt(segments), content_type="application/x-subrip")
-    return web.Response(text=to_vtt(segments), content_type="text/vtt")
+    job_id, _, _ = await store.submit(spec, part.upload, part.filename)
+    return job_id
 
 
 # ------------------------------------------------------------------------------------------ the app
 
 
-async def _ticker(app: web.Application) -> AsyncIterator[None]:
-    state = app[STATE_KEY]
+async def _reaper(app: web.Application) -> AsyncIterator[None]:
+    store: Store = app[STORE_KEY]  # type: ignore[assignment]
 
     async def run() -> None:
+        failing = False
         while True:
-            await asyncio.sleep(TICK_S)
+            await asyncio.sleep(store.reap_s)
             try:
-                state.tick()
-            except Exception:  # one bad tick must not stop expiry for good
-                log.exception("scheduler tick failed")
+                await store.reap()
+            except StoreUnavailable as exc:  # logged once per outage; requests answer 503 meanwhile
+                if not failing:
+                    log.warning("store unavailable, reaping paused: %s", exc.message)
+                failing = True
+                continue
+            except Exception:  # one bad pass must not stop expiry for good
+                log.exception("scheduler reaping failed")
+                continue
+            if failing:
+                log.info("store available again, reaping resumed")
+                failing = False
 
-    task = asyncio.create_task(run(), name="scheduler-ticker")
+    task = asyncio.create_task(run(), name="scheduler-reaper")
     try:
         yield
     finally:
@@ -616,22 +715,31 @@ async def _wake_waiters(app: web.Application) -> None:
     app[NOTIFIER_KEY].close()
 
 
-def create_app(settings: SchedulerSettings, registry: CollectorRegistry | None = None) -> web.Application:
-    """The scheduler as an aiohttp application (state at ``app[STATE_KEY]``)."""
+async def _close_store(app: web.Application) -> None:
+    await app[STORE_KEY].close()  # type: ignore[attr-defined]
+
+
+async def create_app(
+    settings: SchedulerSettings, registry: CollectorRegistry | None = None, state_dir: Path | None = None
+) -> web.Application:
+    """The scheduler as an aiohttp application, its store open (at ``app[STORE_KEY]``). A store that cannot be
+    used raises ``StoreError``."""
     registry = registry if registry is not None else CollectorRegistry()
-    state = SchedulerState(settings, registry=registry)
     notifier = Notifier()
-    state.add_listener(notifier.notify)
+    store = await open_store(settings, registry, state_dir, notifier.notify, notifier.wake_all)
+    notifier.poll_s = store.poll_s
+    notifier.queue_wake = QUEUE_WAKE if store.poll_s is not None else None
     middlewares: list[Any] = [_error_middleware]
     if settings.token is not None:
         middlewares.append(_auth_middleware(settings.token.get_secret_value()))
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
-    app[STATE_KEY] = state
+    app = web.Application(client_max_size=min(settings.max_body_bytes, MAX_JSON_BODY_BYTES), middlewares=middlewares)
+    app[STORE_KEY] = store
     app[SETTINGS_KEY] = settings
     app[REGISTRY_KEY] = registry
     app[NOTIFIER_KEY] = notifier
-    app.cleanup_ctx.append(_ticker)
+    app.cleanup_ctx.append(_reaper)
     app.on_shutdown.append(_wake_waiters)
+    app.on_cleanup.append(_close_store)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_post("/v1/nodes", _register)
@@ -655,13 +763,13 @@ class Running:
     """A scheduler serving on ``url`` until ``stop()``."""
 
     url: str
-    state: SchedulerState
+    store: Store
     app: web.Application
     runner: web.AppRunner
     _stopped: bool = False
 
     async def stop(self) -> None:
-        """Stop serving: long polls answer at once, the expiry task ends. Safe to call twice."""
+        """Stop serving: long polls answer at once, the reaper ends, the store closes. Safe to call twice."""
         if not self._stopped:
             self._stopped = True
             await self.runner.cleanup()
@@ -672,12 +780,14 @@ async def start_scheduler(
     registry: CollectorRegistry | None = None,
     host: str | None = None,
     port: int | None = None,
+    state_dir: Path | None = None,
 ) -> Running:
-    """Serve the scheduler on ``host:port`` (default ``settings.listen``; port 0 picks a free one)."""
+    """Serve the scheduler on ``host:port`` (default ``settings.listen``; port 0 picks a free one). ``state_dir``
+    holds the default SQLite store."""
     default_host, default_port = host_port(settings.listen)
     host = default_host if host is None else host
     port = default_port if port is None else port
-    app = create_app(settings, registry)
+    app = await create_app(settings, registry, state_dir)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     try:
@@ -691,12 +801,14 @@ async def start_scheduler(
         raise
     bound_host, bound_port = runner.addresses[0][:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    return Running(url=f"http://{shown}:{bound_port}", state=app[STATE_KEY], app=app, runner=runner)
+    log.info("scheduler store: %s", app[STORE_KEY].where)  # type: ignore[attr-defined]
+    return Running(url=f"http://{shown}:{bound_port}", store=app[STORE_KEY], app=app,  # type: ignore[arg-type]
+                   runner=runner)
 
 
-async def serve(settings: SchedulerSettings) -> None:
+async def serve(settings: SchedulerSettings, state_dir: Path | None = None) -> None:
     """Run a standalone scheduler until SIGTERM or SIGINT."""
-    running = await start_scheduler(settings)
+    running = await start_scheduler(settings, state_dir=state_dir)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)

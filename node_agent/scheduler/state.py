@@ -33,6 +33,7 @@ from .errors import (
     Unservable,
 )
 from .metrics import SchedulerMetrics
+from .topics import QUEUE_TOPIC, job_topic
 from .rules import (
     Holder,
     Served,
@@ -74,13 +75,8 @@ from .schemas import (
 
 log = logging.getLogger("node_agent.scheduler")
 
-QUEUE_TOPIC = "queue"
 Listener = Callable[[str], None]
 LeaseState = Literal["active", "expired", "released", "superseded"]
-
-
-def job_topic(job_id: str) -> str:
-    return f"job:{job_id}"
 
 
 @dataclass

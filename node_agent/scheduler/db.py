@@ -1,0 +1,412 @@
+"""The two database engines under the scheduler's SQL store: SQLite on one writer thread, PostgreSQL through asyncpg.
+
+The store's operations are written once, as ``async def op(tx)`` against ``Tx`` (``$1``-style parameters, the same SQL
+for both engines but for the few ``Dialect`` fragments). ``Engine.run(op)`` runs one operation as one transaction:
+
+- SQLite (stdlib ``sqlite3``, no extra dependency): every transaction runs on one dedicated thread, the only writer,
+  so the event loop never waits on the disk and transactions never conflict. ``Tx`` calls there are synchronous, so
+  the operation's coroutine is driven to its end on that thread in one step. WAL with ``synchronous=NORMAL``: a
+  commit survives ``kill -9`` of the process (it is in the WAL, in the OS's cache) without an fsync per commit.
+- PostgreSQL (asyncpg: asyncio-native, the binary protocol, and ``LISTEN``/``NOTIFY`` on a connection): a small pool;
+  each operation on one pooled connection in a transaction, retried on a deadlock or serialization failure.
+  Connection failures become ``StoreUnavailable`` (HTTP 503 with Retry-After), never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import re
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Coroutine, Mapping, Protocol, Sequence, TypeVar
+
+from ..config import redact_dsn
+from .errors import StoreError, StoreUnavailable
+
+log = logging.getLogger("node_agent.scheduler.store")
+
+T = TypeVar("T")
+Row = Mapping[str, Any]
+
+#: PostgreSQL's NOTIFY channel for long-poll wake-ups across replicas.
+CHANNEL = "node_agent_scheduler"
+#: Transactions retried after a deadlock or serialization failure before the error is the caller's.
+CONFLICT_RETRIES = 5
+#: How long a request waits for a pooled PostgreSQL connection before answering 503.
+ACQUIRE_TIMEOUT_S = 5.0
+POOL_MAX = 8
+
+
+@dataclass(frozen=True)
+class Dialect:
+    name: str
+    #: Row lock for a claim: other replicas skip the row instead of waiting for it.
+    skip_locked: str
+    #: ``column IN (<the strings of a JSON array parameter>)``, with the parameter's place as ``{p}``.
+    json_strings: str
+
+
+SQLITE = Dialect("sqlite", skip_locked="", json_strings="SELECT value FROM json_each({p})")
+POSTGRESQL = Dialect(
+    "postgresql",
+    skip_locked=" FOR UPDATE SKIP LOCKED",
+    json_strings="SELECT jsonb_array_elements_text(CAST({p} AS jsonb))",
+)
+
+
+class Tx(Protocol):
+    """One transaction. ``notify(topic)`` announces a change once the transaction commits (on every replica)."""
+
+    dialect: Dialect
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None: ...
+
+    async def fetchval(self, sql: str, *args: Any) -> Any: ...
+
+    async def execute(self, sql: str, *args: Any) -> int: ...
+
+    async def executemany(self, sql: str, args: Sequence[Sequence[Any]]) -> None: ...
+
+    async def now(self) -> float: ...
+
+    async def next_value(self, sequence: str) -> int: ...
+
+    def notify(self, topic: str) -> None: ...
+
+
+Op = Callable[[Tx], Awaitable[T]]
+
+
+class Engine(Protocol):
+    dialect: Dialect
+    where: str  # for messages: the store's location, password removed
+
+    async def open(self, on_notify: Callable[[str], None]) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def run(self, op: Op[T]) -> T: ...
+
+
+# ------------------------------------------------------------------------------------------------ locations
+
+
+def sqlite_path(store: str, state_dir: Path | None) -> Path:
+    """Where ``sqlite`` or ``sqlite:////abs/path.db`` puts the database."""
+    if store == "sqlite":
+        if state_dir is None:
+            raise StoreError("scheduler.store: sqlite needs node.state_dir (or give sqlite:////absolute/path.db)")
+        return state_dir / "scheduler.db"
+    path = store[len("sqlite://"):]
+    if not path.startswith("//"):
+        raise StoreError(f"scheduler.store: {store!r}: give an absolute path as sqlite:////absolute/path.db")
+    return Path(path[1:])
+
+
+# --------------------------------------------------------------------------------------------------- SQLite
+
+_DOLLAR = re.compile(r"\$(\d+)")
+
+
+class _SqliteTx:
+    dialect = SQLITE
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self.topics: list[str] = []
+
+    @staticmethod
+    def _sql(sql: str) -> str:
+        return _DOLLAR.sub(r"?\1", sql)
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        return self._conn.execute(self._sql(sql), args).fetchall()
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
+        return self._conn.execute(self._sql(sql), args).fetchone()
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        row = self._conn.execute(self._sql(sql), args).fetchone()
+        return None if row is None else row[0]
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        return self._conn.execute(self._sql(sql), args).rowcount
+
+    async def executemany(self, sql: str, args: Sequence[Sequence[Any]]) -> None:
+        self._conn.executemany(self._sql(sql), args)
+
+    async def now(self) -> float:
+        # One process owns a SQLite store, so its wall clock is the store's clock (and survives a restart).
+        return time.time()
+
+    async def next_value(self, sequence: str) -> int:
+        return self._conn.execute(
+            "UPDATE counters SET value = value + 1 WHERE name = ? RETURNING value", (sequence,)
+        ).fetchone()[0]
+
+    def notify(self, topic: str) -> None:
+        self.topics.append(topic)
+
+
+def _drive(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never suspends (every SQLite call in it is synchronous) to its end, here and now."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    coro.close()
+    raise RuntimeError("a SQLite store operation awaited something other than the database")
+
+
+class SqliteEngine:
+    """SQLite on one writer thread: transactions run there one at a time."""
+
+    dialect = SQLITE
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.where = f"sqlite:///{path}"
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="scheduler-sqlite")
+        self._conn: sqlite3.Connection | None = None
+        self._on_notify: Callable[[str], None] = lambda topic: None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _connect(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute("PRAGMA temp_store=MEMORY")
+            # A read of the whole file would be needed to notice a corrupt one later; a quick check now names it.
+            conn.execute("PRAGMA quick_check(1)").fetchone()
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"scheduler.store: cannot open {self.path}: {exc}") from None
+        self._conn = conn
+
+    async def open(self, on_notify: Callable[[str], None]) -> None:
+        self._on_notify = on_notify
+        self._loop = asyncio.get_running_loop()
+        await self._loop.run_in_executor(self._executor, self._connect)
+
+    async def close(self) -> None:
+        def close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        if self._loop is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, close)
+        self._executor.shutdown(wait=True)
+
+    def _transaction(self, op: Op[T]) -> tuple[T, list[str]]:
+        conn = self._conn
+        if conn is None:
+            raise StoreUnavailable("the scheduler store is closed")
+        tx = _SqliteTx(conn)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = _drive(op(tx))  # type: ignore[arg-type]
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result, tx.topics
+
+    async def run(self, op: Op[T]) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            result, topics = await loop.run_in_executor(self._executor, self._transaction, op)
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"scheduler store {self.path}: {exc}") from None
+        for topic in topics:
+            self._on_notify(topic)
+        return result
+
+
+# ----------------------------------------------------------------------------------------------- PostgreSQL
+
+
+class _PgTx:
+    dialect = POSTGRESQL
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self.topics: list[str] = []
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        return await self._conn.fetch(sql, *args)  # type: ignore[no-any-return]
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
+        return await self._conn.fetchrow(sql, *args)  # type: ignore[no-any-return]
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await self._conn.fetchval(sql, *args)
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        status = await self._conn.execute(sql, *args)
+        tail = status.rsplit(" ", 1)[-1]
+        return int(tail) if tail.isdigit() else 0
+
+    async def executemany(self, sql: str, args: Sequence[Sequence[Any]]) -> None:
+        await self._conn.executemany(sql, args)
+
+    async def now(self) -> float:
+        # The database's clock, one for every replica: lease expiry never depends on a replica's clock.
+        return float(await self._conn.fetchval("SELECT extract(epoch FROM clock_timestamp())"))
+
+    async def next_value(self, sequence: str) -> int:
+        return int(await self._conn.fetchval(f"SELECT nextval('{sequence}')"))
+
+    def notify(self, topic: str) -> None:
+        if topic not in self.topics:
+            self.topics.append(topic)
+
+
+def _pg_transient(exc: BaseException) -> bool:
+    import asyncpg
+
+    return isinstance(
+        exc,
+        (
+            OSError,
+            asyncio.TimeoutError,
+            asyncpg.PostgresConnectionError,
+            asyncpg.InterfaceError,
+            asyncpg.CannotConnectNowError,
+            asyncpg.AdminShutdownError,
+            asyncpg.InsufficientResourcesError,
+        ),
+    )
+
+
+class PostgresEngine:
+    """PostgreSQL through an asyncpg pool, and one listening connection for wake-ups from other replicas."""
+
+    dialect = POSTGRESQL
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.where = redact_dsn(dsn)
+        self._pool: Any = None
+        self._listener_task: asyncio.Task[None] | None = None
+        self._on_notify: Callable[[str], None] = lambda topic: None
+        self._on_reconnect: Callable[[], None] = lambda: None
+        self._closing = False
+
+    async def open(self, on_notify: Callable[[str], None], on_reconnect: Callable[[], None] | None = None) -> None:
+        import asyncpg
+
+        self._on_notify = on_notify
+        if on_reconnect is not None:
+            self._on_reconnect = on_reconnect
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn, min_size=1, max_size=POOL_MAX, timeout=ACQUIRE_TIMEOUT_S, command_timeout=30
+            )
+        except Exception as exc:  # noqa: BLE001  (any failure to connect is one line naming the store)
+            raise StoreError(f"scheduler.store: cannot connect to {self.where}: {_first_line(exc)}") from None
+        self._listener_task = asyncio.create_task(self._listen(), name="scheduler-listen")
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._listener_task is not None:
+            self._listener_task.cancel()
+            try:
+                await self._listener_task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        if self._pool is not None:
+            try:
+                await asyncio.wait_for(self._pool.close(), 5)
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001  (a dead server: terminate instead)
+                self._pool.terminate()
+
+    async def _listen(self) -> None:
+        """Hold a LISTEN connection; after it is lost, reconnect with backoff and wake every waiter (notifications
+        sent meanwhile are gone, so everyone re-checks)."""
+        import asyncpg
+
+        delay = 0.2
+        while not self._closing:
+            conn = None
+            try:
+                conn = await asyncpg.connect(self.dsn, timeout=ACQUIRE_TIMEOUT_S)
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _conn: lost.set())
+                await conn.add_listener(CHANNEL, lambda _c, _pid, _ch, payload: self._on_notify(payload))
+                self._on_reconnect()
+                delay = 0.2
+                while not lost.is_set():
+                    # A dead peer does not always close the socket: a cheap query every few seconds finds out.
+                    try:
+                        await asyncio.wait_for(lost.wait(), 5.0)
+                    except asyncio.TimeoutError:
+                        await conn.fetchval("SELECT 1", timeout=5.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001  (every failure means: reconnect)
+                log.warning("store notifications lost, reconnecting in %.1f s: %s", delay, _first_line(exc))
+            finally:
+                if conn is not None:
+                    conn.terminate()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def run(self, op: Op[T]) -> T:
+        import asyncpg
+
+        for attempt in range(CONFLICT_RETRIES + 1):
+            try:
+                async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                    async with conn.transaction():
+                        tx = _PgTx(conn)
+                        result = await op(tx)
+                        for topic in tx.topics:
+                            await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, topic)
+                return result
+            except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+                if attempt == CONFLICT_RETRIES:
+                    raise StoreUnavailable("the scheduler store kept reporting conflicts; retry", 1) from None
+                await asyncio.sleep(0.005 * (attempt + 1))
+            except Exception as exc:
+                if _pg_transient(exc):
+                    raise StoreUnavailable(f"scheduler store {self.where} unavailable: {_first_line(exc)}") from None
+                raise
+        raise AssertionError("unreachable")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def engine_for(store: str, state_dir: Path | None) -> Engine:
+    """The engine ``scheduler.store`` names (``memory`` has none)."""
+    if store == "sqlite" or store.startswith("sqlite:"):
+        return SqliteEngine(sqlite_path(store, state_dir))
+    if store.startswith(("postgresql://", "postgres://")):
+        return PostgresEngine(store)
+    raise StoreError(f"scheduler.store: {store!r} is not sqlite, sqlite:////path.db or postgresql://...")
+
+
+__all__ = [
+    "CHANNEL",
+    "Dialect",
+    "Engine",
+    "PostgresEngine",
+    "Row",
+    "SqliteEngine",
+    "Tx",
+    "engine_for",
+    "redact_dsn",
+    "sqlite_path",
+]

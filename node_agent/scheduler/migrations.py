@@ -1,0 +1,158 @@
+"""The store's schema, as ordered migrations recorded in ``schema_version``.
+
+Each migration is applied once, in order, in one transaction; on PostgreSQL under an advisory lock so that replicas
+starting together do not race. A store whose schema is newer than this program knows is refused with one line
+(running it would misread rows a newer version wrote). Times are seconds since the epoch (``DOUBLE PRECISION``) on
+the store's clock; JSON documents are TEXT, read and written only by the scheduler.
+"""
+
+from __future__ import annotations
+
+from .db import Tx
+from .errors import StoreError
+
+#: Any constant: the key of PostgreSQL's advisory lock around migrations.
+MIGRATION_LOCK = 4_708_470
+
+_TYPES = {
+    "sqlite": {"double": "REAL", "blob": "BLOB", "bigint": "INTEGER"},
+    "postgresql": {"double": "DOUBLE PRECISION", "blob": "BYTEA", "bigint": "BIGINT"},
+}
+
+_V1 = """
+CREATE TABLE nodes (
+    node_id TEXT PRIMARY KEY,
+    hostname TEXT NOT NULL,
+    agent_version TEXT NOT NULL,
+    hardware TEXT NOT NULL,
+    devices TEXT NOT NULL,
+    registered_at {double} NOT NULL,
+    last_heartbeat {double} NOT NULL,
+    state TEXT NOT NULL,
+    running_jobs TEXT NOT NULL DEFAULT '[]',
+    cpu_percent {double} NOT NULL DEFAULT 0,
+    memory_used_bytes {bigint} NOT NULL DEFAULT 0,
+    memory_total_bytes {bigint} NOT NULL DEFAULT 0,
+    gone_at {double}
+);
+CREATE TABLE jobs (
+    job_id TEXT PRIMARY KEY,
+    seq {bigint} NOT NULL,
+    spec TEXT NOT NULL,
+    language TEXT,
+    filename TEXT,
+    audio_bytes {bigint} NOT NULL,
+    upload_id TEXT,
+    idempotency_key TEXT UNIQUE,
+    submission TEXT,
+    created_at {double} NOT NULL,
+    queued_at {double} NOT NULL,
+    deadline_at {double},
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 1,
+    node_id TEXT,
+    resource TEXT,
+    assigned_at {double},
+    started_at {double},
+    finished_at {double},
+    queued_total_s {double} NOT NULL DEFAULT 0,
+    lease_id TEXT,
+    lease_epoch {bigint},
+    result TEXT,
+    error TEXT,
+    node_timings TEXT,
+    unservable_since {double}
+);
+CREATE INDEX jobs_queue ON jobs (seq) WHERE state = 'queued';
+CREATE INDEX jobs_open ON jobs (state) WHERE state IN ('queued', 'assigned', 'running');
+CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+CREATE TABLE segments (
+    job_id TEXT NOT NULL,
+    seg_id INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (job_id, seg_id)
+);
+CREATE TABLE leases (
+    lease_id TEXT PRIMARY KEY,
+    node_id TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    resource TEXT NOT NULL,
+    epoch {bigint} NOT NULL UNIQUE,
+    ttl_s {double} NOT NULL,
+    granted_at {double} NOT NULL,
+    expires_at {double} NOT NULL,
+    state TEXT NOT NULL,
+    ended_at {double}
+);
+CREATE UNIQUE INDEX leases_holder ON leases (node_id, resource) WHERE state = 'active';
+CREATE INDEX leases_due ON leases (expires_at) WHERE state = 'active';
+CREATE INDEX leases_job ON leases (job_id);
+CREATE TABLE reports (
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    lease_id TEXT NOT NULL,
+    epoch {bigint} NOT NULL,
+    node_id TEXT NOT NULL,
+    ack TEXT NOT NULL,
+    PRIMARY KEY (job_id, attempt, lease_id, epoch, node_id)
+);
+CREATE TABLE uploads (
+    upload_id TEXT PRIMARY KEY,
+    started_at {double} NOT NULL,
+    bytes {bigint} NOT NULL DEFAULT 0,
+    job_id TEXT
+);
+CREATE TABLE audio_chunks (
+    upload_id TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    data {blob} NOT NULL,
+    PRIMARY KEY (upload_id, n)
+);
+"""
+
+_V1_SEQUENCES = {
+    "sqlite": """
+CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO counters (name, value) VALUES ('lease_epochs', 0), ('job_seqs', 0);
+""",
+    "postgresql": """
+CREATE SEQUENCE lease_epochs;
+CREATE SEQUENCE job_seqs;
+""",
+}
+
+#: (version, what it does, {dialect: SQL}), in order. Add new ones at the end; never edit an applied one.
+MIGRATIONS: list[tuple[int, str, dict[str, str]]] = [
+    (1, "nodes, jobs, segments, leases, reports, audio; epoch and job sequences",
+     {d: _V1.format(**_TYPES[d]) + _V1_SEQUENCES[d] for d in _TYPES}),
+]
+
+LATEST = MIGRATIONS[-1][0]
+
+
+def _statements(sql: str) -> list[str]:
+    return [s.strip() for s in sql.split(";") if s.strip()]
+
+
+async def migrate(tx: Tx, where: str) -> int:
+    """Bring the schema to ``LATEST``; return the version found before. Refuses a newer schema."""
+    dialect = tx.dialect.name
+    if dialect == "postgresql":
+        await tx.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+    await tx.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TEXT NOT NULL)")
+    found = await tx.fetchval("SELECT MAX(version) FROM schema_version") or 0
+    if found > LATEST:
+        raise StoreError(
+            f"scheduler store {where} has schema version {found}, newer than this node-agent knows ({LATEST}): "
+            "upgrade node-agent, or point scheduler.store at another database"
+        )
+    for version, _what, sql in MIGRATIONS:
+        if version <= found:
+            continue
+        for statement in _statements(sql[dialect]):
+            await tx.execute(statement)
+        await tx.execute(
+            "INSERT INTO schema_version (version, applied_at) VALUES ($1, CAST(CURRENT_TIMESTAMP AS TEXT))", version
+        )
+    return int(found)

@@ -1,0 +1,857 @@
+"""The scheduler's state in a database (SQLite or PostgreSQL): every operation is one transaction.
+
+Each operation loads the rows it needs, asks ``rules`` what to do, and writes the answer in the same transaction.
+Fencing is checked in the statement that writes: a renewal, events or a result update their rows only ``WHERE`` the
+job's attempt, lease id, epoch and node all match a live, unexpired lease; when nothing matched, the rows are read
+again only to say why. Claims lock the job row (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite has one writer), so
+a job is assigned to at most one node however many replicas poll. Re-queues are conditional updates on the job's
+attempt, so a job whose lease expired is re-queued exactly once even when every replica reaps at the same moment.
+
+Times are seconds since the epoch on the store's clock (``Tx.now``: PostgreSQL's ``clock_timestamp()``), never a
+replica's, and survive restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+import time
+from typing import Any, AsyncIterator
+
+from ..config import SchedulerSettings
+from .db import Engine, Row, Tx
+from .errors import (
+    InvalidInput,
+    JobNotAssigned,
+    LeaseUnusable,
+    NodeNotFound,
+    ReportRejected,
+    ResourceHeld,
+    UnknownJob,
+    Unservable,
+)
+from .metrics import SchedulerMetrics
+from .migrations import migrate
+from .rules import (
+    Holder,
+    Served,
+    admission_refusal,
+    check_holder,
+    clamp_ttl,
+    gone_after_s,
+    pick_device,
+    poll_languages,
+    queue_full,
+    requeue_or_fail,
+    unservable_error,
+    unservable_message,
+)
+from .schemas import (
+    JOB_ERROR_CODES,
+    RETRYABLE_ERROR_CODES,
+    TERMINAL_JOB_STATES,
+    AudioRef,
+    DeviceSpec,
+    EventsReport,
+    Hardware,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    JobAssignment,
+    JobErrorInfo,
+    JobSpec,
+    JobView,
+    LeaseBounds,
+    LeaseGrant,
+    LeaseRequest,
+    NodeList,
+    NodeView,
+    RegisterRequest,
+    RegisterResponse,
+    RenewRequest,
+    RenewResponse,
+    ResultAck,
+    ResultReport,
+)
+from .topics import QUEUE_TOPIC, job_topic
+
+log = logging.getLogger("node_agent.scheduler")
+
+#: Audio is stored in chunks of this size, so neither an upload nor a download holds a whole file in memory.
+CHUNK_BYTES = 1024 * 1024
+#: What the admission check may be behind the live nodes (each submission would otherwise read every node).
+SERVED_CACHE_S = 1.0
+#: Rows one reaping pass handles per kind; the rest wait for the next pass.
+REAP_BATCH = 200
+#: An upload never turned into a job (the scheduler died mid-upload) is deleted after this.
+ORPHAN_UPLOAD_S = 3600.0
+OPEN_STATES = ("queued", "assigned", "running")
+_OPEN = "('queued', 'assigned', 'running')"
+_TERMINAL = "('succeeded', 'failed')"
+assert set(TERMINAL_JOB_STATES) == {"succeeded", "failed"}
+
+
+def _holder(job: Row, lease: Row | None) -> Holder:
+    live = lease is not None and lease["state"] == "active"
+    return Holder(
+        job_id=job["job_id"],
+        terminal=job["state"] in TERMINAL_JOB_STATES,
+        state=job["state"],
+        attempt=job["attempt"],
+        lease_id=lease["lease_id"] if live else None,  # type: ignore[index]
+        epoch=lease["epoch"] if live else None,  # type: ignore[index]
+        node_id=lease["node_id"] if live else None,  # type: ignore[index]
+    )
+
+
+def _doc(model: Any) -> str:
+    """A model as JSON text, escaped to ASCII: user text may hold lone surrogates that UTF-8 cannot encode."""
+    return json.dumps(model.model_dump(mode="json"))
+
+
+def _devices(text: str) -> list[DeviceSpec]:
+    return [DeviceSpec.model_validate(d) for d in json.loads(text)]
+
+
+class SqlUpload:
+    """Audio streamed into the store in ``CHUNK_BYTES`` pieces while it arrives."""
+
+    def __init__(self, store: "SqlStore", upload_id: str) -> None:
+        self._store = store
+        self.upload_id = upload_id
+        self.size = 0
+        self._buffer = bytearray()
+        self._chunks = 0
+
+    async def write(self, data: bytes) -> None:
+        self._buffer += data
+        self.size += len(data)
+        while len(self._buffer) >= CHUNK_BYTES:
+            await self._flush(bytes(self._buffer[:CHUNK_BYTES]))
+            del self._buffer[:CHUNK_BYTES]
+
+    async def _flush(self, chunk: bytes) -> None:
+        n = self._chunks
+        self._chunks += 1
+        upload_id, size = self.upload_id, self.size
+
+        async def op(tx: Tx) -> None:
+            await tx.execute("INSERT INTO audio_chunks (upload_id, n, data) VALUES ($1, $2, $3)", upload_id, n, chunk)
+            await tx.execute("UPDATE uploads SET bytes = $2 WHERE upload_id = $1", upload_id, size)
+
+        await self._store.engine.run(op)
+
+    async def finish(self) -> None:
+        if self._buffer:
+            await self._flush(bytes(self._buffer))
+            self._buffer.clear()
+
+    async def discard(self) -> None:
+        self._buffer.clear()
+        await self._store.engine.run(lambda tx: self._store._drop_audio(tx, self.upload_id))
+
+
+class SqlStore:
+    """Nodes, jobs, leases and audio in SQLite or PostgreSQL; any number of replicas may share a PostgreSQL store."""
+
+    def __init__(self, settings: SchedulerSettings, engine: Engine, metrics: SchedulerMetrics) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.metrics = metrics
+        self.where = engine.where
+        self._served: Served | None = None
+        self._served_at = -math.inf
+        # Gauges read at scrape time from the last reaping pass (a scrape must not wait on the database).
+        self.queue_depth_seen = 0
+        self.node_states_seen: dict[str, int] = {}
+        self.load_seen = (0, 0)
+
+    async def open(self) -> None:
+        found = await self.engine.run(lambda tx: migrate(tx, self.where))
+        log.info("scheduler store %s ready (schema was version %d)", self.where, found)
+        await self.reap()
+
+    # ------------------------------------------------------------------------------------------- nodes
+
+    async def register(self, req: RegisterRequest) -> RegisterResponse:
+        node_id = req.node_id or f"node-{secrets.token_hex(6)}"
+        devices = json.dumps([d.model_dump(mode="json") for d in req.devices])
+
+        async def op(tx: Tx) -> bool:
+            now = await tx.now()
+            known = await tx.fetchval("SELECT 1 FROM nodes WHERE node_id = $1", node_id)
+            await tx.execute(
+                """INSERT INTO nodes (node_id, hostname, agent_version, hardware, devices, registered_at,
+                       last_heartbeat, state, running_jobs, cpu_percent, memory_used_bytes, memory_total_bytes, gone_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, $6, 'ready', '[]', 0, 0, 0, NULL)
+                   ON CONFLICT (node_id) DO UPDATE SET hostname = excluded.hostname,
+                       agent_version = excluded.agent_version, hardware = excluded.hardware,
+                       devices = excluded.devices, registered_at = excluded.registered_at,
+                       last_heartbeat = excluded.last_heartbeat, state = 'ready', running_jobs = '[]',
+                       gone_at = NULL""",
+                node_id, req.hostname, req.agent_version, _doc(req.hardware), devices, now,
+            )
+            tx.notify(QUEUE_TOPIC)  # new capacity: queued jobs it serves may go now
+            return known is not None
+
+        known = await self.engine.run(op)
+        self._served = None
+        self.metrics.node_seen(node_id)
+        log.info("node registered node_id=%s hostname=%s devices=%s%s", node_id, req.hostname,
+                 ",".join(d.resource for d in req.devices) or "-", " (again)" if known else "")
+        s = self.settings
+        return RegisterResponse(
+            node_id=node_id,
+            heartbeat_interval_s=s.heartbeat_interval_s,
+            lease=LeaseBounds(min_ttl_s=s.lease_min_ttl_s, max_ttl_s=s.lease_max_ttl_s),
+        )
+
+    @staticmethod
+    async def _live_node(tx: Tx, node_id: str) -> Row:
+        node = await tx.fetchrow("SELECT node_id, state, devices FROM nodes WHERE node_id = $1", node_id)
+        if node is None or node["state"] == "gone":
+            why = "is gone (missed its heartbeats)" if node is not None else "is not registered"
+            raise NodeNotFound(f"node {node_id} {why}; register again")
+        return node
+
+    async def heartbeat(self, node_id: str, req: HeartbeatRequest) -> HeartbeatResponse:
+        async def op(tx: Tx) -> None:
+            now = await tx.now()
+            changed = await tx.execute(
+                """UPDATE nodes SET last_heartbeat = $2, state = $3, running_jobs = $4, cpu_percent = $5,
+                       memory_used_bytes = $6, memory_total_bytes = $7
+                   WHERE node_id = $1 AND state <> 'gone'""",
+                node_id, now, req.state, json.dumps(req.running_jobs), float(req.cpu_percent),
+                req.memory_used_bytes, req.memory_total_bytes,
+            )
+            if not changed:
+                await self._live_node(tx, node_id)  # raises, naming why
+
+        await self.engine.run(op)
+        return HeartbeatResponse(heartbeat_interval_s=self.settings.heartbeat_interval_s)
+
+    async def list_nodes(self) -> NodeList:
+        async def op(tx: Tx) -> tuple[float, list[Row]]:
+            return await tx.now(), await tx.fetch("SELECT * FROM nodes ORDER BY registered_at")
+
+        now, rows = await self.engine.run(op)
+        return NodeList(nodes=[
+            NodeView(
+                node_id=r["node_id"],
+                hostname=r["hostname"],
+                agent_version=r["agent_version"],
+                state=r["state"],
+                hardware=Hardware.model_validate(json.loads(r["hardware"])),
+                devices=_devices(r["devices"]),
+                running_jobs=json.loads(r["running_jobs"]),
+                last_heartbeat_age_s=round(now - r["last_heartbeat"], 3),
+                registered_age_s=round(now - r["registered_at"], 3),
+            )
+            for r in rows
+        ])
+
+    async def _served_now(self, tx: Tx, fresh: bool = False) -> Served:
+        if fresh or self._served is None or time.monotonic() - self._served_at > SERVED_CACHE_S:
+            rows = await tx.fetch("SELECT devices FROM nodes WHERE state <> 'gone'")
+            self._served = Served.of(_devices(r["devices"]) for r in rows)
+            self._served_at = time.monotonic()
+        return self._served
+
+    # ------------------------------------------------------------------------------------ jobs: client
+
+    async def begin_upload(self) -> SqlUpload:
+        upload_id = f"upload-{secrets.token_hex(8)}"
+
+        async def op(tx: Tx) -> None:
+            await tx.execute("INSERT INTO uploads (upload_id, started_at, bytes) VALUES ($1, $2, 0)",
+                             upload_id, await tx.now())
+
+        await self.engine.run(op)
+        return SqlUpload(self, upload_id)
+
+    async def submit(self, spec: JobSpec, upload: SqlUpload, filename: str | None = None,
+                     idempotency_key: str | None = None) -> tuple[str, str, bool]:
+        """Queue a job whose audio is ``upload``: (job id, state, replayed). Refusals as ``SchedulerState.submit``."""
+        await upload.finish()
+        size = upload.size
+        submission = json.dumps([spec.model_dump(mode="json"), size, filename], sort_keys=True)
+
+        async def op(tx: Tx) -> tuple[str, str, bool]:
+            now = await tx.now()
+            if idempotency_key is not None:
+                earlier = await tx.fetchrow(
+                    "SELECT job_id, state, submission FROM jobs WHERE idempotency_key = $1", idempotency_key
+                )
+                if earlier is not None:
+                    if earlier["submission"] != submission:
+                        raise InvalidInput(
+                            f"Idempotency-Key {idempotency_key[:40]!r} was already used for a different submission "
+                            f"(job {earlier['job_id']}); use a new key for a new job",
+                            code="idempotency_key_reused", param="Idempotency-Key",
+                        )
+                    await self._drop_audio(tx, upload.upload_id)
+                    return earlier["job_id"], earlier["state"], True
+            if not size:
+                raise InvalidInput("audio is empty", param="audio")
+            served = await self._served_now(tx)
+            # No live node at all is not a refusal: nodes may be starting (the embedded scheduler starts before its
+            # agent registers). Such a job waits, and fails after unservable_after_s if none comes.
+            if served.live_nodes and not served.serves(spec.language):
+                self.metrics.jobs_refused.labels("no_capable_node").inc()
+                message = unservable_message(spec.language, served)
+                log.info("job refused reason=no_capable_node %s", message)
+                raise Unservable(message, param="language" if spec.language is not None else None)
+            open_row = await tx.fetchrow(
+                f"SELECT COUNT(*) AS jobs, COALESCE(SUM(audio_bytes), 0) AS bytes FROM jobs WHERE state IN {_OPEN}"
+            )
+            assert open_row is not None
+            why = admission_refusal(self.settings, int(open_row["jobs"]), int(open_row["bytes"]), size)
+            if why is not None:
+                self.metrics.jobs_refused.labels("queue_full").inc()
+                log.warning("queue full, refusing a job: %s", why)
+                raise queue_full(why)
+            deadline_s = spec.deadline_s if spec.deadline_s is not None else self.settings.default_deadline_s
+            job_id = f"job-{secrets.token_hex(8)}"
+            seq = await tx.next_value("job_seqs")
+            await tx.execute(
+                """INSERT INTO jobs (job_id, seq, spec, language, filename, audio_bytes, upload_id, idempotency_key,
+                       submission, created_at, queued_at, deadline_at, state, attempt)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, 'queued', 1)""",
+                job_id, seq, _doc(spec), spec.language, filename, size, upload.upload_id,
+                idempotency_key, submission if idempotency_key is not None else None, now, now + deadline_s,
+            )
+            await tx.execute("UPDATE uploads SET job_id = $2, bytes = $3 WHERE upload_id = $1",
+                             upload.upload_id, job_id, size)
+            tx.notify(QUEUE_TOPIC)
+            tx.notify(job_topic(job_id))
+            return job_id, "queued", False
+
+        try:
+            job_id, state, replayed = await self.engine.run(op)
+        except BaseException:
+            try:
+                await upload.discard()
+            except Exception:  # noqa: BLE001  (the reaper deletes orphan uploads later)
+                log.warning("could not drop the audio of a refused submission (%s)", upload.upload_id)
+            raise
+        if replayed:
+            log.info("job submission replayed job_id=%s (same Idempotency-Key)", job_id)
+        else:
+            self.metrics.jobs_submitted.inc()
+            log.info("job queued job_id=%s bytes=%d format=%s language=%s", job_id, size, spec.format,
+                     spec.language or "auto")
+        return job_id, state, replayed
+
+    @staticmethod
+    async def _job(tx: Tx, job_id: str, lock: bool = False) -> Row:
+        job = await tx.fetchrow(
+            "SELECT * FROM jobs WHERE job_id = $1" + (" FOR UPDATE" if lock and tx.dialect.skip_locked else ""),
+            job_id,
+        )
+        if job is None:
+            raise UnknownJob(f"job {job_id} is not known (never submitted, or finished and forgotten)")
+        return job
+
+    async def view_job(self, job_id: str) -> JobView:
+        async def op(tx: Tx) -> tuple[float, Row, list[Row]]:
+            job = await self._job(tx, job_id)
+            segments = await tx.fetch("SELECT data FROM segments WHERE job_id = $1 ORDER BY seg_id", job_id)
+            return await tx.now(), job, segments
+
+        now, job, segments = await self.engine.run(op)
+        queued = job["queued_total_s"] + (now - job["queued_at"] if job["state"] == "queued" else 0.0)
+        timings: dict[str, Any] = {"queued_s": round(queued, 3)}
+        if job["finished_at"] is not None:
+            timings["total_s"] = round(job["finished_at"] - job["created_at"], 3)
+        if job["node_timings"]:
+            timings["node"] = json.loads(job["node_timings"])
+        return JobView(
+            job_id=job["job_id"],
+            state=job["state"],
+            attempt=job["attempt"],
+            node_id=job["node_id"],
+            language=job["language"],
+            segments=[json.loads(s["data"]) for s in segments],
+            result=json.loads(job["result"]) if job["result"] else None,
+            error=JobErrorInfo.model_validate(json.loads(job["error"])) if job["error"] else None,
+            created_age_s=round(now - job["created_at"], 3),
+            timings=timings,
+            filename=job["filename"],
+        )
+
+    async def job_settled(self, job_id: str, after_segment: int | None = None) -> bool:
+        async def op(tx: Tx) -> bool:
+            job = await self._job(tx, job_id)
+            if job["state"] in TERMINAL_JOB_STATES:
+                return True
+            if after_segment is None:
+                return False
+            count = await tx.fetchval("SELECT COUNT(*) FROM segments WHERE job_id = $1", job_id)
+            return int(count) > after_segment
+
+        return await self.engine.run(op)
+
+    async def job_audio(self, job_id: str) -> tuple[int, AsyncIterator[bytes]]:
+        """The job's audio as (size, chunks), read chunk by chunk as the caller sends them on."""
+        async def op(tx: Tx) -> tuple[int, list[int], str]:
+            job = await self._job(tx, job_id)
+            if job["upload_id"] is None or (job["state"] in TERMINAL_JOB_STATES and not self.settings.keep_audio):
+                raise UnknownJob(f"job {job_id} has finished; its audio was dropped")
+            numbers = await tx.fetch("SELECT n FROM audio_chunks WHERE upload_id = $1 ORDER BY n", job["upload_id"])
+            return int(job["audio_bytes"]), [r["n"] for r in numbers], job["upload_id"]
+
+        size, numbers, upload_id = await self.engine.run(op)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for n in numbers:
+                data = await self.engine.run(lambda tx, n=n: tx.fetchval(
+                    "SELECT data FROM audio_chunks WHERE upload_id = $1 AND n = $2", upload_id, n))
+                if data is None:
+                    raise UnknownJob(f"job {job_id}'s audio was dropped while it was being sent")
+                yield bytes(data)
+
+        return size, chunks()
+
+    # --------------------------------------------------------------------------------------- jobs: node
+
+    async def assign_next(self, node_id: str, resource: str | None = None) -> JobAssignment | None:
+        """Hand the oldest queued job one of the node's devices can run to that node, or None."""
+        async def op(tx: Tx) -> JobAssignment | None:
+            now = await tx.now()
+            node = await self._live_node(tx, node_id)
+            devices = [d for d in _devices(node["devices"])
+                       if d.plugin == "asr" and (resource is None or d.resource == resource)]
+            if resource is not None and not devices:
+                raise InvalidInput(f"resource {resource} is not a registered device of node {node_id}",
+                                   param="resource")
+            if node["state"] == "draining" or not devices:
+                return None
+            languages = poll_languages(devices)
+            sql = "SELECT * FROM jobs WHERE state = 'queued'"
+            args: list[Any] = []
+            if languages is not None:
+                sql += (" AND (language IS NULL OR language IN ("
+                        + tx.dialect.json_strings.format(p="$1") + "))")
+                args.append(json.dumps(sorted(languages)))
+            job = await tx.fetchrow(sql + " ORDER BY seq LIMIT 1" + tx.dialect.skip_locked, *args)
+            if job is None:
+                return None
+            device = pick_device(devices, job["language"])
+            assert device is not None  # the query chose a job these devices serve
+            waited = now - job["queued_at"]
+            await tx.execute(
+                """UPDATE jobs SET state = 'assigned', node_id = $2, resource = $3, assigned_at = $4, lease_id = NULL,
+                       lease_epoch = NULL, queued_total_s = queued_total_s + $5, unservable_since = NULL
+                   WHERE job_id = $1""",
+                job["job_id"], node_id, device.resource, now, waited,
+            )
+            # A new attempt starts from scratch: segments of an earlier attempt are not its output.
+            await tx.execute("DELETE FROM segments WHERE job_id = $1", job["job_id"])
+            tx.notify(job_topic(job["job_id"]))
+            spec = JobSpec.model_validate(json.loads(job["spec"]))
+            log.info("job assigned job_id=%s node_id=%s resource=%s attempt=%d queued_s=%.3f", job["job_id"],
+                     node_id, device.resource, job["attempt"], waited)
+            return JobAssignment(
+                job_id=job["job_id"],
+                attempt=job["attempt"],
+                language=spec.language,
+                options=spec.options.model_dump(exclude_none=True),
+                audio=AudioRef(format=spec.format, sample_rate=spec.sample_rate, bytes=job["audio_bytes"],
+                               url=f"/v1/jobs/{job['job_id']}/audio"),
+                deadline_s=max(0.0, job["deadline_at"] - now) if job["deadline_at"] is not None else None,
+                queued_s=round(waited, 6),
+                resource=device.resource,
+            )
+
+        return await self.engine.run(op)
+
+    async def _why_rejected(self, tx: Tx, job_id: str, attempt: int, lease_id: str, epoch: int, node_id: str,
+                            now: float) -> ReportRejected:
+        """Why a fenced write matched nothing: the first field that does not name the current holder."""
+        job = await self._job(tx, job_id)
+        lease = await tx.fetchrow("SELECT * FROM leases WHERE lease_id = $1", job["lease_id"]) \
+            if job["lease_id"] is not None else None
+        try:
+            check_holder(_holder(job, lease), attempt, lease_id, epoch, node_id)
+        except ReportRejected as exc:
+            return exc
+        return ReportRejected(f"lease {lease_id} of job {job_id} expired", code="stale_epoch")
+
+    #: The fence: the job's current attempt, live lease (unexpired on the store's clock), epoch and node.
+    _FENCE = """job_id = $1 AND state = 'running' AND attempt = $2 AND lease_id = $3 AND lease_epoch = $4
+        AND node_id = $5 AND EXISTS (SELECT 1 FROM leases l WHERE l.lease_id = $3 AND l.state = 'active'
+                                     AND l.expires_at > $6)"""
+
+    async def post_events(self, job_id: str, report: EventsReport) -> None:
+        """Store streamed segments from the job's current holder (a segment id seen before is replaced)."""
+        async def op(tx: Tx) -> None:
+            now = await tx.now()
+            held = await tx.execute(
+                "UPDATE jobs SET state = state WHERE " + self._FENCE,
+                job_id, report.attempt, report.lease_id, report.lease_epoch, report.node_id, now,
+            )
+            if not held:
+                exc = await self._why_rejected(tx, job_id, report.attempt, report.lease_id, report.lease_epoch,
+                                               report.node_id, now)
+                log.info("events rejected job_id=%s node_id=%s lease_id=%s attempt=%d lease_epoch=%d reason=%s",
+                         job_id, report.node_id, report.lease_id, report.attempt, report.lease_epoch, exc.code)
+                raise exc
+            if report.events:
+                await tx.executemany(
+                    """INSERT INTO segments (job_id, seg_id, data) VALUES ($1, $2, $3)
+                       ON CONFLICT (job_id, seg_id) DO UPDATE SET data = excluded.data""",
+                    [(job_id, s.id, _doc(s)) for s in report.events],
+                )
+                tx.notify(job_topic(job_id))
+
+        await self.engine.run(op)
+
+    async def report_result(self, job_id: str, report: ResultReport) -> ResultAck:
+        """Accept the one final result of a job from its current holder."""
+        holder_key = (job_id, report.attempt, report.lease_id, report.lease_epoch, report.node_id)
+        outcome: dict[str, Any] = {}
+
+        async def op(tx: Tx) -> ResultAck:
+            now = await tx.now()
+            previous = await tx.fetchval(
+                "SELECT ack FROM reports WHERE job_id = $1 AND attempt = $2 AND lease_id = $3 AND epoch = $4 "
+                "AND node_id = $5", *holder_key,
+            )
+            if previous is not None:
+                # The accepted holder retrying (its answer was lost): the same answer again, nothing changes.
+                return ResultAck.model_validate_json(previous).model_copy(update={"duplicate": True})
+            job = await tx.fetchrow("UPDATE jobs SET state = state WHERE " + self._FENCE + " RETURNING *",
+                                    *holder_key, now)
+            if job is None:
+                exc = await self._why_rejected(tx, *holder_key, now)
+                log.info("result rejected job_id=%s node_id=%s lease_id=%s attempt=%d lease_epoch=%d reason=%s",
+                         job_id, report.node_id, report.lease_id, report.attempt, report.lease_epoch, exc.code)
+                outcome["rejected"] = exc.code
+                raise exc
+            await self._end_leases(tx, job_id, "released", now, job["attempt"])
+            await tx.execute("UPDATE jobs SET node_timings = $2 WHERE job_id = $1", job_id,
+                             json.dumps(report.timings))
+            if report.outcome == "succeeded":
+                assert report.result is not None  # ResultReport guarantees it
+                await tx.execute("UPDATE jobs SET result = $2 WHERE job_id = $1", job_id,
+                                 _doc(report.result))
+                if report.result.segments:
+                    await tx.execute("DELETE FROM segments WHERE job_id = $1", job_id)
+                    await tx.executemany(
+                        "INSERT INTO segments (job_id, seg_id, data) VALUES ($1, $2, $3)",
+                        [(job_id, s.id, _doc(s)) for s in report.result.segments],
+                    )
+                ack = ResultAck()
+                await self._finish(tx, job, now, None)
+            else:
+                error = report.error or JobErrorInfo(code="failed", message="the node reported a failure")
+                if error.code not in JOB_ERROR_CODES:
+                    error = JobErrorInfo(code="failed", message=f"{error.code}: {error.message}")
+                if error.code in RETRYABLE_ERROR_CODES and job["attempt"] < self.settings.max_attempts:
+                    ack = ResultAck(requeued=True)
+                    await self._requeue_or_fail(tx, job, now, "retryable_error", error.code, error.message)
+                else:
+                    ack = ResultAck()
+                    await self._finish(tx, job, now, error)
+            await tx.execute(
+                "INSERT INTO reports (job_id, attempt, lease_id, epoch, node_id, ack) VALUES ($1, $2, $3, $4, $5, $6)",
+                *holder_key, _doc(ack),
+            )
+            outcome["accepted"] = True
+            return ack
+
+        try:
+            return await self.engine.run(op)
+        finally:
+            if "rejected" in outcome:
+                self.metrics.results_rejected.labels(outcome["rejected"]).inc()
+            elif outcome.get("accepted"):
+                self.metrics.results_accepted.inc()
+
+    # ------------------------------------------------------------------------------------------ leases
+
+    async def grant_lease(self, req: LeaseRequest) -> LeaseGrant:
+        """Grant a fenced lease on (node, resource) for a job assigned to that node."""
+        async def op(tx: Tx) -> LeaseGrant:
+            now = await tx.now()
+            node = await self._live_node(tx, req.node_id)
+            if not any(d.resource == req.resource for d in _devices(node["devices"])):
+                raise InvalidInput(f"resource {req.resource} is not a registered device of node {req.node_id}",
+                                   param="resource")
+            job = await tx.fetchrow(
+                "SELECT * FROM jobs WHERE job_id = $1" + (" FOR UPDATE" if tx.dialect.skip_locked else ""),
+                req.job_id,
+            )
+            if job is None or job["node_id"] != req.node_id or job["state"] not in ("assigned", "running"):
+                state = "unknown" if job is None else f"{job['state']} on node {job['node_id'] or 'none'}"
+                raise JobNotAssigned(f"job {req.job_id} is not assigned to node {req.node_id} (it is {state})")
+            holder = await tx.fetchrow(
+                "SELECT lease_id, job_id, expires_at FROM leases WHERE node_id = $1 AND resource = $2 "
+                "AND state = 'active'", req.node_id, req.resource,
+            )
+            if holder is not None and holder["job_id"] != job["job_id"]:
+                raise ResourceHeld(
+                    f"{req.resource} on node {req.node_id} is held by lease {holder['lease_id']} "
+                    f"(job {holder['job_id']})",
+                    retry_after_s=max(1, math.ceil(holder["expires_at"] - now)),
+                )
+            # The same job asks again (a retry after a lost answer, or another device): its older lease is fenced
+            # off so only the newest epoch can report.
+            await self._end_leases(tx, job["job_id"], "superseded", now)
+            epoch = await tx.next_value("lease_epochs")
+            ttl = clamp_ttl(self.settings, req.ttl_s)
+            lease_id = f"lease-{secrets.token_hex(8)}"
+            await tx.execute(
+                """INSERT INTO leases (lease_id, node_id, job_id, attempt, resource, epoch, ttl_s, granted_at,
+                       expires_at, state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'active')""",
+                lease_id, req.node_id, job["job_id"], job["attempt"], req.resource, epoch, ttl, now, now + ttl,
+            )
+            await tx.execute(
+                """UPDATE jobs SET state = 'running', resource = $2, lease_id = $3, lease_epoch = $4,
+                       started_at = COALESCE(started_at, $5) WHERE job_id = $1""",
+                job["job_id"], req.resource, lease_id, epoch, now,
+            )
+            tx.notify(job_topic(job["job_id"]))
+            log.info("lease granted lease_id=%s node_id=%s resource=%s epoch=%d job_id=%s attempt=%d ttl_s=%g",
+                     lease_id, req.node_id, req.resource, epoch, job["job_id"], job["attempt"], ttl)
+            return LeaseGrant(lease_id=lease_id, epoch=epoch, ttl_s=ttl, resource=req.resource)
+
+        grant = await self.engine.run(op)
+        self.metrics.leases_granted.labels(req.node_id).inc()
+        return grant
+
+    async def renew_lease(self, lease_id: str, req: RenewRequest) -> RenewResponse:
+        ttl = clamp_ttl(self.settings, req.ttl_s) if req.ttl_s is not None else None
+
+        async def op(tx: Tx) -> tuple[str, RenewResponse]:
+            now = await tx.now()
+            # The check and the write are one statement: only the job's live, unexpired lease, with the epoch and
+            # node the renewal names, for the job's current attempt.
+            row = await tx.fetchrow(
+                """UPDATE leases SET ttl_s = COALESCE(CAST($4 AS DOUBLE PRECISION), ttl_s),
+                       expires_at = $5 + COALESCE(CAST($4 AS DOUBLE PRECISION), ttl_s)
+                   WHERE lease_id = $1 AND state = 'active' AND expires_at > $5 AND epoch = $2 AND node_id = $3
+                     AND EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = leases.job_id AND j.lease_id = leases.lease_id
+                                 AND j.attempt = leases.attempt AND j.state = 'running')
+                   RETURNING node_id, epoch, ttl_s""",
+                lease_id, req.epoch, req.node_id, ttl, now,
+            )
+            if row is not None:
+                return row["node_id"], RenewResponse(lease_id=lease_id, epoch=row["epoch"], ttl_s=row["ttl_s"])
+            lease = await tx.fetchrow("SELECT * FROM leases WHERE lease_id = $1", lease_id)
+            if lease is None:
+                raise LeaseUnusable(f"lease {lease_id} is not known", code="unknown_lease")
+            if lease["state"] != "active":
+                raise LeaseUnusable(f"lease {lease_id} is {lease['state']}", code=f"lease_{lease['state']}")
+            if lease["expires_at"] <= now:
+                raise LeaseUnusable(f"lease {lease_id} is expired", code="lease_expired")
+            exc = await self._why_rejected(tx, lease["job_id"], lease["attempt"], lease_id, req.epoch, req.node_id,
+                                           now)
+            log.info("renewal rejected lease_id=%s node_id=%s epoch=%d reason=%s", lease_id, req.node_id, req.epoch,
+                     exc.code)
+            raise LeaseUnusable(exc.message, code=exc.code)
+
+        node_id, response = await self.engine.run(op)
+        self.metrics.leases_renewed.labels(node_id).inc()
+        return response
+
+    async def release_lease(self, lease_id: str) -> None:
+        """Give a lease back (idempotent). A job without an accepted result goes back to the queue."""
+        async def op(tx: Tx) -> None:
+            now = await tx.now()
+            lease = await tx.fetchrow(
+                "UPDATE leases SET state = 'released', ended_at = $2 WHERE lease_id = $1 AND state = 'active' "
+                "RETURNING node_id, job_id", lease_id, now,
+            )
+            if lease is None:
+                return
+            log.info("lease released lease_id=%s node_id=%s job_id=%s", lease_id, lease["node_id"], lease["job_id"])
+            job = await tx.fetchrow("SELECT * FROM jobs WHERE job_id = $1", lease["job_id"])
+            if job is not None and job["lease_id"] == lease_id and job["state"] == "running":
+                await self._requeue_or_fail(tx, job, now, "released", "lease_lost",
+                                            f"node {lease['node_id']} released the lease without a result")
+
+        await self.engine.run(op)
+
+    async def lease_state(self, lease_id: str) -> dict[str, Any] | None:
+        """A lease's row (tests and status pages)."""
+        row = await self.engine.run(lambda tx: tx.fetchrow("SELECT * FROM leases WHERE lease_id = $1", lease_id))
+        return dict(row) if row is not None else None
+
+    @staticmethod
+    async def _end_leases(tx: Tx, job_id: str, state: str, now: float, attempt: int | None = None) -> None:
+        """End the job's live leases (of ``attempt`` only, when given: a lease of a later attempt, granted after
+        another replica re-queued the job, is not this caller's to end)."""
+        if attempt is None:
+            await tx.execute("UPDATE leases SET state = $2, ended_at = $3 WHERE job_id = $1 AND state = 'active'",
+                             job_id, state, now)
+        else:
+            await tx.execute("UPDATE leases SET state = $2, ended_at = $3 WHERE job_id = $1 AND state = 'active' "
+                             "AND attempt = $4", job_id, state, now, attempt)
+
+    # ------------------------------------------------------------------------------- requeue and finish
+
+    async def _requeue_or_fail(self, tx: Tx, job: Row, now: float, reason: str, code: str, message: str) -> None:
+        """Another attempt, or the error ``rules.requeue_or_fail`` names. Conditional on the attempt the caller
+        read, so one loss re-queues a job once however many replicas see it."""
+        await self._end_leases(tx, job["job_id"], "released", now, job["attempt"])
+        outcome = requeue_or_fail(self.settings, job["attempt"], job["deadline_at"], now, code, message)
+        if outcome != "requeue":
+            await self._finish(tx, job, now, outcome)
+            return
+        changed = await tx.execute(
+            f"""UPDATE jobs SET attempt = attempt + 1, state = 'queued', node_id = NULL, resource = NULL,
+                   lease_id = NULL, lease_epoch = NULL, assigned_at = NULL, queued_at = $3
+               WHERE job_id = $1 AND attempt = $2 AND state IN {_OPEN}""",
+            job["job_id"], job["attempt"], now,
+        )
+        if not changed:
+            return
+        self.metrics.jobs_requeued.labels(reason).inc()
+        log.info("job requeued job_id=%s reason=%s from_node=%s attempt=%d", job["job_id"], reason,
+                 job["node_id"] or "-", job["attempt"] + 1)
+        tx.notify(QUEUE_TOPIC)
+        tx.notify(job_topic(job["job_id"]))
+
+    async def _finish(self, tx: Tx, job: Row, now: float, error: JobErrorInfo | None) -> None:
+        state = "succeeded" if error is None else "failed"
+        changed = await tx.execute(
+            f"""UPDATE jobs SET state = $2, error = $3, finished_at = $4, unservable_since = NULL,
+                   queued_total_s = queued_total_s + CASE WHEN state = 'queued' THEN $4 - queued_at ELSE 0 END
+               WHERE job_id = $1 AND attempt = $5 AND state NOT IN {_TERMINAL}""",
+            job["job_id"], state, _doc(error) if error is not None else None, now, job["attempt"],
+        )
+        if not changed:
+            return
+        await self._end_leases(tx, job["job_id"], "released", now, job["attempt"])
+        if not self.settings.keep_audio and job["upload_id"] is not None:
+            await self._drop_audio(tx, job["upload_id"])
+            await tx.execute("UPDATE jobs SET upload_id = NULL WHERE job_id = $1", job["job_id"])
+        outcome = "succeeded" if error is None else error.code
+        self.metrics.job_finished(outcome)
+        log.info("job finished job_id=%s outcome=%s attempt=%d node_id=%s seconds=%.3f%s", job["job_id"], outcome,
+                 job["attempt"], job["node_id"] or "-", now - job["created_at"],
+                 f" error={error.message!r}" if error is not None else "")
+        tx.notify(job_topic(job["job_id"]))
+
+    @staticmethod
+    async def _drop_audio(tx: Tx, upload_id: str) -> None:
+        await tx.execute("DELETE FROM audio_chunks WHERE upload_id = $1", upload_id)
+        await tx.execute("DELETE FROM uploads WHERE upload_id = $1", upload_id)
+
+    # ------------------------------------------------------------------------------------------ reaping
+
+    async def reap(self) -> None:
+        """Apply everything that fell due: vanished nodes, expired leases, assignments never leased, deadlines,
+        unservable jobs, retention. Any replica may run it at any time; each row is handled once (rows are
+        claimed with SKIP LOCKED and changed only by conditional updates)."""
+        await self.engine.run(self._reap)
+
+    async def _reap(self, tx: Tx) -> None:
+        s = self.settings
+        now = await tx.now()
+        skip = tx.dialect.skip_locked
+        gone = await tx.fetch(
+            "UPDATE nodes SET state = 'gone', gone_at = $1 WHERE state <> 'gone' AND last_heartbeat <= $2 "
+            "RETURNING node_id, last_heartbeat", now, now - gone_after_s(s),
+        )
+        for node in gone:
+            self._served = None
+            log.info("node gone node_id=%s last_heartbeat_age_s=%.1f", node["node_id"], now - node["last_heartbeat"])
+            for lease in await tx.fetch("SELECT * FROM leases WHERE node_id = $1 AND state = 'active'",
+                                        node["node_id"]):
+                await self._expire(tx, lease, now, "node_gone")
+            for job in await tx.fetch("SELECT * FROM jobs WHERE node_id = $1 AND state = 'assigned'",
+                                      node["node_id"]):
+                await self._requeue_or_fail(tx, job, now, "node_gone", "worker_unavailable",
+                                            f"node {node['node_id']} is gone")
+        for row in await tx.fetch("DELETE FROM nodes WHERE state = 'gone' AND gone_at <= $1 RETURNING node_id",
+                                  now - s.job_retention_s):
+            self.metrics.node_forgotten(row["node_id"])
+        for lease in await tx.fetch(
+            f"SELECT * FROM leases WHERE state = 'active' AND expires_at <= $1 LIMIT {REAP_BATCH}{skip}", now
+        ):
+            await self._expire(tx, lease, now, "lease_expired")
+        for job in await tx.fetch(
+            f"SELECT * FROM jobs WHERE state = 'assigned' AND assigned_at <= $1 LIMIT {REAP_BATCH}{skip}",
+            now - s.assign_timeout_s,
+        ):
+            await self._requeue_or_fail(tx, job, now, "assign_timeout", "worker_unavailable",
+                                        f"node {job['node_id']} took no lease within {s.assign_timeout_s:g} s")
+        for job in await tx.fetch(
+            f"SELECT * FROM jobs WHERE state = 'queued' AND deadline_at <= $1 LIMIT {REAP_BATCH}{skip}", now
+        ):
+            await self._finish(tx, job, now, JobErrorInfo(code="timeout", message="the deadline passed while queued"))
+        await self._reap_unservable(tx, now)
+        old = await tx.fetch(
+            f"SELECT job_id, upload_id FROM jobs WHERE finished_at <= $1 LIMIT {REAP_BATCH}{skip}",
+            now - s.job_retention_s,
+        )
+        for job in old:
+            for table in ("segments", "reports", "leases"):
+                await tx.execute(f"DELETE FROM {table} WHERE job_id = $1", job["job_id"])
+            if job["upload_id"] is not None:
+                await self._drop_audio(tx, job["upload_id"])
+            await tx.execute("DELETE FROM jobs WHERE job_id = $1", job["job_id"])
+        for upload in await tx.fetch(
+            f"SELECT upload_id FROM uploads WHERE job_id IS NULL AND started_at <= $1 LIMIT {REAP_BATCH}{skip}",
+            now - ORPHAN_UPLOAD_S,
+        ):
+            await self._drop_audio(tx, upload["upload_id"])
+        await self._gauges(tx)
+
+    async def refresh_gauges(self) -> None:
+        """Read the gauges' values now (a /metrics scrape does, so it shows this moment, not the last pass)."""
+        await self.engine.run(self._gauges)
+
+    async def _gauges(self, tx: Tx) -> None:
+        counts = await tx.fetch("SELECT state, COUNT(*) AS n FROM nodes GROUP BY state")
+        self.node_states_seen = {r["state"]: int(r["n"]) for r in counts}
+        open_row = await tx.fetchrow(
+            f"""SELECT COUNT(*) AS jobs, COALESCE(SUM(audio_bytes), 0) AS bytes,
+                   COALESCE(SUM(CASE WHEN state = 'queued' THEN 1 ELSE 0 END), 0) AS queued
+               FROM jobs WHERE state IN {_OPEN}"""
+        )
+        assert open_row is not None
+        self.load_seen = (int(open_row["jobs"]), int(open_row["bytes"]))
+        self.queue_depth_seen = int(open_row["queued"])
+
+    async def _expire(self, tx: Tx, lease: Row, now: float, reason: str) -> None:
+        changed = await tx.execute(
+            "UPDATE leases SET state = 'expired', ended_at = $2 WHERE lease_id = $1 AND state = 'active'",
+            lease["lease_id"], now,
+        )
+        if not changed:
+            return
+        self.metrics.leases_expired.labels(lease["node_id"]).inc()
+        log.info("lease expired lease_id=%s node_id=%s resource=%s epoch=%d job_id=%s reason=%s", lease["lease_id"],
+                 lease["node_id"], lease["resource"], lease["epoch"], lease["job_id"], reason)
+        job = await tx.fetchrow("SELECT * FROM jobs WHERE job_id = $1", lease["job_id"])
+        if job is not None and job["lease_id"] == lease["lease_id"] and job["state"] == "running":
+            await self._requeue_or_fail(tx, job, now, reason, "lease_expired",
+                                        f"lease {lease['lease_id']} on node {lease['node_id']} expired")
+
+    async def _reap_unservable(self, tx: Tx, now: float) -> None:
+        """Mark queued jobs no live node serves, clear the mark when one does, and fail those marked for
+        ``unservable_after_s`` with no_capable_node."""
+        served = await self._served_now(tx, fresh=True)
+        # One SQL condition for "some live node serves this job's language" (rules.Served.serves).
+        serves = ("((language IS NULL AND $1 = 1) OR (language IS NOT NULL AND ($2 = 1 OR language IN ("
+                  + tx.dialect.json_strings.format(p="$3") + "))))")
+        args = (int(served.has_device), int(served.any_language), json.dumps(sorted(served.languages)))
+        await tx.execute(
+            f"UPDATE jobs SET unservable_since = NULL WHERE state = 'queued' AND unservable_since IS NOT NULL "
+            f"AND {serves}", *args,
+        )
+        await tx.execute(
+            f"UPDATE jobs SET unservable_since = $4 WHERE state = 'queued' AND unservable_since IS NULL "
+            f"AND NOT {serves}", *args, now,
+        )
+        after = self.settings.unservable_after_s
+        for job in await tx.fetch(
+            f"SELECT * FROM jobs WHERE state = 'queued' AND unservable_since <= $1 LIMIT {REAP_BATCH}"
+            + tx.dialect.skip_locked, now - after,
+        ):
+            await self._finish(tx, job, now,
+                               unservable_error(job["language"], served, now - job["unservable_since"], after))

@@ -1,0 +1,11 @@
+"""What a change wakes: long polls wait on a topic, and a store announces changes by topic after it commits."""
+
+from __future__ import annotations
+
+#: A job was queued (or re-queued), or a node registered: pollers for work re-check.
+QUEUE_TOPIC = "queue"
+
+
+def job_topic(job_id: str) -> str:
+    """The job changed state or got segments: its long polls re-check."""
+    return f"job:{job_id}"
