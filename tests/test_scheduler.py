@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -14,9 +15,10 @@ import signal
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 import aiohttp
+import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -211,9 +213,35 @@ class Harness:
         return self.registry.get_sample_value(name, labels)
 
 
+#: The store the HTTP tests' schedulers use; every such test runs on SQLite (the default) and on PostgreSQL.
+_STORE: dict[str, str] = {"url": "sqlite"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "scheduler(" in inspect.getsource(metafunc.function):
+        metafunc.parametrize("store_kind", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture(autouse=True)
+def store_url(request: pytest.FixtureRequest, store_kind: str) -> Iterator[str]:
+    kind = store_kind
+    _STORE["url"] = request.getfixturevalue("pg_dsn") if kind == "postgresql" else "sqlite"
+    yield _STORE["url"]
+    _STORE["url"] = "sqlite"
+
+
 @contextlib.asynccontextmanager
 async def scheduler(**overrides: Any) -> AsyncIterator[Harness]:
-    settings = SchedulerSettings(**overrides)
+    settings = SchedulerSettings(**{"store": _STORE["url"], **overrides})
+    if _STORE["url"].startswith("postgresql"):  # each harness starts from an empty store, as on SQLite
+        conn = await asyncpg.connect(_STORE["url"])
+        await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        await conn.close()
     registry = CollectorRegistry()
     state_dir = Path(tempfile.mkdtemp(prefix="scheduler-"))  # the default store: scheduler.db there
     running = await start_scheduler(settings, registry, host="127.0.0.1", port=0, state_dir=state_dir)
