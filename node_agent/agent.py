@@ -191,7 +191,7 @@ async def run_agent(settings: Settings) -> int:
         raise
     # Logged once both ports are bound, so a port in use ends in its one error line and nothing more.
     if embedded is not None:
-        log.info("embedded scheduler listening on %s", url)
+        log.info("embedded scheduler listening on %s (store: %s)", url, embedded.store.where)
     log.info("agent endpoints on %s (/metrics /healthz /readyz /status)", http.url)
 
     loop = asyncio.get_running_loop()

@@ -14,11 +14,12 @@ import enum
 import logging
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .client import (
     BadRequest,
+    Gone,
     Rejected,
     SchedulerClient,
     SchedulerError,
@@ -162,7 +163,7 @@ class JobRunner:
         a = running.assignment
         deadline = running.received + a.deadline_s if a.deadline_s else None
         try:
-            audio = await self._fetch_audio(a)
+            audio = await self._fetch_audio(a, deadline)
         except SchedulerError as exc:
             # Without a lease we cannot report; the scheduler re-queues the assignment on its own.
             log.error("job %s: could not fetch audio, leaving it to the scheduler: %s", a.job_id, exc)
@@ -216,8 +217,15 @@ class JobRunner:
                 # A little longer than the sender's own flush budget: it normally ends by itself.
                 await asyncio.wait_for(asyncio.shield(sender), flush_s + 1.0)
 
-    async def _fetch_audio(self, a: JobAssignment) -> bytes:
-        backoff = self.policies.audio.start("audio", self.metrics.count_retry)
+    async def _fetch_audio(self, a: JobAssignment, deadline: float | None) -> bytes:
+        """The job's audio, retried through refused connections and 5xx under the ``audio`` policy, and never
+        past the job's deadline (loop time): a job that can no longer finish in time is not waited for."""
+        policy = self.policies.audio
+        if deadline is not None:
+            left = max(0.0, deadline - asyncio.get_running_loop().time())
+            policy = replace(policy, max_total_s=min(left, policy.max_total_s if policy.max_total_s is not None
+                                                     else left))
+        backoff = policy.start("audio", self.metrics.count_retry)
         while True:
             try:
                 data = await self.client.fetch_audio(a.audio.url)
@@ -321,7 +329,8 @@ class JobRunner:
                 report = Report.rejected
                 log.warning("job %s attempt %d: result dropped: %s", a.job_id, a.attempt, lost_job_line(a.job_id))
                 break
-            except (Rejected, BadRequest) as exc:
+            except (Rejected, Gone, BadRequest) as exc:
+                # Gone: the lease or assignment no longer exists, so no retry can make this report count.
                 report = Report.rejected
                 log.warning("job %s attempt %d: result rejected by the scheduler: %s", a.job_id, a.attempt, exc)
                 break

@@ -4,7 +4,9 @@ An utterance becomes an ordinary job on the scheduler the agent uses (``POST /v1
 ``GET /v1/jobs/{id}``), so it takes the path every job takes: queue, lease, supervisor, plugin process, metrics.
 Its time limit travels as the job's ``deadline_s``: a decode that overruns it is stopped by the supervisor
 killing the worker process, which is then replaced. (The old service's timeout only stopped waiting, and the
-next request queued behind the abandoned decode.)
+next request queued behind the abandoned decode.) Submitting and following go through ``JobWaiter``
+(job_client.py), as for ``node-agent submit``: a scheduler that restarts, fails over or answers 429 is retried
+within the utterance's time limit, and a job it lost is a 503 saying so.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import math
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -31,20 +33,12 @@ from pydantic import (
     model_validator,
 )
 
-from .client import (
-    BadRequest,
-    SchedulerClient,
-    SchedulerError,
-    SchedulerUnavailable,
-    UnknownJob,
-    lost_job_line,
-    new_idempotency_key,
-)
+from .client import BadRequest, SchedulerClient, SchedulerError, SchedulerUnavailable
 from .config import Settings
 from .contracts import OPTION_KEYS, DecodeOptions, JobErrorCode, error_key, one_line
+from .job_client import JobLost, JobUpdate, JobWaiter, Retrying, WaitExpired
 from .jsonio import json_response
 from .node_view import LocalNodeView
-from .retry import Backoff, RetryPolicy, retry_after_of
 from .supervisor import RESTART_REASONS, WorkerState
 
 log = logging.getLogger("node_agent.legacy_asr_api")
@@ -59,11 +53,6 @@ MAX_TIMEOUT_S = 600.0
 QUEUE_PER_WORKER = 2
 #: After the deadline: time for the supervisor's kill (SIGTERM grace) and the node's report to arrive.
 REPORT_GRACE_S = 5.0
-#: Longest single long poll, so a draining or stopping agent answers waiting clients promptly.
-POLL_SLICE_S = 5.0
-#: A submit or poll that failed in transport or with 5xx (the scheduler restarting, a replica failing over) is
-#: retried with full jitter and short waits; the total is what is left of the utterance's time limit.
-SCHEDULER_RETRY = RetryPolicy(initial_s=0.2, max_wait_s=2.0, max_total_s=None)
 SRC_LANGS = ("auto", "zh", "en", "ja", "ko")
 MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 48000
@@ -240,6 +229,16 @@ def _segment(seg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _log_retry(retry: Retrying) -> None:
+    """One warning per run of failed submits or polls of an utterance, not one per retry."""
+    if not retry.first:
+        return
+    if retry.stage == "submit":
+        log.warning("utterance: submitting the job failed (%s); retrying", retry.error)
+    else:
+        log.warning("utterance: following job %s failed (%s); retrying", retry.job_id, retry.error)
+
+
 class CompatService:
     """State of the compatibility endpoints: requests in flight, totals, recent waits."""
 
@@ -249,6 +248,9 @@ class CompatService:
         self.node = node
         #: The node's own scheduler client (its token, its metrics), to submit through.
         self.client = client
+        #: Submits utterances as jobs and follows them, riding through a scheduler that restarts. The node is
+        #: registered, so a scheduler has answered: a refused connection is a restart, retried like a 503.
+        self.jobs = JobWaiter(client)
         self.settings = settings
         self.limits = limits or CompatLimits.from_settings(settings)
         self.in_flight = 0  # admitted utterances: their bodies are in, and they hold a place in the queue
@@ -306,67 +308,41 @@ class CompatService:
             return CompatError(413, "too_large", exc.detail, "audio")
         return CompatError(500, "scheduler_error", f"{what}: {exc}")
 
-    @staticmethod
-    def _transient(exc: SchedulerError, garbled: bool = False) -> bool:
-        """Worth another try at the same call: no answer at all, a 5xx, or (``garbled``) an answer that is not
-        the protocol's; never a queue_full 429, which fails fast."""
-        if not isinstance(exc, SchedulerUnavailable):
-            return False
-        return exc.status is None or exc.status >= 500 or (garbled and exc.status not in (408, 429))
-
     async def _submit(self, req: UtteranceRequest, audio: bytes, deadline_s: float) -> str:
-        """Submit, retrying a failed POST within ``deadline_s`` with its Idempotency-Key (no second job). Every try
-        is the same submission (the key's contract), so the job's deadline stays ``deadline_s``; the wait that
-        follows is bounded by the time limit all the same."""
-        key = new_idempotency_key()
-        backoff: Backoff | None = None
-        while True:
-            try:
-                submitted = await self.client.submit_job(
-                    audio, filename="utterance.pcm", format="pcm_s16le", sample_rate=req.sample_rate,
-                    language=None if req.src_lang == "auto" else req.src_lang, options=req.options(),
-                    deadline_s=deadline_s, idempotency_key=key)
-                return submitted.job_id
-            except SchedulerError as exc:
-                # A garbled answer too: the job may exist, and the key makes a retry find it instead of a twin.
-                if not self._transient(exc, garbled=True):
-                    raise self._scheduler_error("submitting the job", exc) from None
-                if backoff is None:
-                    backoff = replace(SCHEDULER_RETRY, max_total_s=deadline_s).start("job_submit")
-                    log.warning("utterance: submitting the job failed (%s); retrying", exc)
-                if not await backoff.wait(retry_after_of(exc)):
-                    raise self._scheduler_error("submitting the job", exc) from None
+        """Submit through the job waiter (retried within ``deadline_s`` under one Idempotency-Key: no second job).
+        Every try is the same submission (the key's contract), so the job's deadline stays ``deadline_s``; the
+        wait that follows is bounded by the time limit all the same."""
+        until = asyncio.get_running_loop().time() + deadline_s
+        try:
+            return await self.jobs.submit(
+                audio, until=until, on_retry=_log_retry, filename="utterance.pcm", format="pcm_s16le",
+                sample_rate=req.sample_rate, language=None if req.src_lang == "auto" else req.src_lang,
+                options=req.options(), deadline_s=deadline_s)
+        except SchedulerError as exc:
+            raise self._scheduler_error("submitting the job", exc) from None
 
     async def _wait(self, job_id: str, give_up: float, limit_s: float) -> dict[str, Any]:
-        """Long-poll the job until it is finished or ``give_up`` (loop time) passes; polls that fail in transport
-        or with 5xx are retried until then, and a job the scheduler no longer knows is a 503 (submit again)."""
-        loop = asyncio.get_running_loop()
-        backoff: Backoff | None = None
-        while True:
-            left = give_up - loop.time()
-            if left <= 0:
-                raise CompatError(504, "timeout", f"no result within the time limit of {limit_s:g} s "
-                                                  f"(scheduler job {job_id})")
-            try:
-                view = await self.client.get_job(job_id, wait_s=min(left, POLL_SLICE_S))
-            except UnknownJob:
-                # Submitted here moments ago: the scheduler lost it. Nothing to wait for; the caller may resend.
-                raise CompatError(503, "unavailable", lost_job_line(job_id), retry_after=1) from None
-            except SchedulerError as exc:
-                if not self._transient(exc):
-                    raise self._scheduler_error(f"following job {job_id}", exc) from None
-                if backoff is None:
-                    backoff = replace(SCHEDULER_RETRY, max_total_s=left).start("job_poll")
-                    log.warning("utterance: following job %s failed (%s); retrying", job_id, exc)
-                if not await backoff.wait(retry_after_of(exc)):
-                    raise self._scheduler_error(f"following job {job_id}", exc) from None
-                continue
-            backoff = None
-            if view.state in ("succeeded", "failed"):
-                return view.model_dump()
-            if self.node.draining and view.state == "queued":
+        """Follow the job through the job waiter until it is finished or ``give_up`` (loop time) passes; a job
+        the scheduler no longer knows is a 503 (submit again)."""
+
+        def still_wanted(update: JobUpdate) -> None:
+            if self.node.draining and update.view.state == "queued":
                 raise CompatError(503, "unavailable", "the node is draining; the utterance was not started",
                                   retry_after=self.retry_after())
+
+        try:
+            view = await self.jobs.wait(job_id, give_up, stream=False, on_update=still_wanted, on_retry=_log_retry)
+        except JobLost as exc:
+            # Submitted here moments ago: the scheduler lost it. Nothing to wait for; the caller may resend.
+            raise CompatError(503, "unavailable", str(exc), retry_after=1) from None
+        except WaitExpired as exc:
+            if exc.last_error is not None:
+                raise self._scheduler_error(f"following job {job_id}", exc.last_error) from None
+            raise CompatError(504, "timeout", f"no result within the time limit of {limit_s:g} s "
+                                              f"(scheduler job {job_id})") from None
+        except SchedulerError as exc:
+            raise self._scheduler_error(f"following job {job_id}", exc) from None
+        return view.model_dump()
 
     # ----- handlers ----------------------------------------------------------------------------------------------
 

@@ -1,40 +1,26 @@
 """``node-agent submit``: send files to a scheduler, stream their segments, print the transcripts.
 
-Every call goes through the scheduler client (typed errors, failover between several ``--scheduler`` URLs). A
-submit or a poll that fails in transport or with 5xx (a scheduler restarting) is retried under the one retry policy
-(full jitter, a cap on each wait), all within ``--timeout``; a submit's retries carry one ``Idempotency-Key``, so a
-POST whose answer was lost creates no second job. Only a scheduler never reached at all ends the command at once.
+Submitting and following each job goes through ``JobWaiter`` (node_agent/job_client.py), as ``/utterance`` does:
+failover between several ``--scheduler`` URLs, a submit or poll that fails in transport, with 5xx or 429 retried
+with backoff within ``--timeout`` (one ``Idempotency-Key`` per file), a job the scheduler lost said in one line.
+Only a scheduler never reached at all ends the command at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .client import (
-    ConnectFailed,
-    SchedulerClient,
-    SchedulerError,
-    SchedulerUnavailable,
-    UnknownJob,
-    lost_job_line,
-    new_idempotency_key,
-)
+from .client import ConnectFailed, SchedulerClient, SchedulerError, SchedulerUnavailable, lost_job_line
 from .config import Settings, host_port, scheduler_urls
 from .errors import SchedulerUnreachable, UsageError
+from .job_client import JobLost, JobUpdate, JobWaiter, Retrying, WaitExpired
 from .jsonio import dumps
-from .retry import Backoff, RetryPolicy
-from .scheduler.schemas import TERMINAL_JOB_STATES
 
-#: Longest single long poll for a job's progress.
-POLL_SLICE_S = 10.0
-#: Failed submissions and polls (a scheduler restarting, a network blip) are retried with full jitter, each wait
-#: at most ``max_wait_s``; the total is set per call to what is left of ``--timeout``.
-RETRY = RetryPolicy(initial_s=0.5, max_wait_s=10.0, max_total_s=None)
 #: The job state for a job the scheduler no longer knows (not a scheduler state: it never answers it).
 LOST = "lost"
 
@@ -62,70 +48,50 @@ def _failure(exc: SchedulerError) -> str:
     return f"{exc.status} {exc.code or ''}: {exc.detail}"
 
 
-async def _submit_one(client: SchedulerClient, name: str, audio: bytes, language: str | None,
-                      allow_truncated: bool = False, *, timeout: float = 600.0, reached: bool = False) -> str:
-    """Submit one file, retrying a failed POST (same Idempotency-Key) within ``timeout``. ``reached``: whether
-    a scheduler has answered this command before (if not, a refused connection ends the command at once)."""
-    key = new_idempotency_key()
-    backoff: Backoff | None = None
-    while True:
-        try:
-            submitted = await client.submit_job(audio, filename=name, language=language or None,
-                                                allow_truncated=allow_truncated, idempotency_key=key)
-            return submitted.job_id
-        except ConnectFailed as exc:
-            if not reached:
-                # Nothing there at all (every URL refused): every file would fail the same way; a wrong URL or a
-                # scheduler not started is far likelier than a restart, so say so now instead of waiting.
-                raise SchedulerUnreachable(", ".join(client.urls), f"{exc.reason} (is `node-agent run` or "
-                                           "`node-agent scheduler` running there?)") from None
-            error: SchedulerUnavailable = exc
-        except SchedulerUnavailable as exc:
-            error = exc
-            reached = reached or exc.status is not None  # something answered: a later refusal is a restart
-        if backoff is None:
-            backoff = dataclasses.replace(RETRY, max_total_s=timeout).start("job_submit")
-        print(f"node-agent: {name}: submitting failed ({error}); retrying", file=sys.stderr)
-        if not await backoff.wait(error.retry_after):
-            raise error
+def _retrying(name: str) -> Callable[[Retrying], None]:
+    """Says each failed try of ``name``'s submit or polls (a scheduler restarting is worth seeing)."""
+    def say(retry: Retrying) -> None:
+        what = "submitting" if retry.stage == "submit" else "polling"
+        print(f"node-agent: {name}: {what} failed ({retry.error}); retrying", file=sys.stderr)
+    return say
 
 
-async def _follow(client: SchedulerClient, path: str, job_id: str, as_json: bool,
-                  timeout: float) -> dict[str, Any]:
-    seen = 0
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + timeout
+async def _submit_one(waiter: JobWaiter, name: str, audio: bytes, language: str | None,
+                      allow_truncated: bool = False, *, timeout: float = 600.0) -> str:
+    """Submit one file (retried within ``timeout``). Before any scheduler has answered this command, a refused
+    connection ends it at once."""
+    until = asyncio.get_running_loop().time() + timeout
+    try:
+        return await waiter.submit(audio, until=until, on_retry=_retrying(name), filename=name,
+                                   language=language or None, allow_truncated=allow_truncated)
+    except ConnectFailed as exc:
+        if waiter.reached:
+            raise
+        # Nothing there at all (every URL refused): every file would fail the same way; a wrong URL or a
+        # scheduler not started is far likelier than a restart, so say so now instead of waiting.
+        raise SchedulerUnreachable(", ".join(waiter.client.urls), f"{exc.reason} (is `node-agent run` or "
+                                   "`node-agent scheduler` running there?)") from None
+
+
+async def _follow(waiter: JobWaiter, path: str, job_id: str, as_json: bool, timeout: float) -> dict[str, Any]:
+    """Follow one job to its end, printing its segments as they come; its final view, or one saying why not."""
     name = Path(path).name
-    backoff: Backoff | None = None  # the current run of failed polls, if any
-    while True:
-        left = give_up - loop.time()
-        if left <= 0:
-            return {"state": "failed", "error": {"code": "timeout", "message": f"no result within {timeout:g} s"}}
-        try:
-            view = await client.get_job(job_id, wait_s=min(POLL_SLICE_S, left), after_segment=seen)
-        except SchedulerUnavailable as exc:
-            if backoff is None:
-                backoff = dataclasses.replace(RETRY, max_total_s=left).start("job_poll")
-            print(f"node-agent: {name}: polling failed ({exc}); retrying", file=sys.stderr)
-            if not await backoff.wait(exc.retry_after):
-                return {"state": "failed", "error": {"code": "timeout", "message": f"no result within {timeout:g} "
-                                                                                   f"s; the last poll failed: {exc}"}}
-            continue
-        except UnknownJob:
-            # It was submitted here, so the scheduler lost it: polling on would only repeat the 404.
-            return {"state": LOST, "error": {"code": "unknown_job", "message": lost_job_line(job_id)}}
-        except SchedulerError as exc:
-            return {"state": "failed", "error": {"code": exc.code or "failed", "message": exc.detail}}
-        backoff = None
-        segments = view.segments
-        if len(segments) < seen:
-            seen = 0  # a new attempt started over
-        for seg in segments[seen:]:
-            if not as_json:
-                print(f"{name} [{seg['start']:.2f} -> {seg['end']:.2f}] {seg['text'].strip()}", flush=True)
-        seen = len(segments)
-        if view.state in TERMINAL_JOB_STATES:
-            return view.model_dump()
+    until = asyncio.get_running_loop().time() + timeout
+
+    def show(update: JobUpdate) -> None:
+        for seg in update.new_segments if not as_json else ():
+            print(f"{name} [{seg['start']:.2f} -> {seg['end']:.2f}] {seg['text'].strip()}", flush=True)
+
+    try:
+        view = await waiter.wait(job_id, until, on_update=show, on_retry=_retrying(name))
+    except JobLost:
+        return {"state": LOST, "error": {"code": "unknown_job", "message": lost_job_line(job_id)}}
+    except WaitExpired as exc:
+        why = f"; the last poll failed: {exc.last_error}" if exc.last_error is not None else ""
+        return {"state": "failed", "error": {"code": "timeout", "message": f"no result within {timeout:g} s{why}"}}
+    except SchedulerError as exc:
+        return {"state": "failed", "error": {"code": exc.code or "failed", "message": exc.detail}}
+    return view.model_dump()
 
 
 async def submit_files(args: argparse.Namespace, settings: Settings) -> int:
@@ -133,8 +99,8 @@ async def submit_files(args: argparse.Namespace, settings: Settings) -> int:
     token = settings.scheduler.token.get_secret_value() if settings.scheduler.token is not None else None
     failures = 0
     async with SchedulerClient(url, token, settings.scheduler.request_timeout_s) as client:
+        waiter = JobWaiter(client, reached=False)
         jobs: dict[str, str] = {}
-        reached = False  # whether any scheduler has answered yet
         for index, path in enumerate(args.audio):
             try:
                 audio = Path(path).read_bytes()
@@ -143,11 +109,9 @@ async def submit_files(args: argparse.Namespace, settings: Settings) -> int:
                 failures += 1
                 continue
             try:
-                jobs[path] = await _submit_one(client, Path(path).name, audio, args.language, args.allow_truncated,
-                                               timeout=args.timeout, reached=reached)
-                reached = True
+                jobs[path] = await _submit_one(waiter, Path(path).name, audio, args.language, args.allow_truncated,
+                                               timeout=args.timeout)
             except SchedulerError as exc:
-                reached = reached or not isinstance(exc, ConnectFailed)
                 if exc.status == 422 and exc.code == "no_capable_node":
                     # Every file asks for the same language, so the rest would be refused alike: the scheduler's
                     # line (what was asked, what the nodes serve, what to change) is said once, and nothing waits.
@@ -156,7 +120,7 @@ async def submit_files(args: argparse.Namespace, settings: Settings) -> int:
                     break
                 print(f"node-agent: {path}: submit to {url} failed: {_failure(exc)}", file=sys.stderr)
                 failures += 1
-        views = await asyncio.gather(*(_follow(client, p, j, args.json, args.timeout) for p, j in jobs.items()))
+        views = await asyncio.gather(*(_follow(waiter, p, j, args.json, args.timeout) for p, j in jobs.items()))
     for (path, job_id), view in zip(jobs.items(), views):
         if view.get("state") == "succeeded":
             result = view.get("result") or {}

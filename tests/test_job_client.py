@@ -1,21 +1,37 @@
-"""The scheduler client's job API (submit, long poll) against a real scheduler on loopback, and ``node-agent
-submit``'s polling: failed polls retried with jittered, capped waits, never past ``--timeout``."""
+"""The scheduler client's job API (submit, long poll) against a real scheduler on loopback; the job waiter
+(node_agent/job_client.py) through the failure shapes a real scheduler rarely produces (aioresponses): refused
+connections, 503 and 429 with Retry-After, a 404 for the job after a restart; and ``node-agent submit``'s
+polling: failed polls retried with jittered, capped waits, never past ``--timeout``.
+
+The waiter against real schedulers that stop and start again is in test_ride_through.py."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import re
 import socket
 import time
 
+import aiohttp
 import pytest
 from aioresponses import aioresponses
 from prometheus_client import CollectorRegistry
+from yarl import URL
 
 from conftest import make_settings
 from helpers import DATA
-from node_agent.client import BadRequest, ConnectFailed, NotFound, SchedulerClient, SchedulerUnavailable
+from node_agent.client import (
+    BadRequest,
+    ConnectFailed,
+    NotFound,
+    SchedulerClient,
+    SchedulerUnavailable,
+    lost_job_line,
+)
+from node_agent.job_client import JobLost, JobUpdate, JobWaiter, Retrying, WaitExpired
+from node_agent.retry import RetryPolicy
 from node_agent.metrics import AgentMetrics
 from node_agent.scheduler.server import start_scheduler
 from node_agent.submit import submit_files
@@ -28,7 +44,8 @@ NODE = {"agent_version": "0.1.0", "hostname": "host-a", "hardware": {"cpu_cores"
 
 async def test_a_job_submitted_and_followed_through_the_client(tmp_path) -> None:
     settings = make_settings(scheduler={"token": "s3cret-token"})
-    scheduler = await start_scheduler(settings.scheduler, CollectorRegistry(), host="127.0.0.1", port=0)
+    scheduler = await start_scheduler(settings.scheduler, CollectorRegistry(), host="127.0.0.1", port=0,
+                                      state_dir=tmp_path)
     registry = CollectorRegistry()
     client = SchedulerClient(scheduler.url, "s3cret-token", 5.0, AgentMetrics(registry))
     try:
@@ -139,3 +156,155 @@ async def test_a_closed_port_is_connect_failed_with_the_os_reason():
                                          {"endpoint": "job_submit", "code": "error"}) == 1
     finally:
         await client.close()
+
+
+# ----- the job waiter through failure shapes (aioresponses) ------------------------------------------------------
+
+#: Quick retries, so the shapes take milliseconds; a Retry-After still sets the least wait (up to max_wait_s).
+FAST = RetryPolicy(initial_s=0.01, max_wait_s=2.0, max_total_s=None)
+JOBS = f"{SCHEDULER}/v1/jobs"
+
+
+def refused() -> aiohttp.ClientConnectorError:
+    """What aiohttp raises when nothing listens at the scheduler's port."""
+    return aiohttp.ClientConnectorError(None, ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"))
+
+
+def keys_sent(m: aioresponses) -> list[str]:
+    return [call.kwargs["headers"]["Idempotency-Key"] for call in m.requests[("POST", URL(JOBS))]]
+
+
+async def test_a_submit_rides_through_refused_connections_with_one_idempotency_key() -> None:
+    retries: list[Retrying] = []
+    loop = asyncio.get_running_loop()
+    async with SchedulerClient(SCHEDULER, None, 2.0) as client:
+        waiter = JobWaiter(client, FAST)
+        with aioresponses() as m:
+            m.post(JOBS, exception=refused())
+            m.post(JOBS, exception=refused())
+            m.post(JOBS, status=202, payload={"job_id": "j1", "state": "queued"})
+            job_id = await waiter.submit(b"\0\0", until=loop.time() + 10, on_retry=retries.append,
+                                         format="pcm_s16le", sample_rate=16000)
+            keys = keys_sent(m)
+    assert job_id == "j1"
+    assert len(keys) == 3 and len(set(keys)) == 1, keys  # every try is the same submission
+    assert [(r.stage, r.first, type(r.error)) for r in retries] == [("submit", True, ConnectFailed),
+                                                                     ("submit", False, ConnectFailed)]
+    assert retries[0].error.reason == "connection refused"
+
+
+async def test_a_refused_submit_before_any_scheduler_answered_is_raised_at_once() -> None:
+    loop = asyncio.get_running_loop()
+    async with SchedulerClient(SCHEDULER, None, 2.0) as client:
+        waiter = JobWaiter(client, FAST, reached=False)
+        with aioresponses() as m:
+            m.post(JOBS, exception=refused(), repeat=True)
+            with pytest.raises(ConnectFailed):
+                await waiter.submit(b"\0\0", until=loop.time() + 10, format="pcm_s16le", sample_rate=16000)
+            assert len(keys_sent(m)) == 1
+        # Once something answered (here a 503), a refusal is a scheduler restarting: retried.
+        with aioresponses() as m:
+            m.post(JOBS, status=503)
+            m.post(JOBS, exception=refused())
+            m.post(JOBS, status=202, payload={"job_id": "j2", "state": "queued"})
+            assert await waiter.submit(b"\0\0", until=loop.time() + 10, format="pcm_s16le",
+                                       sample_rate=16000) == "j2"
+            assert waiter.reached and len(keys_sent(m)) == 3
+
+
+@pytest.mark.parametrize("status, code", [(503, "shutting_down"), (429, "queue_full")])
+async def test_a_submit_waits_out_retry_after_then_succeeds(status: int, code: str) -> None:
+    retries: list[Retrying] = []
+    loop = asyncio.get_running_loop()
+    async with SchedulerClient(SCHEDULER, None, 2.0) as client:
+        waiter = JobWaiter(client, FAST)
+        with aioresponses() as m:
+            m.post(JOBS, status=status, headers={"Retry-After": "1"},
+                   payload={"error": {"code": code, "message": "come back later"}})
+            m.post(JOBS, status=202, payload={"job_id": "j1", "state": "queued"})
+            started = loop.time()
+            job_id = await waiter.submit(b"\0\0", until=started + 10, on_retry=retries.append,
+                                         format="pcm_s16le", sample_rate=16000)
+            took = loop.time() - started
+            keys = keys_sent(m)
+    assert job_id == "j1" and len(keys) == 2 and keys[0] == keys[1]
+    # The scheduler's Retry-After is the least wait (full jitter alone would retry within 10 ms).
+    assert took >= 0.95, took
+    assert [(r.error.status, r.error.retry_after) for r in retries] == [(status, 1.0)]
+
+
+async def test_a_submit_refused_for_good_is_not_retried() -> None:
+    loop = asyncio.get_running_loop()
+    async with SchedulerClient(SCHEDULER, None, 2.0) as client:
+        with aioresponses() as m:
+            m.post(JOBS, status=422, payload={"error": {"code": "no_capable_node", "message": "no node serves zh"}})
+            with pytest.raises(BadRequest) as refusal:
+                await JobWaiter(client, FAST).submit(b"\0\0", until=loop.time() + 10, language="zh")
+            assert len(keys_sent(m)) == 1
+    assert (refusal.value.status, refusal.value.code) == (422, "no_capable_node")
+
+
+async def test_follow_streams_new_segments_and_rides_through_failed_polls_by_the_job_id() -> None:
+    one = {"id": 1, "start": 0.0, "end": 1.0, "text": " one"}
+    two = {"id": 2, "start": 1.0, "end": 2.0, "text": " two"}
+    retries: list[Retrying] = []
+    updates: list[JobUpdate] = []
+    loop = asyncio.get_running_loop()
+    async with SchedulerClient(SCHEDULER, None, 2.0) as client:
+        with aioresponses() as m:
+            m.get(POLL, status=200, payload=job_view("running", segments=[one]))
+            m.get(POLL, exception=refused())
+            m.get(POLL, status=502)
+            m.get(POLL, status=200, payload=job_view("succeeded", segments=[one, two], result={"text": "one two"}))
+            view = await JobWaiter(client, FAST).wait("j1", loop.time() + 10, on_update=updates.append,
+                                                        on_retry=retries.append)
+            polls = [call.kwargs["params"] for (method, _), calls in m.requests.items() if method == "GET"
+                     for call in calls]
+    assert view.state == "succeeded" and view.result == {"text": "one two"}
+    assert [[s["id"] for s in u.new_segments] for u in updates] == [[1], [2]]
+    assert [u.finished for u in updates] == [False, True]
+    # Each poll asks for what comes after the segments already seen, the retried ones included.
+    assert [p["after_segment"] for p in polls] == ["0", "1", "1", "1"], polls
+    assert [(r.stage, r.job_id, r.first) for r in retries] == [("poll", "j1", True), ("poll", "j1", False)]
+
+
+async def test_a_404_for_the_job_after_the_scheduler_came_back_is_lost_not_failed() -> None:
+    loop = asyncio.get_running_loop()
+    async with SchedulerClient(SCHEDULER, None, 2.0) as client:
+        with aioresponses() as m:
+            m.get(POLL, status=200, payload=job_view("queued"))
+            m.get(POLL, exception=refused())  # the scheduler restarting
+            m.get(POLL, status=503)
+            m.get(POLL, status=404, payload={"error": {"code": "unknown_job", "message": "no job j1"}})
+            m.get(POLL, status=200, payload=job_view("succeeded"), repeat=True)  # never asked for
+            with pytest.raises(JobLost) as lost:
+                await JobWaiter(client, FAST).wait("j1", loop.time() + 10)
+            polls = sum(len(calls) for (method, _), calls in m.requests.items() if method == "GET")
+    assert str(lost.value) == lost_job_line("j1") and lost.value.job_id == "j1"
+    assert polls == 4
+
+
+async def test_follow_gives_up_at_the_callers_deadline_with_the_last_failure() -> None:
+    loop = asyncio.get_running_loop()
+    async with SchedulerClient(SCHEDULER, None, 2.0) as client:
+        with aioresponses() as m:
+            m.get(POLL, status=503, repeat=True)
+            started = loop.time()
+            with pytest.raises(WaitExpired) as expired:
+                await JobWaiter(client, RetryPolicy(initial_s=0.05, max_wait_s=0.5, max_total_s=None)).wait(
+                    "j1", started + 1.5)
+            took = loop.time() - started
+    assert isinstance(expired.value.last_error, SchedulerUnavailable) and expired.value.last_error.status == 503
+    assert took <= 1.5 + 1.0, took  # no wait is begun that would end past the deadline
+
+
+async def test_a_poll_answered_with_something_not_the_protocol_is_not_waited_on() -> None:
+    # A broken peer, not an outage: retrying until the deadline would only delay the same error.
+    loop = asyncio.get_running_loop()
+    async with SchedulerClient(SCHEDULER, None, 2.0) as client:
+        with aioresponses() as m:
+            m.get(POLL, status=200, body="<html>a proxy's page</html>", repeat=True)
+            with pytest.raises(SchedulerUnavailable) as garbled:
+                await JobWaiter(client, FAST).wait("j1", loop.time() + 10)
+            polls = sum(len(calls) for (method, _), calls in m.requests.items() if method == "GET")
+    assert garbled.value.status == 200 and "not JSON" in str(garbled.value) and polls == 1

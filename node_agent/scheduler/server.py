@@ -19,6 +19,7 @@ import math
 import random
 import re
 import signal
+import socket
 import time
 import unicodedata
 import urllib.parse
@@ -787,21 +788,27 @@ async def start_scheduler(
     default_host, default_port = host_port(settings.listen)
     host = default_host if host is None else host
     port = default_port if port is None else port
-    app = await create_app(settings, registry, state_dir)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
-    await runner.setup()
+    # The port first: a port in use is one line about scheduler.listen, before the store is touched.
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                    reuse_port=False)
     except OSError as exc:
-        await runner.cleanup()
         raise ListenError.from_os_error(exc, host, port, "scheduler.listen") from None
+    try:
+        app = await create_app(settings, registry, state_dir)
     except BaseException:
+        sock.close()
+        raise
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    try:
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+    except BaseException:
+        sock.close()
         await runner.cleanup()
         raise
     bound_host, bound_port = runner.addresses[0][:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    log.info("scheduler store: %s", app[STORE_KEY].where)  # type: ignore[attr-defined]
     return Running(url=f"http://{shown}:{bound_port}", store=app[STORE_KEY], app=app,  # type: ignore[arg-type]
                    runner=runner)
 
@@ -814,7 +821,7 @@ async def serve(settings: SchedulerSettings, state_dir: Path | None = None) -> N
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
-    log.info("scheduler listening on %s", running.url)
+    log.info("scheduler listening on %s (store: %s)", running.url, running.store.where)
     started = time.monotonic()
     try:
         await stop.wait()

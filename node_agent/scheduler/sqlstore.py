@@ -33,7 +33,7 @@ from .errors import (
     Unservable,
 )
 from .metrics import SchedulerMetrics
-from .migrations import migrate
+from .migrations import LATEST, migrate
 from .rules import (
     Holder,
     Served,
@@ -169,7 +169,9 @@ class SqlStore:
 
     async def open(self) -> None:
         found = await self.engine.run(lambda tx: migrate(tx, self.where))
-        log.info("scheduler store %s ready (schema was version %d)", self.where, found)
+        if 0 < found < LATEST:  # an upgrade is news; a new store's creation is not
+            log.info("scheduler store %s: schema migrated from version %d to %d", self.where, found, LATEST)
+        log.debug("scheduler store %s ready", self.where)
         await self.reap()
 
     # ------------------------------------------------------------------------------------------- nodes
