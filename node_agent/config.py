@@ -257,7 +257,7 @@ class SchedulerSettings(_Section):
             except ValueError:
                 port = -1
             if not parts.hostname or not parts.path.strip("/") or port == -1:
-                raise ValueError(f"{redact_dsn(raw)!r}: expected postgresql://USER[:PASSWORD]@HOST:PORT/DB")
+                raise ValueError("expected postgresql://USER[:PASSWORD]@HOST:PORT/DB (a host, a port and a database)")
             return raw
         raise ValueError("must be sqlite, sqlite:////absolute/path.db, postgresql://USER[:PASSWORD]@HOST:PORT/DB "
                          "or memory")
@@ -586,5 +586,10 @@ def load_settings(path: Path | str | None = None, environ: Mapping[str, str] | N
 
 
 def _shown(loc: tuple[str, ...], value: Any) -> str:
-    """A bad value as a config error shows it; a token never."""
-    return "**********" if "token" in loc else repr(value)
+    """A bad value as a config error shows it; a token never, a store DSN without its password."""
+    if "token" in loc:
+        return "**********"
+    if "store" in loc:
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        return repr(redact_dsn(raw)) if isinstance(raw, str) else "**********"
+    return repr(value)

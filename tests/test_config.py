@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -197,3 +198,34 @@ def test_state_dir_defaults_to_xdg_state_home_and_is_absolute(tmp_path, monkeypa
     assert load_settings(p, {"NODE_AGENT_NODE__STATE_DIR": "rel/x"}).node.state_dir == tmp_path / "rel" / "x"
     with pytest.raises(ConfigError, match="environment NODE_AGENT_NODE__STATE_DIR: node.state_dir = '': must not"):
         load_settings(p, {"NODE_AGENT_NODE__STATE_DIR": ""})
+
+
+@pytest.mark.parametrize("store", ["sqlite", "memory", "sqlite:////var/lib/x/scheduler.db",
+                                   "postgresql://agent:pw@db.example:5432/sched", "postgres://agent@db/sched"])
+def test_scheduler_stores_that_load(store: str) -> None:
+    settings = load_settings(None, {"NODE_AGENT_SCHEDULER__STORE": store})
+    assert settings.scheduler.store_url == store
+    assert "pw@" not in settings.scheduler.store_shown and "pw@" not in str(settings.redacted())
+
+
+@pytest.mark.parametrize("store, says", [
+    ("mysql://u:s3cret@h/db", "must be sqlite, sqlite:////absolute/path.db, postgresql://"),
+    ("sqlite://relative.db", "give an absolute path as sqlite:////absolute/path.db"),
+    ("postgresql://u:s3cret@h:99999/db", "expected postgresql://USER[:PASSWORD]@HOST:PORT/DB"),
+    ("postgresql://u:s3cret@h:5432/", "expected postgresql://USER[:PASSWORD]@HOST:PORT/DB"),
+])
+def test_a_bad_store_is_one_line_without_its_password(store: str, says: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_settings(None, {"NODE_AGENT_SCHEDULER__STORE": store})
+    message = str(exc.value)
+    assert "scheduler.store" in message and says in message and "\n" not in message
+    assert "s3cret" not in message
+
+
+def test_check_config_shows_the_store_without_its_password() -> None:
+    env = {"NODE_AGENT_SCHEDULER__STORE": "postgresql://agent:s3cret-pw@db.example:5432/sched"}
+    out = subprocess.run([sys.executable, "-m", "node_agent", "check-config"], capture_output=True, text=True,
+                         env={**os.environ, **env}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "store: postgresql://agent:***@db.example:5432/sched" in out.stdout
+    assert "s3cret-pw" not in out.stdout + out.stderr
