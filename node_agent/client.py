@@ -60,8 +60,9 @@ class SchedulerError(NodeAgentError):
 class SchedulerUnavailable(SchedulerError):
     """Transport failure, timeout, 5xx or a reply that is not the protocol: try again later."""
 
-    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None) -> None:
-        super().__init__(message, status)
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message, status, code)
         self.retry_after = retry_after
 
 
@@ -222,8 +223,14 @@ class SchedulerClient:
                     self.metrics.scheduler_request_duration.labels(endpoint).observe(time.perf_counter() - started)
         if status >= 500:
             self._failed_over(index, f"answered {status}")
-            raise SchedulerUnavailable(f"{endpoint}: scheduler answered {status}", status,
-                                       _retry_after(answer))
+            # The code tells "the store is paused" (store_unavailable: nothing changes meanwhile) from a crash.
+            try:
+                code_, message, _ = self._error(status, json.loads(data) if data else None)
+            except (ValueError, UnicodeDecodeError):
+                code_, message = "", ""
+            detail = f" {code_}: {message}" if code_ else ""
+            raise SchedulerUnavailable(f"{endpoint}: scheduler answered {status}{detail}", status,
+                                       _retry_after(answer), code=code_ or None)
         self._answered(index)
         if raw and status < 300:
             return status, data, answer

@@ -21,6 +21,9 @@ from .errors import LeaseLost
 from .metrics import AgentMetrics
 from .retry import Backoff, RetryPolicies, RetryPolicy, retry_after_of
 
+#: The code of a scheduler's 503 while its store cannot be reached (docs/protocol.md, "The store").
+STORE_PAUSED = "store_unavailable"
+
 log = logging.getLogger("node_agent.lease")
 
 
@@ -139,6 +142,7 @@ class LeaseKeeper:
         interval, deadline_s = self.settings.timing(lease.ttl_s)
         next_at = lease.renewed_at + interval
         retries: Backoff | None = None  # the retry sequence of the current run of failures
+        paused_at: float | None = None  # when the last "store unavailable" answer came (see below)
         while True:
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             interval, deadline_s = self.settings.timing(lease.ttl_s)
@@ -164,6 +168,18 @@ class LeaseKeeper:
                 return
             except (SchedulerError, asyncio.TimeoutError) as exc:
                 self._count("failed", loop.time() - sent)
+                now = loop.time()
+                if isinstance(exc, SchedulerUnavailable) and exc.code == STORE_PAUSED:
+                    # The scheduler is up but its store is not: nobody can take the lease meanwhile, and the
+                    # scheduler gives leases back the time its store was unreachable. So that time does not count
+                    # against our renew deadline either (counted only between two such answers: never more than
+                    # the store's own pause).
+                    if paused_at is not None:
+                        lease.renewed_at += now - paused_at
+                    paused_at = now
+                    fence_at = lease.renewed_at + deadline_s
+                else:
+                    paused_at = None
                 log.warning("lease %s: renewal failed (%s); %.1f s left before self-fencing", lease.lease_id,
                             exc or "timed out", fence_at - loop.time())
                 if retries is None:
@@ -172,8 +188,12 @@ class LeaseKeeper:
                 # No wait left before the fence: the next turn of the loop fences.
                 delay = retries.schedule(retry_after_of(exc))
                 next_at = fence_at if delay is None else min(loop.time() + delay, fence_at)
+                if paused_at is not None:
+                    # Paused time counts only between two answers, so ask again well before the fence.
+                    next_at = min(next_at, now + max(0.05, (fence_at - now) / 2))
                 continue
             retries = None
+            paused_at = None
             done = loop.time()
             margin = lease.expires_at() - done
             lease.renewed_at = sent

@@ -103,6 +103,10 @@ CREATE TABLE uploads (
     bytes {bigint} NOT NULL DEFAULT 0,
     job_id TEXT
 );
+CREATE TABLE store_clock (
+    id INTEGER PRIMARY KEY,
+    last_reap {double} NOT NULL
+);
 CREATE TABLE audio_chunks (
     upload_id TEXT NOT NULL,
     n INTEGER NOT NULL,
@@ -115,16 +119,18 @@ _V1_SEQUENCES = {
     "sqlite": """
 CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT INTO counters (name, value) VALUES ('lease_epochs', 0), ('job_seqs', 0);
+INSERT INTO store_clock (id, last_reap) VALUES (1, 0);
 """,
     "postgresql": """
 CREATE SEQUENCE lease_epochs;
 CREATE SEQUENCE job_seqs;
+INSERT INTO store_clock (id, last_reap) VALUES (1, 0);
 """,
 }
 
 #: (version, what it does, {dialect: SQL}), in order. Add new ones at the end; never edit an applied one.
 MIGRATIONS: list[tuple[int, str, dict[str, str]]] = [
-    (1, "nodes, jobs, segments, leases, reports, audio; epoch and job sequences",
+    (1, "nodes, jobs, segments, leases, reports, audio, the reapers' clock; epoch and job sequences",
      {d: _V1.format(**_TYPES[d]) + _V1_SEQUENCES[d] for d in _TYPES}),
 ]
 

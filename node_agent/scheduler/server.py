@@ -300,6 +300,9 @@ def parse_json(text: bytes | str, what: str = "request body", param: str | None 
 
 
 async def _read_json(request: web.Request, model: type[M]) -> M:
+    if request.content_length is not None and request.content_length > request.client_max_size:
+        # Refused on its header: read() would first buffer client_max_size bytes of a body it then refuses.
+        raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size, actual_size=request.content_length)
     body = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge -> 413
     data = await asyncio.to_thread(parse_json, body) if len(body) > THREAD_PARSE_BYTES else parse_json(body)
     if not isinstance(data, dict):

@@ -84,6 +84,9 @@ CHUNK_BYTES = 1024 * 1024
 SERVED_CACHE_S = 1.0
 #: Rows one reaping pass handles per kind; the rest wait for the next pass.
 REAP_BATCH = 200
+#: No reaping pass for this long means no scheduler could reach the store (or none ran): that time is given back
+#: to the live leases, since no holder could renew meanwhile (docs/protocol.md, "The store").
+PAUSE_AFTER_S = 2.0
 #: An upload never turned into a job (the scheduler died mid-upload) is deleted after this.
 ORPHAN_UPLOAD_S = 3600.0
 OPEN_STATES = ("queued", "assigned", "running")
@@ -182,7 +185,9 @@ class SqlStore:
 
         async def op(tx: Tx) -> bool:
             now = await tx.now()
-            known = await tx.fetchval("SELECT 1 FROM nodes WHERE node_id = $1", node_id)
+            known = await tx.fetchval("SELECT state FROM nodes WHERE node_id = $1", node_id)
+            if known is not None and known != "gone":
+                await self._node_restarted(tx, node_id, now)
             await tx.execute(
                 """INSERT INTO nodes (node_id, hostname, agent_version, hardware, devices, registered_at,
                        last_heartbeat, state, running_jobs, cpu_percent, memory_used_bytes, memory_total_bytes, gone_at)
@@ -208,6 +213,16 @@ class SqlStore:
             heartbeat_interval_s=s.heartbeat_interval_s,
             lease=LeaseBounds(min_ttl_s=s.lease_min_ttl_s, max_ttl_s=s.lease_max_ttl_s),
         )
+
+    async def _node_restarted(self, tx: Tx, node_id: str, now: float) -> None:
+        """A live node registering again is a new agent process (an agent registers once at start, and after a
+        404 for a node that went gone): whatever its previous process held or was assigned is void now, rather
+        than blocking its devices until the TTL runs out."""
+        for lease in await tx.fetch("SELECT * FROM leases WHERE node_id = $1 AND state = 'active'", node_id):
+            await self._expire(tx, lease, now, "node_gone")
+        for job in await tx.fetch("SELECT * FROM jobs WHERE node_id = $1 AND state = 'assigned'", node_id):
+            await self._requeue_or_fail(tx, job, now, "node_gone", "worker_unavailable",
+                                        f"node {node_id} restarted")
 
     @staticmethod
     async def _live_node(tx: Tx, node_id: str) -> Row:
@@ -489,6 +504,7 @@ class SqlStore:
         """Store streamed segments from the job's current holder (a segment id seen before is replaced)."""
         async def op(tx: Tx) -> None:
             now = await tx.now()
+            await self._resume_if_paused(tx, now)
             held = await tx.execute(
                 "UPDATE jobs SET state = state WHERE " + self._FENCE,
                 job_id, report.attempt, report.lease_id, report.lease_epoch, report.node_id, now,
@@ -516,6 +532,7 @@ class SqlStore:
 
         async def op(tx: Tx) -> ResultAck:
             now = await tx.now()
+            await self._resume_if_paused(tx, now)
             previous = await tx.fetchval(
                 "SELECT ack FROM reports WHERE job_id = $1 AND attempt = $2 AND lease_id = $3 AND epoch = $4 "
                 "AND node_id = $5", *holder_key,
@@ -628,6 +645,7 @@ class SqlStore:
 
         async def op(tx: Tx) -> tuple[str, RenewResponse]:
             now = await tx.now()
+            await self._resume_if_paused(tx, now)
             # The check and the write are one statement: only the job's live, unexpired lease, with the epoch and
             # node the renewal names, for the job's current attempt.
             row = await tx.fetchrow(
@@ -750,10 +768,31 @@ class SqlStore:
         claimed with SKIP LOCKED and changed only by conditional updates)."""
         await self.engine.run(self._reap)
 
+    async def _resume_if_paused(self, tx: Tx, now: float) -> None:
+        """Before a fenced write: if no reaping pass ran for a while (the store was unreachable), give the leases
+        their time back first, so a holder renewing right after the outage is not refused for it."""
+        last = await tx.fetchval("SELECT last_reap FROM store_clock WHERE id = 1")
+        if last and now - last > PAUSE_AFTER_S:
+            await self._clock_tick(tx, now)
+
+    async def _clock_tick(self, tx: Tx, now: float) -> None:
+        """Record a reaping pass; after a pause (no pass for PAUSE_AFTER_S), extend every live lease by it. The row
+        lock makes replicas take turns, so a pause is given back once."""
+        lock = " FOR UPDATE" if tx.dialect.skip_locked else ""
+        last = await tx.fetchval("SELECT last_reap FROM store_clock WHERE id = 1" + lock)
+        if last and now - last > PAUSE_AFTER_S:
+            gap = now - last
+            extended = await tx.execute(
+                "UPDATE leases SET expires_at = expires_at + $1 WHERE state = 'active'", gap)
+            log.warning("no scheduler reached the store for %.1f s: %d live lease(s) extended by that time",
+                        gap, extended)
+        await tx.execute("UPDATE store_clock SET last_reap = $1 WHERE id = 1", now)
+
     async def _reap(self, tx: Tx) -> None:
         s = self.settings
         now = await tx.now()
         skip = tx.dialect.skip_locked
+        await self._clock_tick(tx, now)
         gone = await tx.fetch(
             "UPDATE nodes SET state = 'gone', gone_at = $1 WHERE state <> 'gone' AND last_heartbeat <= $2 "
             "RETURNING node_id, last_heartbeat", now, now - gone_after_s(s),

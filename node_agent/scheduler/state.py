@@ -235,6 +235,8 @@ class SchedulerState:
         now = self._now()
         node_id = req.node_id or f"node-{secrets.token_hex(6)}"
         known = self._nodes.get(node_id)
+        if known is not None and known.state != "gone":
+            self._node_restarted(known, now)
         self._nodes[node_id] = Node(
             node_id=node_id,
             hostname=req.hostname,
@@ -259,6 +261,16 @@ class SchedulerState:
             heartbeat_interval_s=s.heartbeat_interval_s,
             lease=LeaseBounds(min_ttl_s=s.lease_min_ttl_s, max_ttl_s=s.lease_max_ttl_s),
         )
+
+    def _node_restarted(self, node: Node, now: float) -> None:
+        """A live node registering again is a new agent process: what its previous one held is void (see
+        ``SqlStore._node_restarted``)."""
+        for lease in [lease for lease in self._active.values() if lease.node_id == node.node_id]:
+            self._expire_lease(lease, now, reason="node_gone")
+        for job_id in [j for j in self._assigned if self._jobs[j].node_id == node.node_id]:
+            self._requeue_or_fail(
+                self._jobs[job_id], now, "node_gone", "worker_unavailable", f"node {node.node_id} restarted"
+            )
 
     def _live_node(self, node_id: str) -> Node:
         node = self._nodes.get(node_id)
