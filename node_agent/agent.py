@@ -183,6 +183,8 @@ async def run_agent(settings: Settings) -> int:
         embedded = await start_scheduler(settings.scheduler, state_dir=settings.node.state_dir)
         url = embedded.url
     agent = Agent(settings, url, facts=facts, state=state)
+    if embedded is not None:
+        agent.view.scheduler_store = embedded.store.where  # shown by /status; the password is never in it
     try:
         http = await start_http(agent.view, agent.client, settings)
     except BaseException:

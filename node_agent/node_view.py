@@ -36,6 +36,8 @@ class LocalNodeView:
         self._is_draining = is_draining
         self.model = model
         self.scheduler_url = scheduler_url
+        #: The embedded scheduler's store, set by run_agent (None: the scheduler runs elsewhere).
+        self.scheduler_store: str | None = None
         self.hostname = hostname
         self.started = time.monotonic()
 
@@ -151,6 +153,8 @@ class LocalNodeView:
                 "uptime_s": round(time.monotonic() - self.started, 1),
                 "node_id": ident.node_id,
                 "scheduler_url": self.scheduler_url,
+                # The embedded scheduler's store (password redacted); None for a scheduler elsewhere.
+                "scheduler_store": self.scheduler_store,
                 "registered": ident.registered,
                 "last_heartbeat_age_s": round(now - ident.last_heartbeat_ok, 1) if ident.last_heartbeat_ok else None,
                 "state": self.node_state(),

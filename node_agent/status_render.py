@@ -268,7 +268,9 @@ def render(status: dict[str, Any], width: int = WIDTH) -> str:
     out.extend(pack([_v(agent.get("node_id") or "(no id yet)"),
                      f"{reg}, last heartbeat " + (f"{duration(hb)} ago" if hb is not None else "never")],
                     width, first=label % "node", indent=sub, max_lines=2))
-    out.append(label % "scheduler" + _v(agent.get("scheduler_url")))
+    store = agent.get("scheduler_store")
+    out.extend(pack([_v(agent.get("scheduler_url"))] + ([f"embedded, store {_v(store)}"] if store else []),
+                    width, first=label % "scheduler", indent=sub, max_lines=2))
     out.append(label % "agent" + f"{_v(agent.get('state'))}, up {duration(agent.get('uptime_s'))}, "
                f"RSS {mib(agent.get('rss_bytes'))}")
     state = str(health.get("status") or "unknown")

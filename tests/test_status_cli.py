@@ -113,6 +113,14 @@ def test_render_healthy() -> None:
     assert st.exit_code(healthy_doc()) == 0
 
 
+def test_render_names_the_embedded_schedulers_store() -> None:
+    doc = healthy_doc()
+    doc["agent"].update(scheduler_url="http://127.0.0.1:8470", scheduler_store="sqlite:////var/lib/node-agent/x.db")
+    text = st.render(doc)
+    assert "http://127.0.0.1:8470" in text and "embedded, store sqlite:////var/lib/node-agent/x.db" in text, text
+    assert "embedded" not in st.render(healthy_doc())
+
+
 def test_render_degraded_with_a_long_last_error() -> None:
     doc = degraded_doc()
     for width in (80, 60):
