@@ -10,6 +10,7 @@ back the same attempt finishes and nothing is lost.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import aiohttp
@@ -28,7 +29,8 @@ from stack import agent_stack
 JOB_14_S = {"job": {"segments": 70, "every_s": 0.2, "duration_s": 600.0}}
 
 
-async def test_postgresql_stopped_10_s_mid_job_costs_nothing(tmp_path, pg_private: pg.PgServer) -> None:
+async def test_postgresql_stopped_10_s_mid_job_costs_nothing(tmp_path, pg_private: pg.PgServer, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="node_agent.scheduler")
     async with agent_stack(tmp_path, worker_command=fake_command(**JOB_14_S), lease={"ttl_s": 6},
                            scheduler={"store": pg_private.dsn()}) as stack:
         running = await stack.submit_json(b"\0\0" * 16000, format="pcm_s16le", sample_rate=16000)
@@ -61,6 +63,8 @@ async def test_postgresql_stopped_10_s_mid_job_costs_nothing(tmp_path, pg_privat
         assert stack.sample("node_agent_lease_lost_total", device="cpu", reason="self_fenced") == 0
         assert stack.sample("node_agent_lease_lost_total", device="cpu", reason="expired") == 0
         assert (stack.sample("node_agent_lease_renewals_total", device="cpu", result="failed") or 0) >= 2
+    reaper = [r.getMessage() for r in caplog.records if "reaping" in r.getMessage()]
+    assert len(reaper) == 2 and "paused" in reaper[0] and "resumed" in reaper[1], reaper  # once each way
 
 
 @pytest.mark.parametrize("code, lost", [("store_unavailable", False), ("internal", True)])

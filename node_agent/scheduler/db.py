@@ -309,10 +309,16 @@ class PostgresEngine:
         if on_reconnect is not None:
             self._on_reconnect = on_reconnect
         try:
+            # min_size=0: connections are made on demand, so a server that is down costs a 503 per request rather
+            # than a pool logging a traceback every few seconds while it tries to keep a floor of connections.
             self._pool = await asyncpg.create_pool(
-                self.dsn, min_size=1, max_size=POOL_MAX, timeout=ACQUIRE_TIMEOUT_S, command_timeout=30
+                self.dsn, min_size=0, max_size=POOL_MAX, timeout=ACQUIRE_TIMEOUT_S, command_timeout=30
             )
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:  # reachable now, or one line
+                await conn.fetchval("SELECT 1")
         except Exception as exc:  # noqa: BLE001  (any failure to connect is one line naming the store)
+            if self._pool is not None:
+                self._pool.terminate()
             raise StoreError(f"scheduler.store: cannot connect to {self.where}: {_first_line(exc)}") from None
         self._listener_task = asyncio.create_task(self._listen(), name="scheduler-listen")
 

@@ -207,7 +207,7 @@ async def _error_middleware(
     except ApiError as exc:
         response = _error_response(_status_of(exc), exc.code, exc.message, exc.param, openai)
         if isinstance(exc, StoreUnavailable):
-            log.warning("%s %s: %s", request.method, request.path, exc.message)
+            _log_store_unavailable(request, exc)
         if isinstance(exc, (ResourceHeld, QueueFull, StoreUnavailable)):
             response.headers["Retry-After"] = str(exc.retry_after_s)
         if isinstance(exc, Unauthorized):
@@ -231,6 +231,19 @@ async def _error_middleware(
     except Exception:
         log.exception("scheduler error handling %s %s", request.method, request.path)
         return _error_response(500, "internal", "internal scheduler error; see the scheduler log", None, openai)
+
+
+#: While the store is down every request fails the same way: one line per this many seconds says so.
+STORE_LOG_EVERY_S = 10.0
+_store_logged = [-math.inf]
+
+
+def _log_store_unavailable(request: web.Request, exc: StoreUnavailable) -> None:
+    now = time.monotonic()
+    if now - _store_logged[0] >= STORE_LOG_EVERY_S:
+        _store_logged[0] = now
+        log.warning("%s %s answered 503: %s (logged once per %g s while it lasts)", request.method, request.path,
+                    exc.message, STORE_LOG_EVERY_S)
 
 
 def _auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
