@@ -3,8 +3,8 @@
 Two agents and a standalone scheduler as real processes; clients submit jobs of mixed lengths continuously;
 a worker is SIGKILLed every ``--kill-every`` seconds and the scheduler restarted every ``--restart-every``.
 Prints jobs by outcome, lease losses, p50/p95 job latency, and agent and worker memory at start and end.
-The scheduler keeps jobs in memory, so jobs in flight when it restarts are forgotten; clients resubmit them and
-they are counted separately.
+The scheduler keeps its state in its default SQLite store, so a restart should forget nothing: a job it no longer
+knows (404) is counted as forgotten (expected 0), and the client resubmits it.
 """
 
 from __future__ import annotations
