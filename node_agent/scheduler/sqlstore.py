@@ -118,19 +118,21 @@ def _devices(text: str) -> list[DeviceSpec]:
 
 
 class SqlUpload:
-    """Audio streamed into the store in ``CHUNK_BYTES`` pieces while it arrives."""
+    """Audio streamed into the store in ``CHUNK_BYTES`` pieces while it arrives. An upload that fits in one chunk
+    (most: a minute of 16 kHz PCM is 1.9 MB, of compressed audio far less) never touches the store until its job
+    is submitted, and is then written in the submit's own transaction."""
 
     def __init__(self, store: "SqlStore", upload_id: str) -> None:
         self._store = store
         self.upload_id = upload_id
         self.size = 0
         self._buffer = bytearray()
-        self._chunks = 0
+        self._chunks = 0  # chunks written to the store so far
 
     async def write(self, data: bytes) -> None:
         self._buffer += data
         self.size += len(data)
-        while len(self._buffer) >= CHUNK_BYTES:
+        while len(self._buffer) > CHUNK_BYTES:
             await self._flush(bytes(self._buffer[:CHUNK_BYTES]))
             del self._buffer[:CHUNK_BYTES]
 
@@ -140,19 +142,33 @@ class SqlUpload:
         upload_id, size = self.upload_id, self.size
 
         async def op(tx: Tx) -> None:
+            if n == 0:  # the first chunk of a large upload: from now on it is an upload the reaper knows of
+                await tx.execute("INSERT INTO uploads (upload_id, started_at, bytes) VALUES ($1, $2, 0)",
+                                 upload_id, await tx.now())
             await tx.execute("INSERT INTO audio_chunks (upload_id, n, data) VALUES ($1, $2, $3)", upload_id, n, chunk)
             await tx.execute("UPDATE uploads SET bytes = $2 WHERE upload_id = $1", upload_id, size)
 
         await self._store.engine.run(op)
 
-    async def finish(self) -> None:
+    async def write_rest(self, tx: Tx, now: float) -> None:
+        """Inside the submit's transaction: the last (or only) chunk, and the upload's row if none exists yet."""
+        if self._chunks == 0:
+            await tx.execute("INSERT INTO uploads (upload_id, started_at, bytes) VALUES ($1, $2, $3)",
+                             self.upload_id, now, self.size)
         if self._buffer:
-            await self._flush(bytes(self._buffer))
-            self._buffer.clear()
+            await tx.execute("INSERT INTO audio_chunks (upload_id, n, data) VALUES ($1, $2, $3)",
+                             self.upload_id, self._chunks, bytes(self._buffer))
+
+    def written(self) -> None:
+        """The submit committed: what was buffered is in the store."""
+        if self._buffer:
+            self._chunks += 1
+            self._buffer = bytearray()
 
     async def discard(self) -> None:
-        self._buffer.clear()
-        await self._store.engine.run(lambda tx: self._store._drop_audio(tx, self.upload_id))
+        self._buffer = bytearray()
+        if self._chunks:
+            await self._store.engine.run(lambda tx: self._store._drop_audio(tx, self.upload_id))
 
 
 class SqlStore:
@@ -278,19 +294,11 @@ class SqlStore:
     # ------------------------------------------------------------------------------------ jobs: client
 
     async def begin_upload(self) -> SqlUpload:
-        upload_id = f"upload-{secrets.token_hex(8)}"
-
-        async def op(tx: Tx) -> None:
-            await tx.execute("INSERT INTO uploads (upload_id, started_at, bytes) VALUES ($1, $2, 0)",
-                             upload_id, await tx.now())
-
-        await self.engine.run(op)
-        return SqlUpload(self, upload_id)
+        return SqlUpload(self, f"upload-{secrets.token_hex(8)}")
 
     async def submit(self, spec: JobSpec, upload: SqlUpload, filename: str | None = None,
                      idempotency_key: str | None = None) -> tuple[str, str, bool]:
         """Queue a job whose audio is ``upload``: (job id, state, replayed). Refusals as ``SchedulerState.submit``."""
-        await upload.finish()
         size = upload.size
         submission = json.dumps([spec.model_dump(mode="json"), size, filename], sort_keys=True)
 
@@ -307,7 +315,6 @@ class SqlStore:
                             f"(job {earlier['job_id']}); use a new key for a new job",
                             code="idempotency_key_reused", param="Idempotency-Key",
                         )
-                    await self._drop_audio(tx, upload.upload_id)
                     return earlier["job_id"], earlier["state"], True
             if not size:
                 raise InvalidInput("audio is empty", param="audio")
@@ -338,6 +345,7 @@ class SqlStore:
                 job_id, seq, _doc(spec), spec.language, filename, size, upload.upload_id,
                 idempotency_key, submission if idempotency_key is not None else None, now, now + deadline_s,
             )
+            await upload.write_rest(tx, now)
             await tx.execute("UPDATE uploads SET job_id = $2, bytes = $3 WHERE upload_id = $1",
                              upload.upload_id, job_id, size)
             tx.notify(QUEUE_TOPIC)
@@ -346,6 +354,10 @@ class SqlStore:
 
         try:
             job_id, state, replayed = await self.engine.run(op)
+            if replayed:
+                await upload.discard()  # the first submission's audio is the job's
+            else:
+                upload.written()
         except BaseException:
             try:
                 await upload.discard()
@@ -411,16 +423,23 @@ class SqlStore:
 
     async def job_audio(self, job_id: str) -> tuple[int, AsyncIterator[bytes]]:
         """The job's audio as (size, chunks), read chunk by chunk as the caller sends them on."""
-        async def op(tx: Tx) -> tuple[int, list[int], str]:
+        async def op(tx: Tx) -> tuple[int, list[int], str, bytes | None]:
             job = await self._job(tx, job_id)
             if job["upload_id"] is None or (job["state"] in TERMINAL_JOB_STATES and not self.settings.keep_audio):
                 raise UnknownJob(f"job {job_id} has finished; its audio was dropped")
-            numbers = await tx.fetch("SELECT n FROM audio_chunks WHERE upload_id = $1 ORDER BY n", job["upload_id"])
-            return int(job["audio_bytes"]), [r["n"] for r in numbers], job["upload_id"]
+            numbers = [r["n"] for r in await tx.fetch(
+                "SELECT n FROM audio_chunks WHERE upload_id = $1 ORDER BY n", job["upload_id"])]
+            # Most audio is one chunk: sent from this same transaction.
+            first = await tx.fetchval("SELECT data FROM audio_chunks WHERE upload_id = $1 AND n = $2",
+                                      job["upload_id"], numbers[0]) if len(numbers) == 1 else None
+            return int(job["audio_bytes"]), numbers, job["upload_id"], first
 
-        size, numbers, upload_id = await self.engine.run(op)
+        size, numbers, upload_id, first = await self.engine.run(op)
 
         async def chunks() -> AsyncIterator[bytes]:
+            if first is not None:
+                yield bytes(first)
+                return
             for n in numbers:
                 data = await self.engine.run(lambda tx, n=n: tx.fetchval(
                     "SELECT data FROM audio_chunks WHERE upload_id = $1 AND n = $2", upload_id, n))

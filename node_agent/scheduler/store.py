@@ -47,9 +47,6 @@ class MemoryUpload:
         self.data += data
         self.size += len(data)
 
-    async def finish(self) -> None:
-        pass
-
     async def discard(self) -> None:
         self.data = bytearray()
 
@@ -139,9 +136,11 @@ class SqlStoreHandle(SqlStore):
     """``SqlStore`` with what the server needs around it: how often to reap and to re-check long polls."""
 
     reap_s = 0.25
-    #: Long polls re-check this often even without a wake-up: a lost NOTIFY (a reconnecting listener) or a job
-    #: that the woken pollers could not serve costs at most this much latency.
-    poll_s: float | None = 1.0
+    #: Long polls re-check this often even without a wake-up (jittered +-50 %): a job that the pollers woken for it
+    #: could not serve (another language) waits at most about this long for a capable one. Every idle node's poll
+    #: costs a transaction per period, so it is not shorter. (A lost NOTIFY is covered too, but the listener's
+    #: reconnection already wakes every poll.)
+    poll_s: float | None = 3.0
 
     async def close(self) -> None:
         await self.engine.close()
