@@ -124,30 +124,26 @@ async def test_worker_that_never_becomes_ready_is_fatal_and_the_node_degraded(tm
         await sched.stop()
 
 
-async def test_scheduler_restarted_mid_job_the_lease_is_lost_and_the_agent_keeps_serving(tmp_path):
-    from procs import http_json
-
+async def test_scheduler_restarted_mid_job_keeps_the_lease_and_the_job_finishes(tmp_path):
+    """The scheduler's state is in its store (SQLite, the default): a restart mid-job is a pause. The holder's
+    renewals are refused while it is down and accepted again by the new process, the job finishes on its first
+    attempt, and the node is not registered again."""
     port = free_port()
     env = {"NODE_AGENT_SCHEDULER__HEARTBEAT_INTERVAL_S": "1"}
     sched, scheduler = await start_scheduler(tmp_path, port, **env)
     agent = None
     try:
-        agent, url = await start_agent(tmp_path, "agent", scheduler, NODE_AGENT_LEASE__TTL_S="3")
-        node_id = status_of(url)["agent"]["node_id"]
+        # 9 s leases: renewals every 3 s, self-fencing after 6 s without one, room for a restart on a busy box.
+        agent, url = await start_agent(tmp_path, "agent", scheduler, NODE_AGENT_LEASE__TTL_S="9")
         audio, fields = long_audio_b64_fields(3)
         job_id = submit(scheduler, audio, **fields)
         await wait_for(lambda: job(scheduler, job_id)["state"] == "running", 30, "job running")
         await sched.stop()
         sched, _ = await start_scheduler(tmp_path, port, name="scheduler-2", **env)
-        # The new scheduler knows no lease: the next renewal is refused, the worker is stopped at once.
-        await wait_for(lambda: status_of(url)["totals"]["lease_lost"] == 1, 30, "lease lost")
-        assert (metric(url, "node_agent_lease_lost_total", {"reason": "rejected"}) or 0) + \
-            (metric(url, "node_agent_lease_lost_total", {"reason": "self_fenced"}) or 0) == 1
-        await wait_for(lambda: any(n["node_id"] == node_id for n in http_json("GET", f"{scheduler}/v1/nodes")[1]
-                                   ["nodes"]), 30, "registered again")
-        again = submit(scheduler, clip("jfk.flac"))
-        view = await wait_for(lambda: (v := job(scheduler, again, 5))["state"] == "succeeded" and v, 60, "next job")
-        assert plain_wer(view["result"]["text"], "jfk.flac") == 0.0, view["result"]["text"]
+        view = await wait_for(lambda: (v := job(scheduler, job_id, 5))["state"] == "succeeded" and v, 180, "job")
+        assert view["attempt"] == 1, view
+        assert status_of(url)["totals"]["lease_lost"] == 0
+        assert agent.log().count("registered with") == 1  # the new process knew the node: no second registration
         assert "Traceback" not in agent.log()
     finally:
         if agent is not None:

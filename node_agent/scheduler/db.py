@@ -15,10 +15,10 @@ for both engines but for the few ``Dialect`` fragments). ``Engine.run(op)`` runs
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import re
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,18 +164,36 @@ def _drive(coro: Coroutine[Any, Any, T]) -> T:
     raise RuntimeError("a SQLite store operation awaited something other than the database")
 
 
+#: Most transactions one SQLite commit carries (each in a savepoint of its own).
+GROUP_MAX = 64
+
+
+@dataclass
+class _Pending:
+    op: Any
+    future: asyncio.Future[Any]
+
+
 class SqliteEngine:
-    """SQLite on one writer thread: transactions run there one at a time."""
+    """SQLite on one writer thread, with group commit: the operations queued while a commit is under way run
+    next, one after another, each in a savepoint of its own, and are committed together. Each operation sees the
+    ones before it, as if they ran alone in that order; one that fails is rolled back alone; every answer waits
+    for the commit that holds it. Under load this turns many small commits (each rewriting the same pages into
+    the WAL) into one, and one hop to the writer thread and back serves the whole group."""
 
     dialect = SQLITE
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.where = f"sqlite:///{path}"
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="scheduler-sqlite")
         self._conn: sqlite3.Connection | None = None
         self._on_notify: Callable[[str], None] = lambda topic: None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: list[_Pending] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self._thread: threading.Thread | None = None
 
     def _connect(self) -> None:
         try:
@@ -195,41 +213,83 @@ class SqliteEngine:
     async def open(self, on_notify: Callable[[str], None]) -> None:
         self._on_notify = on_notify
         self._loop = asyncio.get_running_loop()
-        await self._loop.run_in_executor(self._executor, self._connect)
+        await asyncio.to_thread(self._connect)  # the same connection is then used by the writer thread alone
+        self._thread = threading.Thread(target=self._writer, name="scheduler-sqlite", daemon=True)
+        self._thread.start()
 
     async def close(self) -> None:
-        def close() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        if self._loop is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, close)
-        self._executor.shutdown(wait=True)
-
-    def _transaction(self, op: Op[T]) -> tuple[T, list[str]]:
-        conn = self._conn
-        if conn is None:
-            raise StoreUnavailable("the scheduler store is closed")
-        tx = _SqliteTx(conn)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = _drive(op(tx))  # type: ignore[arg-type]
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return result, tx.topics
+        if self._thread is not None:
+            with self._lock:
+                self._closing = True
+                self._wake.set()
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     async def run(self, op: Op[T]) -> T:
         loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        with self._lock:
+            if self._closing or self._thread is None:
+                raise StoreUnavailable("the scheduler store is closed")
+            self._pending.append(_Pending(op, future))
+            self._wake.set()
+        return await future
+
+    def _writer(self) -> None:
+        while True:
+            self._wake.wait()
+            with self._lock:
+                batch, self._pending = self._pending[:GROUP_MAX], self._pending[GROUP_MAX:]
+                if not self._pending:
+                    self._wake.clear()
+                closing = self._closing and not batch
+            if closing:
+                return
+            outcomes = self._commit(batch)
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._deliver, outcomes)
+
+    def _commit(self, batch: list[_Pending]) -> list[tuple[_Pending, Any, BaseException | None, list[str]]]:
+        conn = self._conn
+        assert conn is not None
+        outcomes: list[tuple[_Pending, Any, BaseException | None, list[str]]] = []
         try:
-            result, topics = await loop.run_in_executor(self._executor, self._transaction, op)
-        except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(f"scheduler store {self.path}: {exc}") from None
-        for topic in topics:
-            self._on_notify(topic)
-        return result
+            conn.execute("BEGIN IMMEDIATE")
+            for item in batch:
+                tx = _SqliteTx(conn)
+                conn.execute("SAVEPOINT op")
+                try:
+                    result = _drive(item.op(tx))
+                except BaseException as exc:  # noqa: BLE001  (handed to that operation's caller)
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    if isinstance(exc, sqlite3.OperationalError):
+                        exc = StoreUnavailable(f"scheduler store {self.path}: {exc}")
+                    outcomes.append((item, None, exc, []))
+                else:
+                    conn.execute("RELEASE op")
+                    outcomes.append((item, result, None, tx.topics))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:  # the commit itself failed (disk full, I/O error): nothing of the group holds
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            failure = StoreUnavailable(f"scheduler store {self.path}: {exc}")
+            return [(item, None, failure, []) for item in batch]
+        return outcomes
+
+    def _deliver(self, outcomes: list[tuple[_Pending, Any, BaseException | None, list[str]]]) -> None:
+        for item, result, error, topics in outcomes:
+            for topic in topics:
+                self._on_notify(topic)
+            if item.future.done():  # its caller gave up (cancelled); the work is committed all the same
+                continue
+            if error is not None:
+                item.future.set_exception(error)
+            else:
+                item.future.set_result(result)
 
 
 # ----------------------------------------------------------------------------------------------- PostgreSQL
