@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -27,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ValidationError
 
@@ -355,6 +357,15 @@ def sanitize_filename(name: str | None) -> str | None:
     return base[:MAX_FILENAME_CHARS] or None
 
 
+@functools.lru_cache(maxsize=256)  # at most 256 headers of at most 8 KiB (aiohttp's limit) kept
+def _disposition(header: str | None) -> tuple[str | None, str | None]:
+    """(name, filename) of a part's Content-Disposition, as aiohttp's ``part.name`` / ``part.filename`` read it.
+    Cached by the header's text: aiohttp's parser builds its patterns anew on every call (about 0.2 ms each, most
+    of a small submission's parsing), and a form's field headers are the same on every request."""
+    _, params = parse_content_disposition(header)
+    return content_disposition_filename(params, "name"), content_disposition_filename(params, "filename")
+
+
 @dataclass
 class FilePart:
     upload: Upload
@@ -378,11 +389,12 @@ async def _read_multipart(request: web.Request, max_bytes: int) -> tuple[dict[st
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
                 raise InvalidInput("nested multipart bodies are not supported")
-            name = part.name or ""
+            name, filename = _disposition(part.headers.get(hdrs.CONTENT_DISPOSITION))
+            name = name or ""
             if name == "file":
                 if upload is not None:
                     raise InvalidInput("file: more than one 'file' part", param="file")
-                upload = FilePart(await store.begin_upload(), sanitize_filename(part.filename))
+                upload = FilePart(await store.begin_upload(), sanitize_filename(filename))
                 while chunk := await part.read_chunk(256 * 1024):
                     total += len(chunk)
                     if total > max_bytes:

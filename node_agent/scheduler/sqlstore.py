@@ -13,6 +13,7 @@ replica's, and survive restarts.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -87,6 +88,10 @@ REAP_BATCH = 200
 #: No reaping pass for this long means no scheduler could reach the store (or none ran): that time is given back
 #: to the live leases, since no holder could renew meanwhile (docs/protocol.md, "The store").
 PAUSE_AFTER_S = 2.0
+#: Below this share of scheduler.max_queued_jobs / max_queued_bytes, the last reaping pass's count (plus this
+#: replica's submissions since) stands in for counting the unfinished jobs at each submission; nearer the bounds,
+#: every submission counts them exactly.
+ADMIT_ESTIMATE_BELOW = 0.9
 #: An upload never turned into a job (the scheduler died mid-upload) is deleted after this.
 ORPHAN_UPLOAD_S = 3600.0
 OPEN_STATES = ("queued", "assigned", "running")
@@ -114,7 +119,13 @@ def _doc(model: Any) -> str:
 
 
 def _devices(text: str) -> list[DeviceSpec]:
-    return [DeviceSpec.model_validate(d) for d in json.loads(text)]
+    return list(_parsed_devices(text))
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed_devices(text: str) -> tuple[DeviceSpec, ...]:
+    """A node's device list, parsed once per distinct text (every poll reads it; nodes rarely change it)."""
+    return tuple(DeviceSpec.model_validate(d) for d in json.loads(text))
 
 
 class SqlUpload:
@@ -185,6 +196,8 @@ class SqlStore:
         self.queue_depth_seen = 0
         self.node_states_seen: dict[str, int] = {}
         self.load_seen = (0, 0)
+        self._load_at = -math.inf  # when load_seen was read (monotonic)
+        self._since_load = [0, 0]  # jobs and bytes this replica admitted since then
 
     async def open(self) -> None:
         found = await self.engine.run(lambda tx: migrate(tx, self.where))
@@ -326,11 +339,14 @@ class SqlStore:
                 message = unservable_message(spec.language, served)
                 log.info("job refused reason=no_capable_node %s", message)
                 raise Unservable(message, param="language" if spec.language is not None else None)
-            open_row = await tx.fetchrow(
-                f"SELECT COUNT(*) AS jobs, COALESCE(SUM(audio_bytes), 0) AS bytes FROM jobs WHERE state IN {_OPEN}"
-            )
-            assert open_row is not None
-            why = admission_refusal(self.settings, int(open_row["jobs"]), int(open_row["bytes"]), size)
+            jobs, audio_bytes = self._open_load_estimate(size)
+            if jobs is None:
+                open_row = await tx.fetchrow(
+                    f"SELECT COUNT(*) AS jobs, COALESCE(SUM(audio_bytes), 0) AS bytes FROM jobs WHERE state IN {_OPEN}"
+                )
+                assert open_row is not None
+                jobs, audio_bytes = int(open_row["jobs"]), int(open_row["bytes"])
+            why = admission_refusal(self.settings, jobs, audio_bytes, size)
             if why is not None:
                 self.metrics.jobs_refused.labels("queue_full").inc()
                 log.warning("queue full, refusing a job: %s", why)
@@ -367,10 +383,25 @@ class SqlStore:
         if replayed:
             log.info("job submission replayed job_id=%s (same Idempotency-Key)", job_id)
         else:
+            self._since_load[0] += 1
+            self._since_load[1] += size
             self.metrics.jobs_submitted.inc()
             log.info("job queued job_id=%s bytes=%d format=%s language=%s", job_id, size, spec.format,
                      spec.language or "auto")
         return job_id, state, replayed
+
+    def _open_load_estimate(self, size: int) -> tuple[int | None, int]:
+        """(unfinished jobs, their bytes) from the last count when a job of ``size`` is far from both bounds, else
+        (None, 0): count now."""
+        if time.monotonic() - self._load_at > SERVED_CACHE_S:
+            return None, 0
+        jobs = self.load_seen[0] + self._since_load[0]
+        audio_bytes = self.load_seen[1] + self._since_load[1]
+        s = self.settings
+        if jobs + 1 < ADMIT_ESTIMATE_BELOW * s.max_queued_jobs and \
+                audio_bytes + size < ADMIT_ESTIMATE_BELOW * s.max_queued_bytes:
+            return jobs, audio_bytes
+        return None, 0
 
     @staticmethod
     async def _job(tx: Tx, job_id: str, lock: bool = False) -> Row:
@@ -786,6 +817,10 @@ class SqlStore:
         unservable jobs, retention. Any replica may run it at any time; each row is handled once (rows are
         claimed with SKIP LOCKED and changed only by conditional updates)."""
         await self.engine.run(self._reap)
+        # Here, on the event loop (the transaction may have run on the SQLite writer thread): admissions from now
+        # on add to the count just read. One that committed meanwhile is missed: ADMIT_ESTIMATE_BELOW's margin.
+        self._load_at = time.monotonic()
+        self._since_load = [0, 0]
 
     async def _resume_if_paused(self, tx: Tx, now: float) -> None:
         """Before a fenced write: if no reaping pass ran for a while (the store was unreachable), give the leases
