@@ -26,6 +26,9 @@ STORE_PAUSED = "store_unavailable"
 
 log = logging.getLogger("node_agent.lease")
 
+#: How long the end of a job waits for its renewals to stop before it says so (and cancels them again).
+RELEASE_WAIT_S = 2.0
+
 
 class LeaseUnavailable(Exception):
     """The lease could not be had: the device stayed held, or the job is no longer ours."""
@@ -128,15 +131,26 @@ class LeaseKeeper:
     @contextlib.asynccontextmanager
     async def hold(self, lease: Lease, on_lost: Callable[[LeaseLost], None]) -> AsyncIterator[Lease]:
         """Renew ``lease`` in the background for the duration of the block; ``on_lost`` fires at most once."""
-        task = asyncio.get_running_loop().create_task(self._renew_loop(lease, on_lost))
+        released = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(self._renew_loop(lease, on_lost, released))
         try:
             yield lease
         finally:
+            # The flag, not the cancel alone, is what ends the loop for sure: Python 3.11's wait_for (in aiohttp,
+            # say) swallows a cancel that lands as its awaitable finishes (gh-86296), and a loop that lost its
+            # cancel renewed the lease for ever while this block waited on it, silently.
+            released.set()
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            waited = 0.0
+            while not task.done():
+                await asyncio.wait({task}, timeout=RELEASE_WAIT_S)
+                if not task.done():
+                    waited += RELEASE_WAIT_S
+                    log.warning("lease %s: renewals still running %.0f s after job %s ended; cancelling again",
+                                lease.lease_id, waited, lease.job_id)
+                    task.cancel()
 
-    async def _renew_loop(self, lease: Lease, on_lost: Callable[[LeaseLost], None]) -> None:
+    async def _renew_loop(self, lease: Lease, on_lost: Callable[[LeaseLost], None], released: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         # Timed by the TTL the scheduler granted (and re-granted on each renewal), never by our request alone.
         interval, deadline_s = self.settings.timing(lease.ttl_s)
@@ -145,6 +159,8 @@ class LeaseKeeper:
         paused_at: float | None = None  # when the last "store unavailable" answer came (see below)
         while True:
             await asyncio.sleep(max(0.0, next_at - loop.time()))
+            if released.is_set():
+                return
             interval, deadline_s = self.settings.timing(lease.ttl_s)
             now = loop.time()
             fence_at = lease.renewed_at + deadline_s
@@ -156,10 +172,13 @@ class LeaseKeeper:
                 return
             sent = loop.time()
             try:
-                reply = await asyncio.wait_for(
-                    self.client.renew_lease(lease.lease_id, lease.epoch, lease.node_id, timeout=fence_at - sent),
-                    timeout=fence_at - sent)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the block's cancel (see ``hold``).
+                async with asyncio.timeout(fence_at - sent):
+                    reply = await self.client.renew_lease(lease.lease_id, lease.epoch, lease.node_id,
+                                                          timeout=fence_at - sent)
             except Gone as exc:
+                if released.is_set():
+                    return
                 self._count("failed", loop.time() - sent)
                 reason = "expired" if exc.code == "lease_expired" else "rejected"
                 self._lost(lease, on_lost, LeaseLost(
@@ -167,6 +186,8 @@ class LeaseKeeper:
                     f"stopping the job", reason=reason))
                 return
             except (SchedulerError, asyncio.TimeoutError) as exc:
+                if released.is_set():
+                    return
                 self._count("failed", loop.time() - sent)
                 now = loop.time()
                 if isinstance(exc, SchedulerUnavailable) and exc.code == STORE_PAUSED:
@@ -192,6 +213,8 @@ class LeaseKeeper:
                     # Paused time counts only between two answers, so ask again well before the fence.
                     next_at = min(next_at, now + max(0.05, (fence_at - now) / 2))
                 continue
+            if released.is_set():
+                return
             retries = None
             paused_at = None
             done = loop.time()

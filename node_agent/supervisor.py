@@ -29,7 +29,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +82,31 @@ RESTART_REASONS = ("crash", "timeout", "stall", "recycle", "lease_lost")
 
 #: Longest wait between retries of a fatal worker (``worker.fatal_retry_s`` doubles up to this).
 FATAL_RETRY_MAX_S = 3600.0
+
+#: A wait in a job's path (for the worker, for the plugin to take the job) longer than this is logged, and again
+#: every this long: no wait there may be both long and silent.
+WAIT_LOG_S = 5.0
+
+#: After SIGKILL the exit is the kernel's business; a wait longer than this means the exit was not seen.
+KILL_WAIT_S = 10.0
+
+
+async def _wait_logged(task: "asyncio.Future[Any]", until: float, what: Callable[[], str],
+                       also: "asyncio.Future[Any] | None" = None) -> None:
+    """Wait for ``task`` (or ``also``, if given, to finish first) until loop time ``until``; say what is waited for
+    every ``WAIT_LOG_S``. Returns on time-out with both still pending: the caller decides what that means."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    waits = {task} if also is None else {task, also}
+    while True:
+        left = until - loop.time()
+        if left <= 0:
+            return
+        done, _ = await asyncio.wait(waits, timeout=min(left, WAIT_LOG_S), return_when=asyncio.FIRST_COMPLETED)
+        if done:
+            return
+        if loop.time() < until:
+            log.warning("%s for %.0f s (%.0f s left)", what(), loop.time() - started, until - loop.time())
 
 
 @dataclass
@@ -209,7 +234,12 @@ class _Process:
                 await asyncio.wait_for(self.proc.wait(), grace_s)
             except asyncio.TimeoutError:
                 self._signal(signal.SIGKILL)
-                await self.proc.wait()
+                waiter = asyncio.ensure_future(self.proc.wait())
+                done, _ = await asyncio.wait({waiter}, timeout=KILL_WAIT_S)
+                if not done:
+                    waiter.cancel()
+                    log.error("worker pid %d: no exit seen %g s after SIGKILL; going on without it", self.pid,
+                              KILL_WAIT_S)
         self.close()
         return self.proc.returncode
 
@@ -217,7 +247,8 @@ class _Process:
         """Ask politely (a stop frame between jobs), then kill."""
         if self.proc.returncode is None:
             with contextlib.suppress(ConnectionError, RuntimeError, WireError):
-                await wire.write_frame(self.writer, to_header(StopMessage()))
+                # Without draining: a plugin that does not read its socket must not hold up its own stop.
+                self.writer.writelines(wire.encode(to_header(StopMessage())))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.proc.wait(), max(grace_s, 0.1))
         await self.kill(grace_s)
@@ -525,47 +556,84 @@ class Worker:
         self, job: JobRequest, on_segment: Callable[[dict[str, Any]], None] | None = None
     ) -> JobResult:
         """Run ``job`` on this worker; returns its result or raises a ``JobError``."""
-        async with self._lock:
-            loop = asyncio.get_running_loop()
-            wait = self.settings.start_timeout_s + self.settings.backoff.max_s
-            if job.deadline is not None:
-                wait = min(wait, max(0.0, job.deadline - loop.time()))
+        loop = asyncio.get_running_loop()
+        wait = self.settings.start_timeout_s + self.settings.backoff.max_s
+        if job.deadline is not None:
+            wait = min(wait, max(0.0, job.deadline - loop.time()))
+        until = loop.time() + wait
+        await self._acquire(job, until, wait)
+        try:
+            return await self._run_locked(job, on_segment, until, wait)
+        finally:
+            self._lock.release()
+
+    async def _acquire(self, job: JobRequest, until: float, wait: float) -> None:
+        """Take the worker for ``job`` by loop time ``until`` (``WorkerUnavailable`` if not), saying why it waits."""
+        if not self._lock.locked():
+            await self._lock.acquire()  # free: taken without suspending
+            return
+        acquire = asyncio.ensure_future(self._lock.acquire())
+        try:
+            await _wait_logged(acquire, until, lambda: f"job {job.job_id}: waiting for worker {self.resource} to "
+                                                       f"finish another job ({self._busy_with()})")
+        finally:
+            if not acquire.done():
+                acquire.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await acquire
+        if acquire.cancelled():  # else the lock is ours, even when it came just as the wait ran out
+            raise WorkerUnavailable(f"worker {self.resource} still busy after {wait:.1f} s ({self._busy_with()})")
+
+    def _busy_with(self) -> str:
+        job = self.current_job
+        return f"job {job['job_id']}" if job else self._state_line()
+
+    def _state_line(self) -> str:
+        return f"state {self.state.value}" + (f", last error: {self.last_error}" if self.last_error else "")
+
+    async def _run_locked(self, job: JobRequest, on_segment: Callable[[dict[str, Any]], None] | None, until: float,
+                          wait: float) -> JobResult:
+        loop = asyncio.get_running_loop()
+        if not self._ready.is_set():
+            ready = loop.create_task(self._ready.wait())
             try:
-                await asyncio.wait_for(self._ready.wait(), wait)
-            except asyncio.TimeoutError:
-                raise WorkerUnavailable(
-                    f"worker {self.resource} not ready within {wait:.1f} s (state {self.state.value})"
-                ) from None
-            proc = self._proc
-            if self.state is not WorkerState.ready or proc is None or self._stopping:
-                raise WorkerUnavailable(
-                    f"worker {self.resource} is {self.state.value}" + (f": {self.last_error}" if self.last_error else "")
-                )
-            self._abort = loop.create_future()
-            self._set_state(WorkerState.busy)
-            self.current_job = {"job_id": job.job_id, "audio_s": None, "segments": 0,
-                                "started": time.monotonic(), "last_segment": None}
-            failed = False
-            try:
-                result = await self._drive(proc, job, on_segment)
-            except JobError as exc:
-                failed = True
-                self.observer.job_failed(self, job, exc)
-                log.info("job %s failed on %s: %s: %s", job.job_id, self.resource, exc.code, exc.message)
-                raise
+                await _wait_logged(ready, until, lambda: f"job {job.job_id}: waiting for worker {self.resource} to "
+                                                         f"be ready ({self._state_line()})")
             finally:
-                self.current_job = None
-                self._abort = None
-                if self.state is WorkerState.busy:
-                    self._set_state(WorkerState.ready)
-                    if failed:  # the process outlived its job's failure (an error answer, or stopped in time)
-                        self._maybe_recycle(proc)
-            self.jobs_served_total += 1
-            self._crash_streak = 0
-            self._started_well()
-            self.observer.job_succeeded(self, result)
-            self._maybe_recycle(proc)
-            return result
+                ready.cancel()
+            if not self._ready.is_set():
+                raise WorkerUnavailable(
+                    f"worker {self.resource} not ready within {wait:.1f} s (state {self.state.value})")
+        proc = self._proc
+        if self.state is not WorkerState.ready or proc is None or self._stopping:
+            raise WorkerUnavailable(
+                f"worker {self.resource} is {self.state.value}" + (f": {self.last_error}" if self.last_error else "")
+            )
+        self._abort = loop.create_future()
+        self._set_state(WorkerState.busy)
+        self.current_job = {"job_id": job.job_id, "audio_s": None, "segments": 0,
+                            "started": time.monotonic(), "last_segment": None}
+        failed = False
+        try:
+            result = await self._drive(proc, job, on_segment)
+        except JobError as exc:
+            failed = True
+            self.observer.job_failed(self, job, exc)
+            log.info("job %s failed on %s: %s: %s", job.job_id, self.resource, exc.code, exc.message)
+            raise
+        finally:
+            self.current_job = None
+            self._abort = None
+            if self.state is WorkerState.busy:
+                self._set_state(WorkerState.ready)
+                if failed:  # the process outlived its job's failure (an error answer, or stopped in time)
+                    self._maybe_recycle(proc)
+        self.jobs_served_total += 1
+        self._crash_streak = 0
+        self._started_well()
+        self.observer.job_succeeded(self, result)
+        self._maybe_recycle(proc)
+        return result
 
     def _maybe_recycle(self, proc: _Process) -> None:
         rss = proc.rss_bytes()
@@ -613,10 +681,12 @@ class Worker:
         segments: list[dict[str, Any]] = []
         header = to_header(JobMessage(job_id=job.job_id, format=job.format, sample_rate=job.sample_rate,
                                       language=job.language, options=job.options.wire()))
-        try:
-            await wire.write_frame(proc.writer, header, job.audio)
-        except (ConnectionError, RuntimeError) as exc:
-            raise await self._crashed(proc, job, f"could not send the job: {exc}")
+        # A plugin that does not read its socket (stuck, or blocked writing to us) would hold the drain for ever:
+        # it has until the first limit to take the job, as it has to answer.
+        late = min(deadline, stall_at)
+        await self._send(proc, job, abort, header, job.audio, "the job", late, lambda: self._fail(
+            proc, "stall", JobStalled(f"job {job.job_id}: worker pid {proc.pid} did not take the job within "
+                                      f"{late - t0:.1f} s; worker killed")))
 
         read: asyncio.Task[Any] | None = None
         try:
@@ -628,11 +698,7 @@ class Worker:
                 done, _ = await asyncio.wait({read, abort}, timeout=max(0.0, limit),
                                              return_when=asyncio.FIRST_COMPLETED)
                 if abort in done:
-                    error = abort.result()
-                    reason = "lease_lost" if error.code == "lease_lost" else "shutdown"
-                    log.warning("job %s: aborting on %s (%s): killing worker pid %d", job.job_id, self.resource,
-                                error.code, proc.pid)
-                    raise await self._fail(proc, reason, error)
+                    raise await self._aborted(proc, job, abort)
                 if read not in done:
                     now = loop.time()
                     if stop_by is not None:
@@ -645,10 +711,10 @@ class Worker:
                         overrun = f"job {job.job_id} exceeded its deadline of {deadline - t0:.1f} s on {self.resource}"
                         stop_by = now + self.settings.stop_grace_s
                         log.info("%s: asking worker pid %d to stop it", overrun, proc.pid)
-                        try:
-                            await wire.write_frame(proc.writer, to_header(CancelMessage(job_id=job.job_id)))
-                        except (ConnectionError, RuntimeError) as exc:
-                            raise await self._crashed(proc, job, f"could not send the cancel: {exc}")
+                        await self._send(proc, job, abort, to_header(CancelMessage(job_id=job.job_id)), b"",
+                                         "the cancel", stop_by, lambda: self._fail(proc, "timeout", JobTimeout(
+                                             f"{overrun}; worker pid {proc.pid} did not take the cancel within "
+                                             f"worker.stop_grace_s and was killed"), grace_s=0.0))
                         continue
                     raise await self._fail(proc, "stall", JobStalled(
                         f"job {job.job_id}: no progress from worker pid {proc.pid} for "
@@ -721,6 +787,42 @@ class Worker:
                 read.cancel()
                 with contextlib.suppress(BaseException):
                     await read
+
+    async def _aborted(self, proc: _Process, job: JobRequest, abort: "asyncio.Future[JobError]") -> JobError:
+        error = abort.result()
+        reason = "lease_lost" if error.code == "lease_lost" else "shutdown"
+        log.warning("job %s: aborting on %s (%s): killing worker pid %d", job.job_id, self.resource, error.code,
+                    proc.pid)
+        return await self._fail(proc, reason, error)
+
+    async def _send(self, proc: _Process, job: JobRequest, abort: "asyncio.Future[JobError]",
+                    header: dict[str, Any], payload: bytes, what: str, until: float,
+                    late: Callable[[], Awaitable[JobError]]) -> None:
+        """Hand ``what`` to the plugin by loop time ``until``, or raise: ``late()``'s error past it, the abort's
+        error if one comes first, ``WorkerCrashed`` if the connection is gone."""
+        try:
+            proc.writer.writelines(wire.encode(header, payload))
+        except (ConnectionError, RuntimeError) as exc:
+            raise await self._crashed(proc, job, f"could not send {what}: {exc}")
+        if proc.writer.transport.get_write_buffer_size() == 0:
+            return  # all in the socket already: nothing to wait for
+        drain = asyncio.ensure_future(proc.writer.drain())
+        try:
+            await _wait_logged(drain, until, lambda: f"job {job.job_id}: worker pid {proc.pid} on {self.resource} "
+                                                     f"has not taken {what} yet", also=abort)
+        finally:
+            if not drain.done():
+                drain.cancel()
+        if abort.done():
+            if drain.done() and not drain.cancelled():
+                drain.exception()  # seen: the abort's error is the job's
+            raise await self._aborted(proc, job, abort)
+        if not drain.done():
+            raise await late()
+        try:
+            drain.result()
+        except (ConnectionError, RuntimeError) as exc:
+            raise await self._crashed(proc, job, f"could not send {what}: {exc}")
 
     async def _crashed(self, proc: _Process, job: JobRequest, detail: str | None) -> JobError:
         self._proc = None

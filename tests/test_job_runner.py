@@ -170,6 +170,48 @@ async def test_a_lease_lost_mid_job_stops_it_and_the_stale_report_is_rejected(fa
     assert await worker.wait_ready(30) is WorkerState.ready  # replaced, ready for the next job
 
 
+class RenewalAnswered(SchedulerClient):
+    """The real client, which also says when a renewal's answer is in, so that a test can end a job in that very
+    turn of the event loop (the moment a decode that finishes as a renewal answers ends its job)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.answered = asyncio.Event()
+
+    async def renew_lease(self, *args: Any, **kwargs: Any) -> Any:
+        reply = await super().renew_lease(*args, **kwargs)
+        self.answered.set()
+        return reply
+
+
+async def test_a_job_ending_as_a_renewal_answers_stops_renewing_its_lease():
+    # The hang seen under the PostgreSQL crash test: the job's end cancelled the renewals in the turn their
+    # request's answer came in; Python 3.11's wait_for swallowed that cancel, the lease was renewed for ever and
+    # the job never got past the end of its decode, with nothing in the log.
+    async with assigned_job(lease_min_ttl_s=0.5) as (running, node_id, assignment):
+        client = RenewalAnswered(running.url, None, 2.0)
+        keeper = LeaseKeeper(client, make_settings(lease={"ttl_s": 0.6}).lease, None, "cpu", FAST)
+        lost: list[LeaseLost] = []
+        try:
+            lease = await keeper.acquire(node_id, assignment.job_id)
+
+            async def job() -> None:
+                async with keeper.hold(lease, lost.append):
+                    await client.answered.wait()
+
+            ended = asyncio.get_running_loop().create_task(job())
+            done, _ = await asyncio.wait({ended}, timeout=5.0)
+            if not done:
+                ended.cancel()
+            assert done, f"the job did not end; its lease renewed {lease.renewals} times meanwhile"
+            ended.result()
+            renewals = lease.renewals
+            await asyncio.sleep(1.0)  # five renewal intervals
+            assert lease.renewals == renewals and not lost
+        finally:
+            await client.close()
+
+
 # ----- failure shapes (aioresponses) -----------------------------------------------------------------------------
 
 ASSIGNMENT = JobAssignment.model_validate({

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -19,7 +20,7 @@ import pytest
 from fake_plugin import COMMAND as FAKE_COMMAND
 from fake_plugin import FakeOptions
 from helpers import clip, joined, pcm16, plain_wer
-from node_agent import wire
+from node_agent import supervisor, wire
 from node_agent.config import Settings
 from node_agent.errors import BadAudio, InvalidRequest, JobStalled, JobTimeout, WorkerCrashed, WorkerUnavailable
 from node_agent.supervisor import JobRequest, Worker, WorkerObserver, WorkerState, worker_spec
@@ -420,6 +421,36 @@ async def test_recycled_after_max_jobs_counting_a_stopped_job(fake_factory):
     assert third.worker_pid != first and not pid_alive(first)
     assert dict(worker.restarts) == {"recycle": 1}
 
+
+async def test_a_worker_that_does_not_take_its_job_is_killed_by_the_stall_limit(fake_factory, caplog, monkeypatch):
+    # A plugin that reads nothing more from its socket (frozen between jobs here; blocked writing to us, say):
+    # the job's frame fills the socket and the agent's buffer, and the drain used to wait for ever, silently,
+    # before any time limit applied.
+    monkeypatch.setattr(supervisor, "WAIT_LOG_S", 0.3)
+    worker = await fake_factory(asr={"timeout": {"stall_s": 1.5}}, worker={"stop_grace_s": 0.5})
+    pid = worker.pid
+    os.kill(pid, signal.SIGSTOP)
+    job = JobRequest("unread", bytes(8 << 20), format="pcm_s16le", sample_rate=16000)  # far over any buffer
+    with caplog.at_level(logging.WARNING, logger="node_agent.supervisor"):
+        with pytest.raises(JobStalled, match="did not take the job within 1.5 s"):
+            await asyncio.wait_for(worker.run_job(job), 20)
+    assert f"worker pid {pid} on cpu has not taken the job yet" in caplog.text  # said while it waited
+    assert not pid_alive(pid) and dict(worker.restarts) == {"stall": 1}
+    assert (await worker.run_job(fake_job("after"))).worker_pid != pid
+
+
+async def test_a_job_waiting_for_a_restarting_worker_says_what_it_waits_for(fake_factory, caplog, monkeypatch):
+    monkeypatch.setattr(supervisor, "WAIT_LOG_S", 0.3)
+    # Recycled after each job, and each new process takes 1 s to load: the next job waits for it.
+    worker = await fake_factory({"load_s": 1.0}, worker={"max_jobs": 1})
+    first = worker.pid
+    await worker.run_job(fake_job("j0"))
+    assert worker.state is not WorkerState.ready
+    with caplog.at_level(logging.WARNING, logger="node_agent.supervisor"):
+        result = await asyncio.wait_for(worker.run_job(fake_job("j1")), 30)
+    assert result.worker_pid != first
+    assert "job j1: waiting for worker cpu to be ready (state starting" in caplog.text
+    assert await worker.wait_ready(30) is WorkerState.ready  # recycled again: stopped once that one is up
 
 def test_the_plugin_drops_stale_cancels_and_stops_on_its_own():
     """The plugin's serve loop and cancel handling over a raw socket: a cancel naming another job is ignored,

@@ -161,11 +161,14 @@ class SqlUpload:
 
         await self._store.engine.run(op)
 
-    async def write_rest(self, tx: Tx, now: float) -> None:
-        """Inside the submit's transaction: the last (or only) chunk, and the upload's row if none exists yet."""
+    async def write_rest(self, tx: Tx, now: float, job_id: str) -> None:
+        """Inside the submit's transaction: the last (or only) chunk, and the upload's row, now the job's."""
         if self._chunks == 0:
-            await tx.execute("INSERT INTO uploads (upload_id, started_at, bytes) VALUES ($1, $2, $3)",
-                             self.upload_id, now, self.size)
+            await tx.execute("INSERT INTO uploads (upload_id, started_at, bytes, job_id) VALUES ($1, $2, $3, $4)",
+                             self.upload_id, now, self.size, job_id)
+        else:
+            await tx.execute("UPDATE uploads SET job_id = $2, bytes = $3 WHERE upload_id = $1", self.upload_id,
+                             job_id, self.size)
         if self._buffer:
             await tx.execute("INSERT INTO audio_chunks (upload_id, n, data) VALUES ($1, $2, $3)",
                              self.upload_id, self._chunks, bytes(self._buffer))
@@ -361,9 +364,7 @@ class SqlStore:
                 job_id, seq, _doc(spec), spec.language, filename, size, upload.upload_id,
                 idempotency_key, submission if idempotency_key is not None else None, now, now + deadline_s,
             )
-            await upload.write_rest(tx, now)
-            await tx.execute("UPDATE uploads SET job_id = $2, bytes = $3 WHERE upload_id = $1",
-                             upload.upload_id, job_id, size)
+            await upload.write_rest(tx, now, job_id)
             tx.notify(QUEUE_TOPIC)
             tx.notify(job_topic(job_id))
             return job_id, "queued", False
@@ -513,8 +514,8 @@ class SqlStore:
                    WHERE job_id = $1""",
                 job["job_id"], node_id, device.resource, now, waited,
             )
-            # A new attempt starts from scratch: segments of an earlier attempt are not its output.
-            await tx.execute("DELETE FROM segments WHERE job_id = $1", job["job_id"])
+            if job["attempt"] > 1:  # a new attempt starts from scratch: an earlier one's segments are not its output
+                await tx.execute("DELETE FROM segments WHERE job_id = $1", job["job_id"])
             tx.notify(job_topic(job["job_id"]))
             spec = JobSpec.model_validate(json.loads(job["spec"]))
             log.info("job assigned job_id=%s node_id=%s resource=%s attempt=%d queued_s=%.3f", job["job_id"],
@@ -598,13 +599,9 @@ class SqlStore:
                          job_id, report.node_id, report.lease_id, report.attempt, report.lease_epoch, exc.code)
                 outcome["rejected"] = exc.code
                 raise exc
-            await self._end_leases(tx, job_id, "released", now, job["attempt"])
-            await tx.execute("UPDATE jobs SET node_timings = $2 WHERE job_id = $1", job_id,
-                             json.dumps(report.timings))
+            timings = json.dumps(report.timings)
             if report.outcome == "succeeded":
                 assert report.result is not None  # ResultReport guarantees it
-                await tx.execute("UPDATE jobs SET result = $2 WHERE job_id = $1", job_id,
-                                 _doc(report.result))
                 if report.result.segments:
                     await tx.execute("DELETE FROM segments WHERE job_id = $1", job_id)
                     await tx.executemany(
@@ -612,17 +609,18 @@ class SqlStore:
                         [(job_id, s.id, _doc(s)) for s in report.result.segments],
                     )
                 ack = ResultAck()
-                await self._finish(tx, job, now, None)
+                await self._finish(tx, job, now, None, result=_doc(report.result), timings=timings)
             else:
                 error = report.error or JobErrorInfo(code="failed", message="the node reported a failure")
                 if error.code not in JOB_ERROR_CODES:
                     error = JobErrorInfo(code="failed", message=f"{error.code}: {error.message}")
                 if error.code in RETRYABLE_ERROR_CODES and job["attempt"] < self.settings.max_attempts:
                     ack = ResultAck(requeued=True)
+                    await tx.execute("UPDATE jobs SET node_timings = $2 WHERE job_id = $1", job_id, timings)
                     await self._requeue_or_fail(tx, job, now, "retryable_error", error.code, error.message)
                 else:
                     ack = ResultAck()
-                    await self._finish(tx, job, now, error)
+                    await self._finish(tx, job, now, error, timings=timings)
             await tx.execute(
                 "INSERT INTO reports (job_id, attempt, lease_id, epoch, node_id, ack) VALUES ($1, $2, $3, $4, $5, $6)",
                 *holder_key, _doc(ack),
@@ -667,7 +665,8 @@ class SqlStore:
                 )
             # The same job asks again (a retry after a lost answer, or another device): its older lease is fenced
             # off so only the newest epoch can report.
-            await self._end_leases(tx, job["job_id"], "superseded", now)
+            if job["lease_id"] is not None:
+                await self._end_leases(tx, job["job_id"], "superseded", now)
             epoch = await tx.next_value("lease_epochs")
             ttl = clamp_ttl(self.settings, req.ttl_s)
             lease_id = f"lease-{secrets.token_hex(8)}"
@@ -784,20 +783,26 @@ class SqlStore:
         tx.notify(QUEUE_TOPIC)
         tx.notify(job_topic(job["job_id"]))
 
-    async def _finish(self, tx: Tx, job: Row, now: float, error: JobErrorInfo | None) -> None:
+    async def _finish(self, tx: Tx, job: Row, now: float, error: JobErrorInfo | None, *, result: str | None = None,
+                      timings: str | None = None) -> None:
+        """End the job (one statement: its state, error or result, the node's timings, the audio reference), its
+        leases, and its audio unless scheduler.keep_audio."""
         state = "succeeded" if error is None else "failed"
+        drop_audio = not self.settings.keep_audio and job["upload_id"] is not None
         changed = await tx.execute(
             f"""UPDATE jobs SET state = $2, error = $3, finished_at = $4, unservable_since = NULL,
-                   queued_total_s = queued_total_s + CASE WHEN state = 'queued' THEN $4 - queued_at ELSE 0 END
+                   queued_total_s = queued_total_s + CASE WHEN state = 'queued' THEN $4 - queued_at ELSE 0 END,
+                   result = COALESCE($6, result), node_timings = COALESCE($7, node_timings),
+                   upload_id = CASE WHEN $8 = 1 THEN NULL ELSE upload_id END
                WHERE job_id = $1 AND attempt = $5 AND state NOT IN {_TERMINAL}""",
-            job["job_id"], state, _doc(error) if error is not None else None, now, job["attempt"],
+            job["job_id"], state, _doc(error) if error is not None else None, now, job["attempt"], result, timings,
+            int(drop_audio),
         )
         if not changed:
             return
         await self._end_leases(tx, job["job_id"], "released", now, job["attempt"])
-        if not self.settings.keep_audio and job["upload_id"] is not None:
+        if drop_audio:
             await self._drop_audio(tx, job["upload_id"])
-            await tx.execute("UPDATE jobs SET upload_id = NULL WHERE job_id = $1", job["job_id"])
         outcome = "succeeded" if error is None else error.code
         self.metrics.job_finished(outcome)
         log.info("job finished job_id=%s outcome=%s attempt=%d node_id=%s seconds=%.3f%s", job["job_id"], outcome,
