@@ -82,7 +82,7 @@ class Agent:
         for index, resource in zip(settings.asr.device_index, resources_for(self.device, settings.asr.device_index)):
             spec = worker_spec(settings.asr, self.device, index, log_level=settings.log.level)
             self.workers[resource] = Worker(resource, spec, settings.worker, settings.asr.timeout, observer,
-                                            command=worker_command)
+                                            command=worker_command or settings.worker.command)
             self.keepers[resource] = LeaseKeeper(self.client, settings.lease, self.metrics, resource, self.policies)
             self.metrics.declare_device(resource, settings.asr.model)
 

@@ -123,6 +123,11 @@ class BackoffSettings(_Section):
 
 
 class WorkerSettings(_Section):
+    command: list[str] | None = Field(
+        None, min_length=1,
+        description="The plugin process's argv (default: this Python running -m plugins.asr), for a plugin in "
+        "another environment or behind a wrapper; it gets --fd and --spec appended and must speak node_agent/wire.py.",
+    )
     max_jobs: int = Field(1000, ge=1, description="Recycle a worker (between jobs) after this many jobs.")
     max_rss_bytes: int = Field(
         4 * 1024**3, ge=64 * 1024**2, description="Recycle a worker (between jobs) above this resident memory."

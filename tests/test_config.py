@@ -229,3 +229,12 @@ def test_check_config_shows_the_store_without_its_password() -> None:
     assert out.returncode == 0, out.stderr
     assert "store: postgresql://agent:***@db.example:5432/sched" in out.stdout
     assert "s3cret-pw" not in out.stdout + out.stderr
+
+
+def test_worker_command_is_an_argv_list() -> None:
+    settings = load_settings(None, {"NODE_AGENT_WORKER__COMMAND": '["/opt/asr/bin/python", "-m", "plugins.asr"]'})
+    assert settings.worker.command == ["/opt/asr/bin/python", "-m", "plugins.asr"]
+    assert load_settings(None, {}).worker.command is None
+    with pytest.raises(ConfigError) as exc:
+        load_settings(None, {"NODE_AGENT_WORKER__COMMAND": "[]"})
+    assert "worker.command" in str(exc.value)

@@ -9,7 +9,10 @@
 The client is the project's own (``SchedulerClient`` + ``JobWaiter``): each submission carries one
 ``Idempotency-Key`` through its retries, and each job is followed by its id through refused connections and
 restarts. After each run the store is read directly: every submitted job exactly once, one accepted result each.
-Decoding is real (tiny.en in the plugin process) on 1.5 s of speech, so a job costs a fraction of a second.
+The agents are real ``node-agent run`` processes; their plugin is the stand-in (``tests/fake_plugin.py`` through
+``worker.command``: a real subprocess speaking the real protocol, "decoding" 0.15 s without a model), since what is
+under test is the store, and 60 real decodes three restarts apart would cost the suite a minute. Real decoding
+under kills is ``test_load.py``'s.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from node_agent.job_client import JobWaiter, Retrying
 from node_agent.retry import RetryPolicy
 from node_agent.scheduler.schemas import JobView
 from procs import Proc, free_port, http_json, wait_for
+from fake_plugin import command as fake_command
 from test_cluster import ready, start_agent, start_agents, start_scheduler
 
 pytestmark = pytest.mark.timeout(240)
@@ -50,12 +54,14 @@ JOBS = 60
 AUDIO = pcm16(decode_clip("jfk.flac")[: int(1.5 * SR)])
 FIELDS = {"format": "pcm_s16le", "sample_rate": SR, "language": "en"}
 #: Submissions are spread over the first part of the run, so a kill can land on a submit as well as on a job.
-SUBMIT_SPACING_S = 0.4
+SUBMIT_SPACING_S = 0.15
 #: The client's retries: quick, since the test waits on them; no total (the run's deadline bounds them).
 CLIENT_RETRY = RetryPolicy(initial_s=0.1, max_wait_s=1.0, max_total_s=None)
 #: A killed holder's lease lapses after lease.ttl_s, an assignment it never leased after assign_timeout_s; both
 #: short so that recovery is seconds. More attempts than kills, so the kills alone cannot fail a job.
 RECOVERY_ENV = {
+    # The stand-in plugin: three segments 0.05 s apart per job, then the result ("segment 1. segment 2. ...").
+    "NODE_AGENT_WORKER__COMMAND": json.dumps(fake_command(job={"segments": 3, "every_s": 0.05})),
     "NODE_AGENT_LEASE__TTL_S": "2",
     "NODE_AGENT_LEASE__ACQUIRE_TIMEOUT_S": "2",
     "NODE_AGENT_SCHEDULER__ASSIGN_TIMEOUT_S": "3",
