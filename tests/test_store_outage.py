@@ -34,14 +34,13 @@ async def test_postgresql_stopped_10_s_mid_job_costs_nothing(tmp_path, pg_privat
     async with agent_stack(tmp_path, worker_command=fake_command(**JOB_14_S), lease={"ttl_s": 6},
                            scheduler={"store": pg_private.dsn()}) as stack:
         running = await stack.submit_json(b"\0\0" * 16000, format="pcm_s16le", sample_rate=16000)
-        queued = await stack.submit_json(b"\0\0" * 16000, format="pcm_s16le", sample_rate=16000)
         async with stack.session.get(f"{stack.scheduler.url}/v1/jobs/{running}", params={"wait_s": "10",
                                                                                       "after_segment": "3"}) as r:
             assert (await r.json())["state"] == "running"
         outage_started = time.monotonic()
         await pg_private.astop()
         try:
-            async with stack.session.get(f"{stack.scheduler.url}/v1/jobs/{queued}") as resp:
+            async with stack.session.get(f"{stack.scheduler.url}/v1/jobs/{running}") as resp:
                 body = await resp.json()
                 assert resp.status == 503 and body["error"]["code"] == "store_unavailable", body
                 assert int(resp.headers["Retry-After"]) >= 1
@@ -59,7 +58,6 @@ async def test_postgresql_stopped_10_s_mid_job_costs_nothing(tmp_path, pg_privat
         assert view["state"] == "succeeded" and view["attempt"] == 1, view
         ids = [s["id"] for s in view["segments"]]
         assert len(ids) == 70 and ids == sorted(set(ids)), ids
-        assert (await stack.wait_job(queued, timeout=60))["state"] == "succeeded"
         assert stack.sample("node_agent_lease_lost_total", device="cpu", reason="self_fenced") == 0
         assert stack.sample("node_agent_lease_lost_total", device="cpu", reason="expired") == 0
         assert (stack.sample("node_agent_lease_renewals_total", device="cpu", result="failed") or 0) >= 2
