@@ -202,6 +202,8 @@ class SqliteEngine:
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
+            # After a checkpoint the WAL is cut back to this, so one 200 MB upload does not leave a 200 MB file.
+            conn.execute("PRAGMA journal_size_limit=67108864")
             conn.execute("PRAGMA busy_timeout=5000")
             conn.execute("PRAGMA temp_store=MEMORY")
             # A read of the whole file would be needed to notice a corrupt one later; a quick check now names it.
