@@ -201,6 +201,7 @@ class SqlStore:
         self.load_seen = (0, 0)
         self._load_at = -math.inf  # when load_seen was read (monotonic)
         self._since_load = [0, 0]  # jobs and bytes this replica admitted since then
+        self._reaped_at = -math.inf  # when this replica's last reaping pass committed (monotonic)
 
     async def open(self) -> None:
         found = await self.engine.run(lambda tx: migrate(tx, self.where))
@@ -824,12 +825,14 @@ class SqlStore:
         await self.engine.run(self._reap)
         # Here, on the event loop (the transaction may have run on the SQLite writer thread): admissions from now
         # on add to the count just read. One that committed meanwhile is missed: ADMIT_ESTIMATE_BELOW's margin.
-        self._load_at = time.monotonic()
+        self._load_at = self._reaped_at = time.monotonic()
         self._since_load = [0, 0]
 
     async def _resume_if_paused(self, tx: Tx, now: float) -> None:
         """Before a fenced write: if no reaping pass ran for a while (the store was unreachable), give the leases
         their time back first, so a holder renewing right after the outage is not refused for it."""
+        if time.monotonic() - self._reaped_at < PAUSE_AFTER_S / 2:
+            return  # this replica's own pass ran just now: no pause to give back
         last = await tx.fetchval("SELECT last_reap FROM store_clock WHERE id = 1")
         if last and now - last > PAUSE_AFTER_S:
             await self._clock_tick(tx, now)
