@@ -5,6 +5,7 @@ it takes seconds and no timing depends on decode speed; the end-to-end tests run
 from __future__ import annotations
 
 import asyncio
+import re
 import json
 import logging
 import os
@@ -95,7 +96,11 @@ async def test_a_job_past_its_deadline_stops_between_segments_and_the_worker_sta
         await worker.run_job(JobRequest("slow", pcm16(audio), format="pcm_s16le", sample_rate=16000,
                                         deadline=started + 1.5), on_segment=seen.append)
     elapsed = loop.time() - started
-    assert "deadline of 1.5 s" in str(info.value) and f"worker pid {pid} kept" in str(info.value)
+    # The message counts the deadline from when the job reached the worker (after sending 12.8 MB to it): at most
+    # the 1.5 s given, a little less on a busy machine.
+    shown = re.search(r"deadline of ([0-9.]+) s", str(info.value))
+    assert shown and 0.5 <= float(shown.group(1)) <= 1.5, str(info.value)
+    assert f"worker pid {pid} kept" in str(info.value)
     assert elapsed < 1.5 + 30, elapsed
     assert worker.pid == pid and pid_alive(pid) and worker.restarts.total() == 0
     assert worker.state is WorkerState.ready
