@@ -188,6 +188,14 @@ class SqlUpload:
 class SqlStore:
     """Nodes, jobs, leases and audio in SQLite or PostgreSQL; any number of replicas may share a PostgreSQL store."""
 
+    #: How often the server reaps (expired leases, vanished nodes, deadlines).
+    reap_s = 0.25
+    #: Long polls re-check this often even without a wake-up (jittered +-50 %): a job that the pollers woken for it
+    #: could not serve (another language) waits at most about this long for a capable one. Every idle node's poll
+    #: costs a transaction per period, so it is not shorter. (A lost NOTIFY is covered too, but the listener's
+    #: reconnection already wakes every poll.)
+    poll_s: float | None = 3.0
+
     def __init__(self, settings: SchedulerSettings, engine: Engine, metrics: SchedulerMetrics) -> None:
         self.settings = settings
         self.engine = engine
@@ -202,6 +210,13 @@ class SqlStore:
         self._load_at = -math.inf  # when load_seen was read (monotonic)
         self._since_load = [0, 0]  # jobs and bytes this replica admitted since then
         self._reaped_at = -math.inf  # when this replica's last reaping pass committed (monotonic)
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+    async def queue_depth(self) -> int:
+        return int(await self.engine.run(
+            lambda tx: tx.fetchval("SELECT COUNT(*) FROM jobs WHERE state = 'queued'")))
 
     async def open(self) -> None:
         found = await self.engine.run(lambda tx: migrate(tx, self.where))
@@ -220,7 +235,10 @@ class SqlStore:
             now = await tx.now()
             known = await tx.fetchval("SELECT state FROM nodes WHERE node_id = $1", node_id)
             if known is not None and known != "gone":
-                await self._node_restarted(tx, node_id, now)
+                # A live node registering again is a new agent process (an agent registers once at start, and
+                # after a 404 for a node that went gone): what its previous process held is void now, rather than
+                # blocking its devices until the TTL runs out.
+                await self._release_node(tx, node_id, now, "restarted")
             await tx.execute(
                 """INSERT INTO nodes (node_id, hostname, agent_version, hardware, devices, registered_at,
                        last_heartbeat, state, running_jobs, cpu_percent, memory_used_bytes, memory_total_bytes, gone_at)
@@ -247,15 +265,12 @@ class SqlStore:
             lease=LeaseBounds(min_ttl_s=s.lease_min_ttl_s, max_ttl_s=s.lease_max_ttl_s),
         )
 
-    async def _node_restarted(self, tx: Tx, node_id: str, now: float) -> None:
-        """A live node registering again is a new agent process (an agent registers once at start, and after a
-        404 for a node that went gone): whatever its previous process held or was assigned is void now, rather
-        than blocking its devices until the TTL runs out."""
+    async def _release_node(self, tx: Tx, node_id: str, now: float, why: str) -> None:
+        """The node is gone (or restarted): expire its live leases and re-queue what it was assigned."""
         for lease in await tx.fetch("SELECT * FROM leases WHERE node_id = $1 AND state = 'active'", node_id):
             await self._expire(tx, lease, now, "node_gone")
         for job in await tx.fetch("SELECT * FROM jobs WHERE node_id = $1 AND state = 'assigned'", node_id):
-            await self._requeue_or_fail(tx, job, now, "node_gone", "worker_unavailable",
-                                        f"node {node_id} restarted")
+            await self._requeue_or_fail(tx, job, now, "node_gone", "worker_unavailable", f"node {node_id} {why}")
 
     @staticmethod
     async def _live_node(tx: Tx, node_id: str) -> Row:
@@ -862,13 +877,7 @@ class SqlStore:
         for node in gone:
             self._served = None
             log.info("node gone node_id=%s last_heartbeat_age_s=%.1f", node["node_id"], now - node["last_heartbeat"])
-            for lease in await tx.fetch("SELECT * FROM leases WHERE node_id = $1 AND state = 'active'",
-                                        node["node_id"]):
-                await self._expire(tx, lease, now, "node_gone")
-            for job in await tx.fetch("SELECT * FROM jobs WHERE node_id = $1 AND state = 'assigned'",
-                                      node["node_id"]):
-                await self._requeue_or_fail(tx, job, now, "node_gone", "worker_unavailable",
-                                            f"node {node['node_id']} is gone")
+            await self._release_node(tx, node["node_id"], now, "is gone")
         for row in await tx.fetch("DELETE FROM nodes WHERE state = 'gone' AND gone_at <= $1 RETURNING node_id",
                                   now - s.job_retention_s):
             self.metrics.node_forgotten(row["node_id"])

@@ -236,7 +236,8 @@ class SchedulerState:
         node_id = req.node_id or f"node-{secrets.token_hex(6)}"
         known = self._nodes.get(node_id)
         if known is not None and known.state != "gone":
-            self._node_restarted(known, now)
+            # A new agent process: what its previous one held is void (see SqlStore.register).
+            self._release_node(known, now, "restarted")
         self._nodes[node_id] = Node(
             node_id=node_id,
             hostname=req.hostname,
@@ -261,16 +262,6 @@ class SchedulerState:
             heartbeat_interval_s=s.heartbeat_interval_s,
             lease=LeaseBounds(min_ttl_s=s.lease_min_ttl_s, max_ttl_s=s.lease_max_ttl_s),
         )
-
-    def _node_restarted(self, node: Node, now: float) -> None:
-        """A live node registering again is a new agent process: what its previous one held is void (see
-        ``SqlStore._node_restarted``)."""
-        for lease in [lease for lease in self._active.values() if lease.node_id == node.node_id]:
-            self._expire_lease(lease, now, reason="node_gone")
-        for job_id in [j for j in self._assigned if self._jobs[j].node_id == node.node_id]:
-            self._requeue_or_fail(
-                self._jobs[job_id], now, "node_gone", "worker_unavailable", f"node {node.node_id} restarted"
-            )
 
     def _live_node(self, node_id: str) -> Node:
         node = self._nodes.get(node_id)
@@ -314,11 +305,15 @@ class SchedulerState:
         node.gone_at = now
         self._nodes_changed()  # before its jobs are re-queued: they are checked against the nodes left
         log.info("node gone node_id=%s last_heartbeat_age_s=%.1f", node.node_id, now - node.last_heartbeat)
+        self._release_node(node, now, "is gone")
+
+    def _release_node(self, node: Node, now: float, why: str) -> None:
+        """The node is gone (or restarted): expire its live leases and re-queue what it was assigned."""
         for lease in [lease for lease in self._active.values() if lease.node_id == node.node_id]:
             self._expire_lease(lease, now, reason="node_gone")
         for job_id in [j for j in self._assigned if self._jobs[j].node_id == node.node_id]:
             self._requeue_or_fail(
-                self._jobs[job_id], now, "node_gone", "worker_unavailable", f"node {node.node_id} is gone"
+                self._jobs[job_id], now, "node_gone", "worker_unavailable", f"node {node.node_id} {why}"
             )
 
     # -------------------------------------------------------------------------------- jobs: client

@@ -132,25 +132,7 @@ class MemoryStore:
         pass  # read from the state at scrape time
 
 
-class SqlStoreHandle(SqlStore):
-    """``SqlStore`` with what the server needs around it: how often to reap and to re-check long polls."""
-
-    reap_s = 0.25
-    #: Long polls re-check this often even without a wake-up (jittered +-50 %): a job that the pollers woken for it
-    #: could not serve (another language) waits at most about this long for a capable one. Every idle node's poll
-    #: costs a transaction per period, so it is not shorter. (A lost NOTIFY is covered too, but the listener's
-    #: reconnection already wakes every poll.)
-    poll_s: float | None = 3.0
-
-    async def close(self) -> None:
-        await self.engine.close()
-
-    async def queue_depth(self) -> int:
-        return int(await self.engine.run(
-            lambda tx: tx.fetchval("SELECT COUNT(*) FROM jobs WHERE state = 'queued'")))
-
-
-Store = Union[MemoryStore, SqlStoreHandle]
+Store = Union[MemoryStore, SqlStore]
 Upload = Union[MemoryUpload, SqlUpload]
 
 
@@ -168,13 +150,13 @@ async def open_store(
         memory.state.add_listener(on_change)
         return memory
     engine = engine_for(settings.store_url, state_dir)
-    holder: list[SqlStoreHandle] = []
+    holder: list[SqlStore] = []
     metrics = SchedulerMetrics(
         registry,
         lambda: (holder[0].queue_depth_seen, holder[0].node_states_seen),
         lambda: holder[0].load_seen,
     )
-    store = SqlStoreHandle(settings, engine, metrics)
+    store = SqlStore(settings, engine, metrics)
     holder.append(store)
     if isinstance(engine, PostgresEngine):
         await engine.open(on_change, on_reconnect)
