@@ -84,6 +84,10 @@ class Tx(Protocol):
 Op = Callable[[Tx], Awaitable[T]]
 
 
+class Conflict(Exception):
+    """A single statement met a unique index (another request took the row first)."""
+
+
 class Engine(Protocol):
     dialect: Dialect
     where: str  # for messages: the store's location, password removed
@@ -431,26 +435,47 @@ class PostgresEngine:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
+    async def statement(self, sql: str, *args: Any) -> Row | None:
+        """One statement in a transaction of its own (no BEGIN or COMMIT round trips): its first row, or None.
+        A unique-index violation is ``Conflict`` (the caller takes its general path); store errors as ``run``."""
+        import asyncpg
+
+        async def op(conn: Any) -> Row | None:
+            try:
+                return await conn.fetchrow(sql, *args)  # type: ignore[no-any-return]
+            except asyncpg.UniqueViolationError as exc:
+                raise Conflict(str(exc)) from None
+
+        return await self._with_retries(op)
+
     async def run(self, op: Op[T]) -> T:
+        async def transaction(conn: Any) -> T:
+            await conn.execute("BEGIN")
+            try:
+                tx = _PgTx(conn)
+                result = await op(tx)
+                # The wake-ups (delivered to every replica's listener when this commits) and the commit in one
+                # round trip, as one simple query; the topics are this program's own ids, quoted.
+                await conn.execute("".join(
+                    f"SELECT pg_notify('{CHANNEL}', {_literal(t)});" for t in tx.topics) + "COMMIT")
+            except BaseException:
+                if not conn.is_closed() and conn.is_in_transaction():
+                    with contextlib.suppress(Exception):
+                        await conn.execute("ROLLBACK")
+                raise
+            return result
+
+        return await self._with_retries(transaction)
+
+    async def _with_retries(self, work: Callable[[Any], Awaitable[T]]) -> T:
+        """``work`` on a pooled connection, again after a deadlock or serialization failure; a lost server is
+        ``StoreUnavailable``."""
         import asyncpg
 
         for attempt in range(CONFLICT_RETRIES + 1):
             try:
                 async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-                    await conn.execute("BEGIN")
-                    try:
-                        tx = _PgTx(conn)
-                        result = await op(tx)
-                        # The wake-ups (delivered to every replica's listener when this commits) and the commit in
-                        # one round trip, as one simple query; the topics are this program's own ids, quoted.
-                        await conn.execute("".join(
-                            f"SELECT pg_notify('{CHANNEL}', {_literal(t)});" for t in tx.topics) + "COMMIT")
-                    except BaseException:
-                        if not conn.is_closed() and conn.is_in_transaction():
-                            with contextlib.suppress(Exception):
-                                await conn.execute("ROLLBACK")
-                        raise
-                return result
+                    return await work(conn)
             except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
                 if attempt == CONFLICT_RETRIES:
                     raise StoreUnavailable("the scheduler store kept reporting conflicts; retry", 1) from None
@@ -490,6 +515,7 @@ def engine_for(store: str, state_dir: Path | None) -> Engine:
 
 __all__ = [
     "CHANNEL",
+    "Conflict",
     "Dialect",
     "Engine",
     "PostgresEngine",

@@ -22,7 +22,7 @@ import time
 from typing import Any, AsyncIterator
 
 from ..config import SchedulerSettings
-from .db import Engine, Row, Tx
+from .db import Engine, PostgresEngine, Row, Tx
 from .errors import (
     InvalidInput,
     JobNotAssigned,
@@ -35,6 +35,7 @@ from .errors import (
 )
 from .metrics import SchedulerMetrics
 from .migrations import LATEST, migrate
+from .pgfast import Dispatch, PgFast, dispatch_of
 from .rules import (
     Holder,
     Served,
@@ -94,6 +95,9 @@ PAUSE_AFTER_S = 2.0
 ADMIT_ESTIMATE_BELOW = 0.9
 #: An upload never turned into a job (the scheduler died mid-upload) is deleted after this.
 ORPHAN_UPLOAD_S = 3600.0
+#: Device lists remembered per node for the single-statement paths (each statement checks the list is unchanged).
+NODE_DEVICES_KEPT = 10000
+_NO_DISPATCH = Dispatch(languages=None, by_language="{}", other=None, unset=None, resources=frozenset())
 OPEN_STATES = ("queued", "assigned", "running")
 _OPEN = "('queued', 'assigned', 'running')"
 _TERMINAL = "('succeeded', 'failed')"
@@ -111,6 +115,10 @@ def _holder(job: Row, lease: Row | None) -> Holder:
         epoch=lease["epoch"] if live else None,  # type: ignore[index]
         node_id=lease["node_id"] if live else None,  # type: ignore[index]
     )
+
+
+def _unknown_job(job_id: str) -> UnknownJob:
+    return UnknownJob(f"job {job_id} is not known (never submitted, or finished and forgotten)")
 
 
 def _doc(model: Any) -> str:
@@ -173,6 +181,15 @@ class SqlUpload:
             await tx.execute("INSERT INTO audio_chunks (upload_id, n, data) VALUES ($1, $2, $3)",
                              self.upload_id, self._chunks, bytes(self._buffer))
 
+    @property
+    def single_chunk(self) -> bool:
+        """Nothing of it is in the store yet: all of it is the buffer (at most one chunk)."""
+        return self._chunks == 0
+
+    @property
+    def buffered(self) -> bytes:
+        return bytes(self._buffer)
+
     def written(self) -> None:
         """The submit committed: what was buffered is in the store."""
         if self._buffer:
@@ -210,6 +227,9 @@ class SqlStore:
         self._load_at = -math.inf  # when load_seen was read (monotonic)
         self._since_load = [0, 0]  # jobs and bytes this replica admitted since then
         self._reaped_at = -math.inf  # when this replica's last reaping pass committed (monotonic)
+        # PostgreSQL: the hot operations' common case in one statement each (pgfast.py); None on SQLite.
+        self._fast = PgFast(engine) if isinstance(engine, PostgresEngine) else None
+        self._node_devices: dict[str, str] = {}  # node id -> its device list as stored, as last seen here
 
     async def close(self) -> None:
         await self.engine.close()
@@ -255,6 +275,7 @@ class SqlStore:
 
         known = await self.engine.run(op)
         self._served = None
+        self._remember_devices(node_id, devices)
         self.metrics.node_seen(node_id)
         log.info("node registered node_id=%s hostname=%s devices=%s%s", node_id, req.hostname,
                  ",".join(d.resource for d in req.devices) or "-", " (again)" if known else "")
@@ -264,6 +285,17 @@ class SqlStore:
             heartbeat_interval_s=s.heartbeat_interval_s,
             lease=LeaseBounds(min_ttl_s=s.lease_min_ttl_s, max_ttl_s=s.lease_max_ttl_s),
         )
+
+    def _remember_devices(self, node_id: str, devices: str) -> None:
+        if self._fast is None:
+            return
+        if len(self._node_devices) >= NODE_DEVICES_KEPT and node_id not in self._node_devices:
+            self._node_devices.clear()  # node churn: start again (each entry is re-read on a node's next poll)
+        self._node_devices[node_id] = devices
+
+    def _fresh_reap(self) -> bool:
+        """This replica's own reaping pass ran just now: no store pause can be pending (see _resume_if_paused)."""
+        return time.monotonic() - self._reaped_at < PAUSE_AFTER_S / 2
 
     async def _release_node(self, tx: Tx, node_id: str, now: float, why: str) -> None:
         """The node is gone (or restarted): expire its live leases and re-queue what it was assigned."""
@@ -281,6 +313,11 @@ class SqlStore:
         return node
 
     async def heartbeat(self, node_id: str, req: HeartbeatRequest) -> HeartbeatResponse:
+        if self._fast is not None and await self._fast.heartbeat(
+                node_id, req.state, json.dumps(req.running_jobs), float(req.cpu_percent), req.memory_used_bytes,
+                req.memory_total_bytes):
+            return HeartbeatResponse(heartbeat_interval_s=self.settings.heartbeat_interval_s)
+
         async def op(tx: Tx) -> None:
             now = await tx.now()
             changed = await tx.execute(
@@ -348,16 +385,8 @@ class SqlStore:
                             code="idempotency_key_reused", param="Idempotency-Key",
                         )
                     return earlier["job_id"], earlier["state"], True
-            if not size:
-                raise InvalidInput("audio is empty", param="audio")
             served = await self._served_now(tx)
-            # No live node at all is not a refusal: nodes may be starting (the embedded scheduler starts before its
-            # agent registers). Such a job waits, and fails after unservable_after_s if none comes.
-            if served.live_nodes and not served.serves(spec.language):
-                self.metrics.jobs_refused.labels("no_capable_node").inc()
-                message = unservable_message(spec.language, served)
-                log.info("job refused reason=no_capable_node %s", message)
-                raise Unservable(message, param="language" if spec.language is not None else None)
+            self._capable(spec, served, size)
             jobs, audio_bytes = self._open_load_estimate(size)
             if jobs is None:
                 open_row = await tx.fetchrow(
@@ -365,12 +394,7 @@ class SqlStore:
                 )
                 assert open_row is not None
                 jobs, audio_bytes = int(open_row["jobs"]), int(open_row["bytes"])
-            why = admission_refusal(self.settings, jobs, audio_bytes, size)
-            if why is not None:
-                self.metrics.jobs_refused.labels("queue_full").inc()
-                log.warning("queue full, refusing a job: %s", why)
-                raise queue_full(why)
-            deadline_s = spec.deadline_s if spec.deadline_s is not None else self.settings.default_deadline_s
+            self._admit(jobs, audio_bytes, size)
             job_id = f"job-{secrets.token_hex(8)}"
             seq = await tx.next_value("job_seqs")
             await tx.execute(
@@ -378,15 +402,31 @@ class SqlStore:
                        submission, created_at, queued_at, deadline_at, state, attempt)
                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, 'queued', 1)""",
                 job_id, seq, _doc(spec), spec.language, filename, size, upload.upload_id,
-                idempotency_key, submission if idempotency_key is not None else None, now, now + deadline_s,
+                idempotency_key, submission if idempotency_key is not None else None, now, now + self._deadline_s(spec),
             )
             await upload.write_rest(tx, now, job_id)
-            tx.notify(QUEUE_TOPIC)
-            tx.notify(job_topic(job_id))
+            tx.notify(QUEUE_TOPIC)  # (no job topic: nobody can be waiting on a job before its id is answered)
+            return job_id, "queued", False
+
+        async def fast() -> tuple[str, str, bool] | None:
+            """PostgreSQL, the common case (no Idempotency-Key, audio in one chunk, what is served and the load
+            known from the last second): one statement."""
+            served = self._served
+            if self._fast is None or idempotency_key is not None or not upload.single_chunk or served is None \
+                    or time.monotonic() - self._served_at > SERVED_CACHE_S:
+                return None
+            jobs, audio_bytes = self._open_load_estimate(size)
+            if jobs is None:
+                return None
+            self._capable(spec, served, size)
+            self._admit(jobs, audio_bytes, size)
+            job_id = f"job-{secrets.token_hex(8)}"
+            await self._fast.submit(job_id, _doc(spec), spec.language, filename, size, upload.upload_id,
+                                    self._deadline_s(spec), upload.buffered)
             return job_id, "queued", False
 
         try:
-            job_id, state, replayed = await self.engine.run(op)
+            job_id, state, replayed = await fast() or await self.engine.run(op)
             if replayed:
                 await upload.discard()  # the first submission's audio is the job's
             else:
@@ -406,6 +446,29 @@ class SqlStore:
             log.info("job queued job_id=%s bytes=%d format=%s language=%s", job_id, size, spec.format,
                      spec.language or "auto")
         return job_id, state, replayed
+
+    def _capable(self, spec: JobSpec, served: Served, size: int) -> None:
+        """Refuse empty audio, and a job no live node serves."""
+        if not size:
+            raise InvalidInput("audio is empty", param="audio")
+        # No live node at all is not a refusal: nodes may be starting (the embedded scheduler starts before its
+        # agent registers). Such a job waits, and fails after unservable_after_s if none comes.
+        if served.live_nodes and not served.serves(spec.language):
+            self.metrics.jobs_refused.labels("no_capable_node").inc()
+            message = unservable_message(spec.language, served)
+            log.info("job refused reason=no_capable_node %s", message)
+            raise Unservable(message, param="language" if spec.language is not None else None)
+
+    def _admit(self, jobs: int, audio_bytes: int, size: int) -> None:
+        """Refuse a job past scheduler.max_queued_jobs or max_queued_bytes (429 queue_full)."""
+        why = admission_refusal(self.settings, jobs, audio_bytes, size)
+        if why is not None:
+            self.metrics.jobs_refused.labels("queue_full").inc()
+            log.warning("queue full, refusing a job: %s", why)
+            raise queue_full(why)
+
+    def _deadline_s(self, spec: JobSpec) -> float:
+        return spec.deadline_s if spec.deadline_s is not None else self.settings.default_deadline_s
 
     def _open_load_estimate(self, size: int) -> tuple[int | None, int]:
         """(unfinished jobs, their bytes) from the last count when a job of ``size`` is far from both bounds, else
@@ -427,7 +490,7 @@ class SqlStore:
             job_id,
         )
         if job is None:
-            raise UnknownJob(f"job {job_id} is not known (never submitted, or finished and forgotten)")
+            raise _unknown_job(job_id)
         return job
 
     async def view_job(self, job_id: str) -> JobView:
@@ -469,12 +532,23 @@ class SqlStore:
 
         return await self.engine.run(op)
 
+    def _audio_kept(self, job_id: str, job: Row) -> None:
+        if job["upload_id"] is None or (job["state"] in TERMINAL_JOB_STATES and not self.settings.keep_audio):
+            raise UnknownJob(f"job {job_id} has finished; its audio was dropped")
+
     async def job_audio(self, job_id: str) -> tuple[int, AsyncIterator[bytes]]:
         """The job's audio as (size, chunks), read chunk by chunk as the caller sends them on."""
+        async def one_statement() -> tuple[int, list[int], str, bytes | None]:
+            assert self._fast is not None
+            row = await self._fast.audio(job_id)
+            if row is None:
+                raise _unknown_job(job_id)
+            self._audio_kept(job_id, row)
+            return int(row["audio_bytes"]), list(row["numbers"]), row["upload_id"], row["only_chunk"]
+
         async def op(tx: Tx) -> tuple[int, list[int], str, bytes | None]:
             job = await self._job(tx, job_id)
-            if job["upload_id"] is None or (job["state"] in TERMINAL_JOB_STATES and not self.settings.keep_audio):
-                raise UnknownJob(f"job {job_id} has finished; its audio was dropped")
+            self._audio_kept(job_id, job)
             numbers = [r["n"] for r in await tx.fetch(
                 "SELECT n FROM audio_chunks WHERE upload_id = $1 ORDER BY n", job["upload_id"])]
             # Most audio is one chunk: sent from this same transaction.
@@ -482,7 +556,7 @@ class SqlStore:
                                       job["upload_id"], numbers[0]) if len(numbers) == 1 else None
             return int(job["audio_bytes"]), numbers, job["upload_id"], first
 
-        size, numbers, upload_id, first = await self.engine.run(op)
+        size, numbers, upload_id, first = await (one_statement() if self._fast is not None else self.engine.run(op))
 
         async def chunks() -> AsyncIterator[bytes]:
             if first is not None:
@@ -501,9 +575,21 @@ class SqlStore:
 
     async def assign_next(self, node_id: str, resource: str | None = None) -> JobAssignment | None:
         """Hand the oldest queued job one of the node's devices can run to that node, or None."""
+        devices_text = self._node_devices.get(node_id) if self._fast is not None else None
+        dispatch = dispatch_of(devices_text, resource) if devices_text is not None else None
+        if self._fast is not None and devices_text is not None and dispatch is not None:
+            node_as_known, row = await self._fast.claim(node_id, devices_text, dispatch)
+            if node_as_known:
+                if row is None:
+                    return None
+                self._assigned_log(row["job_id"], node_id, row["resource"], row["attempt"], row["waited"])
+                return self._assignment(row, row["resource"], row["now"], row["waited"])
+            # Gone, draining, or registered again with other devices: the general path reads it and says which.
+
         async def op(tx: Tx) -> JobAssignment | None:
             now = await tx.now()
             node = await self._live_node(tx, node_id)
+            self._remember_devices(node_id, node["devices"])
             devices = [d for d in _devices(node["devices"])
                        if d.plugin == "asr" and (resource is None or d.resource == resource)]
             if resource is not None and not devices:
@@ -532,23 +618,30 @@ class SqlStore:
             )
             if job["attempt"] > 1:  # a new attempt starts from scratch: an earlier one's segments are not its output
                 await tx.execute("DELETE FROM segments WHERE job_id = $1", job["job_id"])
-            tx.notify(job_topic(job["job_id"]))
-            spec = JobSpec.model_validate(json.loads(job["spec"]))
-            log.info("job assigned job_id=%s node_id=%s resource=%s attempt=%d queued_s=%.3f", job["job_id"],
-                     node_id, device.resource, job["attempt"], waited)
-            return JobAssignment(
-                job_id=job["job_id"],
-                attempt=job["attempt"],
-                language=spec.language,
-                options=spec.options.model_dump(exclude_none=True),
-                audio=AudioRef(format=spec.format, sample_rate=spec.sample_rate, bytes=job["audio_bytes"],
-                               url=f"/v1/jobs/{job['job_id']}/audio"),
-                deadline_s=max(0.0, job["deadline_at"] - now) if job["deadline_at"] is not None else None,
-                queued_s=round(waited, 6),
-                resource=device.resource,
-            )
+            self._assigned_log(job["job_id"], node_id, device.resource, job["attempt"], waited)
+            return self._assignment(job, device.resource, now, waited)
 
         return await self.engine.run(op)
+
+    @staticmethod
+    def _assigned_log(job_id: str, node_id: str, resource: str, attempt: int, waited: float) -> None:
+        log.info("job assigned job_id=%s node_id=%s resource=%s attempt=%d queued_s=%.3f", job_id, node_id, resource,
+                 attempt, waited)
+
+    @staticmethod
+    def _assignment(job: Row, resource: str, now: float, waited: float) -> JobAssignment:
+        spec = JobSpec.model_validate(json.loads(job["spec"]))
+        return JobAssignment(
+            job_id=job["job_id"],
+            attempt=job["attempt"],
+            language=spec.language,
+            options=spec.options.model_dump(exclude_none=True),
+            audio=AudioRef(format=spec.format, sample_rate=spec.sample_rate, bytes=job["audio_bytes"],
+                           url=f"/v1/jobs/{job['job_id']}/audio"),
+            deadline_s=max(0.0, job["deadline_at"] - now) if job["deadline_at"] is not None else None,
+            queued_s=round(waited, 6),
+            resource=resource,
+        )
 
     async def _why_rejected(self, tx: Tx, job_id: str, attempt: int, lease_id: str, epoch: int, node_id: str,
                             now: float) -> ReportRejected:
@@ -569,6 +662,12 @@ class SqlStore:
 
     async def post_events(self, job_id: str, report: EventsReport) -> None:
         """Store streamed segments from the job's current holder (a segment id seen before is replaced)."""
+        ids = [seg.id for seg in report.events]
+        if self._fast is not None and self._fresh_reap() and len(set(ids)) == len(ids) and await self._fast.events(
+                (job_id, report.attempt, report.lease_id, report.lease_epoch, report.node_id), ids,
+                [_doc(seg) for seg in report.events]):
+            return  # (a refusal, a repeated segment id in one report, or a pending store pause: the general path)
+
         async def op(tx: Tx) -> None:
             now = await tx.now()
             await self._resume_if_paused(tx, now)
@@ -596,6 +695,19 @@ class SqlStore:
         """Accept the one final result of a job from its current holder."""
         holder_key = (job_id, report.attempt, report.lease_id, report.lease_epoch, report.node_id)
         outcome: dict[str, Any] = {}
+        if self._fast is not None and report.outcome == "succeeded" and self._fresh_reap():
+            assert report.result is not None  # ResultReport guarantees it
+            ids = [seg.id for seg in report.result.segments]
+            if len(set(ids)) == len(ids):
+                ack = ResultAck()
+                done = await self._fast.succeed(
+                    holder_key, _doc(report.result), json.dumps(report.timings), _doc(ack), ids,
+                    [_doc(seg) for seg in report.result.segments], not self.settings.keep_audio)
+                if done is not None:
+                    self._finished_log(done, done["now"], None)
+                    self.metrics.results_accepted.inc()
+                    return ack
+            # Not the holder, a repeated report, a pending store pause: the general path decides and says why.
 
         async def op(tx: Tx) -> ResultAck:
             now = await tx.now()
@@ -656,9 +768,22 @@ class SqlStore:
 
     async def grant_lease(self, req: LeaseRequest) -> LeaseGrant:
         """Grant a fenced lease on (node, resource) for a job assigned to that node."""
+        ttl = clamp_ttl(self.settings, req.ttl_s)
+        devices_text = self._node_devices.get(req.node_id) if self._fast is not None else None
+        if self._fast is not None and devices_text is not None \
+                and req.resource in (dispatch_of(devices_text) or _NO_DISPATCH).resources:
+            lease_id = f"lease-{secrets.token_hex(8)}"
+            row = await self._fast.grant(req.node_id, devices_text, req.job_id, req.resource, lease_id, ttl)
+            if row is not None:
+                self._granted_log(lease_id, req, row["epoch"], req.job_id, row["attempt"], ttl)
+                self.metrics.leases_granted.labels(req.node_id).inc()
+                return LeaseGrant(lease_id=lease_id, epoch=row["epoch"], ttl_s=ttl, resource=req.resource)
+            # A refusal, a repeated request, a resource still held: the general path decides and says why.
+
         async def op(tx: Tx) -> LeaseGrant:
             now = await tx.now()
             node = await self._live_node(tx, req.node_id)
+            self._remember_devices(req.node_id, node["devices"])
             if not any(d.resource == req.resource for d in _devices(node["devices"])):
                 raise InvalidInput(f"resource {req.resource} is not a registered device of node {req.node_id}",
                                    param="resource")
@@ -684,7 +809,6 @@ class SqlStore:
             if job["lease_id"] is not None:
                 await self._end_leases(tx, job["job_id"], "superseded", now)
             epoch = await tx.next_value("lease_epochs")
-            ttl = clamp_ttl(self.settings, req.ttl_s)
             lease_id = f"lease-{secrets.token_hex(8)}"
             await tx.execute(
                 """INSERT INTO leases (lease_id, node_id, job_id, attempt, resource, epoch, ttl_s, granted_at,
@@ -696,17 +820,25 @@ class SqlStore:
                        started_at = COALESCE(started_at, $5) WHERE job_id = $1""",
                 job["job_id"], req.resource, lease_id, epoch, now,
             )
-            tx.notify(job_topic(job["job_id"]))
-            log.info("lease granted lease_id=%s node_id=%s resource=%s epoch=%d job_id=%s attempt=%d ttl_s=%g",
-                     lease_id, req.node_id, req.resource, epoch, job["job_id"], job["attempt"], ttl)
+            self._granted_log(lease_id, req, epoch, job["job_id"], job["attempt"], ttl)
             return LeaseGrant(lease_id=lease_id, epoch=epoch, ttl_s=ttl, resource=req.resource)
 
         grant = await self.engine.run(op)
         self.metrics.leases_granted.labels(req.node_id).inc()
         return grant
 
+    @staticmethod
+    def _granted_log(lease_id: str, req: LeaseRequest, epoch: int, job_id: str, attempt: int, ttl: float) -> None:
+        log.info("lease granted lease_id=%s node_id=%s resource=%s epoch=%d job_id=%s attempt=%d ttl_s=%g",
+                 lease_id, req.node_id, req.resource, epoch, job_id, attempt, ttl)
+
     async def renew_lease(self, lease_id: str, req: RenewRequest) -> RenewResponse:
         ttl = clamp_ttl(self.settings, req.ttl_s) if req.ttl_s is not None else None
+        if self._fast is not None and self._fresh_reap():
+            row = await self._fast.renew(lease_id, req.epoch, req.node_id, ttl)
+            if row is not None:
+                self.metrics.leases_renewed.labels(row["node_id"]).inc()
+                return RenewResponse(lease_id=lease_id, epoch=row["epoch"], ttl_s=row["ttl_s"])
 
         async def op(tx: Tx) -> tuple[str, RenewResponse]:
             now = await tx.now()
@@ -819,12 +951,15 @@ class SqlStore:
         await self._end_leases(tx, job["job_id"], "released", now, job["attempt"])
         if drop_audio:
             await self._drop_audio(tx, job["upload_id"])
+        self._finished_log(job, now, error)
+        tx.notify(job_topic(job["job_id"]))
+
+    def _finished_log(self, job: Row, now: float, error: JobErrorInfo | None) -> None:
         outcome = "succeeded" if error is None else error.code
         self.metrics.job_finished(outcome)
         log.info("job finished job_id=%s outcome=%s attempt=%d node_id=%s seconds=%.3f%s", job["job_id"], outcome,
                  job["attempt"], job["node_id"] or "-", now - job["created_at"],
                  f" error={error.message!r}" if error is not None else "")
-        tx.notify(job_topic(job["job_id"]))
 
     @staticmethod
     async def _drop_audio(tx: Tx, upload_id: str) -> None:

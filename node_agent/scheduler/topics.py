@@ -7,5 +7,6 @@ QUEUE_TOPIC = "queue"
 
 
 def job_topic(job_id: str) -> str:
-    """The job changed state or got segments: its long polls re-check."""
+    """The job got segments or ended (what its long polls wait for; an assignment or a lease wakes nobody: on
+    PostgreSQL every notifying commit takes a database-wide lock, so only changes someone waits for notify)."""
     return f"job:{job_id}"

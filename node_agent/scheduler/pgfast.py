@@ -1,0 +1,235 @@
+"""The hot operations on PostgreSQL as single statements: the common case in one round trip.
+
+A job's life on the SQL store costs about a dozen transactions; run as BEGIN, a clock read, several statements and
+COMMIT, each is four to nine round trips, and the scheduler's event loop spent its time in them (docs/benchmarks.md:
+86 statements and 10 ms of scheduler CPU per job). Here each hot operation's common case is one statement (data-
+modifying CTEs; the clock, the sequence and ``pg_notify`` inside it), which PostgreSQL runs as a transaction of its
+own. Every statement's conditions are those of the general path in ``sqlstore.py``, written the other way round:
+when one does not hold (an unknown node, a changed device list, a rejected report, a duplicate, a lease already
+held) the statement changes nothing and returns no row, and ``SqlStore`` takes its general path, which decides with
+``rules`` and says why. So these functions never refuse anything: they either do the common thing or report that
+they did not.
+
+SQLite runs in-process (a statement costs microseconds there), so it has only the general path.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .db import CHANNEL, Conflict, PostgresEngine, Row
+from .rules import pick_device, poll_languages
+from .schemas import DeviceSpec
+from .topics import QUEUE_TOPIC, job_topic
+
+#: The store's clock, read once per statement (a CTE referenced twice is evaluated once).
+_CLOCK = "t AS (SELECT CAST(extract(epoch FROM clock_timestamp()) AS DOUBLE PRECISION) AS now)"
+
+#: The fence of sqlstore.SqlStore._FENCE: the job's current attempt, live unexpired lease, epoch and node.
+_FENCE = """jobs.job_id = $1 AND jobs.state = 'running' AND jobs.attempt = $2 AND jobs.lease_id = $3
+    AND jobs.lease_epoch = $4 AND jobs.node_id = $5
+    AND EXISTS (SELECT 1 FROM leases l WHERE l.lease_id = $3 AND l.state = 'active' AND l.expires_at > t.now)"""
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """How a node's devices take jobs, from its registered device list: which languages it polls for, and the
+    resource ``rules.pick_device`` chooses per language (so the claim statement can set it)."""
+
+    languages: str | None  # JSON array of the languages it takes, None: any
+    by_language: str  # JSON object language -> resource, for the languages some device lists
+    other: str | None  # the resource for a language no device lists (a device taking any language), if any
+    unset: str | None  # the resource for a job without a language
+    resources: frozenset[str]
+
+
+@functools.lru_cache(maxsize=1024)
+def dispatch_of(devices_text: str, resource: str | None = None) -> Dispatch | None:
+    """A node's ``Dispatch`` for polls on ``resource`` (None: any of its devices), once per distinct device list;
+    None when no ASR device answers (the general path says why, or that there is nothing to take)."""
+    devices = [DeviceSpec.model_validate(d) for d in json.loads(devices_text)]
+    asr = [d for d in devices if d.plugin == "asr" and (resource is None or d.resource == resource)]
+    if not asr:
+        return None
+    languages = poll_languages(asr)
+    listed = sorted({lang for d in asr for lang in (d.languages or ())})
+    by_language = {}
+    for lang in listed:
+        device = pick_device(asr, lang)
+        if device is not None:
+            by_language[lang] = device.resource
+    other = next((d.resource for d in asr if d.languages is None), None)
+    unset = pick_device(asr, None)
+    return Dispatch(
+        languages=json.dumps(sorted(languages)) if languages is not None else None,
+        by_language=json.dumps(by_language),
+        other=other,
+        unset=unset.resource if unset is not None else None,
+        resources=frozenset(d.resource for d in devices),
+    )
+
+
+class PgFast:
+    """The single-statement forms. Each returns None (or False) when the common case did not apply."""
+
+    def __init__(self, engine: PostgresEngine) -> None:
+        self.engine = engine
+
+    async def heartbeat(self, node_id: str, state: str, running_jobs: str, cpu_percent: float, used: int,
+                        total: int) -> bool:
+        row = await self.engine.statement(
+            """UPDATE nodes SET last_heartbeat = CAST(extract(epoch FROM clock_timestamp()) AS DOUBLE PRECISION),
+                   state = $2, running_jobs = $3, cpu_percent = $4, memory_used_bytes = $5, memory_total_bytes = $6
+               WHERE node_id = $1 AND state <> 'gone' RETURNING 1""",
+            node_id, state, running_jobs, cpu_percent, used, total,
+        )
+        return row is not None
+
+    async def submit(self, job_id: str, spec: str, language: str | None, filename: str | None, size: int,
+                     upload_id: str, deadline_s: float, audio: bytes) -> float:
+        """Queue a job whose audio is one chunk, without an Idempotency-Key; returns the store's time."""
+        row = await self.engine.statement(
+            f"""WITH {_CLOCK},
+               j AS (INSERT INTO jobs (job_id, seq, spec, language, filename, audio_bytes, upload_id, created_at,
+                         queued_at, deadline_at, state, attempt)
+                     SELECT $1, nextval('job_seqs'), $2, $3, $4, $5, $6, t.now, t.now, t.now + $7, 'queued', 1
+                     FROM t),
+               u AS (INSERT INTO uploads (upload_id, started_at, bytes, job_id) SELECT $6, t.now, $5, $1 FROM t),
+               c AS (INSERT INTO audio_chunks (upload_id, n, data) VALUES ($6, 0, $8))
+               SELECT t.now, pg_notify($9, $10) FROM t""",
+            job_id, spec, language, filename, size, upload_id, deadline_s, audio, CHANNEL, QUEUE_TOPIC,
+        )
+        assert row is not None
+        return float(row["now"])
+
+    async def claim(self, node_id: str, devices_text: str, dispatch: Dispatch) -> tuple[bool, Row | None]:
+        """(node as expected, the claimed job's row or None). The node must be live, not draining, and still
+        have ``devices_text``; the oldest queued job it serves becomes assigned to it."""
+        row = await self.engine.statement(
+            f"""WITH {_CLOCK},
+               n AS (SELECT 1 FROM nodes WHERE node_id = $1 AND devices = $2 AND state NOT IN ('gone', 'draining')),
+               j AS (SELECT job_id FROM jobs WHERE state = 'queued' AND EXISTS (SELECT 1 FROM n)
+                         AND (CAST($3 AS jsonb) IS NULL OR language IS NULL
+                              OR language IN (SELECT jsonb_array_elements_text(CAST($3 AS jsonb))))
+                     ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED),
+               u AS (UPDATE jobs SET state = 'assigned', node_id = $1,
+                         resource = CASE WHEN jobs.language IS NULL THEN $4
+                                         ELSE COALESCE(CAST($5 AS jsonb) ->> jobs.language, $6) END,
+                         assigned_at = t.now, lease_id = NULL, lease_epoch = NULL,
+                         queued_total_s = queued_total_s + (t.now - jobs.queued_at), unservable_since = NULL
+                     FROM j, t WHERE jobs.job_id = j.job_id
+                     RETURNING jobs.job_id, jobs.attempt, jobs.spec, jobs.audio_bytes, jobs.deadline_at,
+                         jobs.resource, t.now - jobs.queued_at AS waited),
+               d AS (DELETE FROM segments WHERE job_id IN (SELECT job_id FROM u WHERE attempt > 1))
+               SELECT (SELECT COUNT(*) FROM n) AS node_ok, t.now, u.* FROM t LEFT JOIN u ON true""",
+            node_id, devices_text, dispatch.languages, dispatch.unset, dispatch.by_language, dispatch.other,
+        )
+        assert row is not None
+        if not row["node_ok"]:
+            return False, None
+        return True, (row if row["job_id"] is not None else None)
+
+    async def audio(self, job_id: str) -> Row | None:
+        """The job's state, audio reference and chunk numbers, and the chunk itself when it is the only one."""
+        return await self.engine.statement(
+            """SELECT j.state, j.upload_id, j.audio_bytes,
+                   ARRAY(SELECT n FROM audio_chunks c WHERE c.upload_id = j.upload_id ORDER BY n) AS numbers,
+                   (SELECT data FROM audio_chunks c WHERE c.upload_id = j.upload_id AND c.n = 0
+                        AND NOT EXISTS (SELECT 1 FROM audio_chunks c2 WHERE c2.upload_id = j.upload_id
+                                        AND c2.n <> 0)) AS only_chunk
+               FROM jobs j WHERE j.job_id = $1""",
+            job_id,
+        )
+
+    async def grant(self, node_id: str, devices_text: str, job_id: str, resource: str, lease_id: str,
+                    ttl_s: float) -> Row | None:
+        """A job's first lease: the node unchanged and live, the job assigned to it without a lease, the
+        resource free. Returns the lease's epoch and attempt."""
+        try:
+            return await self.engine.statement(
+                f"""WITH {_CLOCK},
+                   n AS (SELECT 1 FROM nodes WHERE node_id = $1 AND devices = $2 AND state <> 'gone'),
+                   j AS (SELECT job_id, attempt FROM jobs WHERE job_id = $3 AND node_id = $1
+                             AND state IN ('assigned', 'running') AND lease_id IS NULL AND EXISTS (SELECT 1 FROM n)
+                         FOR UPDATE),
+                   l AS (INSERT INTO leases (lease_id, node_id, job_id, attempt, resource, epoch, ttl_s, granted_at,
+                             expires_at, state)
+                         SELECT $5, $1, j.job_id, j.attempt, $4, nextval('lease_epochs'), $6, t.now, t.now + $6,
+                             'active'
+                         FROM j, t
+                         WHERE NOT EXISTS (SELECT 1 FROM leases h WHERE h.node_id = $1 AND h.resource = $4
+                                           AND h.state = 'active')
+                         RETURNING epoch, attempt, granted_at),
+                   u AS (UPDATE jobs SET state = 'running', resource = $4, lease_id = $5, lease_epoch = l.epoch,
+                             started_at = COALESCE(jobs.started_at, l.granted_at)
+                         FROM l WHERE jobs.job_id = $3)
+                   SELECT l.epoch, l.attempt FROM l""",
+                node_id, devices_text, job_id, resource, lease_id, ttl_s,
+            )
+        except Conflict:  # another lease took the resource meanwhile: the general path names it
+            return None
+
+    async def renew(self, lease_id: str, epoch: int, node_id: str, ttl_s: float | None) -> Row | None:
+        return await self.engine.statement(
+            f"""WITH {_CLOCK}
+               UPDATE leases SET ttl_s = COALESCE(CAST($4 AS DOUBLE PRECISION), ttl_s),
+                   expires_at = t.now + COALESCE(CAST($4 AS DOUBLE PRECISION), ttl_s)
+               FROM t
+               WHERE lease_id = $1 AND state = 'active' AND expires_at > t.now AND epoch = $2 AND node_id = $3
+                 AND EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = leases.job_id AND j.lease_id = leases.lease_id
+                             AND j.attempt = leases.attempt AND j.state = 'running')
+               RETURNING node_id, epoch, ttl_s""",
+            lease_id, epoch, node_id, ttl_s,
+        )
+
+    async def events(self, holder: tuple[Any, ...], seg_ids: list[int], data: list[str]) -> bool:
+        """Store segments from the current holder (distinct ids): whether the fence held."""
+        row = await self.engine.statement(
+            f"""WITH {_CLOCK},
+               f AS (UPDATE jobs SET state = jobs.state FROM t WHERE {_FENCE} RETURNING jobs.job_id),
+               s AS (INSERT INTO segments (job_id, seg_id, data)
+                     SELECT f.job_id, x.seg_id, x.data FROM f, unnest(CAST($6 AS INTEGER[]), CAST($7 AS TEXT[]))
+                         AS x(seg_id, data)
+                     ON CONFLICT (job_id, seg_id) DO UPDATE SET data = excluded.data)
+               SELECT f.job_id, CASE WHEN cardinality(CAST($6 AS INTEGER[])) > 0 THEN pg_notify($8, $9) END
+               FROM f""",
+            *holder, seg_ids, data, CHANNEL, job_topic(holder[0]),
+        )
+        return row is not None
+
+    async def succeed(self, holder: tuple[Any, ...], result: str, timings: str, ack: str, seg_ids: list[int],
+                      data: list[str], drop_audio: bool) -> Row | None:
+        """Accept a succeeded result from the current holder: the job finished, its leases released, its
+        segments those of the result (when it lists any), its audio dropped unless kept, the report recorded.
+        Returns the finished job's fields for the log."""
+        return await self.engine.statement(
+            f"""WITH {_CLOCK},
+               o AS (SELECT upload_id FROM jobs WHERE job_id = $1),
+               f AS (UPDATE jobs SET state = 'succeeded', error = NULL, finished_at = t.now, unservable_since = NULL,
+                         result = $6, node_timings = $7,
+                         upload_id = CASE WHEN $10 THEN NULL ELSE jobs.upload_id END
+                     FROM t WHERE {_FENCE}
+                     RETURNING jobs.job_id, jobs.attempt, jobs.node_id, jobs.created_at),
+               ls AS (UPDATE leases SET state = 'released', ended_at = t.now FROM f, t
+                      WHERE leases.job_id = f.job_id AND leases.state = 'active' AND leases.attempt = f.attempt),
+               ds AS (DELETE FROM segments WHERE cardinality(CAST($8 AS INTEGER[])) > 0
+                          AND job_id IN (SELECT job_id FROM f) AND NOT (seg_id = ANY(CAST($8 AS INTEGER[])))),
+               si AS (INSERT INTO segments (job_id, seg_id, data)
+                      SELECT f.job_id, x.seg_id, x.data FROM f, unnest(CAST($8 AS INTEGER[]), CAST($9 AS TEXT[]))
+                          AS x(seg_id, data)
+                      ON CONFLICT (job_id, seg_id) DO UPDATE SET data = excluded.data),
+               da AS (DELETE FROM audio_chunks WHERE $10 AND EXISTS (SELECT 1 FROM f)
+                          AND upload_id = (SELECT upload_id FROM o)),
+               du AS (DELETE FROM uploads WHERE $10 AND EXISTS (SELECT 1 FROM f)
+                          AND upload_id = (SELECT upload_id FROM o)),
+               r AS (INSERT INTO reports (job_id, attempt, lease_id, epoch, node_id, ack)
+                     SELECT f.job_id, $2, $3, $4, $5, $11 FROM f)
+               SELECT f.*, t.now, pg_notify($12, $13) FROM f, t""",
+            *holder, result, timings, seg_ids, data, drop_audio, ack, CHANNEL, job_topic(holder[0]),
+        )
+
+
+__all__ = ["Dispatch", "PgFast", "dispatch_of"]
