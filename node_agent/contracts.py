@@ -39,9 +39,9 @@ class DecodeOptions(BaseModel):
     hotwords: str | None = Field(None, max_length=4000, description="Words to favour, given as a prompt prefix.")
     vad_filter: bool | None = Field(None, description="Drop non-speech with Silero VAD before decoding.")
     condition_on_previous_text: bool | None = Field(None, description="Feed each window's text to the next.")
-    batched: bool | None = Field(None, description="Long-audio mode (sections decoded in batches); "
-                                                   "unset: by asr.batched_min_audio_s.")
-    batch_size: int | None = Field(None, ge=1, le=64, description="Sections per batch in long-audio mode.")
+    batched: bool | None = Field(None, description="faster-whisper's BatchedInferencePipeline (VAD chunks "
+                                                   "decoded in batches); unset: by asr.batched_min_audio_s.")
+    batch_size: int | None = Field(None, ge=1, le=64, description="VAD chunks per batch in batched mode.")
     word_timestamps: bool | None = Field(None, description="Per-word start, end and probability in segments.")
     no_speech_threshold: float | None = Field(None, ge=0.0, le=1.0,
                                               description="No-speech probability above which a window is silence.")

@@ -165,7 +165,9 @@ def samples_of_pcm16(data: bytes) -> np.ndarray:
 
 def plain_transcript(audio: str | np.ndarray, *, asr: "AsrSettings | None" = None, model: str | None = None,
                      language: str | None = None, **options: Any) -> PlainTranscript:
-    """Plain ``faster_whisper.WhisperModel.transcribe`` of ``audio`` (a clip name, or 16 kHz float32 samples).
+    """Plain ``faster_whisper.WhisperModel.transcribe`` of ``audio`` (a clip name, or 16 kHz float32 samples);
+    with ``batched=True``, plain ``BatchedInferencePipeline.transcribe`` (VAD on, ``batch_size`` by default the
+    settings' ``asr.batch_size``), as a ``batched`` job runs.
 
     ``asr`` is the agent's ASR settings (default: the tests' ``make_settings()``, i.e. tiny.en on the CPU with
     2 threads; ``model`` overrides just the model). Device, compute type and threads are chosen with the agent's
@@ -183,8 +185,7 @@ def plain_transcript(audio: str | np.ndarray, *, asr: "AsrSettings | None" = Non
     asr = asr or make_settings().asr
     if model is not None:
         asr = asr.model_copy(update={"model": model})
-    if "batched" in options:
-        raise ValueError("long-audio (batched) mode is the agent's own decoder, not plain faster-whisper")
+    batched = bool(options.pop("batched", False))
     device = choose_device(asr.device.value, ctranslate2.get_cuda_device_count())
     compute_type = choose_compute_type(device, ctranslate2.get_supported_compute_types(device), asr.compute_type)
     threads = choose_cpu_threads(asr.cpu_threads, len(os.sched_getaffinity(0)))
@@ -192,11 +193,19 @@ def plain_transcript(audio: str | np.ndarray, *, asr: "AsrSettings | None" = Non
     lang = language or asr.language
     kwargs = {"language": None if lang == "auto" else lang, "beam_size": asr.beam_size,
               "vad_filter": asr.vad_filter, "condition_on_previous_text": asr.condition_on_previous_text, **options}
+    if batched:  # faster-whisper's own BatchedInferencePipeline, as the worker runs it: always with VAD
+        kwargs.update(vad_filter=True, batch_size=options.get("batch_size", asr.batch_size))
     samples = decode_clip(audio) if isinstance(audio, str) else np.ascontiguousarray(audio, dtype=np.float32)
-    key = (hashlib.sha1(samples.tobytes()).hexdigest(), path, device, compute_type, threads,
+    key = (hashlib.sha1(samples.tobytes()).hexdigest(), path, device, compute_type, threads, batched,
            tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
     if key not in _PLAIN_DECODES:
-        segments, info = _plain_model(path, device, compute_type, threads).transcribe(samples, **kwargs)
+        whisper = _plain_model(path, device, compute_type, threads)
+        if batched:
+            from faster_whisper import BatchedInferencePipeline
+
+            segments, info = BatchedInferencePipeline(whisper).transcribe(samples, **kwargs)
+        else:
+            segments, info = whisper.transcribe(samples, **kwargs)
         _PLAIN_DECODES[key] = (info.language, tuple((seg.start, seg.end, seg.text) for seg in segments))
     language_found, decoded = _PLAIN_DECODES[key]
     convert = _converter(asr.zh_script.value)

@@ -120,23 +120,16 @@ def test_one_options_model_on_every_side() -> None:
         assert field.default is None, f"{name}: an unset option must leave the node's default"
 
 
-def test_every_decoder_option_is_a_faster_whisper_argument_and_long_audio_accepts_it() -> None:
-    from faster_whisper import WhisperModel
-
-    from plugins.asr.longform import _Options
+def test_every_decoder_option_is_a_faster_whisper_argument_in_both_modes() -> None:
+    from faster_whisper import BatchedInferencePipeline, WhisperModel
 
     decoder = set(OPTION_KEYS) - PLUGIN_ONLY_OPTIONS
     assert PLUGIN_ONLY_OPTIONS <= set(OPTION_KEYS)
     accepted = set(inspect.signature(WhisperModel.transcribe).parameters)
     assert decoder <= accepted, sorted(decoder - accepted)
-    samples: dict[type, Any] = {int: 2, float: 0.5, bool: True, str: "word"}
-    for name in sorted(decoder):
-        kind = next(t for t in (bool, int, float, str) if t in _annotation_types(name))
-        _Options.from_kwargs({name: samples[kind]})  # raises TypeError for an option long-audio mode lacks
-
-
-def _annotation_types(name: str) -> tuple[type, ...]:
-    return tuple(getattr(DecodeOptions.model_fields[name].annotation, "__args__", ()))
+    # batched=true passes the same options (plus batch_size) to faster-whisper's own pipeline.
+    batched = set(inspect.signature(BatchedInferencePipeline.transcribe).parameters)
+    assert decoder | {"batch_size"} <= batched, sorted(decoder | {"batch_size"} - batched)
 
 
 def test_parse_options_strict_with_one_line_errors() -> None:

@@ -2,9 +2,9 @@
 
 Segments are iterated straight from faster-whisper's generator here, in this thread, and each one is sent
 the moment it exists. There is deliberately no thread pool and no timeout in this process: the agent's
-supervisor enforces time limits. Between two segments (and between long-audio batches) this loop looks,
-without blocking, for a ``cancel`` from the agent and stops there, staying loaded for the next job; a decode
-stuck inside one segment cannot look, and the supervisor kills the process instead.
+supervisor enforces time limits. Between two segments this loop looks, without blocking, for a ``cancel``
+from the agent and stops there, staying loaded for the next job; a decode stuck inside one segment (or one
+batch of batched mode) cannot look, and the supervisor kills the process instead.
 """
 
 from __future__ import annotations
@@ -85,7 +85,6 @@ class AsrEngine:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
         self._zh_converter = None
-        self._batched = None
 
     def load(self) -> dict[str, Any]:
         import ctranslate2
@@ -141,7 +140,7 @@ class AsrEngine:
 
     def _options(self, job: JobMessage, options: DecodeOptions, duration_s: float) -> tuple[dict[str, Any], bool]:
         """faster-whisper's keyword arguments for ``job`` (the node's defaults under its options), and whether
-        it runs in long-audio mode."""
+        it runs in batched mode."""
         defaults = self.spec.get("defaults", {})
         language = job.language or defaults.get("language")
         if language == "auto":
@@ -158,12 +157,17 @@ class AsrEngine:
             "vad_filter": defaults.get("vad_filter", False),
             "condition_on_previous_text": defaults.get("condition_on_previous_text", True),
         }
-        # The plugin's own options (audio decode, long-audio mode) are not faster-whisper's.
+        # The plugin's own options (audio decode, batched mode) are not WhisperModel.transcribe's.
         kwargs.update(options.model_dump(exclude_none=True, exclude=set(PLUGIN_ONLY_OPTIONS)))
         if batched:
-            # Long-audio mode (longform.py) always finds speech with its own VAD; vad_filter does not apply.
+            # faster-whisper's BatchedInferencePipeline requires VAD: Silero VAD cuts the audio into speech chunks
+            # of up to 30 s, and without it audio over 30 s is refused. So batched mode always uses VAD, whatever
+            # vad_filter says. Each chunk is decoded once, without the previous chunk's text or timestamps inside
+            # it, at the first temperature only (condition_on_previous_text and the fallback thresholds are
+            # accepted and unused): faster, but words at chunk edges can be lost (docs/benchmarks.md); a result
+            # says ``batched`` so a caller can tell which decode it got.
+            kwargs["vad_filter"] = True
             kwargs["batch_size"] = batch_size
-            kwargs.pop("vad_filter", None)
         return kwargs, batched
 
     def _convert_zh(self, text: str, language: str | None) -> str:
@@ -195,11 +199,14 @@ class AsrEngine:
         t0 = time.perf_counter()
         try:
             if batched:
-                if self._batched is None:
-                    from .longform import LongformTranscriber
+                from faster_whisper import BatchedInferencePipeline
 
-                    self._batched = LongformTranscriber(self.model)
-                segments, info = self._batched.transcribe(audio, check=check, **kwargs)
+                # A new pipeline per job: it only wraps the loaded model, and it keeps word-timestamp state that
+                # it resets only when its generator runs to the end, which a cancelled job's does not. Its VAD and
+                # features for the whole audio are computed in this call; segments then come one batch of up to
+                # batch_size chunks at a time, so batch_size also bounds the silence between segments
+                # (asr.timeout.stall_s).
+                segments, info = BatchedInferencePipeline(self.model).transcribe(audio, **kwargs)
             else:
                 segments, info = self.model.transcribe(audio, **kwargs)
         except (ValueError, TypeError) as exc:
