@@ -388,7 +388,7 @@ class Bench:
         self.quick = args.quick
         self.tmp = Path(tempfile.mkdtemp(prefix="node-agent-bench-"))
         self.cores = len(os.sched_getaffinity(0))
-        self.threads = choose_cpu_threads(0, self.cores)  # what the agent's default (cpu_threads: 0) picks
+        self.threads = choose_cpu_threads(0, self.cores)  # one process with every core (at most 8), as one worker per device had
         self.agents: dict[str, Agent] = {}
         self.plains: dict[tuple[str, str, int], PlainProc] = {}
         self.results: dict[str, Any] = {"machine": machine(), "loads": {}, "sections": {}}
@@ -400,7 +400,11 @@ class Bench:
 
     def agent(self, model: str = "tiny.en") -> Agent:
         if model not in self.agents:
-            a = Agent(f"agent-{model}", self.tmp, model)
+            # One worker with plain's threads, like the one plain process it is compared with: sections 1 and 2
+            # measure what the agent adds to a decode; what its default split of the cores gains is section
+            # `throughput`'s.
+            a = Agent(f"agent-{model}", self.tmp, model, NODE_AGENT_ASR__WORKERS_PER_DEVICE="1",
+                      NODE_AGENT_ASR__CPU_THREADS=str(self.threads))
             log(f"starting node-agent run ({model})")
             a.start()
             self.agents[model] = a
@@ -750,7 +754,7 @@ def profile(b: Bench) -> None:
     port = free_port()
     env = {"NODE_AGENT_SCHEDULER__LISTEN": f"127.0.0.1:{port}", "NODE_AGENT_ASR__DEVICE": "cpu",
            "NODE_AGENT_HTTP__LISTEN": f"127.0.0.1:{free_port()}", "NODE_AGENT_NODE__STATE_DIR": str(b.tmp / "prof"),
-           "NODE_AGENT_LOG__LEVEL": "WARNING"}
+           "NODE_AGENT_LOG__LEVEL": "WARNING", "NODE_AGENT_ASR__WORKERS_PER_DEVICE": "1"}
     settings = load_settings(None, env)
     data = (DATA / "jfk.flac").read_bytes()
     jobs = b.reps(20, 10)
@@ -760,7 +764,7 @@ def profile(b: Bench) -> None:
         sched = await start_scheduler(settings.scheduler, state_dir=settings.node.state_dir)
         agent = NodeAgent(settings, sched.url, facts=await probe_node())
         await agent.start()
-        await agent.workers["cpu"].wait_ready(120)
+        await agent.workers["cpu/0"].wait_ready(120)
         await agent.identity.registered_event.wait()
         client = Agent("profile-client", b.tmp)
         client.sched = Http(sched.url)

@@ -3,8 +3,9 @@
 The pipeline it wires, data flowing one way::
 
     Registration (registration.py): register, heartbeat ──> NodeIdentity
-    JobLoop (job_loop.py), one per device: poll ──> JobRunner (job_runner.py): audio -> LeaseKeeper (lease.py)
-        -> Worker (supervisor.py) -> plugin process; result report -> release ──> JobOutcome, JobLedger
+    JobLoop (job_loop.py), one per slot (one worker of a device): poll ──> JobRunner (job_runner.py): audio
+        -> LeaseKeeper (lease.py) -> Worker (supervisor.py) -> plugin process; result report -> release
+        ──> JobOutcome, JobLedger
     LocalNodeView (node_view.py) <── read by the HTTP face (http_api.py, legacy_asr_api.py)
 
 Nothing here decides anything about a job; every retry goes through ``retry.RetryPolicies``.
@@ -19,17 +20,21 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Any
+
+import psutil
 
 from . import __version__
 from .client import SchedulerClient
 from .config import Settings
-from .devices import choose_device, resources_for
+from .devices import KNOWN_MODEL_BYTES, UNKNOWN_MODEL_BYTES, SlotPlan, choose_device, choose_slots, resources_for
 from .errors import ConfigError, JobShutdown
 from .job_loop import JobLoop
 from .job_runner import JobLedger, JobRunner
 from .lease import LeaseKeeper
 from .metrics import AgentMetrics, MetricsObserver
+from .model_resolution import resolve_model
 from .node_view import LocalNodeView
 from .registration import NodeIdentity, Registration
 from .retry import RetryPolicies
@@ -55,13 +60,43 @@ async def probe_node(timeout_s: float = 60.0) -> dict[str, Any]:
     return json.loads(out)
 
 
+#: A registration carries at most this many devices (``RegisterRequest.devices``): one per slot.
+MAX_SLOTS = 64
+
+
+def model_bytes(model: str) -> int:
+    """The model's size: its directory on disk, else faster-whisper's hub size for the name, else the largest."""
+    path = Path(resolve_model(model))
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    return KNOWN_MODEL_BYTES.get(model, UNKNOWN_MODEL_BYTES)
+
+
+def plan_slots(settings: Settings, device: str, facts: dict[str, Any]) -> SlotPlan:
+    """The slot split for this machine (``devices.choose_slots`` on its cores, memory and model); ConfigError
+    with one line when the workers cannot fit."""
+    asr = settings.asr
+    indexes = asr.device_index if device == "cuda" else [0]
+    gpu_memory = [int(g.get("memory_bytes") or 0) for g in facts.get("gpus", []) if g.get("index") in indexes]
+    plan = choose_slots(device, asr.workers_requested, asr.cpu_threads, len(os.sched_getaffinity(0)),
+                        psutil.virtual_memory().available, model_bytes(asr.model), devices=len(indexes),
+                        compute_type=asr.compute_type,
+                        gpu_memory_bytes=min(gpu_memory) if gpu_memory and all(gpu_memory) else None)
+    if plan.workers * len(indexes) > MAX_SLOTS:
+        raise ConfigError(f"asr.workers_per_device = {plan.workers} on {len(indexes)} devices is "
+                          f"{plan.workers * len(indexes)} slots, more than the {MAX_SLOTS} a node may register")
+    return plan
+
+
 class Agent:
     """One node: builds its parts from the settings and runs them. Parts are public for wiring and tests."""
 
     def __init__(self, settings: Settings, scheduler_url: str | None = None, *, metrics: AgentMetrics | None = None,
                  facts: dict[str, Any] | None = None, state: StateDir | None = None,
-                 policies: RetryPolicies | None = None, worker_command: list[str] | None = None) -> None:
+                 policies: RetryPolicies | None = None, worker_command: list[str] | None = None,
+                 slots: SlotPlan | None = None) -> None:
         # worker_command: the plugin's argv (default ``python -m plugins.asr``); tests pass a stand-in plugin.
+        # slots: the split run_agent planned (and logged); planned here from this machine when not given.
         self.settings = settings
         self.state = state or StateDir(settings.node.state_dir)
         self.metrics = metrics or AgentMetrics(version=__version__)
@@ -79,16 +114,22 @@ class Agent:
         observer = MetricsObserver(self.metrics)
         self.workers: dict[str, Worker] = {}
         self.keepers: dict[str, LeaseKeeper] = {}
-        for index, resource in zip(settings.asr.device_index, resources_for(self.device, settings.asr.device_index)):
-            spec = worker_spec(settings.asr, self.device, index, log_level=settings.log.level)
+        self.slot_plan = slots or plan_slots(settings, self.device, self.facts)
+        # One Worker, LeaseKeeper and (below) JobLoop per slot: each slot leases its own resource.
+        for slot in resources_for(self.device, settings.asr.device_index, self.slot_plan.workers):
+            resource = slot.resource
+            spec = worker_spec(settings.asr, self.device, slot.device_index, log_level=settings.log.level,
+                               cpu_threads=self.slot_plan.threads)
             self.workers[resource] = Worker(resource, spec, settings.worker, settings.asr.timeout, observer,
                                             command=worker_command or settings.worker.command)
             self.keepers[resource] = LeaseKeeper(self.client, settings.lease, self.metrics, resource, self.policies)
             self.metrics.declare_device(resource, settings.asr.model)
+            self.metrics.declare_slot(resource, slot.device, self.slot_plan.threads, self.slot_plan.workers_auto)
 
         self.view = LocalNodeView(workers=self.workers, identity=self.identity, ledger=self.ledger,
                                   metrics=self.metrics, model=settings.asr.model, scheduler_url=self.scheduler_url,
-                                  hostname=self.hostname, is_draining=lambda: self.draining)
+                                  hostname=self.hostname, is_draining=lambda: self.draining,
+                                  slot_plan=self.slot_plan)
         self.registration = Registration(
             self.client, self.identity, workers=self.workers, asr=settings.asr, facts=self.facts,
             hostname=self.hostname, metrics=self.metrics, heartbeat_state=self.view.heartbeat_state,
@@ -174,6 +215,9 @@ async def run_agent(settings: Settings) -> int:
     state = StateDir(settings.node.state_dir)
     state.lock()
     facts = await probe_node()
+    # Before the embedded scheduler starts: workers that cannot fit in memory end the start in one line.
+    slots = plan_slots(settings, choose_device(settings.asr.device.value, int(facts.get("cuda_device_count", 0))),
+                       facts)
     embedded = None
     url = settings.scheduler.url
     if url == "embedded":
@@ -182,7 +226,7 @@ async def run_agent(settings: Settings) -> int:
         # A port in use (ListenError) or an unusable store (StoreError): one line in cli.main.
         embedded = await start_scheduler(settings.scheduler, state_dir=settings.node.state_dir)
         url = embedded.url
-    agent = Agent(settings, url, facts=facts, state=state)
+    agent = Agent(settings, url, facts=facts, state=state, slots=slots)
     if embedded is not None:
         agent.view.scheduler_store = embedded.store.where  # shown by /status; the password is never in it
     try:
@@ -195,6 +239,7 @@ async def run_agent(settings: Settings) -> int:
     if embedded is not None:
         log.info("embedded scheduler listening on %s (store: %s)", url, embedded.store.where)
     log.info("agent endpoints on %s (/metrics /healthz /readyz /status)", http.url)
+    log.info("slots: %s", slots.describe())
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

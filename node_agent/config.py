@@ -12,7 +12,7 @@ import types
 import urllib.parse
 from enum import Enum
 from pathlib import Path, PurePath
-from typing import Any, Mapping, Union, get_args, get_origin
+from typing import Any, Literal, Mapping, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -72,10 +72,17 @@ class AsrSettings(_Section):
     device_index: list[int] = Field(
         default_factory=lambda: [0],
         min_length=1,
-        description="GPU indexes; one worker each. Ignored on CPU (one worker).",
+        description="GPU indexes; asr.workers_per_device workers on each. Ignored on CPU.",
     )
     compute_type: str = Field("auto", description="auto picks from what ctranslate2 supports on the device.")
-    cpu_threads: int = Field(0, ge=0, le=256, description="0 = one per available core (at most 8).")
+    workers_per_device: Union[int, Literal["auto"]] = Field(
+        "auto",
+        description="Workers (slots) per device, each its own process and lease: auto = one per core on a CPU "
+        "(at most 16, as memory allows), 1 per GPU.",
+    )
+    cpu_threads: int = Field(
+        0, ge=0, le=256, description="Threads per worker; 0 = auto (the cores shared between the workers, at most 8)."
+    )
     beam_size: int = Field(5, ge=1, le=20)
     language: str | None = Field(None, description="Default language; null detects it per job.")
     vad_filter: bool = False
@@ -98,6 +105,19 @@ class AsrSettings(_Section):
         # Here rather than at worker start: a typo must stop check-config, not fail three worker starts.
         check_model_name(value)
         return value
+
+    @field_validator("workers_per_device", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        # One message for every wrong shape (pydantic's union would report two, one per member).
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 64):
+            return value
+        raise ValueError("must be auto or a whole number of workers from 1 to 64")
+
+    @property
+    def workers_requested(self) -> int | None:
+        """``workers_per_device`` as a number, None for auto."""
+        return None if self.workers_per_device == "auto" else int(self.workers_per_device)
 
     @field_validator("device_index", mode="before")
     @classmethod

@@ -1,4 +1,4 @@
-"""Pure decisions about devices: which device, which compute type, how many threads.
+"""Pure decisions about devices: which device, which compute type, how many workers (slots) and threads.
 
 They take the machine's facts as arguments (what ctranslate2 reports is gathered in the plugin), so they are
 unit-tested without a GPU or any native library.
@@ -7,6 +7,8 @@ unit-tested without a GPU or any native library.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from .errors import ConfigError
 
@@ -53,8 +55,134 @@ def choose_cpu_threads(requested: int, available_cores: int) -> int:
     return max(1, min(8, available_cores))
 
 
-def resources_for(device: str, device_indexes: list[int]) -> list[str]:
-    """Lease resource names, one per worker: ``cpu`` or ``gpu:N``."""
+# ----- slots: how many workers per device, how many threads each --------------------------------------------------
+
+#: ``auto`` never runs more CPU workers than this on one node, whatever the cores (see ``choose_slots``).
+MAX_AUTO_CPU_WORKERS = 16
+#: Resident memory of a loaded worker besides its model: Python, ctranslate2, PyAV, the plugin, buffers.
+#: Measured on this project's 2-core machines (faster-whisper 1.2.1, int8, cpu_threads=1): the RSS of a
+#: supervised worker after model load, warm-up and one decode of tests/data/jfk.flac (Worker.rss_bytes(), psutil)
+#: was 234.6 MB with tiny.en (78.1 MB on disk) and 285.8 MB with base (147.9 MB on disk): a line with slope 0.73
+#: and intercept 177.5 MB (169 MiB), rounded up here.
+WORKER_BASELINE_BYTES = 192 * 2**20
+#: Worker memory per byte of the model directory on disk. The measured slope is 0.73 (int8 on CPU halves the
+#: float16 weights; load-time copies add back); 1.0 leaves room for int8_float16 and float16. float32 on a
+#: CPU doubles the weights: ``model_memory_factor`` says 2.0 for it.
+MODEL_MEMORY_FACTOR = 1.0
+#: About the size of faster-whisper's hub models (CTranslate2 float16 ``model.bin``, MB as the hub lists them),
+#: for a name not on disk yet. A name known nowhere counts as the largest, so ``auto`` errs towards fewer workers.
+KNOWN_MODEL_BYTES = {name: mb * 10**6 for name, mb in {
+    "tiny": 75, "tiny.en": 75, "base": 145, "base.en": 145, "small": 484, "small.en": 484,
+    "medium": 1530, "medium.en": 1530, "large-v1": 3090, "large-v2": 3090, "large-v3": 3090, "large": 3090,
+    "distil-large-v2": 1510, "distil-large-v3": 1510, "large-v3-turbo": 1620, "turbo": 1620,
+}.items()}
+UNKNOWN_MODEL_BYTES = max(KNOWN_MODEL_BYTES.values())
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """How a node splits each device into slots: ``workers`` per device, ``threads`` per worker."""
+
+    workers: int
+    threads: int
+    workers_auto: bool
+    threads_auto: bool
+    #: The memory estimate per worker the split was checked against (bytes).
+    worker_bytes: int
+
+    def describe(self) -> str:
+        """``2 workers x 1 thread per device (auto)``: what ``node-agent status`` shows."""
+        how = "auto" if self.workers_auto and self.threads_auto else \
+            "workers auto" if self.workers_auto else "threads auto" if self.threads_auto else "set"
+        return (f"{self.workers} worker{'s' if self.workers != 1 else ''} x {self.threads} "
+                f"thread{'s' if self.threads != 1 else ''} per device ({how})")
+
+    def view(self) -> dict[str, Any]:
+        return {"workers_per_device": self.workers, "cpu_threads": self.threads, "workers_auto": self.workers_auto,
+                "threads_auto": self.threads_auto, "worker_bytes_estimate": self.worker_bytes,
+                "text": self.describe()}
+
+
+def model_memory_factor(device: str, compute_type: str) -> float:
+    """Worker memory per byte of model on disk (see ``MODEL_MEMORY_FACTOR``)."""
+    return 2.0 if device == "cpu" and compute_type == "float32" else MODEL_MEMORY_FACTOR
+
+
+def worker_memory_bytes(model_bytes: int, device: str, compute_type: str = "auto") -> int:
+    """Host memory one worker needs. On a GPU the weights live in GPU memory; the host keeps the baseline and a
+    copy of the file while loading (assumed: not measured here, no GPU was lent)."""
+    factor = model_memory_factor(device, compute_type) if device == "cpu" else 1.0
+    return WORKER_BASELINE_BYTES + int(model_bytes * factor)
+
+
+def choose_slots(device: str, requested_workers: int | None, requested_threads: int, cores: int,
+                 memory_available_bytes: int, model_bytes: int, *, devices: int = 1, compute_type: str = "auto",
+                 gpu_memory_bytes: int | None = None) -> SlotPlan:
+    """Workers per device and threads per worker. ``requested_workers`` None is ``auto``, ``requested_threads``
+    0 is ``auto``; ``devices`` is how many physical devices (GPUs) get that many workers each.
+
+    CPU, both ``auto``: one thread per worker and one worker per core, at most ``MAX_AUTO_CPU_WORKERS``
+    workers (cores beyond that become threads, at most 8 each). Measured on 2-core machines (plain
+    faster-whisper, int8, beam 5): 2 processes x 1 thread gave 1.67-1.89 jobs/s with tiny.en against 0.76-0.79
+    for 1 process x 2 threads (base: 0.58-0.61 against 0.31), and a single job took no longer with 1 thread. Assumed, not measured: that separate processes keep scaling with
+    cores on bigger CPUs (each decode is one sequential loop that intra-op threads speed up less than cores).
+    Where one thread per job is slow (a large model on a CPU), set ``asr.cpu_threads`` for fewer, faster slots.
+    Threads set, workers ``auto``: as many workers as the cores hold at that many threads each. Workers set,
+    threads ``auto``: the cores shared between them (at least 1, at most 8 each).
+    GPU: ``auto`` is 1 worker per GPU; threads (its CPU-side work): the cores shared between its workers.
+
+    Memory: every worker must fit (``worker_memory_bytes`` x workers x devices within
+    ``memory_available_bytes``, and on a GPU the model x workers within ``gpu_memory_bytes``); ``auto`` chooses
+    no more workers than fit, and a split that cannot fit raises ConfigError with one line naming the numbers.
+    """
+    cores = max(1, cores)
+    devices = max(1, devices)
+    per_worker = worker_memory_bytes(model_bytes, device, compute_type)
+    host_fit = memory_available_bytes // (per_worker * devices)
+    gpu_fit = None if device == "cpu" or not gpu_memory_bytes else gpu_memory_bytes // max(1, model_bytes)
+    fit = host_fit if gpu_fit is None else min(host_fit, gpu_fit)
+    if requested_workers is not None:
+        workers = requested_workers
+    elif device == "cpu":
+        want = cores // requested_threads if requested_threads > 0 else min(cores, MAX_AUTO_CPU_WORKERS)
+        workers = max(1, min(want, MAX_AUTO_CPU_WORKERS, fit))
+    else:
+        workers = 1
+    if workers > fit:
+        raise ConfigError(_no_fit(device, workers, devices, per_worker, memory_available_bytes, model_bytes,
+                                  gpu_memory_bytes, fit, requested_workers is None))
+    if requested_threads > 0:
+        threads = requested_threads
+    else:
+        threads = max(1, min(8, cores // workers))
+    return SlotPlan(workers, threads, requested_workers is None, requested_threads == 0, per_worker)
+
+
+def _no_fit(device: str, workers: int, devices: int, per_worker: int, available: int, model_bytes: int,
+            gpu_memory: int | None, fit: int, auto: bool) -> str:
+    mib = 2**20
+    what = "asr.workers_per_device = auto (1 worker)" if auto else f"asr.workers_per_device = {workers}"
+    total = workers * devices
+    if gpu_memory and device != "cpu" and workers * model_bytes > gpu_memory:
+        need = f"{workers} x {model_bytes / mib:.0f} MiB of model > {gpu_memory / mib:.0f} MiB of GPU memory"
+    else:
+        need = (f"{total} worker{'s' if total != 1 else ''} x {per_worker / mib:.0f} MiB (model and process) = "
+                f"{total * per_worker / mib:.0f} MiB > {available / mib:.0f} MiB available")
+    fix = f"set asr.workers_per_device to {fit} or less" if fit >= 1 else "free memory"
+    return f"{what} cannot fit in memory: {need}; {fix}, or a smaller asr.model"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One worker's place on a device: what its lease locks and which physical device it runs on."""
+
+    resource: str  # cpu/0, gpu:0/1: the lease resource, one per worker
+    device: str  # cpu, gpu:0: the physical device
+    device_index: int  # the GPU index (0 on a CPU)
+
+
+def resources_for(device: str, device_indexes: list[int], workers_per_device: int = 1) -> list[Slot]:
+    """The slots, ``workers_per_device`` per device: ``cpu/0``, ``cpu/1``, ... or ``gpu:0/0``, ``gpu:0/1``, ..."""
     if device == "cuda":
-        return [f"gpu:{i}" for i in device_indexes]
-    return ["cpu"]
+        return [Slot(f"gpu:{i}/{n}", f"gpu:{i}", i) for i in device_indexes for n in range(workers_per_device)]
+    return [Slot(f"cpu/{n}", "cpu", 0) for n in range(workers_per_device)]

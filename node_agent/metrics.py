@@ -105,7 +105,14 @@ class AgentMetrics:
             "node_agent_asr_fallback_segments_total",
             "Segments decoded again at temperature > 0 (the usual cause of slow conversion).", asr, registry=r)
 
+        # On per-worker series ``device`` is the worker's slot, i.e. its lease resource (cpu/0, gpu:0/1);
+        # node_agent_slot_info maps each slot to its physical device.
         dev = ["device"]
+        self.slot_info = Gauge(
+            "node_agent_slot_info", "One series per slot (a worker with its own lease resource, the device label); "
+            "physical_device is the CPU or GPU it runs on, cpu_threads its threads, auto whether "
+            "asr.workers_per_device was auto. Always 1.", ["device", "physical_device", "cpu_threads", "auto"],
+            registry=r)
         self.worker_up = Gauge("node_agent_worker_up", "1 while the worker can take a job (ready or busy).",
                                dev, registry=r)
         self.worker_state = Gauge("node_agent_worker_state", "1 for the worker's current state.",
@@ -139,6 +146,10 @@ class AgentMetrics:
             metric.labels(model, device)
         for histogram in (self.lease_acquire_duration, self.lease_renew_duration, self.lease_margin):
             histogram.labels(device)
+
+    def declare_slot(self, resource: str, physical_device: str, cpu_threads: int, auto: bool) -> None:
+        """Name a slot's physical device and split (``node_agent_slot_info``)."""
+        self.slot_info.labels(resource, physical_device, str(cpu_threads), "true" if auto else "false").set(1)
 
     def set_node(self, node_id: str, hostname: str, gpu_uuids: Iterable[str | None]) -> None:
         self.node_info.clear()

@@ -17,6 +17,7 @@ import psutil
 from prometheus_client import CollectorRegistry
 
 from . import __version__
+from .devices import SlotPlan
 from .job_runner import LEASE_LOSS_WINDOW_S, JobLedger
 from .metrics import JOB_OUTCOMES, AgentMetrics
 from .registration import NodeIdentity
@@ -28,8 +29,10 @@ class LocalNodeView:
 
     def __init__(self, *, workers: Mapping[str, Worker], identity: NodeIdentity, ledger: JobLedger,
                  metrics: AgentMetrics, model: str, scheduler_url: str, hostname: str,
-                 is_draining: Callable[[], bool]) -> None:
+                 is_draining: Callable[[], bool], slot_plan: SlotPlan | None = None) -> None:
         self._workers = workers
+        #: How each device is split into slots (workers x threads); None where no plan was made (unit tests).
+        self.slot_plan = slot_plan
         self._identity = identity
         self._ledger = ledger
         self._metrics = metrics
@@ -161,12 +164,24 @@ class LocalNodeView:
                 "rss_bytes": psutil.Process().memory_info().rss,
             },
             "health": {"status": health, "reasons": reasons},
+            "slots": self.slots(),
             "workers": self.worker_snapshots(),
             "jobs": [r.view(now) for r in ledger.running.values()],
             "totals": {outcome: ledger.totals.get(outcome, 0) for outcome in JOB_OUTCOMES},
             "recent_failures": [
                 {**f, "age_s": round(time.time() - f["at"], 1)} for f in reversed(ledger.recent_failures)],
             "lease_losses_10m": self._recent_lease_losses(),
+        }
+
+    def slots(self) -> dict[str, Any]:
+        """The split (workers x threads per device, and whether it was auto) and how many slots are busy or ready
+        (each worker is a slot; its state per slot is in ``workers``)."""
+        states = [w.state for w in self._workers.values()]
+        return {
+            **(self.slot_plan.view() if self.slot_plan is not None else {}),
+            "total": len(states),
+            "busy": sum(1 for s in states if s is WorkerState.busy),
+            "ready": sum(1 for s in states if s is WorkerState.ready),
         }
 
     def _recent_lease_losses(self) -> int:

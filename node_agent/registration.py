@@ -68,12 +68,13 @@ class Registration:
             self.identity.node_id = self.state.load_node_id()
 
     def body(self) -> dict[str, Any]:
-        """The registration request: this node, its hardware and one device per worker."""
+        """The registration request: this node, its hardware and one device entry per worker (slot)."""
         devices = []
         for resource, worker in self.workers.items():
             info = worker.info
             devices.append({
-                "resource": resource,
+                "resource": resource,  # a slot: cpu/0, gpu:0/1; each is leased on its own
+                "device": resource.partition("/")[0],  # the physical device the slot runs on
                 "plugin": "asr",
                 "model": self.asr.model,
                 "compute_type": info.get("compute_type") or self.asr.compute_type,

@@ -281,6 +281,12 @@ def render(status: dict[str, Any], width: int = WIDTH) -> str:
     workers = status.get("workers") or []
     out.append("")
     out.append(f"workers ({len(workers)})")
+    slots = status.get("slots") or {}
+    if slots:
+        # Each worker is a slot with its own lease: the split, and how many of them are in use.
+        out.extend(pack([_v(slots.get("text")) if slots.get("text") else "",
+                         f"{_v(slots.get('busy'))} busy, {_v(slots.get('ready'))} ready of {_v(slots.get('total'))}"],
+                        width, first="  slots ", indent=" " * 8, sep="; ", max_lines=2))
     for w in workers:
         kind = "/".join(x for x in (_v(w.get("device")), _v(w.get("compute_type"))) if x != "-") or "-"
         out.extend(pack([_v(w.get("resource")), _v(w.get("state")), f"pid {_v(w.get('pid'))}", kind,

@@ -165,14 +165,16 @@ class WorkerObserver:
     def job_failed(self, worker: "Worker", job: JobRequest, error: JobError) -> None: ...
 
 
-def worker_spec(asr: AsrSettings, device: str, device_index: int, log_level: str = "INFO") -> dict[str, Any]:
-    """What the plugin process needs to know, as JSON-able data (it never reads our config file)."""
+def worker_spec(asr: AsrSettings, device: str, device_index: int, log_level: str = "INFO",
+                cpu_threads: int | None = None) -> dict[str, Any]:
+    """What the plugin process needs to know, as JSON-able data (it never reads our config file).
+    ``cpu_threads``: the slot split's threads per worker (default ``asr.cpu_threads``; 0 = the plugin decides)."""
     return {
         "model": asr.model,
         "device": device,
         "device_index": device_index,
         "compute_type": asr.compute_type,
-        "cpu_threads": asr.cpu_threads,
+        "cpu_threads": asr.cpu_threads if cpu_threads is None else cpu_threads,
         "max_audio_s": asr.max_audio_s,
         "zh_script": asr.zh_script.value,
         "batched_min_audio_s": asr.batched_min_audio_s,
@@ -259,7 +261,8 @@ class _Process:
 
 
 class Worker:
-    """One supervised plugin process slot for one device (``resource`` is ``cpu`` or ``gpu:N``)."""
+    """One supervised plugin process: one slot of a device (``resource`` is its lease resource, ``cpu/0`` or
+    ``gpu:N/0``; any name in unit tests)."""
 
     def __init__(
         self,

@@ -21,7 +21,9 @@ def make_settings(**sections: dict[str, Any]) -> Settings:
     data: dict[str, Any] = {
         "worker": {"stop_grace_s": 0.5, "start_timeout_s": 60,
                    "backoff": {"initial_s": 0.1, "max_s": 1.0, "min_uptime_s": 0}},
-        "asr": {"model": "tiny.en", "device": "cpu", "cpu_threads": 2},
+        # One worker (slot cpu/0) with 2 threads: tests that watch the worker or count its jobs stay the same on a
+        # many-core machine, where auto would run several; tests/test_slots.py sets workers_per_device itself.
+        "asr": {"model": "tiny.en", "device": "cpu", "cpu_threads": 2, "workers_per_device": 1},
         "log": {"level": "DEBUG"},
     }
     return Settings.model_validate(_merge(_merge(load_settings(None, {}).model_dump(), data), sections))

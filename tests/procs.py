@@ -102,6 +102,8 @@ def agent_env(scheduler_url: str, state_dir: Path, http_port: int, **extra: str)
         # Pinned like the in-process tests: the default (all cores, up to 8) would make a many-core CI decode
         # several times faster and eat the margins of tests that act while a job is still running.
         "NODE_AGENT_ASR__CPU_THREADS": "2",
+        # One slot (cpu/0), as the in-process tests' make_settings: auto would run one per 2 cores.
+        "NODE_AGENT_ASR__WORKERS_PER_DEVICE": "1",
         "NODE_AGENT_WORKER__STOP_GRACE_S": "0.5",
     }
     env.update(extra)

@@ -218,7 +218,7 @@ async def test_truncated_audio_through_every_entry_point(tmp_path: Path):
         assert truncated_message(declared, held) in errors[0]
         assert f"{WAV}: " in out.decode()
         # Every refusal failed the job, not the worker.
-        assert s.agent.workers["cpu"].restarts.total() == 0
+        assert s.agent.workers["cpu/0"].restarts.total() == 0
 
 
 async def test_transcribe_prints_one_bad_audio_line(tmp_path: Path):

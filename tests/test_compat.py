@@ -83,7 +83,7 @@ def compat(s: AgentStack) -> CompatService:
 async def test_utterance_runs_as_a_scheduler_job_and_answers_in_the_old_shape(tmp_path: Path) -> None:
     # A token on the scheduler: the endpoint must pass the agent's own bearer token on.
     async with agent_stack(tmp_path, scheduler={"token": "compat-secret"}) as s:
-        worker = s.agent.workers["cpu"]
+        worker = s.agent.workers["cpu/0"]
         status, doc = await health(s)
         assert status == 200, doc
         assert doc["status"] == "ok" and doc["queue_depth"] == 0
@@ -116,8 +116,8 @@ async def test_utterance_runs_as_a_scheduler_job_and_answers_in_the_old_shape(tm
         assert view["state"] == "succeeded" and view["node_id"] == s.agent.identity.node_id, view
         assert view["result"]["text"] == reply["text"]
         await s.wait_counted("succeeded")
-        assert s.sample("node_agent_lease_acquire_duration_seconds_count", device="cpu") == 1.0
-        assert s.sample("node_agent_asr_audio_seconds_total", model="tiny.en", device="cpu") == pytest.approx(11.0)
+        assert s.sample("node_agent_lease_acquire_duration_seconds_count", device="cpu/0") == 1.0
+        assert s.sample("node_agent_asr_audio_seconds_total", model="tiny.en", device="cpu/0") == pytest.approx(11.0)
         assert s.scheduler_registry.get_sample_value("node_agent_scheduler_jobs_total",
                                                      {"outcome": "succeeded"}) == 1.0
         # Submitted and followed through the node's scheduler client, so counted in its metrics too.
@@ -191,7 +191,7 @@ async def test_busy_is_503_and_over_time_is_504_with_the_decode_stopped(tmp_path
     async with agent_stack(tmp_path, worker={"stop_grace_s": 15}) as s:
         service = compat(s)
         service.limits = CompatLimits(timeout_s=DEFAULT_TIMEOUT_S, queue_per_worker=0)  # one in flight at most
-        worker = s.agent.workers["cpu"]
+        worker = s.agent.workers["cpu/0"]
         old_pid = worker.pid
         assert old_pid is not None
         # ~413 s of speech: over 15 s of decoding on an idle 2-core machine, far past the 3 s limit even on a
@@ -224,7 +224,7 @@ async def test_busy_is_503_and_over_time_is_504_with_the_decode_stopped(tmp_path
         await asyncio.sleep(1.0)
         after = psutil.Process(old_pid).cpu_times()
         assert (after.user + after.system) - (before.user + before.system) < 0.3
-        assert await scraped(s, "node_agent_worker_restarts_total", device="cpu", reason="timeout") == 0.0
+        assert await scraped(s, "node_agent_worker_restarts_total", device="cpu/0", reason="timeout") == 0.0
         await s.wait_counted("timeout")
 
         status, doc = await health(s)

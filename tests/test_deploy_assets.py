@@ -55,6 +55,7 @@ AGENT_METRICS = {
     "node_agent_worker_start_time_seconds",
     "node_agent_worker_model_load_seconds",
     "node_agent_worker_state",
+    "node_agent_slot_info",
 }
 AGENT_HISTOGRAMS = {
     "node_agent_scheduler_request_duration_seconds",
@@ -290,7 +291,8 @@ def _code_metrics() -> tuple[set[str], dict[str, set[str]]]:
 
     agent_registry, scheduler_registry = CollectorRegistry(), CollectorRegistry()
     agent = agent_metrics.AgentMetrics(agent_registry, version="test")
-    agent.declare_device("gpu:0", "tiny.en")
+    agent.declare_device("gpu:0/0", "tiny.en")
+    agent.declare_slot("gpu:0/0", "gpu:0", 4, True)
     scheduler_metrics.SchedulerMetrics(scheduler_registry, lambda: (0, {}))
     names: set[str] = set()
     values: dict[str, set[str]] = {}
@@ -375,6 +377,10 @@ def test_dashboard_structure() -> None:
         "node_agent_worker_restarts_total",
         "node_agent_worker_state",
         "node_agent_worker_resident_memory_bytes",
+        "node_agent_slot_info",
+        "instance:node_agent_slots_busy:sum",
+        "instance:node_agent_slots_ready:sum",
+        "instance_physical_device:node_agent_worker_resident_memory_bytes:sum",
         "node_agent_jobs_in_progress",
         "node_agent_heartbeat_last_success_timestamp_seconds",
         "node_agent_scheduler_queue_depth",

@@ -41,8 +41,10 @@ def test_threads_and_resources():
     assert choose_cpu_threads(0, 2) == 2
     assert choose_cpu_threads(0, 64) == 8
     assert choose_cpu_threads(3, 64) == 3
-    assert resources_for("cpu", [0, 1]) == ["cpu"]
-    assert resources_for("cuda", [0, 1]) == ["gpu:0", "gpu:1"]
+    assert [s.resource for s in resources_for("cpu", [0, 1])] == ["cpu/0"]
+    assert [s.resource for s in resources_for("cpu", [0], 2)] == ["cpu/0", "cpu/1"]
+    assert [(s.resource, s.device, s.device_index) for s in resources_for("cuda", [0, 1], 2)] == [
+        ("gpu:0/0", "gpu:0", 0), ("gpu:0/1", "gpu:0", 0), ("gpu:1/0", "gpu:1", 1), ("gpu:1/1", "gpu:1", 1)]
 
 
 def test_parse_nvidia_smi():

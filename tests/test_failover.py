@@ -142,7 +142,7 @@ async def test_a_running_job_keeps_its_lease_across_a_failover_between_replicas(
             assert len(view_doc["result"]["segments"]) == 16
             assert second.forwarded["lease_renew"] >= 1 and second.forwarded["result"] == 1, second.forwarded
             for reason in ("expired", "rejected", "self_fenced"):
-                lost = registry.get_sample_value("node_agent_lease_lost_total", {"device": "cpu", "reason": reason})
+                lost = registry.get_sample_value("node_agent_lease_lost_total", {"device": "cpu/0", "reason": reason})
                 assert lost in (None, 0.0), reason
             await eventually(lambda: registry.get_sample_value("node_agent_jobs_total", {"outcome": "succeeded"}),
                              10, "the job counted")

@@ -20,18 +20,23 @@ def cuda_devices() -> int:
 
 def test_one_worker_and_one_lease_resource_per_gpu():
     facts = {"cuda_device_count": 2, "compute_types": {"cuda": ["float16", "int8_float16"]},
-             "gpus": [{"index": 0, "name": "H200", "memory_bytes": 1, "uuid": "GPU-a"},
-                      {"index": 1, "name": "H200", "memory_bytes": 1, "uuid": "GPU-b"}]}
-    agent = Agent(make_settings(asr={"device": "auto", "device_index": [0, 1]}), facts=facts)
-    assert list(agent.workers) == ["gpu:0", "gpu:1"]
+             "gpus": [{"index": 0, "name": "H200", "memory_bytes": 141 * 2**30, "uuid": "GPU-a"},
+                      {"index": 1, "name": "H200", "memory_bytes": 141 * 2**30, "uuid": "GPU-b"}]}
+    # auto on a GPU is one worker: one slot (and lease resource) per GPU.
+    agent = Agent(make_settings(asr={"device": "auto", "device_index": [0, 1], "workers_per_device": "auto"}),
+                  facts=facts)
+    assert list(agent.workers) == ["gpu:0/0", "gpu:1/0"]
     assert [w.spec["device_index"] for w in agent.workers.values()] == [0, 1]
     assert all(w.spec["device"] == "cuda" for w in agent.workers.values())
     body = agent.registration.body()
-    assert [d["resource"] for d in body["devices"]] == ["gpu:0", "gpu:1"]
+    assert [(d["resource"], d["device"]) for d in body["devices"]] == [("gpu:0/0", "gpu:0"), ("gpu:1/0", "gpu:1")]
     assert [g["uuid"] for g in body["hardware"]["gpus"]] == ["GPU-a", "GPU-b"]
     cpu_agent = Agent(make_settings(asr={"device": "auto", "device_index": [0, 1]}),
                       facts={"cuda_device_count": 0, "gpus": []})
-    assert list(cpu_agent.workers) == ["cpu"]
+    assert list(cpu_agent.workers) == ["cpu/0"]
+    two = Agent(make_settings(asr={"device": "cuda", "device_index": [0], "workers_per_device": 2}), facts=facts)
+    assert list(two.workers) == ["gpu:0/0", "gpu:0/1"]
+    assert [w.spec["device_index"] for w in two.workers.values()] == [0, 0]
 
 
 @pytest.mark.gpu

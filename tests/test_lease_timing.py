@@ -29,7 +29,7 @@ def test_timing_comes_from_the_granted_ttl():
 
 def test_request_is_clamped_into_the_registration_bounds(caplog):
     keeper = LeaseKeeper(client=None, settings=make_settings(lease={"ttl_s": 600}).lease,  # type: ignore[arg-type]
-                         metrics=None, device="cpu")
+                         metrics=None, device="cpu/0")
     assert keeper.requested_ttl() == 600  # bounds unknown until registration
     keeper.set_bounds(1.0, 300.0)
     with caplog.at_level(logging.WARNING, logger="node_agent.lease"):
@@ -66,10 +66,10 @@ async def test_a_long_healthy_job_keeps_its_lease_with_the_cap_below_and_above_t
             assert view["attempt"] == 1, name
             assert len(view["result"]["segments"]) == 70, name
             await stack.wait_counted("succeeded")
-            lost = {r: stack.sample("node_agent_lease_lost_total", device="cpu", reason=r) or 0
+            lost = {r: stack.sample("node_agent_lease_lost_total", device="cpu/0", reason=r) or 0
                     for r in ("expired", "rejected", "self_fenced")}
             assert not any(lost.values()), (name, lost)
-            renewals = stack.sample("node_agent_lease_renewals_total", device="cpu", result="ok") or 0
+            renewals = stack.sample("node_agent_lease_renewals_total", device="cpu/0", result="ok") or 0
             return took, renewals
 
     (took_below, renewals_below), (took_above, renewals_above) = await asyncio.gather(

@@ -47,9 +47,9 @@ pytestmark = pytest.mark.timeout(180)
 
 async def test_a_real_job_is_counted_everywhere(tmp_path: Path) -> None:
     async with agent_stack(tmp_path) as s:
-        worker = s.agent.workers["cpu"]
+        worker = s.agent.workers["cpu/0"]
         assert worker.state is WorkerState.ready, worker.last_error
-        asr = {"model": "tiny.en", "device": "cpu"}
+        asr = {"model": "tiny.en", "device": "cpu/0"}
         # Series known to exist are exported at 0 before anything happens.
         for outcome in JOB_OUTCOMES:
             assert s.sample("node_agent_jobs_total", outcome=outcome) == 0.0, outcome
@@ -77,15 +77,15 @@ async def test_a_real_job_is_counted_everywhere(tmp_path: Path) -> None:
         assert s.sample("node_agent_job_duration_seconds_count") == 1.0
         assert s.sample("node_agent_job_queue_wait_seconds_count") == 1.0
         assert s.sample("node_agent_jobs_in_progress") == 0.0
-        assert s.sample("node_agent_worker_up", device="cpu") == 1.0
-        assert s.sample("node_agent_worker_state", device="cpu", state="ready") == 1.0
-        assert s.sample("node_agent_worker_state", device="cpu", state="busy") == 0.0
-        assert s.sample("node_agent_worker_model_load_seconds", device="cpu") > 0
-        assert s.sample("node_agent_worker_jobs_served", device="cpu") == 1.0
-        assert s.sample("node_agent_lease_acquire_duration_seconds_count", device="cpu") == 1.0
-        assert s.sample("node_agent_leases_held", device="cpu") == 0.0
+        assert s.sample("node_agent_worker_up", device="cpu/0") == 1.0
+        assert s.sample("node_agent_worker_state", device="cpu/0", state="ready") == 1.0
+        assert s.sample("node_agent_worker_state", device="cpu/0", state="busy") == 0.0
+        assert s.sample("node_agent_worker_model_load_seconds", device="cpu/0") > 0
+        assert s.sample("node_agent_worker_jobs_served", device="cpu/0") == 1.0
+        assert s.sample("node_agent_lease_acquire_duration_seconds_count", device="cpu/0") == 1.0
+        assert s.sample("node_agent_leases_held", device="cpu/0") == 0.0
         for reason in RESTART_REASONS:
-            assert s.sample("node_agent_worker_restarts_total", device="cpu", reason=reason) == 0.0, reason
+            assert s.sample("node_agent_worker_restarts_total", device="cpu/0", reason=reason) == 0.0, reason
         assert s.sample("node_agent_scheduler_requests_total", endpoint="result", code="200") == 1.0
         # The scheduler counted the same job on its own registry.
         assert s.scheduler_registry.get_sample_value("node_agent_scheduler_jobs_total",
@@ -95,16 +95,16 @@ async def test_a_real_job_is_counted_everywhere(tmp_path: Path) -> None:
         async with s.session.get(s.http.url + "/metrics") as resp:
             assert resp.status == 200
             text = await resp.text()
-        assert re.search(r'^node_agent_asr_segment_conversion_seconds_count\{device="cpu",model="tiny.en"\} 1\.0$',
+        assert re.search(r'^node_agent_asr_segment_conversion_seconds_count\{device="cpu/0",model="tiny.en"\} 1\.0$',
                          text, re.M), text[:2000]
-        rss = re.search(r'^node_agent_worker_resident_memory_bytes\{device="cpu"\} (\S+)$', text, re.M)
+        rss = re.search(r'^node_agent_worker_resident_memory_bytes\{device="cpu/0"\} (\S+)$', text, re.M)
         assert rss is not None and float(rss.group(1)) > 50 * 2**20
 
 
 async def test_a_job_past_its_deadline_is_stopped_and_counted_as_a_timeout_not_a_restart(tmp_path: Path) -> None:
     # Stopped at the next segment boundary (one 30 s window at most): a 15 s grace holds that on a loaded machine.
     async with agent_stack(tmp_path, scheduler={"max_attempts": 1}, worker={"stop_grace_s": 15}) as s:
-        worker = s.agent.workers["cpu"]
+        worker = s.agent.workers["cpu/0"]
         old_pid = worker.pid
         # ~270 s of speech takes ~12 s here (a CPU several times faster would still need well over 1.5 s); the
         # job may take 1.5 s, so it is stopped either way and a longer clip costs nothing.
@@ -114,16 +114,16 @@ async def test_a_job_past_its_deadline_is_stopped_and_counted_as_a_timeout_not_a
         await s.wait_counted("timeout")
 
         for reason in RESTART_REASONS:  # a job stopped at its deadline costs no restart
-            assert s.sample("node_agent_worker_restarts_total", device="cpu", reason=reason) == 0.0, reason
+            assert s.sample("node_agent_worker_restarts_total", device="cpu/0", reason=reason) == 0.0, reason
         for outcome in JOB_OUTCOMES:
             want = 1.0 if outcome == "timeout" else 0.0
             assert s.sample("node_agent_jobs_total", outcome=outcome) == want, outcome
         # Nothing was transcribed to the end, so no conversion was observed (absent, or declared at 0).
-        assert s.sample("node_agent_asr_segment_conversion_seconds_count", model="tiny.en", device="cpu") in (None, 0.0)
-        assert s.sample("node_agent_asr_audio_seconds_total", model="tiny.en", device="cpu") == 0.0
+        assert s.sample("node_agent_asr_segment_conversion_seconds_count", model="tiny.en", device="cpu/0") in (None, 0.0)
+        assert s.sample("node_agent_asr_audio_seconds_total", model="tiny.en", device="cpu/0") == 0.0
         await eventually(lambda: worker.state is WorkerState.ready, 60, "the worker is ready again")
         assert worker.pid == old_pid
-        assert s.sample("node_agent_worker_up", device="cpu") == 1.0
+        assert s.sample("node_agent_worker_up", device="cpu/0") == 1.0
         status = s.agent.view.status()
         assert status["totals"]["timeout"] == 1
         assert status["recent_failures"][0]["code"] == "timeout"

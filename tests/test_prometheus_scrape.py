@@ -108,7 +108,7 @@ async def test_prometheus_scrapes_agent_and_scheduler(tmp_path: Path) -> None:
 
                 result = await until("node_agent_asr_segment_conversion_seconds_count", lambda r: value(r) >= 1)
                 assert result[0]["metric"]["job"] == "node-agent"
-                assert result[0]["metric"]["model"] == "tiny.en" and result[0]["metric"]["device"] == "cpu"
+                assert result[0]["metric"]["model"] == "tiny.en" and result[0]["metric"]["device"] == "cpu/0"
                 await until('up{job="node-agent"}', lambda r: value(r) == 1.0)
                 await until('up{job="node-scheduler"}', lambda r: value(r) == 1.0)
                 scheduler_jobs = await until('node_agent_scheduler_jobs_total{job="node-scheduler"}', bool)

@@ -231,11 +231,11 @@ class Round:
 
 async def stream(reader: Reader) -> None:
     lang, s = reader.lang, reader.stack
-    worker = s.agent.workers["cpu"]
+    worker = s.agent.workers["cpu/0"]
     pid = worker.pid
     assert pid is not None
     process = psutil.Process(pid)
-    served_before = await scraped(s, "node_agent_worker_jobs_served", device="cpu")
+    served_before = await scraped(s, "node_agent_worker_jobs_served", device="cpu/0")
     assert served_before is not None
     bodies = {name: utterance_body(name, lang.code) for name in lang.order}
     rounds: list[Round] = []
@@ -265,7 +265,7 @@ async def stream(reader: Reader) -> None:
     # One worker process served every round, and its gauge counted them.
     assert worker.pid == pid and process.is_running()
     assert sum(worker.restarts.values()) == 0, worker.restarts
-    served_after = await scraped(s, "node_agent_worker_jobs_served", device="cpu")
+    served_after = await scraped(s, "node_agent_worker_jobs_served", device="cpu/0")
     assert served_after == served_before + ROUNDS
 
     # No slow-down with uptime: the first and last WINDOW rounds hold the same clips (ROUNDS % clips == 0).

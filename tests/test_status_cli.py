@@ -33,7 +33,10 @@ def healthy_doc() -> dict[str, Any]:
                   "node_id": "node-5f1c2a9e", "scheduler_url": "http://10.0.0.5:8470", "registered": True,
                   "last_heartbeat_age_s": 2.4, "state": "ready", "rss_bytes": 85 * MiB},
         "health": {"status": "healthy", "reasons": []},
-        "workers": [{"resource": "cpu", "state": "ready", "pid": 5151, "model": "tiny.en", "device": "cpu",
+        "slots": {"workers_per_device": 2, "cpu_threads": 1, "workers_auto": True, "threads_auto": True,
+                  "worker_bytes_estimate": 270 * MiB, "text": "2 workers x 1 thread per device (auto)",
+                  "total": 2, "busy": 0, "ready": 2},
+        "workers": [{"resource": "cpu/0", "state": "ready", "pid": 5151, "model": "tiny.en", "device": "cpu",
                      "compute_type": "int8", "rss_bytes": 312 * MiB, "jobs_served": 7, "jobs_served_total": 9,
                      "restarts": {"recycle": 1, "crash": 0}, "uptime_s": 754.0, "model_load_s": 0.84,
                      "last_error": None, "current_job": None}],
@@ -74,7 +77,7 @@ def busy_doc() -> dict[str, Any]:
     doc = healthy_doc()
     doc["agent"]["state"] = "busy"
     doc["workers"][0]["state"] = "busy"
-    doc["jobs"] = [{"job_id": "job-7e57c0ffee000001", "attempt": 2, "resource": "cpu", "audio_s": 11.0,
+    doc["jobs"] = [{"job_id": "job-7e57c0ffee000001", "attempt": 2, "resource": "cpu/0", "audio_s": 11.0,
                     "elapsed_s": 3.21, "segments": 4, "since_last_segment_s": 0.52,
                     "lease_id": "lease-0123456789abcdef", "epoch": 7, "since_last_renewal_s": 1.25,
                     "lease_margin_s": 9.812, "renewals": 3}]
@@ -105,7 +108,8 @@ def test_render_healthy() -> None:
     assert lines[0] == "node-agent 0.1.0 on node-a (pid 4242)"
     for fact in ("node-5f1c2a9e  registered, last heartbeat 2.4s ago", "http://10.0.0.5:8470",
                  "ready, up 1h02m, RSS 85.0 MiB", "health     healthy",
-                 "cpu  ready  pid 5151  cpu/int8  up 12m34s", "model tiny.en",
+                 "slots 2 workers x 1 thread per device (auto); 0 busy, 2 ready of 2",
+                 "cpu/0  ready  pid 5151  cpu/int8  up 12m34s", "model tiny.en",
                  "RSS 312.0 MiB, jobs 7 (total 9), restarts 1 (recycle 1), load 0.8s",
                  "running jobs: none", "succeeded 9", "bad_audio 1",
                  "1m05s ago  job-0badaud10  bad_audio\n      cannot decode the audio"):
@@ -242,7 +246,7 @@ async def run_status(*args: str, env: dict[str, str] | None = None) -> tuple[int
 
 async def test_status_of_a_healthy_agent(tmp_path: Path) -> None:
     async with agent_stack(tmp_path) as s:
-        assert s.agent.workers["cpu"].state is WorkerState.ready
+        assert s.agent.workers["cpu/0"].state is WorkerState.ready
         # A proxy configured for outbound traffic is not used for the agent on loopback.
         proxy = f"http://127.0.0.1:{closed_port()}"
         code, out, err = await run_status("--url", s.http.url,
@@ -253,8 +257,9 @@ async def test_status_of_a_healthy_agent(tmp_path: Path) -> None:
         node_id = s.agent.identity.node_id
         assert node_id and f"{node_id}  registered, last heartbeat" in out
         assert s.scheduler.url in out and "health     healthy" in out
-        worker = s.agent.workers["cpu"]
-        assert f"cpu  ready  pid {worker.pid}  cpu/int8" in out
+        worker = s.agent.workers["cpu/0"]
+        assert f"cpu/0  ready  pid {worker.pid}  cpu/int8" in out
+        assert "slots 1 worker x 2 threads per device (set); 0 busy, 1 ready of 1" in out
         assert "model tiny.en" in out
 
         code, out, err = await run_status("--url", s.http.url, "--json")
@@ -276,22 +281,22 @@ async def test_status_of_an_agent_with_a_fatal_worker(tmp_path: Path) -> None:
     (damaged / "model.bin").write_bytes(b"not a model")
     async with agent_stack(tmp_path, asr={"model": str(damaged)},
                            worker={"backoff": {"max_quick_failures": 1}}) as s:
-        worker = s.agent.workers["cpu"]
+        worker = s.agent.workers["cpu/0"]
         assert worker.state is WorkerState.fatal, worker.state
         code, out, err = await run_status("--url", s.http.url)
         assert code == 1, (out, err)
         assert_fits(out)
         text = flat(out)
         assert "health DEGRADED" in text
-        assert "- worker cpu is fatal: start failed:" in text
-        assert "cpu fatal pid -" in text
+        assert "- worker cpu/0 is fatal: start failed:" in text
+        assert "cpu/0 fatal pid -" in text
         assert "last error: start failed:" in text
 
         code, out, _ = await run_status("--url", s.http.url, "--json")
         assert code == 1
         health = json.loads(out)["health"]
         assert health["status"] == "degraded"
-        assert any(r.startswith("worker cpu is fatal") and "damaged-model" in r for r in health["reasons"]), health
+        assert any(r.startswith("worker cpu/0 is fatal") and "damaged-model" in r for r in health["reasons"]), health
 
 
 async def test_status_shows_the_running_job_and_its_lease(tmp_path: Path) -> None:
@@ -313,7 +318,7 @@ async def test_status_shows_the_running_job_and_its_lease(tmp_path: Path) -> Non
         assert code == 0, (out, err)
         assert_fits(out)
         assert "running jobs (1)" in out
-        assert f"{job_id}  attempt 1 on cpu" in out
+        assert f"{job_id}  attempt 1 on cpu/0" in out
         assert f"lease {lease.lease_id} epoch {lease.epoch}" in out
         assert f"audio {st.duration(len(audio) / 32000)}" in out  # known once the plugin decoded it
 

@@ -58,9 +58,9 @@ async def test_postgresql_stopped_10_s_mid_job_costs_nothing(tmp_path, pg_privat
         assert view["state"] == "succeeded" and view["attempt"] == 1, view
         ids = [s["id"] for s in view["segments"]]
         assert len(ids) == 70 and ids == sorted(set(ids)), ids
-        assert stack.sample("node_agent_lease_lost_total", device="cpu", reason="self_fenced") == 0
-        assert stack.sample("node_agent_lease_lost_total", device="cpu", reason="expired") == 0
-        assert (stack.sample("node_agent_lease_renewals_total", device="cpu", result="failed") or 0) >= 2
+        assert stack.sample("node_agent_lease_lost_total", device="cpu/0", reason="self_fenced") == 0
+        assert stack.sample("node_agent_lease_lost_total", device="cpu/0", reason="expired") == 0
+        assert (stack.sample("node_agent_lease_renewals_total", device="cpu/0", result="failed") or 0) >= 2
     reaper = [r.getMessage() for r in caplog.records if "reaping" in r.getMessage()]
     assert len(reaper) == 2 and "paused" in reaper[0] and "resumed" in reaper[1], reaper  # once each way
 
@@ -72,7 +72,7 @@ async def test_the_renew_deadline_stands_still_only_while_the_store_is_paused(co
     url = "http://scheduler.test"
     settings = make_settings(lease={"ttl_s": 1.5}).lease
     client = SchedulerClient(url, None, request_timeout_s=2)
-    keeper = LeaseKeeper(client, settings, metrics=None, device="cpu")
+    keeper = LeaseKeeper(client, settings, metrics=None, device="cpu/0")
     losses: list[LeaseLost] = []
     body = {"error": {"code": code, "message": "the store is down" if code != "internal" else "boom"}}
     renew = f"{url}/v1/leases/lease-1/renew"

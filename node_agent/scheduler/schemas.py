@@ -28,7 +28,9 @@ TERMINAL_JOB_STATES: frozenset[str] = frozenset({"succeeded", "failed"})
 NodeState = Literal["ready", "busy", "draining", "degraded", "gone"]
 NODE_STATES: tuple[str, ...] = ("ready", "busy", "draining", "degraded", "gone")
 
-RESOURCE_PATTERN = r"^(cpu|gpu:[0-9]{1,3})$"
+#: A lease resource: a device (``cpu``, ``gpu:N``) or one slot of it (``cpu/0``, ``gpu:0/1``) where a node runs
+#: several workers on the device, each leasing its own slot.
+RESOURCE_PATTERN = r"^(cpu|gpu:[0-9]{1,3})(/[0-9]{1,3})?$"
 Resource = Annotated[str, StringConstraints(pattern=RESOURCE_PATTERN)]
 
 
@@ -85,9 +87,11 @@ class Hardware(_NodeMessage):
 
 
 class DeviceSpec(_NodeMessage):
-    """One device a node runs jobs on; ``languages`` null means any language (a multilingual model)."""
+    """One device (or slot of a device) a node runs jobs on; ``languages`` null means any language."""
 
     resource: Resource
+    #: The physical device a slot runs on (``cpu``, ``gpu:0``); informational, for operators.
+    device: str | None = Field(None, max_length=16)
     plugin: str = "asr"
     model: str
     compute_type: str
