@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from . import __version__
+from . import __version__, eventloop
 from .config import Settings, load_settings
 from .errors import ConfigError, JobError, NodeAgentError, UsageError
 from .jsonio import dumps
@@ -132,7 +132,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     if language and language != "en" and english_only(settings.asr.model):
         raise UsageError(english_only_message(settings.asr.model, language))
     _setup_logging("WARNING")
-    return asyncio.run(_transcribe(args, settings))
+    return eventloop.run(_transcribe(args, settings))
 
 
 # ----- check-config ----------------------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _load(args)
     _setup_logging(settings.log.level)
     pin_mmap_threshold()  # this process moves MB-sized audio buffers; see mmap_tuning.py
-    return asyncio.run(run_agent(settings))
+    return eventloop.run(run_agent(settings))
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
@@ -167,7 +167,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     settings = _load(args, overrides)
     _setup_logging(settings.log.level)
     pin_mmap_threshold()  # moves MB-sized audio chunks; see mmap_tuning.py
-    asyncio.run(serve(settings.scheduler, settings.node.state_dir))
+    eventloop.run(serve(settings.scheduler, settings.node.state_dir))
     return 0
 
 
@@ -177,7 +177,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     args.language = _language_arg(args.language)
     settings = _load(args)
     _setup_logging("WARNING")
-    return asyncio.run(submit_files(args, settings))
+    return eventloop.run(submit_files(args, settings))
 
 
 def cmd_status(args: argparse.Namespace) -> int:

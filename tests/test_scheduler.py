@@ -1386,3 +1386,33 @@ def test_subtitle_formats_never_fail_on_odd_times() -> None:
     from node_agent.scheduler.formats import to_verbose_json
 
     assert json.dumps(to_verbose_json({"text": "abcd"}, odd), allow_nan=False)  # every time finite
+
+
+def test_memoized_content_disposition_parser_answers_as_aiohttps_own() -> None:
+    """The scheduler swaps aiohttp's per-part Content-Disposition parser for a memoized one (a CPU cost per job):
+    same answers, including for malformed headers, and callers never share a params dict."""
+    import warnings
+
+    import aiohttp.multipart
+
+    from node_agent.scheduler import server
+
+    installed = aiohttp.multipart.parse_content_disposition  # memoized already if a scheduler ran in this process
+    original = server.parse_content_disposition  # aiohttp's own, as imported before any swap
+    headers = ['form-data; name="file"; filename="a b.wav"', 'form-data; name="format"', None, "",
+               "attachment; filename*=UTF-8''%E2%82%AC.wav", 'form-data; name="x"; name="y"', "garbage;;;"]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = [original(h) for h in headers]
+            server._memoize_multipart_dispositions()
+            server._memoize_multipart_dispositions()  # idempotent
+            memoized = aiohttp.multipart.parse_content_disposition
+            assert memoized is server._reader_parse_disposition
+            for header, want in zip(headers, expected):
+                first, again = memoized(header), memoized(header)
+                assert first == again == want, header
+                first[1]["mutated"] = "1"
+                assert "mutated" not in memoized(header)[1]
+    finally:
+        aiohttp.multipart.parse_content_disposition = installed
