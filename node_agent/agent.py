@@ -88,6 +88,14 @@ def plan_slots(settings: Settings, device: str, facts: dict[str, Any]) -> SlotPl
     return plan
 
 
+async def slots_here(settings: Settings) -> tuple[dict[str, Any], SlotPlan]:
+    """This machine's facts (the device probe) and the slot split ``settings`` gives on it; ConfigError (one
+    line) when its workers cannot fit. ``node-agent run`` and ``check-config`` both ask this."""
+    facts = await probe_node()
+    device = choose_device(settings.asr.device.value, int(facts.get("cuda_device_count", 0)))
+    return facts, plan_slots(settings, device, facts)
+
+
 class Agent:
     """One node: builds its parts from the settings and runs them. Parts are public for wiring and tests."""
 
@@ -214,10 +222,8 @@ async def run_agent(settings: Settings) -> int:
     # First, so a second agent on the same node.state_dir exits at once instead of after the node probe.
     state = StateDir(settings.node.state_dir)
     state.lock()
-    facts = await probe_node()
     # Before the embedded scheduler starts: workers that cannot fit in memory end the start in one line.
-    slots = plan_slots(settings, choose_device(settings.asr.device.value, int(facts.get("cuda_device_count", 0))),
-                       facts)
+    facts, slots = await slots_here(settings)
     embedded = None
     url = settings.scheduler.url
     if url == "embedded":

@@ -143,6 +143,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     source = args.config or os.environ.get("NODE_AGENT_CONFIG") or "built-in defaults + config/node-agent.yaml"
     print(f"# effective settings (from {source}, environment overrides applied); secrets masked")
     print(yaml.safe_dump(settings.redacted(), sort_keys=False, allow_unicode=True), end="")
+    from .agent import slots_here
+
+    # The split `run` would choose on this machine; one that cannot fit in memory stops here with its line.
+    _, slots = eventloop.run(slots_here(settings))
+    print(f"# slots on this machine: {slots.describe()}")
     return 0
 
 

@@ -12,6 +12,7 @@ import base64
 import os
 import signal
 import sqlite3
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -137,20 +138,27 @@ async def test_the_agent_refuses_to_start_workers_that_cannot_fit(tmp_path: Path
            "NODE_AGENT_NODE__STATE_DIR": str(tmp_path / "state"),
            "NODE_AGENT_SCHEDULER__LISTEN": f"127.0.0.1:{free_port()}",
            "NODE_AGENT_HTTP__LISTEN": f"127.0.0.1:{free_port()}"}
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "node_agent", "run", cwd=ROOT, env=env,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 90)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode == 2, (out, err)
-    lines = err.decode().strip().splitlines()
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("node-agent: config error: asr.workers_per_device = 2 cannot fit in memory: "
-                               "2 workers x "), lines
-    assert lines[0].endswith("; free memory, or a smaller asr.model"), lines
+    for command in ("check-config", "run"):  # check-config tells before a start does
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "node_agent", command, cwd=ROOT, env=env,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), 90)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise
+        assert proc.returncode == 2, (command, out, err)
+        lines = err.decode().strip().splitlines()
+        assert len(lines) == 1, (command, lines)
+        assert lines[0].startswith("node-agent: config error: asr.workers_per_device = 2 cannot fit in memory: "
+                                   "2 workers x "), lines
+        assert lines[0].endswith("; free memory, or a smaller asr.model"), lines
+    # The shipped model on this machine fits: check-config names the split run would choose.
+    env.pop("NODE_AGENT_ASR__MODEL")
+    out = subprocess.run([sys.executable, "-m", "node_agent", "check-config"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr
+    assert "# slots on this machine: 2 workers x " in out.stdout, out.stdout
 
 
 # ----- fencing per slot, at the scheduler --------------------------------------------------------------------
