@@ -17,6 +17,7 @@ import re
 import socket
 import sqlite3
 import sys
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -502,3 +503,34 @@ async def race(replicas: list[Harness], jobs_total: int, per_replica: int, dsn: 
         assert held[-1]["node_id"] == accepted[job_id]
     logging.getLogger(__name__).info("race: %d jobs in %.1f s, claims per replica %s", jobs_total, elapsed,
                                      dict(claimed))
+
+
+async def test_sqlite_close_with_an_operation_queued_ends_the_writer(tmp_path: Path) -> None:
+    """close() while the writer is busy and another operation waits behind it: that operation is still answered
+    and the writer thread ends (it once cleared its wake-up after taking the last batch, missing the close, and
+    close's join waited for ever: a test teardown hung on it)."""
+    from node_agent.scheduler.db import SqliteEngine
+
+    engine = SqliteEngine(tmp_path / "s.db")
+    await engine.open(lambda topic: None)
+    busy = threading.Event()
+
+    async def slow(tx: Any) -> int:
+        busy.set()
+        time.sleep(0.5)  # holds the writer thread, as a long transaction does
+        return 1
+
+    async def quick(tx: Any) -> int:
+        return int(await tx.fetchval("SELECT 2"))
+
+    first = asyncio.create_task(engine.run(slow))
+    await asyncio.to_thread(busy.wait, 5)
+    second = asyncio.create_task(engine.run(quick))
+    await asyncio.sleep(0)  # queued behind the slow one
+    closing = asyncio.create_task(engine.close())
+    done, _ = await asyncio.wait({closing}, timeout=10)
+    if not done:
+        engine._wake.set()  # release the stuck writer so this test can end, then fail it
+        await closing
+        pytest.fail("SqliteEngine.close() did not return with an operation queued behind a busy writer")
+    assert await first == 1 and await second == 2

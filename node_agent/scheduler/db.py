@@ -250,7 +250,9 @@ class SqliteEngine:
             self._wake.wait()
             with self._lock:
                 batch, self._pending = self._pending[:GROUP_MAX], self._pending[GROUP_MAX:]
-                if not self._pending:
+                # Once closing, the event stays set: a close() that came while a batch was queued must still end
+                # this loop after that batch (clearing it here left the thread, and close's join, waiting for ever).
+                if not self._pending and not self._closing:
                     self._wake.clear()
                 closing = self._closing and not batch
             if closing:
