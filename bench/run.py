@@ -400,7 +400,7 @@ class Bench:
 
     def agent(self, model: str = "tiny.en") -> Agent:
         if model not in self.agents:
-            # One worker with plain's threads, like the one plain process it is compared with: sections 1 and 2
+            # One worker with plain's threads, like the one plain process it is compared with: sections 1-3
             # measure what the agent adds to a decode; what its default split of the cores gains is section
             # `throughput`'s.
             a = Agent(f"agent-{model}", self.tmp, model, NODE_AGENT_ASR__WORKERS_PER_DEVICE="1",
@@ -517,19 +517,6 @@ def iteration(b: Bench) -> None:
 LONG_CLIPS = (LONG_EN, LONG_ZH, ZH_JOINED)
 
 
-def long_agent(b: Bench, model: str) -> Agent:
-    """An agent for section 3 with plain's settings: one worker with the plain side's thread count, so the two
-    sides differ only in the path (the default may split the cores into several slots)."""
-    key = f"long:{model}"
-    if key not in b.agents:
-        a = Agent(f"agent-long-{model}", b.tmp, model, NODE_AGENT_ASR__WORKERS_PER_DEVICE="1",
-                  NODE_AGENT_ASR__CPU_THREADS=str(b.threads))
-        log(f"starting node-agent run ({model}, 1 worker x {b.threads} threads)")
-        a.start()
-        b.agents[key] = a
-    return b.agents[key]
-
-
 def long_audio(b: Bench) -> None:
     """3. Long audio, batched (faster-whisper's BatchedInferencePipeline, batch 8) against sequential: the agent's
     ``batched: true`` path against plain BatchedInferencePipeline, and each one's speed-up and accuracy against
@@ -544,7 +531,7 @@ def long_audio(b: Bench) -> None:
     for name in LONG_CLIPS:
         model, score, kind = ("tiny.en", wer, "WER") if name == LONG_EN else ("base", cer, "CER")
         name = str(joined_path) if name == ZH_JOINED else name
-        agent, plain, pipeline = long_agent(b, model), b.plain(model), b.plain(model, role="pipeline8")
+        agent, plain, pipeline = b.agent(model), b.plain(model), b.plain(model, role="pipeline8")
         data = (DATA / name).read_bytes()
         n = b.reps(3, 1)
         log(f"long audio: {name} ({model}), {n} run(s) per side")

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 import urllib.error
@@ -143,3 +144,20 @@ def metric(url: str, name: str, labels: dict[str, str] | None = None) -> float |
             if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
                 total = (total or 0.0) + sample.value
     return total
+
+
+def run_script(cmd: list[str], cwd: Path, timeout: float) -> str:
+    """Run a driver script (the benchmarks) to its end: its stdout, or a test failure with its output. It runs in
+    a session of its own, so a driver that hangs takes the processes it started (agents, schedulers) with it."""
+    import pytest
+
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{Path(cmd[1]).name} did not finish in {timeout:g} s:\n{out}\n{err[-3000:]}")
+    assert proc.returncode == 0, f"{out}\n{err[-3000:]}"
+    return out

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from procs import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,16 +27,7 @@ def test_scheduler_bench_small_cluster(tmp_path):
            # Renew well inside the 50 ms decode, so the renewal path (node_id + epoch) is exercised too.
            "--renew-every-s", "0.02",
            "--json", str(raw), "--markdown", str(md), "--workdir", str(tmp_path / "logs")]
-    # A session of its own: if the driver hangs, its scheduler and cluster go with it.
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"bench/scheduler.py did not finish in 150 s:\n{out}\n{err[-3000:]}")
-    assert proc.returncode == 0, f"{out}\n{err[-3000:]}"
+    out = run_script(cmd, ROOT, 150)
 
     res = json.loads(raw.read_text())
     assert [s["store"] for s in res["stores"]] == ["sqlite"]

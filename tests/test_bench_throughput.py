@@ -7,13 +7,11 @@ code path and the report's shape, not the numbers (this machine is shared). Unde
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from procs import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -44,16 +42,7 @@ def test_throughput_bench_tiny_run(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "throughput.py"), "--clips", "4", "--clients", "1", "--combos", "1x1",
            "--reps", "1", "--grid-reps", "1", "--single-reps", "1",
            "--json", str(raw), "--markdown", str(md), "--workdir", str(tmp_path / "work")]
-    # A session of its own: if the driver hangs, its agent and plain processes go with it.
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=270)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"bench/throughput.py did not finish in 270 s:\n{out}\n{err[-3000:]}")
-    assert proc.returncode == 0, f"{out}\n{err[-3000:]}"
+    out = run_script(cmd, ROOT, 270)
 
     res = json.loads(raw.read_text())
     cfg = res["config"]
