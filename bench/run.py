@@ -22,9 +22,7 @@ to .bench/profile-agent.txt. Nothing here needs a network: the models are the of
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
-import datetime
 import http.client
 import json
 import os
@@ -189,7 +187,7 @@ class Agent:
 
     def wait(self, job_id: str, after_segment: int | None = None) -> dict[str, Any]:
         assert self.sched is not None
-        query = f"?wait_s=300" + (f"&after_segment={after_segment}" if after_segment is not None else "")
+        query = "?wait_s=300" + (f"&after_segment={after_segment}" if after_segment is not None else "")
         while True:
             status, view = self.sched.request("GET", f"/v1/jobs/{job_id}{query}")
             if status != 200:
@@ -327,12 +325,6 @@ def plain_server(model: str, threads: int) -> int:
             out = plain.run(Path(req["file"]).read_bytes(), batched=req.get("batched", False))
         elif req["op"] == "iteration":
             out = {"s": plain.iteration(decode(Path(req["file"]).read_bytes()))}
-        elif req["op"] == "loop":
-            clips = [Path(f).read_bytes() for f in req["files"]]
-            t0 = time.perf_counter()
-            for data in clips:
-                plain.run(data)
-            out = {"s": time.perf_counter() - t0}
         else:
             out = {"error": f"unknown op {req['op']!r}"}
         print(json.dumps(out), flush=True)
@@ -366,9 +358,6 @@ class PlainProc:
 
     def iteration(self, name: str) -> float:
         return self._call_raw({"op": "iteration", "file": str(DATA / name)})["s"]
-
-    def loop(self, names: list[str]) -> float:
-        return self._call_raw({"op": "loop", "files": [str(DATA / n) for n in names]})["s"]
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
