@@ -26,7 +26,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import clip, joined, pcm16  # noqa: E402
-from procs import Proc, agent_env, free_port, http_json, job, metric, submit, wait_for  # noqa: E402
+from procs import Proc, agent_env, free_port, http_json, metric, submit, wait_for  # noqa: E402
 
 SHORT = ["jfk.flac", "ljspeech_LJ002-0020.wav", "librispeech_1995-1837-0001.wav",
          "voices_Lab41-SRI-VOiCES-src-sp0307-ch127535-sg0042.wav", "stereo_diarization_left.wav"]

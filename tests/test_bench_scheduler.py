@@ -27,7 +27,7 @@ def test_scheduler_bench_small_cluster(tmp_path):
            # Renew well inside the 50 ms decode, so the renewal path (node_id + epoch) is exercised too.
            "--renew-every-s", "0.02",
            "--json", str(raw), "--markdown", str(md), "--workdir", str(tmp_path / "logs")]
-    out = run_script(cmd, ROOT, 150)
+    run_script(cmd, ROOT, 150)
 
     res = json.loads(raw.read_text())
     assert [s["store"] for s in res["stores"]] == ["sqlite"]

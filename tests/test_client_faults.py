@@ -13,10 +13,8 @@ from prometheus_client import CollectorRegistry
 
 from conftest import make_settings
 from node_agent.client import (
-    BadRequest,
     Gone,
     LeaseHeld,
-    NotFound,
     Rejected,
     SchedulerClient,
     SchedulerUnavailable,
