@@ -22,16 +22,22 @@ from typing import Any
 
 from .db import CHANNEL, Conflict, PostgresEngine, Row
 from .rules import pick_device, poll_languages
-from .schemas import DeviceSpec
+from .schemas import stored_devices
 from .topics import QUEUE_TOPIC, job_topic
 
 #: The store's clock, read once per statement (a CTE referenced twice is evaluated once).
 _CLOCK = "t AS (SELECT CAST(extract(epoch FROM clock_timestamp()) AS DOUBLE PRECISION) AS now)"
 
-#: The fence of sqlstore.SqlStore._FENCE: the job's current attempt, live unexpired lease, epoch and node.
-_FENCE = """jobs.job_id = $1 AND jobs.state = 'running' AND jobs.attempt = $2 AND jobs.lease_id = $3
+
+def fence(now: str) -> str:
+    """The fence, for an ``UPDATE jobs`` on both paths: the job's current attempt ($2), live lease ($3, unexpired at
+    ``now`` on the store's clock), epoch ($4) and node ($5) for job $1."""
+    return f"""jobs.job_id = $1 AND jobs.state = 'running' AND jobs.attempt = $2 AND jobs.lease_id = $3
     AND jobs.lease_epoch = $4 AND jobs.node_id = $5
-    AND EXISTS (SELECT 1 FROM leases l WHERE l.lease_id = $3 AND l.state = 'active' AND l.expires_at > t.now)"""
+    AND EXISTS (SELECT 1 FROM leases l WHERE l.lease_id = $3 AND l.state = 'active' AND l.expires_at > {now})"""
+
+
+_FENCE = fence("t.now")
 
 
 @dataclass(frozen=True)
@@ -43,15 +49,13 @@ class Dispatch:
     by_language: str  # JSON object language -> resource, for the languages some device lists
     other: str | None  # the resource for a language no device lists (a device taking any language), if any
     unset: str | None  # the resource for a job without a language
-    resources: frozenset[str]
 
 
 @functools.lru_cache(maxsize=1024)
 def dispatch_of(devices_text: str, resource: str | None = None) -> Dispatch | None:
     """A node's ``Dispatch`` for polls on ``resource`` (None: any of its devices), once per distinct device list;
     None when no ASR device answers (the general path says why, or that there is nothing to take)."""
-    devices = [DeviceSpec.model_validate(d) for d in json.loads(devices_text)]
-    asr = [d for d in devices if d.plugin == "asr" and (resource is None or d.resource == resource)]
+    asr = [d for d in stored_devices(devices_text) if d.plugin == "asr" and (resource is None or d.resource == resource)]
     if not asr:
         return None
     languages = poll_languages(asr)
@@ -68,7 +72,6 @@ def dispatch_of(devices_text: str, resource: str | None = None) -> Dispatch | No
         by_language=json.dumps(by_language),
         other=other,
         unset=unset.resource if unset is not None else None,
-        resources=frozenset(d.resource for d in devices),
     )
 
 
@@ -232,4 +235,4 @@ class PgFast:
         )
 
 
-__all__ = ["Dispatch", "PgFast", "dispatch_of"]
+__all__ = ["Dispatch", "PgFast", "dispatch_of", "fence"]

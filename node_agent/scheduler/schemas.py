@@ -7,6 +7,8 @@ field or option is a mistake the client should hear about.
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -96,6 +98,13 @@ class DeviceSpec(_NodeMessage):
     model: str
     compute_type: str
     languages: list[LanguageCode] | None = None
+
+
+@functools.lru_cache(maxsize=1024)
+def stored_devices(text: str) -> tuple[DeviceSpec, ...]:
+    """A node's device list as a store keeps it (JSON text), parsed once per distinct text (every poll and lease
+    reads it; nodes rarely change it)."""
+    return tuple(DeviceSpec.model_validate(d) for d in json.loads(text))
 
 
 class RegisterRequest(_NodeMessage):

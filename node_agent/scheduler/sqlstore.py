@@ -13,7 +13,6 @@ replica's, and survive restarts.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -35,7 +34,7 @@ from .errors import (
 )
 from .metrics import SchedulerMetrics
 from .migrations import LATEST, migrate
-from .pgfast import Dispatch, PgFast, dispatch_of
+from .pgfast import PgFast, dispatch_of, fence
 from .rules import (
     Holder,
     Served,
@@ -75,6 +74,7 @@ from .schemas import (
     RenewResponse,
     ResultAck,
     ResultReport,
+    stored_devices,
 )
 from .topics import QUEUE_TOPIC, job_topic
 
@@ -97,7 +97,6 @@ ADMIT_ESTIMATE_BELOW = 0.9
 ORPHAN_UPLOAD_S = 3600.0
 #: Device lists remembered per node for the single-statement paths (each statement checks the list is unchanged).
 NODE_DEVICES_KEPT = 10000
-_NO_DISPATCH = Dispatch(languages=None, by_language="{}", other=None, unset=None, resources=frozenset())
 OPEN_STATES = ("queued", "assigned", "running")
 _OPEN = "('queued', 'assigned', 'running')"
 _TERMINAL = "('succeeded', 'failed')"
@@ -127,13 +126,7 @@ def _doc(model: Any) -> str:
 
 
 def _devices(text: str) -> list[DeviceSpec]:
-    return list(_parsed_devices(text))
-
-
-@functools.lru_cache(maxsize=1024)
-def _parsed_devices(text: str) -> tuple[DeviceSpec, ...]:
-    """A node's device list, parsed once per distinct text (every poll reads it; nodes rarely change it)."""
-    return tuple(DeviceSpec.model_validate(d) for d in json.loads(text))
+    return list(stored_devices(text))
 
 
 class SqlUpload:
@@ -575,9 +568,11 @@ class SqlStore:
 
     async def assign_next(self, node_id: str, resource: str | None = None) -> JobAssignment | None:
         """Hand the oldest queued job one of the node's devices can run to that node, or None."""
-        devices_text = self._node_devices.get(node_id) if self._fast is not None else None
+        # A device list is remembered only where the single statements run (PostgreSQL).
+        devices_text = self._node_devices.get(node_id)
         dispatch = dispatch_of(devices_text, resource) if devices_text is not None else None
-        if self._fast is not None and devices_text is not None and dispatch is not None:
+        if dispatch is not None:
+            assert self._fast is not None and devices_text is not None
             node_as_known, row = await self._fast.claim(node_id, devices_text, dispatch)
             if node_as_known:
                 if row is None:
@@ -656,9 +651,7 @@ class SqlStore:
         return ReportRejected(f"lease {lease_id} of job {job_id} expired", code="stale_epoch")
 
     #: The fence: the job's current attempt, live lease (unexpired on the store's clock), epoch and node.
-    _FENCE = """job_id = $1 AND state = 'running' AND attempt = $2 AND lease_id = $3 AND lease_epoch = $4
-        AND node_id = $5 AND EXISTS (SELECT 1 FROM leases l WHERE l.lease_id = $3 AND l.state = 'active'
-                                     AND l.expires_at > $6)"""
+    _FENCE = fence("$6")
 
     async def post_events(self, job_id: str, report: EventsReport) -> None:
         """Store streamed segments from the job's current holder (a segment id seen before is replaced)."""
@@ -769,9 +762,9 @@ class SqlStore:
     async def grant_lease(self, req: LeaseRequest) -> LeaseGrant:
         """Grant a fenced lease on (node, resource) for a job assigned to that node."""
         ttl = clamp_ttl(self.settings, req.ttl_s)
-        devices_text = self._node_devices.get(req.node_id) if self._fast is not None else None
-        if self._fast is not None and devices_text is not None \
-                and req.resource in (dispatch_of(devices_text) or _NO_DISPATCH).resources:
+        devices_text = self._node_devices.get(req.node_id)  # (PostgreSQL only, as in assign_next)
+        if devices_text is not None and any(d.resource == req.resource for d in _devices(devices_text)):
+            assert self._fast is not None
             lease_id = f"lease-{secrets.token_hex(8)}"
             row = await self._fast.grant(req.node_id, devices_text, req.job_id, req.resource, lease_id, ttl)
             if row is not None:
@@ -981,7 +974,7 @@ class SqlStore:
     async def _resume_if_paused(self, tx: Tx, now: float) -> None:
         """Before a fenced write: if no reaping pass ran for a while (the store was unreachable), give the leases
         their time back first, so a holder renewing right after the outage is not refused for it."""
-        if time.monotonic() - self._reaped_at < PAUSE_AFTER_S / 2:
+        if self._fresh_reap():
             return  # this replica's own pass ran just now: no pause to give back
         last = await tx.fetchval("SELECT last_reap FROM store_clock WHERE id = 1")
         if last and now - last > PAUSE_AFTER_S:
