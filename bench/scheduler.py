@@ -20,10 +20,13 @@ Three kinds of process per store, so that no side's CPU is another's:
   ``--scheduler-env KEY=VALUE`` adds to their environment, e.g. a log level);
 - the cluster (``--cluster``, a process of its own): ``--nodes`` protocol-speaking fake nodes with one ``cpu``
   device each and no model, spread over the replicas. Each registers, heartbeats at the interval it is given,
-  long-polls for a job, fetches its audio, takes the lease, renews it every TTL/3 as the agent does, "decodes"
-  ``--decode-s`` (50 ms), posts one segment event and then the result, with the holder's fields (node_id,
-  lease_id, attempt, lease_epoch). Its messages are the wire models of ``node_agent/scheduler/schemas.py``, so a
-  protocol change breaks this loudly;
+  long-polls for a job asking for its lease with it (``lease_ttl_s``; ``POST /v1/leases`` when the assignment comes
+  without one), fetches its audio, renews the lease every TTL/3 as the agent does, "decodes"
+  ``--decode-s`` (50 ms), and posts the result, with the holder's fields (node_id, lease_id, attempt,
+  lease_epoch). Its one segment comes at the end of the decode, so it rides with the result, as the agent's does
+  (``EVENTS_LINGER_S`` in node_agent/job_runner.py); ``--stream-events`` posts it as an event first, as the agent
+  does for a segment that comes earlier than that before the end (a long job's). Its messages are the wire models
+  of ``node_agent/scheduler/schemas.py``, so a protocol change breaks this loudly;
 - this driver: the submitters (multipart ``POST /v1/jobs``, one aiohttp session, many tasks, spread over the
   replicas) and the measuring.
 
@@ -222,6 +225,7 @@ class ClusterStats:
     polls: int = 0
     jobs: int = 0
     renewals: int = 0
+    lease_requests: int = 0  # leases asked for apart from the assignment (the resource was held)
     errors: int = 0
 
 
@@ -250,9 +254,10 @@ class FakeNode:
     """One node with one ``cpu`` device and no model, speaking protocol v1 as the agent does."""
 
     def __init__(self, index: int, url: str, session: aiohttp.ClientSession, out: Emitter, stats: ClusterStats,
-                 decode_s: float, lease_ttl_s: float, renew_every_s: float | None) -> None:
+                 decode_s: float, lease_ttl_s: float, renew_every_s: float | None, stream_events: bool) -> None:
         self.index, self.url, self.session, self.out, self.stats = index, url, session, out, stats
         self.decode_s, self.lease_ttl_s, self.renew_every_s = decode_s, lease_ttl_s, renew_every_s
+        self.stream_events = stream_events
         self.node_id: str | None = None
         self.heartbeat_s = 5.0
         self.running: list[str] = []
@@ -313,7 +318,8 @@ class FakeNode:
         beats = asyncio.create_task(self.heartbeats())
         try:
             while True:
-                status, body = await self.call("GET", f"/v1/nodes/{self.node_id}/jobs/next?wait_s={LONG_POLL_S:g}")
+                status, body = await self.call(
+                    "GET", f"/v1/nodes/{self.node_id}/jobs/next?wait_s={LONG_POLL_S:g}&lease_ttl_s={self.lease_ttl_s:g}")
                 self.stats.polls += 1
                 if status == 200:
                     await self.job(JobAssignment.model_validate(body))
@@ -335,22 +341,29 @@ class FakeNode:
         if status != 200 or len(audio) != a.audio.bytes:
             self.error("audio", status, f"{len(audio)} bytes, assignment says {a.audio.bytes}", a.job_id)
             return
-        req = LeaseRequest(node_id=self.node_id, job_id=a.job_id, resource=a.resource or "cpu", ttl_s=self.lease_ttl_s)
-        status, body = await self.call("POST", "/v1/leases", req.model_dump(mode="json"))
-        if status != 201:
-            self.error("lease", status, body, a.job_id)
-            return
-        lease = LeaseGrant.model_validate(body)
+        if a.lease is not None:  # granted with the assignment, as the agent asks
+            lease = a.lease
+        else:
+            req = LeaseRequest(node_id=self.node_id, job_id=a.job_id, resource=a.resource or "cpu",
+                               ttl_s=self.lease_ttl_s)
+            status, body = await self.call("POST", "/v1/leases", req.model_dump(mode="json"))
+            if status != 201:
+                self.error("lease", status, body, a.job_id)
+                return
+            lease = LeaseGrant.model_validate(body)
+            self.stats.lease_requests += 1
         self.running = [a.job_id]
         renewals = asyncio.create_task(self.renew(lease))
         try:
             await asyncio.sleep(self.decode_s)
             seg = Segment(id=0, start=0.0, end=0.5, text=" bench")
-            events = EventsReport(node_id=self.node_id, lease_id=lease.lease_id, attempt=a.attempt,
-                                  lease_epoch=lease.epoch, events=[seg])
-            status, body = await self.call("POST", f"/v1/jobs/{a.job_id}/events", events.model_dump(mode="json"))
-            if status != 202:
-                self.error("events", status, body, a.job_id)
+            if self.stream_events:
+                events = EventsReport(node_id=self.node_id, lease_id=lease.lease_id, attempt=a.attempt,
+                                      lease_epoch=lease.epoch, events=[seg])
+                status, body = await self.call("POST", f"/v1/jobs/{a.job_id}/events",
+                                               events.model_dump(mode="json"))
+                if status != 202:
+                    self.error("events", status, body, a.job_id)
         finally:
             renewals.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -394,7 +407,7 @@ async def cluster_main(args: argparse.Namespace) -> int:
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=LONG_POLL_S + 30)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         nodes = [FakeNode(i, urls[i % len(urls)], session, out, stats, args.decode_s, args.lease_ttl_s,
-                          args.renew_every_s) for i in range(args.nodes)]
+                          args.renew_every_s, args.stream_events) for i in range(args.nodes)]
         tasks = [asyncio.create_task(n.run()) for n in nodes]
         flusher = asyncio.create_task(out.run())
         ready = asyncio.create_task(asyncio.wait([asyncio.create_task(n.registered.wait()) for n in nodes]))
@@ -558,6 +571,8 @@ class Driver:
                str(a.nodes), "--decode-s", str(a.decode_s), "--lease-ttl-s", str(a.lease_ttl_s)]
         if a.renew_every_s is not None:
             cmd += ["--renew-every-s", str(a.renew_every_s)]
+        if a.stream_events:
+            cmd.append("--stream-events")
         self.cluster_log = (self.tmp / "cluster.log").open("ab")
         self.cluster = await asyncio.create_subprocess_exec(
             *cmd, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=self.cluster_log, limit=1 << 22)
@@ -916,6 +931,7 @@ def report(result: dict[str, Any], command: str) -> str:
         f"{m['python']}, aiohttp {m['aiohttp']}, event loop {c['event_loop']}; load (1/5/15 min) at start "
         f"{load(m['load_at_start'])}, at end {load(m['load_at_end'])}. Per store, one after the other: fresh "
         f"scheduler process(es), {c['nodes']} fake nodes (one process), decode {c['decode_s'] * 1000:.0f} ms, "
+        f"its segment {'streamed as an event' if c.get('stream_events') else 'with the result'}, "
         f"{c['submitters']} submitters as fast as possible, {c['warmup']} warm-up jobs first.{pg_line}",
         "",
         summary(result["stores"], c["rate"]),
@@ -953,7 +969,7 @@ def run_stores(args: argparse.Namespace, stores: list[Store]) -> dict[str, Any]:
     top = Path(tempfile.mkdtemp(prefix="node-agent-bench-sched-", dir=args.workdir))
     result: dict[str, Any] = {"machine": machine(), "config": {
         "stores": [s.name for s in stores], "nodes": args.nodes, "jobs": args.jobs, "rate": args.rate,
-        "loads": args.loads, "decode_s": args.decode_s, "submitters": args.submitters, "warmup": args.warmup,
+        "loads": args.loads, "decode_s": args.decode_s, "stream_events": args.stream_events, "submitters": args.submitters, "warmup": args.warmup,
         "scheduler_env": args.scheduler_env, "lease_ttl_s": args.lease_ttl_s, "renew_every_s": args.renew_every_s,
         "profile": args.profile, "event_loop": "uvloop" if uvloop is not None else "asyncio"},
         "stores": [], "logs": str(top)}
@@ -993,6 +1009,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lease-ttl-s", type=float, default=15.0, help="TTL the fake nodes ask for (default 15)")
     parser.add_argument("--renew-every-s", type=float, default=None,
                         help="renew this often instead of every TTL/3 (the agent's rate)")
+    parser.add_argument("--stream-events", action="store_true",
+                        help="post each job's segment as an event before its result (a long job's streaming) "
+                             "instead of with the result (a short job's, as the agent does)")
     parser.add_argument("--scheduler-env", action="append", default=[], metavar="KEY=VALUE",
                         help="more environment for every scheduler, e.g. NODE_AGENT_LOGGING__LEVEL=WARNING; the "
                              f"caller's NODE_AGENT_* variables are not passed on, and {STORE_VAR} is --stores' job")

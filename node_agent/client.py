@@ -294,10 +294,15 @@ class SchedulerClient:
             return self._parse(HeartbeatResponse, "heartbeat", status, data)
         raise self._fail("heartbeat", status, data, headers)
 
-    async def next_job(self, node_id: str, wait_s: float, resource: str | None = None) -> JobAssignment | None:
+    async def next_job(self, node_id: str, wait_s: float, resource: str | None = None,
+                       lease_ttl_s: float | None = None) -> JobAssignment | None:
+        """The next job for ``resource``; with ``lease_ttl_s``, its lease too when the scheduler can grant it
+        with the assignment (``JobAssignment.lease``; a scheduler that cannot ignores the parameter)."""
         params: dict[str, Any] = {"wait_s": f"{wait_s:g}"}
         if resource:
             params["resource"] = resource
+        if lease_ttl_s is not None:
+            params["lease_ttl_s"] = f"{lease_ttl_s:g}"
         status, data, headers = await self._call(
             "GET", "next_job", f"/v1/nodes/{node_id}/jobs/next", params=params,
             timeout=wait_s + self.request_timeout_s)

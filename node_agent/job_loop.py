@@ -64,8 +64,10 @@ class JobLoop:
                 continue
             node_id = self.identity.node_id
             assert node_id is not None
+            polled_at = asyncio.get_running_loop().time()
             try:
-                assignment = await self.client.next_job(node_id, self.wait_s, resource)
+                assignment = await self.client.next_job(node_id, self.wait_s, resource,
+                                                        lease_ttl_s=self.runner.keeper.requested_ttl())
             except UnknownNode:
                 self._reregister()
                 await asyncio.sleep(0.2)  # the registered event clears at once; this only yields
@@ -78,6 +80,6 @@ class JobLoop:
             backoff.reset()
             if assignment is None:
                 continue
-            self.job = asyncio.get_running_loop().create_task(self.runner.run(assignment),
+            self.job = asyncio.get_running_loop().create_task(self.runner.run(assignment, polled_at),
                                                               name=f"job-{assignment.job_id}")
             await asyncio.shield(self.job)

@@ -1,9 +1,12 @@
-"""One job, start to end: fetch audio -> lease -> decode with streamed events -> result report -> release.
+"""One job, start to end: lease -> fetch audio -> decode with streamed events -> result report.
 
 ``JobRunner.run`` is handed an assignment and returns a ``JobOutcome``; it is given everything it talks to (the
 scheduler client, the device's lease keeper and worker, the retry policies, metrics) and keeps no other state
-than the ``JobLedger`` it writes for status. The report runs under ``asyncio.shield`` and is awaited to the end,
-so a shutdown never loses a result; releasing the lease afterwards is housekeeping in a background task.
+than the ``JobLedger`` it writes for status. The lease normally comes with the assignment (the poll asks for it)
+and is renewed from then on, through the audio download; from a scheduler that did not grant it so, the audio is
+fetched first and the lease asked for. The report runs under ``asyncio.shield`` and is awaited to the end, so a
+shutdown never loses a result. Accepting the result releases the lease on the scheduler; a job given up without
+an accepted result releases it in a background task (housekeeping).
 """
 
 from __future__ import annotations
@@ -44,6 +47,18 @@ LEASE_LOSS_WINDOW_S = 600.0
 #: The longest a scheduler's Retry-After holds back segment events during a job (they pile up meanwhile; the
 #: result carries every segment anyway, so a long hold only delays what streaming clients see).
 EVENTS_HOLD_MAX_S = 5.0
+#: A segment waits up to this long for the ones after it before it is posted. faster-whisper yields a window's
+#: segments together, so a burst goes as one post; and the segments that come with the end of the decode (all of
+#: a short clip's) are not posted at all: the result carries every segment and the scheduler stores them with it,
+#: which saves a request and a store write per short job. Streaming clients see segments this much later.
+EVENTS_LINGER_S = 0.1
+
+
+class _End(enum.Enum):
+    """The last item of a job's segment queue: how the decode ended."""
+
+    result = "result"  # with a result, which carries every segment: what is pending goes with it
+    failed = "failed"  # without one: what is pending is still posted (a failed job's partial transcript)
 
 
 @dataclass
@@ -53,6 +68,7 @@ class RunningJob:
     assignment: JobAssignment
     resource: str
     received: float  # event-loop time
+    polled_at: float = 0.0  # event-loop time the poll that brought it was sent
     lease: Lease | None = None
     worker: Worker | None = None
 
@@ -130,11 +146,13 @@ class JobRunner:
         self.ledger = ledger if ledger is not None else JobLedger()
         self._background: set[asyncio.Task[Any]] = set()
 
-    async def run(self, assignment: JobAssignment) -> JobOutcome:
-        """Run one assignment to its end and say how it ended. Never raises but for cancellation."""
+    async def run(self, assignment: JobAssignment, polled_at: float | None = None) -> JobOutcome:
+        """Run one assignment to its end and say how it ended. Never raises but for cancellation.
+        ``polled_at`` (event-loop time): when the poll that brought it was sent, for a lease that came with it."""
         loop = asyncio.get_running_loop()
         a = assignment
         running = RunningJob(a, self.worker.resource, loop.time(), worker=self.worker)
+        running.polled_at = polled_at if polled_at is not None else running.received
         self.ledger.running[a.job_id] = running
         self.metrics.jobs_in_progress.inc()
         self.metrics.job_queue_wait.observe(max(0.0, a.queued_s))
@@ -162,21 +180,32 @@ class JobRunner:
         loop = asyncio.get_running_loop()
         a = running.assignment
         deadline = running.received + a.deadline_s if a.deadline_s else None
-        try:
-            audio = await self._fetch_audio(a, deadline)
-        except SchedulerError as exc:
-            # Without a lease we cannot report; the scheduler re-queues the assignment on its own.
-            log.error("job %s: could not fetch audio, leaving it to the scheduler: %s", a.job_id, exc)
-            return JobOutcome(a.job_id, a.attempt, None, Report.not_sent, reason=f"audio: {exc}")
-        try:
-            lease = await self.keeper.acquire(self.identity.node_id or "", a.job_id)
-        except LeaseUnavailable as exc:
-            log.error("job %s: %s", a.job_id, exc)
-            return JobOutcome(a.job_id, a.attempt, None, Report.not_sent, reason=str(exc))
+        audio: bytes | None = None
+        if a.lease is not None:
+            # Granted with the assignment (one round trip less): renewed from now on, the audio fetched under it.
+            lease = self.keeper.adopt(self.identity.node_id or "", a.job_id, a.lease,
+                                      running.polled_at + (a.poll_held_s or 0.0))
+        else:
+            try:
+                audio = await self._fetch_audio(a, deadline)
+            except SchedulerError as exc:
+                # Without a lease we cannot report; the scheduler re-queues the assignment on its own.
+                log.error("job %s: could not fetch audio, leaving it to the scheduler: %s", a.job_id, exc)
+                return JobOutcome(a.job_id, a.attempt, None, Report.not_sent, reason=f"audio: {exc}")
+            try:
+                lease = await self.keeper.acquire(self.identity.node_id or "", a.job_id)
+            except LeaseUnavailable as exc:
+                log.error("job %s: %s", a.job_id, exc)
+                return JobOutcome(a.job_id, a.attempt, None, Report.not_sent, reason=str(exc))
         running.lease = lease
 
-        result, error = await self._decode(a, lease, audio, deadline)
-        del audio
+        try:
+            result, error = await self._decode(a, lease, audio, deadline)
+        except SchedulerError as exc:  # the audio, fetched under a lease that came with the assignment
+            # Given back, the job goes back to the queue at once (rather than when the lease expires).
+            log.error("job %s: could not fetch audio, giving the job back to the scheduler: %s", a.job_id, exc)
+            self._own(loop.create_task(self.keeper.release(lease), name=f"release-{lease.lease_id}"))
+            return JobOutcome(a.job_id, a.attempt, None, Report.not_sent, reason=f"audio: {exc}")
         if isinstance(error, LeaseLost):
             self.ledger.lease_losses.append(loop.time())
         # The report must survive cancellation (shutdown): shield it, and await it to the end.
@@ -187,31 +216,46 @@ class JobRunner:
             await report
             raise
         finally:
-            # The job is over once reported; releasing is housekeeping (the scheduler already dropped the lease
-            # when it accepted the result) and may retry through a partition, so it must not hold up the node.
-            self._own(loop.create_task(self.keeper.release(lease), name=f"release-{lease.lease_id}"))
+            if report.done() and not report.cancelled() and report.exception() is None \
+                    and report.result()[0] is Report.accepted:
+                # Accepting the result released the lease on the scheduler: nothing to send.
+                self.keeper.released_by_result(lease)
+            else:
+                # Releasing is housekeeping and may retry through a partition, so it must not hold up the node.
+                self._own(loop.create_task(self.keeper.release(lease), name=f"release-{lease.lease_id}"))
         code = None if result is not None else (error.code if error else "failed")
         return JobOutcome(a.job_id, a.attempt, job_outcome(code), reported, error,
                           seconds=loop.time() - running.received, requeued=requeued)
 
-    async def _decode(self, a: JobAssignment, lease: Lease, audio: bytes,
+    async def _decode(self, a: JobAssignment, lease: Lease, audio: bytes | None,
                       deadline: float | None) -> tuple[JobResult | None, JobError | None]:
-        """The decode under the lease, its segments streamed to the scheduler as they come."""
+        """The decode under the lease, its segments streamed to the scheduler as they come. ``audio`` None: it is
+        fetched first, under the lease (a ``SchedulerError`` when it cannot be)."""
+        async with self.keeper.hold(lease, on_lost=self.worker.abort):
+            if audio is None:
+                audio = await self._fetch_audio(a, deadline)
+                if lease.lost is not None:  # lost during the fetch: no decode to stop, so none is started
+                    return None, lease.lost
+            return await self._decode_held(a, lease, audio, deadline)
+
+    async def _decode_held(self, a: JobAssignment, lease: Lease, audio: bytes,
+                           deadline: float | None) -> tuple[JobResult | None, JobError | None]:
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        events: asyncio.Queue[dict[str, Any] | _End] = asyncio.Queue()
         sender = loop.create_task(self._send_events(a.job_id, a.attempt, lease, events))
+        end = _End.failed
         try:
-            async with self.keeper.hold(lease, on_lost=self.worker.abort):
-                result = await self.worker.run_job(
-                    JobRequest(job_id=a.job_id, audio=audio, format=a.audio.format,
-                               sample_rate=a.audio.sample_rate, language=a.language, options=a.options,
-                               deadline=deadline),
-                    on_segment=events.put_nowait)
+            result = await self.worker.run_job(
+                JobRequest(job_id=a.job_id, audio=audio, format=a.audio.format,
+                           sample_rate=a.audio.sample_rate, language=a.language, options=a.options,
+                           deadline=deadline),
+                on_segment=events.put_nowait)
+            end = _End.result
             return result, None
         except JobError as exc:
             return None, exc
         finally:
-            events.put_nowait(None)
+            events.put_nowait(end)
             flush_s = self.policies.events.max_total_s or 0.0
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 # A little longer than the sender's own flush budget: it normally ends by itself.
@@ -242,13 +286,15 @@ class JobRunner:
                 await asyncio.sleep(delay)
 
     async def _send_events(self, job_id: str, attempt: int, lease: Lease,
-                           queue: asyncio.Queue[dict[str, Any] | None]) -> None:
-        """Forward segment events in order, batching what piled up. Never blocks the decode.
+                           queue: asyncio.Queue[dict[str, Any] | _End]) -> None:
+        """Forward segment events in order, batching what comes within ``EVENTS_LINGER_S``. Never blocks the
+        decode.
 
         A batch that could not be delivered is carried into the next post (the scheduler replaces segments by
-        id, so a resend is harmless). After the last segment, what is still undelivered is retried under the
-        ``events`` policy (4 s in all): the result waits for that flush (clients see segments before the
-        transcript), so a blip at the very end of a job costs no events, and a dead scheduler costs seconds.
+        id, so a resend is harmless). When the decode ends with a result, what is still pending goes with it (the
+        result carries every segment). When it ends without one, what is still undelivered is retried under the
+        ``events`` policy (4 s in all): the failure report waits for that flush, so a blip at the very end of a
+        job costs no events, and a dead scheduler costs seconds.
         """
         loop = asyncio.get_running_loop()
         pending: list[dict[str, Any]] = []
@@ -256,12 +302,23 @@ class JobRunner:
         retry_after: float | None = None
         hold_until = 0.0  # after a refusal with Retry-After, later segments pile up until then
         while not done:
-            item = await queue.get()
-            items = [item]
-            while not queue.empty():
-                items.append(queue.get_nowait())
-            done = items[-1] is None
-            pending.extend(e for e in items if e is not None)
+            items = [await queue.get()]
+            linger_until = loop.time() + EVENTS_LINGER_S
+            while not isinstance(items[-1], _End):
+                if queue.empty():
+                    try:
+                        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel (see lease.hold).
+                        async with asyncio.timeout(linger_until - loop.time()):
+                            items.append(await queue.get())
+                    except TimeoutError:
+                        break
+                else:
+                    items.append(queue.get_nowait())
+            end = items[-1] if isinstance(items[-1], _End) else None
+            done = end is not None
+            pending.extend(e for e in items if not isinstance(e, _End))
+            if end is _End.result:
+                return
             if not pending or (not done and loop.time() < hold_until):
                 continue
             try:

@@ -20,6 +20,7 @@ from .config import LeaseSettings
 from .errors import LeaseLost
 from .metrics import AgentMetrics
 from .retry import Backoff, RetryPolicies, RetryPolicy, retry_after_of
+from .scheduler.schemas import LeaseGrant
 
 #: The code of a scheduler's 503 while its store cannot be reached (docs/protocol.md, "The store").
 STORE_PAUSED = "store_unavailable"
@@ -127,6 +128,21 @@ class LeaseKeeper:
                 raise LeaseUnavailable(
                     f"no lease for job {job_id} within lease.acquire_timeout_s = "
                     f"{self.settings.acquire_timeout_s:g} s: {reason}")
+
+    def adopt(self, node_id: str, job_id: str, grant: LeaseGrant, granted_after: float) -> Lease:
+        """Take on a lease the scheduler granted with the job's assignment. ``granted_after`` (loop time) is no
+        later than the grant (the poll's sending plus the time the scheduler held it), so the expiry reckoned from
+        it is never later than the scheduler's."""
+        if self.metrics is not None:
+            self.metrics.lease_acquire_duration.labels(self.device).observe(0.0)
+            self.metrics.leases_held.labels(self.device).inc()
+        now = asyncio.get_running_loop().time()
+        lease = Lease(grant.lease_id, grant.epoch, grant.ttl_s, self.device, job_id, node_id, now,
+                      min(granted_after, now))
+        self.current = lease
+        log.info("lease %s granted with job %s on %s: epoch=%d ttl=%.1fs", lease.lease_id, job_id, self.device,
+                 lease.epoch, lease.ttl_s)
+        return lease
 
     @contextlib.asynccontextmanager
     async def hold(self, lease: Lease, on_lost: Callable[[LeaseLost], None]) -> AsyncIterator[Lease]:
@@ -248,12 +264,20 @@ class LeaseKeeper:
             self.metrics.lease_lost.labels(self.device, error.reason).inc()
         on_lost(error)
 
-    async def release(self, lease: Lease) -> None:
-        """Best effort: an unreleased lease expires on its own after its TTL."""
+    def released_by_result(self, lease: Lease) -> None:
+        """The lease ended with its job's accepted result (the scheduler released it then): forget it here."""
+        self._forget(lease)
+        log.info("lease %s released with the accepted result (job %s)", lease.lease_id, lease.job_id)
+
+    def _forget(self, lease: Lease) -> None:
         if self.current is lease:
             self.current = None
             if self.metrics is not None:
                 self.metrics.leases_held.labels(self.device).dec()
+
+    async def release(self, lease: Lease) -> None:
+        """Best effort: an unreleased lease expires on its own after its TTL."""
+        self._forget(lease)
         backoff = self.policies.lease_release.start("lease_release", self._on_retry)
         while True:
             try:

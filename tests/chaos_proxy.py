@@ -43,6 +43,9 @@ class ChaosProxy:
         self.forwarded: Counter[str] = Counter()
         # (endpoint, status, body) of forwarded results; for events, the request body (what was delivered)
         self.answers: list[tuple[str, int, bytes]] = []
+        #: Query parameters removed before forwarding, per endpoint: a scheduler older than them, as it would see
+        #: the request (e.g. next_job without lease_ttl_s: the job comes without its lease).
+        self.strip_query: dict[str, set[str]] = defaultdict(set)
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self.url = ""
@@ -75,8 +78,9 @@ class ChaosProxy:
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items()
                    if k.lower() in ("authorization", "content-type", "idempotency-key")}
-        async with self._session.request(request.method, self.upstream + request.path_qs, data=body or None,
-                                         headers=headers) as resp:
+        query = {k: v for k, v in request.query.items() if k not in self.strip_query.get(name or "", ())}
+        async with self._session.request(request.method, self.upstream + request.path, params=query,
+                                         data=body or None, headers=headers) as resp:
             data = await resp.read()
             status = resp.status
             ctype = resp.headers.get("Content-Type")

@@ -23,12 +23,12 @@ from fake_plugin import COMMAND as FAKE_COMMAND
 from node_agent.client import SchedulerClient
 from node_agent.config import SchedulerSettings
 from node_agent.errors import LeaseLost
-from node_agent.job_runner import JobRunner, Report
+from node_agent.job_runner import EVENTS_LINGER_S, JobRunner, Report
 from node_agent.lease import LeaseKeeper
 from node_agent.metrics import AgentMetrics
 from node_agent.registration import NodeIdentity
 from node_agent.retry import RetryPolicies, RetryPolicy
-from node_agent.scheduler.schemas import JobAssignment
+from node_agent.scheduler.schemas import JobAssignment, LeaseGrant
 from node_agent.scheduler.server import Running, start_scheduler
 from node_agent.supervisor import Worker, WorkerState, worker_spec
 
@@ -137,7 +137,8 @@ async def test_a_job_succeeds_is_reported_once_and_its_lease_released(fake_worke
     assert parts.sample("node_agent_jobs_total", outcome="succeeded") == 1
     assert parts.sample("node_agent_jobs_in_progress") == 0
     assert parts.sample("node_agent_leases_held", device="cpu") == 0
-    assert parts.sample("node_agent_scheduler_requests_total", endpoint="lease_release", code="204") == 1
+    # Accepting the result released the lease on the scheduler: no release request, and it is not held here.
+    assert parts.sample("node_agent_scheduler_requests_total", endpoint="lease_release", code="204") is None
     assert parts.sample("node_agent_scheduler_requests_total", endpoint="result", code="200") == 1
     assert all(parts.sample("node_agent_retries_total", operation=op) == 0 for op in ("audio", "result", "events"))
 
@@ -229,7 +230,8 @@ def serve_job(m: aioresponses) -> None:
 
 
 async def test_the_report_is_retried_through_failures_until_accepted_and_counted_once(fake_worker):
-    worker = await fake_worker()
+    # Segments further apart than EVENTS_LINGER_S: the first two are streamed, the last goes with the result.
+    worker = await fake_worker(segments=3, every_s=3 * EVENTS_LINGER_S / 2)
     parts = build(worker, BASE, "n1")
     try:
         with aioresponses() as m:
@@ -256,9 +258,60 @@ async def test_the_report_is_retried_through_failures_until_accepted_and_counted
     holder = {"node_id": "n1", "lease_id": "l1", "attempt": 1, "lease_epoch": 3}
     assert events_sent and all(r.kwargs["json"].items() >= holder.items() for r in events_sent)
     assert bodies[0]["result"]["text"] == "segment 1. segment 2. segment 3."
+    assert len(bodies[0]["result"]["segments"]) == 3
     assert parts.runner.ledger.totals["succeeded"] == 1
     assert parts.sample("node_agent_jobs_total", outcome="succeeded") == 1
     assert parts.sample("node_agent_retries_total", operation="result") == 4
+
+
+@pytest.mark.parametrize("error, outcome_label, posted", [(None, "succeeded", []), ("failed", "failed", [1, 2, 3])])
+async def test_segments_that_come_with_the_end_of_the_decode_ride_with_the_result(fake_worker, error, outcome_label,
+                                                                                 posted):
+    # A short clip's segments come together, with its end (3 within 60 ms): no events post, one request less;
+    # the result carries them all. A failed decode has no result to carry them: they are posted before its report.
+    worker = await fake_worker(segments=3, every_s=0.02, **({"error": error} if error else {}))
+    parts = build(worker, BASE, "n1")
+    try:
+        with aioresponses() as m:
+            serve_job(m)
+            m.post(RESULT, status=200, payload={"accepted": True})
+            outcome = await parts.runner.run(ASSIGNMENT)
+            await parts.runner.settle(5.0)
+            events_sent = m.requests.get(("POST", URL(f"{BASE}/v1/jobs/j1/events")), [])
+            (result,) = m.requests[("POST", URL(RESULT))]
+    finally:
+        await parts.client.close()
+    assert (outcome.outcome, outcome.report) == (outcome_label, Report.accepted)
+    assert [seg["id"] for r in events_sent for seg in r.kwargs["json"]["events"]] == posted
+    if error is None:
+        assert [seg["id"] for seg in result.kwargs["json"]["result"]["segments"]] == [1, 2, 3]
+
+
+async def test_a_failed_decodes_pending_segments_are_retried_through_a_blip_before_its_report(fake_worker):
+    # The scheduler fails the posts as the decode fails: its partial transcript is retried (bounded by the events
+    # policy), not dropped with one try, and reaches the scheduler before the failure report.
+    worker = await fake_worker(segments=2, every_s=0.02, error="failed")
+    parts = build(worker, BASE, "n1")
+    order: list[str] = []
+    try:
+        with aioresponses() as m:
+            m.get(f"{BASE}/v1/jobs/j1/audio", status=200, body=AUDIO)
+            m.post(f"{BASE}/v1/leases", status=201,
+                   payload={"lease_id": "l1", "epoch": 3, "ttl_s": 15, "resource": "cpu"})
+            events = f"{BASE}/v1/jobs/j1/events"
+            m.post(events, status=500, callback=lambda *_, **__: order.append("events 500"))
+            m.post(events, status=503, callback=lambda *_, **__: order.append("events 503"))
+            m.post(events, status=202, callback=lambda *_, **__: order.append("events 202"))
+            m.post(RESULT, status=200, payload={"accepted": True}, callback=lambda *_, **__: order.append("result"))
+            outcome = await parts.runner.run(ASSIGNMENT)
+            await parts.runner.settle(5.0)
+            delivered = m.requests[("POST", URL(events))][-1].kwargs["json"]["events"]
+    finally:
+        await parts.client.close()
+    assert (outcome.outcome, outcome.report) == ("failed", Report.accepted)
+    assert order == ["events 500", "events 503", "events 202", "result"]
+    assert [seg["id"] for seg in delivered] == [1, 2]
+    assert parts.sample("node_agent_retries_total", operation="events") == 2
 
 
 async def test_segment_events_hold_back_for_the_schedulers_retry_after(fake_worker):
@@ -270,7 +323,7 @@ async def test_segment_events_hold_back_for_the_schedulers_retry_after(fake_work
     posted: list[tuple[float, int]] = []
 
     def record(url: Any, **kwargs: Any) -> None:
-        posted.append((loop.time(), len(kwargs["json"]["events"])))
+        posted.append((loop.time(), [e["id"] for e in kwargs["json"]["events"]]))
 
     try:
         with aioresponses() as m:
@@ -283,15 +336,18 @@ async def test_segment_events_hold_back_for_the_schedulers_retry_after(fake_work
             m.post(RESULT, status=200, payload={"accepted": True})
             outcome = await parts.runner.run(ASSIGNMENT)
             await parts.runner.settle(5.0)
+            (result,) = m.requests[("POST", URL(RESULT))]
     finally:
         await parts.client.close()
     assert (outcome.outcome, outcome.report) == ("succeeded", Report.accepted)
-    refused_at = posted[0][0]
-    # Nothing was posted within the second the scheduler asked for (but what ends the job is flushed at once).
-    during = [t for t, _ in posted[1:-1] if t - refused_at < 0.95]
+    refused_at, refused = posted[0]
+    # Nothing was posted within the second the scheduler asked for.
+    during = [t for t, _ in posted[1:] if t - refused_at < 0.95]
     assert not during, posted
-    # Every segment reached the scheduler in the end, the refused ones carried forward.
-    assert sum(n for _, n in posted[1:]) == 12, posted
+    # The refused segments were carried forward: into the next post, or (the job ended first) the result.
+    if posted[1:]:
+        assert posted[1][1][:len(refused)] == refused, posted
+    assert [seg["id"] for seg in result.kwargs["json"]["result"]["segments"]] == list(range(1, 13))
 
 
 async def test_a_rejected_report_is_not_retried(fake_worker):
@@ -360,3 +416,54 @@ async def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any
             raise AssertionError(f"not within {timeout:g} s: {what}")
         await asyncio.sleep(0.02)
     return value
+
+
+# ----- a lease granted with the assignment -----------------------------------------------------------------------
+
+LEASED = ASSIGNMENT.model_copy(update={
+    "lease": LeaseGrant(lease_id="l1", epoch=3, ttl_s=15, resource="cpu"), "poll_held_s": 0.25})
+
+
+async def test_a_lease_that_comes_with_the_assignment_is_used_without_asking(fake_worker):
+    worker = await fake_worker()
+    parts = build(worker, BASE, "n1")
+    polled_at = asyncio.get_running_loop().time() - 1.0  # the poll was sent a second ago, held 0.25 s of it
+    keeper, adopted = parts.runner.keeper, []
+    adopt = keeper.adopt
+    keeper.adopt = lambda *args: adopted.append(adopt(*args)) or adopted[-1]  # type: ignore[method-assign]
+    try:
+        with aioresponses() as m:
+            serve_job(m)
+            m.post(RESULT, status=200, payload={"accepted": True})
+            outcome = await parts.runner.run(LEASED, polled_at)
+            await parts.runner.settle(5.0)
+            asked = m.requests.get(("POST", URL(f"{BASE}/v1/leases")), [])
+            (result,) = m.requests[("POST", URL(RESULT))]
+    finally:
+        await parts.client.close()
+    assert (outcome.outcome, outcome.report) == ("succeeded", Report.accepted)
+    assert not asked
+    body = result.kwargs["json"]
+    assert (body["lease_id"], body["lease_epoch"], body["node_id"]) == ("l1", 3, "n1")
+    # Its expiry is reckoned from no later than the grant: the poll's sending plus the time the scheduler held it.
+    (lease,) = adopted
+    assert lease.renewed_at == pytest.approx(polled_at + 0.25)
+    assert parts.sample("node_agent_leases_held", device="cpu") == 0
+
+
+async def test_audio_that_cannot_be_had_under_a_granted_lease_gives_the_job_back(fake_worker):
+    worker = await fake_worker()
+    parts = build(worker, BASE, "n1")
+    try:
+        with aioresponses() as m:
+            m.get(f"{BASE}/v1/jobs/j1/audio", status=503, repeat=True)
+            m.delete(f"{BASE}/v1/leases/l1", status=204)
+            outcome = await parts.runner.run(LEASED)
+            await parts.runner.settle(5.0)
+            released = m.requests.get(("DELETE", URL(f"{BASE}/v1/leases/l1")), [])
+    finally:
+        await parts.client.close()
+    assert (outcome.outcome, outcome.report) == (None, Report.not_sent)
+    assert outcome.reason.startswith("audio:")
+    assert released, "the lease must be given back so the job is queued again at once"
+    assert worker.snapshot()["jobs_served"] == 0

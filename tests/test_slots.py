@@ -273,6 +273,8 @@ async def test_two_jobs_run_at_once_on_two_slots_each_with_its_own_lease(tmp_pat
         leases = await both_running(s, jobs, tmp_path / "state")
         assert {job for job, _ in leases} == set(jobs)
         assert {resource for _, resource in leases} == {"cpu/0", "cpu/1"}
+        # Leased with the assignment, a job is running on the scheduler while its slot still fetches the audio.
+        await eventually(lambda: s.agent.view.status()["slots"]["busy"] == 2, 30, "both slots busy")
         status = s.agent.view.status()
         assert status["slots"]["busy"] == 2 and status["slots"]["total"] == 2
         assert status["slots"]["text"] == "2 workers x 1 thread per device (set)"

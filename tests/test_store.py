@@ -292,6 +292,57 @@ async def test_a_renewal_from_another_node_is_refused(store: str, tmp_path: Path
         await close(h)
 
 
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "postgresql"])
+async def test_a_poll_takes_the_jobs_lease_with_it_when_its_resource_is_free(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """``lease_ttl_s`` on a poll: the assignment carries the job's lease (one round trip less per job); it is the
+    holder's as one from ``POST /v1/leases`` is. With the resource still held by another job's lease the assignment
+    comes without one, and ``POST /v1/leases`` says who holds it."""
+    store = {"memory": "memory", "sqlite": f"sqlite:///{tmp_path / 'scheduler.db'}"}.get(kind) \
+        or request.getfixturevalue("pg_dsn")
+    h = await serve(store, tmp_path)
+    try:
+        node = await h.register()
+        first = await h.submit()
+        status, body, _ = await h.call("GET", f"/v1/nodes/{node}/jobs/next",
+                                       params={"wait_s": 0, "resource": "cpu", "lease_ttl_s": 10})
+        assert status == 200 and body["job_id"] == first, body
+        grant = body["lease"]
+        assert grant is not None and grant["resource"] == "cpu" and grant["ttl_s"] == 10, body
+        assert 0 <= body["poll_held_s"] < 5
+        row = await lease_row(h, grant["lease_id"])
+        assert (row["state"], row["job_id"], row["epoch"]) == ("active", first, grant["epoch"])
+        assert (await h.job(first))["state"] == "running"
+        status, reply = await h.renew(grant["lease_id"], node, grant["epoch"])
+        assert status == 200, reply
+        # Another node cannot use it, as for any lease.
+        other = await h.register(node_id="other")
+        status, reply = await h.result(first, other, 1, grant, result=result_of("forged"))
+        assert status == 409 and reply["error"]["code"] == "stale_epoch", reply
+
+        # A second job while the first one's lease still holds cpu: assigned, but without a lease.
+        second = await h.submit()
+        status, body, _ = await h.call("GET", f"/v1/nodes/{node}/jobs/next",
+                                       params={"wait_s": 0, "resource": "cpu", "lease_ttl_s": 10})
+        assert status == 200 and body["job_id"] == second and body["lease"] is None, body
+        status, reply, _ = await h.lease(node, second)
+        assert status == 409 and reply["error"]["code"] == "resource_held", reply
+
+        status, reply = await h.result(first, node, 1, grant, result=result_of("first", segment(0, " first")))
+        assert status == 200 and reply["accepted"], reply
+        assert (await h.job(first))["state"] == "succeeded"
+        status, later, _ = await h.lease(node, second)
+        assert status == 201 and later["epoch"] > grant["epoch"], later
+
+        # Nonsense is refused, naming the parameter.
+        for bad in ("0", "-3", "soon", "nan"):
+            status, reply, _ = await h.call("GET", f"/v1/nodes/{node}/jobs/next",
+                                            params={"wait_s": 0, "lease_ttl_s": bad})
+            assert status == 400 and "lease_ttl_s" in reply["error"]["message"], (bad, reply)
+    finally:
+        await close(h)
+
+
 # ------------------------------------------------------------------------------------- 4. newer schema
 
 

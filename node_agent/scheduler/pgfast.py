@@ -108,28 +108,50 @@ class PgFast:
         assert row is not None
         return float(row["now"])
 
-    async def claim(self, node_id: str, devices_text: str, dispatch: Dispatch) -> tuple[bool, Row | None]:
+    async def claim(self, node_id: str, devices_text: str, dispatch: Dispatch, lease_id: str | None = None,
+                    ttl_s: float | None = None) -> tuple[bool, Row | None]:
         """(node as expected, the claimed job's row or None). The node must be live, not draining, and still
-        have ``devices_text``; the oldest queued job it serves becomes assigned to it."""
-        row = await self.engine.statement(
-            f"""WITH {_CLOCK},
-               n AS (SELECT 1 FROM nodes WHERE node_id = $1 AND devices = $2 AND state NOT IN ('gone', 'draining')),
-               j AS (SELECT job_id FROM jobs WHERE state = 'queued' AND EXISTS (SELECT 1 FROM n)
-                         AND (CAST($3 AS jsonb) IS NULL OR language IS NULL
-                              OR language IN (SELECT jsonb_array_elements_text(CAST($3 AS jsonb))))
-                     ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED),
-               u AS (UPDATE jobs SET state = 'assigned', node_id = $1,
-                         resource = CASE WHEN jobs.language IS NULL THEN $4
-                                         ELSE COALESCE(CAST($5 AS jsonb) ->> jobs.language, $6) END,
-                         assigned_at = t.now, lease_id = NULL, lease_epoch = NULL,
-                         queued_total_s = queued_total_s + (t.now - jobs.queued_at), unservable_since = NULL
-                     FROM j, t WHERE jobs.job_id = j.job_id
-                     RETURNING jobs.job_id, jobs.attempt, jobs.spec, jobs.audio_bytes, jobs.deadline_at,
-                         jobs.resource, t.now - jobs.queued_at AS waited),
-               d AS (DELETE FROM segments WHERE job_id IN (SELECT job_id FROM u WHERE attempt > 1))
-               SELECT (SELECT COUNT(*) FROM n) AS node_ok, t.now, u.* FROM t LEFT JOIN u ON true""",
-            node_id, devices_text, dispatch.languages, dispatch.unset, dispatch.by_language, dispatch.other,
-        )
+        have ``devices_text``; the oldest queued job it serves becomes assigned to it. With ``lease_id`` and
+        ``ttl_s``, the job's first lease is granted too (``lease_epoch`` in the row) when no active lease holds
+        its resource on this node (as ``grant`` requires); else the job is only assigned (``lease_epoch`` None)."""
+        try:
+            row = await self.engine.statement(
+                f"""WITH {_CLOCK},
+                   n AS (SELECT 1 FROM nodes WHERE node_id = $1 AND devices = $2
+                             AND state NOT IN ('gone', 'draining')),
+                   j AS (SELECT job_id, language FROM jobs WHERE state = 'queued' AND EXISTS (SELECT 1 FROM n)
+                             AND (CAST($3 AS jsonb) IS NULL OR language IS NULL
+                                  OR language IN (SELECT jsonb_array_elements_text(CAST($3 AS jsonb))))
+                         ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED),
+                   r AS (SELECT j.job_id, CASE WHEN j.language IS NULL THEN $4
+                                               ELSE COALESCE(CAST($5 AS jsonb) ->> j.language, $6) END AS resource
+                         FROM j),
+                   g AS (SELECT r.job_id, nextval('lease_epochs') AS epoch FROM r
+                         WHERE CAST($8 AS DOUBLE PRECISION) IS NOT NULL
+                           AND NOT EXISTS (SELECT 1 FROM leases h WHERE h.node_id = $1 AND h.resource = r.resource
+                                           AND h.state = 'active')),
+                   u AS (UPDATE jobs SET state = CASE WHEN g.epoch IS NULL THEN 'assigned' ELSE 'running' END,
+                             node_id = $1, resource = r.resource, assigned_at = t.now,
+                             lease_id = CASE WHEN g.epoch IS NULL THEN NULL ELSE CAST($7 AS TEXT) END,
+                             lease_epoch = g.epoch,
+                             started_at = CASE WHEN g.epoch IS NULL THEN jobs.started_at
+                                               ELSE COALESCE(jobs.started_at, t.now) END,
+                             queued_total_s = queued_total_s + (t.now - jobs.queued_at), unservable_since = NULL
+                         FROM r LEFT JOIN g ON g.job_id = r.job_id, t WHERE jobs.job_id = r.job_id
+                         RETURNING jobs.job_id, jobs.attempt, jobs.spec, jobs.audio_bytes, jobs.deadline_at,
+                             jobs.resource, jobs.lease_epoch, t.now - jobs.queued_at AS waited),
+                   l AS (INSERT INTO leases (lease_id, node_id, job_id, attempt, resource, epoch, ttl_s, granted_at,
+                             expires_at, state)
+                         SELECT CAST($7 AS TEXT), $1, u.job_id, u.attempt, u.resource, u.lease_epoch, $8, t.now,
+                             t.now + CAST($8 AS DOUBLE PRECISION), 'active'
+                         FROM u, t WHERE u.lease_epoch IS NOT NULL),
+                   d AS (DELETE FROM segments WHERE job_id IN (SELECT job_id FROM u WHERE attempt > 1))
+                   SELECT (SELECT COUNT(*) FROM n) AS node_ok, t.now, u.* FROM t LEFT JOIN u ON true""",
+                node_id, devices_text, dispatch.languages, dispatch.unset, dispatch.by_language, dispatch.other,
+                lease_id, ttl_s,
+            )
+        except Conflict:  # a lease took the resource meanwhile (the statement changed nothing): the general path
+            return False, None
         assert row is not None
         if not row["node_ok"]:
             return False, None

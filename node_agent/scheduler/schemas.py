@@ -165,6 +165,13 @@ class AudioRef(_Reply):
     url: str
 
 
+class LeaseGrant(_Reply):
+    lease_id: str
+    epoch: int
+    ttl_s: float
+    resource: str
+
+
 class JobAssignment(_Reply):
     """What a long poll hands a node. ``deadline_s`` is the time left (seconds) when it was handed out."""
 
@@ -177,6 +184,12 @@ class JobAssignment(_Reply):
     queued_s: float
     #: The node device the job was matched to (its languages fit the job).
     resource: str | None = None
+    #: The job's lease on ``resource``, granted with the assignment when the poll asked (``lease_ttl_s``) and the
+    #: resource was free; otherwise None, and the node asks with ``POST /v1/leases`` (which says why it waits).
+    lease: LeaseGrant | None = None
+    #: How long the scheduler held the poll before assigning. The poll's sending plus this is no later than the
+    #: lease's grant, so a node that times its renewals from there never believes a lease lives longer than it does.
+    poll_held_s: float | None = None
 
 
 class LeaseRequest(_NodeMessage):
@@ -184,13 +197,6 @@ class LeaseRequest(_NodeMessage):
     job_id: str
     resource: Resource
     ttl_s: float = Field(gt=0)
-
-
-class LeaseGrant(_Reply):
-    lease_id: str
-    epoch: int
-    ttl_s: float
-    resource: str
 
 
 class RenewRequest(_NodeMessage):

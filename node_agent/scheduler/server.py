@@ -60,10 +60,12 @@ from .schemas import (
     RESOURCE_PATTERN,
     EventsReport,
     HeartbeatRequest,
+    JobAssignment,
     JobOptions,
     JobSpec,
     JobSubmission,
     JobSubmitted,
+    LeaseGrant,
     LeaseRequest,
     RegisterRequest,
     RenewRequest,
@@ -488,18 +490,44 @@ async def _next_job(request: web.Request) -> web.StreamResponse:
     if resource is not None and not re.fullmatch(RESOURCE_PATTERN, resource):
         raise InvalidInput(f"resource: {resource[:20]!r} is not cpu, gpu:N or a slot of one (cpu/0, gpu:0/1)",
                            param="resource")
+    raw_ttl = request.query.get("lease_ttl_s")
+    lease_ttl_s = _query_float(request, "lease_ttl_s", 0.0, 0.0, math.inf) if raw_ttl else None
+    if lease_ttl_s is not None and lease_ttl_s <= 0:
+        raise InvalidInput("lease_ttl_s: must be above 0", param="lease_ttl_s")
     gone = object()
+    started = asyncio.get_running_loop().time()
 
     async def check() -> Any:
         # A poller that hung up must not be handed a job it will never see.
         if _client_gone(request):
             return gone
-        return await store.assign_next(node_id, resource)
+        # Read before the claim: no later than the lease's grant, whichever way it is granted.
+        held = asyncio.get_running_loop().time() - started
+        assignment = await store.assign_next(node_id, resource, lease_ttl_s)
+        if assignment is None:
+            return None
+        if lease_ttl_s is not None and assignment.lease is None and assignment.resource is not None:
+            assignment.lease = await _lease_now(store, node_id, assignment, lease_ttl_s)
+        assignment.poll_held_s = round(held, 6)
+        return assignment
 
     assignment = await request.app[NOTIFIER_KEY].wait_for(QUEUE_TOPIC, check, wait_s)
     if assignment is None or assignment is gone:
         return web.Response(status=204)
     return _json(assignment)
+
+
+async def _lease_now(store: Store, node_id: str, assignment: JobAssignment, ttl_s: float) -> LeaseGrant | None:
+    """The lease a poll asked for, for the job just assigned to it (stores that can grant it in the same statement
+    already did); None when it cannot be had now: the node then asks with ``POST /v1/leases``, which waits out a
+    held resource and names its holder."""
+    try:
+        assert assignment.resource is not None
+        return await store.grant_lease(LeaseRequest(node_id=node_id, job_id=assignment.job_id,
+                                                    resource=assignment.resource, ttl_s=ttl_s))
+    except (ResourceHeld, JobNotAssigned, StoreUnavailable) as exc:
+        log.debug("job %s assigned without its lease: %s", assignment.job_id, exc)
+        return None
 
 
 async def _job_audio(request: web.Request) -> web.StreamResponse:

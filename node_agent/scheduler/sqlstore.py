@@ -566,19 +566,32 @@ class SqlStore:
 
     # --------------------------------------------------------------------------------------- jobs: node
 
-    async def assign_next(self, node_id: str, resource: str | None = None) -> JobAssignment | None:
-        """Hand the oldest queued job one of the node's devices can run to that node, or None."""
+    async def assign_next(self, node_id: str, resource: str | None = None,
+                          lease_ttl_s: float | None = None) -> JobAssignment | None:
+        """Hand the oldest queued job one of the node's devices can run to that node, or None. With
+        ``lease_ttl_s``, PostgreSQL's single statement also grants the job's lease when its resource is free (the
+        general path leaves that to the server's ``grant_lease`` right after)."""
         # A device list is remembered only where the single statements run (PostgreSQL).
         devices_text = self._node_devices.get(node_id)
         dispatch = dispatch_of(devices_text, resource) if devices_text is not None else None
         if dispatch is not None:
             assert self._fast is not None and devices_text is not None
-            node_as_known, row = await self._fast.claim(node_id, devices_text, dispatch)
+            ttl = clamp_ttl(self.settings, lease_ttl_s) if lease_ttl_s is not None else None
+            lease_id = f"lease-{secrets.token_hex(8)}" if ttl is not None else None
+            node_as_known, row = await self._fast.claim(node_id, devices_text, dispatch, lease_id, ttl)
             if node_as_known:
                 if row is None:
                     return None
                 self._assigned_log(row["job_id"], node_id, row["resource"], row["attempt"], row["waited"])
-                return self._assignment(row, row["resource"], row["now"], row["waited"])
+                assignment = self._assignment(row, row["resource"], row["now"], row["waited"])
+                if row["lease_epoch"] is not None:
+                    assert lease_id is not None and ttl is not None
+                    self._granted_log(lease_id, node_id, row["resource"], row["lease_epoch"], row["job_id"],
+                                      row["attempt"], ttl)
+                    self.metrics.leases_granted.labels(node_id).inc()
+                    assignment.lease = LeaseGrant(lease_id=lease_id, epoch=row["lease_epoch"], ttl_s=ttl,
+                                                  resource=row["resource"])
+                return assignment
             # Gone, draining, or registered again with other devices: the general path reads it and says which.
 
         async def op(tx: Tx) -> JobAssignment | None:
@@ -768,7 +781,7 @@ class SqlStore:
             lease_id = f"lease-{secrets.token_hex(8)}"
             row = await self._fast.grant(req.node_id, devices_text, req.job_id, req.resource, lease_id, ttl)
             if row is not None:
-                self._granted_log(lease_id, req, row["epoch"], req.job_id, row["attempt"], ttl)
+                self._granted_log(lease_id, req.node_id, req.resource, row["epoch"], req.job_id, row["attempt"], ttl)
                 self.metrics.leases_granted.labels(req.node_id).inc()
                 return LeaseGrant(lease_id=lease_id, epoch=row["epoch"], ttl_s=ttl, resource=req.resource)
             # A refusal, a repeated request, a resource still held: the general path decides and says why.
@@ -813,7 +826,7 @@ class SqlStore:
                        started_at = COALESCE(started_at, $5) WHERE job_id = $1""",
                 job["job_id"], req.resource, lease_id, epoch, now,
             )
-            self._granted_log(lease_id, req, epoch, job["job_id"], job["attempt"], ttl)
+            self._granted_log(lease_id, req.node_id, req.resource, epoch, job["job_id"], job["attempt"], ttl)
             return LeaseGrant(lease_id=lease_id, epoch=epoch, ttl_s=ttl, resource=req.resource)
 
         grant = await self.engine.run(op)
@@ -821,9 +834,10 @@ class SqlStore:
         return grant
 
     @staticmethod
-    def _granted_log(lease_id: str, req: LeaseRequest, epoch: int, job_id: str, attempt: int, ttl: float) -> None:
+    def _granted_log(lease_id: str, node_id: str, resource: str, epoch: int, job_id: str, attempt: int,
+                     ttl: float) -> None:
         log.info("lease granted lease_id=%s node_id=%s resource=%s epoch=%d job_id=%s attempt=%d ttl_s=%g",
-                 lease_id, req.node_id, req.resource, epoch, job_id, attempt, ttl)
+                 lease_id, node_id, resource, epoch, job_id, attempt, ttl)
 
     async def renew_lease(self, lease_id: str, req: RenewRequest) -> RenewResponse:
         ttl = clamp_ttl(self.settings, req.ttl_s) if req.ttl_s is not None else None

@@ -100,7 +100,9 @@ class MemoryStore:
 
         return len(audio), chunks()
 
-    async def assign_next(self, node_id: str, resource: str | None = None) -> JobAssignment | None:
+    async def assign_next(self, node_id: str, resource: str | None = None,
+                          lease_ttl_s: float | None = None) -> JobAssignment | None:
+        """(No lease here: the server grants it right after, with nothing in between on this store.)"""
         return self.state.assign_next(node_id, resource)
 
     async def post_events(self, job_id: str, report: EventsReport) -> None:
