@@ -343,6 +343,33 @@ async def test_a_poll_takes_the_jobs_lease_with_it_when_its_resource_is_free(
         await close(h)
 
 
+async def test_an_assignment_lost_with_its_lease_runs_again_after_the_ttl(store: str, tmp_path: Path) -> None:
+    """The poll's answer never reaches the node (a proxy's error page): the lease granted with it is not renewed,
+    so the job is re-queued when it expires (not after assign_timeout_s), as the next attempt, and the lost
+    holder's late report is refused."""
+    h = await serve(store, tmp_path, lease_min_ttl_s=0.5, assign_timeout_s=60)
+    try:
+        node = await h.register()
+        job = await h.submit()
+        status, lost, _ = await h.call("GET", f"/v1/nodes/{node}/jobs/next",
+                                       params={"wait_s": 0, "lease_ttl_s": 1})
+        assert status == 200 and lost["lease"] is not None, lost
+        deadline = time.monotonic() + 15
+        while (view := await h.job(job))["state"] != "queued":
+            assert time.monotonic() < deadline, f"not re-queued after the lease's TTL: {view}"
+            await asyncio.sleep(0.1)
+        assert view["attempt"] == 2, view
+        status, again, _ = await h.call("GET", f"/v1/nodes/{node}/jobs/next",
+                                        params={"wait_s": 0, "lease_ttl_s": 10})
+        assert status == 200 and again["attempt"] == 2 and again["lease"]["epoch"] > lost["lease"]["epoch"], again
+        status, reply = await h.result(job, node, 1, lost["lease"], result=result_of("late"))
+        assert status == 409, reply
+        status, reply = await h.result(job, node, 2, again["lease"], result=result_of("on time"))
+        assert status == 200 and reply["accepted"], reply
+    finally:
+        await close(h)
+
+
 # ------------------------------------------------------------------------------------- 4. newer schema
 
 
