@@ -2,11 +2,11 @@
 
 ``JobRunner.run`` is handed an assignment and returns a ``JobOutcome``; it is given everything it talks to (the
 scheduler client, the device's lease keeper and worker, the retry policies, metrics) and keeps no other state
-than the ``JobLedger`` it writes for status. The lease normally comes with the assignment (the poll asks for it)
-and is renewed from then on, through the audio download; from a scheduler that did not grant it so, the audio is
-fetched first and the lease asked for. The report runs under ``asyncio.shield`` and is awaited to the end, so a
-shutdown never loses a result. Accepting the result releases the lease on the scheduler; a job given up without
-an accepted result releases it in a background task (housekeeping).
+than the ``JobLedger`` it writes for status. The lease normally comes with the assignment (the poll asks for it),
+else it is asked for; it is renewed from then on, through the audio download and the decode. The report runs
+under ``asyncio.shield`` and is awaited to the end, so a shutdown never loses a result. Accepting the result
+releases the lease on the scheduler; a job given up without an accepted result (no audio, a shutdown, a report
+that never got through) releases it in a background task, so the scheduler re-queues it at once.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class RunningJob:
     assignment: JobAssignment
     resource: str
     received: float  # event-loop time
-    polled_at: float = 0.0  # event-loop time the poll that brought it was sent
+    polled_at: float  # event-loop time the poll that brought it was sent (no later than its lease's grant)
     lease: Lease | None = None
     worker: Worker | None = None
 
@@ -131,6 +131,12 @@ class JobOutcome:
     requeued: bool = False
 
 
+def _accepted(report: asyncio.Task[tuple[Report, bool]]) -> bool:
+    """Whether the report task ended with the scheduler accepting the result."""
+    return report.done() and not report.cancelled() and report.exception() is None \
+        and report.result()[0] is Report.accepted
+
+
 class JobRunner:
     """Runs jobs on one device, one at a time."""
 
@@ -151,8 +157,9 @@ class JobRunner:
         ``polled_at`` (event-loop time): when the poll that brought it was sent, for a lease that came with it."""
         loop = asyncio.get_running_loop()
         a = assignment
-        running = RunningJob(a, self.worker.resource, loop.time(), worker=self.worker)
-        running.polled_at = polled_at if polled_at is not None else running.received
+        now = loop.time()
+        running = RunningJob(a, self.worker.resource, now, polled_at if polled_at is not None else now,
+                             worker=self.worker)
         self.ledger.running[a.job_id] = running
         self.metrics.jobs_in_progress.inc()
         self.metrics.job_queue_wait.observe(max(0.0, a.queued_s))
@@ -180,18 +187,10 @@ class JobRunner:
         loop = asyncio.get_running_loop()
         a = running.assignment
         deadline = running.received + a.deadline_s if a.deadline_s else None
-        audio: bytes | None = None
-        if a.lease is not None:
-            # Granted with the assignment (one round trip less): renewed from now on, the audio fetched under it.
+        if a.lease is not None:  # granted with the assignment (one round trip less)
             lease = self.keeper.adopt(self.identity.node_id or "", a.job_id, a.lease,
                                       running.polled_at + (a.poll_held_s or 0.0))
-        else:
-            try:
-                audio = await self._fetch_audio(a, deadline)
-            except SchedulerError as exc:
-                # Without a lease we cannot report; the scheduler re-queues the assignment on its own.
-                log.error("job %s: could not fetch audio, leaving it to the scheduler: %s", a.job_id, exc)
-                return JobOutcome(a.job_id, a.attempt, None, Report.not_sent, reason=f"audio: {exc}")
+        else:  # a scheduler that did not grant it so, or the resource was still held
             try:
                 lease = await self.keeper.acquire(self.identity.node_id or "", a.job_id)
             except LeaseUnavailable as exc:
@@ -200,8 +199,8 @@ class JobRunner:
         running.lease = lease
 
         try:
-            result, error = await self._decode(a, lease, audio, deadline)
-        except SchedulerError as exc:  # the audio, fetched under a lease that came with the assignment
+            result, error = await self._decode(a, lease, deadline)
+        except SchedulerError as exc:  # the audio could not be had
             # Given back, the job goes back to the queue at once (rather than when the lease expires).
             log.error("job %s: could not fetch audio, giving the job back to the scheduler: %s", a.job_id, exc)
             self._own(loop.create_task(self.keeper.release(lease), name=f"release-{lease.lease_id}"))
@@ -216,9 +215,7 @@ class JobRunner:
             await report
             raise
         finally:
-            if report.done() and not report.cancelled() and report.exception() is None \
-                    and report.result()[0] is Report.accepted:
-                # Accepting the result released the lease on the scheduler: nothing to send.
+            if _accepted(report):  # accepting the result released the lease on the scheduler: nothing to send
                 self.keeper.released_by_result(lease)
             else:
                 # Releasing is housekeeping and may retry through a partition, so it must not hold up the node.
@@ -227,15 +224,14 @@ class JobRunner:
         return JobOutcome(a.job_id, a.attempt, job_outcome(code), reported, error,
                           seconds=loop.time() - running.received, requeued=requeued)
 
-    async def _decode(self, a: JobAssignment, lease: Lease, audio: bytes | None,
+    async def _decode(self, a: JobAssignment, lease: Lease,
                       deadline: float | None) -> tuple[JobResult | None, JobError | None]:
-        """The decode under the lease, its segments streamed to the scheduler as they come. ``audio`` None: it is
-        fetched first, under the lease (a ``SchedulerError`` when it cannot be)."""
+        """Under the lease (renewed throughout): the audio (a ``SchedulerError`` when it cannot be had), then the
+        decode, its segments streamed to the scheduler as they come."""
         async with self.keeper.hold(lease, on_lost=self.worker.abort):
-            if audio is None:
-                audio = await self._fetch_audio(a, deadline)
-                if lease.lost is not None:  # lost during the fetch: no decode to stop, so none is started
-                    return None, lease.lost
+            audio = await self._fetch_audio(a, deadline)
+            if lease.lost is not None:  # lost during the fetch: no decode to stop, so none is started
+                return None, lease.lost
             return await self._decode_held(a, lease, audio, deadline)
 
     async def _decode_held(self, a: JobAssignment, lease: Lease, audio: bytes,

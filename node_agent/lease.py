@@ -114,15 +114,7 @@ class LeaseKeeper:
             except SchedulerError as exc:
                 raise LeaseUnavailable(f"lease for job {job_id} refused: {exc}", job_gone=True) from None
             else:
-                now = loop.time()
-                if self.metrics is not None:
-                    self.metrics.lease_acquire_duration.labels(self.device).observe(now - started)
-                    self.metrics.leases_held.labels(self.device).inc()
-                lease = Lease(grant.lease_id, grant.epoch, grant.ttl_s, self.device, job_id, node_id, now, sent)
-                self.current = lease
-                log.info("lease %s granted for job %s on %s: epoch=%d ttl=%.1fs", lease.lease_id, job_id,
-                         self.device, lease.epoch, lease.ttl_s)
-                return lease
+                return self._take(node_id, job_id, grant, sent, waited_s=loop.time() - started)
             # A held device's Retry-After is the scheduler's estimate, so it is waited out (up to the cap per wait).
             if not await backoff.wait(retry_after):
                 raise LeaseUnavailable(
@@ -133,14 +125,17 @@ class LeaseKeeper:
         """Take on a lease the scheduler granted with the job's assignment. ``granted_after`` (loop time) is no
         later than the grant (the poll's sending plus the time the scheduler held it), so the expiry reckoned from
         it is never later than the scheduler's."""
-        if self.metrics is not None:
-            self.metrics.lease_acquire_duration.labels(self.device).observe(0.0)
-            self.metrics.leases_held.labels(self.device).inc()
+        return self._take(node_id, job_id, grant, granted_after, waited_s=0.0)
+
+    def _take(self, node_id: str, job_id: str, grant: LeaseGrant, sent: float, waited_s: float) -> Lease:
+        """Hold ``grant`` from now on; ``sent``: no later than the grant (its expiry is reckoned from there)."""
         now = asyncio.get_running_loop().time()
-        lease = Lease(grant.lease_id, grant.epoch, grant.ttl_s, self.device, job_id, node_id, now,
-                      min(granted_after, now))
+        if self.metrics is not None:
+            self.metrics.lease_acquire_duration.labels(self.device).observe(waited_s)
+            self.metrics.leases_held.labels(self.device).inc()
+        lease = Lease(grant.lease_id, grant.epoch, grant.ttl_s, self.device, job_id, node_id, now, min(sent, now))
         self.current = lease
-        log.info("lease %s granted with job %s on %s: epoch=%d ttl=%.1fs", lease.lease_id, job_id, self.device,
+        log.info("lease %s granted for job %s on %s: epoch=%d ttl=%.1fs", lease.lease_id, job_id, self.device,
                  lease.epoch, lease.ttl_s)
         return lease
 

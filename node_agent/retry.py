@@ -128,7 +128,7 @@ class RetryPolicies:
     heartbeat: RetryPolicy = RetryPolicy(initial_s=0.5, max_wait_s=5.0, max_total_s=30.0)
     #: Polling for jobs lives as long as the agent; reset after each answer.
     poll: RetryPolicy = RetryPolicy(initial_s=0.5, max_wait_s=10.0, max_total_s=None)
-    #: A job's audio; after this the scheduler re-queues the assignment on its own.
+    #: A job's audio, fetched under its lease; after this the lease is given back and the job re-queued.
     audio: RetryPolicy = RetryPolicy(initial_s=0.2, max_wait_s=2.0, max_total_s=15.0)
     #: Waiting for a device (409 with Retry-After) or through a blip; the total is ``lease.acquire_timeout_s``.
     lease_acquire: RetryPolicy = RetryPolicy(initial_s=0.2, max_wait_s=5.0, max_total_s=20.0)

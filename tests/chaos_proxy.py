@@ -78,9 +78,11 @@ class ChaosProxy:
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items()
                    if k.lower() in ("authorization", "content-type", "idempotency-key")}
-        query = {k: v for k, v in request.query.items() if k not in self.strip_query.get(name or "", ())}
-        async with self._session.request(request.method, self.upstream + request.path, params=query,
-                                         data=body or None, headers=headers) as resp:
+        target = request.rel_url
+        if stripped := self.strip_query.get(name or ""):
+            target = target.with_query([(k, v) for k, v in request.query.items() if k not in stripped])
+        url = self.upstream + str(target)
+        async with self._session.request(request.method, url, data=body or None, headers=headers) as resp:
             data = await resp.read()
             status = resp.status
             ctype = resp.headers.get("Content-Type")

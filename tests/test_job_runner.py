@@ -373,8 +373,7 @@ async def test_no_lease_within_the_acquire_timeout_the_job_never_runs(fake_worke
     parts = build(worker, BASE, "n1", lease={"acquire_timeout_s": 0.5})
     loop = asyncio.get_running_loop()
     try:
-        with aioresponses() as m:
-            m.get(f"{BASE}/v1/jobs/j1/audio", status=200, body=AUDIO)
+        with aioresponses() as m:  # (no audio served: the lease comes first, and none is had)
             m.post(f"{BASE}/v1/leases", status=409, headers={"Retry-After": "0.05"}, repeat=True,
                    payload={"error": {"code": "resource_held", "message": "held"}})
             started = loop.time()
@@ -389,23 +388,6 @@ async def test_no_lease_within_the_acquire_timeout_the_job_never_runs(fake_worke
     assert tries >= 2 and parts.sample("node_agent_retries_total", operation="lease_acquire") == tries - 1
     assert worker.snapshot()["jobs_served"] == 0 and not parts.runner.ledger.totals
     assert parts.sample("node_agent_jobs_total", outcome="failed") == 0
-
-
-async def test_audio_that_never_arrives_whole_leaves_the_job_to_the_scheduler(fake_worker):
-    worker = await fake_worker()
-    parts = build(worker, BASE, "n1")
-    try:
-        with aioresponses() as m:
-            # A proxy's error page in place of the audio: the wrong length, so never handed to the decoder.
-            m.get(f"{BASE}/v1/jobs/j1/audio", status=200, body=b"<html>bad gateway</html>", repeat=True)
-            outcome = await parts.runner.run(ASSIGNMENT)
-            assert ("POST", URL(f"{BASE}/v1/leases")) not in m.requests
-    finally:
-        await parts.client.close()
-    assert (outcome.outcome, outcome.report) == (None, Report.not_sent)
-    assert outcome.reason is not None and "announced" in outcome.reason
-    assert parts.sample("node_agent_retries_total", operation="audio") >= 1
-    assert worker.snapshot()["jobs_served"] == 0
 
 
 async def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -451,19 +433,32 @@ async def test_a_lease_that_comes_with_the_assignment_is_used_without_asking(fak
     assert parts.sample("node_agent_leases_held", device="cpu") == 0
 
 
-async def test_audio_that_cannot_be_had_under_a_granted_lease_gives_the_job_back(fake_worker):
+@pytest.mark.parametrize("leased", [False, True], ids=["lease asked for", "lease with the assignment"])
+@pytest.mark.parametrize("audio", [{"status": 200, "body": b"<html>bad gateway</html>"}, {"status": 503}],
+                         ids=["a proxy's error page", "503"])
+async def test_audio_that_cannot_be_had_gives_the_job_back(fake_worker, leased, audio):
+    # The lease is taken first and the audio fetched under it; audio that never arrives whole (an error page has
+    # the wrong length, so it never reaches the decoder) gives the lease back, so the job is queued again at once.
     worker = await fake_worker()
     parts = build(worker, BASE, "n1")
     try:
         with aioresponses() as m:
-            m.get(f"{BASE}/v1/jobs/j1/audio", status=503, repeat=True)
+            m.get(f"{BASE}/v1/jobs/j1/audio", repeat=True, **audio)
+            m.post(f"{BASE}/v1/leases", status=201,
+                   payload={"lease_id": "l1", "epoch": 3, "ttl_s": 15, "resource": "cpu"})
             m.delete(f"{BASE}/v1/leases/l1", status=204)
-            outcome = await parts.runner.run(LEASED)
+            outcome = await parts.runner.run(LEASED if leased else ASSIGNMENT)
             await parts.runner.settle(5.0)
+            asked = m.requests.get(("POST", URL(f"{BASE}/v1/leases")), [])
             released = m.requests.get(("DELETE", URL(f"{BASE}/v1/leases/l1")), [])
     finally:
         await parts.client.close()
     assert (outcome.outcome, outcome.report) == (None, Report.not_sent)
-    assert outcome.reason.startswith("audio:")
+    assert outcome.reason is not None and outcome.reason.startswith("audio:")
+    if audio["status"] == 200:
+        assert "announced" in outcome.reason
+    assert parts.sample("node_agent_retries_total", operation="audio") >= 1
+    assert len(asked) == (0 if leased else 1)
     assert released, "the lease must be given back so the job is queued again at once"
+    assert parts.sample("node_agent_leases_held", device="cpu") == 0
     assert worker.snapshot()["jobs_served"] == 0

@@ -586,11 +586,8 @@ class SqlStore:
                 assignment = self._assignment(row, row["resource"], row["now"], row["waited"])
                 if row["lease_epoch"] is not None:
                     assert lease_id is not None and ttl is not None
-                    self._granted_log(lease_id, node_id, row["resource"], row["lease_epoch"], row["job_id"],
-                                      row["attempt"], ttl)
-                    self.metrics.leases_granted.labels(node_id).inc()
-                    assignment.lease = LeaseGrant(lease_id=lease_id, epoch=row["lease_epoch"], ttl_s=ttl,
-                                                  resource=row["resource"])
+                    assignment.lease = self._granted(lease_id, node_id, row["resource"], row["lease_epoch"],
+                                                     row["job_id"], row["attempt"], ttl)
                 return assignment
             # Gone, draining, or registered again with other devices: the general path reads it and says which.
 
@@ -626,10 +623,14 @@ class SqlStore:
             )
             if job["attempt"] > 1:  # a new attempt starts from scratch: an earlier one's segments are not its output
                 await tx.execute("DELETE FROM segments WHERE job_id = $1", job["job_id"])
-            self._assigned_log(job["job_id"], node_id, device.resource, job["attempt"], waited)
             return self._assignment(job, device.resource, now, waited)
 
-        return await self.engine.run(op)
+        assignment = await self.engine.run(op)
+        if assignment is not None:  # logged once committed (the transaction may have run more than once)
+            assert assignment.resource is not None
+            self._assigned_log(assignment.job_id, node_id, assignment.resource, assignment.attempt,
+                               assignment.queued_s)
+        return assignment
 
     @staticmethod
     def _assigned_log(job_id: str, node_id: str, resource: str, attempt: int, waited: float) -> None:
@@ -781,12 +782,11 @@ class SqlStore:
             lease_id = f"lease-{secrets.token_hex(8)}"
             row = await self._fast.grant(req.node_id, devices_text, req.job_id, req.resource, lease_id, ttl)
             if row is not None:
-                self._granted_log(lease_id, req.node_id, req.resource, row["epoch"], req.job_id, row["attempt"], ttl)
-                self.metrics.leases_granted.labels(req.node_id).inc()
-                return LeaseGrant(lease_id=lease_id, epoch=row["epoch"], ttl_s=ttl, resource=req.resource)
+                return self._granted(lease_id, req.node_id, req.resource, row["epoch"], req.job_id, row["attempt"],
+                                     ttl)
             # A refusal, a repeated request, a resource still held: the general path decides and says why.
 
-        async def op(tx: Tx) -> LeaseGrant:
+        async def op(tx: Tx) -> tuple[str, int, str, int]:
             now = await tx.now()
             node = await self._live_node(tx, req.node_id)
             self._remember_devices(req.node_id, node["devices"])
@@ -826,18 +826,18 @@ class SqlStore:
                        started_at = COALESCE(started_at, $5) WHERE job_id = $1""",
                 job["job_id"], req.resource, lease_id, epoch, now,
             )
-            self._granted_log(lease_id, req.node_id, req.resource, epoch, job["job_id"], job["attempt"], ttl)
-            return LeaseGrant(lease_id=lease_id, epoch=epoch, ttl_s=ttl, resource=req.resource)
+            return lease_id, epoch, job["job_id"], job["attempt"]
 
-        grant = await self.engine.run(op)
-        self.metrics.leases_granted.labels(req.node_id).inc()
-        return grant
+        lease_id, epoch, job_id, attempt = await self.engine.run(op)
+        return self._granted(lease_id, req.node_id, req.resource, epoch, job_id, attempt, ttl)
 
-    @staticmethod
-    def _granted_log(lease_id: str, node_id: str, resource: str, epoch: int, job_id: str, attempt: int,
-                     ttl: float) -> None:
+    def _granted(self, lease_id: str, node_id: str, resource: str, epoch: int, job_id: str, attempt: int,
+                 ttl: float) -> LeaseGrant:
+        """A committed grant, logged and counted once (the transaction may have run more than once)."""
         log.info("lease granted lease_id=%s node_id=%s resource=%s epoch=%d job_id=%s attempt=%d ttl_s=%g",
                  lease_id, node_id, resource, epoch, job_id, attempt, ttl)
+        self.metrics.leases_granted.labels(node_id).inc()
+        return LeaseGrant(lease_id=lease_id, epoch=epoch, ttl_s=ttl, resource=resource)
 
     async def renew_lease(self, lease_id: str, req: RenewRequest) -> RenewResponse:
         ttl = clamp_ttl(self.settings, req.ttl_s) if req.ttl_s is not None else None
