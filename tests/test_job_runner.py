@@ -20,6 +20,7 @@ from yarl import URL
 
 from conftest import make_settings
 from fake_plugin import COMMAND as FAKE_COMMAND
+from stack import eventually
 from node_agent.client import SchedulerClient
 from node_agent.config import SchedulerSettings
 from node_agent.errors import LeaseLost
@@ -388,16 +389,6 @@ async def test_no_lease_within_the_acquire_timeout_the_job_never_runs(fake_worke
     assert tries >= 2 and parts.sample("node_agent_retries_total", operation="lease_acquire") == tries - 1
     assert worker.snapshot()["jobs_served"] == 0 and not parts.runner.ledger.totals
     assert parts.sample("node_agent_jobs_total", outcome="failed") == 0
-
-
-async def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + timeout
-    while not (value := check()):
-        if loop.time() > give_up:
-            raise AssertionError(f"not within {timeout:g} s: {what}")
-        await asyncio.sleep(0.02)
-    return value
 
 
 # ----- a lease granted with the assignment -----------------------------------------------------------------------

@@ -21,6 +21,7 @@ import pytest
 from fake_plugin import COMMAND as FAKE_COMMAND
 from fake_plugin import FakeOptions
 from helpers import clip, joined, pcm16, plain_wer
+from stack import eventually
 from node_agent import supervisor, wire
 from node_agent.config import Settings
 from node_agent.errors import BadAudio, InvalidRequest, JobStalled, JobTimeout, WorkerCrashed, WorkerUnavailable
@@ -231,16 +232,6 @@ def fake_job(job_id: str, deadline: float | None = None, **script: Any) -> JobRe
 
 def states(observer: RecordingObserver, since: int = 0) -> list[WorkerState]:
     return [value for kind, value in observer.events[since:] if kind == "state"]
-
-
-async def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + timeout
-    while not (value := check()):
-        if loop.time() > give_up:
-            raise AssertionError(f"not within {timeout:g} s: {what}")
-        await asyncio.sleep(0.02)
-    return value
 
 
 async def test_states_streaming_and_an_error_answer(fake_factory):
