@@ -199,13 +199,19 @@ async def test_audio_refused_is_retried_until_the_jobs_deadline_not_past_it(fake
     loop = asyncio.get_running_loop()
     try:
         with aioresponses() as m:
+            m.post(f"{BASE}/v1/leases", status=201,
+                   payload={"lease_id": "l1", "epoch": 3, "ttl_s": 15, "resource": "cpu"})
+            m.delete(f"{BASE}/v1/leases/l1", status=204)
             m.get(f"{BASE}/v1/jobs/j1/audio", exception=refused(), repeat=True)
             started = loop.time()
             outcome = await parts.runner.run(ASSIGNMENT.model_copy(update={"deadline_s": 1.0}))
             took = loop.time() - started
             tries = len(m.requests[("GET", URL(f"{BASE}/v1/jobs/j1/audio"))])
+            await parts.runner.settle(5.0)
+            released = m.requests.get(("DELETE", URL(f"{BASE}/v1/leases/l1")), [])
     finally:
         await parts.client.close()
     assert (outcome.outcome, outcome.report) == (None, Report.not_sent)
     assert outcome.reason is not None and "connection refused" in outcome.reason, outcome.reason
     assert tries >= 3 and 0.9 <= took < 6.0, (tries, took)
+    assert released  # (the audio is fetched under the job's lease, which goes back so the job is re-queued)
