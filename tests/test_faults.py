@@ -55,6 +55,9 @@ async def test_partition_mid_job_self_fences_within_the_renew_deadline(tmp_path)
         audio, fields = long_audio_b64_fields(3)
         job_id = submit(scheduler, audio, **fields)
         await wait_for(lambda: job(scheduler, job_id)["state"] == "running", 30, "job running")
+        # Decoding, not only leased: the lease comes with the assignment, before the audio download, and one lost
+        # during the download has no decode to stop (the worker would rightly stay).
+        await wait_for(lambda: status_of(url)["workers"][0]["current_job"] is not None, 30, "job decoding")
         worker_pid = status_of(url)["workers"][0]["pid"]
         # A partition: the scheduler stops answering (its process is frozen), the agent keeps running.
         sched.signal(signal.SIGSTOP)
