@@ -37,9 +37,9 @@ from node_agent.metrics import AgentMetrics
 from node_agent.retry import RetryPolicies, RetryPolicy
 from node_agent.scheduler.schemas import JobSpec
 from node_agent.scheduler.server import Running, start_scheduler
-from node_agent.scheduler.state import SchedulerState
 from node_agent.submit import submit_files
 from stack import agent_stack, eventually
+from test_scheduler import clocked
 from procs import free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -198,7 +198,7 @@ async def test_a_job_lost_by_a_restarted_scheduler_is_one_line(tmp_path, capsys)
     task = loop.create_task(submit_files(submit_args(first.url, clip), make_settings()))
     second: Running | None = None
     try:
-        await eventually(lambda: first.store.state.queue_depth() == 1, 10, "the job queued")  # no node takes it
+        await eventually(lambda: first.store.queue_depth_seen == 1, 10, "the job queued")  # no node takes it
         await first.stop()
         await asyncio.sleep(0.3)  # the client's polls are refused meanwhile, and retried
         second = await start_scheduler(settings, CollectorRegistry(), host="127.0.0.1", port=port)
@@ -263,15 +263,17 @@ async def test_a_retried_post_with_the_same_idempotency_key_returns_the_same_job
         await running.stop()
 
 
-def test_an_idempotency_key_is_remembered_for_job_retention_s() -> None:
-    now = [1000.0]
-    state = SchedulerState(SchedulerSettings(job_retention_s=60), clock=lambda: now[0])
-    spec = JobSpec(format="pcm_s16le", sample_rate=16000)
-    job = state.submit(spec, AUDIO, idempotency_key="k")
-    now[0] += 59
-    assert state.submit(spec, AUDIO, idempotency_key="k").job_id == job.job_id
-    now[0] += 2
-    assert state.submit(spec, AUDIO, idempotency_key="k").job_id != job.job_id
+async def test_an_idempotency_key_is_remembered_until_its_job_is_forgotten() -> None:
+    """A key answers its job for as long as the store keeps the job: scheduler.job_retention_s after it ended."""
+    async with clocked(job_retention_s=60) as (state, _, _):
+        spec = JobSpec(format="pcm_s16le", sample_rate=16000, deadline_s=1)
+        job = await state.submit(spec, AUDIO, idempotency_key="k")
+        await state.advance(1)  # no node: the deadline passes while queued, and the job ends
+        assert (await state.view_job(job.job_id)).state == "failed"
+        await state.advance(59)
+        assert (await state.submit(spec, AUDIO, idempotency_key="k")).job_id == job.job_id
+        await state.advance(1)
+        assert (await state.submit(spec, AUDIO, idempotency_key="k")).job_id != job.job_id
 
 
 # ----- /utterance rides through -------------------------------------------------------------------------------

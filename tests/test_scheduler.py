@@ -15,6 +15,7 @@ import signal
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, AsyncIterator, Iterator
 
 import aiohttp
@@ -48,7 +49,8 @@ from node_agent.scheduler.errors import (
 )
 from node_agent.scheduler.server import sanitize_filename, serve, start_scheduler
 from node_agent.scheduler.rules import QUEUE_FULL_RETRY_S
-from node_agent.scheduler.state import SchedulerState
+from node_agent.scheduler.sqlstore import SqlStore
+from node_agent.scheduler.store import open_store
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -68,17 +70,62 @@ class FakeClock:
     def __call__(self) -> float:
         return self.now
 
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+
+#: Fake time passes in steps of at most this, each followed by a reaping pass (as the server reaps every 0.25 s):
+#: a longer gap between passes is a store outage, whose time the store gives back to the live leases.
+REAP_STEP_S = 0.5
 
 
-def make_state(**overrides: Any) -> tuple[SchedulerState, FakeClock, CollectorRegistry]:
+class Clocked:
+    """The SQL store on SQLite in memory (``scheduler.store: memory``, the store production runs on a file) under
+    a fake clock, reaped as the server does: the timing tests drive the store the scheduler runs."""
+
+    def __init__(self, store: SqlStore, clock: FakeClock) -> None:
+        self.store = store
+        self.clock = clock
+        self.settings = store.settings
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def submit(self, spec: JobSpec, audio: bytes = AUDIO, idempotency_key: str | None = None) -> Any:
+        """Submit, then reap at once (the server's next pass comes within 0.25 s): the job's id as ``.job_id``."""
+        upload = await self.store.begin_upload()
+        await upload.write(audio)
+        job_id, state, _ = await self.store.submit(spec, upload, idempotency_key=idempotency_key)
+        await self.store.reap()
+        return SimpleNamespace(job_id=job_id, state=state)
+
+    async def advance(self, seconds: float) -> None:
+        """Let ``seconds`` of fake time pass, reaping as the server does."""
+        end = self.clock.now + seconds
+        while self.clock.now < end:
+            self.clock.now = min(end, self.clock.now + REAP_STEP_S)
+            await self.store.reap()
+
+    async def lease_is(self, lease_id: str) -> str:
+        row = await self.store.lease_state(lease_id)
+        assert row is not None
+        return str(row["state"])
+
+    async def audio(self, job_id: str) -> bytes:
+        _, chunks = await self.store.job_audio(job_id)
+        return b"".join([chunk async for chunk in chunks])
+
+
+@contextlib.asynccontextmanager
+async def clocked(**overrides: Any) -> AsyncIterator[tuple[Clocked, FakeClock, CollectorRegistry]]:
     clock = FakeClock()
     registry = CollectorRegistry()
-    return SchedulerState(SchedulerSettings(**overrides), registry=registry, clock=clock), clock, registry
+    store = await open_store(SchedulerSettings(**{"store": "memory", **overrides}), registry, None,
+                             lambda topic: None, clock=clock)
+    try:
+        yield Clocked(store, clock), clock, registry
+    finally:
+        await store.close()
 
 
-def register(state: SchedulerState, devices: list[dict[str, Any]] | None = None, node_id: str | None = None) -> str:
+async def register(state: Clocked, devices: list[dict[str, Any]] | None = None, node_id: str | None = None) -> str:
     req = RegisterRequest(
         node_id=node_id,
         agent_version="0.1.0",
@@ -86,15 +133,16 @@ def register(state: SchedulerState, devices: list[dict[str, Any]] | None = None,
         hardware=Hardware(**HARDWARE),
         devices=[DeviceSpec(**d) for d in (devices or [CPU_EN])],
     )
-    return state.register(req).node_id
+    return (await state.register(req)).node_id
 
 
-def take(
-    state: SchedulerState, node_id: str, resource: str = "cpu", ttl_s: float = 10.0
+async def take(
+    state: Clocked, node_id: str, resource: str = "cpu", ttl_s: float = 10.0
 ) -> tuple[JobAssignment, LeaseGrant]:
-    assignment = state.assign_next(node_id)
+    assignment = await state.assign_next(node_id)
     assert assignment is not None
-    grant = state.grant_lease(LeaseRequest(node_id=node_id, job_id=assignment.job_id, resource=resource, ttl_s=ttl_s))
+    grant = await state.grant_lease(LeaseRequest(node_id=node_id, job_id=assignment.job_id, resource=resource,
+                                                 ttl_s=ttl_s))
     return assignment, grant
 
 
@@ -213,13 +261,15 @@ class Harness:
         return self.registry.get_sample_value(name, labels)
 
 
-#: The store the HTTP tests' schedulers use; every such test runs on SQLite (the default) and on PostgreSQL.
-_STORE: dict[str, str] = {"url": "sqlite"}
+#: The store the HTTP tests' schedulers use; every such test runs on SQLite (the default) and on PostgreSQL, there
+#: with the single-statement forms of the hot operations (production's way) and without (the general path alone).
+_STORE: dict[str, Any] = {"url": "sqlite", "single_statements": True}
+STORE_KINDS = ["sqlite", "postgresql", "postgresql-general"]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "scheduler(" in inspect.getsource(metafunc.function):
-        metafunc.parametrize("store_kind", ["sqlite", "postgresql"], indirect=True)
+        metafunc.parametrize("store_kind", STORE_KINDS, indirect=True)
 
 
 @pytest.fixture
@@ -230,9 +280,10 @@ def store_kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(autouse=True)
 def store_url(request: pytest.FixtureRequest, store_kind: str) -> Iterator[str]:
     kind = store_kind
-    _STORE["url"] = request.getfixturevalue("pg_dsn") if kind == "postgresql" else "sqlite"
+    _STORE["url"] = request.getfixturevalue("pg_dsn") if kind.startswith("postgresql") else "sqlite"
+    _STORE["single_statements"] = kind != "postgresql-general"
     yield _STORE["url"]
-    _STORE["url"] = "sqlite"
+    _STORE.update(url="sqlite", single_statements=True)
 
 
 @contextlib.asynccontextmanager
@@ -244,7 +295,8 @@ async def scheduler(**overrides: Any) -> AsyncIterator[Harness]:
         await conn.close()
     registry = CollectorRegistry()
     state_dir = Path(tempfile.mkdtemp(prefix="scheduler-"))  # the default store: scheduler.db there
-    running = await start_scheduler(settings, registry, host="127.0.0.1", port=0, state_dir=state_dir)
+    running = await start_scheduler(settings, registry, host="127.0.0.1", port=0, state_dir=state_dir,
+                                    single_statements=_STORE["single_statements"])
     headers = {"Authorization": f"Bearer {settings.token.get_secret_value()}"} if settings.token else {}
     session = aiohttp.ClientSession(headers=headers)
     try:
@@ -258,230 +310,230 @@ async def scheduler(**overrides: Any) -> AsyncIterator[Harness]:
 # ------------------------------------------------------------------------------------ state (pure)
 
 
-def test_epochs_grow_and_stale_reports_are_fenced() -> None:
-    state, clock, registry = make_state()
-    node = register(state)
-    for _ in range(3):
-        state.submit(JobSpec(), AUDIO)
-    a1, first = take(state, node)
-    assert first.epoch == 1
-    state.report_result(a1.job_id, report(node, 1, first))
-    a2, second = take(state, node)
-    assert second.epoch == 2
-    # Asking again for the same job supersedes the older lease: only the newest epoch may report.
-    third = state.grant_lease(LeaseRequest(node_id=node, job_id=a2.job_id, resource="cpu", ttl_s=10))
-    assert third.epoch == 3
-    with pytest.raises(LeaseUnusable) as exc:
-        state.renew_lease(second.lease_id, RenewRequest(node_id=node, epoch=2))
-    assert exc.value.code == "lease_superseded"
-    with pytest.raises(ReportRejected) as rejected:
-        state.report_result(a2.job_id, report(node, 1, second))
-    assert rejected.value.code == "stale_epoch"
-    assert registry.get_sample_value("node_agent_scheduler_results_rejected_total", {"reason": "stale_epoch"}) == 1
-    # Another node's first lease continues the one sequence.
-    gpu_node = register(state, [GPU_ANY])
-    _, gpu = take(state, gpu_node, resource="gpu:0")
-    assert gpu.epoch == 4
+async def test_epochs_grow_and_stale_reports_are_fenced() -> None:
+    async with clocked() as (state, clock, registry):
+        node = await register(state)
+        for _ in range(3):
+            await state.submit(JobSpec(), AUDIO)
+        a1, first = await take(state, node)
+        assert first.epoch == 1
+        await state.report_result(a1.job_id, report(node, 1, first))
+        a2, second = await take(state, node)
+        assert second.epoch == 2
+        # Asking again for the same job supersedes the older lease: only the newest epoch may report.
+        third = await state.grant_lease(LeaseRequest(node_id=node, job_id=a2.job_id, resource="cpu", ttl_s=10))
+        assert third.epoch == 3
+        with pytest.raises(LeaseUnusable) as exc:
+            await state.renew_lease(second.lease_id, RenewRequest(node_id=node, epoch=2))
+        assert exc.value.code == "lease_superseded"
+        with pytest.raises(ReportRejected) as rejected:
+            await state.report_result(a2.job_id, report(node, 1, second))
+        assert rejected.value.code == "stale_epoch"
+        assert registry.get_sample_value("node_agent_scheduler_results_rejected_total", {"reason": "stale_epoch"}) == 1
+        # Another node's first lease continues the one sequence.
+        gpu_node = await register(state, [GPU_ANY])
+        _, gpu = await take(state, gpu_node, resource="gpu:0")
+        assert gpu.epoch == 4
 
 
-def test_epochs_strictly_increase_across_nodes_and_resources() -> None:
+async def test_epochs_strictly_increase_across_nodes_and_resources() -> None:
     """One sequence for the whole scheduler: an epoch is never granted twice, whatever the node or resource."""
-    state, _, _ = make_state()
-    nodes = [register(state, [CPU_EN, GPU_ANY]), register(state, [CPU_EN, GPU_ANY])]
-    for _ in range(8):
-        state.submit(JobSpec(), AUDIO)
-    epochs: list[int] = []
-    for _round in range(2):
-        grants: list[tuple[str, JobAssignment, LeaseGrant]] = []
-        for resource in ("gpu:0", "cpu"):
-            for node in reversed(nodes) if resource == "cpu" else nodes:
-                assignment = state.assign_next(node, resource)
-                assert assignment is not None and assignment.resource == resource
-                req = LeaseRequest(node_id=node, job_id=assignment.job_id, resource=resource, ttl_s=10)
-                grant = state.grant_lease(req)
-                epochs.append(grant.epoch)
-                grants.append((node, assignment, grant))
-        for node, assignment, grant in grants:
-            state.report_result(assignment.job_id, report(node, assignment.attempt, grant))
-    assert len(epochs) == 8
-    assert all(a < b for a, b in zip(epochs, epochs[1:])), epochs
+    async with clocked() as (state, _, _):
+        nodes = [await register(state, [CPU_EN, GPU_ANY]), await register(state, [CPU_EN, GPU_ANY])]
+        for _ in range(8):
+            await state.submit(JobSpec(), AUDIO)
+        epochs: list[int] = []
+        for _round in range(2):
+            grants: list[tuple[str, JobAssignment, LeaseGrant]] = []
+            for resource in ("gpu:0", "cpu"):
+                for node in reversed(nodes) if resource == "cpu" else nodes:
+                    assignment = await state.assign_next(node, resource)
+                    assert assignment is not None and assignment.resource == resource
+                    req = LeaseRequest(node_id=node, job_id=assignment.job_id, resource=resource, ttl_s=10)
+                    grant = await state.grant_lease(req)
+                    epochs.append(grant.epoch)
+                    grants.append((node, assignment, grant))
+            for node, assignment, grant in grants:
+                await state.report_result(assignment.job_id, report(node, assignment.attempt, grant))
+        assert len(epochs) == 8
+        assert all(a < b for a, b in zip(epochs, epochs[1:])), epochs
 
 
-def test_a_superseded_lease_on_another_resource_cannot_report() -> None:
+async def test_a_superseded_lease_on_another_resource_cannot_report() -> None:
     """Gap (a): the job leased on cpu, then leased again on gpu:0. The cpu lease's (attempt, epoch) used to be
     accepted, because gpu:0 counted its own epochs from 1 and results named no lease."""
-    state, clock, registry = make_state()
-    node = register(state, [CPU_EN, GPU_ANY])
-    job = state.submit(JobSpec(), AUDIO)
-    assignment = state.assign_next(node, "cpu")
-    assert assignment is not None
-    old = state.grant_lease(LeaseRequest(node_id=node, job_id=job.job_id, resource="cpu", ttl_s=10))
-    new = state.grant_lease(LeaseRequest(node_id=node, job_id=job.job_id, resource="gpu:0", ttl_s=10))
-    assert new.epoch > old.epoch and state.lease(old.lease_id).state == "superseded"  # type: ignore[union-attr]
-    with pytest.raises(ReportRejected) as rejected:
-        state.report_result(job.job_id, report(node, 1, old))
-    assert rejected.value.code == "stale_epoch" and f"lease_id {old.lease_id}" in rejected.value.message
-    # Even the old epoch under the new lease's id is refused: every field must match.
-    mixed = LeaseGrant(lease_id=new.lease_id, epoch=old.epoch, ttl_s=10, resource="gpu:0")
-    with pytest.raises(ReportRejected, match=f"lease_epoch {old.epoch} "):
-        state.report_result(job.job_id, report(node, 1, mixed))
-    with pytest.raises(ReportRejected):
-        state.post_events(job.job_id, events(node, 1, old, {"id": 1, "start": 0.0, "end": 1.0, "text": " old"}))
-    with pytest.raises(LeaseUnusable) as renewal:
-        state.renew_lease(old.lease_id, RenewRequest(node_id=node, epoch=old.epoch))
-    assert renewal.value.code == "lease_superseded"
-    assert state.view_job(job.job_id).state == "running" and state.view_job(job.job_id).segments == []
-    assert registry.get_sample_value("node_agent_scheduler_results_rejected_total", {"reason": "stale_epoch"}) == 2
-    # The old lease's TTL passing changes nothing; the live lease still reports.
-    clock.advance(5)
-    assert not state.report_result(job.job_id, report(node, 1, new)).duplicate
-    assert state.view_job(job.job_id).state == "succeeded"
-    # The old lease's report after the job finished is still not a "duplicate" of the accepted one.
-    with pytest.raises(ReportRejected) as late:
-        state.report_result(job.job_id, report(node, 1, old))
-    assert late.value.code == "already_completed"
+    async with clocked() as (state, clock, registry):
+        node = await register(state, [CPU_EN, GPU_ANY])
+        job = await state.submit(JobSpec(), AUDIO)
+        assignment = await state.assign_next(node, "cpu")
+        assert assignment is not None
+        old = await state.grant_lease(LeaseRequest(node_id=node, job_id=job.job_id, resource="cpu", ttl_s=10))
+        new = await state.grant_lease(LeaseRequest(node_id=node, job_id=job.job_id, resource="gpu:0", ttl_s=10))
+        assert new.epoch > old.epoch and await state.lease_is(old.lease_id) == "superseded"  # type: ignore[union-attr]
+        with pytest.raises(ReportRejected) as rejected:
+            await state.report_result(job.job_id, report(node, 1, old))
+        assert rejected.value.code == "stale_epoch" and f"lease_id {old.lease_id}" in rejected.value.message
+        # Even the old epoch under the new lease's id is refused: every field must match.
+        mixed = LeaseGrant(lease_id=new.lease_id, epoch=old.epoch, ttl_s=10, resource="gpu:0")
+        with pytest.raises(ReportRejected, match=f"lease_epoch {old.epoch} "):
+            await state.report_result(job.job_id, report(node, 1, mixed))
+        with pytest.raises(ReportRejected):
+            await state.post_events(job.job_id, events(node, 1, old, {"id": 1, "start": 0.0, "end": 1.0, "text": " old"}))
+        with pytest.raises(LeaseUnusable) as renewal:
+            await state.renew_lease(old.lease_id, RenewRequest(node_id=node, epoch=old.epoch))
+        assert renewal.value.code == "lease_superseded"
+        assert (await state.view_job(job.job_id)).state == "running" and (await state.view_job(job.job_id)).segments == []
+        assert registry.get_sample_value("node_agent_scheduler_results_rejected_total", {"reason": "stale_epoch"}) == 2
+        # The old lease's TTL passing changes nothing; the live lease still reports.
+        await state.advance(5)
+        assert not (await state.report_result(job.job_id, report(node, 1, new))).duplicate
+        assert (await state.view_job(job.job_id)).state == "succeeded"
+        # The old lease's report after the job finished is still not a "duplicate" of the accepted one.
+        with pytest.raises(ReportRejected) as late:
+            await state.report_result(job.job_id, report(node, 1, old))
+        assert late.value.code == "already_completed"
 
 
-def test_events_and_results_from_another_node_are_refused_and_leave_nothing() -> None:
+async def test_events_and_results_from_another_node_are_refused_and_leave_nothing() -> None:
     """Gap (b): events from a node other than the holder, with the holder's attempt, lease and epoch."""
-    state, _, registry = make_state()
-    holder, other = register(state), register(state)
-    job = state.submit(JobSpec(), AUDIO)
-    assignment, grant = take(state, holder)
-    with pytest.raises(ReportRejected) as rejected:
-        state.post_events(job.job_id, events(other, 1, grant, {"id": 1, "start": 0.0, "end": 1.0, "text": " fake"}))
-    assert rejected.value.code == "stale_epoch" and f"node_id {other}" in rejected.value.message
-    assert state.view_job(job.job_id).segments == []
-    with pytest.raises(ReportRejected, match=f"node_id {other}"):
-        state.report_result(job.job_id, report(other, 1, grant))
-    real = {"id": 1, "start": 0.0, "end": 1.0, "text": " real"}
-    state.post_events(job.job_id, events(holder, 1, grant, real))
-    # The holder's result carries no segments, so the streamed ones are the job's: only the holder's.
-    state.report_result(job.job_id, report(holder, 1, grant))
-    view = state.view_job(job.job_id)
-    assert (view.state, view.node_id, view.segments) == ("succeeded", holder, [real])
-    # And the holder's accepted report, repeated by the other node, is no duplicate of it.
-    with pytest.raises(ReportRejected) as late:
-        state.report_result(job.job_id, report(other, 1, grant))
-    assert late.value.code == "already_completed"
-    assert registry.get_sample_value("node_agent_scheduler_results_rejected_total", {"reason": "stale_epoch"}) == 1
+    async with clocked() as (state, _, registry):
+        holder, other = await register(state), await register(state)
+        job = await state.submit(JobSpec(), AUDIO)
+        assignment, grant = await take(state, holder)
+        with pytest.raises(ReportRejected) as rejected:
+            await state.post_events(job.job_id, events(other, 1, grant, {"id": 1, "start": 0.0, "end": 1.0, "text": " fake"}))
+        assert rejected.value.code == "stale_epoch" and f"node_id {other}" in rejected.value.message
+        assert (await state.view_job(job.job_id)).segments == []
+        with pytest.raises(ReportRejected, match=f"node_id {other}"):
+            await state.report_result(job.job_id, report(other, 1, grant))
+        real = {"id": 1, "start": 0.0, "end": 1.0, "text": " real"}
+        await state.post_events(job.job_id, events(holder, 1, grant, real))
+        # The holder's result carries no segments, so the streamed ones are the job's: only the holder's.
+        await state.report_result(job.job_id, report(holder, 1, grant))
+        view = (await state.view_job(job.job_id))
+        assert (view.state, view.node_id, view.segments) == ("succeeded", holder, [real])
+        # And the holder's accepted report, repeated by the other node, is no duplicate of it.
+        with pytest.raises(ReportRejected) as late:
+            await state.report_result(job.job_id, report(other, 1, grant))
+        assert late.value.code == "already_completed"
+        assert registry.get_sample_value("node_agent_scheduler_results_rejected_total", {"reason": "stale_epoch"}) == 1
 
 
-def test_a_renewal_from_another_node_is_refused_and_does_not_extend_the_lease() -> None:
+async def test_a_renewal_from_another_node_is_refused_and_does_not_extend_the_lease() -> None:
     """Gap (c): the holder's lease id and epoch, renewed in another node's name."""
-    state, clock, registry = make_state(lease_min_ttl_s=1.0)
-    holder, other = register(state), register(state)
-    job = state.submit(JobSpec(), AUDIO)
-    _, grant = take(state, holder, ttl_s=5)
-    clock.advance(4)
-    with pytest.raises(LeaseUnusable) as refused:
-        state.renew_lease(grant.lease_id, RenewRequest(node_id=other, epoch=grant.epoch))
-    assert refused.value.code == "stale_epoch" and f"node_id {other}" in refused.value.message
-    assert not registry.get_sample_value("node_agent_scheduler_leases_renewed_total", {"node_id": holder})
-    clock.advance(1.1)  # past the TTL counted from the grant: the refused renewal did not extend it
-    state.tick()
-    assert state.lease(grant.lease_id).state == "expired"  # type: ignore[union-attr]
-    assert (state.view_job(job.job_id).state, state.view_job(job.job_id).attempt) == ("queued", 2)
+    async with clocked(lease_min_ttl_s=1.0) as (state, clock, registry):
+        holder, other = await register(state), await register(state)
+        job = await state.submit(JobSpec(), AUDIO)
+        _, grant = await take(state, holder, ttl_s=5)
+        await state.advance(4)
+        with pytest.raises(LeaseUnusable) as refused:
+            await state.renew_lease(grant.lease_id, RenewRequest(node_id=other, epoch=grant.epoch))
+        assert refused.value.code == "stale_epoch" and f"node_id {other}" in refused.value.message
+        assert not registry.get_sample_value("node_agent_scheduler_leases_renewed_total", {"node_id": holder})
+        await state.advance(1.1)  # past the TTL counted from the grant: the refused renewal did not extend it
+        await state.reap()
+        assert await state.lease_is(grant.lease_id) == "expired"  # type: ignore[union-attr]
+        assert ((await state.view_job(job.job_id)).state, (await state.view_job(job.job_id)).attempt) == ("queued", 2)
 
 
-def test_expiry_requeues_until_max_attempts_then_fails_lease_expired(caplog: pytest.LogCaptureFixture) -> None:
+async def test_expiry_requeues_until_max_attempts_then_fails_lease_expired(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="node_agent.scheduler")
-    state, clock, registry = make_state(max_attempts=2, lease_min_ttl_s=1.0)
-    node = register(state)
-    job = state.submit(JobSpec(), AUDIO)
-    a1, l1 = take(state, node, ttl_s=5)
-    clock.advance(4)
-    state.renew_lease(l1.lease_id, RenewRequest(node_id=node, epoch=l1.epoch))
-    clock.advance(4.9)
-    state.tick()
-    assert state.view_job(job.job_id).state == "running"  # the renewal pushed expiry to now + ttl
-    clock.advance(0.2)
-    state.tick()
-    view = state.view_job(job.job_id)
-    assert (view.state, view.attempt, view.segments) == ("queued", 2, [])
-    with pytest.raises(LeaseUnusable) as exc:
-        state.renew_lease(l1.lease_id, RenewRequest(node_id=node, epoch=l1.epoch))
-    assert exc.value.code == "lease_expired"
-    a2, l2 = take(state, node, ttl_s=5)
-    assert (a2.attempt, l2.epoch) == (2, 2)
-    clock.advance(6)
-    view = state.view_job(job.job_id)  # no tick: every call applies what fell due first
-    assert view.state == "failed" and view.error is not None and view.error.code == "lease_expired"
-    with pytest.raises(ReportRejected) as late:
-        state.report_result(job.job_id, report(node, 2, l2))
-    assert late.value.code == "already_completed"
-    sample = registry.get_sample_value
-    assert sample("node_agent_scheduler_leases_expired_total", {"node_id": node}) == 2
-    assert sample("node_agent_scheduler_jobs_requeued_total", {"reason": "lease_expired"}) == 1
-    assert sample("node_agent_scheduler_jobs_total", {"outcome": "lease_expired"}) == 1
-    assert sample("node_agent_scheduler_leases_renewed_total", {"node_id": node}) == 1
-    assert f"lease expired lease_id={l1.lease_id} node_id={node}" in caplog.text
-    assert f"job requeued job_id={job.job_id} reason=lease_expired" in caplog.text
-    assert f"job finished job_id={job.job_id} outcome=lease_expired attempt=2" in caplog.text
+    async with clocked(max_attempts=2, lease_min_ttl_s=1.0) as (state, clock, registry):
+        node = await register(state)
+        job = await state.submit(JobSpec(), AUDIO)
+        a1, l1 = await take(state, node, ttl_s=5)
+        await state.advance(4)
+        await state.renew_lease(l1.lease_id, RenewRequest(node_id=node, epoch=l1.epoch))
+        await state.advance(4.9)
+        await state.reap()
+        assert (await state.view_job(job.job_id)).state == "running"  # the renewal pushed expiry to now + ttl
+        await state.advance(0.2)
+        await state.reap()
+        view = (await state.view_job(job.job_id))
+        assert (view.state, view.attempt, view.segments) == ("queued", 2, [])
+        with pytest.raises(LeaseUnusable) as exc:
+            await state.renew_lease(l1.lease_id, RenewRequest(node_id=node, epoch=l1.epoch))
+        assert exc.value.code == "lease_expired"
+        a2, l2 = await take(state, node, ttl_s=5)
+        assert (a2.attempt, l2.epoch) == (2, 2)
+        await state.advance(6)
+        view = (await state.view_job(job.job_id))  # no tick: every call applies what fell due first
+        assert view.state == "failed" and view.error is not None and view.error.code == "lease_expired"
+        with pytest.raises(ReportRejected) as late:
+            await state.report_result(job.job_id, report(node, 2, l2))
+        assert late.value.code == "already_completed"
+        sample = registry.get_sample_value
+        assert sample("node_agent_scheduler_leases_expired_total", {"node_id": node}) == 2
+        assert sample("node_agent_scheduler_jobs_requeued_total", {"reason": "lease_expired"}) == 1
+        assert sample("node_agent_scheduler_jobs_total", {"outcome": "lease_expired"}) == 1
+        assert sample("node_agent_scheduler_leases_renewed_total", {"node_id": node}) == 1
+        assert f"lease expired lease_id={l1.lease_id} node_id={node}" in caplog.text
+        assert f"job requeued job_id={job.job_id} reason=lease_expired" in caplog.text
+        assert f"job finished job_id={job.job_id} outcome=lease_expired attempt=2" in caplog.text
 
 
-def test_node_gone_expires_its_leases_and_requeues_its_jobs() -> None:
-    state, clock, registry = make_state(heartbeat_interval_s=5, node_gone_after_heartbeats=3)
-    node = register(state)
-    other = register(state)
-    leased = state.submit(JobSpec(), AUDIO)
-    assigned = state.submit(JobSpec(), AUDIO)
-    _, grant = take(state, node, ttl_s=60)
-    assert state.assign_next(node) is not None  # assigned, never leased
-    clock.advance(10)
-    state.heartbeat(other, HeartbeatRequest(state="ready"))
-    clock.advance(5)
-    state.tick()
-    nodes = {n.node_id: n.state for n in state.list_nodes().nodes}
-    assert nodes == {node: "gone", other: "ready"}
-    assert state.view_job(leased.job_id).state == "queued"
-    assert state.view_job(assigned.job_id).attempt == 2
-    assert state.lease(grant.lease_id).state == "expired"  # type: ignore[union-attr]
-    with pytest.raises(NodeNotFound):
-        state.heartbeat(node, HeartbeatRequest(state="ready"))
-    assert registry.get_sample_value("node_agent_scheduler_jobs_requeued_total", {"reason": "node_gone"}) == 2
-    assert registry.get_sample_value("node_agent_scheduler_leases_expired_total", {"node_id": node}) == 1
-    assert registry.get_sample_value("node_agent_scheduler_nodes", {"state": "gone"}) == 1
-    assert registry.get_sample_value("node_agent_scheduler_queue_depth") == 2
-    assert register(state, node_id=node) == node  # re-registering brings it back
-    assert {n.node_id: n.state for n in state.list_nodes().nodes}[node] == "ready"
+async def test_node_gone_expires_its_leases_and_requeues_its_jobs() -> None:
+    async with clocked(heartbeat_interval_s=5, node_gone_after_heartbeats=3) as (state, clock, registry):
+        node = await register(state)
+        other = await register(state)
+        leased = await state.submit(JobSpec(), AUDIO)
+        assigned = await state.submit(JobSpec(), AUDIO)
+        _, grant = await take(state, node, ttl_s=60)
+        assert await state.assign_next(node) is not None  # assigned, never leased
+        await state.advance(10)
+        await state.heartbeat(other, HeartbeatRequest(state="ready"))
+        await state.advance(5)
+        await state.reap()
+        nodes = {n.node_id: n.state for n in (await state.list_nodes()).nodes}
+        assert nodes == {node: "gone", other: "ready"}
+        assert (await state.view_job(leased.job_id)).state == "queued"
+        assert (await state.view_job(assigned.job_id)).attempt == 2
+        assert await state.lease_is(grant.lease_id) == "expired"  # type: ignore[union-attr]
+        with pytest.raises(NodeNotFound):
+            await state.heartbeat(node, HeartbeatRequest(state="ready"))
+        assert registry.get_sample_value("node_agent_scheduler_jobs_requeued_total", {"reason": "node_gone"}) == 2
+        assert registry.get_sample_value("node_agent_scheduler_leases_expired_total", {"node_id": node}) == 1
+        assert registry.get_sample_value("node_agent_scheduler_nodes", {"state": "gone"}) == 1
+        assert registry.get_sample_value("node_agent_scheduler_queue_depth") == 2
+        assert await register(state, node_id=node) == node  # re-registering brings it back
+        assert {n.node_id: n.state for n in (await state.list_nodes()).nodes}[node] == "ready"
 
 
-def test_release_requeues_deadline_fails_queued_job_and_retention_forgets() -> None:
-    state, clock, registry = make_state(job_retention_s=60, max_attempts=3)
-    node = register(state)
-    job = state.submit(JobSpec(), AUDIO)
-    _, grant = take(state, node)
-    state.release_lease(grant.lease_id)
-    state.release_lease(grant.lease_id)  # idempotent
-    assert (state.view_job(job.job_id).state, state.view_job(job.job_id).attempt) == ("queued", 2)
-    assert registry.get_sample_value("node_agent_scheduler_jobs_requeued_total", {"reason": "released"}) == 1
-    late = state.submit(JobSpec(deadline_s=5), AUDIO)
-    clock.advance(6)
-    view = state.view_job(late.job_id)
-    assert view.state == "failed" and view.error is not None and view.error.code == "timeout"
-    clock.advance(60)
-    state.tick()
-    with pytest.raises(Exception, match="not known"):
-        state.view_job(late.job_id)
-    assert state.view_job(job.job_id).state == "queued"
+async def test_release_requeues_deadline_fails_queued_job_and_retention_forgets() -> None:
+    async with clocked(job_retention_s=60, max_attempts=3) as (state, clock, registry):
+        node = await register(state)
+        job = await state.submit(JobSpec(), AUDIO)
+        _, grant = await take(state, node)
+        await state.release_lease(grant.lease_id)
+        await state.release_lease(grant.lease_id)  # idempotent
+        assert ((await state.view_job(job.job_id)).state, (await state.view_job(job.job_id)).attempt) == ("queued", 2)
+        assert registry.get_sample_value("node_agent_scheduler_jobs_requeued_total", {"reason": "released"}) == 1
+        late = await state.submit(JobSpec(deadline_s=5), AUDIO)
+        await state.advance(6)
+        view = (await state.view_job(late.job_id))
+        assert view.state == "failed" and view.error is not None and view.error.code == "timeout"
+        await state.advance(60)
+        await state.reap()
+        with pytest.raises(Exception, match="not known"):
+            (await state.view_job(late.job_id))
+        assert (await state.view_job(job.job_id)).state == "queued"
 
 
-def test_retryable_failure_at_max_attempts_is_terminal() -> None:
-    state, _, registry = make_state(max_attempts=2)
-    node = register(state)
-    job = state.submit(JobSpec(), AUDIO)
-    a1, l1 = take(state, node)
-    assert state.report_result(job.job_id, report(node, 1, l1, "failed", "worker_crashed")).requeued
-    a2, l2 = take(state, node)
-    ack = state.report_result(job.job_id, report(node, 2, l2, "failed", "worker_crashed"))
-    assert not ack.requeued
-    view = state.view_job(job.job_id)
-    assert view.state == "failed" and view.error is not None and view.error.code == "worker_crashed"
-    # The first report, retried after the job moved on, still gets its original answer.
-    again = state.report_result(job.job_id, report(node, 1, l1, "failed", "worker_crashed"))
-    assert again.requeued and again.duplicate
-    assert registry.get_sample_value("node_agent_scheduler_jobs_total", {"outcome": "worker_crashed"}) == 1
+async def test_retryable_failure_at_max_attempts_is_terminal() -> None:
+    async with clocked(max_attempts=2) as (state, _, registry):
+        node = await register(state)
+        job = await state.submit(JobSpec(), AUDIO)
+        a1, l1 = await take(state, node)
+        assert (await state.report_result(job.job_id, report(node, 1, l1, "failed", "worker_crashed"))).requeued
+        a2, l2 = await take(state, node)
+        ack = await state.report_result(job.job_id, report(node, 2, l2, "failed", "worker_crashed"))
+        assert not ack.requeued
+        view = (await state.view_job(job.job_id))
+        assert view.state == "failed" and view.error is not None and view.error.code == "worker_crashed"
+        # The first report, retried after the job moved on, still gets its original answer.
+        again = await state.report_result(job.job_id, report(node, 1, l1, "failed", "worker_crashed"))
+        assert again.requeued and again.duplicate
+        assert registry.get_sample_value("node_agent_scheduler_jobs_total", {"outcome": "worker_crashed"}) == 1
 
 
 def test_upload_names_are_for_display_only() -> None:
@@ -1138,129 +1190,129 @@ ZH_ONLY = {"resource": "gpu:0", "plugin": "asr", "model": "base", "compute_type"
 ZH_REFUSAL = "no live node serves language 'zh' (nodes serve: en with tiny.en); run a node with asr.model: base"
 
 
-def test_queue_bounds_refuse_past_either_cap_and_a_finished_job_frees_its_place() -> None:
-    state, _, registry = make_state(max_queued_jobs=2, max_queued_bytes=4096)
-    node = register(state)
-    first = state.submit(JobSpec(), bytes(1000))
-    state.submit(JobSpec(), bytes(1000))
-    with pytest.raises(QueueFull) as exc:
-        state.submit(JobSpec(), bytes(10))
-    assert exc.value.code == "queue_full" and exc.value.retry_after_s == QUEUE_FULL_RETRY_S
-    assert exc.value.message == "queue full: 2 unfinished jobs reach scheduler.max_queued_jobs (2); retry later"
-    # Running jobs still hold their audio, so they count until they finish.
-    assignment, grant = take(state, node)
-    assert assignment.job_id == first.job_id
-    with pytest.raises(QueueFull):
-        state.submit(JobSpec(), bytes(10))
-    state.report_result(first.job_id, report(node, 1, grant))
-    third = state.submit(JobSpec(), bytes(2000))
-    with pytest.raises(QueueFull):
-        state.submit(JobSpec(), bytes(1))  # 2 unfinished again
-    state.settings.max_queued_jobs = 10
-    with pytest.raises(QueueFull) as exc:
-        state.submit(JobSpec(), bytes(1100))
-    assert exc.value.message == (
-        "queue full: 3000 bytes of unfinished jobs' audio and this job's 1100 would pass "
-        "scheduler.max_queued_bytes (4096); retry later"
-    )
-    assert state.submit(JobSpec(), bytes(1096)).job_id  # exactly at the cap fits
-    with pytest.raises(TooLarge, match=r"audio of 5000 bytes is over scheduler.max_queued_bytes \(4096\)"):
-        state.submit(JobSpec(), bytes(5000))  # could never fit: 413, not a retry
-    assert registry.get_sample_value("node_agent_scheduler_jobs_refused_total", {"reason": "queue_full"}) == 4
-    assert registry.get_sample_value("node_agent_scheduler_unfinished_jobs") == 3
-    assert registry.get_sample_value("node_agent_scheduler_unfinished_audio_bytes") == 1000 + 2000 + 1096
-    assert state.view_job(third.job_id).state == "queued"
+async def test_queue_bounds_refuse_past_either_cap_and_a_finished_job_frees_its_place() -> None:
+    async with clocked(max_queued_jobs=2, max_queued_bytes=4096) as (state, _, registry):
+        node = await register(state)
+        first = await state.submit(JobSpec(), bytes(1000))
+        await state.submit(JobSpec(), bytes(1000))
+        with pytest.raises(QueueFull) as exc:
+            await state.submit(JobSpec(), bytes(10))
+        assert exc.value.code == "queue_full" and exc.value.retry_after_s == QUEUE_FULL_RETRY_S
+        assert exc.value.message == "queue full: 2 unfinished jobs reach scheduler.max_queued_jobs (2); retry later"
+        # Running jobs still hold their audio, so they count until they finish.
+        assignment, grant = await take(state, node)
+        assert assignment.job_id == first.job_id
+        with pytest.raises(QueueFull):
+            await state.submit(JobSpec(), bytes(10))
+        await state.report_result(first.job_id, report(node, 1, grant))
+        third = await state.submit(JobSpec(), bytes(2000))
+        with pytest.raises(QueueFull):
+            await state.submit(JobSpec(), bytes(1))  # 2 unfinished again
+        state.settings.max_queued_jobs = 10
+        with pytest.raises(QueueFull) as exc:
+            await state.submit(JobSpec(), bytes(1100))
+        assert exc.value.message == (
+            "queue full: 3000 bytes of unfinished jobs' audio and this job's 1100 would pass "
+            "scheduler.max_queued_bytes (4096); retry later"
+        )
+        assert (await state.submit(JobSpec(), bytes(1096))).job_id  # exactly at the cap fits
+        with pytest.raises(TooLarge, match=r"audio of 5000 bytes is over scheduler.max_queued_bytes \(4096\)"):
+            await state.submit(JobSpec(), bytes(5000))  # could never fit: 413, not a retry
+        assert registry.get_sample_value("node_agent_scheduler_jobs_refused_total", {"reason": "queue_full"}) == 4
+        assert registry.get_sample_value("node_agent_scheduler_unfinished_jobs") == 3
+        assert registry.get_sample_value("node_agent_scheduler_unfinished_audio_bytes") == 1000 + 2000 + 1096
+        assert (await state.view_job(third.job_id)).state == "queued"
 
 
-def test_finished_audio_is_dropped_unless_keep_audio_and_jobs_get_the_default_deadline() -> None:
+async def test_finished_audio_is_dropped_unless_keep_audio_and_jobs_get_the_default_deadline() -> None:
     for keep in (False, True):
-        state, clock, _ = make_state(keep_audio=keep, default_deadline_s=100)
-        node = register(state)
-        job = state.submit(JobSpec(), AUDIO)
-        clock.advance(4)
-        assignment, grant = take(state, node)
-        assert assignment.deadline_s == 96  # no deadline given: scheduler.default_deadline_s from submission
-        assert state.job_audio(job.job_id) == AUDIO
-        state.report_result(job.job_id, report(node, 1, grant))
-        if keep:
-            assert state.job_audio(job.job_id) == AUDIO and job.audio == AUDIO
-        else:
-            assert job.audio == b""
-            with pytest.raises(UnknownJob, match="audio was dropped"):
-                state.job_audio(job.job_id)
-        # A queued job without a deadline times out after the default, and reports its real time in the queue.
-        waiting = state.submit(JobSpec(language="en"), AUDIO)
-        clock.advance(100)
-        view = state.view_job(waiting.job_id)
-        assert view.state == "failed" and view.error is not None and view.error.code == "timeout"
-        assert view.timings["queued_s"] == 100.0
+        # The node sends no heartbeats: with this interval it stays live (and the job servable) the whole test.
+        async with clocked(keep_audio=keep, default_deadline_s=100, heartbeat_interval_s=120) as (state, clock, _):
+            node = await register(state)
+            job = await state.submit(JobSpec(), AUDIO)
+            await state.advance(4)
+            assignment, grant = await take(state, node)
+            assert assignment.deadline_s == 96  # no deadline given: scheduler.default_deadline_s from submission
+            assert await state.audio(job.job_id) == AUDIO
+            await state.report_result(job.job_id, report(node, 1, grant))
+            if keep:
+                assert await state.audio(job.job_id) == AUDIO
+            else:
+                with pytest.raises(UnknownJob, match="audio was dropped"):
+                    await state.job_audio(job.job_id)
+            # A queued job without a deadline times out after the default, and reports its real time in the queue.
+            waiting = await state.submit(JobSpec(language="en"), AUDIO)
+            await state.advance(100)
+            view = (await state.view_job(waiting.job_id))
+            assert view.state == "failed" and view.error is not None and view.error.code == "timeout"
+            assert view.timings["queued_s"] == 100.0
 
 
-def test_a_job_no_live_node_serves_is_refused_at_submit_with_what_to_change() -> None:
-    state, _, registry = make_state()
-    # No node yet (the embedded scheduler starts before its agent registers): queued, not refused.
-    early = state.submit(JobSpec(language="zh"), AUDIO)
-    assert state.view_job(early.job_id).state == "queued"
-    register(state, [CPU_EN])
-    with pytest.raises(Unservable) as exc:
-        state.submit(JobSpec(language="zh"), AUDIO)
-    assert (exc.value.code, exc.value.message, exc.value.param) == ("no_capable_node", ZH_REFUSAL, "language")
-    assert state.submit(JobSpec(language="en"), AUDIO) and state.submit(JobSpec(), AUDIO)  # en, and detect
-    register(state, [CPU_EN, GPU_ANY])  # a multilingual device serves every language
-    assert state.submit(JobSpec(language="zh"), AUDIO)
-    assert registry.get_sample_value("node_agent_scheduler_jobs_refused_total", {"reason": "no_capable_node"}) == 1
-    assert registry.get_sample_value("node_agent_scheduler_jobs_refused_total", {"reason": "queue_full"}) == 0
+async def test_a_job_no_live_node_serves_is_refused_at_submit_with_what_to_change() -> None:
+    async with clocked() as (state, _, registry):
+        # No node yet (the embedded scheduler starts before its agent registers): queued, not refused.
+        early = await state.submit(JobSpec(language="zh"), AUDIO)
+        assert (await state.view_job(early.job_id)).state == "queued"
+        await register(state, [CPU_EN])
+        with pytest.raises(Unservable) as exc:
+            await state.submit(JobSpec(language="zh"), AUDIO)
+        assert (exc.value.code, exc.value.message, exc.value.param) == ("no_capable_node", ZH_REFUSAL, "language")
+        assert await state.submit(JobSpec(language="en"), AUDIO) and await state.submit(JobSpec(), AUDIO)  # en, and detect
+        await register(state, [CPU_EN, GPU_ANY])  # a multilingual device serves every language
+        assert await state.submit(JobSpec(language="zh"), AUDIO)
+        assert registry.get_sample_value("node_agent_scheduler_jobs_refused_total", {"reason": "no_capable_node"}) == 1
+        assert registry.get_sample_value("node_agent_scheduler_jobs_refused_total", {"reason": "queue_full"}) == 0
 
 
-def test_a_queued_job_whose_last_capable_node_went_fails_after_unservable_after_s() -> None:
+async def test_a_queued_job_whose_last_capable_node_went_fails_after_unservable_after_s() -> None:
     # Nodes are gone 15 s after their last heartbeat (5 s x 3).
-    state, clock, registry = make_state(unservable_after_s=60, heartbeat_interval_s=5, node_gone_after_heartbeats=3)
-    start = clock.now
-    ja = state.submit(JobSpec(language="ja"), AUDIO)  # no node now, and none that comes serves it
-    zh = state.submit(JobSpec(language="zh"), AUDIO)
-    clock.advance(50)
-    en_node = register(state, [CPU_EN])
-    register(state, [ZH_ONLY])  # serves zh in time; never heartbeats, so it is gone at 65 s
-    clock.advance(5)
-    state.heartbeat(en_node, HeartbeatRequest(state="ready"))
-    clock.advance(5)  # 60 s
-    view = state.view_job(ja.job_id)
-    assert view.state == "failed" and view.error is not None and view.error.code == "no_capable_node", view
-    assert view.error.message == (
-        "queued 60 s without a capable node (scheduler.unservable_after_s: 60): no live node serves language 'ja' "
-        "(nodes serve: en with tiny.en, zh with base); run a node with asr.model: base"
-    )
-    assert view.timings["queued_s"] == 60.0
-    clock.advance(6)  # 66 s: the zh node is found gone; its job has no capable node from now on
-    assert state.view_job(zh.job_id).state == "queued"
-    clock.advance(59)
-    assert state.view_job(zh.job_id).state == "queued"
-    clock.advance(1)
-    view = state.view_job(zh.job_id)
-    assert view.state == "failed" and view.error is not None and view.error.code == "no_capable_node", view
-    # The en node went too (no heartbeat since 55 s): no node is live at all now.
-    assert view.error.message == (
-        "queued 60 s without a capable node (scheduler.unservable_after_s: 60): no live node serves language 'zh' "
-        "(no node is live); run a node with asr.model: base"
-    )
-    assert view.timings["queued_s"] == clock.now - start
-    assert registry.get_sample_value("node_agent_scheduler_jobs_total", {"outcome": "no_capable_node"}) == 2
+    async with clocked(unservable_after_s=60, heartbeat_interval_s=5, node_gone_after_heartbeats=3) as (state, clock, registry):
+        start = clock.now
+        ja = await state.submit(JobSpec(language="ja"), AUDIO)  # no node now, and none that comes serves it
+        zh = await state.submit(JobSpec(language="zh"), AUDIO)
+        await state.advance(50)
+        en_node = await register(state, [CPU_EN])
+        await register(state, [ZH_ONLY])  # serves zh in time; never heartbeats, so it is gone at 65 s
+        await state.advance(5)
+        await state.heartbeat(en_node, HeartbeatRequest(state="ready"))
+        await state.advance(5)  # 60 s
+        view = (await state.view_job(ja.job_id))
+        assert view.state == "failed" and view.error is not None and view.error.code == "no_capable_node", view
+        assert view.error.message == (
+            "queued 60 s without a capable node (scheduler.unservable_after_s: 60): no live node serves language 'ja' "
+            "(nodes serve: en with tiny.en, zh with base); run a node with asr.model: base"
+        )
+        assert view.timings["queued_s"] == 60.0
+        await state.advance(5)  # 65 s: the zh node is found gone; its job has no capable node from now on
+        assert (await state.view_job(zh.job_id)).state == "queued"
+        await state.advance(59)
+        assert (await state.view_job(zh.job_id)).state == "queued"
+        await state.advance(1)
+        view = (await state.view_job(zh.job_id))
+        assert view.state == "failed" and view.error is not None and view.error.code == "no_capable_node", view
+        # The en node went too (no heartbeat since 55 s): no node is live at all now.
+        assert view.error.message == (
+            "queued 60 s without a capable node (scheduler.unservable_after_s: 60): no live node serves language 'zh' "
+            "(no node is live); run a node with asr.model: base"
+        )
+        assert view.timings["queued_s"] == clock.now - start
+        assert registry.get_sample_value("node_agent_scheduler_jobs_total", {"outcome": "no_capable_node"}) == 2
 
 
-def test_a_running_job_whose_node_went_is_requeued_then_fails_unservable_and_servable_jobs_wait() -> None:
-    state, clock, _ = make_state(unservable_after_s=60, heartbeat_interval_s=5, node_gone_after_heartbeats=3)
-    zh_node = register(state, [ZH_ONLY])
-    en_node = register(state, [CPU_EN])
-    zh = state.submit(JobSpec(language="zh"), AUDIO)
-    take(state, zh_node, resource="gpu:0")
-    en = state.submit(JobSpec(language="en"), AUDIO)  # servable the whole time: it waits, however long
-    for _ in range(20):  # 100 s; only the en node heartbeats
-        clock.advance(5)
-        state.heartbeat(en_node, HeartbeatRequest(state="busy"))
-    zh_view = state.view_job(zh.job_id)
-    assert zh_view.state == "failed" and zh_view.error is not None and zh_view.error.code == "no_capable_node"
-    assert "(nodes serve: en with tiny.en)" in zh_view.error.message and zh_view.attempt == 2
-    assert state.view_job(en.job_id).state == "queued"
+async def test_a_running_job_whose_node_went_is_requeued_then_fails_unservable_and_servable_jobs_wait() -> None:
+    async with clocked(unservable_after_s=60, heartbeat_interval_s=5, node_gone_after_heartbeats=3) as (state, clock, _):
+        zh_node = await register(state, [ZH_ONLY])
+        en_node = await register(state, [CPU_EN])
+        zh = await state.submit(JobSpec(language="zh"), AUDIO)
+        await take(state, zh_node, resource="gpu:0")
+        en = await state.submit(JobSpec(language="en"), AUDIO)  # servable the whole time: it waits, however long
+        for _ in range(20):  # 100 s; only the en node heartbeats
+            await state.advance(5)
+            await state.heartbeat(en_node, HeartbeatRequest(state="busy"))
+        zh_view = (await state.view_job(zh.job_id))
+        assert zh_view.state == "failed" and zh_view.error is not None and zh_view.error.code == "no_capable_node"
+        assert "(nodes serve: en with tiny.en)" in zh_view.error.message and zh_view.attempt == 2
+        assert (await state.view_job(en.job_id)).state == "queued"
 
 
 @pytest.mark.asyncio

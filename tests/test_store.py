@@ -22,7 +22,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import aiohttp
 import asyncpg
@@ -45,12 +45,20 @@ QUIET_NODES = {"heartbeat_interval_s": 120.0}
 LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO) ")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A store URL: a SQLite file in the test's directory, or a fresh database on the session's PostgreSQL."""
+#: Whether ``serve`` turns on PostgreSQL's single-statement forms of the hot operations (set by ``store``).
+_SINGLE_STATEMENTS = {"on": True}
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "postgresql-general"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A store URL: a SQLite file in the test's directory, or a fresh database on the session's PostgreSQL, used
+    with the single-statement forms (production's way) and without them (the general path alone)."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'scheduler.db'}"
-    return request.getfixturevalue("pg_dsn")
+        yield f"sqlite:///{tmp_path / 'scheduler.db'}"
+        return
+    _SINGLE_STATEMENTS["on"] = request.param == "postgresql"
+    yield request.getfixturevalue("pg_dsn")
+    _SINGLE_STATEMENTS["on"] = True
 
 
 @dataclass
@@ -63,7 +71,8 @@ class Remote:
 async def serve(store: str, tmp_path: Path, port: int = 0, **overrides: Any) -> Harness:
     settings = SchedulerSettings(**{"store": store, **QUIET_NODES, **overrides})
     registry = CollectorRegistry()
-    running = await start_scheduler(settings, registry, host="127.0.0.1", port=port, state_dir=tmp_path)
+    running = await start_scheduler(settings, registry, host="127.0.0.1", port=port, state_dir=tmp_path,
+                                    single_statements=_SINGLE_STATEMENTS["on"])
     return Harness(running, aiohttp.ClientSession(), registry)
 
 
@@ -292,14 +301,10 @@ async def test_a_renewal_from_another_node_is_refused(store: str, tmp_path: Path
         await close(h)
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite", "postgresql"])
-async def test_a_poll_takes_the_jobs_lease_with_it_when_its_resource_is_free(
-        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+async def test_a_poll_takes_the_jobs_lease_with_it_when_its_resource_is_free(store: str, tmp_path: Path) -> None:
     """``lease_ttl_s`` on a poll: the assignment carries the job's lease (one round trip less per job); it is the
     holder's as one from ``POST /v1/leases`` is. With the resource still held by another job's lease the assignment
     comes without one, and ``POST /v1/leases`` says who holds it."""
-    store = {"memory": "memory", "sqlite": f"sqlite:///{tmp_path / 'scheduler.db'}"}.get(kind) \
-        or request.getfixturevalue("pg_dsn")
     h = await serve(store, tmp_path)
     try:
         node = await h.register()

@@ -1,11 +1,7 @@
-"""The reference scheduler (protocol version 1): embedded or standalone, its state in a store.
+"""The reference scheduler (protocol version 1): embedded or standalone, its state in one SQL store.
 
-``rules`` decides (pure), ``state`` is the in-memory state machine, ``sqlstore`` the same on SQLite or PostgreSQL
-(``db`` the engines, ``migrations`` the schema), ``store`` picks one from ``scheduler.store``, ``server`` is the HTTP
-face, ``schemas`` the wire shapes the agent's client shares, ``metrics`` its Prometheus series. See docs/protocol.md.
+``rules`` decides (pure), ``sqlstore`` writes (SQLite file or memory, PostgreSQL; ``db`` the engines,
+``migrations`` the schema), ``store`` declares the interface and opens one from ``scheduler.store``, ``server`` is
+the HTTP face, ``schemas`` the wire shapes the agent's client shares, ``metrics`` its Prometheus series. See
+docs/protocol.md. Nothing is imported here, so the agent's client can read ``schemas`` without loading the server.
 """
-
-from .server import STORE_KEY, Running, create_app, serve, start_scheduler
-from .state import SchedulerState
-
-__all__ = ["STORE_KEY", "Running", "SchedulerState", "create_app", "serve", "start_scheduler"]

@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Coroutine, Mapping, Protocol, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, Iterable, Mapping, Protocol, Sequence, TypeVar
 
 from ..config import redact_dsn
 from .errors import StoreError, StoreUnavailable
@@ -99,6 +99,11 @@ class Engine(Protocol):
     async def run(self, op: Op[T]) -> T: ...
 
 
+def sql_list(values: Iterable[str]) -> str:
+    """``('a', 'b')``: constant names of this program's own (the states) for an SQL ``IN``."""
+    return "(" + ", ".join(f"'{value}'" for value in values) + ")"
+
+
 # ------------------------------------------------------------------------------------------------ locations
 
 
@@ -122,8 +127,9 @@ _DOLLAR = re.compile(r"\$(\d+)")
 class _SqliteTx:
     dialect = SQLITE
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, clock: Callable[[], float]) -> None:
         self._conn = conn
+        self._clock = clock
         self.topics: list[str] = []
 
     @staticmethod
@@ -147,8 +153,9 @@ class _SqliteTx:
         self._conn.executemany(self._sql(sql), args)
 
     async def now(self) -> float:
-        # One process owns a SQLite store, so its wall clock is the store's clock (and survives a restart).
-        return time.time()
+        # One process owns a SQLite store, so its wall clock is the store's clock (and survives a restart); tests
+        # inject a fake one (SqliteEngine's clock) to drive expiry, reaping and deadlines.
+        return self._clock()
 
     async def next_value(self, sequence: str) -> int:
         return self._conn.execute(
@@ -188,9 +195,11 @@ class SqliteEngine:
 
     dialect = SQLITE
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None, clock: Callable[[], float] = time.time) -> None:
+        """``path`` None: a database in memory (``scheduler.store: memory``), gone with the process."""
         self.path = path
-        self.where = f"sqlite:///{path}"
+        self.where = f"sqlite:///{path}" if path is not None else "memory"
+        self._clock = clock
         self._conn: sqlite3.Connection | None = None
         self._on_notify: Callable[[str], None] = lambda topic: None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -202,8 +211,10 @@ class SqliteEngine:
 
     def _connect(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path if self.path is not None else ":memory:", isolation_level=None,
+                                   check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -214,7 +225,7 @@ class SqliteEngine:
             # A read of the whole file would be needed to notice a corrupt one later; a quick check now names it.
             conn.execute("PRAGMA quick_check(1)").fetchone()
         except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"scheduler.store: cannot open {self.path}: {exc}") from None
+            raise StoreError(f"scheduler.store: cannot open {self.where}: {exc}") from None
         self._conn = conn
 
     async def open(self, on_notify: Callable[[str], None]) -> None:
@@ -268,7 +279,7 @@ class SqliteEngine:
         try:
             conn.execute("BEGIN IMMEDIATE")
             for item in batch:
-                tx = _SqliteTx(conn)
+                tx = _SqliteTx(conn, self._clock)
                 conn.execute("SAVEPOINT op")
                 try:
                     result = _drive(item.op(tx))
@@ -276,7 +287,7 @@ class SqliteEngine:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     if isinstance(exc, sqlite3.OperationalError):
-                        exc = StoreUnavailable(f"scheduler store {self.path}: {exc}")
+                        exc = StoreUnavailable(f"scheduler store {self.where}: {exc}")
                     outcomes.append((item, None, exc, []))
                 else:
                     conn.execute("RELEASE op")
@@ -285,7 +296,7 @@ class SqliteEngine:
         except sqlite3.Error as exc:  # the commit itself failed (disk full, I/O error): nothing of the group holds
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            failure = StoreUnavailable(f"scheduler store {self.path}: {exc}")
+            failure = StoreUnavailable(f"scheduler store {self.where}: {exc}")
             return [(item, None, failure, []) for item in batch]
         return outcomes
 
@@ -506,10 +517,15 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def engine_for(store: str, state_dir: Path | None) -> Engine:
-    """The engine ``scheduler.store`` names (``memory`` has none)."""
+def engine_for(store: str, state_dir: Path | None, clock: Callable[[], float] | None = None) -> Engine:
+    """The engine ``scheduler.store`` names. ``clock`` (SQLite only; tests) replaces the wall clock as the store's:
+    PostgreSQL's clock is the database's own."""
+    if store == "memory":
+        return SqliteEngine(None, clock or time.time)
     if store == "sqlite" or store.startswith("sqlite:"):
-        return SqliteEngine(sqlite_path(store, state_dir))
+        return SqliteEngine(sqlite_path(store, state_dir), clock or time.time)
+    if clock is not None:
+        raise ValueError("only a SQLite store takes an injected clock")
     if store.startswith(("postgresql://", "postgres://")):
         return PostgresEngine(store)
     raise StoreError(f"scheduler.store: {store!r} is not sqlite, sqlite:////path.db or postgresql://...")
@@ -526,5 +542,6 @@ __all__ = [
     "Tx",
     "engine_for",
     "redact_dsn",
+    "sql_list",
     "sqlite_path",
 ]

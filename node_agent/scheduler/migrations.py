@@ -8,8 +8,9 @@ the store's clock; JSON documents are TEXT, read and written only by the schedul
 
 from __future__ import annotations
 
-from .db import Tx
+from .db import Tx, sql_list
 from .errors import StoreError
+from .schemas import OPEN_JOB_STATES, JobState, LeaseState
 
 #: Any constant: the key of PostgreSQL's advisory lock around migrations.
 MIGRATION_LOCK = 4_708_470
@@ -18,6 +19,9 @@ _TYPES = {
     "sqlite": {"double": "REAL", "blob": "BLOB", "bigint": "INTEGER"},
     "postgresql": {"double": "DOUBLE PRECISION", "blob": "BYTEA", "bigint": "BIGINT"},
 }
+
+#: The states the partial indexes name (the text these make is version 1's schema, as it always was).
+_STATES = {"queued": JobState.QUEUED, "open": sql_list(OPEN_JOB_STATES), "active": LeaseState.ACTIVE}
 
 _V1 = """
 CREATE TABLE nodes (
@@ -63,8 +67,8 @@ CREATE TABLE jobs (
     node_timings TEXT,
     unservable_since {double}
 );
-CREATE INDEX jobs_queue ON jobs (seq) WHERE state = 'queued';
-CREATE INDEX jobs_open ON jobs (state) WHERE state IN ('queued', 'assigned', 'running');
+CREATE INDEX jobs_queue ON jobs (seq) WHERE state = '{queued}';
+CREATE INDEX jobs_open ON jobs (state) WHERE state IN {open};
 CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 CREATE TABLE segments (
     job_id TEXT NOT NULL,
@@ -85,8 +89,8 @@ CREATE TABLE leases (
     state TEXT NOT NULL,
     ended_at {double}
 );
-CREATE UNIQUE INDEX leases_holder ON leases (node_id, resource) WHERE state = 'active';
-CREATE INDEX leases_due ON leases (expires_at) WHERE state = 'active';
+CREATE UNIQUE INDEX leases_holder ON leases (node_id, resource) WHERE state = '{active}';
+CREATE INDEX leases_due ON leases (expires_at) WHERE state = '{active}';
 CREATE INDEX leases_job ON leases (job_id);
 CREATE TABLE reports (
     job_id TEXT NOT NULL,
@@ -131,7 +135,7 @@ INSERT INTO store_clock (id, last_reap) VALUES (1, 0);
 #: (version, what it does, {dialect: SQL}), in order. Add new ones at the end; never edit an applied one.
 MIGRATIONS: list[tuple[int, str, dict[str, str]]] = [
     (1, "nodes, jobs, segments, leases, reports, audio, the reapers' clock; epoch and job sequences",
-     {d: _V1.format(**_TYPES[d]) + _V1_SEQUENCES[d] for d in _TYPES}),
+     {d: _V1.format(**_TYPES[d], **_STATES) + _V1_SEQUENCES[d] for d in _TYPES}),
 ]
 
 LATEST = MIGRATIONS[-1][0]

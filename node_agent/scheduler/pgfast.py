@@ -22,6 +22,9 @@ from typing import Any
 
 from .db import CHANNEL, Conflict, PostgresEngine, Row
 from .rules import pick_device, poll_languages
+from .schemas import JobState as J
+from .schemas import LeaseState as L
+from .schemas import NodeState as N
 from .schemas import stored_devices
 from .topics import QUEUE_TOPIC, job_topic
 
@@ -32,12 +35,25 @@ _CLOCK = "t AS (SELECT CAST(extract(epoch FROM clock_timestamp()) AS DOUBLE PREC
 def fence(now: str) -> str:
     """The fence, for an ``UPDATE jobs`` on both paths: the job's current attempt ($2), live lease ($3, unexpired at
     ``now`` on the store's clock), epoch ($4) and node ($5) for job $1."""
-    return f"""jobs.job_id = $1 AND jobs.state = 'running' AND jobs.attempt = $2 AND jobs.lease_id = $3
+    return f"""jobs.job_id = $1 AND jobs.state = '{J.RUNNING}' AND jobs.attempt = $2 AND jobs.lease_id = $3
     AND jobs.lease_epoch = $4 AND jobs.node_id = $5
-    AND EXISTS (SELECT 1 FROM leases l WHERE l.lease_id = $3 AND l.state = 'active' AND l.expires_at > {now})"""
+    AND EXISTS (SELECT 1 FROM leases l WHERE l.lease_id = $3 AND l.state = '{L.ACTIVE}' AND l.expires_at > {now})"""
 
 
 _FENCE = fence("t.now")
+
+
+def renewal(now: str, clock_from: str = "") -> str:
+    """The renewal, for both paths, checked and written in one statement: only the job's live lease $1, unexpired
+    at ``now``, with the epoch ($2) and node ($3) it names, for the job's current attempt; the TTL $4 (NULL: the
+    lease's own). ``clock_from`` brings ``now`` into the statement where it is a table's column."""
+    return f"""UPDATE leases SET ttl_s = COALESCE(CAST($4 AS DOUBLE PRECISION), ttl_s),
+        expires_at = {now} + COALESCE(CAST($4 AS DOUBLE PRECISION), ttl_s)
+    {clock_from}
+    WHERE lease_id = $1 AND state = '{L.ACTIVE}' AND expires_at > {now} AND epoch = $2 AND node_id = $3
+      AND EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = leases.job_id AND j.lease_id = leases.lease_id
+                  AND j.attempt = leases.attempt AND j.state = '{J.RUNNING}')
+    RETURNING node_id, epoch, ttl_s"""
 
 
 @dataclass(frozen=True)
@@ -84,9 +100,9 @@ class PgFast:
     async def heartbeat(self, node_id: str, state: str, running_jobs: str, cpu_percent: float, used: int,
                         total: int) -> bool:
         row = await self.engine.statement(
-            """UPDATE nodes SET last_heartbeat = CAST(extract(epoch FROM clock_timestamp()) AS DOUBLE PRECISION),
+            f"""UPDATE nodes SET last_heartbeat = CAST(extract(epoch FROM clock_timestamp()) AS DOUBLE PRECISION),
                    state = $2, running_jobs = $3, cpu_percent = $4, memory_used_bytes = $5, memory_total_bytes = $6
-               WHERE node_id = $1 AND state <> 'gone' RETURNING 1""",
+               WHERE node_id = $1 AND state <> '{N.GONE}' RETURNING 1""",
             node_id, state, running_jobs, cpu_percent, used, total,
         )
         return row is not None
@@ -98,7 +114,7 @@ class PgFast:
             f"""WITH {_CLOCK},
                j AS (INSERT INTO jobs (job_id, seq, spec, language, filename, audio_bytes, upload_id, created_at,
                          queued_at, deadline_at, state, attempt)
-                     SELECT $1, nextval('job_seqs'), $2, $3, $4, $5, $6, t.now, t.now, t.now + $7, 'queued', 1
+                     SELECT $1, nextval('job_seqs'), $2, $3, $4, $5, $6, t.now, t.now, t.now + $7, '{J.QUEUED}', 1
                      FROM t),
                u AS (INSERT INTO uploads (upload_id, started_at, bytes, job_id) SELECT $6, t.now, $5, $1 FROM t),
                c AS (INSERT INTO audio_chunks (upload_id, n, data) VALUES ($6, 0, $8))
@@ -118,8 +134,8 @@ class PgFast:
             row = await self.engine.statement(
                 f"""WITH {_CLOCK},
                    n AS (SELECT 1 FROM nodes WHERE node_id = $1 AND devices = $2
-                             AND state NOT IN ('gone', 'draining')),
-                   j AS (SELECT job_id, language FROM jobs WHERE state = 'queued' AND EXISTS (SELECT 1 FROM n)
+                             AND state NOT IN ('{N.GONE}', '{N.DRAINING}')),
+                   j AS (SELECT job_id, language FROM jobs WHERE state = '{J.QUEUED}' AND EXISTS (SELECT 1 FROM n)
                              AND (CAST($3 AS jsonb) IS NULL OR language IS NULL
                                   OR language IN (SELECT jsonb_array_elements_text(CAST($3 AS jsonb))))
                          ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED),
@@ -129,8 +145,8 @@ class PgFast:
                    g AS (SELECT r.job_id, nextval('lease_epochs') AS epoch FROM r
                          WHERE CAST($8 AS DOUBLE PRECISION) IS NOT NULL
                            AND NOT EXISTS (SELECT 1 FROM leases h WHERE h.node_id = $1 AND h.resource = r.resource
-                                           AND h.state = 'active')),
-                   u AS (UPDATE jobs SET state = CASE WHEN g.epoch IS NULL THEN 'assigned' ELSE 'running' END,
+                                           AND h.state = '{L.ACTIVE}')),
+                   u AS (UPDATE jobs SET state = CASE WHEN g.epoch IS NULL THEN '{J.ASSIGNED}' ELSE '{J.RUNNING}' END,
                              node_id = $1, resource = r.resource, assigned_at = t.now,
                              lease_id = CASE WHEN g.epoch IS NULL THEN NULL ELSE CAST($7 AS TEXT) END,
                              lease_epoch = g.epoch,
@@ -143,7 +159,7 @@ class PgFast:
                    l AS (INSERT INTO leases (lease_id, node_id, job_id, attempt, resource, epoch, ttl_s, granted_at,
                              expires_at, state)
                          SELECT CAST($7 AS TEXT), $1, u.job_id, u.attempt, u.resource, u.lease_epoch, $8, t.now,
-                             t.now + CAST($8 AS DOUBLE PRECISION), 'active'
+                             t.now + CAST($8 AS DOUBLE PRECISION), '{L.ACTIVE}'
                          FROM u, t WHERE u.lease_epoch IS NOT NULL),
                    d AS (DELETE FROM segments WHERE job_id IN (SELECT job_id FROM u WHERE attempt > 1))
                    SELECT (SELECT COUNT(*) FROM n) AS node_ok, t.now, u.* FROM t LEFT JOIN u ON true""",
@@ -176,19 +192,20 @@ class PgFast:
         try:
             return await self.engine.statement(
                 f"""WITH {_CLOCK},
-                   n AS (SELECT 1 FROM nodes WHERE node_id = $1 AND devices = $2 AND state <> 'gone'),
+                   n AS (SELECT 1 FROM nodes WHERE node_id = $1 AND devices = $2 AND state <> '{N.GONE}'),
                    j AS (SELECT job_id, attempt FROM jobs WHERE job_id = $3 AND node_id = $1
-                             AND state IN ('assigned', 'running') AND lease_id IS NULL AND EXISTS (SELECT 1 FROM n)
+                             AND state IN ('{J.ASSIGNED}', '{J.RUNNING}') AND lease_id IS NULL
+                             AND EXISTS (SELECT 1 FROM n)
                          FOR UPDATE),
                    l AS (INSERT INTO leases (lease_id, node_id, job_id, attempt, resource, epoch, ttl_s, granted_at,
                              expires_at, state)
                          SELECT $5, $1, j.job_id, j.attempt, $4, nextval('lease_epochs'), $6, t.now, t.now + $6,
-                             'active'
+                             '{L.ACTIVE}'
                          FROM j, t
                          WHERE NOT EXISTS (SELECT 1 FROM leases h WHERE h.node_id = $1 AND h.resource = $4
-                                           AND h.state = 'active')
+                                           AND h.state = '{L.ACTIVE}')
                          RETURNING epoch, attempt, granted_at),
-                   u AS (UPDATE jobs SET state = 'running', resource = $4, lease_id = $5, lease_epoch = l.epoch,
+                   u AS (UPDATE jobs SET state = '{J.RUNNING}', resource = $4, lease_id = $5, lease_epoch = l.epoch,
                              started_at = COALESCE(jobs.started_at, l.granted_at)
                          FROM l WHERE jobs.job_id = $3)
                    SELECT l.epoch, l.attempt FROM l""",
@@ -199,14 +216,7 @@ class PgFast:
 
     async def renew(self, lease_id: str, epoch: int, node_id: str, ttl_s: float | None) -> Row | None:
         return await self.engine.statement(
-            f"""WITH {_CLOCK}
-               UPDATE leases SET ttl_s = COALESCE(CAST($4 AS DOUBLE PRECISION), ttl_s),
-                   expires_at = t.now + COALESCE(CAST($4 AS DOUBLE PRECISION), ttl_s)
-               FROM t
-               WHERE lease_id = $1 AND state = 'active' AND expires_at > t.now AND epoch = $2 AND node_id = $3
-                 AND EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = leases.job_id AND j.lease_id = leases.lease_id
-                             AND j.attempt = leases.attempt AND j.state = 'running')
-               RETURNING node_id, epoch, ttl_s""",
+            f"WITH {_CLOCK} " + renewal("t.now", "FROM t"),
             lease_id, epoch, node_id, ttl_s,
         )
 
@@ -233,13 +243,14 @@ class PgFast:
         return await self.engine.statement(
             f"""WITH {_CLOCK},
                o AS (SELECT upload_id FROM jobs WHERE job_id = $1),
-               f AS (UPDATE jobs SET state = 'succeeded', error = NULL, finished_at = t.now, unservable_since = NULL,
+               f AS (UPDATE jobs SET state = '{J.SUCCEEDED}', error = NULL, finished_at = t.now,
+                         unservable_since = NULL,
                          result = $6, node_timings = $7,
                          upload_id = CASE WHEN $10 THEN NULL ELSE jobs.upload_id END
                      FROM t WHERE {_FENCE}
                      RETURNING jobs.job_id, jobs.attempt, jobs.node_id, jobs.created_at),
-               ls AS (UPDATE leases SET state = 'released', ended_at = t.now FROM f, t
-                      WHERE leases.job_id = f.job_id AND leases.state = 'active' AND leases.attempt = f.attempt),
+               ls AS (UPDATE leases SET state = '{L.RELEASED}', ended_at = t.now FROM f, t
+                      WHERE leases.job_id = f.job_id AND leases.state = '{L.ACTIVE}' AND leases.attempt = f.attempt),
                ds AS (DELETE FROM segments WHERE cardinality(CAST($8 AS INTEGER[])) > 0
                           AND job_id IN (SELECT job_id FROM f) AND NOT (seg_id = ANY(CAST($8 AS INTEGER[])))),
                si AS (INSERT INTO segments (job_id, seg_id, data)

@@ -1,8 +1,7 @@
 """The scheduler's decisions as pure functions: who may report, what a lease's TTL is, what is due, who serves what.
 
-Both stores decide with these: the in-memory ``SchedulerState`` (driven by a fake clock in tests) and the SQL store
-(which loads rows, asks these, and writes the answer in the same transaction). Nothing here does I/O or reads a
-clock: ``now`` is always given.
+The SQL store decides with these: it loads rows, asks these, and writes the answer in the same transaction. Nothing
+here does I/O or reads a clock: ``now`` is always given, so each rule is tested as a table.
 """
 
 from __future__ import annotations

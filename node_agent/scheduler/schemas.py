@@ -10,9 +10,11 @@ from __future__ import annotations
 import functools
 import json
 import re
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints,
+                      field_serializer, model_validator)
 
 from ..contracts import DecodeOptions
 from ..errors import JOB_ERRORS, JobErrorCode
@@ -25,10 +27,54 @@ JOB_ERROR_CODES: tuple[str, ...] = tuple(JobErrorCode)
 #: Failures that are the node's fault, not the input's: the job is dispatched again while attempts remain.
 RETRYABLE_ERROR_CODES: frozenset[str] = frozenset(code for code, cls in JOB_ERRORS.items() if cls.retryable)
 
-JobState = Literal["queued", "assigned", "running", "succeeded", "failed"]
-TERMINAL_JOB_STATES: frozenset[str] = frozenset({"succeeded", "failed"})
-NodeState = Literal["ready", "busy", "draining", "degraded", "gone"]
-NODE_STATES: tuple[str, ...] = ("ready", "busy", "draining", "degraded", "gone")
+class JobState(StrEnum):
+    """A job's life: queued -> assigned (to a node's poll) -> running (under a lease) -> succeeded or failed; an
+    assigned or running job whose node or lease is lost goes back to queued as its next attempt. The one spelling
+    of each name: the store's SQL, the rules and the wire all use these."""
+
+    QUEUED = "queued"
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+TERMINAL_JOB_STATES: frozenset[JobState] = frozenset({JobState.SUCCEEDED, JobState.FAILED})
+#: Jobs that count against the queue's bounds and still hold their audio.
+OPEN_JOB_STATES: tuple[JobState, ...] = (JobState.QUEUED, JobState.ASSIGNED, JobState.RUNNING)
+
+
+class LeaseState(StrEnum):
+    """A lease is active until it expires (its holder stopped renewing), is released (given back, or its job
+    finished) or is superseded (its job leased again: only the newest epoch may report)."""
+
+    ACTIVE = "active"
+    EXPIRED = "expired"
+    RELEASED = "released"
+    SUPERSEDED = "superseded"
+
+
+class NodeState(StrEnum):
+    """What a node reports of itself (ready, busy, draining, degraded), and gone: missed its heartbeats."""
+
+    READY = "ready"
+    BUSY = "busy"
+    DRAINING = "draining"
+    DEGRADED = "degraded"
+    GONE = "gone"
+
+
+NODE_STATES: tuple[NodeState, ...] = tuple(NodeState)
+
+
+def _reported_state(state: NodeState) -> NodeState:
+    if state is NodeState.GONE:
+        raise ValueError("a node reports ready, busy, draining or degraded; gone is the scheduler's to say")
+    return state
+
+
+#: A state a node may report in a heartbeat.
+ReportedNodeState = Annotated[NodeState, AfterValidator(_reported_state)]
 
 #: A lease resource: a device (``cpu``, ``gpu:N``) or one slot of it (``cpu/0``, ``gpu:0/1``) where a node runs
 #: several workers on the device, each leasing its own slot.
@@ -128,7 +174,7 @@ class RegisterResponse(_Reply):
 
 
 class HeartbeatRequest(_NodeMessage):
-    state: Literal["ready", "busy", "draining", "degraded"]
+    state: ReportedNodeState
     running_jobs: list[str] = Field(default_factory=list, max_length=1024)
     cpu_percent: float = Field(0.0, ge=0)
     memory_used_bytes: int = Field(0, ge=0)
@@ -178,7 +224,8 @@ class JobAssignment(_Reply):
     job_id: str
     attempt: int
     language: str | None
-    options: dict[str, Any]
+    #: The options the client set, checked at submission; typed from here to the plugin (only those set travel).
+    options: DecodeOptions
     audio: AudioRef
     deadline_s: float | None
     queued_s: float
@@ -190,6 +237,10 @@ class JobAssignment(_Reply):
     #: How long the scheduler held the poll before assigning. The poll's sending plus this is no later than the
     #: lease's grant, so a node that times its renewals from there never believes a lease lives longer than it does.
     poll_held_s: float | None = None
+
+    @field_serializer("options")
+    def _options_set(self, options: DecodeOptions) -> dict[str, Any]:
+        return options.wire()
 
 
 class LeaseRequest(_NodeMessage):

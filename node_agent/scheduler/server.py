@@ -57,15 +57,14 @@ from .errors import (
 )
 from .formats import RESPONSE_FORMATS, to_srt, to_verbose_json, to_vtt
 from .schemas import (
+    JobState,
     RESOURCE_PATTERN,
     EventsReport,
     HeartbeatRequest,
-    JobAssignment,
     JobOptions,
     JobSpec,
     JobSubmission,
     JobSubmitted,
-    LeaseGrant,
     LeaseRequest,
     RegisterRequest,
     RenewRequest,
@@ -506,8 +505,6 @@ async def _next_job(request: web.Request) -> web.StreamResponse:
         assignment = await store.assign_next(node_id, resource, lease_ttl_s)
         if assignment is None:
             return None
-        if lease_ttl_s is not None and assignment.lease is None and assignment.resource is not None:
-            assignment.lease = await _lease_now(store, node_id, assignment, lease_ttl_s)
         assignment.poll_held_s = round(held, 6)
         return assignment
 
@@ -515,19 +512,6 @@ async def _next_job(request: web.Request) -> web.StreamResponse:
     if assignment is None or assignment is gone:
         return web.Response(status=204)
     return _json(assignment)
-
-
-async def _lease_now(store: Store, node_id: str, assignment: JobAssignment, ttl_s: float) -> LeaseGrant | None:
-    """The lease a poll asked for, for the job just assigned to it (stores that can grant it in the same statement
-    already did); None when it cannot be had now: the node then asks with ``POST /v1/leases``, which waits out a
-    held resource and names its holder."""
-    try:
-        assert assignment.resource is not None
-        return await store.grant_lease(LeaseRequest(node_id=node_id, job_id=assignment.job_id,
-                                                    resource=assignment.resource, ttl_s=ttl_s))
-    except (ResourceHeld, JobNotAssigned, StoreUnavailable) as exc:
-        log.debug("job %s assigned without its lease: %s", assignment.job_id, exc)
-        return None
 
 
 async def _job_audio(request: web.Request) -> web.StreamResponse:
@@ -691,13 +675,13 @@ async def _openai_transcriptions(request: web.Request) -> web.Response:
     # A little past the job's own deadline, so a job that timed out in the queue is reported as such.
     await notifier.wait_for(job_topic(job_id), settled, OPENAI_WAIT_S + 1.0)
     view = await store.view_job(job_id)
-    if view.state == "failed":
+    if view.state == JobState.FAILED:
         error = view.error
         code, message = (error.code, error.message) if error is not None else ("failed", "transcription failed")
         statuses = {"bad_audio": 400, "invalid_request": 400, "no_capable_node": 422, "timeout": 504}
         status = statuses.get(code, 500)
         return _error_response(status, code, message, "file" if code == "bad_audio" else None, openai=True)
-    if view.state != "succeeded":
+    if view.state != JobState.SUCCEEDED:
         if notifier.closed:
             raise ShuttingDown("the scheduler is shutting down")
         raise WaitTimeout(f"job {job_id} did not finish within {OPENAI_WAIT_S:g} s")
@@ -790,13 +774,15 @@ async def _close_store(app: web.Application) -> None:
 
 
 async def create_app(
-    settings: SchedulerSettings, registry: CollectorRegistry | None = None, state_dir: Path | None = None
+    settings: SchedulerSettings, registry: CollectorRegistry | None = None, state_dir: Path | None = None, *,
+    single_statements: bool = True,
 ) -> web.Application:
     """The scheduler as an aiohttp application, its store open (at ``app[STORE_KEY]``). A store that cannot be
-    used raises ``StoreError``."""
+    used raises ``StoreError``. ``single_statements``: see ``open_store``."""
     registry = registry if registry is not None else CollectorRegistry()
     notifier = Notifier()
-    store = await open_store(settings, registry, state_dir, notifier.notify, notifier.wake_all)
+    store = await open_store(settings, registry, state_dir, notifier.notify, notifier.wake_all,
+                             single_statements=single_statements)
     notifier.poll_s = store.poll_s
     notifier.queue_wake = QUEUE_WAKE if store.poll_s is not None else None
     _memoize_multipart_dispositions()
@@ -852,6 +838,8 @@ async def start_scheduler(
     host: str | None = None,
     port: int | None = None,
     state_dir: Path | None = None,
+    *,
+    single_statements: bool = True,
 ) -> Running:
     """Serve the scheduler on ``host:port`` (default ``settings.listen``; port 0 picks a free one). ``state_dir``
     holds the default SQLite store."""
@@ -865,7 +853,7 @@ async def start_scheduler(
     except OSError as exc:
         raise ListenError.from_os_error(exc, host, port, "scheduler.listen") from None
     try:
-        app = await create_app(settings, registry, state_dir)
+        app = await create_app(settings, registry, state_dir, single_statements=single_statements)
     except BaseException:
         sock.close()
         raise

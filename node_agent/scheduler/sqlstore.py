@@ -21,7 +21,7 @@ import time
 from typing import Any, AsyncIterator
 
 from ..config import SchedulerSettings
-from .db import Engine, PostgresEngine, Row, Tx
+from .db import Engine, PostgresEngine, Row, Tx, sql_list
 from .errors import (
     InvalidInput,
     JobNotAssigned,
@@ -34,7 +34,7 @@ from .errors import (
 )
 from .metrics import SchedulerMetrics
 from .migrations import LATEST, migrate
-from .pgfast import PgFast, dispatch_of, fence
+from .pgfast import PgFast, dispatch_of, fence, renewal
 from .rules import (
     Holder,
     Served,
@@ -50,6 +50,7 @@ from .rules import (
     unservable_message,
 )
 from .schemas import (
+    OPEN_JOB_STATES,
     JOB_ERROR_CODES,
     RETRYABLE_ERROR_CODES,
     TERMINAL_JOB_STATES,
@@ -76,6 +77,9 @@ from .schemas import (
     ResultReport,
     stored_devices,
 )
+from .schemas import JobState as J
+from .schemas import LeaseState as L
+from .schemas import NodeState as N
 from .topics import QUEUE_TOPIC, job_topic
 
 log = logging.getLogger("node_agent.scheduler")
@@ -97,14 +101,12 @@ ADMIT_ESTIMATE_BELOW = 0.9
 ORPHAN_UPLOAD_S = 3600.0
 #: Device lists remembered per node for the single-statement paths (each statement checks the list is unchanged).
 NODE_DEVICES_KEPT = 10000
-OPEN_STATES = ("queued", "assigned", "running")
-_OPEN = "('queued', 'assigned', 'running')"
-_TERMINAL = "('succeeded', 'failed')"
-assert set(TERMINAL_JOB_STATES) == {"succeeded", "failed"}
+_OPEN = sql_list(OPEN_JOB_STATES)
+_TERMINAL = sql_list(sorted(TERMINAL_JOB_STATES))
 
 
 def _holder(job: Row, lease: Row | None) -> Holder:
-    live = lease is not None and lease["state"] == "active"
+    live = lease is not None and lease["state"] == L.ACTIVE
     return Holder(
         job_id=job["job_id"],
         terminal=job["state"] in TERMINAL_JOB_STATES,
@@ -206,7 +208,8 @@ class SqlStore:
     #: reconnection already wakes every poll.)
     poll_s: float | None = 3.0
 
-    def __init__(self, settings: SchedulerSettings, engine: Engine, metrics: SchedulerMetrics) -> None:
+    def __init__(self, settings: SchedulerSettings, engine: Engine, metrics: SchedulerMetrics, *,
+                 single_statements: bool = True) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics
@@ -220,8 +223,9 @@ class SqlStore:
         self._load_at = -math.inf  # when load_seen was read (monotonic)
         self._since_load = [0, 0]  # jobs and bytes this replica admitted since then
         self._reaped_at = -math.inf  # when this replica's last reaping pass committed (monotonic)
-        # PostgreSQL: the hot operations' common case in one statement each (pgfast.py); None on SQLite.
-        self._fast = PgFast(engine) if isinstance(engine, PostgresEngine) else None
+        # PostgreSQL: the hot operations' common case in one statement each (pgfast.py); None on SQLite, and
+        # where turned off (the store tests run PostgreSQL both ways, so the general path's common case is tested).
+        self._fast = PgFast(engine) if isinstance(engine, PostgresEngine) and single_statements else None
         self._node_devices: dict[str, str] = {}  # node id -> its device list as stored, as last seen here
 
     async def close(self) -> None:
@@ -229,7 +233,7 @@ class SqlStore:
 
     async def queue_depth(self) -> int:
         return int(await self.engine.run(
-            lambda tx: tx.fetchval("SELECT COUNT(*) FROM jobs WHERE state = 'queued'")))
+            lambda tx: tx.fetchval(f"SELECT COUNT(*) FROM jobs WHERE state = '{J.QUEUED}'")))
 
     async def open(self) -> None:
         found = await self.engine.run(lambda tx: migrate(tx, self.where))
@@ -247,19 +251,19 @@ class SqlStore:
         async def op(tx: Tx) -> bool:
             now = await tx.now()
             known = await tx.fetchval("SELECT state FROM nodes WHERE node_id = $1", node_id)
-            if known is not None and known != "gone":
+            if known is not None and known != N.GONE:
                 # A live node registering again is a new agent process (an agent registers once at start, and
                 # after a 404 for a node that went gone): what its previous process held is void now, rather than
                 # blocking its devices until the TTL runs out.
                 await self._release_node(tx, node_id, now, "restarted")
             await tx.execute(
-                """INSERT INTO nodes (node_id, hostname, agent_version, hardware, devices, registered_at,
+                f"""INSERT INTO nodes (node_id, hostname, agent_version, hardware, devices, registered_at,
                        last_heartbeat, state, running_jobs, cpu_percent, memory_used_bytes, memory_total_bytes, gone_at)
-                   VALUES ($1, $2, $3, $4, $5, $6, $6, 'ready', '[]', 0, 0, 0, NULL)
+                   VALUES ($1, $2, $3, $4, $5, $6, $6, '{N.READY}', '[]', 0, 0, 0, NULL)
                    ON CONFLICT (node_id) DO UPDATE SET hostname = excluded.hostname,
                        agent_version = excluded.agent_version, hardware = excluded.hardware,
                        devices = excluded.devices, registered_at = excluded.registered_at,
-                       last_heartbeat = excluded.last_heartbeat, state = 'ready', running_jobs = '[]',
+                       last_heartbeat = excluded.last_heartbeat, state = '{N.READY}', running_jobs = '[]',
                        gone_at = NULL""",
                 node_id, req.hostname, req.agent_version, _doc(req.hardware), devices, now,
             )
@@ -292,15 +296,15 @@ class SqlStore:
 
     async def _release_node(self, tx: Tx, node_id: str, now: float, why: str) -> None:
         """The node is gone (or restarted): expire its live leases and re-queue what it was assigned."""
-        for lease in await tx.fetch("SELECT * FROM leases WHERE node_id = $1 AND state = 'active'", node_id):
+        for lease in await tx.fetch(f"SELECT * FROM leases WHERE node_id = $1 AND state = '{L.ACTIVE}'", node_id):
             await self._expire(tx, lease, now, "node_gone")
-        for job in await tx.fetch("SELECT * FROM jobs WHERE node_id = $1 AND state = 'assigned'", node_id):
+        for job in await tx.fetch(f"SELECT * FROM jobs WHERE node_id = $1 AND state = '{J.ASSIGNED}'", node_id):
             await self._requeue_or_fail(tx, job, now, "node_gone", "worker_unavailable", f"node {node_id} {why}")
 
     @staticmethod
     async def _live_node(tx: Tx, node_id: str) -> Row:
         node = await tx.fetchrow("SELECT node_id, state, devices FROM nodes WHERE node_id = $1", node_id)
-        if node is None or node["state"] == "gone":
+        if node is None or node["state"] == N.GONE:
             why = "is gone (missed its heartbeats)" if node is not None else "is not registered"
             raise NodeNotFound(f"node {node_id} {why}; register again")
         return node
@@ -314,9 +318,9 @@ class SqlStore:
         async def op(tx: Tx) -> None:
             now = await tx.now()
             changed = await tx.execute(
-                """UPDATE nodes SET last_heartbeat = $2, state = $3, running_jobs = $4, cpu_percent = $5,
+                f"""UPDATE nodes SET last_heartbeat = $2, state = $3, running_jobs = $4, cpu_percent = $5,
                        memory_used_bytes = $6, memory_total_bytes = $7
-                   WHERE node_id = $1 AND state <> 'gone'""",
+                   WHERE node_id = $1 AND state <> '{N.GONE}'""",
                 node_id, now, req.state, json.dumps(req.running_jobs), float(req.cpu_percent),
                 req.memory_used_bytes, req.memory_total_bytes,
             )
@@ -348,7 +352,7 @@ class SqlStore:
 
     async def _served_now(self, tx: Tx, fresh: bool = False) -> Served:
         if fresh or self._served is None or time.monotonic() - self._served_at > SERVED_CACHE_S:
-            rows = await tx.fetch("SELECT devices FROM nodes WHERE state <> 'gone'")
+            rows = await tx.fetch(f"SELECT devices FROM nodes WHERE state <> '{N.GONE}'")
             self._served = Served.of(_devices(r["devices"]) for r in rows)
             self._served_at = time.monotonic()
         return self._served
@@ -360,7 +364,9 @@ class SqlStore:
 
     async def submit(self, spec: JobSpec, upload: SqlUpload, filename: str | None = None,
                      idempotency_key: str | None = None) -> tuple[str, str, bool]:
-        """Queue a job whose audio is ``upload``: (job id, state, replayed). Refusals as ``SchedulerState.submit``."""
+        """Queue a job whose audio is ``upload``: (job id, state, replayed). A repeated ``idempotency_key`` with the
+        same submission answers the first job (replayed); with another, ``InvalidInput``. Empty audio is
+        ``InvalidInput``, a job no live node serves ``Unservable``, one past the queue's bounds ``QueueFull``."""
         size = upload.size
         submission = json.dumps([spec.model_dump(mode="json"), size, filename], sort_keys=True)
 
@@ -391,15 +397,15 @@ class SqlStore:
             job_id = f"job-{secrets.token_hex(8)}"
             seq = await tx.next_value("job_seqs")
             await tx.execute(
-                """INSERT INTO jobs (job_id, seq, spec, language, filename, audio_bytes, upload_id, idempotency_key,
+                f"""INSERT INTO jobs (job_id, seq, spec, language, filename, audio_bytes, upload_id, idempotency_key,
                        submission, created_at, queued_at, deadline_at, state, attempt)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, 'queued', 1)""",
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, '{J.QUEUED}', 1)""",
                 job_id, seq, _doc(spec), spec.language, filename, size, upload.upload_id,
                 idempotency_key, submission if idempotency_key is not None else None, now, now + self._deadline_s(spec),
             )
             await upload.write_rest(tx, now, job_id)
             tx.notify(QUEUE_TOPIC)  # (no job topic: nobody can be waiting on a job before its id is answered)
-            return job_id, "queued", False
+            return job_id, J.QUEUED, False
 
         async def fast() -> tuple[str, str, bool] | None:
             """PostgreSQL, the common case (no Idempotency-Key, audio in one chunk, what is served and the load
@@ -416,7 +422,7 @@ class SqlStore:
             job_id = f"job-{secrets.token_hex(8)}"
             await self._fast.submit(job_id, _doc(spec), spec.language, filename, size, upload.upload_id,
                                     self._deadline_s(spec), upload.buffered)
-            return job_id, "queued", False
+            return job_id, J.QUEUED, False
 
         try:
             job_id, state, replayed = await fast() or await self.engine.run(op)
@@ -493,7 +499,7 @@ class SqlStore:
             return await tx.now(), job, segments
 
         now, job, segments = await self.engine.run(op)
-        queued = job["queued_total_s"] + (now - job["queued_at"] if job["state"] == "queued" else 0.0)
+        queued = job["queued_total_s"] + (now - job["queued_at"] if job["state"] == J.QUEUED else 0.0)
         timings: dict[str, Any] = {"queued_s": round(queued, 3)}
         if job["finished_at"] is not None:
             timings["total_s"] = round(job["finished_at"] - job["created_at"], 3)
@@ -569,8 +575,8 @@ class SqlStore:
     async def assign_next(self, node_id: str, resource: str | None = None,
                           lease_ttl_s: float | None = None) -> JobAssignment | None:
         """Hand the oldest queued job one of the node's devices can run to that node, or None. With
-        ``lease_ttl_s``, PostgreSQL's single statement also grants the job's lease when its resource is free (the
-        general path leaves that to the server's ``grant_lease`` right after)."""
+        ``lease_ttl_s``, the job's lease is granted in the same transaction when its resource is free on that node
+        (``assignment.lease``); else the node asks with ``grant_lease``, which names the holder."""
         # A device list is remembered only where the single statements run (PostgreSQL).
         devices_text = self._node_devices.get(node_id)
         dispatch = dispatch_of(devices_text, resource) if devices_text is not None else None
@@ -591,7 +597,9 @@ class SqlStore:
                 return assignment
             # Gone, draining, or registered again with other devices: the general path reads it and says which.
 
-        async def op(tx: Tx) -> JobAssignment | None:
+        ttl = clamp_ttl(self.settings, lease_ttl_s) if lease_ttl_s is not None else None
+
+        async def op(tx: Tx) -> tuple[JobAssignment, tuple[str, int] | None] | None:
             now = await tx.now()
             node = await self._live_node(tx, node_id)
             self._remember_devices(node_id, node["devices"])
@@ -600,10 +608,10 @@ class SqlStore:
             if resource is not None and not devices:
                 raise InvalidInput(f"resource {resource} is not a registered device of node {node_id}",
                                    param="resource")
-            if node["state"] == "draining" or not devices:
+            if node["state"] == N.DRAINING or not devices:
                 return None
             languages = poll_languages(devices)
-            sql = "SELECT * FROM jobs WHERE state = 'queued'"
+            sql = f"SELECT * FROM jobs WHERE state = '{J.QUEUED}'"
             args: list[Any] = []
             if languages is not None:
                 sql += (" AND (language IS NULL OR language IN ("
@@ -616,20 +624,29 @@ class SqlStore:
             assert device is not None  # the query chose a job these devices serve
             waited = now - job["queued_at"]
             await tx.execute(
-                """UPDATE jobs SET state = 'assigned', node_id = $2, resource = $3, assigned_at = $4, lease_id = NULL,
-                       lease_epoch = NULL, queued_total_s = queued_total_s + $5, unservable_since = NULL
+                f"""UPDATE jobs SET state = '{J.ASSIGNED}', node_id = $2, resource = $3, assigned_at = $4,
+                       lease_id = NULL, lease_epoch = NULL, queued_total_s = queued_total_s + $5, unservable_since = NULL
                    WHERE job_id = $1""",
                 job["job_id"], node_id, device.resource, now, waited,
             )
             if job["attempt"] > 1:  # a new attempt starts from scratch: an earlier one's segments are not its output
                 await tx.execute("DELETE FROM segments WHERE job_id = $1", job["job_id"])
-            return self._assignment(job, device.resource, now, waited)
+            lease = None
+            if ttl is not None and await self._resource_holder(tx, node_id, device.resource) is None:
+                lease = await self._lease(tx, now, node_id, job, device.resource, ttl)
+            return self._assignment(job, device.resource, now, waited), lease
 
-        assignment = await self.engine.run(op)
-        if assignment is not None:  # logged once committed (the transaction may have run more than once)
-            assert assignment.resource is not None
-            self._assigned_log(assignment.job_id, node_id, assignment.resource, assignment.attempt,
-                               assignment.queued_s)
+        done = await self.engine.run(op)
+        if done is None:
+            return None
+        assignment, lease = done
+        # Logged once committed (the transaction may have run more than once).
+        assert assignment.resource is not None and assignment.queued_s is not None
+        self._assigned_log(assignment.job_id, node_id, assignment.resource, assignment.attempt, assignment.queued_s)
+        if lease is not None:
+            assert ttl is not None
+            assignment.lease = self._granted(lease[0], node_id, assignment.resource, lease[1], assignment.job_id,
+                                             assignment.attempt, ttl)
         return assignment
 
     @staticmethod
@@ -797,39 +814,50 @@ class SqlStore:
                 "SELECT * FROM jobs WHERE job_id = $1" + (" FOR UPDATE" if tx.dialect.skip_locked else ""),
                 req.job_id,
             )
-            if job is None or job["node_id"] != req.node_id or job["state"] not in ("assigned", "running"):
+            if job is None or job["node_id"] != req.node_id or job["state"] not in (J.ASSIGNED, J.RUNNING):
                 state = "unknown" if job is None else f"{job['state']} on node {job['node_id'] or 'none'}"
                 raise JobNotAssigned(f"job {req.job_id} is not assigned to node {req.node_id} (it is {state})")
-            holder = await tx.fetchrow(
-                "SELECT lease_id, job_id, expires_at FROM leases WHERE node_id = $1 AND resource = $2 "
-                "AND state = 'active'", req.node_id, req.resource,
-            )
+            holder = await self._resource_holder(tx, req.node_id, req.resource)
             if holder is not None and holder["job_id"] != job["job_id"]:
                 raise ResourceHeld(
                     f"{req.resource} on node {req.node_id} is held by lease {holder['lease_id']} "
                     f"(job {holder['job_id']})",
                     retry_after_s=max(1, math.ceil(holder["expires_at"] - now)),
                 )
-            # The same job asks again (a retry after a lost answer, or another device): its older lease is fenced
-            # off so only the newest epoch can report.
-            if job["lease_id"] is not None:
-                await self._end_leases(tx, job["job_id"], "superseded", now)
-            epoch = await tx.next_value("lease_epochs")
-            lease_id = f"lease-{secrets.token_hex(8)}"
-            await tx.execute(
-                """INSERT INTO leases (lease_id, node_id, job_id, attempt, resource, epoch, ttl_s, granted_at,
-                       expires_at, state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'active')""",
-                lease_id, req.node_id, job["job_id"], job["attempt"], req.resource, epoch, ttl, now, now + ttl,
-            )
-            await tx.execute(
-                """UPDATE jobs SET state = 'running', resource = $2, lease_id = $3, lease_epoch = $4,
-                       started_at = COALESCE(started_at, $5) WHERE job_id = $1""",
-                job["job_id"], req.resource, lease_id, epoch, now,
-            )
+            lease_id, epoch = await self._lease(tx, now, req.node_id, job, req.resource, ttl)
             return lease_id, epoch, job["job_id"], job["attempt"]
 
         lease_id, epoch, job_id, attempt = await self.engine.run(op)
         return self._granted(lease_id, req.node_id, req.resource, epoch, job_id, attempt, ttl)
+
+    @staticmethod
+    async def _resource_holder(tx: Tx, node_id: str, resource: str) -> Row | None:
+        """The live lease on ``resource`` of ``node_id``, if any."""
+        return await tx.fetchrow(
+            "SELECT lease_id, job_id, expires_at FROM leases WHERE node_id = $1 AND resource = $2 "
+            f"AND state = '{L.ACTIVE}'", node_id, resource,
+        )
+
+    async def _lease(self, tx: Tx, now: float, node_id: str, job: Row, resource: str, ttl: float) -> tuple[str, int]:
+        """Grant ``job`` (assigned to ``node_id``) a lease on ``resource``, whose holder the caller checked: the
+        job runs under it. (lease id, epoch)."""
+        # The same job asks again (a retry after a lost answer, or another device): its older lease is fenced off
+        # so only the newest epoch can report.
+        if job["lease_id"] is not None:
+            await self._end_leases(tx, job["job_id"], L.SUPERSEDED, now)
+        epoch = await tx.next_value("lease_epochs")
+        lease_id = f"lease-{secrets.token_hex(8)}"
+        await tx.execute(
+            f"""INSERT INTO leases (lease_id, node_id, job_id, attempt, resource, epoch, ttl_s, granted_at,
+                   expires_at, state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, '{L.ACTIVE}')""",
+            lease_id, node_id, job["job_id"], job["attempt"], resource, epoch, ttl, now, now + ttl,
+        )
+        await tx.execute(
+            f"""UPDATE jobs SET state = '{J.RUNNING}', resource = $2, lease_id = $3, lease_epoch = $4,
+                   started_at = COALESCE(started_at, $5) WHERE job_id = $1""",
+            job["job_id"], resource, lease_id, epoch, now,
+        )
+        return lease_id, epoch
 
     def _granted(self, lease_id: str, node_id: str, resource: str, epoch: int, job_id: str, attempt: int,
                  ttl: float) -> LeaseGrant:
@@ -850,23 +878,13 @@ class SqlStore:
         async def op(tx: Tx) -> tuple[str, RenewResponse]:
             now = await tx.now()
             await self._resume_if_paused(tx, now)
-            # The check and the write are one statement: only the job's live, unexpired lease, with the epoch and
-            # node the renewal names, for the job's current attempt.
-            row = await tx.fetchrow(
-                """UPDATE leases SET ttl_s = COALESCE(CAST($4 AS DOUBLE PRECISION), ttl_s),
-                       expires_at = $5 + COALESCE(CAST($4 AS DOUBLE PRECISION), ttl_s)
-                   WHERE lease_id = $1 AND state = 'active' AND expires_at > $5 AND epoch = $2 AND node_id = $3
-                     AND EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = leases.job_id AND j.lease_id = leases.lease_id
-                                 AND j.attempt = leases.attempt AND j.state = 'running')
-                   RETURNING node_id, epoch, ttl_s""",
-                lease_id, req.epoch, req.node_id, ttl, now,
-            )
+            row = await tx.fetchrow(renewal("$5"), lease_id, req.epoch, req.node_id, ttl, now)
             if row is not None:
                 return row["node_id"], RenewResponse(lease_id=lease_id, epoch=row["epoch"], ttl_s=row["ttl_s"])
             lease = await tx.fetchrow("SELECT * FROM leases WHERE lease_id = $1", lease_id)
             if lease is None:
                 raise LeaseUnusable(f"lease {lease_id} is not known", code="unknown_lease")
-            if lease["state"] != "active":
+            if lease["state"] != L.ACTIVE:
                 raise LeaseUnusable(f"lease {lease_id} is {lease['state']}", code=f"lease_{lease['state']}")
             if lease["expires_at"] <= now:
                 raise LeaseUnusable(f"lease {lease_id} is expired", code="lease_expired")
@@ -885,14 +903,14 @@ class SqlStore:
         async def op(tx: Tx) -> None:
             now = await tx.now()
             lease = await tx.fetchrow(
-                "UPDATE leases SET state = 'released', ended_at = $2 WHERE lease_id = $1 AND state = 'active' "
+                f"UPDATE leases SET state = '{L.RELEASED}', ended_at = $2 WHERE lease_id = $1 AND state = '{L.ACTIVE}' "
                 "RETURNING node_id, job_id", lease_id, now,
             )
             if lease is None:
                 return
             log.info("lease released lease_id=%s node_id=%s job_id=%s", lease_id, lease["node_id"], lease["job_id"])
             job = await tx.fetchrow("SELECT * FROM jobs WHERE job_id = $1", lease["job_id"])
-            if job is not None and job["lease_id"] == lease_id and job["state"] == "running":
+            if job is not None and job["lease_id"] == lease_id and job["state"] == J.RUNNING:
                 await self._requeue_or_fail(tx, job, now, "released", "lease_lost",
                                             f"node {lease['node_id']} released the lease without a result")
 
@@ -908,10 +926,10 @@ class SqlStore:
         """End the job's live leases (of ``attempt`` only, when given: a lease of a later attempt, granted after
         another replica re-queued the job, is not this caller's to end)."""
         if attempt is None:
-            await tx.execute("UPDATE leases SET state = $2, ended_at = $3 WHERE job_id = $1 AND state = 'active'",
+            await tx.execute(f"UPDATE leases SET state = $2, ended_at = $3 WHERE job_id = $1 AND state = '{L.ACTIVE}'",
                              job_id, state, now)
         else:
-            await tx.execute("UPDATE leases SET state = $2, ended_at = $3 WHERE job_id = $1 AND state = 'active' "
+            await tx.execute(f"UPDATE leases SET state = $2, ended_at = $3 WHERE job_id = $1 AND state = '{L.ACTIVE}' "
                              "AND attempt = $4", job_id, state, now, attempt)
 
     # ------------------------------------------------------------------------------- requeue and finish
@@ -919,13 +937,13 @@ class SqlStore:
     async def _requeue_or_fail(self, tx: Tx, job: Row, now: float, reason: str, code: str, message: str) -> None:
         """Another attempt, or the error ``rules.requeue_or_fail`` names. Conditional on the attempt the caller
         read, so one loss re-queues a job once however many replicas see it."""
-        await self._end_leases(tx, job["job_id"], "released", now, job["attempt"])
+        await self._end_leases(tx, job["job_id"], L.RELEASED, now, job["attempt"])
         outcome = requeue_or_fail(self.settings, job["attempt"], job["deadline_at"], now, code, message)
         if outcome != "requeue":
             await self._finish(tx, job, now, outcome)
             return
         changed = await tx.execute(
-            f"""UPDATE jobs SET attempt = attempt + 1, state = 'queued', node_id = NULL, resource = NULL,
+            f"""UPDATE jobs SET attempt = attempt + 1, state = '{J.QUEUED}', node_id = NULL, resource = NULL,
                    lease_id = NULL, lease_epoch = NULL, assigned_at = NULL, queued_at = $3
                WHERE job_id = $1 AND attempt = $2 AND state IN {_OPEN}""",
             job["job_id"], job["attempt"], now,
@@ -942,11 +960,11 @@ class SqlStore:
                       timings: str | None = None) -> None:
         """End the job (one statement: its state, error or result, the node's timings, the audio reference), its
         leases, and its audio unless scheduler.keep_audio."""
-        state = "succeeded" if error is None else "failed"
+        state = J.SUCCEEDED if error is None else J.FAILED
         drop_audio = not self.settings.keep_audio and job["upload_id"] is not None
         changed = await tx.execute(
             f"""UPDATE jobs SET state = $2, error = $3, finished_at = $4, unservable_since = NULL,
-                   queued_total_s = queued_total_s + CASE WHEN state = 'queued' THEN $4 - queued_at ELSE 0 END,
+                   queued_total_s = queued_total_s + CASE WHEN state = '{J.QUEUED}' THEN $4 - queued_at ELSE 0 END,
                    result = COALESCE($6, result), node_timings = COALESCE($7, node_timings),
                    upload_id = CASE WHEN $8 = 1 THEN NULL ELSE upload_id END
                WHERE job_id = $1 AND attempt = $5 AND state NOT IN {_TERMINAL}""",
@@ -955,7 +973,7 @@ class SqlStore:
         )
         if not changed:
             return
-        await self._end_leases(tx, job["job_id"], "released", now, job["attempt"])
+        await self._end_leases(tx, job["job_id"], L.RELEASED, now, job["attempt"])
         if drop_audio:
             await self._drop_audio(tx, job["upload_id"])
         self._finished_log(job, now, error)
@@ -1002,7 +1020,7 @@ class SqlStore:
         if last and now - last > PAUSE_AFTER_S:
             gap = now - last
             extended = await tx.execute(
-                "UPDATE leases SET expires_at = expires_at + $1 WHERE state = 'active'", gap)
+                f"UPDATE leases SET expires_at = expires_at + $1 WHERE state = '{L.ACTIVE}'", gap)
             log.warning("no scheduler reached the store for %.1f s: %d live lease(s) extended by that time",
                         gap, extended)
         await tx.execute("UPDATE store_clock SET last_reap = $1 WHERE id = 1", now)
@@ -1013,28 +1031,28 @@ class SqlStore:
         skip = tx.dialect.skip_locked
         await self._clock_tick(tx, now)
         gone = await tx.fetch(
-            "UPDATE nodes SET state = 'gone', gone_at = $1 WHERE state <> 'gone' AND last_heartbeat <= $2 "
+            f"UPDATE nodes SET state = '{N.GONE}', gone_at = $1 WHERE state <> '{N.GONE}' AND last_heartbeat <= $2 "
             "RETURNING node_id, last_heartbeat", now, now - gone_after_s(s),
         )
         for node in gone:
             self._served = None
             log.info("node gone node_id=%s last_heartbeat_age_s=%.1f", node["node_id"], now - node["last_heartbeat"])
             await self._release_node(tx, node["node_id"], now, "is gone")
-        for row in await tx.fetch("DELETE FROM nodes WHERE state = 'gone' AND gone_at <= $1 RETURNING node_id",
+        for row in await tx.fetch(f"DELETE FROM nodes WHERE state = '{N.GONE}' AND gone_at <= $1 RETURNING node_id",
                                   now - s.job_retention_s):
             self.metrics.node_forgotten(row["node_id"])
         for lease in await tx.fetch(
-            f"SELECT * FROM leases WHERE state = 'active' AND expires_at <= $1 LIMIT {REAP_BATCH}{skip}", now
+            f"SELECT * FROM leases WHERE state = '{L.ACTIVE}' AND expires_at <= $1 LIMIT {REAP_BATCH}{skip}", now
         ):
             await self._expire(tx, lease, now, "lease_expired")
         for job in await tx.fetch(
-            f"SELECT * FROM jobs WHERE state = 'assigned' AND assigned_at <= $1 LIMIT {REAP_BATCH}{skip}",
+            f"SELECT * FROM jobs WHERE state = '{J.ASSIGNED}' AND assigned_at <= $1 LIMIT {REAP_BATCH}{skip}",
             now - s.assign_timeout_s,
         ):
             await self._requeue_or_fail(tx, job, now, "assign_timeout", "worker_unavailable",
                                         f"node {job['node_id']} took no lease within {s.assign_timeout_s:g} s")
         for job in await tx.fetch(
-            f"SELECT * FROM jobs WHERE state = 'queued' AND deadline_at <= $1 LIMIT {REAP_BATCH}{skip}", now
+            f"SELECT * FROM jobs WHERE state = '{J.QUEUED}' AND deadline_at <= $1 LIMIT {REAP_BATCH}{skip}", now
         ):
             await self._finish(tx, job, now, JobErrorInfo(code="timeout", message="the deadline passed while queued"))
         await self._reap_unservable(tx, now)
@@ -1064,7 +1082,7 @@ class SqlStore:
         self.node_states_seen = {r["state"]: int(r["n"]) for r in counts}
         open_row = await tx.fetchrow(
             f"""SELECT COUNT(*) AS jobs, COALESCE(SUM(audio_bytes), 0) AS bytes,
-                   COALESCE(SUM(CASE WHEN state = 'queued' THEN 1 ELSE 0 END), 0) AS queued
+                   COALESCE(SUM(CASE WHEN state = '{J.QUEUED}' THEN 1 ELSE 0 END), 0) AS queued
                FROM jobs WHERE state IN {_OPEN}"""
         )
         assert open_row is not None
@@ -1073,7 +1091,7 @@ class SqlStore:
 
     async def _expire(self, tx: Tx, lease: Row, now: float, reason: str) -> None:
         changed = await tx.execute(
-            "UPDATE leases SET state = 'expired', ended_at = $2 WHERE lease_id = $1 AND state = 'active'",
+            f"UPDATE leases SET state = '{L.EXPIRED}', ended_at = $2 WHERE lease_id = $1 AND state = '{L.ACTIVE}'",
             lease["lease_id"], now,
         )
         if not changed:
@@ -1082,7 +1100,7 @@ class SqlStore:
         log.info("lease expired lease_id=%s node_id=%s resource=%s epoch=%d job_id=%s reason=%s", lease["lease_id"],
                  lease["node_id"], lease["resource"], lease["epoch"], lease["job_id"], reason)
         job = await tx.fetchrow("SELECT * FROM jobs WHERE job_id = $1", lease["job_id"])
-        if job is not None and job["lease_id"] == lease["lease_id"] and job["state"] == "running":
+        if job is not None and job["lease_id"] == lease["lease_id"] and job["state"] == J.RUNNING:
             await self._requeue_or_fail(tx, job, now, reason, "lease_expired",
                                         f"lease {lease['lease_id']} on node {lease['node_id']} expired")
 
@@ -1095,16 +1113,16 @@ class SqlStore:
                   + tx.dialect.json_strings.format(p="$3") + "))))")
         args = (int(served.has_device), int(served.any_language), json.dumps(sorted(served.languages)))
         await tx.execute(
-            f"UPDATE jobs SET unservable_since = NULL WHERE state = 'queued' AND unservable_since IS NOT NULL "
+            f"UPDATE jobs SET unservable_since = NULL WHERE state = '{J.QUEUED}' AND unservable_since IS NOT NULL "
             f"AND {serves}", *args,
         )
         await tx.execute(
-            f"UPDATE jobs SET unservable_since = $4 WHERE state = 'queued' AND unservable_since IS NULL "
+            f"UPDATE jobs SET unservable_since = $4 WHERE state = '{J.QUEUED}' AND unservable_since IS NULL "
             f"AND NOT {serves}", *args, now,
         )
         after = self.settings.unservable_after_s
         for job in await tx.fetch(
-            f"SELECT * FROM jobs WHERE state = 'queued' AND unservable_since <= $1 LIMIT {REAP_BATCH}"
+            f"SELECT * FROM jobs WHERE state = '{J.QUEUED}' AND unservable_since <= $1 LIMIT {REAP_BATCH}"
             + tx.dialect.skip_locked, now - after,
         ):
             await self._finish(tx, job, now,
