@@ -54,6 +54,7 @@ def _fmt_ts(seconds: float) -> str:
 
 
 async def _transcribe(args: argparse.Namespace, settings: Settings) -> int:
+    from .contracts import DecodeOptions
     from .supervisor import JobRequest, Worker, WorkerState, worker_spec
 
     spec = worker_spec(settings.asr, settings.asr.device.value, settings.asr.device_index[0],
@@ -74,7 +75,7 @@ async def _transcribe(args: argparse.Namespace, settings: Settings) -> int:
                 with _suppress_timeout():
                     await worker.wait_ready(settings.worker.start_timeout_s)
             job = JobRequest(job_id=name, audio=data, language=args.language,
-                             options={"allow_truncated": True} if args.allow_truncated else {})
+                             options=DecodeOptions(allow_truncated=True if args.allow_truncated else None))
             started = time.perf_counter()
 
             def show(event: dict[str, Any]) -> None:
@@ -90,7 +91,7 @@ async def _transcribe(args: argparse.Namespace, settings: Settings) -> int:
                 continue
             wall = time.perf_counter() - started
             if args.json:
-                doc = {"file": path, **result.to_dict(), "wall_s": round(wall, 3)}
+                doc = {"file": path, **result.transcript(), "wall_s": round(wall, 3)}
                 print(dumps(doc), flush=True)
             else:
                 rtf = wall / result.duration_s if result.duration_s else 0.0

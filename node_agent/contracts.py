@@ -1,7 +1,9 @@
 """Contracts declared once and imported by every side that speaks them.
 
-- ``DecodeOptions``: the per-job decode options. The scheduler API checks submissions with it, ``/utterance``
-  builds one from its flat fields, the agent hands one to its worker, and the plugin validates it on arrival.
+- ``DecodeOptions``: the per-job decode options, one typed model from where they enter to the plugin. They are
+  checked once, where they enter: the scheduler API's submissions (``JobSpec``) and ``/utterance`` (from its flat
+  fields). Past that edge they travel as this model: in the job's assignment, the supervisor's ``JobRequest`` and
+  the plugin's ``job`` message, whose JSON carries only the options set.
 - ``JobErrorCode``: every job error code (defined beside the typed errors in ``errors.py``, re-exported here),
   and from it ``JOB_OUTCOMES``, the ``outcome`` label values of the agent's and the scheduler's job metrics.
 - ``one_line``: a pydantic ``ValidationError`` as the one line a user sees.

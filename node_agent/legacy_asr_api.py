@@ -160,10 +160,6 @@ class UtteranceRequest(BaseModel):
             raise ValueError(f"must be above 0 and at most {MAX_TIMEOUT_S:g} seconds")
         return value
 
-    def options(self) -> dict[str, Any]:
-        """The job's decode options as sent to the scheduler (only those set)."""
-        return self.decode.wire()
-
 
 class CompatError(Exception):
     """An answer other than 200: HTTP status, stable code, one-line message, and the field at fault."""
@@ -317,7 +313,7 @@ class CompatService:
             return await self.jobs.submit(
                 audio, until=until, on_retry=_log_retry, filename="utterance.pcm", format="pcm_s16le",
                 sample_rate=req.sample_rate, language=None if req.src_lang == "auto" else req.src_lang,
-                options=req.options(), deadline_s=deadline_s)
+                options=req.decode, deadline_s=deadline_s)
         except SchedulerError as exc:
             raise self._scheduler_error("submitting the job", exc) from None
 

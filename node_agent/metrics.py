@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .contracts import JOB_OUTCOMES, job_outcome
-from .supervisor import RESTART_REASONS, JobRequest, JobResult, Worker, WorkerObserver, WorkerState
+from .supervisor import RESTART_REASONS, JobRequest, ResultMessage, Worker, WorkerObserver, WorkerState
 
 if TYPE_CHECKING:
     from .errors import JobError
@@ -200,7 +200,7 @@ class MetricsObserver(WorkerObserver):
         if float(event.get("temperature") or 0.0) > 0:
             self.m.asr_fallback_segments.labels(*labels).inc()
 
-    def job_succeeded(self, worker: Worker, result: JobResult) -> None:
+    def job_succeeded(self, worker: Worker, result: ResultMessage) -> None:
         labels = (worker.model, worker.resource)
         t = result.timings
         self.m.asr_audio_seconds.labels(*labels).inc(result.duration_s)

@@ -1,5 +1,8 @@
 """The messages between the agent and a plugin process, declared once for both sides.
 
+``WorkerSpec`` is what a plugin process starts with (``--spec`` JSON): the node's ``asr`` settings and the slot
+it serves. The plugin reads every setting and decode default from it and keeps none of its own.
+
 A message travels as the JSON header of one ``node_agent.wire`` frame, its kind in ``type``; only ``job``
 carries a payload (the audio). Agent -> plugin: ``job``, ``cancel`` (stop that job at the next segment
 boundary; one naming any other job is stale and ignored), ``stop`` (exit). Plugin -> agent: ``ready`` or
@@ -14,10 +17,27 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer
 
-from .contracts import one_line
+from .config import AsrSettings
+from .contracts import UNKNOWN_OPTION, DecodeOptions, error_loc, one_line
 from .errors import JobErrorCode, WireError
+
+
+class WorkerSpec(BaseModel):
+    """What one plugin process runs with. ``asr`` is the node's settings as loaded (model, compute type, limits,
+    decode defaults); ``device``, ``device_index`` and ``cpu_threads`` are this worker's slot of a device and
+    take the place of ``asr``'s lists and automatic values."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    asr: AsrSettings
+    #: ``cpu``, ``cuda`` or ``auto`` (the plugin picks cuda when ctranslate2 sees a GPU).
+    device: str
+    device_index: int = Field(ge=0)
+    #: Threads of this worker (the slot split's share); 0 = the plugin decides.
+    cpu_threads: int = Field(ge=0)
+    log_level: str
 
 
 class _Message(BaseModel):
@@ -31,15 +51,21 @@ class _Message(BaseModel):
 
 
 class JobMessage(_Message):
-    """Decode one job; the audio is the frame's payload. ``options`` is ``DecodeOptions`` in wire form (only
-    those set), validated by the plugin on arrival."""
+    """Decode one job; the audio is the frame's payload. ``options`` travels as only the options set (the node's
+    ``asr`` settings fill in the rest); a plugin with options of its own parses with a subclass (see
+    ``parse_from_agent``)."""
 
     type: Literal["job"] = "job"
     job_id: str
     format: str = "auto"
     sample_rate: int | None = None
     language: str | None = None
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: DecodeOptions = Field(default_factory=DecodeOptions)
+
+    @field_serializer("options")
+    def _options_set(self, options: DecodeOptions) -> dict[str, Any]:
+        # The options' own class: a subclass's fields (a test plugin's) travel too.
+        return options.wire()
 
 
 class CancelMessage(_Message):
@@ -128,7 +154,9 @@ class SegmentMessage(_Message):
 
 
 class ResultMessage(_Message):
-    """The job's transcript; its segments went before it."""
+    """The job's transcript; its segments went before it. The one result type: the supervisor hands the message
+    on with ``segments`` (those streamed before it) and ``worker_pid`` filled in, and the job's report carries
+    ``transcript()``."""
 
     type: Literal["result"] = "result"
     job_id: str
@@ -140,6 +168,16 @@ class ResultMessage(_Message):
     fallback_segments: int = 0
     batched: bool = False
     timings: dict[str, float | None] = Field(default_factory=dict)
+    #: Filled in by the supervisor, never on the wire: the segments as streamed (``SegmentMessage.event()``).
+    segments: list[dict[str, Any]] = Field(default_factory=list, exclude=True)
+    #: Filled in by the supervisor, never on the wire: the process that decoded the job.
+    worker_pid: int | None = Field(None, exclude=True)
+
+    def transcript(self) -> dict[str, Any]:
+        """The result as the scheduler's report (``TranscriptResult``) and ``transcribe --json`` carry it."""
+        return {"text": self.text, "language": self.language, "language_probability": self.language_probability,
+                "duration_s": self.duration_s, "segments": self.segments, "timings": dict(self.timings),
+                "fallback_segments": self.fallback_segments, "batched": self.batched}
 
 
 class ErrorMessage(_Message):
@@ -182,12 +220,15 @@ def _parse(header: dict[str, Any], kinds: dict[str, type[_Message]], sender: str
     try:
         return cls.model_validate(header)
     except ValidationError as exc:
-        raise WireError(f"malformed {kind!r} message from the {sender}: {one_line(exc)}") from None
+        unknown = UNKNOWN_OPTION if error_loc(exc)[:1] == ("options",) else "unknown field"
+        raise WireError(f"malformed {kind!r} message from the {sender}: {one_line(exc, unknown=unknown)}") from None
 
 
-def parse_from_agent(header: dict[str, Any]) -> AgentMessage:
-    """A frame header the plugin received, checked; ``WireError`` naming the type if unknown or malformed."""
-    return _parse(header, _FROM_AGENT, "agent")  # type: ignore[no-any-return]
+def parse_from_agent(header: dict[str, Any], job: type[JobMessage] = JobMessage) -> AgentMessage:
+    """A frame header the plugin received, checked; ``WireError`` naming the type if unknown or malformed.
+    ``job``: the plugin's job message, a subclass when its options have fields of its own (a test plugin's)."""
+    kinds = _FROM_AGENT if job is JobMessage else {**_FROM_AGENT, "job": job}
+    return _parse(header, kinds, "agent")  # type: ignore[no-any-return]
 
 
 def parse_from_plugin(header: dict[str, Any]) -> PluginMessage:
@@ -197,4 +238,4 @@ def parse_from_plugin(header: dict[str, Any]) -> PluginMessage:
 
 __all__ = ["AgentMessage", "CancelMessage", "ErrorMessage", "FatalMessage", "JobMessage", "PluginMessage",
            "ReadyMessage", "ResultMessage", "SegmentMessage", "StartedMessage", "StopMessage", "StoppedMessage",
-           "WordInfo", "parse_from_agent", "parse_from_plugin", "to_header"]
+           "WordInfo", "WorkerSpec", "parse_from_agent", "parse_from_plugin", "to_header"]

@@ -4,14 +4,14 @@ A real subprocess started by the real supervisor (``Worker(command=COMMAND)``) w
 the plugin's own serve loop and cancel handling (``plugins.asr.worker.serve`` and ``JobControl``) over the same
 framing (``node_agent.wire``); only the engine is replaced by one that follows a script instead of decoding.
 
-The process script is ``spec["fake"]``:
+The process script is the ``--script`` argument (JSON; ``command(**script)`` builds the argv):
     load: "ok" (default) | "fail" (answer fatal) | "exit" (exit 3 before ready) | "hang" (never ready)
     load_s: seconds before ready
     fail_while: a path; loading fails while it exists
     exit_after_ready_s: exit with status 1 this long after loading (an idle death)
     job: the default job script
-A job's script is its ``options["fake"]`` (``FakeOptions``: the decode options plus the script, validated on
-arrival like the real ones), else ``spec["fake"]["job"]``:
+A job's script is its ``options["fake"]`` (``FakeOptions``: the decode options plus the script, arriving in the
+job message like the real ones), else the process script's ``job``:
     segments: N (default 3), every_s: seconds of "decoding" before each (default 0.02)
     duration_s: the audio length reported in ``started`` (default 1.0)
     crash_after: k: SIGSEGV itself after sending k segments
@@ -35,16 +35,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from node_agent.config import AsrSettings
 from node_agent.contracts import DecodeOptions
-from node_agent.plugin_messages import JobMessage, PluginMessage, ResultMessage, SegmentMessage, StartedMessage
+from node_agent.plugin_messages import (
+    JobMessage,
+    PluginMessage,
+    ResultMessage,
+    SegmentMessage,
+    StartedMessage,
+    WorkerSpec,
+)
 
 #: argv that starts this fake, for ``Worker(command=...)``.
 COMMAND = [sys.executable, str(Path(__file__).resolve())]
 
 
 def command(**script: Any) -> list[str]:
-    """argv for a fake following ``script`` (the process script above), for a worker built elsewhere (the
-    agent's ``worker_command=``), where the test does not write the worker's spec."""
+    """argv for a fake following ``script`` (the process script above), for ``Worker(command=...)`` or the
+    agent's ``worker_command=``."""
     return [*COMMAND, "--script", json.dumps(script)]
 
 
@@ -54,14 +62,25 @@ class FakeOptions(DecodeOptions):
     fake: dict[str, Any] | None = None
 
 
+class FakeJobMessage(JobMessage):
+    """A job whose options may carry its script."""
+
+    options: FakeOptions = FakeOptions()
+
+
+def spec(**asr: Any) -> WorkerSpec:
+    """A worker spec for a fake started by hand (the supervisor's tests pass the real one)."""
+    return WorkerSpec(asr=AsrSettings(**asr), device="cpu", device_index=0, cpu_threads=1, log_level="WARNING")
+
+
 class FakeEngine:
-    """``AsrEngine``'s interface (``load``, ``run``, ``options_model``), following a script."""
+    """``AsrEngine``'s interface (``load``, ``run``, ``job_message``), following a script."""
 
-    options_model = FakeOptions
+    job_message = FakeJobMessage
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: WorkerSpec, script: dict[str, Any]) -> None:
         self.spec = spec
-        self.script: dict[str, Any] = spec.get("fake") or {}
+        self.script = script
 
     def load(self) -> dict[str, Any]:
         s = self.script
@@ -72,21 +91,21 @@ class FakeEngine:
         if mode == "hang":
             time.sleep(3600)
         if mode == "fail" or (s.get("fail_while") and os.path.exists(s["fail_while"])):
-            raise RuntimeError(f"fake model {self.spec.get('model')!r} failed to load")
+            raise RuntimeError(f"fake model {self.spec.asr.model!r} failed to load")
         if s.get("exit_after_ready_s") is not None:
             timer = threading.Timer(float(s["exit_after_ready_s"]), os._exit, (1,))
             timer.daemon = True
             timer.start()
-        return {"model": self.spec.get("model", "fake"), "device": "cpu", "compute_type": "int8",
+        return {"model": self.spec.asr.model, "device": "cpu", "compute_type": "int8",
                 "load_s": 0.0, "languages": ["en"], "multilingual": False}
 
-    def run(self, job: JobMessage, options: FakeOptions, payload: bytes, emit: Callable[[PluginMessage], None],
+    def run(self, job: FakeJobMessage, payload: bytes, emit: Callable[[PluginMessage], None],
             check: Callable[[], None]) -> None:
         from node_agent.errors import job_error
 
         job_id = job.job_id
         script = dict(self.script.get("job") or {})
-        script.update(options.fake or {})
+        script.update(job.options.fake or {})
         if not script.get("ignore_stop"):
             look = check
         else:
@@ -119,7 +138,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--spec", required=True)
-    parser.add_argument("--script", help="a process script (JSON) that replaces spec['fake']")
+    parser.add_argument("--script", default="{}", help="the process script (JSON)")
     args = parser.parse_args()
     from plugins.asr.__main__ import _die_with_parent
     from plugins.asr.worker import serve
@@ -127,14 +146,12 @@ def main() -> int:
 
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    spec = json.loads(args.spec)
-    if args.script:
-        spec["fake"] = json.loads(args.script)
-    logging.basicConfig(level=spec.get("log_level", "WARNING"), stream=sys.stderr,
+    spec = WorkerSpec.model_validate_json(args.spec)
+    logging.basicConfig(level=spec.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s fake-plugin[%(process)d] %(message)s")
     channel = BlockingChannel(socket.socket(fileno=args.fd))
     try:
-        return serve(channel, spec, FakeEngine(spec))
+        return serve(channel, spec, FakeEngine(spec, json.loads(args.script)))
     except (BrokenPipeError, ConnectionResetError):
         return 0
     finally:

@@ -153,9 +153,13 @@ def _plain_model(path: str, device: str, compute_type: str, cpu_threads: int) ->
 @lru_cache(maxsize=None)
 def _converter(zh_script: str) -> Any:
     """The worker's own OpenCC step (``AsrEngine._convert_zh``) for one ``asr.zh_script``."""
+    from node_agent.config import AsrSettings
+    from node_agent.plugin_messages import WorkerSpec
     from plugins.asr.worker import AsrEngine
 
-    return AsrEngine({"zh_script": zh_script})._convert_zh
+    spec = WorkerSpec(asr=AsrSettings(zh_script=zh_script), device="cpu", device_index=0, cpu_threads=0,
+                      log_level="WARNING")
+    return AsrEngine(spec)._convert_zh
 
 
 def samples_of_pcm16(data: bytes) -> np.ndarray:

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import make_settings
 from helpers import SR, clip, joined, pcm16, plain_transcript, plain_wer, samples_of_pcm16
+from node_agent.contracts import DecodeOptions
 from node_agent.supervisor import JobRequest
 from test_supervisor import LONG_CLIPS
 
@@ -92,7 +93,7 @@ async def test_batched_jobs_match_faster_whispers_pipeline_stream_and_keep_absol
 
     # A job's own batch_size and decode options reach the pipeline; word times are absolute too.
     eight = await worker.run_job(JobRequest("batch-8", data, format="pcm_s16le", sample_rate=SR,
-                                            options={"batch_size": 8, "word_timestamps": True}))
+                                            options=DecodeOptions(batch_size=8, word_timestamps=True)))
     assert eight.batched
     plain_eight = plain_transcript(audio, asr=settings.asr, batched=True, batch_size=8, word_timestamps=True)
     assert as_plain(eight.segments) == as_plain(list(plain_eight.segments))
@@ -112,6 +113,6 @@ async def test_batched_false_overrides_the_threshold(worker_factory):
     assert len(samples) / SR > 30
     worker = await worker_factory(make_settings(asr={"batched_min_audio_s": 30}))
     result = await worker.run_job(JobRequest("seq", data, format="pcm_s16le", sample_rate=SR,
-                                             options={"batched": False}))
+                                             options=DecodeOptions(batched=False)))
     assert not result.batched
     assert as_plain(result.segments) == as_plain(list(plain_transcript(samples).segments))

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from fake_plugin import COMMAND as FAKE_COMMAND
+from fake_plugin import FakeOptions, spec as fake_spec
 from node_agent import legacy_asr_api as compat, errors, wire
 from node_agent.contracts import (
     JOB_OUTCOMES,
@@ -44,7 +45,7 @@ from node_agent.plugin_messages import (
     to_header,
 )
 from node_agent.scheduler.metrics import SchedulerMetrics
-from node_agent.scheduler.schemas import JOB_ERROR_CODES, JobOptions, JobSpec
+from node_agent.scheduler.schemas import JOB_ERROR_CODES, JobAssignment, JobOptions, JobSpec
 from node_agent.supervisor import JobRequest
 
 # ----- job error codes ----------------------------------------------------------------------------------------
@@ -149,10 +150,22 @@ def test_parse_options_strict_with_one_line_errors() -> None:
         assert words in info.value.message and "\n" not in info.value.message, (raw, info.value.message)
 
 
-def test_job_request_checks_its_options() -> None:
-    assert JobRequest("j", b"", options={"allow_truncated": True}).options == DecodeOptions(allow_truncated=True)
-    with pytest.raises(errors.InvalidRequest, match="options.batch_size"):
-        JobRequest("j", b"", options={"batch_size": 1000})
+def test_options_travel_typed_and_only_those_set_go_on_the_wire() -> None:
+    # Checked once where they enter; past that the assignment, the job request and the job message carry the
+    # same model, and each message's JSON holds only the options set.
+    assert JobAssignment.model_fields["options"].annotation is DecodeOptions
+    assert JobMessage.model_fields["options"].annotation is DecodeOptions
+    options = DecodeOptions(allow_truncated=True, beam_size=2)
+    request = JobRequest("j", b"", options=options)
+    assert request.options is options
+    header = to_header(JobMessage(job_id="j", options=request.options))
+    assert header["options"] == {"beam_size": 2, "allow_truncated": True}
+    assignment = JobAssignment.model_validate(
+        {"job_id": "j", "attempt": 1, "language": None, "options": {"beam_size": 2},
+         "audio": {"format": "auto", "sample_rate": None, "bytes": 2, "url": "/a"}, "deadline_s": None,
+         "queued_s": 0.0})
+    assert assignment.options == DecodeOptions(beam_size=2)
+    assert assignment.model_dump(mode="json")["options"] == {"beam_size": 2}
 
 
 def test_utterance_request_builds_decode_options_from_its_flat_fields() -> None:
@@ -161,7 +174,7 @@ def test_utterance_request_builds_decode_options_from_its_flat_fields() -> None:
          "context": "ignored"})
     # Lax like the old service ("5" is 5), and the caller's own "decode" key is not the options.
     assert req.decode == DecodeOptions(beam_size=5, temperature=0.0, patience=2.0)
-    assert req.options() == {"beam_size": 5, "temperature": 0.0, "patience": 2.0}
+    assert req.decode.wire() == {"beam_size": 5, "temperature": 0.0, "patience": 2.0}
     with pytest.raises(ValidationError) as info:
         compat.UtteranceRequest.model_validate({"audio": "AAAA", "best_of": 99})
     error = compat._invalid(info.value)
@@ -266,7 +279,7 @@ def test_the_plugin_validates_options_and_messages_on_arrival() -> None:
     """The plugin's serve loop (the real one, with the scripted engine) over a raw socket: bad options and
     unknown messages are answered with an ``error`` naming them, and the process serves the next job."""
     parent, child = socket.socketpair()
-    proc = subprocess.Popen([*FAKE_COMMAND, "--fd", str(child.fileno()), "--spec", json.dumps({"fake": {}})],
+    proc = subprocess.Popen([*FAKE_COMMAND, "--fd", str(child.fileno()), "--spec", fake_spec().model_dump_json()],
                             pass_fds=(child.fileno(),))
     child.close()
     parent.settimeout(30)
@@ -282,14 +295,14 @@ def test_the_plugin_validates_options_and_messages_on_arrival() -> None:
         for options, words in [({"beam_size": 0}, "options.beam_size: Input should be greater than or equal to 1"),
                                ({"beam_sise": 2}, "options.beam_sise: unknown option"),
                                ({"vad_filter": "yes"}, "options.vad_filter: Input should be a valid boolean")]:
-            channel.send(to_header(JobMessage(job_id="bad", options=options)))
+            channel.send({"type": "job", "job_id": "bad", "options": options})
             reply = answer()
             assert isinstance(reply, ErrorMessage) and reply.job_id == "bad", reply
             assert reply.code is JobErrorCode.invalid_request and words in reply.message, reply
         channel.send({"type": "transcribe", "job_id": "odd"})
         reply = answer()
         assert isinstance(reply, ErrorMessage) and reply.job_id == "odd" and "'transcribe'" in reply.message
-        channel.send(to_header(JobMessage(job_id="good", options={"beam_size": 2, "fake": {"segments": 2}})))
+        channel.send(to_header(JobMessage(job_id="good", options=FakeOptions(beam_size=2, fake={"segments": 2}))))
         kinds = [answer() for _ in range(4)]
         assert [type(m) for m in kinds] == [StartedMessage, SegmentMessage, SegmentMessage, ResultMessage]
         channel.send(to_header(StopMessage()))

@@ -26,8 +26,8 @@ def test_one_worker_and_one_lease_resource_per_gpu():
     agent = Agent(make_settings(asr={"device": "auto", "device_index": [0, 1], "workers_per_device": "auto"}),
                   facts=facts)
     assert list(agent.workers) == ["gpu:0/0", "gpu:1/0"]
-    assert [w.spec["device_index"] for w in agent.workers.values()] == [0, 1]
-    assert all(w.spec["device"] == "cuda" for w in agent.workers.values())
+    assert [w.spec.device_index for w in agent.workers.values()] == [0, 1]
+    assert all(w.spec.device == "cuda" for w in agent.workers.values())
     body = agent.registration.body()
     assert [(d["resource"], d["device"]) for d in body["devices"]] == [("gpu:0/0", "gpu:0"), ("gpu:1/0", "gpu:1")]
     assert [g["uuid"] for g in body["hardware"]["gpus"]] == ["GPU-a", "GPU-b"]
@@ -36,7 +36,7 @@ def test_one_worker_and_one_lease_resource_per_gpu():
     assert list(cpu_agent.workers) == ["cpu/0"]
     two = Agent(make_settings(asr={"device": "cuda", "device_index": [0], "workers_per_device": 2}), facts=facts)
     assert list(two.workers) == ["gpu:0/0", "gpu:0/1"]
-    assert [w.spec["device_index"] for w in two.workers.values()] == [0, 0]
+    assert [w.spec.device_index for w in two.workers.values()] == [0, 0]
 
 
 @pytest.mark.gpu

@@ -65,7 +65,7 @@ async def test_a_job_submitted_and_followed_through_the_client(tmp_path) -> None
         node_id = (await client.register(NODE)).node_id
         assignment = await client.next_job(node_id, 1.0, "cpu")
         assert assignment is not None and assignment.job_id == submitted.job_id
-        assert assignment.options == {"beam_size": 2} and assignment.language == "en"
+        assert assignment.options.wire() == {"beam_size": 2} and assignment.language == "en"
         assert assignment.deadline_s is not None and 25 < assignment.deadline_s <= 30
         assert await client.fetch_audio(assignment.audio.url) == audio
 

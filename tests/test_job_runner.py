@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from conftest import make_settings
-from fake_plugin import COMMAND as FAKE_COMMAND
+from fake_plugin import command as fake_command
 from stack import eventually
 from node_agent.client import SchedulerClient
 from node_agent.config import SchedulerSettings
@@ -49,8 +49,7 @@ async def fake_worker() -> AsyncIterator[Callable[..., Any]]:
         """A ready worker running the stand-in plugin; ``job`` is the script every job follows."""
         s = make_settings()
         spec = worker_spec(s.asr, "cpu", 0, log_level="WARNING")
-        spec["fake"] = {"job": job}
-        worker = Worker("cpu", spec, s.worker, s.asr.timeout, command=FAKE_COMMAND)
+        worker = Worker("cpu", spec, s.worker, s.asr.timeout, command=fake_command(job=job))
         workers.append(worker)
         await worker.start()
         assert await worker.wait_ready(30) is WorkerState.ready, worker.last_error

@@ -266,7 +266,7 @@ async def test_two_jobs_run_at_once_on_two_slots_each_with_its_own_lease(tmp_pat
     audio = long_audio(6)
     async with agent_stack(tmp_path, asr={"workers_per_device": 2, "cpu_threads": 1}) as s:
         assert list(s.agent.workers) == ["cpu/0", "cpu/1"]
-        assert all(w.spec["cpu_threads"] == 1 for w in s.agent.workers.values())
+        assert all(w.spec.cpu_threads == 1 for w in s.agent.workers.values())
         await eventually(lambda: all(w.state.value == "ready" for w in s.agent.workers.values()), 60,
                          "both workers ready")
         jobs = [await s.submit_json(audio, format="pcm_s16le", sample_rate=16000) for _ in range(2)]

@@ -20,9 +20,12 @@ import pytest
 
 from fake_plugin import COMMAND as FAKE_COMMAND
 from fake_plugin import FakeOptions
+from fake_plugin import command as fake_command
+from fake_plugin import spec as fake_spec
 from helpers import clip, joined, pcm16, plain_wer
 from stack import eventually
-from node_agent import supervisor, wire
+from node_agent import job_session, wire
+from node_agent.contracts import DecodeOptions
 from node_agent.config import Settings
 from node_agent.errors import BadAudio, InvalidRequest, JobStalled, JobTimeout, WorkerCrashed, WorkerUnavailable
 from node_agent.supervisor import JobRequest, Worker, WorkerObserver, WorkerState, worker_spec
@@ -194,7 +197,7 @@ async def test_bad_audio_fails_the_job_not_the_worker(worker_factory):
     with pytest.raises(BadAudio, match="audio truncated: header declares"):
         await worker.run_job(JobRequest("lying-header", _wav_with_lying_header()))
     lying = await worker.run_job(JobRequest("lying-header", _wav_with_lying_header(),
-                                            options={"allow_truncated": True}))
+                                            options=DecodeOptions(allow_truncated=True)))
     assert plain_wer(lying.text, "ljspeech_LJ002-0020.wav") == 0.0, lying.text  # the whole clip
     assert worker.pid == pid and worker.restarts.total() == 0
     assert (await worker.run_job(JobRequest("good", clip("jfk.flac")))).text
@@ -211,8 +214,7 @@ async def fake_factory() -> AsyncIterator[Callable[..., Any]]:
                    wait: bool = True, **sections: dict[str, Any]) -> Worker:
         s: Settings = make_settings(**sections)
         spec = worker_spec(s.asr, "cpu", 0, log_level="WARNING")
-        spec["fake"] = script or {}
-        w = Worker("cpu", spec, s.worker, s.asr.timeout, observer=observer, command=FAKE_COMMAND)
+        w = Worker("cpu", spec, s.worker, s.asr.timeout, observer=observer, command=fake_command(**(script or {})))
         workers.append(w)
         await w.start()
         if wait:
@@ -422,7 +424,7 @@ async def test_a_worker_that_does_not_take_its_job_is_killed_by_the_stall_limit(
     # A plugin that reads nothing more from its socket (frozen between jobs here; blocked writing to us, say):
     # the job's frame fills the socket and the agent's buffer, and the drain used to wait for ever, silently,
     # before any time limit applied.
-    monkeypatch.setattr(supervisor, "WAIT_LOG_S", 0.3)
+    monkeypatch.setattr(job_session, "WAIT_LOG_S", 0.3)
     worker = await fake_factory(asr={"timeout": {"stall_s": 1.5}}, worker={"stop_grace_s": 0.5})
     pid = worker.pid
     os.kill(pid, signal.SIGSTOP)
@@ -436,7 +438,7 @@ async def test_a_worker_that_does_not_take_its_job_is_killed_by_the_stall_limit(
 
 
 async def test_a_job_waiting_for_a_restarting_worker_says_what_it_waits_for(fake_factory, caplog, monkeypatch):
-    monkeypatch.setattr(supervisor, "WAIT_LOG_S", 0.3)
+    monkeypatch.setattr(job_session, "WAIT_LOG_S", 0.3)
     # Recycled after each job, and each new process takes 1 s to load: the next job waits for it.
     worker = await fake_factory({"load_s": 1.0}, worker={"max_jobs": 1})
     first = worker.pid
@@ -452,7 +454,7 @@ def test_the_plugin_drops_stale_cancels_and_stops_on_its_own():
     """The plugin's serve loop and cancel handling over a raw socket: a cancel naming another job is ignored,
     between jobs and during one; a cancel for the running job answers ``stopped``; ``stop`` ends the process."""
     parent, child = socket.socketpair()
-    proc = subprocess.Popen([*FAKE_COMMAND, "--fd", str(child.fileno()), "--spec", json.dumps({"fake": {}})],
+    proc = subprocess.Popen([*FAKE_COMMAND, "--fd", str(child.fileno()), "--spec", fake_spec().model_dump_json()],
                             pass_fds=(child.fileno(),))
     child.close()
     parent.settimeout(30)

@@ -25,7 +25,7 @@ def _die_with_parent() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m plugins.asr")
     parser.add_argument("--fd", type=int, help="connected socket inherited from the agent")
-    parser.add_argument("--spec", help="worker settings as JSON")
+    parser.add_argument("--spec", help="the worker's settings (WorkerSpec) as JSON")
     parser.add_argument("--probe", action="store_true", help="print the device facts as JSON and exit")
     args = parser.parse_args(argv)
 
@@ -40,9 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     # Ctrl-C reaches the whole process group; only the agent decides when a worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    spec = json.loads(args.spec)
+    from pydantic import ValidationError
+
+    from node_agent.contracts import one_line
+    from node_agent.plugin_messages import WorkerSpec
+
+    try:
+        spec = WorkerSpec.model_validate_json(args.spec)
+    except ValidationError as exc:
+        print(f"plugins.asr: --spec: {one_line(exc)}", file=sys.stderr)
+        return 2
     logging.basicConfig(
-        level=spec.get("log_level", "INFO"), stream=sys.stderr,
+        level=spec.log_level, stream=sys.stderr,
         format="%(asctime)s %(levelname)s asr-worker[%(process)d] %(message)s",
     )
     # faster-whisper logs every job's duration at INFO; the agent already logs each job once.

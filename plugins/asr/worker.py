@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from node_agent.contracts import PLUGIN_ONLY_OPTIONS, DecodeOptions, parse_options
+from node_agent.contracts import PLUGIN_ONLY_OPTIONS
+from node_agent.config import ZhScript
 from node_agent.errors import InvalidRequest, JobError, JobErrorCode, WireError
 from node_agent.languages import english_only_message
 from node_agent.plugin_messages import (
@@ -33,6 +34,7 @@ from node_agent.plugin_messages import (
     StopMessage,
     StoppedMessage,
     WordInfo,
+    WorkerSpec,
     parse_from_agent,
     to_header,
 )
@@ -77,13 +79,15 @@ def _no_check() -> None:
 
 
 class AsrEngine:
-    """faster-whisper loaded once; ``run`` decodes one job and reports through ``emit``."""
+    """faster-whisper loaded once; ``run`` decodes one job and reports through ``emit``. Every setting and decode
+    default comes from the spec's ``asr`` (the node's settings); the engine has none of its own."""
 
-    #: The options model jobs are validated against on arrival.
-    options_model: type[DecodeOptions] = DecodeOptions
+    #: The job message jobs arrive as (its options model included).
+    job_message: type[JobMessage] = JobMessage
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
+        self.asr = spec.asr
         self._zh_converter = None
 
     def load(self) -> dict[str, Any]:
@@ -94,17 +98,17 @@ class AsrEngine:
         from node_agent.devices import choose_compute_type, choose_cpu_threads, choose_device
         from node_agent.model_resolution import resolve_model
 
-        device = choose_device(self.spec["device"], ctranslate2.get_cuda_device_count())
+        device = choose_device(self.spec.device, ctranslate2.get_cuda_device_count())
         compute_type = choose_compute_type(
-            device, ctranslate2.get_supported_compute_types(device), self.spec.get("compute_type", "auto")
+            device, ctranslate2.get_supported_compute_types(device), self.asr.compute_type
         )
-        cpu_threads = choose_cpu_threads(self.spec.get("cpu_threads", 0), len(os.sched_getaffinity(0)))
-        model_path = resolve_model(self.spec["model"])
+        cpu_threads = choose_cpu_threads(self.spec.cpu_threads, len(os.sched_getaffinity(0)))
+        model_path = resolve_model(self.asr.model)
         t0 = time.perf_counter()
         self.model = WhisperModel(
             model_path,
             device=device,
-            device_index=self.spec.get("device_index", 0),
+            device_index=self.spec.device_index,
             compute_type=compute_type,
             cpu_threads=cpu_threads,
             num_workers=1,
@@ -121,10 +125,10 @@ class AsrEngine:
         warmup_s = time.perf_counter() - t0
         self.device = device
         return {
-            "model": self.spec["model"],
+            "model": self.asr.model,
             "model_path": model_path,
             "device": device,
-            "device_index": self.spec.get("device_index", 0),
+            "device_index": self.spec.device_index,
             "compute_type": compute_type,
             "cpu_threads": cpu_threads,
             "load_s": round(load_s, 4),
@@ -138,24 +142,23 @@ class AsrEngine:
     def multilingual(self) -> bool:
         return bool(self.model.model.is_multilingual)
 
-    def _options(self, job: JobMessage, options: DecodeOptions, duration_s: float) -> tuple[dict[str, Any], bool]:
-        """faster-whisper's keyword arguments for ``job`` (the node's defaults under its options), and whether
-        it runs in batched mode."""
-        defaults = self.spec.get("defaults", {})
-        language = job.language or defaults.get("language")
+    def _options(self, job: JobMessage, duration_s: float) -> tuple[dict[str, Any], bool]:
+        """faster-whisper's keyword arguments for ``job`` (the node's ``asr`` settings under its options), and
+        whether it runs in batched mode."""
+        asr, options = self.asr, job.options
+        language = job.language or asr.language
         if language == "auto":
             language = None
         if language and not self.multilingual and language != "en":
-            raise InvalidRequest(english_only_message(self.spec["model"], language))
-        batched_min = self.spec.get("batched_min_audio_s")
+            raise InvalidRequest(english_only_message(asr.model, language))
         batched = options.batched if options.batched is not None else (
-            batched_min is not None and duration_s >= batched_min)
-        batch_size = options.batch_size or self.spec.get("batch_size", 8)
+            asr.batched_min_audio_s is not None and duration_s >= asr.batched_min_audio_s)
+        batch_size = options.batch_size or asr.batch_size
         kwargs: dict[str, Any] = {
             "language": language,
-            "beam_size": defaults.get("beam_size", 5),
-            "vad_filter": defaults.get("vad_filter", False),
-            "condition_on_previous_text": defaults.get("condition_on_previous_text", True),
+            "beam_size": asr.beam_size,
+            "vad_filter": asr.vad_filter,
+            "condition_on_previous_text": asr.condition_on_previous_text,
         }
         # The plugin's own options (audio decode, batched mode) are not WhisperModel.transcribe's.
         kwargs.update(options.model_dump(exclude_none=True, exclude=set(PLUGIN_ONLY_OPTIONS)))
@@ -171,28 +174,27 @@ class AsrEngine:
         return kwargs, batched
 
     def _convert_zh(self, text: str, language: str | None) -> str:
-        script = self.spec.get("zh_script", "simplified")
-        if language != "zh" or script == "as-is" or not text:
+        script = self.asr.zh_script
+        if language != "zh" or script is ZhScript.as_is or not text:
             return text
         if self._zh_converter is None:
             import opencc
 
-            self._zh_converter = opencc.OpenCC("t2s" if script == "simplified" else "s2t")
+            self._zh_converter = opencc.OpenCC("t2s" if script is ZhScript.simplified else "s2t")
         return self._zh_converter.convert(text)
 
-    def run(self, job: JobMessage, options: DecodeOptions, payload: bytes, emit: Callable[[PluginMessage], None],
+    def run(self, job: JobMessage, payload: bytes, emit: Callable[[PluginMessage], None],
             check: Callable[[], None] = _no_check) -> None:
-        """Decode one job with its checked ``options``, sending its messages through ``emit``; ``check`` raises
-        to stop between segments."""
+        """Decode one job, sending its messages through ``emit``; ``check`` raises to stop between segments."""
         job_id = job.job_id
         t_start = time.perf_counter()
         audio = audio_mod.decode(
-            payload, job.format, job.sample_rate, float(self.spec["max_audio_s"]),
-            allow_truncated=options.allow_truncated is True,
+            payload, job.format, job.sample_rate, self.asr.max_audio_s,
+            allow_truncated=job.options.allow_truncated is True,
         )
         duration_s = audio.shape[0] / audio_mod.SAMPLE_RATE
         decode_audio_s = time.perf_counter() - t_start
-        kwargs, batched = self._options(job, options, duration_s)
+        kwargs, batched = self._options(job, duration_s)
         emit(StartedMessage(job_id=job_id, duration_s=duration_s, decode_audio_s=decode_audio_s))
         check()
 
@@ -276,10 +278,10 @@ class AsrEngine:
         ))
 
 
-def serve(channel: BlockingChannel, spec: dict[str, Any], engine: Any = None) -> int:
+def serve(channel: BlockingChannel, spec: WorkerSpec, engine: Any = None) -> int:
     """Load, report ready, serve jobs until told to stop or the agent goes away. Returns the exit status.
 
-    ``engine`` (``load()``, ``run()`` and ``options_model`` as ``AsrEngine`` has them) is for the tests'
+    ``engine`` (``load()``, ``run()`` and ``job_message`` as ``AsrEngine`` has them) is for the tests'
     model-free stand-in."""
     engine = engine or AsrEngine(spec)
 
@@ -291,20 +293,22 @@ def serve(channel: BlockingChannel, spec: dict[str, Any], engine: Any = None) ->
     except Exception as exc:  # any load failure is fatal for this process; report it, then exit
         log.error("model load failed: %s", exc)
         # Named here: ctranslate2's errors (a damaged model.bin, say) do not say which model they are about.
-        send(FatalMessage(message=f"model {spec.get('model')!r}: {type(exc).__name__}: {exc}"))
+        send(FatalMessage(message=f"model {spec.asr.model!r}: {type(exc).__name__}: {exc}"))
         return 3
     send(ready)
     log.info("ready: model=%s device=%s compute_type=%s load_s=%.2f",
              ready.model, ready.device, ready.compute_type, ready.load_s)
 
-    options_model: type[DecodeOptions] = getattr(engine, "options_model", DecodeOptions)
+    job_message: type[JobMessage] = getattr(engine, "job_message", JobMessage)
     while True:
         frame = channel.recv()
         if frame is None:
             return 0  # the agent closed the channel
         header, payload = frame
         try:
-            message = parse_from_agent(header)
+            # Checked on arrival as one typed message, its options included: a job that does not parse (options
+            # a newer agent knows and this plugin does not, say) is answered invalid_request, naming the field.
+            message = parse_from_agent(header, job_message)
         except WireError as exc:
             job_id = header.get("job_id")
             send(ErrorMessage(job_id=job_id if isinstance(job_id, str) else None,
@@ -317,9 +321,7 @@ def serve(channel: BlockingChannel, spec: dict[str, Any], engine: Any = None) ->
         job_id = message.job_id
         control = JobControl(channel, job_id)
         try:
-            # Checked on arrival: whatever sent the job, only known options with valid values reach the decode.
-            options = parse_options(message.options, options_model)
-            engine.run(message, options, payload, send, control.check)
+            engine.run(message, payload, send, control.check)
         except DecodeStopped:
             send(StoppedMessage(job_id=job_id))
             log.info("job %s stopped at the agent's request", job_id)

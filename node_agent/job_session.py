@@ -1,0 +1,252 @@
+"""One job on one plugin process: send it, stream its segments, hold its time limits, hand back its result.
+
+Time limits are enforced here, one level above the decode. A job past its deadline is asked to stop (a
+``cancel`` frame): the plugin stops at its next segment boundary, answers ``stopped`` and stays loaded, and the
+job fails ``timeout``. Only a process that does not stop within ``worker.stop_grace_s``, or that is silent for
+``asr.timeout.stall_s``, is killed: the only way to end a native decode stuck inside one segment. An abort (lease
+lost, shutdown) kills at once. Kills and crashes go to the process's life cycle (``worker_lifecycle``), which
+replaces the process; a session ends in exactly one ``ResultMessage`` or one ``JobError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import wire
+from .config import TimeoutSettings
+from .contracts import DecodeOptions
+from .errors import JobError, JobStalled, JobTimeout, WireError, job_error
+from .plugin_messages import (
+    CancelMessage,
+    ErrorMessage,
+    JobMessage,
+    ResultMessage,
+    SegmentMessage,
+    StartedMessage,
+    StoppedMessage,
+    parse_from_plugin,
+    to_header,
+)
+from .worker_lifecycle import ProcessLifecycle
+from .worker_process import PluginProcess
+
+log = logging.getLogger("node_agent.supervisor")
+
+#: A wait in a job's path (for the worker, for the plugin to take the job) longer than this is logged, and again
+#: every this long: no wait there may be both long and silent.
+WAIT_LOG_S = 5.0
+
+
+async def wait_logged(task: "asyncio.Future[Any]", until: float, what: Callable[[], str],
+                      also: "asyncio.Future[Any] | None" = None) -> None:
+    """Wait for ``task`` (or ``also``, if given, to finish first) until loop time ``until``; say what is waited for
+    every ``WAIT_LOG_S``. Returns on time-out with both still pending: the caller decides what that means."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    waits = {task} if also is None else {task, also}
+    while True:
+        left = until - loop.time()
+        if left <= 0:
+            return
+        done, _ = await asyncio.wait(waits, timeout=min(left, WAIT_LOG_S), return_when=asyncio.FIRST_COMPLETED)
+        if done:
+            return
+        if loop.time() < until:
+            log.warning("%s for %.0f s (%.0f s left)", what(), loop.time() - started, until - loop.time())
+
+
+@dataclass
+class JobRequest:
+    """One transcription job as the supervisor sees it. ``options`` were checked where they entered (the
+    scheduler's submission, ``/utterance``, the command line) and are handed on as they are."""
+
+    job_id: str
+    audio: bytes
+    format: str = "auto"
+    sample_rate: int | None = None
+    language: str | None = None
+    options: DecodeOptions = field(default_factory=DecodeOptions)
+    #: Absolute deadline on the event loop's monotonic clock, if the caller has one.
+    deadline: float | None = None
+
+
+class JobSession:
+    """Runs ``job`` on ``proc`` (taken busy from ``lifecycle``); ``run`` once. ``current`` is what the worker's
+    status shows of the job while it runs."""
+
+    def __init__(self, resource: str, proc: PluginProcess, job: JobRequest, lifecycle: ProcessLifecycle,
+                 timeouts: TimeoutSettings, stop_grace_s: float, *,
+                 on_started: Callable[[float], None], on_segment: Callable[[dict[str, Any]], None]) -> None:
+        self.resource = resource
+        self.proc = proc
+        self.job = job
+        self.lifecycle = lifecycle
+        self.timeouts = timeouts
+        self.stop_grace_s = stop_grace_s
+        self._on_started = on_started
+        self._on_segment = on_segment
+        self._abort: asyncio.Future[JobError] = asyncio.get_running_loop().create_future()
+        self.current: dict[str, Any] = {"job_id": job.job_id, "audio_s": None, "segments": 0,
+                                        "started": time.monotonic(), "last_segment": None}
+
+    def abort(self, error: JobError) -> bool:
+        """End the job now with ``error``, killing the process; False if it has ended already."""
+        if self._abort.done():
+            return False
+        self._abort.set_result(error)
+        return True
+
+    def close(self) -> None:
+        """The session is over: a late abort finds nothing to stop."""
+        if not self._abort.done():
+            self._abort.cancel()
+
+    async def run(self) -> ResultMessage:
+        """The job's result, or its ``JobError``."""
+        proc, job, t, abort = self.proc, self.job, self.timeouts, self._abort
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        # Until the plugin has decoded the audio we do not know its length; min_s bounds that phase.
+        deadline = t0 + t.min_s
+        if job.deadline is not None:
+            deadline = min(deadline, job.deadline)
+        stall_at = t0 + t.stall_s
+        #: Once the deadline passed: the cancel is out and the plugin has until then to answer ``stopped``.
+        stop_by: float | None = None
+        overrun = ""  # what the deadline was, for the error message
+        segments: list[dict[str, Any]] = []
+        header = to_header(JobMessage(job_id=job.job_id, format=job.format, sample_rate=job.sample_rate,
+                                      language=job.language, options=job.options))
+        # A plugin that does not read its socket (stuck, or blocked writing to us) would hold the drain for ever:
+        # it has until the first limit to take the job, as it has to answer.
+        late = min(deadline, stall_at)
+        await self._send(header, job.audio, "the job", late, lambda: self.lifecycle.killed(
+            proc, "stall", JobStalled(f"job {job.job_id}: worker pid {proc.pid} did not take the job within "
+                                      f"{late - t0:.1f} s; worker killed")))
+
+        read: asyncio.Task[Any] | None = None
+        try:
+            while True:
+                if read is None:
+                    read = loop.create_task(wire.read_frame(proc.reader))
+                now = loop.time()
+                limit = (stop_by if stop_by is not None else min(deadline, stall_at)) - now
+                done, _ = await asyncio.wait({read, abort}, timeout=max(0.0, limit),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if abort in done:
+                    raise await self._aborted()
+                if read not in done:
+                    now = loop.time()
+                    if stop_by is not None:
+                        # Stuck inside one segment (or ignoring us): only a kill ends a native decode. The grace
+                        # is spent already, so no second one before SIGKILL.
+                        raise await self.lifecycle.killed(proc, "timeout", JobTimeout(
+                            f"{overrun}; worker pid {proc.pid} did not stop within worker.stop_grace_s = "
+                            f"{self.stop_grace_s:g} s and was killed"), grace_s=0.0)
+                    if now >= deadline:
+                        overrun = f"job {job.job_id} exceeded its deadline of {deadline - t0:.1f} s on {self.resource}"
+                        stop_by = now + self.stop_grace_s
+                        log.info("%s: asking worker pid %d to stop it", overrun, proc.pid)
+                        await self._send(to_header(CancelMessage(job_id=job.job_id)), b"", "the cancel", stop_by,
+                                         lambda: self.lifecycle.killed(proc, "timeout", JobTimeout(
+                                             f"{overrun}; worker pid {proc.pid} did not take the cancel within "
+                                             f"worker.stop_grace_s and was killed"), grace_s=0.0))
+                        continue
+                    raise await self.lifecycle.killed(proc, "stall", JobStalled(
+                        f"job {job.job_id}: no progress from worker pid {proc.pid} for "
+                        f"{t.stall_s:g} s (asr.timeout.stall_s); worker killed"))
+                try:
+                    frame = read.result()
+                    msg = parse_from_plugin(frame[0]) if frame is not None else None
+                except WireError as exc:
+                    raise await self.lifecycle.crashed(proc, job.job_id, f"protocol error: {exc}")
+                except (ConnectionError, OSError) as exc:
+                    raise await self.lifecycle.crashed(proc, job.job_id, f"connection lost: {exc}")
+                finally:
+                    read = None
+                if msg is None:
+                    raise await self.lifecycle.crashed(proc, job.job_id, None)
+                msg_job = getattr(msg, "job_id", job.job_id)
+                if msg_job != job.job_id:
+                    log.warning("job %s: dropping a stale %r for job %s from worker pid %d", job.job_id, msg.type,
+                                msg_job, proc.pid)
+                    continue
+                now = loop.time()
+                stall_at = now + t.stall_s
+                if isinstance(msg, StartedMessage):
+                    duration = msg.duration_s
+                    budget = max(t.min_s, t.per_audio_s * duration)
+                    if stop_by is None:
+                        deadline = t0 + budget if job.deadline is None else min(t0 + budget, job.deadline)
+                    self.current["audio_s"] = duration
+                    self._on_started(duration)
+                elif isinstance(msg, SegmentMessage):
+                    event = msg.event()
+                    segments.append(event)
+                    self.current["segments"] = len(segments)
+                    self.current["last_segment"] = time.monotonic()
+                    self._on_segment(event)
+                elif isinstance(msg, StoppedMessage) and stop_by is not None:
+                    proc.jobs_served += 1
+                    log.info("job %s: stopped after %d segments in %.2f s; worker pid %d kept", job.job_id,
+                             len(segments), now - (stop_by - self.stop_grace_s), proc.pid)
+                    raise JobTimeout(f"{overrun}; stopped after {len(segments)} segments, worker pid {proc.pid} kept")
+                elif isinstance(msg, ResultMessage):
+                    proc.jobs_served += 1
+                    if stop_by is not None:
+                        # Finished as the cancel went out; the plugin drops that cancel. The deadline still holds.
+                        raise JobTimeout(f"{overrun} (finished just after it); worker pid {proc.pid} kept")
+                    return msg.model_copy(update={"segments": segments, "worker_pid": proc.pid})
+                elif isinstance(msg, ErrorMessage):
+                    # Also after a cancel went out: the job failed on its own first, and that error says why.
+                    proc.jobs_served += 1
+                    raise job_error(msg.code, msg.message)
+                else:
+                    raise await self.lifecycle.crashed(proc, job.job_id, f"unexpected message {msg.type!r}")
+        finally:
+            if read is not None and not read.done():
+                read.cancel()
+                with contextlib.suppress(BaseException):
+                    await read
+
+    async def _aborted(self) -> JobError:
+        error = self._abort.result()
+        reason = "lease_lost" if error.code == "lease_lost" else "shutdown"
+        log.warning("job %s: aborting on %s (%s): killing worker pid %d", self.job.job_id, self.resource, error.code,
+                    self.proc.pid)
+        return await self.lifecycle.killed(self.proc, reason, error)
+
+    async def _send(self, header: dict[str, Any], payload: bytes, what: str, until: float,
+                    late: Callable[[], Awaitable[JobError]]) -> None:
+        """Hand ``what`` to the plugin by loop time ``until``, or raise: ``late()``'s error past it, the abort's
+        error if one comes first, ``WorkerCrashed`` if the connection is gone."""
+        proc, job, abort = self.proc, self.job, self._abort
+        try:
+            proc.writer.writelines(wire.encode(header, payload))
+        except (ConnectionError, RuntimeError) as exc:
+            raise await self.lifecycle.crashed(proc, job.job_id, f"could not send {what}: {exc}")
+        if proc.writer.transport.get_write_buffer_size() == 0:
+            return  # all in the socket already: nothing to wait for
+        drain = asyncio.ensure_future(proc.writer.drain())
+        try:
+            await wait_logged(drain, until, lambda: f"job {job.job_id}: worker pid {proc.pid} on {self.resource} "
+                                                    f"has not taken {what} yet", also=abort)
+        finally:
+            if not drain.done():
+                drain.cancel()
+        if abort.done():
+            if drain.done() and not drain.cancelled():
+                drain.exception()  # seen: the abort's error is the job's
+            raise await self._aborted()
+        if not drain.done():
+            raise await late()
+        try:
+            drain.result()
+        except (ConnectionError, RuntimeError) as exc:
+            raise await self.lifecycle.crashed(proc, job.job_id, f"could not send {what}: {exc}")
