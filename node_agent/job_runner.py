@@ -36,7 +36,7 @@ from .metrics import AgentMetrics, job_outcome
 from .registration import NodeIdentity
 from .retry import RetryPolicies, retry_after_of
 from .scheduler.schemas import JobAssignment
-from .supervisor import JobRequest, JobResult, Worker
+from .supervisor import JobRequest, ResultMessage, Worker
 
 log = logging.getLogger("node_agent.jobs")
 
@@ -225,7 +225,7 @@ class JobRunner:
                           seconds=loop.time() - running.received, requeued=requeued)
 
     async def _decode(self, a: JobAssignment, lease: Lease,
-                      deadline: float | None) -> tuple[JobResult | None, JobError | None]:
+                      deadline: float | None) -> tuple[ResultMessage | None, JobError | None]:
         """Under the lease (renewed throughout): the audio (a ``SchedulerError`` when it cannot be had), then the
         decode, its segments streamed to the scheduler as they come."""
         async with self.keeper.hold(lease, on_lost=self.worker.abort):
@@ -235,7 +235,7 @@ class JobRunner:
             return await self._decode_held(a, lease, audio, deadline)
 
     async def _decode_held(self, a: JobAssignment, lease: Lease, audio: bytes,
-                           deadline: float | None) -> tuple[JobResult | None, JobError | None]:
+                           deadline: float | None) -> tuple[ResultMessage | None, JobError | None]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict[str, Any] | _End] = asyncio.Queue()
         sender = loop.create_task(self._send_events(a.job_id, a.attempt, lease, events))
@@ -349,7 +349,7 @@ class JobRunner:
         log.warning("job %s: %d segment event(s) never delivered; the result carries every segment",
                     job_id, len(pending))
 
-    async def _report(self, running: RunningJob, lease: Lease, result: JobResult | None,
+    async def _report(self, running: RunningJob, lease: Lease, result: ResultMessage | None,
                       error: JobError | None) -> tuple[Report, bool]:
         """Report the result (the same body on every try: reports are idempotent); count the job once."""
         loop = asyncio.get_running_loop()
@@ -361,7 +361,7 @@ class JobRunner:
             "attempt": a.attempt,
             "lease_epoch": lease.epoch,
             "outcome": "succeeded" if result is not None else "failed",
-            "result": result.to_dict() if result is not None else None,
+            "result": result.transcript() if result is not None else None,
             "error": error.to_dict() if error is not None else None,
             "timings": {**(result.timings if result else {}),
                         "node_s": round(loop.time() - running.received, 4)},
