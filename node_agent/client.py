@@ -4,7 +4,9 @@ Each call maps the scheduler's answer to a typed outcome: a validated reply, or 
 failures, timeouts, 5xx and unparseable bodies all become ``SchedulerUnavailable`` (retry later); 4xx answers
 that mean something specific get their own type. Retry loops live with the callers, which know their deadlines.
 The node calls need a node id; the job calls (``submit_job``, ``get_job``) do not, so ``node-agent submit`` and
-``/utterance`` use this client too.
+``/utterance`` use this client too. Bodies are the scheduler's own models (``scheduler.schemas``: the shapes it
+reads), built here or handed in, and sent with only the fields set; a body the model refuses is ``BadRequest``
+before anything is sent. Importing this module loads none of the scheduler's server code.
 
 A client may be given several scheduler URLs (replicas on one store). It calls one, the current, and moves to the
 next when a call to it fails in transport or answers 5xx, so the caller's next try (under its retry policy) goes to
@@ -26,18 +28,24 @@ from typing import Any, TypeVar
 import aiohttp
 from pydantic import BaseModel, ValidationError
 
-from .contracts import one_line
+from .contracts import DecodeOptions, error_key, one_line
 from .errors import NodeAgentError
 from .metrics import AgentMetrics
 from .scheduler.schemas import (
+    EventsReport,
+    HeartbeatRequest,
     HeartbeatResponse,
     JobAssignment,
     JobSubmitted,
     JobView,
     LeaseGrant,
+    LeaseRequest,
+    RegisterRequest,
     RegisterResponse,
+    RenewRequest,
     RenewResponse,
     ResultAck,
+    ResultReport,
 )
 
 log = logging.getLogger("node_agent.client")
@@ -282,13 +290,27 @@ class SchedulerClient:
 
     # ----- calls -------------------------------------------------------------------------------------------------
 
-    async def register(self, body: dict[str, Any]) -> RegisterResponse:
+    @staticmethod
+    def _body(model: type[T], endpoint: str, value: T | Mapping[str, Any]) -> dict[str, Any]:
+        """``value`` as the scheduler reads it (``model``), in JSON form with only the fields set; ``BadRequest``
+        naming the field when the model refuses it, as the scheduler would have."""
+        try:
+            message = value if isinstance(value, model) else model.model_validate(value)
+        except ValidationError as exc:
+            detail = one_line(exc, top="body")
+            raise BadRequest(f"{endpoint}: invalid request: {detail}", None, "invalid_request", detail=detail,
+                             param=error_key(exc)) from None
+        return message.model_dump(mode="json", exclude_unset=True)
+
+    async def register(self, request: RegisterRequest | Mapping[str, Any]) -> RegisterResponse:
+        body = self._body(RegisterRequest, "register", request)
         status, data, headers = await self._call("POST", "register", "/v1/nodes", body=body)
         if status in (200, 201):
             return self._parse(RegisterResponse, "register", status, data)
         raise self._fail("register", status, data, headers)
 
-    async def heartbeat(self, node_id: str, body: dict[str, Any]) -> HeartbeatResponse:
+    async def heartbeat(self, node_id: str, request: HeartbeatRequest | Mapping[str, Any]) -> HeartbeatResponse:
+        body = self._body(HeartbeatRequest, "heartbeat", request)
         status, data, headers = await self._call("PUT", "heartbeat", f"/v1/nodes/{node_id}/heartbeat", body=body)
         if status == 200:
             return self._parse(HeartbeatResponse, "heartbeat", status, data)
@@ -323,7 +345,8 @@ class SchedulerClient:
     async def acquire_lease(self, node_id: str, job_id: str, resource: str, ttl_s: float) -> LeaseGrant:
         status, data, headers = await self._call(
             "POST", "lease_acquire", "/v1/leases",
-            body={"node_id": node_id, "job_id": job_id, "resource": resource, "ttl_s": ttl_s})
+            body=self._body(LeaseRequest, "lease_acquire",
+                            LeaseRequest(node_id=node_id, job_id=job_id, resource=resource, ttl_s=ttl_s)))
         if status in (200, 201):
             return self._parse(LeaseGrant, "lease_acquire", status, data)
         raise self._fail("lease_acquire", status, data, headers)
@@ -331,8 +354,9 @@ class SchedulerClient:
     async def renew_lease(self, lease_id: str, epoch: int, node_id: str,
                           timeout: float | None = None) -> RenewResponse:
         """Renew as the lease's holder: the scheduler checks the node and epoch against the lease."""
+        body = self._body(RenewRequest, "lease_renew", RenewRequest(node_id=node_id, epoch=epoch))
         status, data, headers = await self._call("POST", "lease_renew", f"/v1/leases/{lease_id}/renew",
-                                                 body={"node_id": node_id, "epoch": epoch}, timeout=timeout)
+                                                 body=body, timeout=timeout)
         if status == 200:
             return self._parse(RenewResponse, "lease_renew", status, data)
         raise self._fail("lease_renew", status, data, headers)
@@ -345,14 +369,14 @@ class SchedulerClient:
     async def post_events(self, job_id: str, node_id: str, lease_id: str, attempt: int, epoch: int,
                           events: list[dict[str, Any]]) -> None:
         """Stream segments as the job's holder: (attempt, lease_id, epoch, node_id) must name its live lease."""
-        status, data, headers = await self._call(
-            "POST", "events", f"/v1/jobs/{job_id}/events",
-            body={"node_id": node_id, "lease_id": lease_id, "attempt": attempt, "lease_epoch": epoch,
-                  "events": events})
+        body = self._body(EventsReport, "events", {"node_id": node_id, "lease_id": lease_id, "attempt": attempt,
+                                                   "lease_epoch": epoch, "events": events})
+        status, data, headers = await self._call("POST", "events", f"/v1/jobs/{job_id}/events", body=body)
         if status not in (200, 202, 204):
             raise self._fail("events", status, data, headers)
 
-    async def report_result(self, job_id: str, body: dict[str, Any]) -> ResultAck:
+    async def report_result(self, job_id: str, report: ResultReport | Mapping[str, Any]) -> ResultAck:
+        body = self._body(ResultReport, "result", report)
         status, data, headers = await self._call("POST", "result", f"/v1/jobs/{job_id}/result", body=body)
         if status in (200, 201):
             return self._parse(ResultAck, "result", status, data)
@@ -362,7 +386,7 @@ class SchedulerClient:
 
     async def submit_job(self, audio: bytes, *, filename: str = "audio", format: str | None = None,
                          sample_rate: int | None = None, language: str | None = None,
-                         options: Mapping[str, Any] | BaseModel | None = None, deadline_s: float | None = None,
+                         options: DecodeOptions | Mapping[str, Any] | None = None, deadline_s: float | None = None,
                          allow_truncated: bool = False, idempotency_key: str | None = None) -> JobSubmitted:
         """``POST /v1/jobs`` as multipart with the raw audio; fields left None are not sent (scheduler defaults).
         Retries of one submission pass the same ``idempotency_key``, so the scheduler answers them with the job
@@ -374,8 +398,8 @@ class SchedulerClient:
             fields["sample_rate"] = str(sample_rate)
         if language is not None:
             fields["language"] = language
-        if isinstance(options, BaseModel):
-            options = options.model_dump(exclude_none=True)
+        if isinstance(options, DecodeOptions):
+            options = options.wire()
         if options:
             fields["options"] = json.dumps(dict(options))
         if deadline_s is not None:

@@ -112,3 +112,19 @@ def test_the_walk_sees_imports_inside_functions_and_type_checking(tmp_path):
     assert graph["node_agent.a"] == {"node_agent.b"} and graph["node_agent.c"] == {"node_agent.b"}
     assert find_cycle(graph) == ["node_agent.a", "node_agent.b", "node_agent.a"]
     assert find_cycle({"x": {"y"}, "y": set()}) is None
+
+
+def test_the_client_loads_no_scheduler_server_code():
+    # The agent's client reads the scheduler's wire shapes (scheduler.schemas) and nothing else of it: no HTTP
+    # server, no store, no database engine in an agent that only talks to a scheduler.
+    import subprocess
+    import sys
+
+    code = ("import sys, node_agent.client; "
+            "print(sorted(m for m in sys.modules if m.startswith('node_agent.scheduler')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT.parent).stdout
+    loaded = set(ast.literal_eval(out))
+    for server_side in ("node_agent.scheduler.server", "node_agent.scheduler.sqlstore", "node_agent.scheduler.db"):
+        assert server_side not in loaded, sorted(loaded)
+    assert "node_agent.scheduler.schemas" in loaded

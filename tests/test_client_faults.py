@@ -22,6 +22,7 @@ from node_agent.client import (
 )
 from node_agent.lease import LeaseKeeper
 from node_agent.metrics import AgentMetrics
+from node_agent.scheduler.schemas import DeviceSpec, Hardware, HeartbeatRequest, RegisterRequest, ResultReport
 
 BASE = "http://scheduler.test"
 
@@ -44,17 +45,22 @@ GOOD = {
 }
 
 
+NODE = RegisterRequest(agent_version="test", hostname="h", hardware=Hardware(cpu_cores=2, memory_bytes=1 << 30),
+                       devices=[DeviceSpec(resource="cpu", model="tiny.en", compute_type="int8")])
+FAILED = ResultReport(node_id="n1", lease_id="l1", attempt=1, lease_epoch=3, outcome="failed")
+
+
 def call(client: SchedulerClient, endpoint: str):
     return {
-        "register": lambda: client.register({"hostname": "h"}),
-        "heartbeat": lambda: client.heartbeat("n1", {"state": "ready"}),
+        "register": lambda: client.register(NODE),
+        "heartbeat": lambda: client.heartbeat("n1", HeartbeatRequest(state="ready")),
         "next_job": lambda: client.next_job("n1", 0.1, "cpu"),
         "audio": lambda: client.fetch_audio("/v1/jobs/j1/audio"),
         "lease_acquire": lambda: client.acquire_lease("n1", "j1", "cpu", 15),
         "lease_renew": lambda: client.renew_lease("l1", 3, "n1"),
         "lease_release": lambda: client.release_lease("l1"),
         "events": lambda: client.post_events("j1", "n1", "l1", 1, 3, [{"id": 1, "start": 0, "end": 1, "text": "x"}]),
-        "result": lambda: client.report_result("j1", {"node_id": "n1", "lease_id": "l1", "attempt": 1}),
+        "result": lambda: client.report_result("j1", FAILED),
         "job_submit": lambda: client.submit_job(b"\0\0", format="pcm_s16le", sample_rate=16000),
         "job_view": lambda: client.get_job("j1", 0.1, after_segment=0),
     }[endpoint]()
@@ -122,7 +128,7 @@ async def test_specific_4xx_answers_are_typed():
             m.put(f"{BASE}/v1/nodes/n1/heartbeat", status=404,
                   payload={"error": {"code": "unknown_node", "message": "who?"}})
             with pytest.raises(UnknownNode):
-                await client.heartbeat("n1", {})
+                await client.heartbeat("n1", HeartbeatRequest(state="ready"))
             m.post(f"{BASE}/v1/leases", status=409, headers={"Retry-After": "2"},
                    payload={"error": {"code": "resource_held", "message": "held"}})
             with pytest.raises(LeaseHeld) as held:
@@ -136,7 +142,7 @@ async def test_specific_4xx_answers_are_typed():
             m.post(f"{BASE}/v1/jobs/j1/result", status=409,
                    payload={"error": {"code": "stale_epoch", "message": "old"}})
             with pytest.raises(Rejected):
-                await client.report_result("j1", {})
+                await client.report_result("j1", FAILED)
     finally:
         await client.close()
 
