@@ -198,7 +198,7 @@ async def test_a_job_lost_by_a_restarted_scheduler_is_one_line(tmp_path, capsys)
     task = loop.create_task(submit_files(submit_args(first.url, clip), make_settings()))
     second: Running | None = None
     try:
-        await eventually(lambda: first.store.queue_depth_seen == 1, 10, "the job queued")  # no node takes it
+        await eventually(lambda: first.store.replica.queue_depth_seen == 1, 10, "the job queued")  # no node takes it
         await first.stop()
         await asyncio.sleep(0.3)  # the client's polls are refused meanwhile, and retried
         second = await start_scheduler(settings, CollectorRegistry(), host="127.0.0.1", port=port)

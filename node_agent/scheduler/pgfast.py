@@ -71,7 +71,8 @@ class Dispatch:
 def dispatch_of(devices_text: str, resource: str | None = None) -> Dispatch | None:
     """A node's ``Dispatch`` for polls on ``resource`` (None: any of its devices), once per distinct device list;
     None when no ASR device answers (the general path says why, or that there is nothing to take)."""
-    asr = [d for d in stored_devices(devices_text) if d.plugin == "asr" and (resource is None or d.resource == resource)]
+    asr = [d for d in stored_devices(devices_text)
+           if d.plugin == "asr" and (resource is None or d.resource == resource)]
     if not asr:
         return None
     languages = poll_languages(asr)

@@ -117,8 +117,8 @@ async def open_store(
     holder: list[SqlStore] = []
     metrics = SchedulerMetrics(
         registry,
-        lambda: (holder[0].queue_depth_seen, holder[0].node_states_seen),
-        lambda: holder[0].load_seen,
+        lambda: (holder[0].replica.queue_depth_seen, holder[0].replica.node_states_seen),
+        lambda: holder[0].replica.load_seen,
     )
     store = SqlStore(settings, engine, metrics, single_statements=single_statements)
     holder.append(store)

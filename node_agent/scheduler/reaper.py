@@ -1,0 +1,131 @@
+"""The store's reaping pass: everything that fell due (vanished nodes, expired leases, assignments never leased,
+deadlines, unservable jobs, retention, orphan uploads), and the gauges read from the store."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from ..config import SchedulerSettings
+from .db import Engine, Tx
+from .metrics import SchedulerMetrics
+from .replica import Replica
+from .rules import gone_after_s, unservable_error
+from .schemas import JobErrorInfo
+from .schemas import JobState as J
+from .schemas import LeaseState as L
+from .schemas import NodeState as N
+from .transitions import OPEN, Transitions
+
+log = logging.getLogger("node_agent.scheduler")
+
+#: Rows one reaping pass handles per kind; the rest wait for the next pass.
+REAP_BATCH = 200
+#: An upload never turned into a job (the scheduler died mid-upload) is deleted after this.
+ORPHAN_UPLOAD_S = 3600.0
+
+
+class Reaper:
+    """Runs the reaping pass (any replica, any time: each row is handled once) and reads the gauges."""
+
+    def __init__(self, settings: SchedulerSettings, engine: Engine, metrics: SchedulerMetrics, replica: Replica,
+                 transitions: Transitions) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.metrics = metrics
+        self.replica = replica
+        self.tr = transitions
+
+    async def reap(self) -> None:
+        """Apply everything that fell due: vanished nodes, expired leases, assignments never leased, deadlines,
+        unservable jobs, retention. Any replica may run it at any time; each row is handled once (rows are
+        claimed with SKIP LOCKED and changed only by conditional updates)."""
+        await self.engine.run(self._reap)
+        self.replica.reaped()
+
+    async def _reap(self, tx: Tx) -> None:
+        s = self.settings
+        now = await tx.now()
+        skip = tx.dialect.skip_locked
+        await self.tr.clock_tick(tx, now)
+        gone = await tx.fetch(
+            f"UPDATE nodes SET state = '{N.GONE}', gone_at = $1 WHERE state <> '{N.GONE}' AND last_heartbeat <= $2 "
+            "RETURNING node_id, last_heartbeat", now, now - gone_after_s(s),
+        )
+        for node in gone:
+            self.replica.forget_served()
+            log.info("node gone node_id=%s last_heartbeat_age_s=%.1f", node["node_id"], now - node["last_heartbeat"])
+            await self.tr.release_node(tx, node["node_id"], now, "is gone")
+        for row in await tx.fetch(f"DELETE FROM nodes WHERE state = '{N.GONE}' AND gone_at <= $1 RETURNING node_id",
+                                  now - s.job_retention_s):
+            self.metrics.node_forgotten(row["node_id"])
+        for lease in await tx.fetch(
+            f"SELECT * FROM leases WHERE state = '{L.ACTIVE}' AND expires_at <= $1 LIMIT {REAP_BATCH}{skip}", now
+        ):
+            await self.tr.expire(tx, lease, now, "lease_expired")
+        for job in await tx.fetch(
+            f"SELECT * FROM jobs WHERE state = '{J.ASSIGNED}' AND assigned_at <= $1 LIMIT {REAP_BATCH}{skip}",
+            now - s.assign_timeout_s,
+        ):
+            await self.tr.requeue_or_fail(tx, job, now, "assign_timeout", "worker_unavailable",
+                                        f"node {job['node_id']} took no lease within {s.assign_timeout_s:g} s")
+        for job in await tx.fetch(
+            f"SELECT * FROM jobs WHERE state = '{J.QUEUED}' AND deadline_at <= $1 LIMIT {REAP_BATCH}{skip}", now
+        ):
+            await self.tr.finish(tx, job, now, JobErrorInfo(code="timeout", message="the deadline passed while queued"))
+        await self._reap_unservable(tx, now)
+        old = await tx.fetch(
+            f"SELECT job_id, upload_id FROM jobs WHERE finished_at <= $1 LIMIT {REAP_BATCH}{skip}",
+            now - s.job_retention_s,
+        )
+        for job in old:
+            for table in ("segments", "reports", "leases"):
+                await tx.execute(f"DELETE FROM {table} WHERE job_id = $1", job["job_id"])
+            if job["upload_id"] is not None:
+                await self.tr.drop_audio(tx, job["upload_id"])
+            await tx.execute("DELETE FROM jobs WHERE job_id = $1", job["job_id"])
+        for upload in await tx.fetch(
+            f"SELECT upload_id FROM uploads WHERE job_id IS NULL AND started_at <= $1 LIMIT {REAP_BATCH}{skip}",
+            now - ORPHAN_UPLOAD_S,
+        ):
+            await self.tr.drop_audio(tx, upload["upload_id"])
+        await self._gauges(tx)
+
+    async def refresh_gauges(self) -> None:
+        """Read the gauges' values now (a /metrics scrape does, so it shows this moment, not the last pass)."""
+        await self.engine.run(self._gauges)
+
+    async def _gauges(self, tx: Tx) -> None:
+        counts = await tx.fetch("SELECT state, COUNT(*) AS n FROM nodes GROUP BY state")
+        open_row = await tx.fetchrow(
+            f"""SELECT COUNT(*) AS jobs, COALESCE(SUM(audio_bytes), 0) AS bytes,
+                   COALESCE(SUM(CASE WHEN state = '{J.QUEUED}' THEN 1 ELSE 0 END), 0) AS queued
+               FROM jobs WHERE state IN {OPEN}"""
+        )
+        assert open_row is not None
+        self.replica.counted({r["state"]: int(r["n"]) for r in counts}, int(open_row["jobs"]),
+                             int(open_row["bytes"]), int(open_row["queued"]))
+
+    async def _reap_unservable(self, tx: Tx, now: float) -> None:
+        """Mark queued jobs no live node serves, clear the mark when one does, and fail those marked for
+        ``unservable_after_s`` with no_capable_node."""
+        served = await self.replica.served(tx, fresh=True)
+        # One SQL condition for "some live node serves this job's language" (rules.Served.serves).
+        serves = ("((language IS NULL AND $1 = 1) OR (language IS NOT NULL AND ($2 = 1 OR language IN ("
+                  + tx.dialect.json_strings.format(p="$3") + "))))")
+        args = (int(served.has_device), int(served.any_language), json.dumps(sorted(served.languages)))
+        await tx.execute(
+            f"UPDATE jobs SET unservable_since = NULL WHERE state = '{J.QUEUED}' AND unservable_since IS NOT NULL "
+            f"AND {serves}", *args,
+        )
+        await tx.execute(
+            f"UPDATE jobs SET unservable_since = $4 WHERE state = '{J.QUEUED}' AND unservable_since IS NULL "
+            f"AND NOT {serves}", *args, now,
+        )
+        after = self.settings.unservable_after_s
+        for job in await tx.fetch(
+            f"SELECT * FROM jobs WHERE state = '{J.QUEUED}' AND unservable_since <= $1 LIMIT {REAP_BATCH}"
+            + tx.dialect.skip_locked, now - after,
+        ):
+            await self.tr.finish(tx, job, now,
+                               unservable_error(job["language"], served, now - job["unservable_since"], after))

@@ -1,0 +1,116 @@
+"""What one scheduler replica remembers between its store's transactions: the live nodes' offers, the queue's load,
+when it last reaped, and the nodes' device lists for PostgreSQL's single statements.
+
+Each is a shortcut that a transaction can always do without (it then reads the store), kept here so that the
+operations that use it do not each keep a copy. Times are this process's monotonic clock: none of this is shared.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from ..config import SchedulerSettings
+from .db import Tx
+from .rules import Served
+from .schemas import NodeState, stored_devices
+
+#: What the admission check may be behind the live nodes (each submission would otherwise read every node).
+SERVED_CACHE_S = 1.0
+#: Below this share of scheduler.max_queued_jobs / max_queued_bytes, the last reaping pass's count (plus this
+#: replica's submissions since) stands in for counting the unfinished jobs at each submission; nearer the bounds,
+#: every submission counts them exactly.
+ADMIT_ESTIMATE_BELOW = 0.9
+#: No reaping pass for this long means no scheduler could reach the store (or none ran): that time is given back
+#: to the live leases, since no holder could renew meanwhile (docs/protocol.md, "The store").
+PAUSE_AFTER_S = 2.0
+#: Device lists remembered per node for the single-statement paths (each statement checks the list is unchanged).
+NODE_DEVICES_KEPT = 10000
+
+
+class Replica:
+    """This replica's memory of the store (see the module's docstring)."""
+
+    def __init__(self, settings: SchedulerSettings, keep_devices: bool) -> None:
+        """``keep_devices``: remember device lists (only the single statements use them)."""
+        self.settings = settings
+        self._keep_devices = keep_devices
+        self._served: Served | None = None
+        self._served_at = -math.inf
+        # Gauges read at scrape time from the last reaping pass (a scrape must not wait on the database).
+        self.queue_depth_seen = 0
+        self.node_states_seen: dict[str, int] = {}
+        self.load_seen = (0, 0)
+        self._load_at = -math.inf  # when load_seen was read
+        self._since_load = [0, 0]  # jobs and bytes this replica admitted since then
+        self._reaped_at = -math.inf  # when this replica's last reaping pass committed
+        self._node_devices: dict[str, str] = {}  # node id -> its device list as stored, as last seen here
+
+    # ------------------------------------------------------------------------------ what live nodes serve
+
+    async def served(self, tx: Tx, fresh: bool = False) -> Served:
+        """What the live nodes serve: read again when ``fresh`` or older than ``SERVED_CACHE_S``."""
+        if fresh or self._served is None or time.monotonic() - self._served_at > SERVED_CACHE_S:
+            rows = await tx.fetch(f"SELECT devices FROM nodes WHERE state <> '{NodeState.GONE}'")
+            self._served = Served.of(list(stored_devices(r["devices"])) for r in rows)
+            self._served_at = time.monotonic()
+        return self._served
+
+    def served_recently(self) -> Served | None:
+        """What the live nodes serve, when read within ``SERVED_CACHE_S`` (no transaction needed), else None."""
+        if self._served is None or time.monotonic() - self._served_at > SERVED_CACHE_S:
+            return None
+        return self._served
+
+    def forget_served(self) -> None:
+        """A node came or went: read what is served again at the next admission."""
+        self._served = None
+
+    # --------------------------------------------------------------------------------------------- load
+
+    def load_estimate(self, size: int) -> tuple[int | None, int]:
+        """(unfinished jobs, their bytes) from the last count when a job of ``size`` is far from both bounds, else
+        (None, 0): count now."""
+        if time.monotonic() - self._load_at > SERVED_CACHE_S:
+            return None, 0
+        jobs = self.load_seen[0] + self._since_load[0]
+        audio_bytes = self.load_seen[1] + self._since_load[1]
+        s = self.settings
+        if jobs + 1 < ADMIT_ESTIMATE_BELOW * s.max_queued_jobs and \
+                audio_bytes + size < ADMIT_ESTIMATE_BELOW * s.max_queued_bytes:
+            return jobs, audio_bytes
+        return None, 0
+
+    def admitted(self, size: int) -> None:
+        self._since_load[0] += 1
+        self._since_load[1] += size
+
+    def counted(self, node_states: dict[str, int], jobs: int, audio_bytes: int, queued: int) -> None:
+        """A reaping pass (or a scrape) read the gauges' values."""
+        self.node_states_seen = node_states
+        self.load_seen = (jobs, audio_bytes)
+        self.queue_depth_seen = queued
+
+    def reaped(self) -> None:
+        """This replica's reaping pass committed. Called on the event loop (the transaction may have run on the
+        SQLite writer thread): admissions from now on add to the count just read; one that committed meanwhile
+        is missed, which ADMIT_ESTIMATE_BELOW's margin covers."""
+        self._load_at = self._reaped_at = time.monotonic()
+        self._since_load = [0, 0]
+
+    def fresh_reap(self) -> bool:
+        """This replica's own reaping pass ran just now: no store pause can be pending."""
+        return time.monotonic() - self._reaped_at < PAUSE_AFTER_S / 2
+
+    # ----------------------------------------------------------------------------- device lists (PostgreSQL)
+
+    def remember_devices(self, node_id: str, devices: str) -> None:
+        if not self._keep_devices:
+            return
+        if len(self._node_devices) >= NODE_DEVICES_KEPT and node_id not in self._node_devices:
+            self._node_devices.clear()  # node churn: start again (each entry is re-read on a node's next poll)
+        self._node_devices[node_id] = devices
+
+    def devices_of(self, node_id: str) -> str | None:
+        return self._node_devices.get(node_id)
+
