@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import os
+from dataclasses import dataclass
 
 
 class NodeAgentError(Exception):
@@ -160,3 +161,48 @@ JOB_ERRORS: dict[JobErrorCode, type[JobError]] = {
 def job_error(code: str, message: str) -> JobError:
     """Rebuild a typed error from its wire form; a code outside ``JobErrorCode`` is a ``ValueError`` (a bug)."""
     return JOB_ERRORS[JobErrorCode(code)](message)
+
+
+@dataclass(frozen=True)
+class JobErrorStatus:
+    """The HTTP status a synchronous endpoint answers for a job that failed with one code, and why."""
+
+    status: int  # /utterance, and the OpenAI endpoint unless ``openai`` says otherwise
+    why: str
+    openai: int | None = None
+    openai_why: str = ""
+
+
+_NODE_FAULT = "the node's own failure, nothing the caller can change"
+#: The OpenAI endpoint answers its clients' retry logic: 4xx for the request's faults, 504 for its own wait, and 500
+#: (OpenAI's server_error) for every other failure, as it always has.
+_OPENAI_5XX = "OpenAI clients retry any server_error; this endpoint has always answered it 500"
+
+#: Job error code -> HTTP status, the one table for every endpoint that waits for a job (a test checks it is
+#: complete). Where the OpenAI endpoint must differ, its column says so and why.
+JOB_ERROR_HTTP: dict[JobErrorCode, JobErrorStatus] = {
+    JobErrorCode.bad_audio: JobErrorStatus(400, "the caller's audio cannot be decoded"),
+    JobErrorCode.invalid_request: JobErrorStatus(400, "the caller's request is invalid"),
+    JobErrorCode.timeout: JobErrorStatus(504, "the time limit passed"),
+    JobErrorCode.stalled: JobErrorStatus(504, "the decode made no progress within the limit", 500, _OPENAI_5XX),
+    JobErrorCode.shutdown: JobErrorStatus(503, "the node or scheduler is stopping: retry", 500, _OPENAI_5XX),
+    JobErrorCode.worker_unavailable: JobErrorStatus(503, "no worker can take jobs now: retry", 500, _OPENAI_5XX),
+    JobErrorCode.no_capable_node: JobErrorStatus(
+        503, "/utterance already refuses (400) a src_lang its own node cannot serve, so a job that ends without a "
+        "capable node lost the node(s) that could run it while queued: retrying later is right",
+        422, "the endpoint refuses such a job at submission with 422; one that fails with it later is the same case"),
+    JobErrorCode.worker_crashed: JobErrorStatus(500, _NODE_FAULT),
+    JobErrorCode.lease_lost: JobErrorStatus(500, _NODE_FAULT),
+    JobErrorCode.lease_expired: JobErrorStatus(500, _NODE_FAULT),
+    JobErrorCode.failed: JobErrorStatus(500, _NODE_FAULT),
+}
+
+
+def job_error_status(code: str, openai: bool = False) -> int:
+    """The status for a job that failed with ``code`` (a plain string from JSON finds its entry too); 500 for a
+    code this version does not know."""
+    try:
+        entry = JOB_ERROR_HTTP[JobErrorCode(code)]
+    except ValueError:
+        return 500
+    return entry.openai if openai and entry.openai is not None else entry.status

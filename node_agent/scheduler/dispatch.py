@@ -9,12 +9,9 @@ import math
 import secrets
 from typing import Any
 
-from ..config import SchedulerSettings
-from .db import Engine, Row, Tx
+from .db import Row, Tx
 from .errors import InvalidInput, JobNotAssigned, LeaseUnusable, ResourceHeld
-from .metrics import SchedulerMetrics
-from .pgfast import PgFast, dispatch_of, fence, renewal
-from .replica import Replica
+from .pgfast import dispatch_of, fence, renewal
 from .rules import clamp_ttl, pick_device, poll_languages
 from .schemas import (
     JOB_ERROR_CODES,
@@ -35,25 +32,16 @@ from .schemas import JobState as J
 from .schemas import LeaseState as L
 from .schemas import NodeState as N
 from .topics import job_topic
-from .transitions import Transitions, devices_of, doc
+from .transitions import StorePart, devices_of, doc
 
 log = logging.getLogger("node_agent.scheduler")
 
 
-class Dispatch:
+class Dispatch(StorePart):
     """Jobs as nodes see them (see the module's docstring)."""
 
     #: The fence: the job's current attempt, live lease (unexpired on the store's clock), epoch and node.
     _FENCE = fence("$6")
-
-    def __init__(self, settings: SchedulerSettings, engine: Engine, metrics: SchedulerMetrics, replica: Replica,
-                 transitions: Transitions, fast: PgFast | None) -> None:
-        self.settings = settings
-        self.engine = engine
-        self.metrics = metrics
-        self.replica = replica
-        self.tr = transitions
-        self._fast = fast
 
     async def assign_next(self, node_id: str, resource: str | None = None,
                           lease_ttl_s: float | None = None) -> JobAssignment | None:

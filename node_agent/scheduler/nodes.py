@@ -6,11 +6,7 @@ import json
 import logging
 import secrets
 
-from ..config import SchedulerSettings
-from .db import Engine, Row, Tx
-from .metrics import SchedulerMetrics
-from .pgfast import PgFast
-from .replica import Replica
+from .db import Row, Tx
 from .schemas import (
     Hardware,
     HeartbeatRequest,
@@ -23,22 +19,13 @@ from .schemas import (
 )
 from .schemas import NodeState as N
 from .topics import QUEUE_TOPIC
-from .transitions import Transitions, devices_of, doc
+from .transitions import StorePart, devices_of, doc
 
 log = logging.getLogger("node_agent.scheduler")
 
 
-class Nodes:
+class Nodes(StorePart):
     """The nodes' side of the store that is not about jobs."""
-
-    def __init__(self, settings: SchedulerSettings, engine: Engine, metrics: SchedulerMetrics, replica: Replica,
-                 transitions: Transitions, fast: PgFast | None) -> None:
-        self.settings = settings
-        self.engine = engine
-        self.metrics = metrics
-        self.replica = replica
-        self.tr = transitions
-        self._fast = fast
 
     async def register(self, req: RegisterRequest) -> RegisterResponse:
         node_id = req.node_id or f"node-{secrets.token_hex(6)}"

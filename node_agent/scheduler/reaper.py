@@ -6,16 +6,13 @@ from __future__ import annotations
 import json
 import logging
 
-from ..config import SchedulerSettings
-from .db import Engine, Tx
-from .metrics import SchedulerMetrics
-from .replica import Replica
+from .db import Tx
 from .rules import gone_after_s, unservable_error
 from .schemas import JobErrorInfo
 from .schemas import JobState as J
 from .schemas import LeaseState as L
 from .schemas import NodeState as N
-from .transitions import OPEN, Transitions
+from .transitions import OPEN, StorePart
 
 log = logging.getLogger("node_agent.scheduler")
 
@@ -25,16 +22,8 @@ REAP_BATCH = 200
 ORPHAN_UPLOAD_S = 3600.0
 
 
-class Reaper:
+class Reaper(StorePart):
     """Runs the reaping pass (any replica, any time: each row is handled once) and reads the gauges."""
-
-    def __init__(self, settings: SchedulerSettings, engine: Engine, metrics: SchedulerMetrics, replica: Replica,
-                 transitions: Transitions) -> None:
-        self.settings = settings
-        self.engine = engine
-        self.metrics = metrics
-        self.replica = replica
-        self.tr = transitions
 
     async def reap(self) -> None:
         """Apply everything that fell due: vanished nodes, expired leases, assignments never leased, deadlines,

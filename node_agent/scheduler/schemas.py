@@ -378,14 +378,3 @@ class JobView(_Reply):
     timings: dict[str, Any]
     filename: str | None = None
 
-
-# ------------------------------------------------------------------------------------------- errors
-
-
-class ErrorDetail(_Reply):
-    code: str
-    message: str
-
-
-class ErrorResponse(_Reply):
-    error: ErrorDetail

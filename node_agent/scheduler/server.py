@@ -36,7 +36,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..config import SchedulerSettings, host_port
 from ..contracts import UNKNOWN_OPTION, error_key, error_loc, one_line
-from ..errors import ListenError
+from ..errors import ListenError, job_error_status
 from ..jsonio import json_response
 from .errors import (
     ApiError,
@@ -164,7 +164,8 @@ SETTINGS_KEY = web.AppKey("scheduler_settings", SchedulerSettings)
 REGISTRY_KEY = web.AppKey("scheduler_registry", CollectorRegistry)
 NOTIFIER_KEY = web.AppKey("scheduler_notifier", Notifier)
 
-# The one place typed errors become HTTP statuses.
+# Refusals (typed errors) -> HTTP statuses. A job's own failure, answered by the synchronous OpenAI endpoint, gets
+# its status from the one table of job error codes (node_agent/errors.py, JOB_ERROR_HTTP).
 _HTTP_STATUS: dict[type[ApiError], int] = {
     InvalidInput: 400,
     Unauthorized: 401,
@@ -678,9 +679,8 @@ async def _openai_transcriptions(request: web.Request) -> web.Response:
     if view.state == JobState.FAILED:
         error = view.error
         code, message = (error.code, error.message) if error is not None else ("failed", "transcription failed")
-        statuses = {"bad_audio": 400, "invalid_request": 400, "no_capable_node": 422, "timeout": 504}
-        status = statuses.get(code, 500)
-        return _error_response(status, code, message, "file" if code == "bad_audio" else None, openai=True)
+        return _error_response(job_error_status(code, openai=True), code, message,
+                               "file" if code == "bad_audio" else None, openai=True)
     if view.state != JobState.SUCCEEDED:
         if notifier.closed:
             raise ShuttingDown("the scheduler is shutting down")

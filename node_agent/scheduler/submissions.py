@@ -8,17 +8,13 @@ import logging
 import secrets
 from typing import Any, AsyncIterator
 
-from ..config import SchedulerSettings
 from .db import Engine, Row, Tx
 from .errors import InvalidInput, UnknownJob, Unservable
-from .metrics import SchedulerMetrics
-from .pgfast import PgFast
-from .replica import Replica
 from .rules import Served, admission_refusal, queue_full, unservable_message
 from .schemas import TERMINAL_JOB_STATES, JobErrorInfo, JobSpec, JobView
 from .schemas import JobState as J
 from .topics import QUEUE_TOPIC
-from .transitions import OPEN, Transitions, doc, unknown_job
+from .transitions import OPEN, StorePart, Transitions, doc, unknown_job
 
 log = logging.getLogger("node_agent.scheduler")
 
@@ -91,17 +87,8 @@ class SqlUpload:
         if self._chunks:
             await self._engine.run(lambda tx: Transitions.drop_audio(tx, self.upload_id))
 
-class Submissions:
+class Submissions(StorePart):
     """Jobs as clients see them: submitted, viewed, waited on, their audio read."""
-
-    def __init__(self, settings: SchedulerSettings, engine: Engine, metrics: SchedulerMetrics, replica: Replica,
-                 transitions: Transitions, fast: PgFast | None) -> None:
-        self.settings = settings
-        self.engine = engine
-        self.metrics = metrics
-        self.replica = replica
-        self.tr = transitions
-        self._fast = fast
 
     async def queue_depth(self) -> int:
         return int(await self.engine.run(

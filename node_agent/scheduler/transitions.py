@@ -13,9 +13,10 @@ import secrets
 from typing import Any
 
 from ..config import SchedulerSettings
-from .db import Row, Tx, sql_list
+from .db import Engine, Row, Tx, sql_list
 from .errors import NodeNotFound, ReportRejected, UnknownJob
 from .metrics import SchedulerMetrics
+from .pgfast import PgFast
 from .replica import PAUSE_AFTER_S, Replica
 from . import rules
 from .rules import Holder, check_holder
@@ -234,3 +235,17 @@ class Transitions:
             log.warning("no scheduler reached the store for %.1f s: %d live lease(s) extended by that time",
                         gap, extended)
         await tx.execute("UPDATE store_clock SET last_reap = $1 WHERE id = 1", now)
+
+
+class StorePart:
+    """One group of the store's operations (``sqlstore``'s docstring names them), over what every group shares."""
+
+    def __init__(self, settings: SchedulerSettings, engine: Engine, metrics: SchedulerMetrics, replica: Replica,
+                 transitions: Transitions, fast: PgFast | None = None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.metrics = metrics
+        self.replica = replica
+        self.tr = transitions
+        #: PostgreSQL's single-statement forms of the hot operations, where they run.
+        self._fast = fast
