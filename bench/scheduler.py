@@ -10,7 +10,7 @@
     make bench SECTIONS=scheduler                               # the same, as a section of bench/run.py
 
 Stores (``--stores``, comma-separated; each runs on a fresh scheduler, cluster and database):
-- ``memory``: the in-memory state (the reference: what the scheduler was before the store);
+- ``memory``: the SQL store on SQLite in memory (``scheduler.store: memory``: no file, nothing kept);
 - ``sqlite``: the default store, ``scheduler.db`` in a temporary state directory;
 - ``postgresql``, ``postgresql-N``: one or N replicas on one fresh database of a PostgreSQL server this driver starts
   and removes (tests/pg.py's ``PgServer``, with PostgreSQL's durability defaults restored: fsync on).
