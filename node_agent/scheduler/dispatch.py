@@ -133,7 +133,7 @@ class Dispatch(StorePart):
             job_id=job["job_id"],
             attempt=job["attempt"],
             language=spec.language,
-            options=spec.options.model_dump(exclude_none=True),
+            options=spec.options,
             audio=AudioRef(format=spec.format, sample_rate=spec.sample_rate, bytes=job["audio_bytes"],
                            url=f"/v1/jobs/{job['job_id']}/audio"),
             deadline_s=max(0.0, job["deadline_at"] - now) if job["deadline_at"] is not None else None,
