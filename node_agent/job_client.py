@@ -27,7 +27,7 @@ from .client import (
     new_idempotency_key,
 )
 from .errors import NodeAgentError
-from .retry import Backoff, RetryPolicy, retry_after_of
+from .retry import RetryPolicy, retrying
 from .scheduler.schemas import TERMINAL_JOB_STATES, JobView
 
 #: Failed submissions and polls are retried with full jitter, each wait at most ``max_wait_s`` (short: a client
@@ -82,6 +82,21 @@ class JobUpdate:
 OnRetry = Callable[[Retrying], None]
 
 
+def _telling(stage: Literal["submit", "poll"], job_id: str | None,
+             on_retry: OnRetry | None) -> Callable[[SchedulerUnavailable, float | None], None] | None:
+    """``retrying``'s ``on_error`` for one run of failures: each told to ``on_retry``, the first marked so."""
+    if on_retry is None:
+        return None
+    first = True
+
+    def tell(exc: SchedulerUnavailable, _wait: float | None) -> None:
+        nonlocal first
+        on_retry(Retrying(stage, job_id, exc, first))
+        first = False
+
+    return tell
+
+
 def _outage(exc: SchedulerUnavailable) -> bool:
     """No answer, a 5xx, or a 408/429 asking to come back: a scheduler restarting, failing over or full. A poll
     answered with a body that is not the protocol's is a broken peer instead, and waiting would not mend it (a
@@ -104,10 +119,9 @@ class JobWaiter:
         self.poll_slice_s = poll_slice_s
         self.reached = reached
 
-    def _backoff(self, operation: str, until: float) -> Backoff:
-        loop = asyncio.get_running_loop()
-        return dataclasses.replace(self.policy, max_total_s=max(0.0, until - loop.time())).start(
-            operation, clock=loop.time)
+    def _policy(self, until: float) -> RetryPolicy:
+        """The policy, its total what is left until ``until`` (event-loop time)."""
+        return dataclasses.replace(self.policy, max_total_s=max(0.0, until - asyncio.get_running_loop().time()))
 
     def _answered(self, exc: SchedulerError | None = None) -> None:
         if exc is None or exc.status is not None:
@@ -118,31 +132,23 @@ class JobWaiter:
         retrying a failed POST with one Idempotency-Key until ``until`` (event-loop time). Raises the last
         ``SchedulerUnavailable`` when time runs out, and any other ``SchedulerError`` (a refusal) at once."""
         key = new_idempotency_key()
-        backoff: Backoff | None = None
-        while True:
+
+        async def submit() -> str:
             try:
                 submitted = await self.client.submit_job(audio, idempotency_key=key, **fields)
-            except ConnectFailed as exc:
-                if not self.reached:
-                    raise
-                error: SchedulerUnavailable = exc
-            except SchedulerUnavailable as exc:
-                # A garbled answer too: the job may exist, and the key makes a retry find it instead of a twin.
-                self._answered(exc)
-                error = exc
             except SchedulerError as exc:
-                self._answered(exc)
+                self._answered(exc)  # a refused connection (no status) tells nothing
                 raise
-            else:
-                self._answered()
-                return submitted.job_id
-            first = backoff is None
-            if backoff is None:
-                backoff = self._backoff("job_submit", until)
-            if on_retry is not None:
-                on_retry(Retrying("submit", None, error, first))
-            if not await backoff.wait(retry_after_of(error)):
-                raise error
+            self._answered()
+            return submitted.job_id
+
+        def again(exc: Exception) -> bool:
+            # A garbled answer too: the job may exist, and the key makes a retry find it instead of a twin.
+            return isinstance(exc, SchedulerUnavailable) and (self.reached or not isinstance(exc, ConnectFailed))
+
+        loop = asyncio.get_running_loop()
+        return await retrying(self._policy(until), "job_submit", submit, retry_if=again,
+                              on_error=_telling("submit", None, on_retry), clock=loop.time)
 
     async def follow(self, job_id: str, until: float, *, stream: bool = True,
                      on_retry: OnRetry | None = None) -> AsyncIterator[JobUpdate]:
@@ -156,8 +162,8 @@ class JobWaiter:
         """
         loop = asyncio.get_running_loop()
         seen = 0
-        backoff: Backoff | None = None  # the current run of failed polls, if any
-        while True:
+
+        async def poll() -> JobView:
             left = until - loop.time()
             if left <= 0:
                 raise WaitExpired(job_id, None)
@@ -169,18 +175,20 @@ class JobWaiter:
                 raise JobLost(job_id) from None
             except SchedulerUnavailable as exc:
                 self._answered(exc)
+                raise
+            self._answered()
+            return view
+
+        while True:
+            # One retry sequence per answer: a run of failed polls ends with the next answer.
+            try:
+                view = await retrying(self._policy(until), "job_poll", poll,
+                                      retry_if=lambda exc: isinstance(exc, SchedulerUnavailable) and _outage(exc),
+                                      on_error=_telling("poll", job_id, on_retry), clock=loop.time)
+            except SchedulerUnavailable as exc:
                 if not _outage(exc):
                     raise
-                first = backoff is None
-                if backoff is None:
-                    backoff = self._backoff("job_poll", until)
-                if on_retry is not None:
-                    on_retry(Retrying("poll", job_id, exc, first))
-                if not await backoff.wait(retry_after_of(exc)):
-                    raise WaitExpired(job_id, exc) from None
-                continue
-            self._answered()
-            backoff = None
+                raise WaitExpired(job_id, exc) from None  # retried until the time ran out
             segments = view.segments
             if len(segments) < seen:
                 seen = 0  # a new attempt started over

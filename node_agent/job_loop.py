@@ -15,7 +15,8 @@ from .client import SchedulerClient, SchedulerError, UnknownNode
 from .job_runner import JobOutcome, JobRunner
 from .metrics import AgentMetrics
 from .registration import NodeIdentity
-from .retry import OutageLog, RetryPolicies, retry_after_of
+from .retry import OutageLog, RetryPolicies, retrying
+from .scheduler.schemas import JobAssignment
 from .supervisor import Worker, WorkerState
 
 log = logging.getLogger("node_agent.jobs")
@@ -48,9 +49,23 @@ class JobLoop:
 
     async def run(self) -> None:
         """Poll and run jobs until cancelled."""
+        what = f"polling for jobs on {self.resource}"
+        while True:
+            # A fresh retry sequence per answer: the next outage begins with short waits again. No total: polling
+            # lasts as long as the agent.
+            assignment, polled_at = await retrying(
+                self.policies.poll, "poll", self._poll, retry_if=SchedulerError, on_retry=self.metrics.count_retry,
+                on_error=lambda exc, _wait: self._outages.failed(what, exc))
+            self._outages.recovered(what)
+            if assignment is None:
+                continue
+            self.job = asyncio.get_running_loop().create_task(self.runner.run(assignment, polled_at),
+                                                              name=f"job-{assignment.job_id}")
+            await asyncio.shield(self.job)
+
+    async def _poll(self) -> tuple[JobAssignment | None, float]:
+        """Once registered and the worker is ready, one long poll: its answer, and when it was sent (loop time)."""
         resource, worker = self.resource, self.worker
-        what = f"polling for jobs on {resource}"
-        backoff = self.policies.poll.start("poll", self.metrics.count_retry)
         while True:
             await self.identity.registered_event.wait()
             if worker.state is WorkerState.fatal:
@@ -66,20 +81,8 @@ class JobLoop:
             assert node_id is not None
             polled_at = asyncio.get_running_loop().time()
             try:
-                assignment = await self.client.next_job(node_id, self.wait_s, resource,
-                                                        lease_ttl_s=self.runner.keeper.requested_ttl())
+                return await self.client.next_job(node_id, self.wait_s, resource,
+                                                  lease_ttl_s=self.runner.keeper.requested_ttl()), polled_at
             except UnknownNode:
                 self._reregister()
                 await asyncio.sleep(0.2)  # the registered event clears at once; this only yields
-                continue
-            except SchedulerError as exc:
-                self._outages.failed(what, exc)
-                await backoff.wait(retry_after_of(exc))  # no total: polling lasts as long as the agent
-                continue
-            self._outages.recovered(what)
-            backoff.reset()
-            if assignment is None:
-                continue
-            self.job = asyncio.get_running_loop().create_task(self.runner.run(assignment, polled_at),
-                                                              name=f"job-{assignment.job_id}")
-            await asyncio.shield(self.job)

@@ -34,7 +34,7 @@ from .errors import JobError, LeaseLost
 from .lease import Lease, LeaseKeeper, LeaseUnavailable
 from .metrics import AgentMetrics, job_outcome
 from .registration import NodeIdentity
-from .retry import RetryPolicies, retry_after_of
+from .retry import RetryPolicies, retry_after_of, retrying
 from .scheduler.schemas import JobAssignment
 from .supervisor import JobRequest, ResultMessage, Worker
 
@@ -129,6 +129,11 @@ class JobOutcome:
     reason: str | None = None
     seconds: float = 0.0
     requeued: bool = False
+
+
+def _report_again(exc: Exception) -> bool:
+    """Whether a failed result report is worth another try: not once the scheduler answered definitively."""
+    return isinstance(exc, SchedulerError) and not isinstance(exc, (Rejected, Gone, BadRequest))
 
 
 def _accepted(report: asyncio.Task[tuple[Report, bool]]) -> bool:
@@ -265,21 +270,20 @@ class JobRunner:
             left = max(0.0, deadline - asyncio.get_running_loop().time())
             policy = replace(policy, max_total_s=min(left, policy.max_total_s if policy.max_total_s is not None
                                                      else left))
-        backoff = policy.start("audio", self.metrics.count_retry)
-        while True:
-            try:
-                data = await self.client.fetch_audio(a.audio.url)
-                # A proxy error page or a cut connection must not reach the decoder as "audio".
-                if len(data) != a.audio.bytes:
-                    raise SchedulerUnavailable(
-                        f"audio: got {len(data)} bytes, the assignment announced {a.audio.bytes}")
-                return data
-            except SchedulerUnavailable as exc:
-                delay = backoff.schedule(exc.retry_after)
-                if delay is None:
-                    raise
+
+        async def fetch() -> bytes:
+            data = await self.client.fetch_audio(a.audio.url)
+            # A proxy error page or a cut connection must not reach the decoder as "audio".
+            if len(data) != a.audio.bytes:
+                raise SchedulerUnavailable(f"audio: got {len(data)} bytes, the assignment announced {a.audio.bytes}")
+            return data
+
+        def failed(exc: SchedulerUnavailable, wait: float | None) -> None:
+            if wait is not None:  # the last failure is the caller's to tell
                 log.warning("job %s: audio fetch failed (%s); retrying", a.job_id, exc)
-                await asyncio.sleep(delay)
+
+        return await retrying(policy, "audio", fetch, retry_if=SchedulerUnavailable,
+                              on_retry=self.metrics.count_retry, on_error=failed)
 
     async def _send_events(self, job_id: str, attempt: int, lease: Lease,
                            queue: asyncio.Queue[dict[str, Any] | _End]) -> None:
@@ -295,7 +299,7 @@ class JobRunner:
         loop = asyncio.get_running_loop()
         pending: list[dict[str, Any]] = []
         done = False
-        retry_after: float | None = None
+        failed: SchedulerError | None = None  # the last post's error, while what it carried is still pending
         hold_until = 0.0  # after a refusal with Retry-After, later segments pile up until then
         while not done:
             items = [await queue.get()]
@@ -320,34 +324,42 @@ class JobRunner:
             try:
                 await self.client.post_events(job_id, lease.node_id, lease.lease_id, attempt, lease.epoch, pending)
                 pending = []
-                retry_after, hold_until = None, 0.0
+                failed, hold_until = None, 0.0
             except Rejected as exc:
                 log.warning("job %s: segment events rejected (%s); no more will be sent", job_id, exc)
                 return
             except SchedulerError as exc:
                 log.warning("job %s: %d segment event(s) not delivered yet: %s", job_id, len(pending), exc)
+                failed = exc
                 retry_after = retry_after_of(exc)
                 if retry_after:
                     hold_until = loop.time() + min(retry_after, EVENTS_HOLD_MAX_S)
         if not pending:
             return
-        backoff = self.policies.events.start("events", self.metrics.count_retry)
-        while await backoff.wait(retry_after):
-            try:
-                # Each try is bounded by what is left, so one hanging request cannot outlast the flush.
-                await asyncio.wait_for(
-                    self.client.post_events(job_id, lease.node_id, lease.lease_id, attempt, lease.epoch, pending),
-                    max(0.1, backoff.remaining() or 0.0))
-                return
-            except Rejected as exc:
-                log.warning("job %s: segment events rejected (%s); no more will be sent", job_id, exc)
-                return
-            except (SchedulerError, asyncio.TimeoutError) as exc:
-                log.warning("job %s: %d segment event(s) not delivered yet: %s", job_id, len(pending),
-                            exc or "timed out")
-                retry_after = retry_after_of(exc)
-        log.warning("job %s: %d segment event(s) never delivered; the result carries every segment",
-                    job_id, len(pending))
+        policy = self.policies.events
+        flush_until = loop.time() + (policy.max_total_s or 0.0)
+
+        async def post_pending() -> None:
+            # Each try is bounded by what is left, so one hanging request cannot outlast the flush.
+            await asyncio.wait_for(
+                self.client.post_events(job_id, lease.node_id, lease.lease_id, attempt, lease.epoch, pending),
+                max(0.1, flush_until - loop.time()))
+
+        def retryable(exc: Exception) -> bool:
+            return isinstance(exc, (SchedulerError, asyncio.TimeoutError)) and not isinstance(exc, Rejected)
+
+        def not_delivered(exc: Exception, _wait: float | None) -> None:
+            log.warning("job %s: %d segment event(s) not delivered yet: %s", job_id, len(pending), exc or "timed out")
+
+        try:
+            # The first try waits as after the post that just failed (its Retry-After included).
+            await retrying(policy, "events", post_pending, retry_if=retryable, on_retry=self.metrics.count_retry,
+                           on_error=not_delivered, after=failed, clock=loop.time)
+        except Rejected as exc:
+            log.warning("job %s: segment events rejected (%s); no more will be sent", job_id, exc)
+        except (SchedulerError, asyncio.TimeoutError):
+            log.warning("job %s: %d segment event(s) never delivered; the result carries every segment",
+                        job_id, len(pending))
 
     async def _report(self, running: RunningJob, lease: Lease, result: ResultMessage | None,
                       error: JobError | None) -> tuple[Report, bool]:
@@ -367,30 +379,25 @@ class JobRunner:
                         "node_s": round(loop.time() - running.received, 4)},
         }
         code = None if result is not None else (error.code if error else "failed")
-        policy = self.policies.result
-        backoff = policy.start("result", self.metrics.count_retry)
         report, requeued = Report.abandoned, False
-        while True:
-            try:
-                ack = await self.client.report_result(a.job_id, body)
-                report, requeued = Report.accepted, ack.requeued
-                log.info("job %s attempt %d %s in %.2f s (result accepted%s)", a.job_id, a.attempt,
-                         job_outcome(code), loop.time() - running.received, ", requeued" if ack.requeued else "")
-                break
-            except UnknownJob:
-                # Definitive like a rejection; the one line says why (the scheduler restarted without the job).
-                report = Report.rejected
-                log.warning("job %s attempt %d: result dropped: %s", a.job_id, a.attempt, lost_job_line(a.job_id))
-                break
-            except (Rejected, Gone, BadRequest) as exc:
-                # Gone: the lease or assignment no longer exists, so no retry can make this report count.
-                report = Report.rejected
-                log.warning("job %s attempt %d: result rejected by the scheduler: %s", a.job_id, a.attempt, exc)
-                break
-            except SchedulerError as exc:
-                if not await backoff.wait(retry_after_of(exc)):
-                    log.error("job %s: giving up reporting after %.0f s: %s", a.job_id, backoff.elapsed(), exc)
-                    break
+        started = loop.time()
+        try:
+            ack = await retrying(self.policies.result, "result", lambda: self.client.report_result(a.job_id, body),
+                                 retry_if=_report_again, on_retry=self.metrics.count_retry, clock=loop.time)
+        except UnknownJob:
+            # Definitive like a rejection; the one line says why (the scheduler restarted without the job).
+            report = Report.rejected
+            log.warning("job %s attempt %d: result dropped: %s", a.job_id, a.attempt, lost_job_line(a.job_id))
+        except (Rejected, Gone, BadRequest) as exc:
+            # Gone: the lease or assignment no longer exists, so no retry can make this report count.
+            report = Report.rejected
+            log.warning("job %s attempt %d: result rejected by the scheduler: %s", a.job_id, a.attempt, exc)
+        except SchedulerError as exc:
+            log.error("job %s: giving up reporting after %.0f s: %s", a.job_id, loop.time() - started, exc)
+        else:
+            report, requeued = Report.accepted, ack.requeued
+            log.info("job %s attempt %d %s in %.2f s (result accepted%s)", a.job_id, a.attempt,
+                     job_outcome(code), loop.time() - running.received, ", requeued" if ack.requeued else "")
         self.ledger.totals[job_outcome(code)] += 1
         self.metrics.count_job(code, loop.time() - running.received)
         if error is not None:

@@ -4,7 +4,7 @@ The holder cannot trust itself to notice expiry (a paused process keeps acting),
 the scheduler rejects results carrying a stale epoch, and the keeper here stops the job as soon as no
 renewal has succeeded for the renew deadline (2/3 TTL by default), before the scheduler's TTL runs out.
 All timing uses the event loop's monotonic clock; the TTL on the wire is relative seconds. Every retry (acquire,
-renewal, release) goes through the agent's retry policy (``node_agent.retry``): full jitter, capped waits, a total.
+renewal, release) goes through ``retry.retrying``: full jitter, capped waits, a total (for a renewal, the fence).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from .client import Gone, LeaseHeld, SchedulerClient, SchedulerError, SchedulerU
 from .config import LeaseSettings
 from .errors import LeaseLost
 from .metrics import AgentMetrics
-from .retry import Backoff, RetryPolicies, RetryPolicy, retry_after_of
-from .scheduler.schemas import LeaseGrant
+from .retry import Backoff, RetryPolicies, RetryPolicy, policy_wait, retrying
+from .scheduler.schemas import LeaseGrant, RenewResponse
 
 #: The code of a scheduler's 503 while its store cannot be reached (docs/protocol.md, "The store").
 STORE_PAUSED = "store_unavailable"
@@ -29,6 +29,10 @@ log = logging.getLogger("node_agent.lease")
 
 #: How long the end of a job waits for its renewals to stop before it says so (and cancels them again).
 RELEASE_WAIT_S = 2.0
+
+
+class _Released(Exception):
+    """The job ended (its lease is being let go) while a renewal was under way: stop renewing, quietly."""
 
 
 class LeaseUnavailable(Exception):
@@ -97,29 +101,25 @@ class LeaseKeeper:
         loop = asyncio.get_running_loop()
         started = loop.time()
         policy = replace(self.policies.lease_acquire, max_total_s=self.settings.acquire_timeout_s)
-        backoff = policy.start("lease_acquire", self._on_retry, clock=loop.time)
-        while True:
+
+        async def ask() -> tuple[LeaseGrant, float]:
             sent = loop.time()
-            try:
-                grant = await self.client.acquire_lease(node_id, job_id, self.device, self.requested_ttl())
-            except LeaseHeld as exc:
-                retry_after: float | None = exc.retry_after
-                reason = f"{self.device} is held (retry after {exc.retry_after:g} s)"
-            except SchedulerUnavailable as exc:
-                retry_after = exc.retry_after
-                reason = str(exc)
-            except Gone as exc:
-                raise LeaseUnavailable(f"job {job_id} is no longer assigned to this node: {exc}",
-                                       job_gone=True) from None
-            except SchedulerError as exc:
-                raise LeaseUnavailable(f"lease for job {job_id} refused: {exc}", job_gone=True) from None
-            else:
-                return self._take(node_id, job_id, grant, sent, waited_s=loop.time() - started)
+            return await self.client.acquire_lease(node_id, job_id, self.device, self.requested_ttl()), sent
+
+        try:
             # A held device's Retry-After is the scheduler's estimate, so it is waited out (up to the cap per wait).
-            if not await backoff.wait(retry_after):
-                raise LeaseUnavailable(
-                    f"no lease for job {job_id} within lease.acquire_timeout_s = "
-                    f"{self.settings.acquire_timeout_s:g} s: {reason}")
+            grant, sent = await retrying(policy, "lease_acquire", ask, retry_if=(LeaseHeld, SchedulerUnavailable),
+                                         on_retry=self._on_retry, clock=loop.time)
+        except (LeaseHeld, SchedulerUnavailable) as exc:
+            reason = f"{self.device} is held (retry after {exc.retry_after:g} s)" if isinstance(exc, LeaseHeld) \
+                else str(exc)
+            raise LeaseUnavailable(f"no lease for job {job_id} within lease.acquire_timeout_s = "
+                                   f"{self.settings.acquire_timeout_s:g} s: {reason}") from None
+        except Gone as exc:
+            raise LeaseUnavailable(f"job {job_id} is no longer assigned to this node: {exc}", job_gone=True) from None
+        except SchedulerError as exc:
+            raise LeaseUnavailable(f"lease for job {job_id} refused: {exc}", job_gone=True) from None
+        return self._take(node_id, job_id, grant, sent, waited_s=loop.time() - started)
 
     def adopt(self, node_id: str, job_id: str, grant: LeaseGrant, granted_after: float) -> Lease:
         """Take on a lease the scheduler granted with the job's assignment. ``granted_after`` (loop time) is no
@@ -164,70 +164,30 @@ class LeaseKeeper:
     async def _renew_loop(self, lease: Lease, on_lost: Callable[[LeaseLost], None], released: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         # Timed by the TTL the scheduler granted (and re-granted on each renewal), never by our request alone.
-        interval, deadline_s = self.settings.timing(lease.ttl_s)
-        next_at = lease.renewed_at + interval
-        retries: Backoff | None = None  # the retry sequence of the current run of failures
-        paused_at: float | None = None  # when the last "store unavailable" answer came (see below)
+        next_at = lease.renewed_at + self.settings.timing(lease.ttl_s)[0]
         while True:
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             if released.is_set():
                 return
-            interval, deadline_s = self.settings.timing(lease.ttl_s)
-            now = loop.time()
-            fence_at = lease.renewed_at + deadline_s
-            if now >= fence_at:
-                self._lost(lease, on_lost, LeaseLost(
-                    f"lease {lease.lease_id} for job {lease.job_id}: no renewal succeeded for "
-                    f"{now - lease.renewed_at:.1f} s (renew deadline {deadline_s:g} s); stopping the job",
-                    reason="self_fenced"))
-                return
-            sent = loop.time()
+            deadline_s = self.settings.timing(lease.ttl_s)[1]
             try:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the block's cancel (see ``hold``).
-                async with asyncio.timeout(fence_at - sent):
-                    reply = await self.client.renew_lease(lease.lease_id, lease.epoch, lease.node_id,
-                                                          timeout=fence_at - sent)
+                reply, sent = await self._renew(lease, released)
+            except _Released:
+                return
             except Gone as exc:
-                if released.is_set():
-                    return
-                self._count("failed", loop.time() - sent)
                 reason = "expired" if exc.code == "lease_expired" else "rejected"
                 self._lost(lease, on_lost, LeaseLost(
                     f"lease {lease.lease_id} for job {lease.job_id} is gone ({exc.code or exc.status}); "
                     f"stopping the job", reason=reason))
                 return
-            except (SchedulerError, asyncio.TimeoutError) as exc:
+            except (SchedulerError, asyncio.TimeoutError):  # the renew deadline came with no renewal through
                 if released.is_set():
                     return
-                self._count("failed", loop.time() - sent)
-                now = loop.time()
-                if isinstance(exc, SchedulerUnavailable) and exc.code == STORE_PAUSED:
-                    # The scheduler is up but its store is not: nobody can take the lease meanwhile, and the
-                    # scheduler gives leases back the time its store was unreachable. So that time does not count
-                    # against our renew deadline either (counted only between two such answers: never more than
-                    # the store's own pause).
-                    if paused_at is not None:
-                        lease.renewed_at += now - paused_at
-                    paused_at = now
-                    fence_at = lease.renewed_at + deadline_s
-                else:
-                    paused_at = None
-                log.warning("lease %s: renewal failed (%s); %.1f s left before self-fencing", lease.lease_id,
-                            exc or "timed out", fence_at - loop.time())
-                if retries is None:
-                    retries = self.renew_retry_policy(interval, deadline_s, fence_at - loop.time()).start(
-                        "lease_renew", self._on_retry, clock=loop.time)
-                # No wait left before the fence: the next turn of the loop fences.
-                delay = retries.schedule(retry_after_of(exc))
-                next_at = fence_at if delay is None else min(loop.time() + delay, fence_at)
-                if paused_at is not None:
-                    # Paused time counts only between two answers, so ask again well before the fence.
-                    next_at = min(next_at, now + max(0.05, (fence_at - now) / 2))
-                continue
-            if released.is_set():
+                self._lost(lease, on_lost, LeaseLost(
+                    f"lease {lease.lease_id} for job {lease.job_id}: no renewal succeeded for "
+                    f"{loop.time() - lease.renewed_at:.1f} s (renew deadline {deadline_s:g} s); stopping the job",
+                    reason="self_fenced"))
                 return
-            retries = None
-            paused_at = None
             done = loop.time()
             margin = lease.expires_at() - done
             lease.renewed_at = sent
@@ -238,6 +198,69 @@ class LeaseKeeper:
             if self.metrics is not None:
                 self.metrics.lease_margin.labels(self.device).observe(max(0.0, margin))
             next_at = sent + self.settings.timing(lease.ttl_s)[0]
+
+    async def _renew(self, lease: Lease, released: asyncio.Event) -> tuple[RenewResponse, float]:
+        """One renewal (the answer, and when it was sent), retried until the fence (``renewed_at`` + the renew
+        deadline), where its last error surfaces (``TimeoutError`` when no try was made); ``Gone`` at once;
+        ``_Released`` as soon as the job has ended."""
+        loop = asyncio.get_running_loop()
+        interval, deadline_s = self.settings.timing(lease.ttl_s)
+        paused_at: float | None = None  # when the last "store unavailable" answer came (see below)
+
+        def fence() -> float:
+            return lease.renewed_at + deadline_s
+
+        async def renew() -> tuple[RenewResponse, float]:
+            nonlocal paused_at
+            if released.is_set():
+                raise _Released
+            sent = loop.time()
+            left = fence() - sent
+            try:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the block's cancel (see ``hold``).
+                async with asyncio.timeout(left):
+                    reply = await self.client.renew_lease(lease.lease_id, lease.epoch, lease.node_id, timeout=left)
+            except (SchedulerError, asyncio.TimeoutError) as exc:
+                if released.is_set():
+                    raise _Released from None
+                self._count("failed", loop.time() - sent)
+                if isinstance(exc, Gone):
+                    raise
+                now = loop.time()
+                if isinstance(exc, SchedulerUnavailable) and exc.code == STORE_PAUSED:
+                    # The scheduler is up but its store is not: nobody can take the lease meanwhile, and the
+                    # scheduler gives leases back the time its store was unreachable. So that time does not count
+                    # against our renew deadline either (counted only between two such answers: never more than
+                    # the store's own pause).
+                    if paused_at is not None:
+                        lease.renewed_at += now - paused_at
+                    paused_at = now
+                else:
+                    paused_at = None
+                log.warning("lease %s: renewal failed (%s); %.1f s left before self-fencing", lease.lease_id,
+                            exc or "timed out", fence() - loop.time())
+                raise
+            if released.is_set():
+                raise _Released
+            return reply, sent
+
+        def wait(retries: Backoff, exc: Exception) -> float:
+            # The policy's wait, but none past the fence: with the budget spent, the next turn is at the fence,
+            # which fences.
+            delay = policy_wait(retries, exc)
+            now = loop.time()
+            wait_s = fence() - now if delay is None else min(delay, fence() - now)
+            if paused_at is not None:
+                # Paused time counts only between two answers, so ask again well before the fence.
+                wait_s = min(wait_s, max(0.05, (fence() - now) / 2))
+            return max(0.0, wait_s)
+
+        def again(exc: Exception) -> bool:
+            return isinstance(exc, (SchedulerError, asyncio.TimeoutError)) and not isinstance(exc, Gone)
+
+        policy = self.renew_retry_policy(interval, deadline_s, fence() - loop.time())
+        return await retrying(policy, "lease_renew", renew, retry_if=again, on_retry=self._on_retry, deadline=fence,
+                              wait=wait, clock=loop.time)
 
     @staticmethod
     def renew_retry_policy(interval_s: float, deadline_s: float, left_s: float) -> RetryPolicy:
@@ -273,15 +296,14 @@ class LeaseKeeper:
     async def release(self, lease: Lease) -> None:
         """Best effort: an unreleased lease expires on its own after its TTL."""
         self._forget(lease)
-        backoff = self.policies.lease_release.start("lease_release", self._on_retry)
-        while True:
-            try:
-                await self.client.release_lease(lease.lease_id)
-                log.info("lease %s released (job %s)", lease.lease_id, lease.job_id)
-                return
-            except SchedulerUnavailable as exc:
-                log.warning("lease %s: release failed (%s)", lease.lease_id, exc)
-                if not await backoff.wait(exc.retry_after):
-                    return
-            except SchedulerError:
-                return
+
+        def failed(exc: SchedulerUnavailable, _wait: float | None) -> None:
+            log.warning("lease %s: release failed (%s)", lease.lease_id, exc)
+
+        try:
+            await retrying(self.policies.lease_release, "lease_release",
+                           lambda: self.client.release_lease(lease.lease_id), retry_if=SchedulerUnavailable,
+                           on_retry=self._on_retry, on_error=failed)
+        except SchedulerError:  # given up, or refused: either way the lease expires on its own
+            return
+        log.info("lease %s released (job %s)", lease.lease_id, lease.job_id)

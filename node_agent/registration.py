@@ -9,6 +9,7 @@ scheduler announces are handed to ``on_lease_bounds`` (the lease keepers clamp t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -21,7 +22,7 @@ from . import __version__
 from .client import SchedulerClient, SchedulerError, SchedulerUnavailable, UnknownNode
 from .config import AsrSettings
 from .metrics import AgentMetrics
-from .retry import OutageLog, RetryPolicies, retry_after_of
+from .retry import OutageLog, RetryPolicies, retrying
 from .scheduler.schemas import RegisterResponse
 from .statedir import StateDir
 from .supervisor import Worker
@@ -108,15 +109,12 @@ class Registration:
             self.metrics.registered.set(0)
 
     async def _register(self) -> RegisterResponse:
-        backoff = self.policies.register.start("register", self.metrics.count_retry)
-        while True:
-            try:
-                reply = await self.client.register(self.body())
-                self._outages.recovered("registration")
-                return reply
-            except SchedulerError as exc:
-                self._outages.failed("registration", exc)  # one line per distinct failure, not per retry
-                await backoff.wait(retry_after_of(exc))  # no total: registering is all a node can do
+        # No total: registering is all a node can do. One line per distinct failure, not per retry.
+        reply = await retrying(self.policies.register, "register", lambda: self.client.register(self.body()),
+                               retry_if=SchedulerError, on_retry=self.metrics.count_retry,
+                               on_error=lambda exc, _wait: self._outages.failed("registration", exc))
+        self._outages.recovered("registration")
+        return reply
 
     def _adopt(self, reply: RegisterResponse) -> None:
         ident = self.identity
@@ -147,20 +145,21 @@ class Registration:
         policy = self.policies.heartbeat
         interval = self.identity.heartbeat_interval_s
         policy = replace(policy, max_total_s=min(policy.max_total_s or interval, interval))
-        backoff = policy.start("heartbeat", self.metrics.count_retry)
-        while (error := await self._heartbeat_once()) is not None:
-            if not await backoff.wait(retry_after_of(error)):
-                return
+        with contextlib.suppress(SchedulerUnavailable):  # logged by _heartbeat_once; the next beat tries again
+            await retrying(policy, "heartbeat", self._heartbeat_once, retry_if=SchedulerUnavailable,
+                           on_retry=self.metrics.count_retry)
 
     async def heartbeat(self) -> None:
         """One heartbeat now, not retried (the node is draining: its state changed)."""
-        await self._heartbeat_once()
+        with contextlib.suppress(SchedulerUnavailable):
+            await self._heartbeat_once()
 
-    async def _heartbeat_once(self) -> SchedulerUnavailable | None:
-        """Send one heartbeat; the error to retry after, or None when there is nothing to retry."""
+    async def _heartbeat_once(self) -> None:
+        """Send one heartbeat; raises ``SchedulerUnavailable`` when a retry may get through (any other failure is
+        logged and left to the next beat)."""
         ident = self.identity
         if not ident.registered or ident.node_id is None:
-            return None
+            return
         mem = psutil.virtual_memory()
         body = {**self._heartbeat_state(), "cpu_percent": psutil.cpu_percent(interval=None),
                 "memory_used_bytes": mem.total - mem.available, "memory_total_bytes": mem.total}
@@ -169,12 +168,13 @@ class Registration:
         except UnknownNode:
             log.warning("scheduler does not know node %s any more: registering again", ident.node_id)
             self.reregister()
-            return None
+            return
         except SchedulerError as exc:
             self._outages.failed("heartbeat", exc)
             # Only a scheduler that may answer differently soon is worth a retry; a refusal waits for the next beat.
-            return exc if isinstance(exc, SchedulerUnavailable) else None
+            if isinstance(exc, SchedulerUnavailable):
+                raise
+            return
         self._outages.recovered("heartbeat")
         ident.last_heartbeat_ok = asyncio.get_running_loop().time()
         self.metrics.heartbeat_last_success.set(time.time())
-        return None

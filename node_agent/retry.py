@@ -1,6 +1,6 @@
 """The one retry policy: exponential backoff with full jitter, a cap on each wait and on the total.
 
-Every loop that retries a call to a scheduler goes through a ``Backoff`` made from a ``RetryPolicy``, so that the
+Every call to a scheduler that is retried goes through ``retrying`` with a named ``RetryPolicy``, so that the
 waits, the caps and the ``node_agent_retries_total{operation}`` metric are the same everywhere. Full jitter (each
 wait drawn uniformly from [0, d], d growing exponentially up to the cap) is what spreads many nodes that failed
 together, e.g. after a scheduler restart, so they do not retry in step (AWS Architecture Blog, "Exponential
@@ -13,8 +13,11 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def jittered_delay(retry: int, initial_s: float, max_s: float, multiplier: float = 2.0,
@@ -56,7 +59,7 @@ class RetryPolicy:
 
 
 class Backoff:
-    """One retry sequence: ``await backoff.wait()`` before each new try; False once the budget is spent."""
+    """One retry sequence: ``schedule()`` gives the wait before each new try, None once the budget is spent."""
 
     def __init__(self, policy: RetryPolicy, operation: str, on_retry: Callable[[str], None] | None,
                  clock: Callable[[], float], rng: Callable[[], float]) -> None:
@@ -67,19 +70,16 @@ class Backoff:
         self._rng = rng
         self._started = clock()
         self._attempt = 0
-        self.retries = 0
-
-    def elapsed(self) -> float:
-        return self._clock() - self._started
 
     def remaining(self) -> float | None:
         """Seconds left in the total budget (None: unbounded)."""
         if self.policy.max_total_s is None:
             return None
-        return max(0.0, self.policy.max_total_s - self.elapsed())
+        return max(0.0, self.policy.max_total_s - (self._clock() - self._started))
 
-    def next_delay(self, retry_after: float | None = None) -> float | None:
-        """The wait before the next try, or None when it would end past the total budget (not counted)."""
+    def schedule(self, retry_after: float | None = None) -> float | None:
+        """The wait before the next try, counted as a retry (metric included); None, and not counted, when it
+        would end past the total budget."""
         p = self.policy
         self._attempt += 1
         delay = jittered_delay(self._attempt, p.initial_s, p.max_wait_s, p.multiplier, self._rng)
@@ -88,30 +88,58 @@ class Backoff:
         remaining = self.remaining()
         if remaining is not None and delay >= remaining:
             return None
+        if self._on_retry is not None:
+            self._on_retry(self.operation)
         return delay
 
-    def schedule(self, retry_after: float | None = None) -> float | None:
-        """Like ``next_delay``, and counts the retry (metric included) when there is one; for callers that do
-        their own waiting (the lease renewal, which also watches its fence)."""
-        delay = self.next_delay(retry_after)
-        if delay is not None:
-            self.retries += 1
-            if self._on_retry is not None:
-                self._on_retry(self.operation)
-        return delay
 
-    async def wait(self, retry_after: float | None = None) -> bool:
-        """Sleep before the next try and count it; False (without sleeping) when the budget is spent."""
-        delay = self.schedule(retry_after)
-        if delay is None:
-            return False
-        await asyncio.sleep(delay)
-        return True
+#: Which errors ``retrying`` tries again after: exception classes, or a test of the error.
+RetryIf = type[Exception] | tuple[type[Exception], ...] | Callable[[Exception], bool]
 
-    def reset(self) -> None:
-        """Start over after a success (lifetime loops: the next outage begins with short waits again)."""
-        self._started = self._clock()
-        self._attempt = 0
+
+def policy_wait(backoff: Backoff, error: Exception) -> float | None:
+    """The policy's own next wait: full jitter under its caps, the error's ``Retry-After`` as a floor."""
+    return backoff.schedule(retry_after_of(error))
+
+
+async def retrying(policy: RetryPolicy, operation: str, call: Callable[[], Awaitable[T]], *, retry_if: RetryIf,
+                   on_retry: Callable[[str], None] | None = None,
+                   on_error: Callable[[Any, float | None], None] | None = None,
+                   after: Exception | None = None,
+                   deadline: Callable[[], float] | None = None,
+                   wait: Callable[[Backoff, Any], float | None] = policy_wait,
+                   clock: Callable[[], float] = time.monotonic,
+                   rng: Callable[[], float] = random.random,
+                   sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> T:
+    """Await ``call()`` until it returns, and return what it returns; the agent's one retry loop.
+
+    An error that ``retry_if`` accepts is tried again after ``wait(backoff, error)`` (by default the policy's next
+    wait, ``Retry-After`` as a floor; None once the total budget is spent, and then the error surfaces); any other
+    error surfaces at once. ``on_retry(operation)`` counts each retry (the ``node_agent_retries_total`` metric);
+    ``on_error(error, wait)`` hears of each retried error before its wait (``wait`` None: the last, about to
+    surface). ``after``: an error of the caller's own try of this operation, made before this call: the first try
+    here waits as after it (``on_error`` has not heard of it). ``deadline()`` (a time on ``clock``, read again before
+    each try): no try starts at or after it; the last error surfaces then (``TimeoutError`` when there was none).
+    """
+    accepts = retry_if if not isinstance(retry_if, (type, tuple)) else (lambda exc: isinstance(exc, retry_if))
+    backoff = policy.start(operation, on_retry, clock=clock, rng=rng)
+    error, told = after, False
+    while True:
+        if error is not None:
+            delay = wait(backoff, error)
+            if told and on_error is not None:
+                on_error(error, delay)
+            if delay is None:
+                raise error
+            await sleep(delay)
+        if deadline is not None and clock() >= deadline():
+            raise error if error is not None else TimeoutError(f"{operation}: the deadline passed before a try")
+        try:
+            return await call()
+        except Exception as exc:
+            if not accepts(exc):
+                raise
+            error, told = exc, True
 
 
 @dataclass(frozen=True)
