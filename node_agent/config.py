@@ -189,14 +189,6 @@ class LeaseSettings(_Section):
             raise ValueError(f"renew_deadline_s={self.renew_deadline_s} must be below ttl_s ({self.ttl_s:g})")
         return self
 
-    @property
-    def renew_interval(self) -> float:
-        return self.renew_every_s if self.renew_every_s is not None else self.ttl_s / 3
-
-    @property
-    def renew_deadline(self) -> float:
-        return self.renew_deadline_s if self.renew_deadline_s is not None else self.ttl_s * 2 / 3
-
     def timing(self, granted_ttl_s: float) -> tuple[float, float]:
         """(renew interval, self-fence deadline) for a lease the scheduler granted with ``granted_ttl_s``.
 

@@ -62,10 +62,6 @@ class LocalNodeView:
         """Each device's worker state, by resource."""
         return {resource: w.state for resource, w in self._workers.items()}
 
-    def worker_errors(self) -> dict[str, str | None]:
-        """Each device's worker's last error, by resource."""
-        return {resource: w.last_error for resource, w in self._workers.items()}
-
     def worker_snapshots(self) -> list[dict[str, Any]]:
         return [w.snapshot() for w in self._workers.values()]
 

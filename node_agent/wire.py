@@ -69,11 +69,6 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[dict[str, Any], byte
     return header, payload
 
 
-async def write_frame(writer: asyncio.StreamWriter, header: dict[str, Any], payload: bytes = b"") -> None:
-    writer.writelines(encode(header, payload))
-    await writer.drain()
-
-
 class BlockingChannel:
     """The plugin's end: blocking reads and writes on a connected socket, used from one thread."""
 

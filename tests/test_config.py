@@ -22,8 +22,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_default_file_loads():
     s = load_settings(None, {})
     assert s.scheduler.url == "embedded"
-    assert s.lease.renew_interval == pytest.approx(s.lease.ttl_s / 3)
-    assert s.lease.renew_deadline == pytest.approx(s.lease.ttl_s * 2 / 3)
+    assert s.lease.timing(s.lease.ttl_s) == pytest.approx((s.lease.ttl_s / 3, s.lease.ttl_s * 2 / 3))
 
 
 def test_unknown_key_names_key_and_file(tmp_path):

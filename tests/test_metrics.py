@@ -218,7 +218,7 @@ async def test_renewals_keep_the_lease_then_an_unreachable_scheduler_self_fences
         assert error.code == "lease_lost" and c.lease.lease_id in error.message
         # Fenced once the renew deadline passed, and before the scheduler's TTL would have run out.
         since = at - c.lease.renewed_at
-        assert c.settings.renew_deadline - 0.05 <= since < c.lease.ttl_s, since
+        assert c.settings.timing(c.lease.ttl_s)[1] - 0.05 <= since < c.lease.ttl_s, since
         assert c.sample("node_agent_lease_lost_total", reason="self_fenced") == 1.0
         for reason in LEASE_LOST_REASONS:
             if reason != "self_fenced":
@@ -245,7 +245,7 @@ async def test_a_410_on_renewal_stops_the_job_with_the_reason(how: str, reason: 
                 await store.reap()
                 server_lease = await store.lease_state(c.lease.lease_id)
                 assert server_lease is not None and server_lease["state"] == "expired"
-            await eventually(lambda: lost, c.settings.renew_interval + 2.0, "on_lost after a 410 renewal")
+            await eventually(lambda: lost, c.settings.timing(c.lease.ttl_s)[0] + 2.0, "on_lost after a 410 renewal")
             await asyncio.sleep(0.3)
         assert len(lost) == 1
         assert lost[0].reason == reason, lost[0]

@@ -28,7 +28,8 @@ async def test_round_trip_an_hour_of_audio_between_both_ends():
     t = threading.Thread(target=plugin_side)
     t.start()
     reader, writer = await asyncio.open_connection(sock=parent)
-    await wire.write_frame(writer, {"type": "job", "job_id": "j"}, hour)
+    writer.writelines(wire.encode({"type": "job", "job_id": "j"}, hour))
+    await writer.drain()
     header, payload = await wire.read_frame(reader)
     assert header == {"type": "result", "n": len(hour), "text": "名字"} and payload == hour[:10]
     assert await wire.read_frame(reader) is None  # clean end of stream
