@@ -2,13 +2,17 @@
 
 The pipeline it wires, data flowing one way::
 
-    Registration (registration.py): register, heartbeat ──> NodeIdentity
-    JobLoop (job_loop.py), one per slot (one worker of a device): poll ──> JobRunner (job_runner.py): audio
-        -> LeaseKeeper (lease.py) -> Worker (supervisor.py) -> plugin process; result report -> release
-        ──> JobOutcome, JobLedger
+    Registration (registration.py): register once the workers settle (ready, fatal or worker.start_timeout_s),
+        heartbeat (the state LocalNodeView gives) ──> NodeIdentity; the lease TTL range ──> each LeaseKeeper
+    JobLoop (job_loop.py), one per slot (one worker of a device): poll ──> JobRunner (job_runner.py): the lease
+        (granted with the assignment, else asked for: LeaseKeeper, lease.py), renewed from then on -> the audio,
+        fetched under it -> Worker (supervisor.py) -> plugin process, segments posted as they come -> result
+        report (accepted, it releases the lease on the scheduler; otherwise LeaseKeeper releases it)
+        ──> JobOutcome, JobLedger; a poll answered "unknown node" ──> Registration registers again
     LocalNodeView (node_view.py) <── read by the HTTP face (http_api.py, legacy_asr_api.py)
 
-Nothing here decides anything about a job; every retry goes through ``retry.RetryPolicies``.
+Nothing here decides anything about a job; every retry goes through ``retry.retrying`` with its policy from
+``retry.RetryPolicies`` (a lease renewal's is made from its TTL).
 """
 
 from __future__ import annotations
