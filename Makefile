@@ -22,9 +22,12 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/node-agent run --config config/node-agent.yaml
 
-## The whole test suite (real model, real processes, real HTTP on loopback; Prometheus where installed).
+## The whole test suite (real model, real processes, real HTTP on loopback; Prometheus where installed), on
+## TEST_WORKERS pytest-xdist workers: the CI machine has 2 cores. Tests sharing a module-scoped fixture stay on one
+## worker, and the longest start first (tests/conftest.py). TEST_WORKERS=0 runs it in this process, serially.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=25
 
 check-config: $(STAMP)
 	$(BIN)/node-agent check-config --config config/node-agent.yaml

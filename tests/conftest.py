@@ -6,6 +6,8 @@ import asyncio
 import itertools
 import os
 import re
+import statistics
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -118,3 +120,141 @@ def pg_private() -> Iterator[pg.PgServer]:
     _require_postgresql()
     with pg.PgServer() as server:
         yield server
+
+
+# ----- timing under load -------------------------------------------------------------------------------------------
+
+#: Seconds a core of the reference machine (the 2-core CI kind, idle) takes for _spin(): the best of many runs there.
+_SPIN_REFERENCE_S = 0.009
+#: A deadline is stretched at most this much: a test that would pass only past it fails, however loaded the machine.
+MAX_SLOWDOWN = 6.0
+
+
+def _spin() -> float:
+    started = time.perf_counter()
+    x = 0
+    for i in range(200_000):
+        x += i * i
+    return time.perf_counter() - started
+
+
+def machine_slowdown() -> float:
+    """How many times slower than the idle reference machine this one runs *now*, between 1 and MAX_SLOWDOWN.
+
+    Measured, not configured: the larger of (a) a fixed piece of CPU work timed now (median of 5) against its time
+    on the reference machine, which catches a slower CPU and runnable threads outnumbering the cores right now, and
+    (b) the last minute's load average per core, which catches load that came and went while the test waited
+    (the other test worker under ``make test``'s ``-n 2`` decoding, say). A test multiplies the part of a bound that
+    is the machine's (scheduling and process start, not the protocol's own seconds) by it; on an idle reference
+    machine that is 1, the bound as written.
+    """
+    spun = statistics.median(_spin() for _ in range(5)) / _SPIN_REFERENCE_S
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    loaded = os.getloadavg()[0] / cores
+    return min(MAX_SLOWDOWN, max(1.0, spun, loaded))
+
+
+# ----- order and grouping under pytest-xdist (make test: -n 2 --dist loadgroup) --------------------------------
+
+#: Seconds the longest tests take under `make test` (-n 2 on a 2-core machine), by name (parameters included),
+#: from --durations; any other is taken as OTHER_S. Under xdist the longest start first, so the run does not end
+#: with one long test on one worker while the other idles. A test missing here (renamed, new) only starts later;
+#: refresh the table from `make test`'s --durations when the longest tests change.
+OTHER_S = 1.0
+ESTIMATED_S: dict[str, float] = {
+    "test_sixty_jobs_four_clients_two_worker_kills": 103,
+    "test_each_endpoint_in_turn_fails_every_way_and_the_agent_recovers": 88,
+    "test_throughput_bench_tiny_run": 71,
+    "test_two_agents_twenty_jobs_exactly_one_result_each": 67,
+    "test_mandarin_read_aloud_as_a_stream_of_utterances": 57,
+    "test_two_jobs_run_at_once_on_two_slots_each_with_its_own_lease": 40,
+    "test_partition_mid_job_self_fences_within_the_renew_deadline": 36,
+    "test_sigusr1_reports_memory_and_the_agent_keeps_serving": 29,
+    "test_truncated_audio_through_every_entry_point": 27,
+    "test_english_read_aloud_as_a_stream_of_utterances": 23,
+    "test_scheduler_restarted_mid_job_keeps_the_lease_and_the_job_finishes": 22,
+    "test_mandarin_read_aloud_as_one_job": 20,
+    "test_kill9_of_the_embedded_scheduler_loses_and_doubles_no_job": 20,
+    "test_a_slots_worker_killed_fails_only_its_own_job": 18,
+    "test_a_long_healthy_job_keeps_its_lease_with_the_cap_below_and_above_the_request": 17,
+    "test_kill9_of_one_postgresql_replica_mid_run_loses_and_doubles_no_job": 17,
+    "test_scheduler_down_at_agent_start_registers_once_it_is_up": 15,
+    "test_english_read_aloud_as_one_job": 15,
+    "test_postgresql_stopped_10_s_mid_job_costs_nothing": 15,
+    "test_sigterm_during_a_job_drains_releases_and_exits_zero[30-finishes]": 15,
+    "test_batched_jobs_match_faster_whispers_pipeline_stream_and_keep_absolute_times": 14,
+    "test_scheduler_restart_agent_registers_again_and_keeps_serving": 14,
+    "test_token_required_sent_and_never_shown": 14,
+    "test_transcribe_prints_one_bad_audio_line": 13,
+    "test_busy_is_503_and_over_time_is_504_with_the_decode_stopped": 13,
+    "test_a_job_past_its_deadline_is_stopped_and_counted_as_a_timeout_not_a_restart": 13,
+    "test_worker_that_never_becomes_ready_is_fatal_and_the_node_degraded": 12,
+    "test_short_ttl_lease_is_renewed_through_a_long_job": 12,
+    "test_paused_holder_is_fenced_and_the_job_completes_elsewhere": 11,
+    "test_a_200_mb_upload_and_download_stay_within_a_fixed_memory_bound": 10,
+    "test_segments_stream_before_the_final_message": 9,
+    "test_quick_failures_go_fatal_and_are_retried_with_a_doubling_delay": 9,
+    "test_status_shows_the_running_job_and_its_lease": 9,
+    "test_a_job_past_its_deadline_stops_between_segments_and_the_worker_stays": 9,
+    "test_status_of_a_healthy_agent": 9,
+    "test_run_with_embedded_scheduler_submit_and_openai_endpoint": 8,
+    "test_per_audio_timeout_applies_after_the_audio_length_is_known": 8,
+    "test_mandarin_is_simplified_by_default_traditional_on_request_and_as_good_as_plain": 7,
+    "test_batched_false_overrides_the_threshold": 7,
+    "test_idle_and_trickling_bodies_hold_no_place_and_get_408": 6,
+    "test_two_replica_processes_never_give_a_job_to_two_nodes": 6,
+    "test_status_of_an_agent_with_a_fatal_worker": 6,
+    "test_the_agent_refuses_to_start_workers_that_cannot_fit": 6,
+    "test_bad_files_through_transcribe": 6,
+    "test_kills_back_off_like_crashes_and_a_success_resets_the_streak": 6,
+    "test_a_worker_dying_soon_after_ready_goes_fatal_and_stays_fatal_through_retries": 6,
+    "test_json_output_is_real_utf8": 6,
+    "test_second_sigterm_exits_at_once": 6,
+    "test_status_when_nothing_listens": 6,
+    "test_a_running_job_keeps_its_lease_across_a_failover_between_replicas": 5,
+    "test_bad_audio_fails_the_job_not_the_worker": 5,
+    "test_a_short_jobs_segments_come_with_its_result_and_events_faults_never_meet_it": 5,
+    "test_bad_audio_through_the_job_api_and_openai_endpoint": 5,
+    "test_sigterm_during_a_job_drains_releases_and_exits_zero[0.5-shutdown]": 5,
+    "test_a_job_waiting_for_a_restarting_worker_says_what_it_waits_for": 5,
+    "test_second_agent_on_the_same_state_dir_exits_at_once": 5,
+    "test_the_renew_deadline_stands_still_only_while_the_store_is_paused[store_unavailable-False]": 5,
+}
+
+
+def _wide_fixtures(item: pytest.Item) -> tuple[str, ...]:
+    """The module-, class- or package-scoped fixtures an item uses (not session ones: those are per worker)."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return ()
+    return tuple(sorted({name for name, defs in info.name2fixturedefs.items() for d in defs
+                         if d.scope in ("module", "class", "package")}))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist (a worker: PYTEST_XDIST_WORKER set): the tests that share a module-scoped fixture (an agent, a
+    loaded model) form one xdist_group, run together on one worker, set up once; and the work units, groups and
+    single tests, are ordered longest first. Every worker computes the same order (xdist checks), and with
+    ``--dist loadgroup --no-loadscope-reorder`` the controller hands them out in it. A run without xdist keeps
+    the files' order."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    units: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        wide = _wide_fixtures(item)
+        if wide:
+            group = item.nodeid.split("::")[0] + ":" + ",".join(wide)
+            item.add_marker(pytest.mark.xdist_group(group))
+            units.setdefault(group, []).append(item)
+        else:
+            units[item.nodeid] = [item]
+
+    def estimate(unit: list[pytest.Item]) -> float:
+        return sum(ESTIMATED_S.get(item.name, OTHER_S) for item in unit)
+
+    ordered = sorted(units.values(), key=estimate, reverse=True)  # stable: ties keep the collection order
+    items[:] = [item for unit in ordered for item in unit]
