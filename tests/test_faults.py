@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
+from conftest import machine_slowdown
 from helpers import clip, plain_wer
 from procs import Proc, agent_env, free_port, job, metric, submit, wait_for
 from test_cluster import long_audio_b64_fields, ready, start_agent, start_scheduler, status_of
@@ -66,9 +67,11 @@ async def test_partition_mid_job_self_fences_within_the_renew_deadline(tmp_path)
         await wait_for(lambda: (metric(url, "node_agent_lease_lost_total", {"reason": "self_fenced"}) or 0) >= 1,
                        10, "self-fencing")
         fenced_after = loop.time() - t0
-        # Renew deadline is 2/3 x 3 s = 2 s after the last good renewal (at most 1 s before the freeze).
-        assert fenced_after < 3.0, fenced_after
-        await wait_for(lambda: status_of(url)["workers"][0]["pid"] not in (None, worker_pid), 30, "new worker")
+        # Renew deadline is 2/3 x 3 s = 2 s after the last good renewal (at most 1 s before the freeze), so 1-2 s
+        # after the freeze; the rest is the machine's latency (timers, the 0.1 s polls), stretched by its load.
+        assert fenced_after < 2.0 + 1.0 * machine_slowdown(), fenced_after
+        # A fresh worker loads the model: no latency claim here, so a bound generous for any machine's load.
+        await wait_for(lambda: status_of(url)["workers"][0]["pid"] not in (None, worker_pid), 120, "new worker")
         assert metric(url, "node_agent_worker_restarts_total", {"reason": "lease_lost"}) == 1
         sched.signal(signal.SIGCONT)
         await wait_for(lambda: status_of(url)["totals"]["lease_lost"] == 1, 30, "lease_lost counted")

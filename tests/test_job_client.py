@@ -20,7 +20,7 @@ from aioresponses import aioresponses
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
-from conftest import make_settings
+from conftest import machine_slowdown, make_settings
 from helpers import DATA
 from node_agent.client import (
     BadRequest,
@@ -295,7 +295,9 @@ async def test_follow_gives_up_at_the_callers_deadline_with_the_last_failure() -
                     "j1", started + 1.5)
             took = loop.time() - started
     assert isinstance(expired.value.last_error, SchedulerUnavailable) and expired.value.last_error.status == 503
-    assert took <= 1.5 + 1.0, took  # no wait is begun that would end past the deadline
+    # No wait is begun that would end past the deadline; the 1 s of slack is the machine's (event-loop and thread
+    # latency), stretched by how loaded it is now (make test runs two test workers on two cores).
+    assert took <= 1.5 + 1.0 * machine_slowdown(), took
 
 
 async def test_a_poll_answered_with_something_not_the_protocol_is_not_waited_on() -> None:
