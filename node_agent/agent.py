@@ -9,7 +9,7 @@ The pipeline it wires, data flowing one way::
         fetched under it -> Worker (supervisor.py) -> plugin process, segments posted as they come -> result
         report (accepted, it releases the lease on the scheduler; otherwise LeaseKeeper releases it)
         ──> JobOutcome, JobLedger; a poll answered "unknown node" ──> Registration registers again
-    LocalNodeView (node_view.py) <── read by the HTTP face (http_api.py, legacy_asr_api.py)
+    LocalNodeView (node_view.py) <── read by the HTTP face (http_api.py, compat.py)
 
 Nothing here decides anything about a job; every retry goes through ``retry.retrying`` with its policy from
 ``retry.RetryPolicies`` (a lease renewal's is made from its TTL).

@@ -17,7 +17,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .client import SchedulerClient
-from .legacy_asr_api import add_compat_routes
+from .compat import add_compat_routes
 from .config import Settings, host_port
 from .errors import ListenError
 from .jsonio import json_response

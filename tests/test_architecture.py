@@ -91,7 +91,7 @@ def test_the_package_has_no_import_circle():
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])
 
 
-@pytest.mark.parametrize("module", ["node_agent.http_api", "node_agent.legacy_asr_api", "node_agent.node_view",
+@pytest.mark.parametrize("module", ["node_agent.http_api", "node_agent.compat", "node_agent.node_view",
                                     "node_agent.job_runner", "node_agent.job_loop", "node_agent.registration"])
 def test_the_parts_do_not_import_the_composition_root(module):
     assert "node_agent.agent" not in import_graph()[module]

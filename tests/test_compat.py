@@ -24,7 +24,7 @@ from aioresponses import aioresponses
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import decode_clip, pcm16, plain_wer, reference, wer
-from node_agent.legacy_asr_api import (BODY_TIMEOUT_S, COMPAT_KEY, DEFAULT_TIMEOUT_S, QUEUE_PER_WORKER, CompatLimits,
+from node_agent.compat import (BODY_TIMEOUT_S, COMPAT_KEY, DEFAULT_TIMEOUT_S, QUEUE_PER_WORKER, CompatLimits,
                                CompatService)
 from node_agent.supervisor import WorkerState
 from stack import AgentStack, agent_stack, eventually, long_audio
@@ -294,7 +294,7 @@ def post_head(length: int | None, path: str = "/utterance") -> bytes:
 
 async def test_idle_and_trickling_bodies_hold_no_place_and_get_408(tmp_path: Path,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="node_agent.legacy_asr_api")
+    caplog.set_level(logging.INFO, logger="node_agent.compat")
     body_timeout_s = 4.0
     async with agent_stack(tmp_path, compat={"body_timeout_s": body_timeout_s}) as s:
         service = compat(s)
@@ -345,7 +345,7 @@ async def test_idle_and_trickling_bodies_hold_no_place_and_get_408(tmp_path: Pat
 
 async def test_oversized_and_deeply_nested_bodies_and_unexpected_errors(tmp_path: Path,
                                                                         caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="node_agent.legacy_asr_api")
+    caplog.set_level(logging.INFO, logger="node_agent.compat")
     limit = 1024 * 1024
     async with agent_stack(tmp_path, http={"max_body_bytes": limit}) as s:
         # Over the limit by its Content-Length: refused before reading (the client has sent 10 bytes of it).

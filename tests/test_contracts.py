@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from fake_plugin import COMMAND as FAKE_COMMAND
 from fake_plugin import FakeOptions, spec as fake_spec
-from node_agent import legacy_asr_api as compat, errors, wire
+from node_agent import compat, errors, wire
 from node_agent.contracts import (
     JOB_OUTCOMES,
     OPTION_KEYS,
@@ -101,11 +101,17 @@ def test_every_outcome_has_a_series_from_the_start_in_agent_and_scheduler_metric
         scheduler.job_finished("no_such_code")
 
 
-def test_compat_maps_every_code_to_an_http_status() -> None:
-    missing = set(JobErrorCode) - set(compat._ERROR_STATUS)
-    assert not missing, f"/utterance has no HTTP status for {sorted(missing)}"
-    assert compat._ERROR_STATUS[JobErrorCode.bad_audio] == 400
-    assert compat._ERROR_STATUS["timeout"] == 504  # plain strings from the scheduler's JSON find them too
+def test_one_table_maps_every_job_error_code_to_an_http_status_per_endpoint() -> None:
+    missing = set(JobErrorCode) - set(errors.JOB_ERROR_HTTP)
+    assert not missing, f"no HTTP status for {sorted(missing)}"
+    assert all(entry.why for entry in errors.JOB_ERROR_HTTP.values())
+    assert all(entry.openai_why for entry in errors.JOB_ERROR_HTTP.values() if entry.openai is not None)
+    status = errors.job_error_status
+    assert status(JobErrorCode.bad_audio) == status("bad_audio", openai=True) == 400
+    assert status("timeout") == 504  # plain strings from the scheduler's JSON find them too
+    # The one code the endpoints answer differently, each for its reason.
+    assert (status("no_capable_node"), status("no_capable_node", openai=True)) == (503, 422)
+    assert status("no_such_code") == 500
 
 
 # ----- decode options -----------------------------------------------------------------------------------------

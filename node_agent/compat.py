@@ -35,13 +35,14 @@ from pydantic import (
 
 from .client import BadRequest, SchedulerClient, SchedulerError, SchedulerUnavailable
 from .config import Settings
-from .contracts import OPTION_KEYS, DecodeOptions, JobErrorCode, error_key, one_line
+from .contracts import OPTION_KEYS, DecodeOptions, error_key, one_line
+from .errors import job_error_status
 from .job_client import JobLost, JobUpdate, JobWaiter, Retrying, WaitExpired
 from .jsonio import json_response
 from .node_view import LocalNodeView
 from .supervisor import RESTART_REASONS, WorkerState
 
-log = logging.getLogger("node_agent.legacy_asr_api")
+log = logging.getLogger("node_agent.compat")
 
 T = TypeVar("T")
 
@@ -68,23 +69,6 @@ READ_CHUNK = 1 << 20
 _SERVING = (WorkerState.ready, WorkerState.busy, WorkerState.starting, WorkerState.backoff)
 #: Decode options the request may carry as top-level fields, under their own names: every ``DecodeOptions`` key.
 OPTION_FIELDS: tuple[str, ...] = OPTION_KEYS
-#: Job error code -> HTTP status, for every code (a test checks none is missing): the caller's mistakes are 400,
-#: time limits 504, a node that cannot take work now 503 (retry), and the node's own failures 500.
-_ERROR_STATUS: dict[str, int] = {
-    JobErrorCode.bad_audio: 400,
-    JobErrorCode.invalid_request: 400,
-    JobErrorCode.timeout: 504,
-    JobErrorCode.stalled: 504,
-    JobErrorCode.shutdown: 503,
-    JobErrorCode.worker_unavailable: 503,
-    # 503, not 422: this endpoint already refuses (400) a src_lang the node's own model cannot serve, so a job that
-    # still ends without a capable node lost the node(s) that could run it while queued; retrying later is right.
-    JobErrorCode.no_capable_node: 503,
-    JobErrorCode.worker_crashed: 500,
-    JobErrorCode.lease_lost: 500,
-    JobErrorCode.lease_expired: 500,
-    JobErrorCode.failed: 500,
-}
 
 
 @dataclass
@@ -461,7 +445,7 @@ class CompatService:
             if view["state"] == "failed":
                 error = view.get("error") or {}
                 code = str(error.get("code") or "failed")
-                raise CompatError(_ERROR_STATUS.get(code, 500), code,
+                raise CompatError(job_error_status(code), code,
                                   str(error.get("message") or "transcription failed"),
                                   "audio" if code == "bad_audio" else None,
                                   retry_after=self.retry_after() if code in ("shutdown", "worker_unavailable")
