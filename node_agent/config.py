@@ -242,7 +242,7 @@ class SchedulerSettings(_Section):
         SecretStr("sqlite"),
         description="Where the scheduler keeps its state: 'sqlite' (scheduler.db in node.state_dir), "
         "'sqlite:////absolute/path.db', 'postgresql://USER[:PASSWORD]@HOST:PORT/DB' (replicas share it), or "
-        "'memory' (lost on restart; for tests).",
+        "'memory' (SQLite in memory, lost on restart; for tests and experiments).",
     )
 
     @property
