@@ -499,6 +499,26 @@ async def test_node_gone_expires_its_leases_and_requeues_its_jobs() -> None:
         assert {n.node_id: n.state for n in (await state.list_nodes()).nodes}[node] == "ready"
 
 
+async def test_a_store_pause_is_given_back_to_leases_and_to_heartbeats() -> None:
+    """No reaping pass for a while means no scheduler reached the store: no holder could renew, no node could send
+    a heartbeat. The first pass after it gives that time back to both, so neither is lost for it (a scheduler
+    restarted mid-job, a PostgreSQL outage); then time counts again."""
+    async with clocked(heartbeat_interval_s=5, node_gone_after_heartbeats=3) as (state, clock, _):
+        node = await register(state)
+        job = await state.submit(JobSpec(), AUDIO)
+        _, grant = await take(state, node, ttl_s=10)
+        await state.advance(4)
+        clock.now += 30  # the pause: no pass, no renewal, no heartbeat for 30 s
+        await state.reap()
+        assert await state.lease_is(grant.lease_id) == "active"
+        assert {n.node_id: n.state for n in (await state.list_nodes()).nodes}[node] == "ready"
+        await state.post_events(job.job_id, events(node, 1, grant, {"id": 0, "start": 0.0, "end": 1.0, "text": " on"}))
+        await state.advance(6.5)  # 10.5 s of the lease's live time since its grant, 10.5 s since the registration
+        assert await state.lease_is(grant.lease_id) == "expired"
+        await state.advance(5)  # 15.5 s without a heartbeat outside the pause
+        assert {n.node_id: n.state for n in (await state.list_nodes()).nodes}[node] == "gone"
+
+
 async def test_release_requeues_deadline_fails_queued_job_and_retention_forgets() -> None:
     async with clocked(job_retention_s=60, max_attempts=3) as (state, clock, registry):
         node = await register(state)

@@ -224,16 +224,21 @@ class Transitions:
             await self.clock_tick(tx, now)
 
     async def clock_tick(self, tx: Tx, now: float) -> None:
-        """Record a reaping pass; after a pause (no pass for PAUSE_AFTER_S), extend every live lease by it. The row
-        lock makes replicas take turns, so a pause is given back once."""
+        """Record a reaping pass; after a pause (no pass for PAUSE_AFTER_S), give its time back: every live lease is
+        extended by it, and every live node's heartbeat counts as that much later (no node could reach a scheduler
+        meanwhile, so neither a holder's missed renewals nor its missed heartbeats are its own). The row lock makes
+        replicas take turns, so a pause is given back once."""
         lock = " FOR UPDATE" if tx.dialect.skip_locked else ""
         last = await tx.fetchval("SELECT last_reap FROM store_clock WHERE id = 1" + lock)
         if last and now - last > PAUSE_AFTER_S:
             gap = now - last
             extended = await tx.execute(
                 f"UPDATE leases SET expires_at = expires_at + $1 WHERE state = '{L.ACTIVE}'", gap)
-            log.warning("no scheduler reached the store for %.1f s: %d live lease(s) extended by that time",
-                        gap, extended)
+            await tx.execute(
+                "UPDATE nodes SET last_heartbeat = CASE WHEN last_heartbeat + $1 < $2 THEN last_heartbeat + $1 "
+                f"ELSE $2 END WHERE state <> '{N.GONE}'", gap, now)
+            log.warning("no scheduler reached the store for %.1f s: %d live lease(s) extended by that time, and the "
+                        "nodes' heartbeats", gap, extended)
         await tx.execute("UPDATE store_clock SET last_reap = $1 WHERE id = 1", now)
 
 
