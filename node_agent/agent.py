@@ -30,7 +30,7 @@ from typing import Any
 import psutil
 
 from . import __version__
-from .client import SchedulerClient
+from .scheduler_client import SchedulerClient
 from .config import Settings
 from .devices import KNOWN_MODEL_BYTES, UNKNOWN_MODEL_BYTES, SlotPlan, choose_device, choose_slots, resources_for
 from .errors import ConfigError, JobShutdown

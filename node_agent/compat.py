@@ -5,7 +5,7 @@ An utterance becomes an ordinary job on the scheduler the agent uses (``POST /v1
 Its time limit travels as the job's ``deadline_s``: a decode that overruns it is stopped by the supervisor
 killing the worker process, which is then replaced. (The old service's timeout only stopped waiting, and the
 next request queued behind the abandoned decode.) Submitting and following go through ``JobWaiter``
-(job_client.py), as for ``node-agent submit``: a scheduler that restarts, fails over or answers 429 is retried
+(job_waiter.py), as for ``node-agent submit``: a scheduler that restarts, fails over or answers 429 is retried
 within the utterance's time limit, and a job it lost is a 503 saying so.
 """
 
@@ -33,11 +33,11 @@ from pydantic import (
     model_validator,
 )
 
-from .client import BadRequest, SchedulerClient, SchedulerError, SchedulerUnavailable
+from .scheduler_client import BadRequest, SchedulerClient, SchedulerError, SchedulerUnavailable
 from .config import Settings
 from .contracts import OPTION_KEYS, DecodeOptions, error_key, one_line
 from .errors import job_error_status
-from .job_client import JobLost, JobUpdate, JobWaiter, Retrying, WaitExpired
+from .job_waiter import JobLost, JobUpdate, JobWaiter, Retrying, WaitExpired
 from .jsonio import json_response
 from .node_view import LocalNodeView
 from .supervisor import RESTART_REASONS, WorkerState

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .client import SchedulerClient
+from .scheduler_client import SchedulerClient
 from .compat import add_compat_routes
 from .config import Settings, host_port
 from .errors import ListenError

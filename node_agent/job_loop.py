@@ -11,7 +11,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from .client import SchedulerClient, SchedulerError, UnknownNode
+from .scheduler_client import SchedulerClient, SchedulerError, UnknownNode
 from .job_runner import JobOutcome, JobRunner
 from .metrics import AgentMetrics
 from .registration import NodeIdentity

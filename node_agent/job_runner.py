@@ -20,7 +20,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .client import (
+from .scheduler_client import (
     BadRequest,
     Gone,
     Rejected,

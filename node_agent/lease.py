@@ -15,7 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
-from .client import Gone, LeaseHeld, SchedulerClient, SchedulerError, SchedulerUnavailable
+from .scheduler_client import Gone, LeaseHeld, SchedulerClient, SchedulerError, SchedulerUnavailable
 from .config import LeaseSettings
 from .errors import LeaseLost
 from .metrics import AgentMetrics

@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 
 from . import __version__
-from .client import SchedulerClient, SchedulerError, SchedulerUnavailable, UnknownNode
+from .scheduler_client import SchedulerClient, SchedulerError, SchedulerUnavailable, UnknownNode
 from .config import AsrSettings
 from .metrics import AgentMetrics
 from .retry import OutageLog, RetryPolicies, retrying

@@ -1,6 +1,6 @@
 """``node-agent submit``: send files to a scheduler, stream their segments, print the transcripts.
 
-Submitting and following each job goes through ``JobWaiter`` (node_agent/job_client.py), as ``/utterance`` does:
+Submitting and following each job goes through ``JobWaiter`` (node_agent/job_waiter.py), as ``/utterance`` does:
 failover between several ``--scheduler`` URLs, a submit or poll that fails in transport, with 5xx or 429 retried
 with backoff within ``--timeout`` (one ``Idempotency-Key`` per file), a job the scheduler lost said in one line.
 Only a scheduler never reached at all ends the command at once.
@@ -15,10 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .client import ConnectFailed, SchedulerClient, SchedulerError, SchedulerUnavailable, lost_job_line
+from .scheduler_client import ConnectFailed, SchedulerClient, SchedulerError, SchedulerUnavailable, lost_job_line
 from .config import Settings, host_port, scheduler_urls
 from .errors import SchedulerUnreachable, UsageError
-from .job_client import JobLost, JobUpdate, JobWaiter, Retrying, WaitExpired
+from .job_waiter import JobLost, JobUpdate, JobWaiter, Retrying, WaitExpired
 from .jsonio import dumps
 
 #: The job state for a job the scheduler no longer knows (not a scheduler state: it never answers it).

@@ -120,7 +120,7 @@ def test_the_client_loads_no_scheduler_server_code():
     import subprocess
     import sys
 
-    code = ("import sys, node_agent.client; "
+    code = ("import sys, node_agent.scheduler_client; "
             "print(sorted(m for m in sys.modules if m.startswith('node_agent.scheduler')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=ROOT.parent).stdout

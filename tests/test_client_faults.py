@@ -12,7 +12,7 @@ from aioresponses import aioresponses
 from prometheus_client import CollectorRegistry
 
 from conftest import make_settings
-from node_agent.client import (
+from node_agent.scheduler_client import (
     Gone,
     LeaseHeld,
     Rejected,

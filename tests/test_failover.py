@@ -29,7 +29,7 @@ from chaos_proxy import ChaosProxy
 from conftest import make_settings
 from fake_plugin import command as fake_command
 from node_agent.agent import Agent
-from node_agent.client import SchedulerClient
+from node_agent.scheduler_client import SchedulerClient
 from node_agent.config import SchedulerSettings, load_settings
 from node_agent.errors import ConfigError, SchedulerUnreachable
 from node_agent.http_api import start_http
@@ -119,7 +119,7 @@ async def test_an_agent_fails_over_to_the_second_scheduler_when_the_first_stops(
     finally:
         await first.stop()
         await second.stop()
-    messages = [r.getMessage() for r in caplog.records if r.name == "node_agent.client"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "node_agent.scheduler_client"]
     assert sum(f"switching to {second.url}" in m for m in messages) == 1, messages
 
 

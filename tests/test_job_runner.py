@@ -21,7 +21,7 @@ from yarl import URL
 from conftest import make_settings
 from fake_plugin import command as fake_command
 from stack import eventually
-from node_agent.client import SchedulerClient
+from node_agent.scheduler_client import SchedulerClient
 from node_agent.config import SchedulerSettings
 from node_agent.errors import LeaseLost
 from node_agent.job_runner import EVENTS_LINGER_S, JobRunner, Report

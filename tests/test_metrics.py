@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from stack import agent_stack, eventually, long_audio
 from helpers import clip
-from node_agent.client import SchedulerClient
+from node_agent.scheduler_client import SchedulerClient
 from node_agent.config import LeaseSettings, SchedulerSettings
 from node_agent.errors import LeaseLost
 from node_agent.lease import Lease, LeaseKeeper

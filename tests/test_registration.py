@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from conftest import make_settings
-from node_agent.client import SchedulerClient
+from node_agent.scheduler_client import SchedulerClient
 from node_agent.metrics import AgentMetrics
 from node_agent.registration import NodeIdentity, Registration
 from node_agent.retry import RetryPolicies, RetryPolicy

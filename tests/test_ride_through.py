@@ -1,4 +1,4 @@
-"""Clients ride through a scheduler restart: the job waiter (node_agent/job_client.py, behind ``node-agent submit``
+"""Clients ride through a scheduler restart: the job waiter (node_agent/job_waiter.py, behind ``node-agent submit``
 and ``/utterance``) retries refused connections and 5xx by the job id until its deadline, against real schedulers
 on loopback that stop and start again on the same port; ``/utterance`` waits out a 429 queue_full as ``submit``
 does; and the agent's side keeps a job's result report alive through refused connections.
@@ -22,16 +22,16 @@ from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from conftest import make_settings
-from node_agent.client import ConnectFailed, SchedulerClient, lost_job_line
+from node_agent.scheduler_client import ConnectFailed, SchedulerClient, lost_job_line
 from node_agent.config import SchedulerSettings
 from node_agent.http_api import start_http
-from node_agent.job_client import JobLost, JobUpdate, JobWaiter, Retrying
+from node_agent.job_waiter import JobLost, JobUpdate, JobWaiter, Retrying
 from node_agent.job_runner import Report
 from node_agent.retry import RetryPolicy
 from node_agent.scheduler.server import Running, start_scheduler
 from procs import free_port
 from test_failover import AUDIO, agent_on
-from test_job_client import refused
+from test_job_waiter import refused
 from test_job_runner import ASSIGNMENT, BASE, FAST, RESULT, build, fake_worker, serve_job  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.timeout(60)

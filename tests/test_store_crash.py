@@ -38,8 +38,8 @@ import psutil
 import pytest
 
 from helpers import SR, decode_clip, pcm16
-from node_agent.client import SchedulerClient
-from node_agent.job_client import JobWaiter, Retrying
+from node_agent.scheduler_client import SchedulerClient
+from node_agent.job_waiter import JobWaiter, Retrying
 from node_agent.retry import RetryPolicy
 from node_agent.scheduler.schemas import JobView
 from procs import Proc, free_port, http_json, wait_for

@@ -20,7 +20,7 @@ from aioresponses import aioresponses
 import pg
 from conftest import make_settings
 from fake_plugin import command as fake_command
-from node_agent.client import SchedulerClient
+from node_agent.scheduler_client import SchedulerClient
 from node_agent.errors import LeaseLost
 from node_agent.lease import LeaseKeeper
 from stack import agent_stack

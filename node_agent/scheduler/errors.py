@@ -7,7 +7,7 @@ from ..errors import NodeAgentError
 
 class ApiError(NodeAgentError):
     """A request the scheduler refuses; ``code`` is the machine-readable reason on the wire. (A client sees it
-    as one of the errors in ``node_agent/client.py``.)"""
+    as one of the errors in ``node_agent/scheduler_client.py``.)"""
 
     code = "internal"
 

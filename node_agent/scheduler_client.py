@@ -48,7 +48,7 @@ from .scheduler.schemas import (
     ResultReport,
 )
 
-log = logging.getLogger("node_agent.client")
+log = logging.getLogger("node_agent.scheduler_client")
 T = TypeVar("T", bound=BaseModel)
 
 

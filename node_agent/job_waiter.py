@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .client import (
+from .scheduler_client import (
     ConnectFailed,
     SchedulerClient,
     SchedulerError,

@@ -1,5 +1,5 @@
 """The scheduler client's job API (submit, long poll) against a real scheduler on loopback; the job waiter
-(node_agent/job_client.py) through the failure shapes a real scheduler rarely produces (aioresponses): refused
+(node_agent/job_waiter.py) through the failure shapes a real scheduler rarely produces (aioresponses): refused
 connections, 503 and 429 with Retry-After, a 404 for the job after a restart; and ``node-agent submit``'s
 polling: failed polls retried with jittered, capped waits, never past ``--timeout``.
 
@@ -22,7 +22,7 @@ from yarl import URL
 
 from conftest import machine_slowdown, make_settings
 from helpers import DATA
-from node_agent.client import (
+from node_agent.scheduler_client import (
     BadRequest,
     ConnectFailed,
     NotFound,
@@ -30,7 +30,7 @@ from node_agent.client import (
     SchedulerUnavailable,
     lost_job_line,
 )
-from node_agent.job_client import JobLost, JobUpdate, JobWaiter, Retrying, WaitExpired
+from node_agent.job_waiter import JobLost, JobUpdate, JobWaiter, Retrying, WaitExpired
 from node_agent.retry import RetryPolicy
 from node_agent.metrics import AgentMetrics
 from node_agent.scheduler.server import start_scheduler
