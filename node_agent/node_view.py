@@ -21,6 +21,7 @@ from .devices import SlotPlan
 from .job_runner import LEASE_LOSS_WINDOW_S, JobLedger
 from .metrics import JOB_OUTCOMES, AgentMetrics
 from .registration import NodeIdentity
+from .scheduler.schemas import NodeState
 from .supervisor import Worker, WorkerState
 
 
@@ -86,18 +87,18 @@ class LocalNodeView:
 
     # ----- documents -----------------------------------------------------------------------------------------------
 
-    def node_state(self) -> str:
+    def node_state(self) -> NodeState:
         """The state heartbeats announce: draining, degraded, busy or ready."""
         if self.draining:
-            return "draining"
+            return NodeState.DRAINING
         states = [w.state for w in self._workers.values()]
         if all(s is WorkerState.fatal for s in states):
-            return "degraded"
+            return NodeState.DEGRADED
         if any(s is WorkerState.busy for s in states) or self._ledger.running:
-            return "busy"
+            return NodeState.BUSY
         if not any(s is WorkerState.ready for s in states):
-            return "degraded"
-        return "ready"
+            return NodeState.DEGRADED
+        return NodeState.READY
 
     def heartbeat_state(self) -> dict[str, Any]:
         """The node's part of a heartbeat: its state and the jobs it runs."""
