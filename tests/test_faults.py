@@ -140,7 +140,10 @@ async def test_scheduler_restarted_mid_job_keeps_the_lease_and_the_job_finishes(
     agent = None
     try:
         # 9 s leases: renewals every 3 s, self-fencing after 6 s without one, room for a restart on a busy box.
-        agent, url = await start_agent(tmp_path, "agent", scheduler, NODE_AGENT_LEASE__TTL_S="9")
+        # Stretched by the machine's load, as the restart (a Python process starting) is, and the decode with it:
+        # the job still spans renewals.
+        ttl_s = round(9 * machine_slowdown(), 1)
+        agent, url = await start_agent(tmp_path, "agent", scheduler, NODE_AGENT_LEASE__TTL_S=str(ttl_s))
         audio, fields = long_audio_b64_fields(3)
         job_id = submit(scheduler, audio, **fields)
         await wait_for(lambda: job(scheduler, job_id)["state"] == "running", 30, "job running")
