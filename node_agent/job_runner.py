@@ -30,7 +30,7 @@ from .scheduler_client import (
     UnknownJob,
     lost_job_line,
 )
-from .errors import JobError, LeaseLost
+from .errors import InvalidRequest, JobError, LeaseLost
 from .lease import Lease, LeaseKeeper, LeaseUnavailable
 from .metrics import AgentMetrics, job_outcome
 from .registration import NodeIdentity
@@ -234,6 +234,8 @@ class JobRunner:
         """Under the lease (renewed throughout): the audio (a ``SchedulerError`` when it cannot be had), then the
         decode, its segments streamed to the scheduler as they come."""
         async with self.keeper.hold(lease, on_lost=self.worker.abort):
+            if a.options_error is not None:  # reported under the lease, as any failure of the job's own
+                return None, InvalidRequest(f"options: {a.options_error}")
             audio = await self._fetch_audio(a, deadline)
             if lease.lost is not None:  # lost during the fetch: no decode to stop, so none is started
                 return None, lease.lost

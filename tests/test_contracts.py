@@ -318,3 +318,18 @@ def test_the_plugin_validates_options_and_messages_on_arrival() -> None:
             proc.kill()
             proc.wait()
         parent.close()
+
+
+def test_an_assignment_with_an_option_this_node_does_not_know_is_readable_and_says_which() -> None:
+    """A newer scheduler may hand out an option this node does not know: the assignment is still read (its lease
+    and job id with it), and the job fails with invalid_request naming the option instead of never being read."""
+    from node_agent.scheduler.schemas import JobAssignment
+
+    wire = {"job_id": "j", "attempt": 1, "language": None, "deadline_s": None, "queued_s": 0.0,
+            "audio": {"format": "auto", "sample_rate": None, "bytes": 3, "url": "/v1/jobs/j/audio"}}
+    known = JobAssignment.model_validate({**wire, "options": {"beam_size": 2}})
+    assert known.options == DecodeOptions(beam_size=2) and known.options_error is None
+    newer = JobAssignment.model_validate({**wire, "options": {"beam_size": 2, "vad_speech_pad_ms": 30}})
+    assert newer.options == DecodeOptions() and newer.options_error is not None
+    assert "vad_speech_pad_ms" in newer.options_error and "unknown option" in newer.options_error
+    assert "options_error" not in newer.model_dump(mode="json")

@@ -143,6 +143,25 @@ async def test_a_job_succeeds_is_reported_once_and_its_lease_released(fake_worke
     assert all(parts.sample("node_agent_retries_total", operation=op) == 0 for op in ("audio", "result", "events"))
 
 
+async def test_an_option_this_node_does_not_know_fails_the_job_as_invalid_request_without_a_decode(fake_worker):
+    """A newer scheduler's option this node cannot apply (the assignment is read all the same): the job fails at
+    once with invalid_request naming it, reported under its lease, and the worker never sees it."""
+    worker = await fake_worker(segments=1)
+    async with assigned_job() as (running, node_id, assignment):
+        newer = JobAssignment.model_validate({**assignment.model_dump(mode="json"), "options": {"vad_pad_ms": 3}})
+        parts = build(worker, running.url, node_id)
+        try:
+            outcome = await parts.runner.run(newer)
+            await parts.runner.settle(5.0)
+        finally:
+            await parts.client.close()
+        assert (outcome.outcome, outcome.report) == ("invalid_request", Report.accepted), outcome
+        view = await job_view(running.url, assignment.job_id)
+        assert view["state"] == "failed" and view["error"]["code"] == "invalid_request", view
+        assert "vad_pad_ms" in view["error"]["message"]
+    assert worker.jobs_served_total == 0
+
+
 async def test_a_lease_lost_mid_job_stops_it_and_the_stale_report_is_rejected(fake_worker):
     # Slow segments: the job is still decoding when its lease goes.
     worker = await fake_worker(segments=40, every_s=0.1)

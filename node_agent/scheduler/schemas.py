@@ -14,9 +14,9 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints,
-                      field_serializer, model_validator)
+                      ValidationError, field_serializer, model_validator)
 
-from ..contracts import DecodeOptions
+from ..contracts import DecodeOptions, one_line
 from ..errors import JOB_ERRORS, JobErrorCode
 from ..languages import NOT_A_CODE, is_language_code
 
@@ -226,6 +226,9 @@ class JobAssignment(_Reply):
     language: str | None
     #: The options the client set, checked at submission; typed from here to the plugin (only those set travel).
     options: DecodeOptions
+    #: Why ``options`` could not be read here (an option of a newer scheduler this node does not know): not on the
+    #: wire; the job then fails with invalid_request naming it, rather than the whole assignment being unreadable.
+    options_error: str | None = Field(None, exclude=True)
     audio: AudioRef
     deadline_s: float | None
     queued_s: float
@@ -241,6 +244,16 @@ class JobAssignment(_Reply):
     @field_serializer("options")
     def _options_set(self, options: DecodeOptions) -> dict[str, Any]:
         return options.wire()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _options_readable(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("options"), dict):
+            try:
+                DecodeOptions.model_validate(data["options"])
+            except ValidationError as exc:
+                return {**data, "options": {}, "options_error": one_line(exc, unknown="unknown option", more=False)}
+        return data
 
 
 class LeaseRequest(_NodeMessage):
