@@ -251,7 +251,7 @@ def _log_store_unavailable(request: web.Request, exc: StoreUnavailable) -> None:
 
 
 def _auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
-    expected = token.encode()
+    expected = token.encode("utf-8", "surrogateescape")
 
     @web.middleware
     async def auth(
@@ -259,7 +259,10 @@ def _auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         if request.path == "/v1" or request.path.startswith("/v1/"):
             scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), expected):
+            # Compared as the bytes that came: aiohttp keeps a header's undecodable bytes as surrogate escapes
+            # (b"\xff" -> "\udcff"), which strict UTF-8 cannot encode.
+            presented = value.strip().encode("utf-8", "surrogateescape")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(presented, expected):
                 raise Unauthorized("missing or wrong bearer token: send 'Authorization: Bearer <token>'")
         return await handler(request)
 
