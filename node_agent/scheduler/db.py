@@ -85,7 +85,8 @@ Op = Callable[[Tx], Awaitable[T]]
 
 
 class Conflict(Exception):
-    """A single statement met a unique index (another request took the row first)."""
+    """A statement met a unique index (another request took the row first): from ``statement``, or from ``run``
+    (PostgreSQL: the transaction was rolled back; run again, it sees the row)."""
 
 
 class Engine(Protocol):
@@ -462,6 +463,10 @@ class PostgresEngine:
         return await self._with_retries(op)
 
     async def run(self, op: Op[T]) -> T:
+        """``op`` in one transaction; a unique-index violation in it (another transaction took the row first and
+        committed) rolls it back and is ``Conflict``, for the caller to run it again and find that row."""
+        import asyncpg
+
         async def transaction(conn: Any) -> T:
             await conn.execute("BEGIN")
             try:
@@ -471,10 +476,12 @@ class PostgresEngine:
                 # round trip, as one simple query; the topics are this program's own ids, quoted.
                 await conn.execute("".join(
                     f"SELECT pg_notify('{CHANNEL}', {_literal(t)});" for t in tx.topics) + "COMMIT")
-            except BaseException:
+            except BaseException as exc:
                 if not conn.is_closed() and conn.is_in_transaction():
                     with contextlib.suppress(Exception):
                         await conn.execute("ROLLBACK")
+                if isinstance(exc, asyncpg.UniqueViolationError):
+                    raise Conflict(str(exc)) from None
                 raise
             return result
 
