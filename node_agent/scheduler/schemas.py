@@ -76,6 +76,31 @@ def _reported_state(state: NodeState) -> NodeState:
 #: A state a node may report in a heartbeat.
 ReportedNodeState = Annotated[NodeState, AfterValidator(_reported_state)]
 
+#: The store's integer columns: INTEGER (attempts, segment ids) is 32-bit on PostgreSQL, BIGINT (epochs, byte
+#: counts) 64-bit; a number past them is the sender's mistake (400), never the store's error (500).
+Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
+def _storable_text(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL (\\x00)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be Unicode text (a lone surrogate such as \\ud800 is not)") from None
+    return value
+
+
+#: Text a store column keeps: no NUL (PostgreSQL's text refuses it), no lone surrogate (no UTF-8 for it).
+Text = Annotated[str, AfterValidator(_storable_text)]
+
+#: An id a node or client names a node, job or lease by: those the scheduler makes (node-..., job-..., lease-...)
+#: and those a node chooses (``RegisterRequest.node_id``). Path parameters are checked against it too.
+ID_PATTERN = r"^[A-Za-z0-9._:-]+$"
+ID_MAX_CHARS = 64
+Id = Annotated[str, StringConstraints(min_length=1, max_length=ID_MAX_CHARS, pattern=ID_PATTERN)]
+
 #: A lease resource: a device (``cpu``, ``gpu:N``) or one slot of it (``cpu/0``, ``gpu:0/1``) where a node runs
 #: several workers on the device, each leasing its own slot.
 RESOURCE_PATTERN = r"^(cpu|gpu:[0-9]{1,3})(/[0-9]{1,3})?$"
@@ -122,15 +147,15 @@ class _ClientRequest(BaseModel):
 
 
 class GpuInfo(_NodeMessage):
-    index: int = Field(ge=0)
+    index: Int32 = Field(ge=0)
     name: str
-    memory_bytes: int = Field(ge=0)
+    memory_bytes: Int64 = Field(ge=0)
     uuid: str | None = None
 
 
 class Hardware(_NodeMessage):
-    cpu_cores: int = Field(ge=0)
-    memory_bytes: int = Field(ge=0)
+    cpu_cores: Int32 = Field(ge=0)
+    memory_bytes: Int64 = Field(ge=0)
     gpus: list[GpuInfo] = Field(default_factory=list)
 
 
@@ -154,9 +179,9 @@ def stored_devices(text: str) -> tuple[DeviceSpec, ...]:
 
 
 class RegisterRequest(_NodeMessage):
-    node_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
-    agent_version: str = Field(max_length=64)
-    hostname: str = Field(max_length=255)
+    node_id: Id | None = None
+    agent_version: Text = Field(max_length=64)
+    hostname: Text = Field(max_length=255)
     hardware: Hardware
     devices: list[DeviceSpec] = Field(max_length=64)
 
@@ -175,10 +200,10 @@ class RegisterResponse(_Reply):
 
 class HeartbeatRequest(_NodeMessage):
     state: ReportedNodeState
-    running_jobs: list[str] = Field(default_factory=list, max_length=1024)
+    running_jobs: list[Id] = Field(default_factory=list, max_length=1024)
     cpu_percent: float = Field(0.0, ge=0)
-    memory_used_bytes: int = Field(0, ge=0)
-    memory_total_bytes: int = Field(0, ge=0)
+    memory_used_bytes: Int64 = Field(0, ge=0)
+    memory_total_bytes: Int64 = Field(0, ge=0)
 
 
 class HeartbeatResponse(_Reply):
@@ -257,8 +282,8 @@ class JobAssignment(_Reply):
 
 
 class LeaseRequest(_NodeMessage):
-    node_id: str
-    job_id: str
+    node_id: Id
+    job_id: Id
     resource: Resource
     ttl_s: float = Field(gt=0)
 
@@ -266,8 +291,8 @@ class LeaseRequest(_NodeMessage):
 class RenewRequest(_NodeMessage):
     """Renewals, like events and results, are accepted only from the lease's holder (its node and epoch)."""
 
-    node_id: str = Field(min_length=1, max_length=64)
-    epoch: int
+    node_id: Id
+    epoch: Int64
     #: Optional new TTL (clamped like a grant's); default: the TTL the lease has.
     ttl_s: float | None = Field(None, gt=0)
 
@@ -284,7 +309,7 @@ class Segment(BaseModel):
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    id: int
+    id: Int32
     start: float
     end: float
     text: str
@@ -293,10 +318,10 @@ class Segment(BaseModel):
 class EventsReport(_NodeMessage):
     """Streamed segments, fenced like a result: (attempt, lease_id, lease_epoch, node_id) name the holder."""
 
-    node_id: str = Field(min_length=1, max_length=64)
-    lease_id: str = Field(min_length=1, max_length=64)
-    attempt: int = Field(ge=1)
-    lease_epoch: int = Field(ge=1)
+    node_id: Id
+    lease_id: Id
+    attempt: Int32 = Field(ge=1)
+    lease_epoch: Int64 = Field(ge=1)
     events: list[Segment] = Field(max_length=100_000)
 
 
@@ -322,10 +347,10 @@ class ResultReport(_NodeMessage):
     """A node's final word on one attempt; accepted only from the job's current holder (attempt, lease_id,
     lease_epoch, node_id), and idempotent by those."""
 
-    node_id: str = Field(min_length=1, max_length=64)
-    lease_id: str = Field(min_length=1, max_length=64)
-    attempt: int = Field(ge=1)
-    lease_epoch: int = Field(ge=1)
+    node_id: Id
+    lease_id: Id
+    attempt: Int32 = Field(ge=1)
+    lease_epoch: Int64 = Field(ge=1)
     outcome: Literal["succeeded", "failed"]
     result: TranscriptResult | None = None
     error: JobErrorInfo | None = None

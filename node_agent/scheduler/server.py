@@ -57,6 +57,8 @@ from .errors import (
 )
 from .formats import RESPONSE_FORMATS, to_srt, to_verbose_json, to_vtt
 from .schemas import (
+    ID_MAX_CHARS,
+    ID_PATTERN,
     JobState,
     RESOURCE_PATTERN,
     EventsReport,
@@ -267,6 +269,19 @@ def _auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]
         return await handler(request)
 
     return auth
+
+
+@web.middleware
+async def _path_ids_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every id in a path (node_id, job_id, lease_id) has the shape of one (``schemas.Id``, as in bodies): one that
+    never could be (a NUL, which PostgreSQL's text refuses; 5000 characters) is 400 naming it, before any lookup."""
+    for name, value in request.match_info.items():
+        if len(value) > ID_MAX_CHARS or not re.fullmatch(ID_PATTERN, value):
+            raise InvalidInput(f"{name}: {value[:20]!r} is not an id (1-{ID_MAX_CHARS} letters, digits, '.', '_', "
+                               "':' or '-')", param=name)
+    return await handler(request)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -792,6 +807,7 @@ async def create_app(
     middlewares: list[Any] = [_error_middleware]
     if settings.token is not None:
         middlewares.append(_auth_middleware(settings.token.get_secret_value()))
+    middlewares.append(_path_ids_middleware)
     app = web.Application(client_max_size=min(settings.max_body_bytes, MAX_JSON_BODY_BYTES), middlewares=middlewares)
     app[STORE_KEY] = store
     app[SETTINGS_KEY] = settings
