@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import types
 import urllib.parse
 from enum import Enum
@@ -420,16 +421,29 @@ class Settings(_Section):
         return data
 
 
+#: A DSN as scheme://authority and the rest (path, query, fragment); the authority may hold USER:PASSWORD@.
+_DSN_PARTS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<authority>[^/?#]*)(?P<rest>.*)", re.S)
+
+
 def redact_dsn(dsn: str) -> str:
-    """A store DSN with its password replaced by ``***`` (for logs, /status, check-config)."""
-    try:
-        parts = urllib.parse.urlsplit(dsn)
-        password = parts.password
-    except ValueError:
-        return dsn.split("@")[-1] if "@" in dsn else dsn
-    if password is None:
+    """A store DSN with every password replaced by ``***`` (for logs, /status, check-config): the userinfo's
+    (``USER:PASSWORD@``) and any parameter libpq takes one from (``password=``, ``sslpassword=``; any case, its
+    name percent-encoded or not), in the query or past a ``#``. Text only: a DSN that is not a valid URL is
+    masked all the same."""
+    match = _DSN_PARTS.fullmatch(dsn)
+    if match is None:
         return dsn
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{parts.netloc.rsplit('@', 1)[-1]}"))
+    authority, rest = match["authority"], match["rest"]
+    if "@" in authority:
+        userinfo, host = authority.rsplit("@", 1)
+        if ":" in userinfo:
+            authority = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    pieces = re.split(r"([?&#;])", rest)
+    for i, piece in enumerate(pieces):
+        key, eq, _ = piece.partition("=")
+        if eq and urllib.parse.unquote(key).strip().lower().endswith("password"):
+            pieces[i] = f"{key}=***"
+    return match["scheme"] + authority + "".join(pieces)
 
 
 def _split_host_port(value: str) -> tuple[str, int]:
