@@ -32,29 +32,15 @@ class StateDir:
         if self._fd is not None:
             return
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            # Python opens it non-inheritable: worker processes never hold the lock after the agent is gone.
-            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
+            self._fd = hold_lock(self.path / LOCK_FILE)
+        except LockHeld as held:
             raise ConfigError(
-                f"node.state_dir {self.path}: cannot create {LOCK_FILE!r} in it: {exc.strerror}"
-            ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(fd)
-            os.close(fd)
-            raise ConfigError(
-                f"node.state_dir {self.path} is in use by another node-agent ({holder}); "
+                f"node.state_dir {self.path} is in use by another node-agent ({held.holder}); "
                 "give each agent its own node.state_dir"
             ) from None
-        except OSError as exc:
-            os.close(fd)
-            raise ConfigError(f"node.state_dir {self.path}: cannot lock {LOCK_FILE!r}: {exc.strerror}") from None
-        # Truncate only once locked: before that the file holds the current holder's pid.
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
+        except LockFailed as failed:
+            where = f"create {LOCK_FILE!r} in it" if failed.step == "create" else f"lock {LOCK_FILE!r}"
+            raise ConfigError(f"node.state_dir {self.path}: cannot {where}: {failed.reason}") from None
 
     def unlock(self) -> None:
         """Release the lock (closing the descriptor does it). The file stays: unlinking it would let a third
@@ -79,6 +65,48 @@ class StateDir:
             os.replace(tmp, path)
         except OSError as exc:
             log.warning("cannot persist node id in %s: %s", path, exc)
+
+
+class LockHeld(Exception):
+    """Another open file holds the lock, in this process or another: ``holder`` says who ('pid N')."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
+class LockFailed(Exception):
+    """The lock file could not be created (``step`` 'create') or locked ('lock'): ``reason``, the OS's words."""
+
+    def __init__(self, step: str, reason: str) -> None:
+        super().__init__(f"cannot {step}: {reason}")
+        self.step = step
+        self.reason = reason
+
+
+def hold_lock(path: Path) -> int:
+    """Create ``path`` (and its directory), lock it for this process (exclusive, not waiting) and write this pid
+    into it: the descriptor, which holds the lock until it is closed. Raises LockHeld or LockFailed. The state
+    directory's ``lock``, and the SQLite store's ``scheduler.db.lock``."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Python opens it non-inheritable: worker processes never hold the lock after the agent is gone.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise LockFailed("create", exc.strerror or str(exc)) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise LockHeld(holder) from None
+    except OSError as exc:
+        os.close(fd)
+        raise LockFailed("lock", exc.strerror or str(exc)) from None
+    # Truncate only once locked: before that the file holds the current holder's pid.
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _holder(fd: int) -> str:
