@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import sqlite3
 import threading
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Coroutine, Iterable, Mapping, Protocol, Sequence, TypeVar
 
 from ..config import redact_dsn
+from ..statedir import LockFailed, LockHeld, hold_lock
 from .errors import StoreError, StoreUnavailable
 
 log = logging.getLogger("node_agent.scheduler.store")
@@ -209,11 +211,50 @@ class SqliteEngine:
         self._wake = threading.Event()
         self._closing = False
         self._thread: threading.Thread | None = None
+        self._lock_fd: int | None = None
+
+    def _hold(self) -> None:
+        """Take ``scheduler.db.lock`` beside the file for this engine's life (``flock``, as ``node.state_dir``'s
+        ``lock``: a crash leaves nothing stale), or raise StoreError naming who holds it. Two schedulers on one file
+        would both write it, and neither would wake the long polls of the other."""
+        assert self.path is not None
+        lock = self.path.with_name(self.path.name + ".lock")
+        try:
+            self._lock_fd = hold_lock(lock)
+        except LockHeld as held:
+            raise StoreError(f"scheduler.store: {self.path} is in use by another scheduler ({held.holder} holds "
+                             f"{lock}); give each scheduler its own store, or share one PostgreSQL store between "
+                             "replicas") from None
+        except LockFailed as failed:
+            raise StoreError(f"scheduler.store: cannot {failed.step} {lock}: {failed.reason}") from None
+
+    def _release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _damaged(self, detail: str) -> StoreError:
+        return StoreError(f"scheduler.store: {self.path or self.where} is damaged ({detail}); restore it from a "
+                          "backup, or move it aside (with its -wal and -shm files) to start an empty store")
 
     def _connect(self) -> None:
+        if self.path is not None:
+            self._hold()
+        try:
+            self._connect_held()
+        except BaseException:
+            self._release()
+            raise
+
+    def _connect_held(self) -> None:
+        conn: sqlite3.Connection | None = None
+        empty = False
         try:
             if self.path is not None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                # 0 bytes: what `: > scheduler.db` leaves (SQLite takes it for a new database), or a crash before
+                # the first write. A WAL beside it may still hold a store: only no tables after opening is empty.
+                with contextlib.suppress(FileNotFoundError):
+                    empty = self.path.stat().st_size == 0
             conn = sqlite3.connect(self.path if self.path is not None else ":memory:", isolation_level=None,
                                    check_same_thread=False)
             conn.row_factory = sqlite3.Row
@@ -223,10 +264,24 @@ class SqliteEngine:
             conn.execute("PRAGMA journal_size_limit=67108864")
             conn.execute("PRAGMA busy_timeout=5000")
             conn.execute("PRAGMA temp_store=MEMORY")
-            # A read of the whole file would be needed to notice a corrupt one later; a quick check now names it.
-            conn.execute("PRAGMA quick_check(1)").fetchone()
+            # A read of the whole file would be needed to notice a corrupt one later; a quick check now names it,
+            # and refuses it: each request that met the damage would answer 503, a fault no retry mends.
+            found = [str(row[0]) for row in conn.execute("PRAGMA quick_check(1)")]
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] if empty else 1
         except (OSError, sqlite3.Error) as exc:
+            if conn is not None:
+                conn.close()
+            if getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+                raise self._damaged(f"sqlite: {exc}") from None
             raise StoreError(f"scheduler.store: cannot open {self.where}: {exc}") from None
+        if found != ["ok"]:
+            conn.close()
+            lines = [line.strip() for text in found for line in text.splitlines()]
+            said = "; ".join(line for line in lines if line and not line.startswith("*** in database"))
+            raise self._damaged(f"quick_check: {said}")
+        if not tables:
+            log.warning("scheduler.store: %s was an empty file: an empty store begins in it; if it held the "
+                        "scheduler's jobs, they are gone (restore it from a backup)", self.path)
         self._conn = conn
 
     async def open(self, on_notify: Callable[[str], None]) -> None:
@@ -246,6 +301,7 @@ class SqliteEngine:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        self._release()  # after the connection: the next holder finds the file closed
 
     async def run(self, op: Op[T]) -> T:
         loop = asyncio.get_running_loop()
