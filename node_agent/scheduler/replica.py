@@ -8,6 +8,7 @@ operations that use it do not each keep a copy. Times are this process's monoton
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 from ..config import SchedulerSettings
@@ -43,6 +44,11 @@ class Replica:
         self.load_seen = (0, 0)
         self._load_at = -math.inf  # when load_seen was read
         self._since_load = [0, 0]  # jobs and bytes this replica admitted since then
+        # Jobs this replica admitted whose transactions have not yet ended: job id -> bytes. Counted by the
+        # estimate and by the exact count (which other transactions' uncommitted rows do not show). The lock:
+        # SQLite's admissions are decided on its writer thread.
+        self._admitting: dict[str, int] = {}
+        self._admitting_lock = threading.Lock()
         self._reaped_at = -math.inf  # when this replica's last reaping pass committed
         self._node_devices: dict[str, str] = {}  # node id -> its device list as stored, as last seen here
 
@@ -73,17 +79,34 @@ class Replica:
         (None, 0): count now."""
         if time.monotonic() - self._load_at > SERVED_CACHE_S:
             return None, 0
-        jobs = self.load_seen[0] + self._since_load[0]
-        audio_bytes = self.load_seen[1] + self._since_load[1]
+        with self._admitting_lock:
+            jobs = self.load_seen[0] + self._since_load[0] + len(self._admitting)
+            audio_bytes = self.load_seen[1] + self._since_load[1] + sum(self._admitting.values())
         s = self.settings
         if jobs + 1 < ADMIT_ESTIMATE_BELOW * s.max_queued_jobs and \
                 audio_bytes + size < ADMIT_ESTIMATE_BELOW * s.max_queued_bytes:
             return jobs, audio_bytes
         return None, 0
 
-    def admitted(self, size: int) -> None:
-        self._since_load[0] += 1
-        self._since_load[1] += size
+    def admitting(self, job_id: str, size: int) -> None:
+        """A job was admitted; its transaction is under way (``settled`` follows, whatever its outcome). Called
+        right after the admission check, with nothing awaited between, so the next check counts it."""
+        with self._admitting_lock:
+            self._admitting[job_id] = size
+
+    def in_flight(self) -> tuple[list[str], int]:
+        """The jobs admitted here whose transactions have not ended (their ids), and their bytes."""
+        with self._admitting_lock:
+            return list(self._admitting), sum(self._admitting.values())
+
+    def settled(self, job_id: str, committed: bool) -> None:
+        """The transaction of a job ``admitting`` named ended: committed (it now counts as admitted since the
+        last count) or not (it never was)."""
+        with self._admitting_lock:
+            size = self._admitting.pop(job_id, None)
+        if size is not None and committed:
+            self._since_load[0] += 1
+            self._since_load[1] += size
 
     def counted(self, node_states: dict[str, int], jobs: int, audio_bytes: int, queued: int) -> None:
         """A reaping pass (or a scrape) read the gauges' values."""

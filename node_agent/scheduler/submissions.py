@@ -3,12 +3,13 @@ bounds, idempotency keys), and jobs, their segments and their audio read back.""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
 from typing import Any, AsyncIterator
 
-from .db import Engine, Row, Tx
+from .db import Conflict, Engine, Row, Tx
 from .errors import InvalidInput, UnknownJob, Unservable
 from .rules import Served, admission_refusal, queue_full, unservable_message
 from .schemas import TERMINAL_JOB_STATES, JobErrorInfo, JobSpec, JobView
@@ -20,6 +21,9 @@ log = logging.getLogger("node_agent.scheduler")
 
 #: Audio is stored in chunks of this size, so neither an upload nor a download holds a whole file in memory.
 CHUNK_BYTES = 1024 * 1024
+#: PostgreSQL: the key of the transaction-scoped advisory lock under which a submission near the queue's bounds
+#: counts the unfinished jobs, so that concurrent ones (on any replica) each see the others' jobs.
+ADMISSION_LOCK = 4_708_471
 
 
 class SqlUpload:
@@ -33,10 +37,12 @@ class SqlUpload:
         self.size = 0
         self._buffer = bytearray()
         self._chunks = 0  # chunks written to the store so far
+        self._sha256 = hashlib.sha256()  # of the audio so far: part of an idempotent submission's fingerprint
 
     async def write(self, data: bytes) -> None:
         self._buffer += data
         self.size += len(data)
+        self._sha256.update(data)
         while len(self._buffer) > CHUNK_BYTES:
             await self._flush(bytes(self._buffer[:CHUNK_BYTES]))
             del self._buffer[:CHUNK_BYTES]
@@ -66,6 +72,11 @@ class SqlUpload:
         if self._buffer:
             await tx.execute("INSERT INTO audio_chunks (upload_id, n, data) VALUES ($1, $2, $3)",
                              self.upload_id, self._chunks, bytes(self._buffer))
+
+    @property
+    def sha256(self) -> str:
+        """The hex SHA-256 of the audio written so far."""
+        return self._sha256.hexdigest()
 
     @property
     def single_chunk(self) -> bool:
@@ -103,7 +114,12 @@ class Submissions(StorePart):
         same submission answers the first job (replayed); with another, ``InvalidInput``. Empty audio is
         ``InvalidInput``, a job no live node serves ``Unservable``, one past the queue's bounds ``QueueFull``."""
         size = upload.size
-        submission = json.dumps([spec.model_dump(mode="json"), size, filename], sort_keys=True)
+        # What a replay must repeat: the spec, the audio (its length and digest) and the file name. A job stored
+        # before the digest was part of it has the older form, without one: compared as that, it still replays.
+        fingerprint = [spec.model_dump(mode="json"), size, filename]
+        submission = json.dumps([*fingerprint, {"sha256": upload.sha256}], sort_keys=True)
+        same = (submission, json.dumps(fingerprint, sort_keys=True))
+        admitted: list[str] = []  # job ids this call told the replica of (a transaction run again adds one)
 
         async def op(tx: Tx) -> tuple[str, str, bool]:
             now = await tx.now()
@@ -112,7 +128,7 @@ class Submissions(StorePart):
                     "SELECT job_id, state, submission FROM jobs WHERE idempotency_key = $1", idempotency_key
                 )
                 if earlier is not None:
-                    if earlier["submission"] != submission:
+                    if earlier["submission"] not in same:
                         raise InvalidInput(
                             f"Idempotency-Key {idempotency_key[:40]!r} was already used for a different submission "
                             f"(job {earlier['job_id']}); use a new key for a new job",
@@ -123,13 +139,11 @@ class Submissions(StorePart):
             self._capable(spec, served, size)
             jobs, audio_bytes = self.replica.load_estimate(size)
             if jobs is None:
-                open_row = await tx.fetchrow(
-                    f"SELECT COUNT(*) AS jobs, COALESCE(SUM(audio_bytes), 0) AS bytes FROM jobs WHERE state IN {OPEN}"
-                )
-                assert open_row is not None
-                jobs, audio_bytes = int(open_row["jobs"]), int(open_row["bytes"])
+                jobs, audio_bytes = await self._count_open(tx)
             self._admit(jobs, audio_bytes, size)
             job_id = f"job-{secrets.token_hex(8)}"
+            self.replica.admitting(job_id, size)
+            admitted.append(job_id)
             seq = await tx.next_value("job_seqs")
             await tx.execute(
                 f"""INSERT INTO jobs (job_id, seq, spec, language, filename, audio_bytes, upload_id, idempotency_key,
@@ -154,12 +168,26 @@ class Submissions(StorePart):
             self._capable(spec, served, size)
             self._admit(jobs, audio_bytes, size)
             job_id = f"job-{secrets.token_hex(8)}"
+            self.replica.admitting(job_id, size)
+            admitted.append(job_id)
             await self._fast.submit(job_id, doc(spec), spec.language, filename, size, upload.upload_id,
                                     self._deadline_s(spec), upload.buffered)
             return job_id, J.QUEUED, False
 
+        async def general() -> tuple[str, str, bool]:
+            try:
+                return await self.engine.run(op)
+            except Conflict:
+                if idempotency_key is None:
+                    raise
+                # PostgreSQL: a concurrent submission with this key inserted its job first and committed; run
+                # again, this one finds it (and replays it, or refuses another submission under the key).
+                return await self.engine.run(op)
+
+        committed: str | None = None
         try:
-            job_id, state, replayed = await fast() or await self.engine.run(op)
+            job_id, state, replayed = await fast() or await general()
+            committed = None if replayed else job_id
             if replayed:
                 await upload.discard()  # the first submission's audio is the job's
             else:
@@ -170,14 +198,32 @@ class Submissions(StorePart):
             except Exception:  # noqa: BLE001  (the reaper deletes orphan uploads later)
                 log.warning("could not drop the audio of a refused submission (%s)", upload.upload_id)
             raise
+        finally:
+            for decided in admitted:
+                self.replica.settled(decided, committed=decided == committed)
         if replayed:
             log.info("job submission replayed job_id=%s (same Idempotency-Key)", job_id)
         else:
-            self.replica.admitted(size)
             self.metrics.jobs_submitted.inc()
             log.info("job queued job_id=%s bytes=%d format=%s language=%s", job_id, size, spec.format,
                      spec.language or "auto")
         return job_id, state, replayed
+
+    async def _count_open(self, tx: Tx) -> tuple[int, int]:
+        """The unfinished jobs and their bytes, exactly: near the bounds, where the estimate is not used. On
+        PostgreSQL under an advisory lock held to the commit, so that concurrent submissions (any replica's)
+        count one after another, each seeing the jobs of those before it. This replica's own jobs whose
+        transactions are still under way are counted from its memory (uncommitted, the count would miss them)."""
+        if tx.dialect.name == "postgresql":
+            await tx.execute(f"SELECT pg_advisory_xact_lock({ADMISSION_LOCK})")
+        ids, pending_bytes = self.replica.in_flight()
+        row = await tx.fetchrow(
+            f"""SELECT COUNT(*) AS jobs, COALESCE(SUM(audio_bytes), 0) AS bytes FROM jobs
+               WHERE state IN {OPEN} AND job_id NOT IN ({tx.dialect.json_strings.format(p="$1")})""",
+            json.dumps(ids),
+        )
+        assert row is not None
+        return int(row["jobs"]) + len(ids), int(row["bytes"]) + pending_bytes
 
     def _capable(self, spec: JobSpec, served: Served, size: int) -> None:
         """Refuse empty audio, and a job no live node serves."""
