@@ -20,6 +20,9 @@ log = logging.getLogger("node_agent.scheduler")
 REAP_BATCH = 200
 #: An upload never turned into a job (the scheduler died mid-upload) is deleted after this.
 ORPHAN_UPLOAD_S = 3600.0
+#: Audio one pass's retention drops (at least one job's): a pass is one transaction on the store's one writer, so
+#: 200 kept 200 MB uploads due at once would hold every other write for the whole 40 GB; the rest wait a pass.
+REAP_AUDIO_BYTES = 256 * 1024 * 1024
 
 
 class Reaper(StorePart):
@@ -64,10 +67,15 @@ class Reaper(StorePart):
             await self.tr.finish(tx, job, now, JobErrorInfo(code="timeout", message="the deadline passed while queued"))
         await self._reap_unservable(tx, now)
         old = await tx.fetch(
-            f"SELECT job_id, upload_id FROM jobs WHERE finished_at <= $1 LIMIT {REAP_BATCH}{skip}",
+            f"SELECT job_id, upload_id, audio_bytes FROM jobs WHERE finished_at <= $1 LIMIT {REAP_BATCH}{skip}",
             now - s.job_retention_s,
         )
+        audio = 0
         for job in old:
+            if job["upload_id"] is not None:
+                if audio and audio + job["audio_bytes"] > REAP_AUDIO_BYTES:
+                    continue  # its audio waits for a later pass; jobs without audio still go in this one
+                audio += job["audio_bytes"]
             for table in ("segments", "reports", "leases"):
                 await tx.execute(f"DELETE FROM {table} WHERE job_id = $1", job["job_id"])
             if job["upload_id"] is not None:
