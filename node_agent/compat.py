@@ -219,6 +219,26 @@ def _log_retry(retry: Retrying) -> None:
         log.warning("utterance: following job %s failed (%s); retrying", retry.job_id, retry.error)
 
 
+class _BodyHold:
+    """One request's body bytes counted against ``CompatService.body_budget()``: its ``Content-Length`` before
+    any of it is read, else (chunked, or decoded larger) the bytes as they arrive; given back once its audio has
+    gone to the scheduler, or the request ends."""
+
+    def __init__(self, service: "CompatService") -> None:
+        self.service = service
+        self.bytes = 0
+
+    def grow_to(self, size: int) -> None:
+        """Hold at least ``size`` bytes; 503 busy where that would pass the budget."""
+        if size > self.bytes:
+            self.service._take_body_bytes(size - self.bytes)
+            self.bytes = size
+
+    def release(self) -> None:
+        self.service.body_bytes -= self.bytes
+        self.bytes = 0
+
+
 class CompatService:
     """State of the compatibility endpoints: requests in flight, totals, recent waits."""
 
@@ -234,7 +254,10 @@ class CompatService:
         self.settings = settings
         self.limits = limits or CompatLimits.from_settings(settings)
         self.in_flight = 0  # admitted utterances: their bodies are in, and they hold a place in the queue
-        self.receiving = 0  # requests whose bodies are still arriving (bounded by body_timeout_s, not counted)
+        self.receiving = 0  # requests whose bodies are still arriving (bounded by body_timeout_s, not a place)
+        #: Bytes of the bodies held now, arriving ones included, from before they are read until their audio
+        #: has gone to the scheduler: bounded by ``body_budget()`` (``_BodyHold``).
+        self.body_bytes = 0
         self.totals: Counter[str] = Counter()
         self.waits: deque[float] = deque(maxlen=RECENT)  # seconds queued before a node took the job
         self.latencies: deque[float] = deque(maxlen=RECENT)  # seconds from arrival to answer
@@ -268,6 +291,20 @@ class CompatService:
         if self.in_flight >= self.capacity():
             raise CompatError(503, "busy", f"{self.in_flight} utterances in flight (limit {self.capacity()})",
                               retry_after=self.retry_after())
+
+    def body_budget(self) -> int:
+        """Bytes of bodies that may be held at once, arriving ones included: a full body for each place."""
+        return self.capacity() * self.settings.http.max_body_bytes
+
+    def _take_body_bytes(self, extra: int) -> None:
+        """Count ``extra`` more bytes of a body against the budget; 503 busy (nothing counted) past it."""
+        budget = self.body_budget()
+        if self.body_bytes + extra > budget:
+            raise CompatError(503, "busy", f"{self.body_bytes} bytes of utterance bodies arriving or in flight; "
+                                           f"{extra} more would pass the limit of {budget} bytes "
+                                           f"(http.max_body_bytes for each of {self.capacity()} places, "
+                                           "see compat.queue_per_worker)", retry_after=self.retry_after())
+        self.body_bytes += extra
 
     def served_languages(self) -> set[str] | None:
         """Languages this node's models serve; None means any (a multilingual model)."""
@@ -326,13 +363,15 @@ class CompatService:
 
     # ----- handlers ----------------------------------------------------------------------------------------------
 
-    async def _read_body(self, request: web.Request) -> str:
-        """The whole body as text, read within ``body_timeout_s`` and counted against ``http.max_body_bytes``."""
+    async def _read_body(self, request: web.Request, hold: _BodyHold) -> str:
+        """The whole body as text, read within ``body_timeout_s`` and counted against ``http.max_body_bytes``
+        and, through ``hold``, against the bytes of all bodies in flight (503 busy before reading past them)."""
         # Read the stream ourselves: the app's client_max_size is sized for small control requests.
         limit = self.settings.http.max_body_bytes
         too_large = CompatError(413, "too_large", f"request body is over the limit of {limit} bytes")
         if request.content_length is not None and request.content_length > limit:
             raise too_large
+        hold.grow_to(request.content_length or 0)
         timeout_s = self.limits.body_timeout_s
         body = bytearray()
         self.receiving += 1
@@ -341,6 +380,7 @@ class CompatService:
                 while chunk := await request.content.read(READ_CHUNK):
                     if len(body) + len(chunk) > limit:
                         raise too_large
+                    hold.grow_to(len(body) + len(chunk))
                     body.extend(chunk)
         except TimeoutError:
             raise CompatError(408, "timeout", f"the request body did not arrive within {timeout_s:g} s "
@@ -416,12 +456,14 @@ class CompatService:
         except CompatError as exc:
             return self._busy(exc, ids)
         counted = False
+        hold = _BodyHold(self)
         scheduler_job = None
         status: int | None = None
         detail = ""
         try:
             # Not in flight while the body arrives: a client that never finishes sending must not hold a slot.
-            data = await self._load_json(await self._read_body(request))
+            # Its bytes are held, though, so the bodies arriving and in flight stay within body_budget().
+            data = await self._load_json(await self._read_body(request, hold))
             ids = _ids(data)
             req, audio = await self._validate(data)
             try:
@@ -437,6 +479,7 @@ class CompatService:
             audio_bytes = len(audio)
             scheduler_job = await self._submit(req, audio, limit_s)
             del audio  # the scheduler has its own copy; this one must not live on through the wait
+            hold.release()
             give_up = received + limit_s + self.settings.worker.stop_grace_s + REPORT_GRACE_S
             view = await self._wait(scheduler_job, give_up, limit_s)
             queued = (view.get("timings") or {}).get("queued_s")
@@ -465,6 +508,11 @@ class CompatService:
             return response
         except CompatError as exc:
             status, detail = exc.status, f" ({exc.code}: {exc.message})"
+            if exc.code == "busy":
+                # The bodies in flight are at their budget: refused before this one was read (or read on).
+                response = self._busy(exc, ids)
+                response.force_close()
+                return response
             # Refused before anything was queued: the request's fault. Otherwise the utterance failed.
             self.totals["rejected" if scheduler_job is None and exc.status in (400, 408, 413) else "failed"] += 1
             if exc.status == 504:
@@ -483,6 +531,7 @@ class CompatService:
         finally:
             if counted:
                 self.in_flight -= 1
+            hold.release()
             elapsed = loop.time() - arrived
             self.latencies.append(elapsed)
             log.info("utterance job_id=%s trace_id=%s scheduler_job=%s answered %s in %.2f s%s",
