@@ -78,3 +78,55 @@ async def test_retention_reaping_4_jobs_of_100_mb_stays_within_a_fixed_memory_bo
         print(f"reaped in {time.monotonic() - started:.1f} s; peak increase {(rss.peak - base) / MiB:.1f} MiB")
     finally:
         await sched.stop()
+
+
+async def test_a_job_keeps_at_most_max_segments_and_still_completes():
+    from node_agent.scheduler.schemas import MAX_SEGMENTS_PER_JOB
+    from test_scheduler import scheduler
+
+    def seg(i: int) -> dict:
+        return {"id": i, "start": i * 2.0, "end": i * 2.0 + 2, "text": f"s{i}"}
+
+    async with scheduler() as h:
+        node = await h.register()
+        job = await h.submit(language="en")
+        status, assigned = await h.poll(node)
+        assert status == 200 and assigned["job_id"] == job, assigned
+        status, grant, _ = await h.lease(node, job)
+        assert status == 201, grant
+        assert (await h.events(job, node, 1, grant, *(seg(i) for i in range(5))))[0] == 202
+        # Past the bound (ids are a job's keys, so 0..MAX-1 bound how many it keeps): refused, naming the bound.
+        status, reply = await h.events(job, node, 1, grant, seg(5), seg(MAX_SEGMENTS_PER_JOB))
+        assert status == 400 and "MAX_SEGMENTS_PER_JOB" in reply["error"]["message"], reply
+        assert str(MAX_SEGMENTS_PER_JOB) in reply["error"]["message"], reply
+        status, reply = await h.events(job, node, 1, grant, *(seg(i) for i in range(MAX_SEGMENTS_PER_JOB + 1)))
+        assert status == 400, reply
+        status, reply = await h.result(job, node, 1, grant, result={
+            "text": "s0 s1", "language": "en", "duration_s": 4.0, "segments": [seg(0), seg(1)]})
+        assert status == 200, reply
+        view = await h.job(job)
+        assert view["state"] == "succeeded" and view["result"]["text"] == "s0 s1", view
+        assert [s["id"] for s in view["segments"]] == [0, 1], view["segments"]
+
+
+@pytest.mark.parametrize("change, where", [
+    ({"devices": [{**{"resource": "cpu", "model": "tiny.en", "compute_type": "int8"}}] * 65}, "devices"),
+    ({"devices": [{"resource": "cpu", "model": "m" * 150_000, "compute_type": "int8"}]}, "model"),
+    ({"devices": [{"resource": "cpu", "model": "tiny", "compute_type": "c" * 150_000}]}, "compute_type"),
+    ({"devices": [{"resource": "cpu", "model": "tiny", "compute_type": "int8", "plugin": "p" * 300}]}, "plugin"),
+    ({"devices": [{"resource": "cpu", "model": "tiny", "compute_type": "int8", "languages": ["en"] * 201}]},
+     "languages"),
+    ({"hardware": {"cpu_cores": 4, "memory_bytes": 1, "gpus": [
+        {"index": 0, "name": "g" * 150_000, "memory_bytes": 1}]}}, "name"),
+    ({"hardware": {"cpu_cores": 4, "memory_bytes": 1, "gpus": [
+        {"index": i, "name": "g", "memory_bytes": 1} for i in range(65)]}}, "gpus"),
+])
+async def test_registering_too_many_devices_or_huge_strings_is_400(change, where):
+    from test_scheduler import CPU_EN, HARDWARE, scheduler
+
+    async with scheduler() as h:
+        body = {"agent_version": "0.1.0", "hostname": "host-a", "hardware": HARDWARE, "devices": [CPU_EN], **change}
+        status, reply, _ = await h.call("POST", "/v1/nodes", json=body)
+        assert status == 400 and where in str(reply), (status, str(reply)[:300])
+        status, nodes, _ = await h.call("GET", "/v1/nodes")
+        assert status == 200 and not nodes["nodes"], nodes

@@ -146,17 +146,26 @@ class _ClientRequest(BaseModel):
 # ---------------------------------------------------------------------------------------------- nodes
 
 
+#: Bounds on what a node registers (issue 22, row 13): every node's list is read on each listing and each lease,
+#: so 5000 nodes with 150 KB strings made GET /v1/nodes take seconds. Far past any real device: a model name or a
+#: local model path, a compute type, a GPU's name; ~100 Whisper languages; GPUs per host.
+NAME_MAX_CHARS = 256
+MODEL_MAX_CHARS = 1024
+LANGUAGES_MAX = 200
+GPUS_MAX = 64
+
+
 class GpuInfo(_NodeMessage):
     index: Int32 = Field(ge=0)
-    name: str
+    name: str = Field(max_length=NAME_MAX_CHARS)
     memory_bytes: Int64 = Field(ge=0)
-    uuid: str | None = None
+    uuid: str | None = Field(None, max_length=NAME_MAX_CHARS)
 
 
 class Hardware(_NodeMessage):
     cpu_cores: Int32 = Field(ge=0)
     memory_bytes: Int64 = Field(ge=0)
-    gpus: list[GpuInfo] = Field(default_factory=list)
+    gpus: list[GpuInfo] = Field(default_factory=list, max_length=GPUS_MAX)
 
 
 class DeviceSpec(_NodeMessage):
@@ -165,10 +174,10 @@ class DeviceSpec(_NodeMessage):
     resource: Resource
     #: The physical device a slot runs on (``cpu``, ``gpu:0``); informational, for operators.
     device: str | None = Field(None, max_length=16)
-    plugin: str = "asr"
-    model: str
-    compute_type: str
-    languages: list[LanguageCode] | None = None
+    plugin: str = Field("asr", max_length=NAME_MAX_CHARS)
+    model: str = Field(max_length=MODEL_MAX_CHARS)
+    compute_type: str = Field(max_length=NAME_MAX_CHARS)
+    languages: list[LanguageCode] | None = Field(None, max_length=LANGUAGES_MAX)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -303,13 +312,26 @@ class RenewResponse(_Reply):
     ttl_s: float
 
 
+#: Segments one job keeps (issue 22, row 13): a segment id is its key in the job, so ids in 0..this-1 bound them,
+#: on every store and path. 500k events made one GET of the job take 752 MB; a 10-hour recording at a segment
+#: per 2 s is 18k. Past it an events report, or a result, is refused with 400 naming the bound.
+MAX_SEGMENTS_PER_JOB = 100_000
+
+
+def _segment_id(value: int) -> int:
+    if not 0 <= value < MAX_SEGMENTS_PER_JOB:
+        raise ValueError(f"a segment id is 0..{MAX_SEGMENTS_PER_JOB - 1}: a job keeps at most "
+                         f"{MAX_SEGMENTS_PER_JOB} segments (MAX_SEGMENTS_PER_JOB)")
+    return value
+
+
 class Segment(BaseModel):
     """One transcript segment; any further faster-whisper fields ride along unchanged. ``start`` and ``end``
     must be finite (NaN or an infinity is refused with 400 where it arrives, so SRT/VTT can always render)."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    id: Int32
+    id: Annotated[Int32, AfterValidator(_segment_id)]
     start: float
     end: float
     text: str
@@ -322,7 +344,7 @@ class EventsReport(_NodeMessage):
     lease_id: Id
     attempt: Int32 = Field(ge=1)
     lease_epoch: Int64 = Field(ge=1)
-    events: list[Segment] = Field(max_length=100_000)
+    events: list[Segment] = Field(max_length=MAX_SEGMENTS_PER_JOB)
 
 
 class TranscriptResult(BaseModel):
@@ -333,7 +355,7 @@ class TranscriptResult(BaseModel):
     language: str | None = None
     language_probability: float | None = None
     duration_s: float | None = None
-    segments: list[Segment] = Field(default_factory=list)
+    segments: list[Segment] = Field(default_factory=list, max_length=MAX_SEGMENTS_PER_JOB)
 
 
 class JobErrorInfo(BaseModel):
