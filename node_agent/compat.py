@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -366,6 +367,11 @@ class CompatService:
     async def _read_body(self, request: web.Request, hold: _BodyHold) -> str:
         """The whole body as text, read within ``body_timeout_s`` and counted against ``http.max_body_bytes``
         and, through ``hold``, against the bytes of all bodies in flight (503 busy before reading past them)."""
+        # The body is taken as sent: a Content-Encoding (gzip, a gzip bomb) is refused before any is read.
+        encoding = request.headers.get("Content-Encoding", "").strip()
+        if encoding and encoding.lower() != "identity":
+            raise CompatError(400, "invalid_request", f"Content-Encoding: {encoding[:40]!r} is not supported; "
+                                                      "send the body uncompressed")
         # Read the stream ourselves: the app's client_max_size is sized for small control requests.
         limit = self.settings.http.max_body_bytes
         too_large = CompatError(413, "too_large", f"request body is over the limit of {limit} bytes")
@@ -385,7 +391,7 @@ class CompatService:
         except TimeoutError:
             raise CompatError(408, "timeout", f"the request body did not arrive within {timeout_s:g} s "
                                               "(compat.body_timeout_s)") from None
-        except (ConnectionError, HttpProcessingError) as exc:
+        except (ConnectionError, HttpProcessingError, RequestPayloadError) as exc:
             # The client hung up mid-body or broke the framing: its fault, not a bug worth a traceback.
             raise CompatError(400, "invalid_request", f"request body incomplete: {type(exc).__name__}") from None
         finally:

@@ -222,6 +222,11 @@ class SchedulerSettings(_Section):
     lease_max_ttl_s: float = Field(300.0, gt=0)
     assign_timeout_s: float = Field(30.0, gt=0, description="A job assigned but never leased is re-queued.")
     max_body_bytes: int = Field(200 * 1024**2, ge=1024)
+    body_timeout_s: float = Field(
+        300.0, gt=0, le=3600,
+        description="A request body (JSON or a multipart upload) must fully arrive within this, else 408 and the "
+        "connection closed; raise it for large uploads over slow links.",
+    )
     max_wait_s: float = Field(30.0, gt=0, description="Upper bound for long-poll waits.")
     job_retention_s: float = Field(3600.0, gt=0, description="Finished jobs are forgotten after this.")
     max_queued_jobs: int = Field(

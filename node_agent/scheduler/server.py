@@ -31,6 +31,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import parse_content_disposition
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ValidationError
 
@@ -166,11 +167,18 @@ SETTINGS_KEY = web.AppKey("scheduler_settings", SchedulerSettings)
 REGISTRY_KEY = web.AppKey("scheduler_registry", CollectorRegistry)
 NOTIFIER_KEY = web.AppKey("scheduler_notifier", Notifier)
 
+class BodyTimeout(ApiError):
+    """A request body that did not fully arrive within ``scheduler.body_timeout_s``: 408, connection closed."""
+
+    code = "timeout"
+
+
 # Refusals (typed errors) -> HTTP statuses. A job's own failure, answered by the synchronous OpenAI endpoint, gets
 # its status from the one table of job error codes (node_agent/errors.py, JOB_ERROR_HTTP).
 _HTTP_STATUS: dict[type[ApiError], int] = {
     InvalidInput: 400,
     Unauthorized: 401,
+    BodyTimeout: 408,
     NodeNotFound: 404,
     UnknownJob: 404,
     ResourceHeld: 409,
@@ -218,6 +226,8 @@ async def _error_middleware(
             response.headers["Retry-After"] = str(exc.retry_after_s)
         if isinstance(exc, Unauthorized):
             response.headers["WWW-Authenticate"] = "Bearer"
+        if isinstance(exc, BodyTimeout):
+            response.force_close()  # the rest of the body is not wanted: no keep-alive after it
         return response
     except web.HTTPRequestEntityTooLarge:
         return _error_response(
@@ -334,11 +344,36 @@ def parse_json(text: bytes | str, what: str = "request body", param: str | None 
     return data
 
 
+def _check_encoding(request: web.Request) -> None:
+    """Bodies are taken as sent: a ``Content-Encoding`` (gzip, a gzip bomb) is refused before any is read."""
+    encoding = request.headers.get("Content-Encoding", "").strip()
+    if encoding and encoding.lower() != "identity":
+        raise InvalidInput(f"Content-Encoding: {encoding[:40]!r} is not supported; send the body uncompressed",
+                           param="Content-Encoding")
+
+
+def _body_deadline(request: web.Request) -> float:
+    return asyncio.get_running_loop().time() + request.app[SETTINGS_KEY].body_timeout_s
+
+
+def _body_timeout(request: web.Request) -> BodyTimeout:
+    return BodyTimeout(f"the request body did not arrive within {request.app[SETTINGS_KEY].body_timeout_s:g} s "
+                       "(scheduler.body_timeout_s)")
+
+
 async def _read_json(request: web.Request, model: type[M]) -> M:
+    _check_encoding(request)
     if request.content_length is not None and request.content_length > request.client_max_size:
         # Refused on its header: read() would first buffer client_max_size bytes of a body it then refuses.
         raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size, actual_size=request.content_length)
-    body = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge -> 413
+    try:
+        # The whole body within body_timeout_s: one that stalls is dropped, not held for as long as the client likes.
+        async with asyncio.timeout_at(_body_deadline(request)):
+            body = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge -> 413
+    except TimeoutError:
+        raise _body_timeout(request) from None
+    except RequestPayloadError as exc:
+        raise InvalidInput(f"request body incomplete or malformed: {exc}") from None
     data = await asyncio.to_thread(parse_json, body) if len(body) > THREAD_PARSE_BYTES else parse_json(body)
     if not isinstance(data, dict):
         raise InvalidInput("request body must be a JSON object")
@@ -408,8 +443,11 @@ class FilePart:
 async def _read_multipart(request: web.Request, max_bytes: int) -> tuple[dict[str, str], FilePart | None]:
     """Form fields, and the ``file`` part streamed into the store as it arrives; every byte counts against
     ``max_bytes``. On any error the partial upload is dropped."""
+    _check_encoding(request)
     if request.content_length is not None and request.content_length > max_bytes:
         raise TooLarge(f"request body is over the limit of {max_bytes} bytes")
+    # The whole body within body_timeout_s. Only the reads are timed: a write to the store is never cut short.
+    deadline = _body_deadline(request)
     try:
         reader = await request.multipart()
     except (AssertionError, ValueError, KeyError) as exc:
@@ -419,7 +457,11 @@ async def _read_multipart(request: web.Request, max_bytes: int) -> tuple[dict[st
     upload: FilePart | None = None
     total = 0
     try:
-        while (part := await reader.next()) is not None:
+        while True:
+            async with asyncio.timeout_at(deadline):
+                part = await reader.next()
+            if part is None:
+                break
             if not isinstance(part, BodyPartReader):
                 raise InvalidInput("nested multipart bodies are not supported")
             name = part.name or ""
@@ -427,14 +469,22 @@ async def _read_multipart(request: web.Request, max_bytes: int) -> tuple[dict[st
                 if upload is not None:
                     raise InvalidInput("file: more than one 'file' part", param="file")
                 upload = FilePart(await store.begin_upload(), sanitize_filename(part.filename))
-                while chunk := await part.read_chunk(256 * 1024):
+                while True:
+                    async with asyncio.timeout_at(deadline):
+                        chunk = await part.read_chunk(256 * 1024)
+                    if not chunk:
+                        break
                     total += len(chunk)
                     if total > max_bytes:
                         raise TooLarge(f"request body is over the limit of {max_bytes} bytes")
                     await upload.upload.write(chunk)
                 continue
             data = bytearray()
-            while chunk := await part.read_chunk(256 * 1024):
+            while True:
+                async with asyncio.timeout_at(deadline):
+                    chunk = await part.read_chunk(256 * 1024)
+                if not chunk:
+                    break
                 total += len(chunk)
                 if total > max_bytes:
                     raise TooLarge(f"request body is over the limit of {max_bytes} bytes")
@@ -451,6 +501,10 @@ async def _read_multipart(request: web.Request, max_bytes: int) -> tuple[dict[st
         if upload is not None:
             with contextlib.suppress(Exception):
                 await upload.upload.discard()
+        if isinstance(exc, TimeoutError):
+            raise _body_timeout(request) from None
+        if isinstance(exc, RequestPayloadError):
+            raise InvalidInput(f"request body incomplete or malformed: {exc}") from None
         if isinstance(exc, (ValueError, AssertionError, HttpProcessingError)):
             # A part header that breaks the grammar (CR/LF/NUL smuggled into a file name) is the client's error.
             reason = getattr(exc, "message", None) or str(exc)
@@ -876,7 +930,8 @@ async def start_scheduler(
     except BaseException:
         sock.close()
         raise
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    # auto_decompress off: a Content-Encoding is refused (400), so a gzip bomb is never expanded while it arrives.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S, auto_decompress=False)
     try:
         await runner.setup()
         await web.SockSite(runner, sock).start()
