@@ -124,7 +124,8 @@ async def start_http(node: LocalNodeView, client: SchedulerClient, settings: Set
                      port: int | None = None) -> RunningHttp:
     """Serve the app on ``http.listen`` (or ``port``: 0 picks a free one)."""
     host, default_port = host_port(settings.http.listen)
-    runner = web.AppRunner(create_app(node, client, settings), access_log=None)
+    # auto_decompress off: /utterance refuses a Content-Encoding (400), so a gzip bomb is never expanded on arrival.
+    runner = web.AppRunner(create_app(node, client, settings), access_log=None, auto_decompress=False)
     await runner.setup()
     port = default_port if port is None else port
     site = web.TCPSite(runner, host, port)
