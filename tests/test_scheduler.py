@@ -616,6 +616,27 @@ async def test_register_heartbeat_and_reregister_after_404(caplog: pytest.LogCap
 
 
 @pytest.mark.asyncio
+async def test_node_listing_is_paged_in_node_id_order() -> None:
+    async with scheduler() as h:
+        ids = sorted([await h.register(node_id=f"n-{i:02d}") for i in range(7)])
+        seen, after, pages = [], None, 0
+        while True:
+            params = {"limit": "3", **({"after": after} if after else {})}
+            status, page, _ = await h.call("GET", "/v1/nodes", params=params)
+            assert status == 200 and len(page["nodes"]) <= 3, page
+            seen += [n["node_id"] for n in page["nodes"]]
+            pages += 1
+            after = page["next_after"]
+            if after is None:
+                break
+        assert (seen, pages) == (ids, 3)
+        status, whole, _ = await h.call("GET", "/v1/nodes")  # the default page holds them all
+        assert [n["node_id"] for n in whole["nodes"]] == ids and whole["next_after"] is None
+        for bad in ({"limit": "x"}, {"after": "a\x00b"}):
+            status, reply, _ = await h.call("GET", "/v1/nodes", params=bad)
+            assert status == 400 and reply["error"]["message"].startswith(next(iter(bad))), reply
+
+
 async def test_long_poll_204_then_200_when_a_job_arrives() -> None:
     async with scheduler() as h:
         node = await h.register()

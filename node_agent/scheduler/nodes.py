@@ -8,6 +8,7 @@ import secrets
 
 from .db import Row, Tx
 from .schemas import (
+    NODES_PAGE_MAX,
     Hardware,
     HeartbeatRequest,
     HeartbeatResponse,
@@ -87,12 +88,18 @@ class Nodes(StorePart):
         await self.engine.run(op)
         return HeartbeatResponse(heartbeat_interval_s=self.settings.heartbeat_interval_s)
 
-    async def list_nodes(self) -> NodeList:
+    async def list_nodes(self, limit: int = NODES_PAGE_MAX, after: str | None = None) -> NodeList:
+        """Up to ``limit`` nodes in node id order, those after node id ``after``; ``next_after`` when more follow.
+        (Keyset paging: a page costs the same however many nodes come before it.)"""
         async def op(tx: Tx) -> tuple[float, list[Row]]:
-            return await tx.now(), await tx.fetch("SELECT * FROM nodes ORDER BY registered_at")
+            rows = await tx.fetch("SELECT * FROM nodes WHERE node_id > $1 ORDER BY node_id LIMIT $2", after or "",
+                                  limit + 1)
+            return await tx.now(), rows
 
         now, rows = await self.engine.run(op)
-        return NodeList(nodes=[
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return NodeList(next_after=rows[-1]["node_id"] if more else None, nodes=[
             NodeView(
                 node_id=r["node_id"],
                 hostname=r["hostname"],

@@ -231,8 +231,15 @@ class NodeView(_Reply):
     registered_age_s: float
 
 
+#: Nodes one ``GET /v1/nodes`` answers at most (its default page): thousands of nodes with their device lists in
+#: one answer held the scheduler's event loop for seconds.
+NODES_PAGE_MAX = 500
+
+
 class NodeList(_Reply):
     nodes: list[NodeView]
+    #: More nodes follow: ask again with ``after`` set to this (keyset paging in node id order); None on the last page.
+    next_after: str | None = None
 
 
 # ------------------------------------------------------------------------------------- jobs (agent)

@@ -60,6 +60,7 @@ from .formats import RESPONSE_FORMATS, to_srt, to_verbose_json, to_vtt
 from .schemas import (
     ID_MAX_CHARS,
     ID_PATTERN,
+    NODES_PAGE_MAX,
     JobState,
     RESOURCE_PATTERN,
     EventsReport,
@@ -545,7 +546,11 @@ async def _register(request: web.Request) -> web.Response:
 
 
 async def _list_nodes(request: web.Request) -> web.Response:
-    return _json(await _store(request).list_nodes())
+    limit = int(_query_float(request, "limit", NODES_PAGE_MAX, 1, NODES_PAGE_MAX))
+    after = request.query.get("after") or None
+    if after is not None and (len(after) > ID_MAX_CHARS or not re.fullmatch(ID_PATTERN, after)):
+        raise InvalidInput(f"after: {after[:20]!r} is not a node id", param="after")
+    return _json(await _store(request).list_nodes(limit, after))
 
 
 async def _heartbeat(request: web.Request) -> web.Response:
