@@ -119,8 +119,7 @@ class LocalNodeView:
             reasons.append("not registered with the scheduler")
         for w in self._workers.values():
             if w.state in (WorkerState.fatal, WorkerState.backoff):
-                reasons.append(f"worker {w.resource} is {w.state.value}" +
-                               (f": {w.last_error}" if w.last_error else ""))
+                reasons.append(w.status_line())
         recent = self._recent_lease_losses()
         if recent:
             reasons.append(f"{recent} lease loss(es) in the last 10 minutes")
