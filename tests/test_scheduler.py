@@ -1,4 +1,5 @@
-"""The scheduler: its pure state machine under a fake clock, and its HTTP API over real loopback sockets."""
+"""The scheduler: its SQL store under a fake clock (SQLite in memory, reaped as the server does), and its HTTP API over
+real loopback sockets on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 

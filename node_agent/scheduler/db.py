@@ -102,6 +102,13 @@ class Engine(Protocol):
     async def run(self, op: Op[T]) -> T: ...
 
 
+async def serialize(tx: Tx, key: int) -> None:
+    """Make the transactions that call this with ``key`` run one after another, to their commit (PostgreSQL: a
+    transaction-scoped advisory lock; SQLite's one writer runs them one at a time already)."""
+    if tx.dialect is POSTGRESQL:
+        await tx.execute(f"SELECT pg_advisory_xact_lock({int(key)})")
+
+
 def sql_list(values: Iterable[str]) -> str:
     """``('a', 'b')``: constant names of this program's own (the states) for an SQL ``IN``."""
     return "(" + ", ".join(f"'{value}'" for value in values) + ")"
@@ -607,6 +614,7 @@ __all__ = [
     "Tx",
     "engine_for",
     "redact_dsn",
+    "serialize",
     "sql_list",
     "sqlite_path",
 ]

@@ -8,7 +8,7 @@ the store's clock; JSON documents are TEXT, read and written only by the schedul
 
 from __future__ import annotations
 
-from .db import Tx, sql_list
+from .db import Tx, serialize, sql_list
 from .errors import StoreError
 from .schemas import OPEN_JOB_STATES, JobState, LeaseState
 
@@ -148,8 +148,7 @@ def _statements(sql: str) -> list[str]:
 async def migrate(tx: Tx, where: str) -> int:
     """Bring the schema to ``LATEST``; return the version found before. Refuses a newer schema."""
     dialect = tx.dialect.name
-    if dialect == "postgresql":
-        await tx.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+    await serialize(tx, MIGRATION_LOCK)
     await tx.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TEXT NOT NULL)")
     found = await tx.fetchval("SELECT MAX(version) FROM schema_version") or 0
     if found > LATEST:

@@ -56,11 +56,13 @@ class Replica:
 
     async def served(self, tx: Tx, fresh: bool = False) -> Served:
         """What the live nodes serve: read again when ``fresh`` or older than ``SERVED_CACHE_S``."""
-        if fresh or self._served is None or time.monotonic() - self._served_at > SERVED_CACHE_S:
-            rows = await tx.fetch(f"SELECT devices FROM nodes WHERE state <> '{NodeState.GONE}'")
-            self._served = Served.of(list(stored_devices(r["devices"])) for r in rows)
-            self._served_at = time.monotonic()
-        return self._served
+        recent = None if fresh else self.served_recently()
+        if recent is not None:
+            return recent
+        rows = await tx.fetch(f"SELECT devices FROM nodes WHERE state <> '{NodeState.GONE}'")
+        self._served = served = Served.of(list(stored_devices(r["devices"])) for r in rows)
+        self._served_at = time.monotonic()
+        return served
 
     def served_recently(self) -> Served | None:
         """What the live nodes serve, when read within ``SERVED_CACHE_S`` (no transaction needed), else None."""

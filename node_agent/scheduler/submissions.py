@@ -9,7 +9,7 @@ import logging
 import secrets
 from typing import Any, AsyncIterator
 
-from .db import Conflict, Engine, Row, Tx
+from .db import Conflict, Engine, Row, Tx, serialize
 from .errors import InvalidInput, UnknownJob, Unservable
 from .rules import Served, admission_refusal, queue_full, unservable_message
 from .schemas import TERMINAL_JOB_STATES, JobErrorInfo, JobSpec, JobView
@@ -214,8 +214,7 @@ class Submissions(StorePart):
         PostgreSQL under an advisory lock held to the commit, so that concurrent submissions (any replica's)
         count one after another, each seeing the jobs of those before it. This replica's own jobs whose
         transactions are still under way are counted from its memory (uncommitted, the count would miss them)."""
-        if tx.dialect.name == "postgresql":
-            await tx.execute(f"SELECT pg_advisory_xact_lock({ADMISSION_LOCK})")
+        await serialize(tx, ADMISSION_LOCK)
         ids, pending_bytes = self.replica.in_flight()
         row = await tx.fetchrow(
             f"""SELECT COUNT(*) AS jobs, COALESCE(SUM(audio_bytes), 0) AS bytes FROM jobs
