@@ -35,7 +35,7 @@ from .lease import Lease, LeaseKeeper, LeaseUnavailable
 from .metrics import AgentMetrics, job_outcome
 from .registration import NodeIdentity
 from .retry import RetryPolicies, retry_after_of, retrying
-from .scheduler.schemas import JobAssignment, ResultReport
+from .scheduler.schemas import JobAssignment
 from .supervisor import JobRequest, ResultMessage, Worker
 
 log = logging.getLogger("node_agent.jobs")
@@ -368,7 +368,8 @@ class JobRunner:
         """Report the result (the same body on every try: reports are idempotent); count the job once."""
         loop = asyncio.get_running_loop()
         a = running.assignment
-        body = ResultReport.model_validate({
+        # A plain mapping: ``report_result`` validates it, so a body the scheduler would refuse is BadRequest.
+        body: dict[str, Any] = {
             # The holder's identity, as the lease was granted: the scheduler accepts nothing else.
             "node_id": lease.node_id,
             "lease_id": lease.lease_id,
@@ -379,7 +380,7 @@ class JobRunner:
             "error": error.to_dict() if error is not None else None,
             "timings": {**(result.timings if result else {}),
                         "node_s": round(loop.time() - running.received, 4)},
-        })
+        }
         code = None if result is not None else (error.code if error else "failed")
         report, requeued = Report.abandoned, False
         started = loop.time()

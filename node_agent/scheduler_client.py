@@ -346,7 +346,7 @@ class SchedulerClient:
         status, data, headers = await self._call(
             "POST", "lease_acquire", "/v1/leases",
             body=self._body(LeaseRequest, "lease_acquire",
-                            LeaseRequest(node_id=node_id, job_id=job_id, resource=resource, ttl_s=ttl_s)))
+                            {"node_id": node_id, "job_id": job_id, "resource": resource, "ttl_s": ttl_s}))
         if status in (200, 201):
             return self._parse(LeaseGrant, "lease_acquire", status, data)
         raise self._fail("lease_acquire", status, data, headers)
@@ -354,7 +354,7 @@ class SchedulerClient:
     async def renew_lease(self, lease_id: str, epoch: int, node_id: str,
                           timeout: float | None = None) -> RenewResponse:
         """Renew as the lease's holder: the scheduler checks the node and epoch against the lease."""
-        body = self._body(RenewRequest, "lease_renew", RenewRequest(node_id=node_id, epoch=epoch))
+        body = self._body(RenewRequest, "lease_renew", {"node_id": node_id, "epoch": epoch})
         status, data, headers = await self._call("POST", "lease_renew", f"/v1/leases/{lease_id}/renew",
                                                  body=body, timeout=timeout)
         if status == 200:
