@@ -23,7 +23,7 @@ from .scheduler_client import SchedulerClient, SchedulerError, SchedulerUnavaila
 from .config import AsrSettings
 from .metrics import AgentMetrics
 from .retry import OutageLog, RetryPolicies, retrying
-from .scheduler.schemas import DeviceSpec, Hardware, HeartbeatRequest, RegisterRequest, RegisterResponse
+from .scheduler.schemas import RegisterResponse
 from .statedir import StateDir
 from .supervisor import Worker
 
@@ -68,27 +68,30 @@ class Registration:
         if self.state is not None:
             self.identity.node_id = self.state.load_node_id()
 
-    def body(self) -> RegisterRequest:
+    def body(self) -> dict[str, Any]:
         """The registration request: this node, its hardware and one device entry per worker (slot)."""
         devices = []
         for resource, worker in self.workers.items():
             info = worker.info
-            devices.append(DeviceSpec(
-                resource=resource,  # a slot: cpu/0, gpu:0/1; each is leased on its own
-                device=resource.partition("/")[0],  # the physical device the slot runs on
-                plugin="asr",
-                model=self.asr.model,
-                compute_type=info.get("compute_type") or self.asr.compute_type,
-                languages=info.get("languages", ["en"] if self.asr.model.endswith(".en") else None),
-            ))
-        return RegisterRequest(
-            node_id=self.identity.node_id,
-            agent_version=__version__,
-            hostname=self.hostname,
-            hardware=Hardware(cpu_cores=psutil.cpu_count() or 0, memory_bytes=psutil.virtual_memory().total,
-                              gpus=self.facts.get("gpus", [])),
-            devices=devices,
-        )
+            devices.append({
+                "resource": resource,  # a slot: cpu/0, gpu:0/1; each is leased on its own
+                "device": resource.partition("/")[0],  # the physical device the slot runs on
+                "plugin": "asr",
+                "model": self.asr.model,
+                "compute_type": info.get("compute_type") or self.asr.compute_type,
+                "languages": info.get("languages", ["en"] if self.asr.model.endswith(".en") else None),
+            })
+        return {
+            "node_id": self.identity.node_id,
+            "agent_version": __version__,
+            "hostname": self.hostname,
+            "hardware": {
+                "cpu_cores": psutil.cpu_count() or 0,
+                "memory_bytes": psutil.virtual_memory().total,
+                "gpus": self.facts.get("gpus", []),
+            },
+            "devices": devices,
+        }
 
     def reregister(self) -> None:
         """The scheduler no longer knows this node: register again."""
@@ -158,8 +161,8 @@ class Registration:
         if not ident.registered or ident.node_id is None:
             return
         mem = psutil.virtual_memory()
-        body = HeartbeatRequest(**self._heartbeat_state(), cpu_percent=psutil.cpu_percent(interval=None),
-                                memory_used_bytes=mem.total - mem.available, memory_total_bytes=mem.total)
+        body = {**self._heartbeat_state(), "cpu_percent": psutil.cpu_percent(interval=None),
+                "memory_used_bytes": mem.total - mem.available, "memory_total_bytes": mem.total}
         try:
             await self.client.heartbeat(ident.node_id, body)
         except UnknownNode:

@@ -28,7 +28,7 @@ def test_one_worker_and_one_lease_resource_per_gpu():
     assert list(agent.workers) == ["gpu:0/0", "gpu:1/0"]
     assert [w.spec.device_index for w in agent.workers.values()] == [0, 1]
     assert all(w.spec.device == "cuda" for w in agent.workers.values())
-    body = agent.registration.body().model_dump(mode="json")
+    body = agent.registration.body()
     assert [(d["resource"], d["device"]) for d in body["devices"]] == [("gpu:0/0", "gpu:0"), ("gpu:1/0", "gpu:1")]
     assert [g["uuid"] for g in body["hardware"]["gpus"]] == ["GPU-a", "GPU-b"]
     cpu_agent = Agent(make_settings(asr={"device": "auto", "device_index": [0, 1]}),
