@@ -289,10 +289,14 @@ async def _path_ids_middleware(
     """Every id in a path (node_id, job_id, lease_id) has the shape of one (``schemas.Id``, as in bodies): one that
     never could be (a NUL, which PostgreSQL's text refuses; 5000 characters) is 400 naming it, before any lookup."""
     for name, value in request.match_info.items():
-        if len(value) > ID_MAX_CHARS or not re.fullmatch(ID_PATTERN, value):
-            raise InvalidInput(f"{name}: {value[:20]!r} is not an id (1-{ID_MAX_CHARS} letters, digits, '.', '_', "
-                               "':' or '-')", param=name)
+        _check_id(name, value)
     return await handler(request)
+
+
+def _check_id(name: str, value: str) -> None:
+    if len(value) > ID_MAX_CHARS or not re.fullmatch(ID_PATTERN, value):
+        raise InvalidInput(f"{name}: {value[:20]!r} is not an id (1-{ID_MAX_CHARS} letters, digits, '.', '_', "
+                           "':' or '-')", param=name)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -441,6 +445,16 @@ class FilePart:
     filename: str | None
 
 
+async def _chunks_by(part: BodyPartReader, deadline: float) -> AsyncIterator[bytes]:
+    """A part's chunks, each read by ``deadline`` (loop time); what the caller does with one is not timed."""
+    while True:
+        async with asyncio.timeout_at(deadline):
+            chunk = await part.read_chunk(256 * 1024)
+        if not chunk:
+            return
+        yield chunk
+
+
 async def _read_multipart(request: web.Request, max_bytes: int) -> tuple[dict[str, str], FilePart | None]:
     """Form fields, and the ``file`` part streamed into the store as it arrives; every byte counts against
     ``max_bytes``. On any error the partial upload is dropped."""
@@ -470,22 +484,14 @@ async def _read_multipart(request: web.Request, max_bytes: int) -> tuple[dict[st
                 if upload is not None:
                     raise InvalidInput("file: more than one 'file' part", param="file")
                 upload = FilePart(await store.begin_upload(), sanitize_filename(part.filename))
-                while True:
-                    async with asyncio.timeout_at(deadline):
-                        chunk = await part.read_chunk(256 * 1024)
-                    if not chunk:
-                        break
+                async for chunk in _chunks_by(part, deadline):
                     total += len(chunk)
                     if total > max_bytes:
                         raise TooLarge(f"request body is over the limit of {max_bytes} bytes")
                     await upload.upload.write(chunk)
                 continue
             data = bytearray()
-            while True:
-                async with asyncio.timeout_at(deadline):
-                    chunk = await part.read_chunk(256 * 1024)
-                if not chunk:
-                    break
+            async for chunk in _chunks_by(part, deadline):
                 total += len(chunk)
                 if total > max_bytes:
                     raise TooLarge(f"request body is over the limit of {max_bytes} bytes")
@@ -548,8 +554,8 @@ async def _register(request: web.Request) -> web.Response:
 async def _list_nodes(request: web.Request) -> web.Response:
     limit = int(_query_float(request, "limit", NODES_PAGE_MAX, 1, NODES_PAGE_MAX))
     after = request.query.get("after") or None
-    if after is not None and (len(after) > ID_MAX_CHARS or not re.fullmatch(ID_PATTERN, after)):
-        raise InvalidInput(f"after: {after[:20]!r} is not a node id", param="after")
+    if after is not None:
+        _check_id("after", after)
     return _json(await _store(request).list_nodes(limit, after))
 
 
