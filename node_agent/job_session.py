@@ -80,15 +80,14 @@ class JobSession:
     """Runs ``job`` on ``proc`` (taken busy from ``lifecycle``); ``run`` once. ``current`` is what the worker's
     status shows of the job while it runs."""
 
-    def __init__(self, resource: str, proc: PluginProcess, job: JobRequest, lifecycle: ProcessLifecycle,
-                 timeouts: TimeoutSettings, stop_grace_s: float, *,
-                 on_started: Callable[[float], None], on_segment: Callable[[dict[str, Any]], None]) -> None:
-        self.resource = resource
+    def __init__(self, proc: PluginProcess, job: JobRequest, lifecycle: ProcessLifecycle, timeouts: TimeoutSettings,
+                 *, on_started: Callable[[float], None], on_segment: Callable[[dict[str, Any]], None]) -> None:
+        self.resource = lifecycle.resource
         self.proc = proc
         self.job = job
         self.lifecycle = lifecycle
         self.timeouts = timeouts
-        self.stop_grace_s = stop_grace_s
+        self.stop_grace_s = lifecycle.settings.stop_grace_s
         self._on_started = on_started
         self._on_segment = on_segment
         self._abort: asyncio.Future[JobError] = asyncio.get_running_loop().create_future()

@@ -24,10 +24,9 @@ from .errors import JobError, JobShutdown, WorkerUnavailable
 from .job_session import JobRequest, JobSession, wait_logged
 from .plugin_messages import ResultMessage, WorkerSpec
 from .worker_lifecycle import RESTART_REASONS, ProcessLifecycle, WorkerState
-from .worker_process import describe_exit
 
 __all__ = ["RESTART_REASONS", "JobRequest", "ResultMessage", "Worker", "WorkerObserver", "WorkerSpec",
-           "WorkerState", "describe_exit", "worker_spec"]
+           "WorkerState", "worker_spec"]
 
 log = logging.getLogger("node_agent.supervisor")
 
@@ -241,7 +240,7 @@ class Worker:
             if on_segment is not None:
                 on_segment(event)
 
-        session = JobSession(self.resource, proc, job, self.life, self.timeouts, self.settings.stop_grace_s,
+        session = JobSession(proc, job, self.life, self.timeouts,
                              on_started=lambda duration: self.observer.job_started(self, job, duration),
                              on_segment=segment)
         self._session = session
