@@ -235,7 +235,7 @@ class JobRunner:
         decode, its segments streamed to the scheduler as they come."""
         async with self.keeper.hold(lease, on_lost=self.worker.abort):
             if a.options_error is not None:  # reported under the lease, as any failure of the job's own
-                return None, InvalidRequest(f"options: {a.options_error}")
+                return None, InvalidRequest(a.options_error)
             audio = await self._fetch_audio(a, deadline)
             if lease.lost is not None:  # lost during the fetch: no decode to stop, so none is started
                 return None, lease.lost

@@ -14,10 +14,10 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints,
-                      ValidationError, field_serializer, model_validator)
+                      field_serializer, model_validator)
 
-from ..contracts import DecodeOptions, one_line
-from ..errors import JOB_ERRORS, JobErrorCode
+from ..contracts import DecodeOptions, parse_options
+from ..errors import JOB_ERRORS, InvalidRequest, JobErrorCode
 from ..languages import NOT_A_CODE, is_language_code
 
 PROTOCOL_VERSION = 1
@@ -291,9 +291,9 @@ class JobAssignment(_Reply):
     def _options_readable(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("options"), dict):
             try:
-                DecodeOptions.model_validate(data["options"])
-            except ValidationError as exc:
-                return {**data, "options": {}, "options_error": one_line(exc, unknown="unknown option", more=False)}
+                return {**data, "options": parse_options(data["options"])}
+            except InvalidRequest as exc:
+                return {**data, "options": {}, "options_error": exc.message}
         return data
 
 
