@@ -30,6 +30,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from .contracts import error_loc, one_line
 from .errors import ConfigError
+from .labels import AUTOMATIC_LABELS, Labels
 from .model_resolution import check_model_name
 
 ENV_PREFIX = "NODE_AGENT_"
@@ -232,8 +233,16 @@ class SchedulerSettings(_Section):
     max_queued_jobs: int = Field(
         10_000, ge=1, description="Unfinished jobs (queued, assigned or running) before a submit is refused (429)."
     )
+    max_queued_interactive_jobs: int = Field(
+        1_000, ge=1, description="Unfinished interactive jobs before an interactive submit is refused (429); "
+        "batch jobs are bounded by max_queued_jobs, so a full batch queue never refuses a live utterance.",
+    )
     max_queued_bytes: int = Field(
         2 * 1024**3, ge=1024, description="Audio bytes of unfinished jobs before a submit is refused (429)."
+    )
+    batch_max_wait_s: float = Field(
+        600.0, gt=0, description="A batch job queued this long counts as interactive, so batch work is never "
+        "starved by a steady stream of interactive jobs.",
     )
     keep_audio: bool = Field(
         False, description="Keep a finished job's audio until job_retention_s (default: dropped when it finishes)."
@@ -376,6 +385,19 @@ class NodeSettings(_Section):
         "null = $XDG_STATE_HOME/node-agent (~/.local/state/node-agent).",
     )
     name: str | None = Field(None, description="Hostname reported to the scheduler; default the machine's.")
+    labels: Labels = Field(
+        default_factory=dict,
+        description="Labels this node carries (a job's labels must all match); device_class, model and "
+        "compute_type are added from the node's devices.",
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _own_labels(cls, value: dict[str, str]) -> dict[str, str]:
+        taken = sorted(set(value) & set(AUTOMATIC_LABELS))
+        if taken:
+            raise ValueError(f"{', '.join(taken)} are set from the node's devices; choose another key")
+        return value
 
     @field_validator("state_dir", mode="before")
     @classmethod

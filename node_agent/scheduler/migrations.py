@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .db import Tx, serialize, sql_list
 from .errors import StoreError
-from .schemas import OPEN_JOB_STATES, JobState, LeaseState
+from .schemas import OPEN_JOB_STATES, JobState, LeaseState, Priority
 
 #: Any constant: the key of PostgreSQL's advisory lock around migrations.
 MIGRATION_LOCK = 4_708_470
@@ -132,10 +132,30 @@ INSERT INTO store_clock (id, last_reap) VALUES (1, 0);
 """,
 }
 
+#: Version 2 (issue 23): what a job asks of its node (model, labels, priority) and who submitted it (the client
+#: token's name: a client sees and cancels only its own jobs); operators' hold on a node (cordoned, a drain's
+#: deadline), a node's labels, and the hash of its secret (a node acts only as itself). The queue index orders
+#: by priority, then submission.
+_V2 = """
+ALTER TABLE jobs ADD COLUMN model TEXT;
+ALTER TABLE jobs ADD COLUMN labels TEXT NOT NULL DEFAULT '{{}}';
+ALTER TABLE jobs ADD COLUMN priority TEXT NOT NULL DEFAULT '{batch}';
+ALTER TABLE jobs ADD COLUMN client TEXT;
+ALTER TABLE jobs ADD COLUMN cancelled_by TEXT;
+ALTER TABLE nodes ADD COLUMN labels TEXT NOT NULL DEFAULT '{{}}';
+ALTER TABLE nodes ADD COLUMN cordoned INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN drain_deadline {double};
+ALTER TABLE nodes ADD COLUMN secret_hash TEXT;
+CREATE INDEX jobs_queue_priority ON jobs (priority, seq) WHERE state = '{queued}';
+CREATE INDEX jobs_client ON jobs (client, seq);
+"""
+
 #: (version, what it does, {dialect: SQL}), in order. Add new ones at the end; never edit an applied one.
 MIGRATIONS: list[tuple[int, str, dict[str, str]]] = [
     (1, "nodes, jobs, segments, leases, reports, audio, the reapers' clock; epoch and job sequences",
      {d: _V1.format(**_TYPES[d], **_STATES) + _V1_SEQUENCES[d] for d in _TYPES}),
+    (2, "jobs' model, labels, priority, client and canceller; nodes' labels, cordon, drain deadline and secret",
+     {d: _V2.format(**_TYPES[d], **_STATES, batch=Priority.BATCH) for d in _TYPES}),
 ]
 
 LATEST = MIGRATIONS[-1][0]

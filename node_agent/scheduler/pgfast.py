@@ -109,18 +109,21 @@ class PgFast:
         return row is not None
 
     async def submit(self, job_id: str, spec: str, language: str | None, filename: str | None, size: int,
-                     upload_id: str, deadline_s: float, audio: bytes) -> float:
+                     upload_id: str, deadline_s: float, audio: bytes, model: str | None, labels: str, priority: str,
+                     client: str | None) -> float:
         """Queue a job whose audio is one chunk, without an Idempotency-Key; returns the store's time."""
         row = await self.engine.statement(
             f"""WITH {_CLOCK},
                j AS (INSERT INTO jobs (job_id, seq, spec, language, filename, audio_bytes, upload_id, created_at,
-                         queued_at, deadline_at, state, attempt)
-                     SELECT $1, nextval('job_seqs'), $2, $3, $4, $5, $6, t.now, t.now, t.now + $7, '{J.QUEUED}', 1
+                         queued_at, deadline_at, state, attempt, model, labels, priority, client)
+                     SELECT $1, nextval('job_seqs'), $2, $3, $4, $5, $6, t.now, t.now, t.now + $7, '{J.QUEUED}', 1,
+                            $11, $12, $13, $14
                      FROM t),
                u AS (INSERT INTO uploads (upload_id, started_at, bytes, job_id) SELECT $6, t.now, $5, $1 FROM t),
                c AS (INSERT INTO audio_chunks (upload_id, n, data) VALUES ($6, 0, $8))
                SELECT t.now, pg_notify($9, $10) FROM t""",
             job_id, spec, language, filename, size, upload_id, deadline_s, audio, CHANNEL, QUEUE_TOPIC,
+            model, labels, priority, client,
         )
         assert row is not None
         return float(row["now"])

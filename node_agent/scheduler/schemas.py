@@ -18,6 +18,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 
 from ..contracts import DecodeOptions, parse_options
 from ..errors import JOB_ERRORS, InvalidRequest, JobErrorCode
+from ..labels import Labels
 from ..languages import NOT_A_CODE, is_language_code
 
 PROTOCOL_VERSION = 1
@@ -29,19 +30,31 @@ RETRYABLE_ERROR_CODES: frozenset[str] = frozenset(code for code, cls in JOB_ERRO
 
 class JobState(StrEnum):
     """A job's life: queued -> assigned (to a node's poll) -> running (under a lease) -> succeeded or failed; an
-    assigned or running job whose node or lease is lost goes back to queued as its next attempt. The one spelling
-    of each name: the store's SQL, the rules and the wire all use these."""
+    assigned or running job whose node or lease is lost goes back to queued as its next attempt; a client or
+    operator may cancel a job in any open state (``DELETE /v1/jobs/{id}``). The one spelling of each name: the
+    store's SQL, the rules and the wire all use these."""
 
     QUEUED = "queued"
     ASSIGNED = "assigned"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
-TERMINAL_JOB_STATES: frozenset[JobState] = frozenset({JobState.SUCCEEDED, JobState.FAILED})
+TERMINAL_JOB_STATES: frozenset[JobState] = frozenset(
+    {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 #: Jobs that count against the queue's bounds and still hold their audio.
 OPEN_JOB_STATES: tuple[JobState, ...] = (JobState.QUEUED, JobState.ASSIGNED, JobState.RUNNING)
+
+
+class Priority(StrEnum):
+    """Which queue a job waits in: ``interactive`` (a live utterance, the OpenAI endpoint) is dispatched before
+    every queued ``batch`` job its node can also serve; a batch job queued longer than
+    ``scheduler.batch_max_wait_s`` counts as interactive, so batch work is never starved."""
+
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
 
 
 class LeaseState(StrEnum):
@@ -400,6 +413,11 @@ class ResultAck(_Reply):
 
 # ------------------------------------------------------------------------------------ jobs (client)
 
+def _any_model(value: Any) -> Any:
+    # The OpenAI endpoint's whisper-1 (and an empty field) means "whichever model the node has".
+    return None if value in ("", "whisper-1") else value
+
+
 
 #: The decode options a client may set: the one model, ``node_agent.contracts.DecodeOptions``.
 JobOptions = DecodeOptions
@@ -413,6 +431,11 @@ class JobSpec(_ClientRequest):
     language: JobLanguage = None
     options: JobOptions = Field(default_factory=JobOptions)
     deadline_s: float | None = Field(None, gt=0, le=7 * 24 * 3600)
+    #: A model as nodes register it (``asr.model``: a name such as large-v3, or a path); None: any node's model.
+    model: Annotated[Annotated[Text, Field(max_length=MODEL_MAX_CHARS)] | None, BeforeValidator(_any_model)] = None
+    #: Node labels that must all match (``node.labels`` and the automatic device_class, model, compute_type).
+    labels: Labels = Field(default_factory=dict)
+    priority: Priority = Priority.BATCH
 
     @model_validator(mode="after")
     def _rate_for_pcm(self) -> "JobSpec":
@@ -444,4 +467,7 @@ class JobView(_Reply):
     created_age_s: float
     timings: dict[str, Any]
     filename: str | None = None
+    model: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    priority: Priority = Priority.BATCH
 

@@ -109,8 +109,9 @@ class Submissions(StorePart):
         return SqlUpload(self.engine, f"upload-{secrets.token_hex(8)}")
 
     async def submit(self, spec: JobSpec, upload: SqlUpload, filename: str | None = None,
-                     idempotency_key: str | None = None) -> tuple[str, str, bool]:
-        """Queue a job whose audio is ``upload``: (job id, state, replayed). A repeated ``idempotency_key`` with the
+                     idempotency_key: str | None = None, client: str | None = None) -> tuple[str, str, bool]:
+        """Queue a job whose audio is ``upload``, for ``client`` (the name of the token it came with; None where the
+        scheduler has no per-client tokens): (job id, state, replayed). A repeated ``idempotency_key`` with the
         same submission answers the first job (replayed); with another, ``InvalidInput``. Empty audio is
         ``InvalidInput``, a job no live node serves ``Unservable``, one past the queue's bounds ``QueueFull``."""
         size = upload.size
@@ -147,10 +148,11 @@ class Submissions(StorePart):
             seq = await tx.next_value("job_seqs")
             await tx.execute(
                 f"""INSERT INTO jobs (job_id, seq, spec, language, filename, audio_bytes, upload_id, idempotency_key,
-                       submission, created_at, queued_at, deadline_at, state, attempt)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, '{J.QUEUED}', 1)""",
+                       submission, created_at, queued_at, deadline_at, state, attempt, model, labels, priority, client)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, '{J.QUEUED}', 1, $12, $13, $14, $15)""",
                 job_id, seq, doc(spec), spec.language, filename, size, upload.upload_id,
                 idempotency_key, submission if idempotency_key is not None else None, now, now + self._deadline_s(spec),
+                *self._asks(spec), client,
             )
             await upload.write_rest(tx, now, job_id)
             tx.notify(QUEUE_TOPIC)  # (no job topic: nobody can be waiting on a job before its id is answered)
@@ -171,7 +173,7 @@ class Submissions(StorePart):
             self.replica.admitting(job_id, size)
             admitted.append(job_id)
             await self._fast.submit(job_id, doc(spec), spec.language, filename, size, upload.upload_id,
-                                    self._deadline_s(spec), upload.buffered)
+                                    self._deadline_s(spec), upload.buffered, *self._asks(spec), client)
             return job_id, J.QUEUED, False
 
         async def general() -> tuple[str, str, bool]:
@@ -244,6 +246,11 @@ class Submissions(StorePart):
             log.warning("queue full, refusing a job: %s", why)
             raise queue_full(why)
 
+    @staticmethod
+    def _asks(spec: JobSpec) -> tuple[str | None, str, str]:
+        """What the job asks of its node, as the jobs table keeps it: (model, labels, priority)."""
+        return spec.model, json.dumps(spec.labels, sort_keys=True), str(spec.priority)
+
     def _deadline_s(self, spec: JobSpec) -> float:
         return spec.deadline_s if spec.deadline_s is not None else self.settings.default_deadline_s
 
@@ -272,6 +279,9 @@ class Submissions(StorePart):
             created_age_s=round(now - job["created_at"], 3),
             timings=timings,
             filename=job["filename"],
+            model=job["model"],
+            labels=json.loads(job["labels"]),
+            priority=job["priority"],
         )
 
     async def job_settled(self, job_id: str, after_segment: int | None = None) -> bool:
