@@ -100,7 +100,8 @@ async def submit_files(args: argparse.Namespace, settings: Settings) -> int:
     failures = 0
     async with SchedulerClient(url, token, settings.scheduler.request_timeout_s) as client:
         waiter = JobWaiter(client, reached=False)
-        jobs: dict[str, str] = {}
+        # A list, not a dict by path: the same file given twice is two jobs, each followed and printed.
+        jobs: list[tuple[str, str]] = []
         for index, path in enumerate(args.audio):
             try:
                 audio = Path(path).read_bytes()
@@ -109,8 +110,8 @@ async def submit_files(args: argparse.Namespace, settings: Settings) -> int:
                 failures += 1
                 continue
             try:
-                jobs[path] = await _submit_one(waiter, Path(path).name, audio, args.language, args.allow_truncated,
-                                               timeout=args.timeout)
+                jobs.append((path, await _submit_one(waiter, Path(path).name, audio, args.language,
+                                                     args.allow_truncated, timeout=args.timeout)))
             except SchedulerError as exc:
                 if exc.status == 422 and exc.code == "no_capable_node":
                     # Every file asks for the same language, so the rest would be refused alike: the scheduler's
@@ -120,8 +121,8 @@ async def submit_files(args: argparse.Namespace, settings: Settings) -> int:
                     break
                 print(f"node-agent: {path}: submit to {url} failed: {_failure(exc)}", file=sys.stderr)
                 failures += 1
-        views = await asyncio.gather(*(_follow(waiter, p, j, args.json, args.timeout) for p, j in jobs.items()))
-    for (path, job_id), view in zip(jobs.items(), views):
+        views = await asyncio.gather(*(_follow(waiter, p, j, args.json, args.timeout) for p, j in jobs))
+    for (path, job_id), view in zip(jobs, views):
         if view.get("state") == "succeeded":
             result = view.get("result") or {}
             if args.json:
