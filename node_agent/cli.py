@@ -186,6 +186,22 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return eventloop.run(submit_files(args, settings))
 
 
+def cmd_hold(args: argparse.Namespace) -> int:
+    from .operator_commands import hold_node
+
+    settings = _load(args)
+    _setup_logging("WARNING")
+    return eventloop.run(hold_node(args, settings))
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from .cluster_view import cluster_command
+
+    settings = _load(args)
+    _setup_logging("WARNING")
+    return cluster_command(args, settings, eventloop.run)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .status_render import status_command
 
@@ -260,6 +276,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                    help="stop waiting for jobs not finished within this many seconds (default: 600)")
     p.set_defaults(func=cmd_submit)
+
+    def with_node(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("node", nargs="?", metavar="NODE",
+                       help="the node id (default: this machine's agent, from its /status or its state directory)")
+        p.add_argument("--scheduler", metavar="URL",
+                       help="scheduler to ask, as for submit (default: scheduler.url, or the embedded scheduler's "
+                            "scheduler.listen)")
+        p.set_defaults(func=cmd_hold)
+        return p
+
+    with_node(with_config(command(
+        "cordon", "give a node no new jobs",
+        "Cordon a node: the scheduler gives it no new jobs; what it runs goes on. Kept in the scheduler's store "
+        "(a restart or replica failover keeps it) until `node-agent uncordon`.")))
+    with_node(with_config(command(
+        "uncordon", "let a node take new jobs again",
+        "Uncordon a node: it takes new jobs again, and a drain's deadline is dropped.")))
+    p = with_node(with_config(command(
+        "drain", "cordon a node and wait until it runs no job",
+        "Drain a node for maintenance: cordon it, then wait (saying what still runs) until it runs no job. With "
+        "--deadline, the jobs still running then go back to the queue and run elsewhere as their next attempt. "
+        "Exit status 0 once the node runs nothing.")))
+    p.add_argument("--deadline", type=float, metavar="SECONDS",
+                   help="hand the node's running jobs back to the queue after this many seconds, 0 to 604800 "
+                        "(default: wait for them however long they take)")
+
+    p = with_config(command(
+        "cluster", "show the scheduler's nodes, queue and recent jobs",
+        "Show every node (state, cordon, labels, slots, running jobs with their lease age), the queue by priority "
+        "and model, the jobs finished in the last hour, and which scheduler answered. Exit status 0 healthy, 1 "
+        "degraded (a node gone or cordoned, no live node, a queue waiting past scheduler.batch_max_wait_s), 2 "
+        "scheduler unreachable."))
+    p.add_argument("--scheduler", metavar="URL",
+                   help="scheduler to ask, as for submit (default: scheduler.url, or the embedded scheduler's "
+                        "scheduler.listen)")
+    p.add_argument("--json", action="store_true",
+                   help="print the cluster view as JSON (with a health section) instead of a page")
+    p.set_defaults(func=cmd_cluster)
 
     p = command(
         "status", "show the local agent's state",

@@ -346,7 +346,7 @@ def render(status: dict[str, Any], width: int = WIDTH) -> str:
 # ----- the command ----------------------------------------------------------------------------------------------
 
 
-def _terminal_width() -> int:
+def terminal_width() -> int:
     return min(WIDTH, max(40, shutil.get_terminal_size((WIDTH, 24)).columns))
 
 
@@ -367,6 +367,6 @@ def status_command(args: argparse.Namespace) -> int:
     if getattr(args, "json", False):
         print(dumps(status, indent=2))
     else:
-        sys.stdout.write(render(status, _terminal_width()))
+        sys.stdout.write(render(status, terminal_width()))
     sys.stdout.flush()
     return exit_code(status)

@@ -13,9 +13,12 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ..contracts import JOB_OUTCOMES, job_outcome
-from .schemas import NODE_STATES
+from .schemas import NODE_STATES, Priority
 
-REQUEUE_REASONS: tuple[str, ...] = ("lease_expired", "released", "assign_timeout", "node_gone", "retryable_error")
+PRIORITIES: tuple[str, ...] = tuple(Priority)
+
+REQUEUE_REASONS: tuple[str, ...] = ("lease_expired", "released", "assign_timeout", "node_gone", "retryable_error",
+                                    "drained")
 REJECT_REASONS: tuple[str, ...] = ("stale_attempt", "stale_epoch", "already_completed")
 #: Why a submission was refused before it was queued (the error codes of the 429 and the 422).
 REFUSE_REASONS: tuple[str, ...] = ("queue_full", "no_capable_node")
@@ -24,12 +27,18 @@ REFUSE_REASONS: tuple[str, ...] = ("queue_full", "no_capable_node")
 Snapshot = Callable[[], tuple[int, Mapping[str, int]]]
 #: Returns (unfinished jobs, their audio bytes): what scheduler.max_queued_jobs / max_queued_bytes bound.
 Load = Callable[[], tuple[int, int]]
+#: The queue by (priority, model asked or "any", jobs, oldest wait in seconds), and the cordoned nodes, as a scrape
+#: last read them (``SchedulerMetrics.queue_seen``).
+QueueGroups = list[tuple[str, str, int, float]]
+
 
 
 class _GaugeCollector(Collector):
-    def __init__(self, snapshot: Snapshot, load: Load | None) -> None:
+    def __init__(self, snapshot: Snapshot, load: Load | None,
+                 operators: Callable[[], tuple[QueueGroups, int]] | None = None) -> None:
         self._snapshot = snapshot
         self._load = load
+        self._operators = operators
 
     def _families(self) -> list[GaugeMetricFamily]:
         families = [
@@ -47,6 +56,15 @@ class _GaugeCollector(Collector):
                     "Audio bytes of unfinished jobs (bounded by scheduler.max_queued_bytes).",
                 ),
             ]
+        if self._operators is not None:
+            families += [
+                GaugeMetricFamily("node_agent_scheduler_queued_jobs", "Queued jobs by priority and by the model they "
+                                  "ask for (any: none asked).", labels=["priority", "model"]),
+                GaugeMetricFamily("node_agent_scheduler_queue_oldest_wait_seconds", "How long the oldest queued job "
+                                  "of each priority and model has waited.", labels=["priority", "model"]),
+                GaugeMetricFamily("node_agent_scheduler_nodes_cordoned", "Nodes an operator cordoned or is "
+                                  "draining (they get no new jobs)."),
+            ]
         return families
 
     def describe(self) -> Iterable[Metric]:
@@ -63,6 +81,15 @@ class _GaugeCollector(Collector):
             jobs, audio_bytes = self._load()
             families[2].add_metric([], jobs)
             families[3].add_metric([], audio_bytes)
+        if self._operators is not None:
+            groups, cordoned = self._operators()
+            queued, waits, cordon = families[-3:]
+            seen = {priority for priority, _, _, _ in groups}
+            # Every priority has a series even when none of its jobs waits, so a rule on it never sees a gap.
+            for priority, model, count, wait in groups + [(p, "any", 0, 0.0) for p in PRIORITIES if p not in seen]:
+                queued.add_metric([priority, model], count)
+                waits.add_metric([priority, model], wait)
+            cordon.add_metric([], cordoned)
         return families
 
 
@@ -115,7 +142,14 @@ class SchedulerMetrics:
             self.results_rejected.labels(reason)
         for reason in REQUEUE_REASONS:
             self.jobs_requeued.labels(reason)
-        registry.register(_GaugeCollector(snapshot, load))
+        self._queue_groups: QueueGroups = []
+        self._cordoned = 0
+        registry.register(_GaugeCollector(snapshot, load, lambda: (self._queue_groups, self._cordoned)))
+
+    def queue_seen(self, groups: QueueGroups, cordoned: int) -> None:
+        """A scrape read the queue by priority and model, and the cordoned nodes, from the store."""
+        self._queue_groups = groups
+        self._cordoned = cordoned
 
     def node_seen(self, node_id: str) -> None:
         """Export the per-node lease series at 0 as soon as a node registers."""

@@ -99,17 +99,21 @@ class Nodes(StorePart):
         now, rows = await self.engine.run(op)
         more = len(rows) > limit
         rows = rows[:limit]
-        return NodeList(next_after=rows[-1]["node_id"] if more else None, nodes=[
-            NodeView(
-                node_id=r["node_id"],
-                hostname=r["hostname"],
-                agent_version=r["agent_version"],
-                state=r["state"],
-                hardware=Hardware.model_validate(json.loads(r["hardware"])),
-                devices=devices_of(r["devices"]),
-                running_jobs=json.loads(r["running_jobs"]),
-                last_heartbeat_age_s=round(now - r["last_heartbeat"], 3),
-                registered_age_s=round(now - r["registered_at"], 3),
-            )
-            for r in rows
-        ])
+        return NodeList(next_after=rows[-1]["node_id"] if more else None, nodes=[node_view(r, now) for r in rows])
+
+
+def node_view(r: Row, now: float) -> NodeView:
+    """A node's row as ``GET /v1/nodes`` (and the operators' cordon and drain) answer it."""
+    return NodeView(
+        node_id=r["node_id"],
+        hostname=r["hostname"],
+        agent_version=r["agent_version"],
+        state=r["state"],
+        hardware=Hardware.model_validate(json.loads(r["hardware"])),
+        devices=devices_of(r["devices"]),
+        running_jobs=json.loads(r["running_jobs"]),
+        last_heartbeat_age_s=round(now - r["last_heartbeat"], 3),
+        registered_age_s=round(now - r["registered_at"], 3),
+        cordoned=bool(r["cordoned"]),
+        drain_deadline_s=round(max(0.0, r["drain_deadline"] - now), 3) if r["drain_deadline"] is not None else None,
+    )

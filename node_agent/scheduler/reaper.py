@@ -7,6 +7,7 @@ import json
 import logging
 
 from .db import Tx
+from .operators import hand_back_drained, queue_groups
 from .rules import gone_after_s, unservable_error
 from .schemas import JobErrorInfo
 from .schemas import JobState as J
@@ -61,6 +62,7 @@ class Reaper(StorePart):
         ):
             await self.tr.requeue_or_fail(tx, job, now, "assign_timeout", "worker_unavailable",
                                         f"node {job['node_id']} took no lease within {s.assign_timeout_s:g} s")
+        await hand_back_drained(tx, self.tr, now)
         for job in await tx.fetch(
             f"SELECT * FROM jobs WHERE state = '{J.QUEUED}' AND deadline_at <= $1 LIMIT {REAP_BATCH}{skip}", now
         ):
@@ -90,7 +92,14 @@ class Reaper(StorePart):
 
     async def refresh_gauges(self) -> None:
         """Read the gauges' values now (a /metrics scrape does, so it shows this moment, not the last pass)."""
-        await self.engine.run(self._gauges)
+        # The queue's breakdown by priority and model is read at scrape time only: every reaping pass grouping the
+        # whole queue would cost far more than the scrapes do.
+        async def op(tx: Tx) -> tuple[list[tuple[str, str, int, float]], int]:
+            await self._gauges(tx)
+            cordoned = await tx.fetchval(f"SELECT COUNT(*) FROM nodes WHERE cordoned = 1 AND state <> '{N.GONE}'")
+            return await queue_groups(tx, await tx.now()), int(cordoned)
+
+        self.metrics.queue_seen(*await self.engine.run(op))
 
     async def _gauges(self, tx: Tx) -> None:
         counts = await tx.fetch("SELECT state, COUNT(*) AS n FROM nodes GROUP BY state")

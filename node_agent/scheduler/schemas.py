@@ -242,6 +242,10 @@ class NodeView(_Reply):
     running_jobs: list[str]
     last_heartbeat_age_s: float
     registered_age_s: float
+    #: An operator cordoned the node (``POST /v1/nodes/{id}/cordon`` or a drain): it gets no new jobs.
+    cordoned: bool = False
+    #: Seconds left until a drain hands the node's running jobs back to the queue; None: no drain deadline.
+    drain_deadline_s: float | None = None
 
 
 #: Nodes one ``GET /v1/nodes`` answers at most (its default page): thousands of nodes with their device lists in
@@ -471,3 +475,112 @@ class JobView(_Reply):
     labels: dict[str, str] = Field(default_factory=dict)
     priority: Priority = Priority.BATCH
 
+
+
+# ------------------------------------------------------------------------------------------ operators
+
+#: The longest drain deadline an operator may give (a week: maintenance windows, not forever).
+DRAIN_DEADLINE_MAX_S = 7 * 24 * 3600.0
+
+
+class DrainRequest(_ClientRequest):
+    """Body of ``POST /v1/nodes/{id}/drain`` (optional): hand the node's running jobs back after ``deadline_s``;
+    None waits for them however long they take."""
+
+    deadline_s: float | None = Field(None, ge=0, le=DRAIN_DEADLINE_MAX_S)
+
+
+#: Jobs one ``GET /v1/jobs`` answers at most (its default page), as for nodes.
+JOBS_PAGE_MAX = 500
+
+
+class JobSummary(_Reply):
+    """One job in a listing: what an operator scans for, without its segments or result."""
+
+    job_id: str
+    state: JobState
+    priority: Priority
+    model: str | None
+    language: str | None
+    node_id: str | None
+    resource: str | None
+    attempt: int
+    filename: str | None
+    created_age_s: float
+    #: Seconds since it finished; None while open.
+    finished_age_s: float | None
+    error_code: str | None
+
+
+class JobList(_Reply):
+    """``GET /v1/jobs``: newest first (by submission order); ``next_after`` is the job id to page on from."""
+
+    jobs: list[JobSummary]
+    next_after: str | None = None
+
+
+class SlotView(_Reply):
+    resource: str
+    model: str
+    busy: bool
+
+
+class RunningJob(_Reply):
+    job_id: str
+    state: JobState
+    resource: str | None
+    attempt: int
+    priority: Priority
+    #: Seconds since the job's current lease was granted (since it was assigned, while it has none).
+    lease_age_s: float
+    #: Seconds until that lease expires unrenewed; None while the job has no lease.
+    lease_expires_in_s: float | None
+
+
+class ClusterNode(_Reply):
+    node_id: str
+    hostname: str
+    state: NodeState
+    cordoned: bool
+    drain_deadline_s: float | None
+    labels: dict[str, str]
+    slots: list[SlotView]
+    running_jobs: list[RunningJob]
+    last_heartbeat_age_s: float
+
+
+class QueueSummary(_Reply):
+    """Queued jobs: how many per priority and per model asked (``any``: no model asked), and the oldest's wait."""
+
+    interactive: int
+    batch: int
+    by_model: dict[str, int]
+    oldest_wait_s: float | None
+    oldest_wait_s_by_priority: dict[str, float]
+
+
+class ReplicaInfo(_Reply):
+    """Which scheduler process answered (replicas share one store: any of them may)."""
+
+    hostname: str
+    pid: int
+    listen: str
+
+
+class ClusterView(_Reply):
+    """``GET /v1/cluster``: nodes (the first ``CLUSTER_NODES_MAX`` by id; the counts cover all), the queue, the
+    jobs finished in the last hour by state, and the replica that answered (``scheduler``: the URL it was
+    reached at)."""
+
+    scheduler: str
+    replica: ReplicaInfo
+    nodes: list[ClusterNode]
+    nodes_total: int
+    nodes_by_state: dict[str, int]
+    nodes_cordoned: int
+    queue: QueueSummary
+    #: Jobs that ended in the last hour, by terminal state (succeeded, failed, cancelled).
+    finished_last_hour: dict[str, int]
+    #: A batch job queued longer than this counts as interactive (``scheduler.batch_max_wait_s``): the CLI calls
+    #: a queue whose oldest wait is past it degraded.
+    batch_max_wait_s: float

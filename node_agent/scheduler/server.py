@@ -56,11 +56,14 @@ from .errors import (
     Unservable,
     WaitTimeout,
 )
+from . import auth
 from .formats import RESPONSE_FORMATS, to_srt, to_verbose_json, to_vtt
 from .schemas import (
     ID_MAX_CHARS,
     ID_PATTERN,
+    JOBS_PAGE_MAX,
     NODES_PAGE_MAX,
+    DrainRequest,
     JobState,
     RESOURCE_PATTERN,
     EventsReport,
@@ -559,6 +562,51 @@ async def _list_nodes(request: web.Request) -> web.Response:
     return _json(await _store(request).list_nodes(limit, after))
 
 
+async def _cordon(request: web.Request) -> web.Response:
+    return _json(await _store(request).cordon(request.match_info["node_id"]))
+
+
+async def _uncordon(request: web.Request) -> web.Response:
+    return _json(await _store(request).uncordon(request.match_info["node_id"]))
+
+
+async def _drain(request: web.Request) -> web.Response:
+    # The body is optional: a drain without one waits for the node's jobs however long they take.
+    body = await _read_json(request, DrainRequest) if request.body_exists else DrainRequest()
+    return _json(await _store(request).drain(request.match_info["node_id"], body.deadline_s))
+
+
+def _job_states(raw: str | None) -> list[JobState] | None:
+    """``state=queued`` or a comma list (``assigned,running``); None: every state."""
+    if not raw:
+        return None
+    states = []
+    for name in raw.split(",")[:len(JobState)]:
+        try:
+            states.append(JobState(name.strip()))
+        except ValueError:
+            raise InvalidInput(f"state: {name.strip()[:20]!r} is not one of {', '.join(JobState)}",
+                               param="state") from None
+    return states
+
+
+async def _list_jobs(request: web.Request) -> web.Response:
+    limit = int(_query_float(request, "limit", JOBS_PAGE_MAX, 1, JOBS_PAGE_MAX))
+    after = request.query.get("after") or None
+    node = request.query.get("node") or None
+    for name, value in (("after", after), ("node", node)):
+        if value is not None:
+            _check_id(name, value)
+    jobs = await _store(request).list_jobs(states=_job_states(request.query.get("state")), node_id=node,
+                                           client=auth.client_scope(request), limit=limit, after=after)
+    return _json(jobs)
+
+
+async def _cluster(request: web.Request) -> web.Response:
+    # The URL this replica was reached at (its Host header, bounded): behind a balancer, `replica` says which one.
+    return _json(await _store(request).cluster(f"{request.scheme}://{request.host[:255]}"))
+
+
 async def _heartbeat(request: web.Request) -> web.Response:
     req = await _read_json(request, HeartbeatRequest)
     return _json(await _store(request).heartbeat(request.match_info["node_id"], req))
@@ -886,11 +934,16 @@ async def create_app(
     app.router.add_post("/v1/nodes", _register)
     app.router.add_get("/v1/nodes", _list_nodes)
     app.router.add_put("/v1/nodes/{node_id}/heartbeat", _heartbeat)
+    app.router.add_post("/v1/nodes/{node_id}/cordon", _cordon)
+    app.router.add_post("/v1/nodes/{node_id}/uncordon", _uncordon)
+    app.router.add_post("/v1/nodes/{node_id}/drain", _drain)
+    app.router.add_get("/v1/cluster", _cluster)
     app.router.add_get("/v1/nodes/{node_id}/jobs/next", _next_job)
     app.router.add_post("/v1/leases", _grant_lease)
     app.router.add_post("/v1/leases/{lease_id}/renew", _renew_lease)
     app.router.add_delete("/v1/leases/{lease_id}", _release_lease)
     app.router.add_post("/v1/jobs", _submit_job)
+    app.router.add_get("/v1/jobs", _list_jobs)
     app.router.add_get("/v1/jobs/{job_id}", _get_job)
     app.router.add_get("/v1/jobs/{job_id}/audio", _job_audio)
     app.router.add_post("/v1/jobs/{job_id}/events", _post_events)

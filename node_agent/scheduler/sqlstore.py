@@ -12,7 +12,7 @@ wall clock, or a test's), never a replica's, and survive restarts.
 
 The operations are grouped by who calls them, each group a class of its own over one engine: ``Nodes`` (register,
 heartbeat), ``Submissions`` (clients' jobs and audio), ``Dispatch`` (nodes' jobs, leases and reports), ``Reaper``
-(what fell due); ``Transitions`` holds what they share, ``Replica`` what this process remembers between
+(what fell due), ``Operators`` (cordon, drain, the job listing and the cluster summary); ``Transitions`` holds what they share, ``Replica`` what this process remembers between
 transactions. ``SqlStore`` puts them together behind the ``store.Store`` interface.
 """
 
@@ -26,6 +26,7 @@ from .dispatch import Dispatch
 from .metrics import SchedulerMetrics
 from .migrations import LATEST, migrate
 from .nodes import Nodes
+from .operators import Operators
 from .pgfast import PgFast
 from .reaper import Reaper
 from .replica import Replica
@@ -69,6 +70,9 @@ class SqlStore:
                                                                  dispatch.release_lease)
         self.lease_state = dispatch.lease_state
         self.reap, self.refresh_gauges = self._reaper.reap, self._reaper.refresh_gauges
+        operators = Operators(*parts)
+        self.cordon, self.uncordon, self.drain = operators.cordon, operators.uncordon, operators.drain
+        self.list_jobs, self.cluster = operators.list_jobs, operators.cluster
 
     async def open(self) -> None:
         found = await self.engine.run(lambda tx: migrate(tx, self.where))

@@ -10,7 +10,7 @@ There is one store, ``SqlStore``, on one of three locations:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol, Sequence
 
 from prometheus_client import CollectorRegistry
 
@@ -18,6 +18,10 @@ from ..config import SchedulerSettings
 from .db import PostgresEngine, engine_for
 from .metrics import SchedulerMetrics
 from .schemas import (
+    ClusterView,
+    JobList,
+    JobState,
+    NodeView,
     EventsReport,
     HeartbeatRequest,
     HeartbeatResponse,
@@ -97,6 +101,17 @@ class Store(Protocol):
     async def reap(self) -> None: ...
 
     async def refresh_gauges(self) -> None: ...
+
+    async def cordon(self, node_id: str) -> NodeView: ...
+
+    async def uncordon(self, node_id: str) -> NodeView: ...
+
+    async def drain(self, node_id: str, deadline_s: float | None) -> NodeView: ...
+
+    async def list_jobs(self, *, states: Sequence[JobState] | None = None, node_id: str | None = None,
+                        client: str | None = None, limit: int = ..., after: str | None = None) -> JobList: ...
+
+    async def cluster(self, scheduler: str) -> ClusterView: ...
 
 
 async def open_store(

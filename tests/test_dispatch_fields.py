@@ -1,0 +1,281 @@
+"""Dispatch by what a job asks (issue 23): its model and node labels route it, its priority orders the queue, and
+admission refuses at once what no live node serves, with a cap per priority class.
+
+The capability rule is tested as a table (rules.serves), and its SQL form (pgfast.ask_served_sql) against the same
+table on SQLite; the store tests run on sqlite, postgresql (single statements) and postgresql-general."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+import test_store
+from test_scheduler import AUDIO, CPU_EN, GPU_ANY, HARDWARE, clocked, register
+from test_store import close, serve
+
+from node_agent.config import Settings
+from node_agent.errors import UsageError
+from node_agent.scheduler.errors import QueueFull, Unservable
+from node_agent.scheduler.pgfast import ask_served_sql
+from node_agent.scheduler.rules import Ask, Offer, Served, automatic_labels, serves
+from node_agent.scheduler.schemas import DeviceSpec, JobSpec
+from node_agent.submit import job_asks, submit_files
+
+store = test_store.store  # the fixture: sqlite, postgresql, postgresql-general
+
+CPU = DeviceSpec(**CPU_EN)
+GPU = DeviceSpec(**GPU_ANY)
+LARGE = DeviceSpec(resource="gpu:1", model="/models/large-v3", compute_type="float16")
+RACK1 = {"rack": "r1"}
+
+#: (device, node labels, ask, served?): the one capability rule.
+CASES: list[tuple[DeviceSpec, dict[str, str], Ask, bool]] = [
+    (CPU, {}, Ask(), True),
+    (CPU, {}, Ask("en"), True),
+    (CPU, {}, Ask("de"), False),
+    (GPU, {}, Ask("de"), True),
+    (CPU, {}, Ask(model="tiny.en"), True),
+    (CPU, {}, Ask(model="base"), False),
+    (GPU, {}, Ask("de", "base"), True),
+    (LARGE, {}, Ask(model="/models/large-v3"), True),
+    (LARGE, {}, Ask(model="large-v3"), False),  # the model as the node registers it
+    (CPU, RACK1, Ask.of(None, None, {"rack": "r1"}), True),
+    (CPU, RACK1, Ask.of(None, None, {"rack": "r2"}), False),
+    (CPU, {}, Ask.of(None, None, {"rack": "r1"}), False),
+    (CPU, {}, Ask.of(None, None, {"device_class": "cpu"}), True),
+    (CPU, {}, Ask.of(None, None, {"device_class": "gpu"}), False),
+    (GPU, RACK1, Ask.of("fr", "base", {"device_class": "gpu", "rack": "r1", "compute_type": "float16"}), True),
+    (LARGE, {}, Ask.of(None, None, {"model": "large-v3"}), True),  # a path's last part is its model label
+    (CPU, {}, Ask.of(None, None, {"model": "tiny.en", "compute_type": "int8"}), True),
+    (CPU, {"device_class": "gpu"}, Ask.of(None, None, {"device_class": "gpu"}), False),  # automatic ones win
+    (DeviceSpec(resource="cpu", plugin="vad", model="x", compute_type="int8"), {}, Ask(), False),
+]
+
+
+@pytest.mark.parametrize(("device", "node_labels", "ask", "expected"), CASES)
+def test_the_capability_rule_and_its_summary_and_sql_forms_agree(device: DeviceSpec, node_labels: dict[str, str],
+                                                                  ask: Ask, expected: bool) -> None:
+    assert serves(device, node_labels, ask) is expected
+    assert Served.of([([device], node_labels)]).serves(ask) is expected
+    # The SQL form (SQLite's; PostgreSQL's runs in every store test below) on a jobs row asking the same.
+    with sqlite3.connect(":memory:") as db:
+        db.execute("CREATE TABLE jobs (language TEXT, model TEXT, labels TEXT)")
+        db.execute("INSERT INTO jobs VALUES (?, ?, ?)", (ask.language, ask.model, json.dumps(dict(ask.labels))))
+        offers = Served.of([([device], node_labels)]).offers_json()
+        (found,) = db.execute(f"SELECT COUNT(*) FROM jobs WHERE {ask_served_sql('sqlite', '?')}",
+                              (offers,)).fetchone()
+    assert bool(found) is expected
+
+
+def test_automatic_labels_come_from_the_device() -> None:
+    assert automatic_labels(CPU) == {"device_class": "cpu", "compute_type": "int8", "model": "tiny.en"}
+    assert automatic_labels(LARGE) == {"device_class": "gpu", "compute_type": "float16", "model": "large-v3"}
+    assert Offer.of(GPU, RACK1).describe(with_labels=True) == \
+        "any language with base [compute_type=float16, device_class=gpu, model=base, rack=r1]"
+
+
+async def _register(h: Any, devices: list[dict[str, Any]], labels: dict[str, str]) -> str:
+    body = {"agent_version": "0.1.0", "hostname": "host-a", "hardware": HARDWARE, "devices": devices,
+            "labels": labels}
+    status, reply, _ = await h.call("POST", "/v1/nodes", json=body)
+    assert status == 201, reply
+    return str(reply["node_id"])
+
+
+async def _next(h: Any, node_id: str) -> str | None:
+    status, body = await h.poll(node_id)
+    if status == 204:
+        return None
+    assert status == 200, body
+    return str(body["job_id"])
+
+
+async def test_jobs_go_only_to_nodes_whose_model_and_labels_they_ask(store: str, tmp_path: Path) -> None:
+    h = await serve(store, tmp_path)
+    try:
+        cpu = await _register(h, [CPU_EN], {"rack": "r1"})
+        gpu = await _register(h, [GPU_ANY], {"rack": "r2"})
+        by_model = await h.submit(model="base")
+        assert await _next(h, cpu) is None
+        assert await _next(h, gpu) == by_model
+        by_class = await h.submit(labels={"device_class": "gpu"})
+        by_rack = await h.submit(labels={"rack": "r1", "model": "tiny.en"})
+        assert await _next(h, gpu) == by_class  # by_rack is older in nothing, but the gpu node cannot take it
+        assert await _next(h, gpu) is None
+        assert await _next(h, cpu) == by_rack
+        status, view, _ = await h.call("GET", f"/v1/jobs/{by_rack}")
+        assert (view["model"], view["labels"], view["priority"]) == (None, {"model": "tiny.en", "rack": "r1"},
+                                                                    "batch")
+        status, nodes, _ = await h.call("GET", "/v1/nodes")
+        assert {n["node_id"]: n["labels"] for n in nodes["nodes"]} == {cpu: {"rack": "r1"}, gpu: {"rack": "r2"}}
+    finally:
+        await close(h)
+
+
+async def test_a_job_no_live_node_serves_is_refused_naming_what_was_asked(store: str, tmp_path: Path) -> None:
+    h = await serve(store, tmp_path)
+    try:
+        await _register(h, [CPU_EN], {"rack": "r1"})
+        body = {"audio_b64": "AAAA"}
+        status, reply, _ = await h.call("POST", "/v1/jobs", json={**body, "model": "large-v3"})
+        assert status == 422 and reply["error"]["code"] == "no_capable_node", reply
+        assert reply["error"]["message"] == ("no live node serves model 'large-v3' (nodes serve: en with tiny.en); "
+                                             "run a node with asr.model: large-v3, or ask for a model a live node "
+                                             "has")
+        status, reply, _ = await h.call("POST", "/v1/jobs", json={**body, "labels": {"zone": "eu"}})
+        assert status == 422, reply
+        assert reply["error"]["message"].startswith(
+            "no live node serves labels zone=eu (nodes serve: en with tiny.en [compute_type=int8, "
+            "device_class=cpu, model=tiny.en, rack=r1]); set those labels on a node"), reply
+    finally:
+        await close(h)
+
+
+async def _cordon(store: str, tmp_path: Path, node_id: str, cordoned: int) -> None:
+    """Set the column as the operators' cordon does (their command is another part of issue 23)."""
+    if store.startswith("sqlite"):
+        with sqlite3.connect(tmp_path / "scheduler.db") as db:
+            db.execute("UPDATE nodes SET cordoned = ? WHERE node_id = ?", (cordoned, node_id))
+        return
+    conn = await asyncpg.connect(store)
+    try:
+        await conn.execute("UPDATE nodes SET cordoned = $1 WHERE node_id = $2", cordoned, node_id)
+    finally:
+        await conn.close()
+
+
+async def test_interactive_jobs_go_first_and_a_cordoned_node_gets_nothing(store: str, tmp_path: Path) -> None:
+    h = await serve(store, tmp_path)
+    try:
+        node = await _register(h, [CPU_EN], {})
+        batch = [await h.submit() for _ in range(2)]
+        live = await h.submit(priority="interactive")
+        await _cordon(store, tmp_path, node, 1)
+        assert await _next(h, node) is None
+        await _cordon(store, tmp_path, node, 0)
+        assert [await _next(h, node) for _ in range(4)] == [live, *batch, None]
+    finally:
+        await close(h)
+
+
+async def test_each_priority_class_has_its_own_cap(store: str, tmp_path: Path) -> None:
+    h = await serve(store, tmp_path, max_queued_jobs=2, max_queued_interactive_jobs=1)
+    try:
+        await _register(h, [CPU_EN], {})
+        await h.submit()
+        await h.submit()
+        status, reply, _ = await h.call("POST", "/v1/jobs", json={"audio_b64": "AAAA"})
+        assert status == 429 and "scheduler.max_queued_jobs (2)" in reply["error"]["message"], reply
+        await h.submit(priority="interactive")  # a full batch queue never refuses a live utterance
+        status, reply, _ = await h.call("POST", "/v1/jobs", json={"audio_b64": "AAAA", "priority": "interactive"})
+        assert status == 429 and "scheduler.max_queued_interactive_jobs (1)" in reply["error"]["message"], reply
+    finally:
+        await close(h)
+
+
+async def test_multipart_fields_and_the_openai_model(tmp_path: Path) -> None:
+    h = await serve(f"sqlite:///{tmp_path / 'scheduler.db'}", tmp_path)
+    try:
+        await _register(h, [CPU_EN, GPU_ANY], {"rack": "r1"})
+        form = aiohttp.FormData()
+        for name, value in (("model", "base"), ("labels", '{"rack": "r1"}'), ("priority", "interactive")):
+            form.add_field(name, value)
+        form.add_field("file", AUDIO, filename="a.wav")
+        status, reply, _ = await h.call("POST", "/v1/jobs", data=form)
+        assert status == 202, reply
+        status, view, _ = await h.call("GET", f"/v1/jobs/{reply['job_id']}")
+        assert (view["model"], view["labels"], view["priority"]) == ("base", {"rack": "r1"}, "interactive")
+        form = aiohttp.FormData()
+        form.add_field("labels", "rack=r1")
+        form.add_field("file", AUDIO, filename="a.wav")
+        status, reply, _ = await h.call("POST", "/v1/jobs", data=form)
+        assert status == 400 and reply["error"]["message"].startswith("labels"), reply
+        form = aiohttp.FormData()
+        form.add_field("model", "large-v3")
+        form.add_field("file", AUDIO, filename="a.wav")
+        status, reply, _ = await h.call("POST", "/v1/audio/transcriptions", data=form)
+        assert status == 422 and "model 'large-v3'" in reply["error"]["message"], reply
+        assert reply["error"]["param"] == "model"  # (the OpenAI shape names the field)
+    finally:
+        await close(h)
+
+
+async def test_a_batch_job_past_batch_max_wait_counts_as_interactive() -> None:
+    for wait_s, aged in ((30.0, False), (61.0, True)):
+        async with clocked(batch_max_wait_s=60.0, heartbeat_interval_s=120.0) as (state, _clock, _registry):
+            node = await register(state)
+            old = await state.submit(JobSpec())
+            await state.advance(wait_s)
+            live = await state.submit(JobSpec(priority="interactive"))
+            newer = await state.submit(JobSpec())
+            order = [await state.assign_next(node) for _ in range(4)]
+            # Aged, ``old`` counts as interactive and is older than ``live``; ``newer`` is batch either way.
+            expected = [old, live, newer] if aged else [live, old, newer]
+            assert [a.job_id if a is not None else None for a in order] == [j.job_id for j in expected] + [None]
+
+
+async def test_the_reaper_fails_a_queued_job_asking_for_a_model_no_live_node_has() -> None:
+    async with clocked(unservable_after_s=30.0, heartbeat_interval_s=120.0) as (state, _clock, _registry):
+        job = await state.submit(JobSpec(model="large-v3"))  # no node yet: not refused, it waits
+        await register(state)
+        with pytest.raises(Unservable):
+            await state.submit(JobSpec(model="large-v3"))
+        await state.advance(31)
+        view = await state.view_job(job.job_id)
+        assert view.state == "failed" and view.error is not None and view.error.code == "no_capable_node"
+        assert "model 'large-v3'" in view.error.message
+        served = await state.submit(JobSpec(model="tiny.en", labels={"device_class": "cpu"}))
+        await state.advance(31)
+        assert (await state.view_job(served.job_id)).state == "queued"
+        with pytest.raises(QueueFull):  # (the caps hold in the clocked store too)
+            async with clocked(max_queued_interactive_jobs=1) as (small, _c, _r):
+                await register(small)
+                await small.submit(JobSpec(priority="interactive"))
+                await small.submit(JobSpec(priority="interactive"))
+
+
+def _args(**over: Any) -> argparse.Namespace:
+    return argparse.Namespace(**{"scheduler": None, "audio": [], "language": None, "allow_truncated": False,
+                                 "json": False, "timeout": 30.0, "model": None, "label": [], "priority": "batch",
+                                 **over})
+
+
+def test_submit_flags_are_checked_as_the_scheduler_checks_them() -> None:
+    assert job_asks(_args(model="base", label=["rack=r1", "device_class=gpu"], priority="interactive")) == \
+        {"model": "base", "labels": {"rack": "r1", "device_class": "gpu"}, "priority": "interactive"}
+    with pytest.raises(UsageError, match="expected KEY=VALUE"):
+        job_asks(_args(label=["rack"]))
+    with pytest.raises(UsageError, match="--label"):
+        job_asks(_args(label=["bad key=1"]))
+
+
+async def test_submit_sends_model_labels_and_priority(tmp_path: Path) -> None:
+    h = await serve(f"sqlite:///{tmp_path / 'scheduler.db'}", tmp_path)
+    try:
+        node = await _register(h, [GPU_ANY], {"rack": "r1"})
+        audio = tmp_path / "a.wav"
+        audio.write_bytes(AUDIO)
+        args = _args(scheduler=h.url, audio=[str(audio)], model="base", label=["rack=r1"], priority="interactive")
+        command = asyncio.create_task(submit_files(args, Settings()))
+        body = None
+        for _ in range(100):
+            status, body = await h.poll(node, wait_s=0.1)
+            if status == 200:
+                break
+        assert body is not None and status == 200, body
+        _, view, _ = await h.call("GET", f"/v1/jobs/{body['job_id']}")
+        assert (view["model"], view["labels"], view["priority"]) == ("base", {"rack": "r1"}, "interactive")
+        status, grant, _ = await h.lease(node, body["job_id"], resource="gpu:0")
+        assert status in (200, 201), grant
+        status, _ = await h.result(body["job_id"], node, body["attempt"], grant)
+        assert status == 200
+        assert await asyncio.wait_for(command, 30) == 0
+    finally:
+        await close(h)
