@@ -135,7 +135,7 @@ INSERT INTO store_clock (id, last_reap) VALUES (1, 0);
 #: Version 2 (issue 23): what a job asks of its node (model, labels, priority) and who submitted it (the client
 #: token's name: a client sees and cancels only its own jobs); operators' hold on a node (cordoned, a drain's
 #: deadline), a node's labels, and the hash of its secret (a node acts only as itself). The queue index orders
-#: by priority, then submission.
+#: by priority, then submission; the job listing (GET /v1/jobs) pages by submission, newest first.
 _V2 = """
 ALTER TABLE jobs ADD COLUMN model TEXT;
 ALTER TABLE jobs ADD COLUMN labels TEXT NOT NULL DEFAULT '{{}}';
@@ -148,6 +148,7 @@ ALTER TABLE nodes ADD COLUMN drain_deadline {double};
 ALTER TABLE nodes ADD COLUMN secret_hash TEXT;
 CREATE INDEX jobs_queue_priority ON jobs (priority, seq) WHERE state = '{queued}';
 CREATE INDEX jobs_client ON jobs (client, seq);
+CREATE INDEX jobs_seq ON jobs (seq);
 """
 
 #: (version, what it does, {dialect: SQL}), in order. Add new ones at the end; never edit an applied one.
