@@ -141,7 +141,7 @@ class Agent:
         self.view = LocalNodeView(workers=self.workers, identity=self.identity, ledger=self.ledger,
                                   metrics=self.metrics, model=settings.asr.model, scheduler_url=self.scheduler_url,
                                   hostname=self.hostname, is_draining=lambda: self.draining,
-                                  slot_plan=self.slot_plan)
+                                  slot_plan=self.slot_plan, scheduler_in_use=lambda: self.client.base_url)
         self.registration = Registration(
             self.client, self.identity, workers=self.workers, asr=settings.asr, facts=self.facts,
             hostname=self.hostname, metrics=self.metrics, heartbeat_state=self.view.heartbeat_state,

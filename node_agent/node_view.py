@@ -30,7 +30,8 @@ class LocalNodeView:
 
     def __init__(self, *, workers: Mapping[str, Worker], identity: NodeIdentity, ledger: JobLedger,
                  metrics: AgentMetrics, model: str, scheduler_url: str, hostname: str,
-                 is_draining: Callable[[], bool], slot_plan: SlotPlan | None = None) -> None:
+                 is_draining: Callable[[], bool], slot_plan: SlotPlan | None = None,
+                 scheduler_in_use: Callable[[], str] | None = None) -> None:
         self._workers = workers
         #: How each device is split into slots (workers x threads); None where no plan was made (unit tests).
         self.slot_plan = slot_plan
@@ -40,6 +41,8 @@ class LocalNodeView:
         self._is_draining = is_draining
         self.model = model
         self.scheduler_url = scheduler_url
+        #: The one of ``scheduler_url``'s replicas the agent calls now (its client fails over between them).
+        self._scheduler_in_use = scheduler_in_use if scheduler_in_use is not None else lambda: scheduler_url
         #: The embedded scheduler's store, set by run_agent (None: the scheduler runs elsewhere).
         self.scheduler_store: str | None = None
         self.hostname = hostname
@@ -152,6 +155,7 @@ class LocalNodeView:
                 "uptime_s": round(time.monotonic() - self.started, 1),
                 "node_id": ident.node_id,
                 "scheduler_url": self.scheduler_url,
+                "scheduler_in_use": self._scheduler_in_use(),
                 # The embedded scheduler's store (password redacted); None for a scheduler elsewhere.
                 "scheduler_store": self.scheduler_store,
                 "registered": ident.registered,

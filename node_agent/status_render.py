@@ -269,7 +269,10 @@ def render(status: dict[str, Any], width: int = WIDTH) -> str:
                      f"{reg}, last heartbeat " + (f"{duration(hb)} ago" if hb is not None else "never")],
                     width, first=label % "node", indent=sub, max_lines=2))
     store = agent.get("scheduler_store")
-    out.extend(pack([_v(agent.get("scheduler_url"))] + ([f"embedded, store {_v(store)}"] if store else []),
+    # The replica the agent calls now, first; the whole failover list only when it has several.
+    urls, in_use = str(agent.get("scheduler_url") or ""), agent.get("scheduler_in_use")
+    where = [f"{_v(in_use)} (in use)" + (f", of {urls}" if "," in urls else "")] if in_use else [_v(urls or None)]
+    out.extend(pack(where + ([f"embedded, store {_v(store)}"] if store else []),
                     width, first=label % "scheduler", indent=sub, max_lines=2))
     out.append(label % "agent" + f"{_v(agent.get('state'))}, up {duration(agent.get('uptime_s'))}, "
                f"RSS {mib(agent.get('rss_bytes'))}")

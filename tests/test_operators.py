@@ -22,7 +22,7 @@ import pytest
 from node_agent import cli
 from node_agent.scheduler.errors import NodeNotFound, ReportRejected
 from node_agent.scheduler.schemas import JobSpec
-from test_scheduler import CPU_EN, GPU_ANY, Harness, clocked, register, report, take
+from test_scheduler import GPU_ANY, Harness, clocked, register, report, take
 from test_store import close, serve, store  # noqa: F401  (store: the fixture, on every engine)
 
 pytestmark = pytest.mark.timeout(60)
@@ -128,7 +128,8 @@ async def test_the_job_listing_pages_newest_first_and_filters(store: str, tmp_pa
         seen: list[str] = []
         after = None
         for _ in range(3):
-            status, page, _ = await h.call("GET", "/v1/jobs", params={"limit": 2, **({"after": after} if after else {})})
+            params = {"limit": 2, **({"after": after} if after else {})}
+            status, page, _ = await h.call("GET", "/v1/jobs", params=params)
             assert status == 200, page
             seen += [j["job_id"] for j in page["jobs"]]
             after = page["next_after"]
@@ -229,3 +230,16 @@ async def test_cluster_cordon_and_drain_commands_and_their_exit_codes(tmp_path: 
         await close(h)
     code, out, err = await asyncio.to_thread(_cli, ["cluster", "--scheduler", f"127.0.0.1:{_closed_port()}"])
     assert code == 2 and "cannot reach" in err, (out, err)
+
+
+def test_status_names_the_scheduler_replica_in_use() -> None:
+    from node_agent import status_render
+    from test_status_cli import healthy_doc
+
+    doc = healthy_doc()
+    doc["agent"].update(scheduler_url="http://10.0.0.5:8470,http://10.0.0.6:8470",
+                        scheduler_in_use="http://10.0.0.6:8470")
+    text = status_render.render(doc, 120)
+    assert "scheduler  http://10.0.0.6:8470 (in use), of http://10.0.0.5:8470,http://10.0.0.6:8470" in text, text
+    doc["agent"].update(scheduler_url="http://10.0.0.5:8470", scheduler_in_use="http://10.0.0.5:8470")
+    assert "scheduler  http://10.0.0.5:8470 (in use)\n" in status_render.render(doc, 120)

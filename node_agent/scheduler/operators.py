@@ -144,7 +144,7 @@ class Operators(StorePart):
             if client is not None:
                 where.append(f"client = {param(client)}")
             if after is not None:
-                seq = await tx.fetchval(f"SELECT seq FROM jobs WHERE job_id = $1"
+                seq = await tx.fetchval("SELECT seq FROM jobs WHERE job_id = $1"
                                         + (" AND client = $2" if client is not None else ""),
                                         after, *([client] if client is not None else []))
                 if seq is None:
