@@ -78,6 +78,10 @@ SCHEDULER_METRICS = {
     "node_agent_scheduler_jobs_total",
     "node_agent_scheduler_results_rejected_total",
     "node_agent_scheduler_jobs_requeued_total",
+    "node_agent_scheduler_queued_jobs",
+    "node_agent_scheduler_queue_oldest_wait_seconds",
+    "node_agent_scheduler_nodes_cordoned",
+    "node_agent_scheduler_jobs_cancelled_total",
 }
 KNOWN_METRICS = (
     AGENT_METRICS
@@ -315,7 +319,7 @@ def test_known_metrics_are_what_the_code_exports() -> None:
 def test_rule_label_values_exist_in_the_code() -> None:
     _, values = _code_metrics()
     for rule in _rules():
-        for label, regex in re.findall(r'\b(reason|outcome|state|result)\s*(?:=~|!~|!=|=)\s*"([^"]*)"', rule["expr"]):
+        for label, regex in re.findall(r'\b(reason|outcome|state|result|priority)\s*(?:=~|!~|!=|=)\s*"([^"]*)"', rule["expr"]):
             for value in regex.split("|"):
                 assert value in values.get(label, set()), (
                     f"{rule.get('alert') or rule.get('record')}: {label}={value!r} is never exported"
@@ -386,6 +390,10 @@ def test_dashboard_structure() -> None:
         "node_agent_scheduler_queue_depth",
         "node_agent_scheduler_nodes",
         "node_agent_scheduler_results_rejected_total",
+        "node_agent_scheduler_queued_jobs",
+        "node_agent_scheduler_queue_oldest_wait_seconds",
+        "node_agent_scheduler_nodes_cordoned",
+        "node_agent_scheduler_jobs_cancelled_total",
     ):
         assert metric in exprs, f"no panel shows {metric}"
 
