@@ -22,6 +22,7 @@ import pytest
 from node_agent import cli
 from node_agent.scheduler.errors import NodeNotFound, ReportRejected
 from node_agent.scheduler.schemas import JobSpec
+from node_agent.statedir import NODE_ID_FILE
 from test_scheduler import GPU_ANY, Harness, clocked, register, report, take
 from test_store import close, serve, store  # noqa: F401  (store: the fixture, on every engine)
 
@@ -196,7 +197,8 @@ def _closed_port() -> int:
 async def test_cluster_cordon_and_drain_commands_and_their_exit_codes(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "node-agent.yaml"
-    config.write_text(f"node:\n  state_dir: {tmp_path / 'state'}\n")
+    # No agent answers at http.listen: a command without NODE takes the node id from the state directory.
+    config.write_text(f"node:\n  state_dir: {tmp_path / 'state'}\nhttp:\n  listen: 127.0.0.1:{_closed_port()}\n")
     monkeypatch.setenv("NODE_AGENT_CONFIG", str(config))
     h = await serve(f"sqlite:///{tmp_path / 'scheduler.db'}", tmp_path, **QUIET)
     try:
@@ -213,8 +215,10 @@ async def test_cluster_cordon_and_drain_commands_and_their_exit_codes(tmp_path: 
         assert code == 0 and node in out and "cordoned" in out, (out, err)
         code, out, err = await asyncio.to_thread(_cli, ["cluster", "--scheduler", h.url])
         assert code == 1 and "cordoned" in out and h.url in out, (out, err)
-        code, out, err = await asyncio.to_thread(_cli, ["uncordon", node, "--scheduler", h.url])
-        assert code == 0, err
+        (tmp_path / "state").mkdir()
+        (tmp_path / "state" / NODE_ID_FILE).write_text(node + "\n")
+        code, out, err = await asyncio.to_thread(_cli, ["uncordon", "--scheduler", h.url])
+        assert code == 0 and f"node {node} (host-a, ready): schedulable" in out, (out, err)
 
         # A drain waits for the node's running job: handed back at its deadline, then it exits 0.
         job = await h.submit()
