@@ -67,6 +67,7 @@ class Registration:
         """Take the node id kept from an earlier run, so the scheduler sees the same node again."""
         if self.state is not None:
             self.identity.node_id = self.state.load_node_id()
+            self.client.node_secret = self.state.load_node_secret() if self.identity.node_id else None
 
     def body(self) -> dict[str, Any]:
         """The registration request: this node, its hardware and one device entry per worker (slot)."""
@@ -124,6 +125,11 @@ class Registration:
         ident.last_heartbeat_ok = asyncio.get_running_loop().time()
         if self._on_lease_bounds is not None:
             self._on_lease_bounds(reply.lease.min_ttl_s, reply.lease.max_ttl_s)
+        if reply.node_secret is not None:
+            # Kept before the id: an id on disk without its secret is a node this agent can no longer be.
+            self.client.node_secret = reply.node_secret
+            if self.state is not None:
+                self.state.save_node_secret(reply.node_secret)
         ident.registered_event.set()
         if self.state is not None:
             self.state.save_node_id(reply.node_id)

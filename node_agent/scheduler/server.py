@@ -13,7 +13,6 @@ import base64
 import binascii
 import contextlib
 import functools
-import hmac
 import json
 import logging
 import math
@@ -52,6 +51,7 @@ from .errors import (
     StoreUnavailable,
     TooLarge,
     Unauthorized,
+    Forbidden,
     UnknownJob,
     Unservable,
     WaitTimeout,
@@ -170,6 +170,7 @@ STORE_KEY = web.AppKey("scheduler_store", object)
 SETTINGS_KEY = web.AppKey("scheduler_settings", SchedulerSettings)
 REGISTRY_KEY = web.AppKey("scheduler_registry", CollectorRegistry)
 NOTIFIER_KEY = web.AppKey("scheduler_notifier", Notifier)
+FENCE_KEY = web.AppKey("scheduler_node_fence", auth.NodeFence)
 
 class BodyTimeout(ApiError):
     """A request body that did not fully arrive within ``scheduler.body_timeout_s``: 408, connection closed."""
@@ -182,6 +183,7 @@ class BodyTimeout(ApiError):
 _HTTP_STATUS: dict[type[ApiError], int] = {
     InvalidInput: 400,
     Unauthorized: 401,
+    Forbidden: 403,
     BodyTimeout: 408,
     NodeNotFound: 404,
     UnknownJob: 404,
@@ -264,25 +266,6 @@ def _log_store_unavailable(request: web.Request, exc: StoreUnavailable) -> None:
         _store_logged[0] = now
         log.warning("%s %s answered 503: %s (logged once per %g s while it lasts)", request.method, request.path,
                     exc.message, STORE_LOG_EVERY_S)
-
-
-def _auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
-    expected = token.encode("utf-8", "surrogateescape")
-
-    @web.middleware
-    async def auth(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        if request.path == "/v1" or request.path.startswith("/v1/"):
-            scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-            # Compared as the bytes that came: aiohttp keeps a header's undecodable bytes as surrogate escapes
-            # (b"\xff" -> "\udcff"), which strict UTF-8 cannot encode.
-            presented = value.strip().encode("utf-8", "surrogateescape")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(presented, expected):
-                raise Unauthorized("missing or wrong bearer token: send 'Authorization: Bearer <token>'")
-        return await handler(request)
-
-    return auth
 
 
 @web.middleware
@@ -551,7 +534,9 @@ def _store(request: web.Request) -> Store:
 
 async def _register(request: web.Request) -> web.Response:
     req = await _read_json(request, RegisterRequest)
-    return _json(await _store(request).register(req), status=201)
+    fence = request.app[FENCE_KEY]
+    return _json(await _store(request).register(req, auth.presented_secret(request), fenced=fence.enabled),
+                 status=201)
 
 
 async def _list_nodes(request: web.Request) -> web.Response:
@@ -609,6 +594,7 @@ async def _cluster(request: web.Request) -> web.Response:
 
 async def _heartbeat(request: web.Request) -> web.Response:
     req = await _read_json(request, HeartbeatRequest)
+    await request.app[FENCE_KEY].check(request, node_id=request.match_info["node_id"])
     return _json(await _store(request).heartbeat(request.match_info["node_id"], req))
 
 
@@ -625,6 +611,7 @@ async def _next_job(request: web.Request) -> web.StreamResponse:
     lease_ttl_s = _query_float(request, "lease_ttl_s", 0.0, 0.0, math.inf) if raw_ttl else None
     if lease_ttl_s is not None and lease_ttl_s <= 0:
         raise InvalidInput("lease_ttl_s: must be above 0", param="lease_ttl_s")
+    await request.app[FENCE_KEY].check(request, node_id=node_id)
     gone = object()
     started = asyncio.get_running_loop().time()
 
@@ -647,6 +634,7 @@ async def _next_job(request: web.Request) -> web.StreamResponse:
 
 
 async def _job_audio(request: web.Request) -> web.StreamResponse:
+    await request.app[FENCE_KEY].check(request, job_id=request.match_info["job_id"])
     size, chunks = await _store(request).job_audio(request.match_info["job_id"])
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     response.content_length = size
@@ -659,27 +647,33 @@ async def _job_audio(request: web.Request) -> web.StreamResponse:
 
 async def _grant_lease(request: web.Request) -> web.Response:
     req = await _read_json(request, LeaseRequest)
+    await request.app[FENCE_KEY].check(request, node_id=req.node_id)
     return _json(await _store(request).grant_lease(req), status=201)
 
 
 async def _renew_lease(request: web.Request) -> web.Response:
     req = await _read_json(request, RenewRequest)
+    # The store's fence checks that this node holds the lease; this one, that the request is that node.
+    await request.app[FENCE_KEY].check(request, node_id=req.node_id)
     return _json(await _store(request).renew_lease(request.match_info["lease_id"], req))
 
 
 async def _release_lease(request: web.Request) -> web.Response:
+    await request.app[FENCE_KEY].check(request, lease_id=request.match_info["lease_id"])
     await _store(request).release_lease(request.match_info["lease_id"])
     return web.Response(status=204)
 
 
 async def _post_events(request: web.Request) -> web.Response:
     report = await _read_json(request, EventsReport)
+    await request.app[FENCE_KEY].check(request, node_id=report.node_id)
     await _store(request).post_events(request.match_info["job_id"], report)
     return json_response({"accepted": True}, status=202)
 
 
 async def _post_result(request: web.Request) -> web.Response:
     report = await _read_json(request, ResultReport)
+    await request.app[FENCE_KEY].check(request, node_id=report.node_id)
     return _json(await _store(request).report_result(request.match_info["job_id"], report))
 
 
@@ -735,7 +729,8 @@ async def _submit_job(request: web.Request) -> web.Response:
     except BaseException:
         await upload.discard()
         raise
-    job_id, state, replayed = await store.submit(spec, upload, filename, idempotency_key=key)
+    job_id, state, replayed = await store.submit(spec, upload, filename, idempotency_key=key,
+                                                 client=auth.client_scope(request))
     # A replay answers as the first try did, with the job as it is now; the header tells the client it was one.
     headers = {"Idempotent-Replayed": "true"} if replayed else None
     submitted = JobSubmitted(job_id=job_id, state=state)  # type: ignore[arg-type]
@@ -780,6 +775,9 @@ async def _get_job(request: web.Request) -> web.Response:
             raise InvalidInput(f"after_segment: not an integer: {raw_after[:20]!r}", param="after_segment") from None
         if after < 0:
             raise InvalidInput("after_segment: must be >= 0", param="after_segment")
+    scope = auth.client_scope(request)
+    if scope is not None and await store.job_client(job_id) != scope:
+        raise UnknownJob(f"job {job_id} is not known (never submitted, or finished and forgotten)")  # as unknown
     if wait_s > 0:
         async def settled() -> bool | None:
             return True if await store.job_settled(job_id, after) else None
@@ -794,7 +792,7 @@ async def _openai_transcriptions(request: web.Request) -> web.Response:
         raise InvalidInput("expected a multipart/form-data body with a 'file' part", param="file")
     fields, part = await _read_multipart(request, request.app[SETTINGS_KEY].max_body_bytes)
     try:
-        job_id = await _openai_submit(store, fields, part)
+        job_id = await _openai_submit(store, fields, part, auth.client_scope(request))
     except BaseException:
         if part is not None:
             await part.upload.discard()
@@ -830,7 +828,8 @@ async def _openai_transcriptions(request: web.Request) -> web.Response:
     return web.Response(text=to_vtt(segments), content_type="text/vtt")
 
 
-async def _openai_submit(store: Store, fields: Mapping[str, str], part: FilePart | None) -> str:
+async def _openai_submit(store: Store, fields: Mapping[str, str], part: FilePart | None,
+                         client: str | None = None) -> str:
     """Check an OpenAI-style form and queue its job: the job id."""
     if part is None or not part.upload.size:
         raise InvalidInput("file: a non-empty 'file' part with the audio is required", param="file")
@@ -859,7 +858,7 @@ async def _openai_submit(store: Store, fields: Mapping[str, str], part: FilePart
             "deadline_s": OPENAI_WAIT_S,
         },
     )
-    job_id, _, _ = await store.submit(spec, part.upload, part.filename)
+    job_id, _, _ = await store.submit(spec, part.upload, part.filename, client=client)
     return job_id
 
 
@@ -918,14 +917,18 @@ async def create_app(
     notifier.queue_wake = QUEUE_WAKE if store.poll_s is not None else None
     _memoize_multipart_dispositions()
     middlewares: list[Any] = [_error_middleware]
-    if settings.token is not None:
-        middlewares.append(_auth_middleware(settings.token.get_secret_value()))
+    credentials = auth.Credentials.from_settings(settings)
+    auth.warn_single_token(settings)
+    if credentials is not None:
+        middlewares.append(auth.auth_middleware(credentials))
     middlewares.append(_path_ids_middleware)
     app = web.Application(client_max_size=min(settings.max_body_bytes, MAX_JSON_BODY_BYTES), middlewares=middlewares)
     app[STORE_KEY] = store
     app[SETTINGS_KEY] = settings
     app[REGISTRY_KEY] = registry
     app[NOTIFIER_KEY] = notifier
+    # Nodes prove who they are where callers prove anything: without tokens, anyone may do everything anyway.
+    app[FENCE_KEY] = auth.NodeFence(store.node_secret, enabled=credentials is not None)
     app.cleanup_ctx.append(_reaper)
     app.on_shutdown.append(_wake_waiters)
     app.on_cleanup.append(_close_store)
@@ -1011,6 +1014,7 @@ async def start_scheduler(
 
 async def serve(settings: SchedulerSettings, state_dir: Path | None = None) -> None:
     """Run a standalone scheduler until SIGTERM or SIGINT."""
+    auth.refuse_exposed(settings, host_port(settings.listen)[0])
     running = await start_scheduler(settings, state_dir=state_dir)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -26,6 +26,7 @@ from .dispatch import Dispatch
 from .metrics import SchedulerMetrics
 from .migrations import LATEST, migrate
 from .nodes import Nodes
+from .identity import Identity
 from .operators import Operators
 from .pgfast import PgFast
 from .reaper import Reaper
@@ -69,6 +70,8 @@ class SqlStore:
         self.grant_lease, self.renew_lease, self.release_lease = (dispatch.grant_lease, dispatch.renew_lease,
                                                                  dispatch.release_lease)
         self.lease_state = dispatch.lease_state
+        identity = Identity(*parts)
+        self.node_secret, self.job_client = identity.node_secret, identity.job_client
         self.reap, self.refresh_gauges = self._reaper.reap, self._reaper.refresh_gauges
         operators = Operators(*parts)
         self.cordon, self.uncordon, self.drain = operators.cordon, operators.uncordon, operators.drain
