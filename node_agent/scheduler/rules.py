@@ -12,7 +12,7 @@ from typing import Iterable, Literal
 from ..config import SchedulerSettings
 from ..languages import MULTILINGUAL_MODEL
 from .errors import QueueFull, ReportRejected, TooLarge
-from .schemas import DeviceSpec, JobErrorInfo
+from .schemas import DeviceSpec, JobErrorInfo, JobState
 
 #: Retry-After of a 429 queue_full: a place frees whenever any job finishes, which on a busy cluster is seconds.
 QUEUE_FULL_RETRY_S = 5
@@ -145,6 +145,9 @@ def check_holder(holder: Holder, attempt: int, lease_id: str, epoch: int, node_i
     """Nothing if (attempt, lease id, epoch, node) all name the job's current holder; else ReportRejected naming
     the first field that does not match. Renewals, events and results all pass here."""
     job_id = holder.job_id
+    if holder.state == JobState.CANCELLED:
+        # Its own code, so the holder stops the decode quietly instead of taking it for a lost lease.
+        raise ReportRejected(f"job {job_id} was cancelled", code="job_cancelled")
     if holder.terminal:
         raise ReportRejected(f"job {job_id} already finished ({holder.state})", code="already_completed")
     if attempt != holder.attempt:

@@ -57,6 +57,7 @@ from .errors import (
     WaitTimeout,
 )
 from . import auth
+from . import auth
 from .formats import RESPONSE_FORMATS, to_srt, to_verbose_json, to_vtt
 from .schemas import (
     ID_MAX_CHARS,
@@ -98,6 +99,9 @@ OPENAI_PATH = "/v1/audio/transcriptions"
 MAX_FILENAME_CHARS = 100
 #: A form field other than the file (options, language, ...) is small; this bounds what one may hold in memory.
 MAX_FIELD_BYTES = 1024 * 1024
+#: How often a synchronous request (the OpenAI endpoint) checks that its client is still connected: aiohttp does
+#: not cancel a handler whose client went away, so a job nobody waits for any more is cancelled within this long.
+DISCONNECT_CHECK_S = 0.25
 #: Deepest nesting a JSON body (or the multipart ``options`` field) may have. The protocol's own shapes need
 #: under 10 levels; far deeper input only exists to exhaust the parser's or a serializer's recursion.
 MAX_JSON_DEPTH = 32
@@ -786,6 +790,37 @@ async def _get_job(request: web.Request) -> web.Response:
     return _json(await store.view_job(job_id))
 
 
+def _canceller(request: web.Request) -> str:
+    """Who cancels, as the job's error and ``cancelled_by`` say it: the caller's role and token name, or ``client``
+    on a scheduler without per-role tokens."""
+    caller = auth.caller_of(request)
+    return f"{caller.role} {caller.name}" if caller is not None else "client"
+
+
+async def _cancel_job(request: web.Request) -> web.Response:
+    """``DELETE /v1/jobs/{id}``: cancel the job (a finished one is left as it is) and answer its view. A client
+    may cancel only its own jobs: another's is 404, as an unknown one."""
+    store = _store(request)
+    job_id = request.match_info["job_id"]
+    await store.cancel_job(job_id, _canceller(request), client=auth.client_scope(request))
+    return _json(await store.view_job(job_id))
+
+
+async def _until_disconnected(request: web.Request) -> None:
+    while not _client_gone(request):
+        await asyncio.sleep(DISCONNECT_CHECK_S)
+
+
+async def _cancel_abandoned(request: web.Request, job_id: str) -> None:
+    """The client of a synchronous request went away before its answer: cancel its job, so no node decodes for
+    nobody. Best effort (the job is otherwise left to end as it would)."""
+    try:
+        await _store(request).cancel_job(job_id, f"{_canceller(request)} (disconnected)",
+                                         client=auth.client_scope(request))
+    except ApiError as exc:
+        log.warning("job %s: its client disconnected, and cancelling it failed: %s", job_id, exc.message)
+
+
 async def _openai_transcriptions(request: web.Request) -> web.Response:
     store = _store(request)
     if request.content_type != "multipart/form-data":
@@ -803,9 +838,23 @@ async def _openai_transcriptions(request: web.Request) -> web.Response:
         return True if await store.job_settled(job_id) else None
 
     # A little past the job's own deadline, so a job that timed out in the queue is reported as such.
-    await notifier.wait_for(job_topic(job_id), settled, OPENAI_WAIT_S + 1.0)
+    waiting = asyncio.ensure_future(notifier.wait_for(job_topic(job_id), settled, OPENAI_WAIT_S + 1.0))
+    gone = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # (a server that cancels handlers when their client goes away)
+        await asyncio.shield(_cancel_abandoned(request, job_id))
+        raise
+    finally:
+        for task in (waiting, gone):
+            task.cancel()
+    if not waiting.done():  # the client went away first
+        await _cancel_abandoned(request, job_id)
+        return _error_response(499, "cancelled", f"job {job_id} cancelled: the client disconnected", None,
+                               openai=True)  # (nobody reads it)
+    waiting.result()  # (its error, if the wait failed)
     view = await store.view_job(job_id)
-    if view.state == JobState.FAILED:
+    if view.state in (JobState.FAILED, JobState.CANCELLED):
         error = view.error
         code, message = (error.code, error.message) if error is not None else ("failed", "transcription failed")
         return _error_response(job_error_status(code, openai=True), code, message,
@@ -948,6 +997,7 @@ async def create_app(
     app.router.add_post("/v1/jobs", _submit_job)
     app.router.add_get("/v1/jobs", _list_jobs)
     app.router.add_get("/v1/jobs/{job_id}", _get_job)
+    app.router.add_delete("/v1/jobs/{job_id}", _cancel_job)
     app.router.add_get("/v1/jobs/{job_id}/audio", _job_audio)
     app.router.add_post("/v1/jobs/{job_id}/events", _post_events)
     app.router.add_post("/v1/jobs/{job_id}/result", _post_result)
