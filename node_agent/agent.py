@@ -145,7 +145,8 @@ class Agent:
         self.registration = Registration(
             self.client, self.identity, workers=self.workers, asr=settings.asr, facts=self.facts,
             hostname=self.hostname, metrics=self.metrics, heartbeat_state=self.view.heartbeat_state,
-            state=self.state, policies=self.policies, on_lease_bounds=self._set_lease_bounds)
+            state=self.state, policies=self.policies, on_lease_bounds=self._set_lease_bounds,
+            labels=settings.node.labels)
         self.loops: dict[str, JobLoop] = {}
         for resource, worker in self.workers.items():
             runner = JobRunner(self.client, self.keepers[resource], worker, self.identity, metrics=self.metrics,

@@ -275,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON document per file (job id, text, segments) instead of text lines")
     p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                    help="stop waiting for jobs not finished within this many seconds (default: 600)")
+    p.add_argument("--model", metavar="MODEL",
+                   help="run only on a node whose asr.model is MODEL, as the node registers it (default: any)")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                   help="run only on a node carrying this label (node.labels, or the automatic device_class, "
+                        "model, compute_type); repeat for several, all must match")
+    p.add_argument("--priority", choices=("batch", "interactive"), default="batch",
+                   help="interactive jobs are dispatched before queued batch jobs (default: batch)")
     p.set_defaults(func=cmd_submit)
 
     def with_node(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -335,7 +335,7 @@ class CompatService:
             return await self.jobs.submit(
                 audio, until=until, on_retry=_log_retry, filename="utterance.pcm", format="pcm_s16le",
                 sample_rate=req.sample_rate, language=None if req.src_lang == "auto" else req.src_lang,
-                options=req.decode, deadline_s=deadline_s)
+                options=req.decode, deadline_s=deadline_s, priority="interactive")  # a caller waits on it
         except SchedulerError as exc:
             raise self._scheduler_error("submitting the job", exc) from None
 

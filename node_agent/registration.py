@@ -48,8 +48,12 @@ class Registration:
                  asr: AsrSettings, facts: dict[str, Any], hostname: str, metrics: AgentMetrics,
                  heartbeat_state: Callable[[], dict[str, Any]], state: StateDir | None = None,
                  policies: RetryPolicies | None = None,
-                 on_lease_bounds: Callable[[float, float], None] | None = None) -> None:
+                 on_lease_bounds: Callable[[float, float], None] | None = None,
+                 labels: Mapping[str, str] | None = None) -> None:
+        """``labels``: the node's own (``node.labels``), sent with each registration; the scheduler adds each
+        device's automatic ones (device_class, model, compute_type)."""
         self.client = client
+        self.labels = dict(labels or {})
         self.identity = identity
         self.workers = workers
         self.asr = asr
@@ -67,7 +71,6 @@ class Registration:
         """Take the node id kept from an earlier run, so the scheduler sees the same node again."""
         if self.state is not None:
             self.identity.node_id = self.state.load_node_id()
-            self.client.node_secret = self.state.load_node_secret() if self.identity.node_id else None
 
     def body(self) -> dict[str, Any]:
         """The registration request: this node, its hardware and one device entry per worker (slot)."""
@@ -92,6 +95,7 @@ class Registration:
                 "gpus": self.facts.get("gpus", []),
             },
             "devices": devices,
+            "labels": self.labels,
         }
 
     def reregister(self) -> None:
@@ -125,11 +129,6 @@ class Registration:
         ident.last_heartbeat_ok = asyncio.get_running_loop().time()
         if self._on_lease_bounds is not None:
             self._on_lease_bounds(reply.lease.min_ttl_s, reply.lease.max_ttl_s)
-        if reply.node_secret is not None:
-            # Kept before the id: an id on disk without its secret is a node this agent can no longer be.
-            self.client.node_secret = reply.node_secret
-            if self.state is not None:
-                self.state.save_node_secret(reply.node_secret)
         ident.registered_event.set()
         if self.state is not None:
             self.state.save_node_id(reply.node_id)

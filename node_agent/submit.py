@@ -15,11 +15,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from .scheduler_client import ConnectFailed, SchedulerClient, SchedulerError, SchedulerUnavailable, lost_job_line
 from .config import Settings, host_port, scheduler_urls
 from .errors import SchedulerUnreachable, UsageError
 from .job_waiter import JobLost, JobUpdate, JobWaiter, Retrying, WaitExpired
 from .jsonio import dumps
+from .labels import Labels
+
+#: Checks ``--label`` as the scheduler checks a job's labels.
+_LABELS: TypeAdapter[dict[str, str]] = TypeAdapter(Labels)
 
 #: The job state for a job the scheduler no longer knows (not a scheduler state: it never answers it).
 LOST = "lost"
@@ -56,14 +62,33 @@ def _retrying(name: str) -> Callable[[Retrying], None]:
     return say
 
 
+def job_asks(args: argparse.Namespace) -> dict[str, Any]:
+    """What the command's jobs ask of their node (``--model``, ``--label``, ``--priority``), as submit_job takes
+    it; a malformed label is a UsageError naming it."""
+    labels: dict[str, str] = {}
+    for given in args.label:
+        key, sep, value = given.partition("=")
+        if not sep:
+            raise UsageError(f"--label {given!r}: expected KEY=VALUE, e.g. --label device_class=gpu")
+        labels[key.strip()] = value.strip()
+    try:
+        labels = _LABELS.validate_python(labels)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"] if part != "[key]")
+        raise UsageError(f"--label {where}: {error['msg']}") from None
+    return {"model": args.model or None, "labels": labels, "priority": args.priority}
+
+
 async def _submit_one(waiter: JobWaiter, name: str, audio: bytes, language: str | None,
-                      allow_truncated: bool = False, *, timeout: float = 600.0) -> str:
+                      allow_truncated: bool = False, *, timeout: float = 600.0,
+                      asks: dict[str, Any] | None = None) -> str:
     """Submit one file (retried within ``timeout``). Before any scheduler has answered this command, a refused
     connection ends it at once."""
     until = asyncio.get_running_loop().time() + timeout
     try:
         return await waiter.submit(audio, until=until, on_retry=_retrying(name), filename=name,
-                                   language=language or None, allow_truncated=allow_truncated)
+                                   language=language or None, allow_truncated=allow_truncated, **(asks or {}))
     except ConnectFailed as exc:
         if waiter.reached:
             raise
@@ -97,6 +122,7 @@ async def _follow(waiter: JobWaiter, path: str, job_id: str, as_json: bool, time
 async def submit_files(args: argparse.Namespace, settings: Settings) -> int:
     url = scheduler_url(args, settings)
     token = settings.scheduler.token.get_secret_value() if settings.scheduler.token is not None else None
+    asks = job_asks(args)
     failures = 0
     async with SchedulerClient(url, token, settings.scheduler.request_timeout_s) as client:
         waiter = JobWaiter(client, reached=False)
@@ -111,7 +137,7 @@ async def submit_files(args: argparse.Namespace, settings: Settings) -> int:
                 continue
             try:
                 jobs.append((path, await _submit_one(waiter, Path(path).name, audio, args.language,
-                                                     args.allow_truncated, timeout=args.timeout)))
+                                                     args.allow_truncated, timeout=args.timeout, asks=asks)))
             except SchedulerError as exc:
                 if exc.status == 422 and exc.code == "no_capable_node":
                     # Every file asks for the same language, so the rest would be refused alike: the scheduler's

@@ -1359,13 +1359,15 @@ async def test_a_running_job_whose_node_went_is_requeued_then_fails_unservable_a
 
 @pytest.mark.asyncio
 async def test_http_queue_full_is_429_with_retry_after_on_both_apis() -> None:
-    async with scheduler(max_queued_jobs=1, max_queued_bytes=4096) as h:
+    async with scheduler(max_queued_jobs=1, max_queued_interactive_jobs=1, max_queued_bytes=4096) as h:
         await h.submit(bytes(3000))
         status, reply, headers = await h.call("POST", "/v1/jobs", json={"audio_b64": "AAAA"})
         assert status == 429 and reply["error"]["code"] == "queue_full", reply
         assert reply["error"]["message"] == "queue full: 1 unfinished jobs reach scheduler.max_queued_jobs (1); " \
                                             "retry later"
         assert headers["Retry-After"] == str(QUEUE_FULL_RETRY_S)
+        # The OpenAI endpoint's jobs are interactive, with a cap of their own (issue 23): fill that one too.
+        await h.submit(priority="interactive")
         status, reply, headers = await asyncio.wait_for(_transcribe(h), 2)  # refused at once, not waited on
         assert status == 429 and reply["error"]["code"] == "queue_full" and headers["Retry-After"]
         assert reply["error"]["type"] == "invalid_request_error"

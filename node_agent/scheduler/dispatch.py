@@ -11,8 +11,8 @@ from typing import Any
 
 from .db import Row, Tx
 from .errors import InvalidInput, JobNotAssigned, LeaseUnusable, ResourceHeld
-from .pgfast import dispatch_of, fence, renewal
-from .rules import clamp_ttl, pick_device, poll_languages
+from .pgfast import ask_served_sql, fence, offers_of, renewal
+from .rules import Ask, clamp_ttl, dispatch_class, pick_device
 from .schemas import (
     JOB_ERROR_CODES,
     RETRYABLE_ERROR_CODES,
@@ -31,6 +31,7 @@ from .schemas import (
 from .schemas import JobState as J
 from .schemas import LeaseState as L
 from .schemas import NodeState as N
+from .schemas import Priority as P
 from .topics import job_topic
 from .transitions import StorePart, devices_of, doc
 
@@ -45,17 +46,22 @@ class Dispatch(StorePart):
 
     async def assign_next(self, node_id: str, resource: str | None = None,
                           lease_ttl_s: float | None = None) -> JobAssignment | None:
-        """Hand the oldest queued job one of the node's devices can run to that node, or None. With
-        ``lease_ttl_s``, the job's lease is granted in the same transaction when its resource is free on that node
-        (``assignment.lease``); else the node asks with ``grant_lease``, which names the holder."""
-        # A device list is remembered only where the single statements run (PostgreSQL).
-        devices_text = self.replica.devices_of(node_id)
-        dispatch = dispatch_of(devices_text, resource) if devices_text is not None else None
-        if dispatch is not None:
-            assert self._fast is not None and devices_text is not None
+        """Hand the node the first queued job one of its devices serves (``rules.serves``: language, model,
+        labels), in the dispatch order (``rules.dispatch_class``: interactive jobs, and batch jobs queued past
+        ``scheduler.batch_max_wait_s``, before the other batch jobs; each class by submission), or None; nothing to
+        a cordoned or draining node. With ``lease_ttl_s``, the job's lease is granted in the same transaction when
+        its resource is free on that node (``assignment.lease``); else the node asks with ``grant_lease``, which
+        names the holder."""
+        # A node's devices and labels are remembered only where the single statements run (PostgreSQL).
+        devices_text, labels_text = self.replica.devices_of(node_id), self.replica.labels_of(node_id)
+        offers = offers_of(devices_text, labels_text, resource) \
+            if devices_text is not None and labels_text is not None else None
+        if offers is not None:
+            assert self._fast is not None and devices_text is not None and labels_text is not None
             ttl = clamp_ttl(self.settings, lease_ttl_s) if lease_ttl_s is not None else None
             lease_id = f"lease-{secrets.token_hex(8)}" if ttl is not None else None
-            node_as_known, row = await self._fast.claim(node_id, devices_text, dispatch, lease_id, ttl)
+            node_as_known, row = await self._fast.claim(node_id, devices_text, labels_text, offers,
+                                                        self.settings.batch_max_wait_s, lease_id, ttl)
             if node_as_known:
                 if row is None:
                     return None
@@ -66,32 +72,39 @@ class Dispatch(StorePart):
                     assignment.lease = self._granted(lease_id, node_id, row["resource"], row["lease_epoch"],
                                                      row["job_id"], row["attempt"], ttl)
                 return assignment
-            # Gone, draining, or registered again with other devices: the general path reads it and says which.
+            # Gone, draining, cordoned, or registered again with other devices or labels: the general path reads
+            # it and says which.
 
         ttl = clamp_ttl(self.settings, lease_ttl_s) if lease_ttl_s is not None else None
 
         async def op(tx: Tx) -> tuple[JobAssignment, tuple[str, int] | None] | None:
             now = await tx.now()
             node = await self.tr.live_node(tx, node_id)
-            self.replica.remember_devices(node_id, node["devices"])
+            node_labels = await tx.fetchrow("SELECT labels, cordoned FROM nodes WHERE node_id = $1", node_id)
+            assert node_labels is not None  # live_node found it in this transaction
+            self.replica.remember_devices(node_id, node["devices"], node_labels["labels"])
             devices = [d for d in devices_of(node["devices"])
                        if d.plugin == "asr" and (resource is None or d.resource == resource)]
             if resource is not None and not devices:
                 raise InvalidInput(f"resource {resource} is not a registered device of node {node_id}",
                                    param="resource")
-            if node["state"] == N.DRAINING or not devices:
+            if node["state"] == N.DRAINING or node_labels["cordoned"] or not devices:
                 return None
-            languages = poll_languages(devices)
-            sql = f"SELECT * FROM jobs WHERE state = '{J.QUEUED}'"
-            args: list[Any] = []
-            if languages is not None:
-                sql += (" AND (language IS NULL OR language IN ("
-                        + tx.dialect.json_strings.format(p="$1") + "))")
-                args.append(json.dumps(sorted(languages)))
-            job = await tx.fetchrow(sql + " ORDER BY seq LIMIT 1" + tx.dialect.skip_locked, *args)
-            if job is None:
+            offers = offers_of(node["devices"], node_labels["labels"], resource)
+            # The head of each class this node serves (the jobs_queue_priority index, one row each); which of the
+            # two goes first is rules.dispatch_class's to say.
+            served = ask_served_sql(tx.dialect.name, "$2")
+            heads = [await tx.fetchrow(
+                f"SELECT * FROM jobs WHERE state = '{J.QUEUED}' AND priority = $1 AND {served} "
+                "ORDER BY priority, seq LIMIT 1" + tx.dialect.skip_locked, str(priority), offers)
+                for priority in (P.INTERACTIVE, P.BATCH)]
+            waiting = [h for h in heads if h is not None]
+            if not waiting:
                 return None
-            device = pick_device(devices, job["language"])
+            job = min(waiting, key=lambda h: (dispatch_class(h["priority"], h["queued_at"], now, self.settings),
+                                              h["seq"]))
+            device = pick_device(devices, json.loads(node_labels["labels"]),
+                                 Ask.of(job["language"], job["model"], job["labels"]))
             assert device is not None  # the query chose a job these devices serve
             waited = now - job["queued_at"]
             await tx.execute(
@@ -311,8 +324,6 @@ class Dispatch(StorePart):
             if lease is None:
                 raise LeaseUnusable(f"lease {lease_id} is not known", code="unknown_lease")
             if lease["state"] != L.ACTIVE:
-                if (cancelled := await self.tr.cancelled(tx, lease["job_id"])) is not None:
-                    raise LeaseUnusable(cancelled.message, code=cancelled.code)
                 raise LeaseUnusable(f"lease {lease_id} is {lease['state']}", code=f"lease_{lease['state']}")
             if lease["expires_at"] <= now:
                 raise LeaseUnusable(f"lease {lease_id} is expired", code="lease_expired")

@@ -19,7 +19,6 @@ from .schemas import (
     RegisterResponse,
 )
 from .schemas import NodeState as N
-from .identity import check_registration, issue_secret
 from .topics import QUEUE_TOPIC
 from .transitions import StorePart, devices_of, doc
 
@@ -29,19 +28,13 @@ log = logging.getLogger("node_agent.scheduler")
 class Nodes(StorePart):
     """The nodes' side of the store that is not about jobs."""
 
-    async def register(self, req: RegisterRequest, secret: str | None = None, *,
-                       fenced: bool = False) -> RegisterResponse:
-        """Register (again): ``secret`` is the node secret the request came with; where ``fenced`` (the scheduler
-        checks tokens), a node that has one is refused without it. The answer carries a new secret on a node's
-        first registration."""
+    async def register(self, req: RegisterRequest) -> RegisterResponse:
         node_id = req.node_id or f"node-{secrets.token_hex(6)}"
-        issued: list[str] = []
         devices = json.dumps([d.model_dump(mode="json") for d in req.devices])
+        labels = json.dumps(req.labels, sort_keys=True)  # as the single statements compare it
 
         async def op(tx: Tx) -> bool:
             now = await tx.now()
-            issued.clear()  # the op may run again (a conflict): only its last run's secret was kept
-            await check_registration(tx, node_id, secret, fenced)
             known = await tx.fetchval("SELECT state FROM nodes WHERE node_id = $1", node_id)
             if known is not None and known != N.GONE:
                 # A live node registering again is a new agent process (an agent registers once at start, and
@@ -50,23 +43,22 @@ class Nodes(StorePart):
                 await self.tr.release_node(tx, node_id, now, "restarted")
             await tx.execute(
                 f"""INSERT INTO nodes (node_id, hostname, agent_version, hardware, devices, registered_at,
-                       last_heartbeat, state, running_jobs, cpu_percent, memory_used_bytes, memory_total_bytes, gone_at)
-                   VALUES ($1, $2, $3, $4, $5, $6, $6, '{N.READY}', '[]', 0, 0, 0, NULL)
+                       last_heartbeat, state, running_jobs, cpu_percent, memory_used_bytes, memory_total_bytes, gone_at,
+                       labels)
+                   VALUES ($1, $2, $3, $4, $5, $6, $6, '{N.READY}', '[]', 0, 0, 0, NULL, $7)
                    ON CONFLICT (node_id) DO UPDATE SET hostname = excluded.hostname,
                        agent_version = excluded.agent_version, hardware = excluded.hardware,
-                       devices = excluded.devices, registered_at = excluded.registered_at,
+                       devices = excluded.devices, labels = excluded.labels, registered_at = excluded.registered_at,
                        last_heartbeat = excluded.last_heartbeat, state = '{N.READY}', running_jobs = '[]',
                        gone_at = NULL""",
-                node_id, req.hostname, req.agent_version, doc(req.hardware), devices, now,
+                node_id, req.hostname, req.agent_version, doc(req.hardware), devices, now, labels,
             )
-            if (fresh := await issue_secret(tx, node_id, secret, fenced)) is not None:
-                issued.append(fresh)
             tx.notify(QUEUE_TOPIC)  # new capacity: queued jobs it serves may go now
             return known is not None
 
         known = await self.engine.run(op)
         self.replica.forget_served()
-        self.replica.remember_devices(node_id, devices)
+        self.replica.remember_devices(node_id, devices, labels)
         self.metrics.node_seen(node_id)
         log.info("node registered node_id=%s hostname=%s devices=%s%s", node_id, req.hostname,
                  ",".join(d.resource for d in req.devices) or "-", " (again)" if known else "")
@@ -75,7 +67,6 @@ class Nodes(StorePart):
             node_id=node_id,
             heartbeat_interval_s=s.heartbeat_interval_s,
             lease=LeaseBounds(min_ttl_s=s.lease_min_ttl_s, max_ttl_s=s.lease_max_ttl_s),
-            node_secret=issued[0] if issued else None,
         )
 
     async def heartbeat(self, node_id: str, req: HeartbeatRequest) -> HeartbeatResponse:
@@ -122,6 +113,7 @@ def node_view(r: Row, now: float) -> NodeView:
         state=r["state"],
         hardware=Hardware.model_validate(json.loads(r["hardware"])),
         devices=devices_of(r["devices"]),
+        labels=json.loads(r["labels"]),
         running_jobs=json.loads(r["running_jobs"]),
         last_heartbeat_age_s=round(now - r["last_heartbeat"], 3),
         registered_age_s=round(now - r["registered_at"], 3),

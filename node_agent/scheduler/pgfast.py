@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
 from typing import Any
 
 from .db import CHANNEL, Conflict, PostgresEngine, Row
-from .rules import pick_device, poll_languages
+from .rules import Offer
 from .schemas import JobState as J
+from .schemas import Priority as P
 from .schemas import LeaseState as L
 from .schemas import NodeState as N
 from .schemas import stored_devices
@@ -56,40 +56,42 @@ def renewal(now: str, clock_from: str = "") -> str:
     RETURNING node_id, epoch, ttl_s"""
 
 
-@dataclass(frozen=True)
-class Dispatch:
-    """How a node's devices take jobs, from its registered device list: which languages it polls for, and the
-    resource ``rules.pick_device`` chooses per language (so the claim statement can set it)."""
+def _offer_serves(dialect: str, job: str, d: str) -> str:
+    """SQL: the offer ``d`` (a JSON object as ``rules.Offer.wire`` writes it) serves the jobs row ``job``: its
+    languages fit, its model is the one asked (if any), it carries every label asked. ``rules.Offer.serves``
+    restated for SQL (tests/test_dispatch_fields.py holds the two to one table)."""
+    if dialect == "postgresql":
+        return f"""({job}.language IS NULL OR jsonb_typeof({d} -> 'languages') = 'null'
+                  OR ({d} -> 'languages') ? {job}.language)
+             AND ({job}.model IS NULL OR {job}.model = {d} ->> 'model')
+             AND ({job}.labels = '{{}}' OR CAST({job}.labels AS jsonb) <@ ({d} -> 'labels'))"""
+    return f"""({job}.language IS NULL OR json_type({d}, '$.languages') = 'null'
+              OR {job}.language IN (SELECT value FROM json_each({d}, '$.languages')))
+         AND ({job}.model IS NULL OR {job}.model = json_extract({d}, '$.model'))
+         AND ({job}.labels = '{{}}' OR NOT EXISTS (
+                 SELECT 1 FROM json_each({job}.labels) asked WHERE NOT EXISTS (
+                     SELECT 1 FROM json_each({d}, '$.labels') has
+                     WHERE has.key = asked.key AND has.value = asked.value)))"""
 
-    languages: str | None  # JSON array of the languages it takes, None: any
-    by_language: str  # JSON object language -> resource, for the languages some device lists
-    other: str | None  # the resource for a language no device lists (a device taking any language), if any
-    unset: str | None  # the resource for a job without a language
+
+def ask_served_sql(dialect: str, offers: str, job: str = "jobs") -> str:
+    """SQL: some offer of the JSON array ``offers`` (a parameter's place, e.g. ``$3``) serves the jobs row ``job``.
+    Assignment (a node's devices, ``offers_of``) and the reaper (every live node's, ``rules.Served``) both ask it."""
+    if dialect == "postgresql":
+        return (f"EXISTS (SELECT 1 FROM jsonb_array_elements(CAST({offers} AS jsonb)) AS o(d) "
+                f"WHERE {_offer_serves(dialect, job, 'o.d')})")
+    return f"EXISTS (SELECT 1 FROM json_each({offers}) AS o WHERE {_offer_serves(dialect, job, 'o.value')})"
 
 
 @functools.lru_cache(maxsize=1024)
-def dispatch_of(devices_text: str, resource: str | None = None) -> Dispatch | None:
-    """A node's ``Dispatch`` for polls on ``resource`` (None: any of its devices), once per distinct device list;
-    None when no ASR device answers (the general path says why, or that there is nothing to take)."""
-    asr = [d for d in stored_devices(devices_text)
-           if d.plugin == "asr" and (resource is None or d.resource == resource)]
-    if not asr:
-        return None
-    languages = poll_languages(asr)
-    listed = sorted({lang for d in asr for lang in (d.languages or ())})
-    by_language = {}
-    for lang in listed:
-        device = pick_device(asr, lang)
-        if device is not None:
-            by_language[lang] = device.resource
-    other = next((d.resource for d in asr if d.languages is None), None)
-    unset = pick_device(asr, None)
-    return Dispatch(
-        languages=json.dumps(sorted(languages)) if languages is not None else None,
-        by_language=json.dumps(by_language),
-        other=other,
-        unset=unset.resource if unset is not None else None,
-    )
+def offers_of(devices_text: str, labels_text: str, resource: str | None = None) -> str | None:
+    """A node's ASR devices (those on ``resource``; None: all) as a JSON array of offers with their resource, in
+    device order (``rules.pick_device``'s), for ``ask_served_sql``: once per distinct (devices, labels). None when
+    no ASR device answers (the general path says why, or that there is nothing to take)."""
+    node_labels = json.loads(labels_text)
+    offers = [{"resource": d.resource, **Offer.of(d, node_labels).wire()} for d in stored_devices(devices_text)
+              if d.plugin == "asr" and (resource is None or d.resource == resource)]
+    return json.dumps(offers) if offers else None
 
 
 class PgFast:
@@ -128,31 +130,45 @@ class PgFast:
         assert row is not None
         return float(row["now"])
 
-    async def claim(self, node_id: str, devices_text: str, dispatch: Dispatch, lease_id: str | None = None,
-                    ttl_s: float | None = None) -> tuple[bool, Row | None]:
-        """(node as expected, the claimed job's row or None). The node must be live, not draining, and still
-        have ``devices_text``; the oldest queued job it serves becomes assigned to it. With ``lease_id`` and
-        ``ttl_s``, the job's first lease is granted too (``lease_epoch`` in the row) when no active lease holds
-        its resource on this node (as ``grant`` requires); else the job is only assigned (``lease_epoch`` None)."""
+    async def claim(self, node_id: str, devices_text: str, labels_text: str, offers: str, max_wait_s: float,
+                    lease_id: str | None = None, ttl_s: float | None = None) -> tuple[bool, Row | None]:
+        """(node as expected, the claimed job's row or None). The node must be live, not draining, not cordoned,
+        and still have ``devices_text`` and ``labels_text``; the first queued job one of its ``offers`` serves, in
+        the dispatch order (``rules.dispatch_class``: interactive jobs and batch jobs queued ``max_wait_s``, then
+        the other batch jobs; each by seq), becomes assigned to it, on the first device that serves it. With
+        ``lease_id`` and ``ttl_s``, the job's first lease is granted too (``lease_epoch`` in the row) when no
+        active lease holds its resource on this node (as ``grant`` requires); else the job is only assigned
+        (``lease_epoch`` None)."""
+        served = ask_served_sql("postgresql", "$3")
         try:
             row = await self.engine.statement(
                 f"""WITH {_CLOCK},
-                   n AS (SELECT 1 FROM nodes WHERE node_id = $1 AND devices = $2
+                   n AS (SELECT 1 FROM nodes WHERE node_id = $1 AND devices = $2 AND labels = $6 AND cordoned = 0
                              AND state NOT IN ('{N.GONE}', '{N.DRAINING}')),
-                   j AS (SELECT job_id, language FROM jobs WHERE state = '{J.QUEUED}' AND EXISTS (SELECT 1 FROM n)
-                             AND (CAST($3 AS jsonb) IS NULL OR language IS NULL
-                                  OR language IN (SELECT jsonb_array_elements_text(CAST($3 AS jsonb))))
-                         ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED),
-                   r AS (SELECT j.job_id, CASE WHEN j.language IS NULL THEN $4
-                                               ELSE COALESCE(CAST($5 AS jsonb) ->> j.language, $6) END AS resource
+                   qi AS (SELECT job_id, seq, queued_at, language, model, labels FROM jobs
+                          WHERE state = '{J.QUEUED}' AND priority = '{P.INTERACTIVE}' AND EXISTS (SELECT 1 FROM n)
+                              AND {served}
+                          ORDER BY priority, seq LIMIT 1 FOR UPDATE SKIP LOCKED),
+                   qb AS (SELECT job_id, seq, queued_at, language, model, labels FROM jobs
+                          WHERE state = '{J.QUEUED}' AND priority = '{P.BATCH}' AND EXISTS (SELECT 1 FROM n)
+                              AND {served}
+                          ORDER BY priority, seq LIMIT 1 FOR UPDATE SKIP LOCKED),
+                   j AS (SELECT * FROM (SELECT qi.*, 0 AS cls FROM qi
+                                        UNION ALL SELECT qb.*, CASE WHEN t.now - qb.queued_at >= $7 THEN 0 ELSE 1 END
+                                        FROM qb, t) AS c
+                         ORDER BY cls, seq LIMIT 1),
+                   r AS (SELECT j.job_id,
+                                (SELECT o.d ->> 'resource' FROM jsonb_array_elements(CAST($3 AS jsonb))
+                                     WITH ORDINALITY AS o(d, i)
+                                 WHERE {_offer_serves("postgresql", "j", "o.d")} ORDER BY o.i LIMIT 1) AS resource
                          FROM j),
                    g AS (SELECT r.job_id, nextval('lease_epochs') AS epoch FROM r
-                         WHERE CAST($8 AS DOUBLE PRECISION) IS NOT NULL
+                         WHERE CAST($5 AS DOUBLE PRECISION) IS NOT NULL
                            AND NOT EXISTS (SELECT 1 FROM leases h WHERE h.node_id = $1 AND h.resource = r.resource
                                            AND h.state = '{L.ACTIVE}')),
                    u AS (UPDATE jobs SET state = CASE WHEN g.epoch IS NULL THEN '{J.ASSIGNED}' ELSE '{J.RUNNING}' END,
                              node_id = $1, resource = r.resource, assigned_at = t.now,
-                             lease_id = CASE WHEN g.epoch IS NULL THEN NULL ELSE CAST($7 AS TEXT) END,
+                             lease_id = CASE WHEN g.epoch IS NULL THEN NULL ELSE CAST($4 AS TEXT) END,
                              lease_epoch = g.epoch,
                              started_at = CASE WHEN g.epoch IS NULL THEN jobs.started_at
                                                ELSE COALESCE(jobs.started_at, t.now) END,
@@ -162,13 +178,12 @@ class PgFast:
                              jobs.resource, jobs.lease_epoch, t.now - jobs.queued_at AS waited),
                    l AS (INSERT INTO leases (lease_id, node_id, job_id, attempt, resource, epoch, ttl_s, granted_at,
                              expires_at, state)
-                         SELECT CAST($7 AS TEXT), $1, u.job_id, u.attempt, u.resource, u.lease_epoch, $8, t.now,
-                             t.now + CAST($8 AS DOUBLE PRECISION), '{L.ACTIVE}'
+                         SELECT CAST($4 AS TEXT), $1, u.job_id, u.attempt, u.resource, u.lease_epoch, $5, t.now,
+                             t.now + CAST($5 AS DOUBLE PRECISION), '{L.ACTIVE}'
                          FROM u, t WHERE u.lease_epoch IS NOT NULL),
                    d AS (DELETE FROM segments WHERE job_id IN (SELECT job_id FROM u WHERE attempt > 1))
                    SELECT (SELECT COUNT(*) FROM n) AS node_ok, t.now, u.* FROM t LEFT JOIN u ON true""",
-                node_id, devices_text, dispatch.languages, dispatch.unset, dispatch.by_language, dispatch.other,
-                lease_id, ttl_s,
+                node_id, devices_text, offers, lease_id, ttl_s, labels_text, max_wait_s,
             )
         except Conflict:  # a lease took the resource meanwhile (the statement changed nothing): the general path
             return False, None
@@ -272,4 +287,4 @@ class PgFast:
         )
 
 
-__all__ = ["Dispatch", "PgFast", "dispatch_of", "fence"]
+__all__ = ["PgFast", "ask_served_sql", "fence", "offers_of"]

@@ -3,13 +3,13 @@ deadlines, unservable jobs, retention, orphan uploads), and the gauges read from
 
 from __future__ import annotations
 
-import json
 import logging
 
 from .db import Tx
 from .operators import hand_back_drained, queue_groups
-from .rules import gone_after_s, unservable_error
-from .schemas import JobErrorInfo
+from .pgfast import ask_served_sql
+from .rules import Ask, gone_after_s, unservable_error
+from .schemas import JobErrorInfo, Priority
 from .schemas import JobState as J
 from .schemas import LeaseState as L
 from .schemas import NodeState as N
@@ -105,28 +105,27 @@ class Reaper(StorePart):
         counts = await tx.fetch("SELECT state, COUNT(*) AS n FROM nodes GROUP BY state")
         open_row = await tx.fetchrow(
             f"""SELECT COUNT(*) AS jobs, COALESCE(SUM(audio_bytes), 0) AS bytes,
-                   COALESCE(SUM(CASE WHEN state = '{J.QUEUED}' THEN 1 ELSE 0 END), 0) AS queued
+                   COALESCE(SUM(CASE WHEN state = '{J.QUEUED}' THEN 1 ELSE 0 END), 0) AS queued,
+                   COALESCE(SUM(CASE WHEN priority = '{Priority.INTERACTIVE}' THEN 1 ELSE 0 END), 0) AS interactive
                FROM jobs WHERE state IN {OPEN}"""
         )
         assert open_row is not None
         self.replica.counted({r["state"]: int(r["n"]) for r in counts}, int(open_row["jobs"]),
-                             int(open_row["bytes"]), int(open_row["queued"]))
+                             int(open_row["bytes"]), int(open_row["queued"]), int(open_row["interactive"]))
 
     async def _reap_unservable(self, tx: Tx, now: float) -> None:
         """Mark queued jobs no live node serves, clear the mark when one does, and fail those marked for
         ``unservable_after_s`` with no_capable_node."""
         served = await self.replica.served(tx, fresh=True)
-        # One SQL condition for "some live node serves this job's language" (rules.Served.serves).
-        serves = ("((language IS NULL AND $1 = 1) OR (language IS NOT NULL AND ($2 = 1 OR language IN ("
-                  + tx.dialect.json_strings.format(p="$3") + "))))")
-        args = (int(served.has_device), int(served.any_language), json.dumps(sorted(served.languages)))
+        # "Some live node serves this job" as SQL: the one capability rule (rules.serves) over the live offers.
+        serves = ask_served_sql(tx.dialect.name, "$1")
         await tx.execute(
             f"UPDATE jobs SET unservable_since = NULL WHERE state = '{J.QUEUED}' AND unservable_since IS NOT NULL "
-            f"AND {serves}", *args,
+            f"AND {serves}", served.offers_json(),
         )
         await tx.execute(
-            f"UPDATE jobs SET unservable_since = $4 WHERE state = '{J.QUEUED}' AND unservable_since IS NULL "
-            f"AND NOT {serves}", *args, now,
+            f"UPDATE jobs SET unservable_since = $2 WHERE state = '{J.QUEUED}' AND unservable_since IS NULL "
+            f"AND NOT {serves}", served.offers_json(), now,
         )
         after = self.settings.unservable_after_s
         for job in await tx.fetch(
@@ -134,4 +133,5 @@ class Reaper(StorePart):
             + tx.dialect.skip_locked, now - after,
         ):
             await self.tr.finish(tx, job, now,
-                               unservable_error(job["language"], served, now - job["unservable_since"], after))
+                               unservable_error(Ask.of(job["language"], job["model"], job["labels"]), served,
+                                                now - job["unservable_since"], after))

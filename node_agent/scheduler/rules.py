@@ -6,17 +6,20 @@ here does I/O or reads a clock: ``now`` is always given, so each rule is tested 
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Mapping
 
 from ..config import SchedulerSettings
+from ..labels import LABEL_VALUE_PATTERN
 from ..languages import MULTILINGUAL_MODEL
 from .errors import QueueFull, ReportRejected, TooLarge
-from .schemas import DeviceSpec, JobErrorInfo, JobState
+from .schemas import DeviceSpec, JobErrorInfo, JobState, Priority
 
 #: Retry-After of a 429 queue_full: a place frees whenever any job finishes, which on a busy cluster is seconds.
 QUEUE_FULL_RETRY_S = 5
-#: How many distinct (languages, model) offers a no_capable_node message lists before "and N more".
+#: How many distinct offers (languages, model, labels) a no_capable_node message lists before "and N more".
 MAX_OFFERS_SHOWN = 5
 
 
@@ -24,95 +27,195 @@ def language_fits(device: DeviceSpec, language: str | None) -> bool:
     return language is None or device.languages is None or language in device.languages
 
 
-def serves(device: DeviceSpec, language: str | None) -> bool:
-    """Whether ``device`` can run a job in ``language``: the one capability rule, for assignment and admission."""
-    return device.plugin == "asr" and language_fits(device, language)
+@dataclass(frozen=True)
+class Ask:
+    """What a job asks of the device that runs it: a language (None: detect), a model as nodes register it (None:
+    any), and labels that must all match the device's (sorted ``(key, value)`` pairs)."""
+
+    language: str | None = None
+    model: str | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, language: str | None, model: str | None = None, labels: Mapping[str, str] | str = "{}") -> "Ask":
+        """From a submission's fields, or a jobs row's columns (``labels`` as the JSON text the row keeps)."""
+        pairs = json.loads(labels) if isinstance(labels, str) else labels
+        return cls(language, model, tuple(sorted(pairs.items())))
 
 
-def pick_device(devices: Iterable[DeviceSpec], language: str | None) -> DeviceSpec | None:
-    """The first of a node's devices that can run a job in ``language``."""
-    return next((d for d in devices if serves(d, language)), None)
+def automatic_labels(device: DeviceSpec) -> dict[str, str]:
+    """The labels a device carries by itself: ``device_class`` (gpu or cpu, from its resource), ``compute_type``,
+    and ``model`` where the model's name (a path's last part) is a valid label value."""
+    labels = {"device_class": "gpu" if device.resource.startswith("gpu") else "cpu"}
+    if re.fullmatch(LABEL_VALUE_PATTERN, device.compute_type):
+        labels["compute_type"] = device.compute_type
+    name = device.model.rstrip("/").rpartition("/")[2]
+    if name and re.fullmatch(LABEL_VALUE_PATTERN, name):
+        labels["model"] = name
+    return labels
 
 
-def poll_languages(devices: Iterable[DeviceSpec]) -> frozenset[str] | None:
-    """The languages a node polling with ``devices`` can take: None when some device takes any language."""
-    languages: set[str] = set()
-    for d in devices:
-        if d.plugin != "asr":
-            continue
-        if d.languages is None:
-            return None
-        languages.update(d.languages)
-    return frozenset(languages)
+def device_labels(device: DeviceSpec, node_labels: Mapping[str, str]) -> dict[str, str]:
+    """Every label a job can match on ``device``: its node's (``node.labels``) and its automatic ones."""
+    return {**node_labels, **automatic_labels(device)}
+
+
+def serves(device: DeviceSpec, node_labels: Mapping[str, str], ask: Ask) -> bool:
+    """Whether ``device`` (of a node labelled ``node_labels``) can run a job asking ``ask``: an ASR device whose
+    languages fit, whose registered model is the one asked (if any), and that carries every label asked. The one
+    capability rule: assignment, admission and the reaper all decide by it (``Offer`` and pgfast.ask_served_sql
+    restate it for a summary and for SQL, and are tested against it)."""
+    if device.plugin != "asr" or not language_fits(device, ask.language):
+        return False
+    if ask.model is not None and ask.model != device.model:
+        return False
+    if not ask.labels:
+        return True
+    labels = device_labels(device, node_labels)
+    return all(labels.get(key) == value for key, value in ask.labels)
+
+
+def pick_device(devices: Iterable[DeviceSpec], node_labels: Mapping[str, str], ask: Ask) -> DeviceSpec | None:
+    """The first of a node's devices that can run a job asking ``ask``."""
+    return next((d for d in devices if serves(d, node_labels, ask)), None)
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What one device offers, without which device: the unit the admission summary and the SQL tests compare a
+    job's ask with. ``languages`` None: any language."""
+
+    languages: tuple[str, ...] | None
+    model: str
+    labels: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, device: DeviceSpec, node_labels: Mapping[str, str]) -> "Offer":
+        languages = tuple(sorted(device.languages)) if device.languages is not None else None
+        return cls(languages, device.model, tuple(sorted(device_labels(device, node_labels).items())))
+
+    def serves(self, ask: Ask) -> bool:
+        """``serves`` for the device this offer was made of."""
+        if ask.language is not None and self.languages is not None and ask.language not in self.languages:
+            return False
+        if ask.model is not None and ask.model != self.model:
+            return False
+        labels = dict(self.labels)
+        return all(labels.get(key) == value for key, value in ask.labels)
+
+    def wire(self) -> dict[str, object]:
+        """As pgfast.ask_served_sql reads an offer from a JSON array."""
+        return {"languages": list(self.languages) if self.languages is not None else None, "model": self.model,
+                "labels": dict(self.labels)}
+
+    def describe(self, with_labels: bool) -> str:
+        """"en with tiny.en", and its labels when a job asked for some."""
+        languages = "/".join(self.languages) if self.languages is not None else "any language"
+        text = f"{languages or 'no language'} with {self.model}"
+        if with_labels:
+            text += " [" + ", ".join(f"{k}={v}" for k, v in self.labels) + "]"
+        return text
 
 
 @dataclass(frozen=True)
 class Served:
-    """What the live nodes' devices serve, summed up so that each job is checked in O(1)."""
+    """What the live nodes' devices serve, as their distinct offers (a cluster of identical nodes is one offer),
+    so that each job is checked in O(offers), not O(nodes)."""
 
     live_nodes: int
-    #: Some live device takes every language (a multilingual model without a language list).
-    any_language: bool
-    has_device: bool
-    languages: frozenset[str]
-    #: "en with tiny.en": one per distinct (languages, model), for messages.
-    offers: tuple[str, ...]
+    offers: tuple[Offer, ...]
 
     @classmethod
-    def of(cls, live_devices: Iterable[list[DeviceSpec]]) -> "Served":
-        """From each live node's device list."""
-        per_node = list(live_devices)
-        devices = [d for node in per_node for d in node if d.plugin == "asr"]
-        offers: dict[str, None] = {}
-        for d in devices:
-            languages = "/".join(d.languages) if d.languages is not None else "any language"
-            offers[f"{languages or 'no language'} with {d.model}"] = None
-        return cls(
-            live_nodes=len(per_node),
-            any_language=any(d.languages is None for d in devices),
-            has_device=bool(devices),
-            languages=frozenset(lang for d in devices for lang in d.languages or ()),
-            offers=tuple(offers),
-        )
+    def of(cls, live: Iterable[tuple[Iterable[DeviceSpec], Mapping[str, str]]]) -> "Served":
+        """From each live node's (device list, labels)."""
+        nodes = 0
+        offers: dict[Offer, None] = {}
+        for devices, node_labels in live:
+            nodes += 1
+            for d in devices:
+                if d.plugin == "asr":
+                    offers[Offer.of(d, node_labels)] = None
+        return cls(live_nodes=nodes, offers=tuple(offers))
 
-    def serves(self, language: str | None) -> bool:
-        """Whether some live device can run a job in ``language`` (None: detect it; any device will do)."""
-        if language is None:
-            return self.has_device
-        return self.any_language or language in self.languages
+    def serves(self, ask: Ask) -> bool:
+        """Whether some live device can run a job asking ``ask``."""
+        return any(o.serves(ask) for o in self.offers)
+
+    def offers_json(self) -> str:
+        """The offers as the reaper's SQL test reads them (pgfast.ask_served_sql)."""
+        return json.dumps([o.wire() for o in self.offers], sort_keys=True)
+
+    def unserved_part(self, ask: Ask) -> Literal["language", "model", "labels"] | None:
+        """The first of the ask's fields that no live device serves together with those before it (None: served);
+        what a refusal names as its ``param``."""
+        if not self.serves(Ask(ask.language)):
+            return "language"
+        if not self.serves(Ask(ask.language, ask.model)):
+            return "model"
+        if not self.serves(ask):
+            return "labels"
+        return None
 
 
-def unservable_message(language: str | None, served: Served) -> str:
+def unservable_message(ask: Ask, served: Served) -> str:
     """One line for a job no live node serves: what was asked, what the live nodes serve, and what to change."""
-    asked = f"serves language {language!r}" if language is not None else "has an asr device"
+    asked_parts = []
+    if ask.language is not None:
+        asked_parts.append(f"language {ask.language!r}")
+    if ask.model is not None:
+        asked_parts.append(f"model {ask.model!r}")
+    if ask.labels:
+        asked_parts.append("labels " + ", ".join(f"{k}={v}" for k, v in ask.labels))
+    asked = "serves " + ", ".join(asked_parts) if asked_parts else "has an asr device"
     if served.offers:
-        shown = ", ".join(served.offers[:MAX_OFFERS_SHOWN])
+        shown = ", ".join(o.describe(with_labels=bool(ask.labels)) for o in served.offers[:MAX_OFFERS_SHOWN])
         more = len(served.offers) - MAX_OFFERS_SHOWN
         serving = f"nodes serve: {shown}" + (f" and {more} more" if more > 0 else "")
     else:
         serving = "no node is live" if not served.live_nodes else "no live node has an asr device"
-    if language is not None and language != "en":
+    part = served.unserved_part(ask) if served.offers else None
+    if part == "model":
+        fix = f"run a node with asr.model: {ask.model}, or ask for a model a live node has"
+    elif part == "labels":
+        fix = "set those labels on a node (node.labels), or ask for labels a live node has"
+    elif ask.language is not None and ask.language != "en":
         fix = f"run a node with asr.model: {MULTILINGUAL_MODEL}"
     else:
         fix = "start a node (node-agent run)"
     return f"no live node {asked} ({serving}); {fix}"
 
 
-def unservable_error(language: str | None, served: Served, waited_s: float, after_s: float) -> JobErrorInfo:
+def dispatch_class(priority: str, queued_at: float, now: float, settings: SchedulerSettings) -> int:
+    """A queued job's class in the dispatch order (0 first): interactive jobs, and batch jobs queued longer than
+    ``scheduler.batch_max_wait_s`` (so batch work is never starved); then the other batch jobs. Within a class,
+    submission order (``seq``)."""
+    if priority == Priority.INTERACTIVE or now - queued_at >= settings.batch_max_wait_s:
+        return 0
+    return 1
+
+
+def unservable_error(ask: Ask, served: Served, waited_s: float, after_s: float) -> JobErrorInfo:
     return JobErrorInfo(
         code="no_capable_node",
         message=f"queued {waited_s:.0f} s without a capable node (scheduler.unservable_after_s: {after_s:g}): "
-        f"{unservable_message(language, served)}",
+        f"{unservable_message(ask, served)}",
     )
 
 
-def admission_refusal(settings: SchedulerSettings, open_jobs: int, open_bytes: int, size: int) -> str | None:
-    """Why the queue's bounds have no room for a job of ``size`` bytes (None: room). Raises TooLarge for a job
-    that could never fit."""
+def admission_refusal(settings: SchedulerSettings, priority: str, open_jobs: int, open_interactive: int,
+                      open_bytes: int, size: int) -> str | None:
+    """Why the queue's bounds have no room for a job of ``priority`` and ``size`` bytes (None: room). Raises
+    TooLarge for a job that could never fit. Interactive jobs have a cap of their own
+    (``max_queued_interactive_jobs``), so a queue full of batch jobs never refuses a live utterance; a batch job
+    counts every unfinished job against ``max_queued_jobs``, as before there were classes."""
     s = settings
     if size > s.max_queued_bytes:
         raise TooLarge(f"audio of {size} bytes is over scheduler.max_queued_bytes ({s.max_queued_bytes})")
-    if open_jobs >= s.max_queued_jobs:
+    if priority == Priority.INTERACTIVE:
+        if open_interactive >= s.max_queued_interactive_jobs:
+            return (f"{open_interactive} unfinished interactive jobs reach scheduler.max_queued_interactive_jobs "
+                    f"({s.max_queued_interactive_jobs})")
+    elif open_jobs >= s.max_queued_jobs:
         return f"{open_jobs} unfinished jobs reach scheduler.max_queued_jobs ({s.max_queued_jobs})"
     if open_bytes + size > s.max_queued_bytes:
         return (f"{open_bytes} bytes of unfinished jobs' audio and this job's {size} would pass "

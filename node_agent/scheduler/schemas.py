@@ -206,6 +206,9 @@ class RegisterRequest(_NodeMessage):
     hostname: Text = Field(max_length=255)
     hardware: Hardware
     devices: list[DeviceSpec] = Field(max_length=64)
+    #: The node's own labels (``node.labels``); its devices' automatic ones (device_class, model, compute_type)
+    #: are the scheduler's to derive, and win over these.
+    labels: Labels = Field(default_factory=dict)
 
 
 class LeaseBounds(_Reply):
@@ -213,18 +216,11 @@ class LeaseBounds(_Reply):
     max_ttl_s: float
 
 
-#: The header a node proves its identity with on every node call: the secret its first registration returned.
-NODE_SECRET_HEADER = "X-Node-Secret"
-
-
 class RegisterResponse(_Reply):
     node_id: str
     heartbeat_interval_s: float
     lease: LeaseBounds
     protocol_version: int = PROTOCOL_VERSION
-    #: Given on a node's first registration only (the scheduler keeps just its hash): the node keeps it and sends
-    #: it as ``X-Node-Secret`` on every node call; a scheduler with tokens refuses that node's id without it.
-    node_secret: str | None = None
 
 
 class HeartbeatRequest(_NodeMessage):
@@ -249,6 +245,8 @@ class NodeView(_Reply):
     running_jobs: list[str]
     last_heartbeat_age_s: float
     registered_age_s: float
+    #: The node's own labels as it registered them (each device adds its automatic ones: ``rules.automatic_labels``).
+    labels: dict[str, str] = Field(default_factory=dict)
     #: An operator cordoned the node (``POST /v1/nodes/{id}/cordon`` or a drain): it gets no new jobs.
     cordoned: bool = False
     #: Seconds left until a drain hands the node's running jobs back to the queue; None: no drain deadline.

@@ -11,9 +11,10 @@ from typing import Any, AsyncIterator
 
 from .db import Conflict, Engine, Row, Tx, serialize
 from .errors import InvalidInput, UnknownJob, Unservable
-from .rules import Served, admission_refusal, queue_full, unservable_message
+from .rules import Ask, Served, admission_refusal, queue_full, unservable_message
 from .schemas import TERMINAL_JOB_STATES, JobErrorInfo, JobSpec, JobView
 from .schemas import JobState as J
+from .schemas import Priority
 from .topics import QUEUE_TOPIC
 from .transitions import OPEN, StorePart, Transitions, doc, unknown_job
 
@@ -138,12 +139,12 @@ class Submissions(StorePart):
                     return earlier["job_id"], earlier["state"], True
             served = await self.replica.served(tx)
             self._capable(spec, served, size)
-            jobs, audio_bytes = self.replica.load_estimate(size)
-            if jobs is None:
-                jobs, audio_bytes = await self._count_open(tx)
-            self._admit(jobs, audio_bytes, size)
+            load = self.replica.load_estimate(size, spec.priority)
+            if load is None:
+                load = await self._count_open(tx)
+            self._admit(spec, *load, size)
             job_id = f"job-{secrets.token_hex(8)}"
-            self.replica.admitting(job_id, size)
+            self.replica.admitting(job_id, size, spec.priority)
             admitted.append(job_id)
             seq = await tx.next_value("job_seqs")
             await tx.execute(
@@ -164,13 +165,13 @@ class Submissions(StorePart):
             served = self.replica.served_recently()
             if self._fast is None or idempotency_key is not None or not upload.single_chunk or served is None:
                 return None
-            jobs, audio_bytes = self.replica.load_estimate(size)
-            if jobs is None:
+            load = self.replica.load_estimate(size, spec.priority)
+            if load is None:
                 return None
             self._capable(spec, served, size)
-            self._admit(jobs, audio_bytes, size)
+            self._admit(spec, *load, size)
             job_id = f"job-{secrets.token_hex(8)}"
-            self.replica.admitting(job_id, size)
+            self.replica.admitting(job_id, size, spec.priority)
             admitted.append(job_id)
             await self._fast.submit(job_id, doc(spec), spec.language, filename, size, upload.upload_id,
                                     self._deadline_s(spec), upload.buffered, *self._asks(spec), client)
@@ -211,39 +212,44 @@ class Submissions(StorePart):
                      spec.language or "auto")
         return job_id, state, replayed
 
-    async def _count_open(self, tx: Tx) -> tuple[int, int]:
-        """The unfinished jobs and their bytes, exactly: near the bounds, where the estimate is not used. On
-        PostgreSQL under an advisory lock held to the commit, so that concurrent submissions (any replica's)
-        count one after another, each seeing the jobs of those before it. This replica's own jobs whose
-        transactions are still under way are counted from its memory (uncommitted, the count would miss them)."""
+    async def _count_open(self, tx: Tx) -> tuple[int, int, int]:
+        """The unfinished jobs, those of them interactive, and their bytes, exactly: near the bounds, where the
+        estimate is not used. On PostgreSQL under an advisory lock held to the commit, so that concurrent
+        submissions (any replica's) count one after another, each seeing the jobs of those before it. This
+        replica's own jobs whose transactions are still under way are counted from its memory (uncommitted, the
+        count would miss them)."""
         await serialize(tx, ADMISSION_LOCK)
-        ids, pending_bytes = self.replica.in_flight()
+        ids, pending_interactive, pending_bytes = self.replica.in_flight()
         row = await tx.fetchrow(
-            f"""SELECT COUNT(*) AS jobs, COALESCE(SUM(audio_bytes), 0) AS bytes FROM jobs
-               WHERE state IN {OPEN} AND job_id NOT IN ({tx.dialect.json_strings.format(p="$1")})""",
+            f"""SELECT COUNT(*) AS jobs, COALESCE(SUM(audio_bytes), 0) AS bytes,
+                   COALESCE(SUM(CASE WHEN priority = '{Priority.INTERACTIVE}' THEN 1 ELSE 0 END), 0) AS interactive
+               FROM jobs WHERE state IN {OPEN} AND job_id NOT IN ({tx.dialect.json_strings.format(p="$1")})""",
             json.dumps(ids),
         )
         assert row is not None
-        return int(row["jobs"]) + len(ids), int(row["bytes"]) + pending_bytes
+        return (int(row["jobs"]) + len(ids), int(row["interactive"]) + pending_interactive,
+                int(row["bytes"]) + pending_bytes)
 
     def _capable(self, spec: JobSpec, served: Served, size: int) -> None:
-        """Refuse empty audio, and a job no live node serves."""
+        """Refuse empty audio, and a job no live node serves (rules.serves, over the live nodes' offers)."""
         if not size:
             raise InvalidInput("audio is empty", param="audio")
         # No live node at all is not a refusal: nodes may be starting (the embedded scheduler starts before its
         # agent registers). Such a job waits, and fails after unservable_after_s if none comes.
-        if served.live_nodes and not served.serves(spec.language):
+        ask = Ask.of(spec.language, spec.model, spec.labels)
+        if served.live_nodes and not served.serves(ask):
             self.metrics.jobs_refused.labels("no_capable_node").inc()
-            message = unservable_message(spec.language, served)
+            message = unservable_message(ask, served)
             log.info("job refused reason=no_capable_node %s", message)
-            raise Unservable(message, param="language" if spec.language is not None else None)
+            raise Unservable(message, param=served.unserved_part(ask) if served.offers else None)
 
-    def _admit(self, jobs: int, audio_bytes: int, size: int) -> None:
-        """Refuse a job past scheduler.max_queued_jobs or max_queued_bytes (429 queue_full)."""
-        why = admission_refusal(self.settings, jobs, audio_bytes, size)
+    def _admit(self, spec: JobSpec, jobs: int, interactive: int, audio_bytes: int, size: int) -> None:
+        """Refuse a job past its class's cap (scheduler.max_queued_jobs, or max_queued_interactive_jobs for an
+        interactive one) or max_queued_bytes (429 queue_full, naming which)."""
+        why = admission_refusal(self.settings, spec.priority, jobs, interactive, audio_bytes, size)
         if why is not None:
             self.metrics.jobs_refused.labels("queue_full").inc()
-            log.warning("queue full, refusing a job: %s", why)
+            log.warning("queue full, refusing a %s job: %s", spec.priority, why)
             raise queue_full(why)
 
     @staticmethod
