@@ -68,9 +68,11 @@ class Registration:
         self._outages = OutageLog(log)
 
     def restore(self) -> None:
-        """Take the node id kept from an earlier run, so the scheduler sees the same node again."""
+        """Take the node id and node secret kept from an earlier run, so the scheduler sees the same node again
+        (and, where it checks tokens, lets it be that node)."""
         if self.state is not None:
             self.identity.node_id = self.state.load_node_id()
+            self.client.node_secret = self.state.load_node_secret() if self.identity.node_id else None
 
     def body(self) -> dict[str, Any]:
         """The registration request: this node, its hardware and one device entry per worker (slot)."""
@@ -129,6 +131,11 @@ class Registration:
         ident.last_heartbeat_ok = asyncio.get_running_loop().time()
         if self._on_lease_bounds is not None:
             self._on_lease_bounds(reply.lease.min_ttl_s, reply.lease.max_ttl_s)
+        if reply.node_secret is not None:
+            # Kept before the id: an id on disk without its secret is a node this agent can no longer be.
+            self.client.node_secret = reply.node_secret
+            if self.state is not None:
+                self.state.save_node_secret(reply.node_secret)
         ident.registered_event.set()
         if self.state is not None:
             self.state.save_node_id(reply.node_id)
