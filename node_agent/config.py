@@ -207,6 +207,78 @@ class LeaseSettings(_Section):
         return interval, deadline
 
 
+#: A token's name (in ``scheduler.tokens``): what a client's jobs are recorded under and logs name.
+TOKEN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class RoleTokens(_Section):
+    """``scheduler.tokens``: named bearer tokens per role. Two names of one role are both valid, so a token is
+    rotated by adding the new one, rolling the callers over, then removing the old (a rolling restart)."""
+
+    clients: dict[str, SecretStr] = Field(
+        default_factory=dict, description="Submit, follow, list and cancel the jobs submitted under their own name."
+    )
+    nodes: dict[str, SecretStr] = Field(
+        default_factory=dict, description="Register, heartbeat, poll, lease, download audio and report; nothing else."
+    )
+    operators: dict[str, SecretStr] = Field(
+        default_factory=dict, description="Everything: every job, nodes' cordon and drain, the cluster view."
+    )
+
+    @field_validator("clients", "nodes", "operators")
+    @classmethod
+    def _named_and_usable(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, token in value.items():
+            if not re.fullmatch(TOKEN_NAME_PATTERN, name):
+                raise ValueError(f"token name {name[:40]!r}: 1-64 letters, digits, '.', '_' or '-'")
+            _usable_token(token)
+        return value
+
+    def __bool__(self) -> bool:
+        return bool(self.clients or self.nodes or self.operators)
+
+    def merged(self, other: "RoleTokens", where: str) -> "RoleTokens":
+        """These tokens and ``other``'s (from ``where``); a name in both is refused, as is one token under two
+        names (which role it has would depend on the order they are checked in)."""
+        data: dict[str, dict[str, SecretStr]] = {}
+        for role in ("clients", "nodes", "operators"):
+            ours, theirs = getattr(self, role), getattr(other, role)
+            twice = sorted(set(ours) & set(theirs))
+            if twice:
+                raise ValueError(f"tokens.{role}.{twice[0]} is set both here and in {where}")
+            data[role] = {**ours, **theirs}
+        return RoleTokens(**data)
+
+    def check_distinct(self) -> None:
+        seen: dict[str, str] = {}
+        for role in ("clients", "nodes", "operators"):
+            for name, token in getattr(self, role).items():
+                where = f"{role}.{name}"
+                if token.get_secret_value() in seen:
+                    raise ValueError(f"tokens.{where} and tokens.{seen[token.get_secret_value()]} are the same token; "
+                                     "give each name its own")
+                seen[token.get_secret_value()] = where
+
+
+def _read_tokens_file(path: Path) -> RoleTokens:
+    """``scheduler.tokens_file``: a YAML mapping of the same shape as ``scheduler.tokens``."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, yaml.YAMLError):
+        # Never the parser's message: it may quote the line, and the line holds a token.
+        raise ValueError(f"{path} is not a YAML mapping of clients/nodes/operators") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a YAML mapping of clients/nodes/operators")
+    try:
+        return RoleTokens.model_validate(data)
+    except ValidationError as exc:
+        # Every value in the file is a token or holds some: none is shown.
+        masked = one_line(exc, top="(top level)", unknown="unknown key", value=lambda loc, value: "**********")
+        raise ValueError(f"{path}: {masked}") from None
+
+
 class SchedulerSettings(_Section):
     url: str = Field(
         "embedded",
@@ -214,7 +286,22 @@ class SchedulerSettings(_Section):
         "order, failing over on a transport error or 5xx) as 'http://a:8470,http://b:8470' or a YAML list.",
     )
     listen: str = Field("127.0.0.1:8470", description="HOST:PORT of the embedded/standalone scheduler.")
-    token: SecretStr | None = Field(None, description="Bearer token required on every scheduler call.")
+    token: SecretStr | None = Field(
+        None, description="The bearer token this process sends to the scheduler (agent, submit, cluster...). A "
+        "scheduler with no scheduler.tokens requires it on every call, with every role.",
+    )
+    tokens: RoleTokens = Field(
+        default_factory=RoleTokens, description="The scheduler's named tokens per role (clients, nodes, operators); "
+        "when any is set, scheduler.token is only what this process sends.",
+    )
+    tokens_file: Path | None = Field(
+        None, description="A YAML file of the same shape as scheduler.tokens (clients/nodes/operators), read at "
+        "start and added to it, so the secrets stay out of this file.",
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="Let `node-agent scheduler` serve a non-loopback scheduler.listen without any token "
+        "(anyone who can reach it may do everything).",
+    )
     request_timeout_s: float = Field(10.0, gt=0)
     heartbeat_interval_s: float = Field(5.0, gt=0, description="What the scheduler tells nodes to use.")
     node_gone_after_heartbeats: int = Field(3, ge=1)
@@ -304,6 +391,28 @@ class SchedulerSettings(_Section):
     @classmethod
     def _token_usable(cls, value: SecretStr | None) -> SecretStr | None:
         return _usable_token(value)
+
+    @model_validator(mode="after")
+    def _tokens_from_file(self) -> "SchedulerSettings":
+        try:
+            if self.tokens_file is not None:
+                # Read once, at load: a rotation is a rolling restart, and a file that cannot be read is one line
+                # now rather than a scheduler that answers 401 to everyone.
+                merged = self.tokens.merged(_read_tokens_file(self.tokens_file.expanduser()), str(self.tokens_file))
+                object.__setattr__(self, "tokens", merged)  # not validate_assignment: it would run this again
+            self.tokens.check_distinct()
+        except ValueError as exc:
+            # Raised on scheduler.tokens, so the one line shows that key's value masked, not the section's.
+            error = PydanticCustomError("tokens", str(exc))
+            raise ValidationError.from_exception_data(
+                type(self).__name__, [InitErrorDetails(type=error, loc=("tokens",), input="**********")]
+            ) from None
+        return self
+
+    @property
+    def checks_tokens(self) -> bool:
+        """Whether the scheduler asks callers for a token (roles, or the single scheduler.token)."""
+        return bool(self.tokens) or self.token is not None
 
     @field_validator("url", mode="before")
     @classmethod
@@ -540,6 +649,9 @@ def _field_type(path: list[str]) -> Any:
     model: Any = Settings
     annotation: Any = None
     for key in path:
+        if get_origin(model) is dict:  # a named entry (scheduler.tokens.clients.NAME): the map's value type
+            annotation = model = get_args(model)[1]
+            continue
         field = model.model_fields.get(key) if isinstance(model, type) and issubclass(model, BaseModel) else None
         if field is None:
             return None
@@ -645,7 +757,7 @@ def load_settings(path: Path | str | None = None, environ: Mapping[str, str] | N
 
 def _shown(loc: tuple[str, ...], value: Any) -> str:
     """A bad value as a config error shows it; a token never, a store DSN without its password."""
-    if "token" in loc:
+    if any(str(part).startswith("token") for part in loc):
         return "**********"
     if "store" in loc:
         raw = value.get_secret_value() if isinstance(value, SecretStr) else value

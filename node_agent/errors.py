@@ -62,6 +62,7 @@ class JobErrorCode(enum.StrEnum):
     lease_expired = "lease_expired"
     shutdown = "shutdown"
     no_capable_node = "no_capable_node"
+    cancelled = "cancelled"
     failed = "failed"
 
 
@@ -135,6 +136,13 @@ class NoCapableNode(JobError):
     code = JobErrorCode.no_capable_node
 
 
+class JobCancelled(JobError):
+    """A client or operator cancelled the job (``DELETE /v1/jobs/{id}``): the scheduler ended it, and a node
+    running it stops between two segments, keeps its worker and reports nothing. Never retried."""
+
+    code = JobErrorCode.cancelled
+
+
 class TranscriptionFailed(JobError):
     code = JobErrorCode.failed
 
@@ -153,6 +161,7 @@ JOB_ERRORS: dict[JobErrorCode, type[JobError]] = {
         LeaseExpired,
         JobShutdown,
         NoCapableNode,
+        JobCancelled,
         TranscriptionFailed,
     )
 }
@@ -191,6 +200,9 @@ JOB_ERROR_HTTP: dict[JobErrorCode, JobErrorStatus] = {
         503, "/utterance already refuses (400) a src_lang its own node cannot serve, so a job that ends without a "
         "capable node lost the node(s) that could run it while queued: retrying later is right",
         422, "the endpoint refuses such a job at submission with 422; one that fails with it later is the same case"),
+    JobErrorCode.cancelled: JobErrorStatus(
+        409, "a client or operator cancelled the job (DELETE /v1/jobs/{id}) while this request waited for it: "
+        "a conflict with another caller's decision, not a failure to retry"),
     JobErrorCode.worker_crashed: JobErrorStatus(500, _NODE_FAULT),
     JobErrorCode.lease_lost: JobErrorStatus(500, _NODE_FAULT),
     JobErrorCode.lease_expired: JobErrorStatus(500, _NODE_FAULT),

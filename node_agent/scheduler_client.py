@@ -32,6 +32,7 @@ from .contracts import DecodeOptions, error_key, one_line
 from .errors import NodeAgentError
 from .metrics import AgentMetrics
 from .scheduler.schemas import (
+    NODE_SECRET_HEADER,
     EventsReport,
     HeartbeatRequest,
     HeartbeatResponse,
@@ -140,6 +141,8 @@ class SchedulerClient:
         self._current = 0
         self._switch_logged: set[int] = set()  # URLs a failover moved to, logged since the last success
         self._token = token
+        #: This node's secret (``X-Node-Secret``), sent on the node calls once registration gave or restored it.
+        self.node_secret: str | None = None
         self.request_timeout_s = request_timeout_s
         self.metrics = metrics
         self._session: aiohttp.ClientSession | None = None
@@ -290,6 +293,10 @@ class SchedulerClient:
 
     # ----- calls -------------------------------------------------------------------------------------------------
 
+    def _node_headers(self) -> dict[str, str] | None:
+        """What proves this node's identity on a node call (none before the scheduler gave a secret)."""
+        return {NODE_SECRET_HEADER: self.node_secret} if self.node_secret else None
+
     @staticmethod
     def _body(model: type[T], endpoint: str, value: T | Mapping[str, Any]) -> dict[str, Any]:
         """``value`` as the scheduler reads it (``model``), in JSON form with only the fields set; ``BadRequest``
@@ -304,14 +311,16 @@ class SchedulerClient:
 
     async def register(self, request: RegisterRequest | Mapping[str, Any]) -> RegisterResponse:
         body = self._body(RegisterRequest, "register", request)
-        status, data, headers = await self._call("POST", "register", "/v1/nodes", body=body)
+        status, data, headers = await self._call("POST", "register", "/v1/nodes", body=body,
+                                                 headers=self._node_headers())
         if status in (200, 201):
             return self._parse(RegisterResponse, "register", status, data)
         raise self._fail("register", status, data, headers)
 
     async def heartbeat(self, node_id: str, request: HeartbeatRequest | Mapping[str, Any]) -> HeartbeatResponse:
         body = self._body(HeartbeatRequest, "heartbeat", request)
-        status, data, headers = await self._call("PUT", "heartbeat", f"/v1/nodes/{node_id}/heartbeat", body=body)
+        status, data, headers = await self._call("PUT", "heartbeat", f"/v1/nodes/{node_id}/heartbeat", body=body,
+                                                 headers=self._node_headers())
         if status == 200:
             return self._parse(HeartbeatResponse, "heartbeat", status, data)
         raise self._fail("heartbeat", status, data, headers)
@@ -327,7 +336,7 @@ class SchedulerClient:
             params["lease_ttl_s"] = f"{lease_ttl_s:g}"
         status, data, headers = await self._call(
             "GET", "next_job", f"/v1/nodes/{node_id}/jobs/next", params=params,
-            timeout=wait_s + self.request_timeout_s)
+            timeout=wait_s + self.request_timeout_s, headers=self._node_headers())
         if status == 204:
             return None
         if status == 200:
@@ -337,7 +346,8 @@ class SchedulerClient:
     async def fetch_audio(self, url: str) -> bytes:
         path = url if url.startswith("/") else "/" + url
         status, data, headers = await self._call("GET", "audio", path, raw=True,
-                                                 timeout=max(60.0, self.request_timeout_s))
+                                                 timeout=max(60.0, self.request_timeout_s),
+                                                 headers=self._node_headers())
         if status == 200:
             return data
         raise self._fail("audio", status, data, headers)
@@ -346,7 +356,8 @@ class SchedulerClient:
         status, data, headers = await self._call(
             "POST", "lease_acquire", "/v1/leases",
             body=self._body(LeaseRequest, "lease_acquire",
-                            {"node_id": node_id, "job_id": job_id, "resource": resource, "ttl_s": ttl_s}))
+                            {"node_id": node_id, "job_id": job_id, "resource": resource, "ttl_s": ttl_s}),
+            headers=self._node_headers())
         if status in (200, 201):
             return self._parse(LeaseGrant, "lease_acquire", status, data)
         raise self._fail("lease_acquire", status, data, headers)
@@ -356,13 +367,14 @@ class SchedulerClient:
         """Renew as the lease's holder: the scheduler checks the node and epoch against the lease."""
         body = self._body(RenewRequest, "lease_renew", {"node_id": node_id, "epoch": epoch})
         status, data, headers = await self._call("POST", "lease_renew", f"/v1/leases/{lease_id}/renew",
-                                                 body=body, timeout=timeout)
+                                                 body=body, timeout=timeout, headers=self._node_headers())
         if status == 200:
             return self._parse(RenewResponse, "lease_renew", status, data)
         raise self._fail("lease_renew", status, data, headers)
 
     async def release_lease(self, lease_id: str) -> None:
-        status, data, headers = await self._call("DELETE", "lease_release", f"/v1/leases/{lease_id}")
+        status, data, headers = await self._call("DELETE", "lease_release", f"/v1/leases/{lease_id}",
+                                                 headers=self._node_headers())
         if status not in (200, 204, 404, 410):
             raise self._fail("lease_release", status, data, headers)
 
@@ -371,13 +383,15 @@ class SchedulerClient:
         """Stream segments as the job's holder: (attempt, lease_id, epoch, node_id) must name its live lease."""
         body = self._body(EventsReport, "events", {"node_id": node_id, "lease_id": lease_id, "attempt": attempt,
                                                    "lease_epoch": epoch, "events": events})
-        status, data, headers = await self._call("POST", "events", f"/v1/jobs/{job_id}/events", body=body)
+        status, data, headers = await self._call("POST", "events", f"/v1/jobs/{job_id}/events", body=body,
+                                                 headers=self._node_headers())
         if status not in (200, 202, 204):
             raise self._fail("events", status, data, headers)
 
     async def report_result(self, job_id: str, report: ResultReport | Mapping[str, Any]) -> ResultAck:
         body = self._body(ResultReport, "result", report)
-        status, data, headers = await self._call("POST", "result", f"/v1/jobs/{job_id}/result", body=body)
+        status, data, headers = await self._call("POST", "result", f"/v1/jobs/{job_id}/result", body=body,
+                                                 headers=self._node_headers())
         if status in (200, 201):
             return self._parse(ResultAck, "result", status, data)
         raise self._fail("result", status, data, headers)

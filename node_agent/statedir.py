@@ -1,4 +1,5 @@
-"""The node's state directory: the persisted node id, and the lock that gives the directory to one agent.
+"""The node's state directory: the persisted node id and node secret, and the lock that gives the directory to
+one agent.
 
 Two agents on one directory would read the same node id and register as one node, each overwriting the other's
 devices and fighting over its leases. ``flock`` on a ``lock`` file is released by the kernel when the process
@@ -18,6 +19,9 @@ log = logging.getLogger("node_agent.statedir")
 
 LOCK_FILE = "lock"
 NODE_ID_FILE = "node-id"
+#: The secret the scheduler gave this node at its first registration (it keeps only a hash): readable by this user
+#: alone, since whoever holds it may act as this node.
+NODE_SECRET_FILE = "node-secret"
 
 
 class StateDir:
@@ -55,6 +59,33 @@ class StateDir:
         except OSError:
             return None
         return value or None
+
+    def load_node_secret(self) -> str | None:
+        try:
+            value = (self.path / NODE_SECRET_FILE).read_text().strip()
+        except OSError:
+            return None
+        return value or None
+
+    def save_node_secret(self, secret: str) -> None:
+        """Keep the node secret (mode 0600, replaced atomically). A failure is logged, not raised: the agent works
+        on, and is told what to do when it next registers without the secret."""
+        path = self.path / NODE_SECRET_FILE
+        tmp = path.with_suffix(".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Created 0600: never readable by others, not even between a write and a chmod.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.fchmod(fd, 0o600)  # an old .tmp left with other bits keeps them through O_CREAT
+                os.write(fd, (secret + "\n").encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot keep the node secret in %s: %s (the scheduler will refuse this node id after a "
+                        "restart)", path, exc.strerror or exc)
 
     def save_node_id(self, node_id: str) -> None:
         path = self.path / NODE_ID_FILE

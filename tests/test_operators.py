@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from node_agent import cli
-from node_agent.scheduler.errors import NodeNotFound, ReportRejected
-from node_agent.scheduler.schemas import JobSpec
+from node_agent import cli, cluster_view
+from node_agent.scheduler.errors import InvalidInput, NodeNotFound, ReportRejected
+from node_agent.scheduler.schemas import ClusterView, JobSpec
 from node_agent.statedir import NODE_ID_FILE
 from test_scheduler import GPU_ANY, Harness, clocked, register, report, take
 from test_store import close, serve, store  # noqa: F401  (store: the fixture, on every engine)
@@ -75,6 +75,45 @@ async def test_a_drain_without_a_deadline_lets_the_job_finish_and_cordon_keeps_a
         assert (await state.drain(node, 10.0)).drain_deadline_s == 10.0
         with pytest.raises(NodeNotFound):
             await state.cordon("node-000000000000")
+
+
+async def test_a_client_lists_only_its_own_jobs() -> None:
+    async with clocked(**QUIET) as (state, clock, registry):
+        await register(state)
+        mine: list[str] = []
+        for client in ("app1", "app2", "app1"):
+            upload = await state.store.begin_upload()
+            await upload.write(b"audio")
+            job_id, _, _ = await state.store.submit(JobSpec(language="en"), upload, client=client)
+            if client == "app1":
+                mine.append(job_id)
+        assert [j.job_id for j in (await state.list_jobs(client="app1")).jobs] == mine[::-1]
+        assert len((await state.list_jobs()).jobs) == 3  # an operator (no client scope) sees all
+        others = [j.job_id for j in (await state.list_jobs()).jobs if j.job_id not in mine]
+        with pytest.raises(InvalidInput):  # another client's job is no place to page from
+            await state.list_jobs(client="app1", after=others[0])
+
+
+def _view(**changes: Any) -> ClusterView:
+    view = {"scheduler": "http://s:8470", "replica": {"hostname": "s", "pid": 1, "listen": "0.0.0.0:8470"},
+            "nodes": [], "nodes_total": 2, "nodes_by_state": {"ready": 2}, "nodes_cordoned": 0,
+            "queue": {"interactive": 0, "batch": 3, "by_model": {"any": 3}, "oldest_wait_s": 30.0,
+                      "oldest_wait_s_by_priority": {"batch": 30.0}},
+            "finished_last_hour": {}, "batch_max_wait_s": 600.0}
+    return ClusterView.model_validate({**view, **changes})
+
+
+@pytest.mark.parametrize("changes, degraded", [
+    ({}, None),
+    ({"nodes_by_state": {"ready": 1, "gone": 1}}, "1 node(s) gone"),
+    ({"nodes_cordoned": 1}, "1 node(s) cordoned"),
+    ({"nodes_total": 0, "nodes_by_state": {}}, "no live node"),
+    ({"queue": {"interactive": 1, "batch": 0, "by_model": {"any": 1}, "oldest_wait_s": 601.0,
+                "oldest_wait_s_by_priority": {"interactive": 601.0}}}, "past scheduler.batch_max_wait_s"),
+])
+def test_cluster_health(changes: dict[str, Any], degraded: str | None) -> None:
+    reasons = cluster_view.health(_view(**changes))
+    assert (reasons == []) if degraded is None else (len(reasons) == 1 and degraded in reasons[0]), reasons
 
 
 # ------------------------------------------------------------------------------------- every store, over HTTP

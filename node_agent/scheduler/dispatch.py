@@ -324,6 +324,8 @@ class Dispatch(StorePart):
             if lease is None:
                 raise LeaseUnusable(f"lease {lease_id} is not known", code="unknown_lease")
             if lease["state"] != L.ACTIVE:
+                if (cancelled := await self.tr.cancelled(tx, lease["job_id"])) is not None:
+                    raise LeaseUnusable(cancelled.message, code=cancelled.code)
                 raise LeaseUnusable(f"lease {lease_id} is {lease['state']}", code=f"lease_{lease['state']}")
             if lease["expires_at"] <= now:
                 raise LeaseUnusable(f"lease {lease_id} is expired", code="lease_expired")

@@ -28,6 +28,13 @@ class Unauthorized(ApiError):
     code = "unauthorized"
 
 
+class Forbidden(ApiError):
+    """A caller whose token is valid but whose role may not do this, or a node request without that node's secret:
+    403, nothing changed."""
+
+    code = "forbidden"
+
+
 class TooLarge(ApiError):
     code = "too_large"
 

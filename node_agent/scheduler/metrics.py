@@ -19,7 +19,9 @@ PRIORITIES: tuple[str, ...] = tuple(Priority)
 
 REQUEUE_REASONS: tuple[str, ...] = ("lease_expired", "released", "assign_timeout", "node_gone", "retryable_error",
                                     "drained")
-REJECT_REASONS: tuple[str, ...] = ("stale_attempt", "stale_epoch", "already_completed")
+REJECT_REASONS: tuple[str, ...] = ("stale_attempt", "stale_epoch", "already_completed", "job_cancelled")
+#: The open states a job can be cancelled from (``DELETE /v1/jobs/{id}``).
+CANCELLED_FROM: tuple[str, ...] = ("queued", "assigned", "running")
 #: Why a submission was refused before it was queued (the error codes of the 429 and the 422).
 REFUSE_REASONS: tuple[str, ...] = ("queue_full", "no_capable_node")
 
@@ -134,6 +136,14 @@ class SchedulerMetrics:
             ["reason"],
             registry=registry,
         )
+        self.jobs_cancelled = Counter(
+            "node_agent_scheduler_jobs_cancelled",
+            "Jobs cancelled by a client or operator, by the state they were in (running: a decode was stopped).",
+            ["state"],
+            registry=registry,
+        )
+        for state in CANCELLED_FROM:
+            self.jobs_cancelled.labels(state)
         for outcome in JOB_OUTCOMES:
             self.jobs.labels(outcome)
         for reason in REFUSE_REASONS:

@@ -19,6 +19,7 @@ from .schemas import (
     RegisterResponse,
 )
 from .schemas import NodeState as N
+from .identity import check_registration, issue_secret
 from .topics import QUEUE_TOPIC
 from .transitions import StorePart, devices_of, doc
 
@@ -28,13 +29,20 @@ log = logging.getLogger("node_agent.scheduler")
 class Nodes(StorePart):
     """The nodes' side of the store that is not about jobs."""
 
-    async def register(self, req: RegisterRequest) -> RegisterResponse:
+    async def register(self, req: RegisterRequest, secret: str | None = None, *,
+                       fenced: bool = False) -> RegisterResponse:
+        """Register (again): ``secret`` is the node secret the request came with; where ``fenced`` (the scheduler
+        checks tokens), a node that has one is refused without it. The answer carries a new secret on a node's
+        first registration."""
         node_id = req.node_id or f"node-{secrets.token_hex(6)}"
+        issued: list[str] = []
         devices = json.dumps([d.model_dump(mode="json") for d in req.devices])
         labels = json.dumps(req.labels, sort_keys=True)  # as the single statements compare it
 
         async def op(tx: Tx) -> bool:
             now = await tx.now()
+            issued.clear()  # the op may run again (a conflict): only its last run's secret was kept
+            await check_registration(tx, node_id, secret, fenced)
             known = await tx.fetchval("SELECT state FROM nodes WHERE node_id = $1", node_id)
             if known is not None and known != N.GONE:
                 # A live node registering again is a new agent process (an agent registers once at start, and
@@ -53,6 +61,8 @@ class Nodes(StorePart):
                        gone_at = NULL""",
                 node_id, req.hostname, req.agent_version, doc(req.hardware), devices, now, labels,
             )
+            if (fresh := await issue_secret(tx, node_id, secret, fenced)) is not None:
+                issued.append(fresh)
             tx.notify(QUEUE_TOPIC)  # new capacity: queued jobs it serves may go now
             return known is not None
 
@@ -67,6 +77,7 @@ class Nodes(StorePart):
             node_id=node_id,
             heartbeat_interval_s=s.heartbeat_interval_s,
             lease=LeaseBounds(min_ttl_s=s.lease_min_ttl_s, max_ttl_s=s.lease_max_ttl_s),
+            node_secret=issued[0] if issued else None,
         )
 
     async def heartbeat(self, node_id: str, req: HeartbeatRequest) -> HeartbeatResponse:

@@ -216,11 +216,18 @@ class LeaseBounds(_Reply):
     max_ttl_s: float
 
 
+#: The header a node proves its identity with on every node call: the secret its first registration returned.
+NODE_SECRET_HEADER = "X-Node-Secret"
+
+
 class RegisterResponse(_Reply):
     node_id: str
     heartbeat_interval_s: float
     lease: LeaseBounds
     protocol_version: int = PROTOCOL_VERSION
+    #: Given on a node's first registration only (the scheduler keeps just its hash): the node keeps it and sends
+    #: it as ``X-Node-Secret`` on every node call; a scheduler with tokens refuses that node's id without it.
+    node_secret: str | None = None
 
 
 class HeartbeatRequest(_NodeMessage):

@@ -13,7 +13,6 @@ import base64
 import binascii
 import contextlib
 import functools
-import hmac
 import json
 import logging
 import math
@@ -52,10 +51,12 @@ from .errors import (
     StoreUnavailable,
     TooLarge,
     Unauthorized,
+    Forbidden,
     UnknownJob,
     Unservable,
     WaitTimeout,
 )
+from . import auth
 from . import auth
 from .formats import RESPONSE_FORMATS, to_srt, to_verbose_json, to_vtt
 from .schemas import (
@@ -99,6 +100,9 @@ OPENAI_PATH = "/v1/audio/transcriptions"
 MAX_FILENAME_CHARS = 100
 #: A form field other than the file (options, language, ...) is small; this bounds what one may hold in memory.
 MAX_FIELD_BYTES = 1024 * 1024
+#: How often a synchronous request (the OpenAI endpoint) checks that its client is still connected: aiohttp does
+#: not cancel a handler whose client went away, so a job nobody waits for any more is cancelled within this long.
+DISCONNECT_CHECK_S = 0.25
 #: Deepest nesting a JSON body (or the multipart ``options`` field) may have. The protocol's own shapes need
 #: under 10 levels; far deeper input only exists to exhaust the parser's or a serializer's recursion.
 MAX_JSON_DEPTH = 32
@@ -171,6 +175,7 @@ STORE_KEY = web.AppKey("scheduler_store", object)
 SETTINGS_KEY = web.AppKey("scheduler_settings", SchedulerSettings)
 REGISTRY_KEY = web.AppKey("scheduler_registry", CollectorRegistry)
 NOTIFIER_KEY = web.AppKey("scheduler_notifier", Notifier)
+FENCE_KEY = web.AppKey("scheduler_node_fence", auth.NodeFence)
 
 class BodyTimeout(ApiError):
     """A request body that did not fully arrive within ``scheduler.body_timeout_s``: 408, connection closed."""
@@ -183,6 +188,7 @@ class BodyTimeout(ApiError):
 _HTTP_STATUS: dict[type[ApiError], int] = {
     InvalidInput: 400,
     Unauthorized: 401,
+    Forbidden: 403,
     BodyTimeout: 408,
     NodeNotFound: 404,
     UnknownJob: 404,
@@ -265,25 +271,6 @@ def _log_store_unavailable(request: web.Request, exc: StoreUnavailable) -> None:
         _store_logged[0] = now
         log.warning("%s %s answered 503: %s (logged once per %g s while it lasts)", request.method, request.path,
                     exc.message, STORE_LOG_EVERY_S)
-
-
-def _auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
-    expected = token.encode("utf-8", "surrogateescape")
-
-    @web.middleware
-    async def auth(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        if request.path == "/v1" or request.path.startswith("/v1/"):
-            scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-            # Compared as the bytes that came: aiohttp keeps a header's undecodable bytes as surrogate escapes
-            # (b"\xff" -> "\udcff"), which strict UTF-8 cannot encode.
-            presented = value.strip().encode("utf-8", "surrogateescape")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(presented, expected):
-                raise Unauthorized("missing or wrong bearer token: send 'Authorization: Bearer <token>'")
-        return await handler(request)
-
-    return auth
 
 
 @web.middleware
@@ -552,7 +539,9 @@ def _store(request: web.Request) -> Store:
 
 async def _register(request: web.Request) -> web.Response:
     req = await _read_json(request, RegisterRequest)
-    return _json(await _store(request).register(req), status=201)
+    fence = request.app[FENCE_KEY]
+    return _json(await _store(request).register(req, auth.presented_secret(request), fenced=fence.enabled),
+                 status=201)
 
 
 async def _list_nodes(request: web.Request) -> web.Response:
@@ -610,6 +599,7 @@ async def _cluster(request: web.Request) -> web.Response:
 
 async def _heartbeat(request: web.Request) -> web.Response:
     req = await _read_json(request, HeartbeatRequest)
+    await request.app[FENCE_KEY].check(request, node_id=request.match_info["node_id"])
     return _json(await _store(request).heartbeat(request.match_info["node_id"], req))
 
 
@@ -626,6 +616,7 @@ async def _next_job(request: web.Request) -> web.StreamResponse:
     lease_ttl_s = _query_float(request, "lease_ttl_s", 0.0, 0.0, math.inf) if raw_ttl else None
     if lease_ttl_s is not None and lease_ttl_s <= 0:
         raise InvalidInput("lease_ttl_s: must be above 0", param="lease_ttl_s")
+    await request.app[FENCE_KEY].check(request, node_id=node_id)
     gone = object()
     started = asyncio.get_running_loop().time()
 
@@ -648,6 +639,7 @@ async def _next_job(request: web.Request) -> web.StreamResponse:
 
 
 async def _job_audio(request: web.Request) -> web.StreamResponse:
+    await request.app[FENCE_KEY].check(request, job_id=request.match_info["job_id"])
     size, chunks = await _store(request).job_audio(request.match_info["job_id"])
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     response.content_length = size
@@ -660,27 +652,33 @@ async def _job_audio(request: web.Request) -> web.StreamResponse:
 
 async def _grant_lease(request: web.Request) -> web.Response:
     req = await _read_json(request, LeaseRequest)
+    await request.app[FENCE_KEY].check(request, node_id=req.node_id)
     return _json(await _store(request).grant_lease(req), status=201)
 
 
 async def _renew_lease(request: web.Request) -> web.Response:
     req = await _read_json(request, RenewRequest)
+    # The store's fence checks that this node holds the lease; this one, that the request is that node.
+    await request.app[FENCE_KEY].check(request, node_id=req.node_id)
     return _json(await _store(request).renew_lease(request.match_info["lease_id"], req))
 
 
 async def _release_lease(request: web.Request) -> web.Response:
+    await request.app[FENCE_KEY].check(request, lease_id=request.match_info["lease_id"])
     await _store(request).release_lease(request.match_info["lease_id"])
     return web.Response(status=204)
 
 
 async def _post_events(request: web.Request) -> web.Response:
     report = await _read_json(request, EventsReport)
+    await request.app[FENCE_KEY].check(request, node_id=report.node_id)
     await _store(request).post_events(request.match_info["job_id"], report)
     return json_response({"accepted": True}, status=202)
 
 
 async def _post_result(request: web.Request) -> web.Response:
     report = await _read_json(request, ResultReport)
+    await request.app[FENCE_KEY].check(request, node_id=report.node_id)
     return _json(await _store(request).report_result(request.match_info["job_id"], report))
 
 
@@ -738,7 +736,8 @@ async def _submit_job(request: web.Request) -> web.Response:
     except BaseException:
         await upload.discard()
         raise
-    job_id, state, replayed = await store.submit(spec, upload, filename, idempotency_key=key)
+    job_id, state, replayed = await store.submit(spec, upload, filename, idempotency_key=key,
+                                                 client=auth.client_scope(request))
     # A replay answers as the first try did, with the job as it is now; the header tells the client it was one.
     headers = {"Idempotent-Replayed": "true"} if replayed else None
     submitted = JobSubmitted(job_id=job_id, state=state)  # type: ignore[arg-type]
@@ -783,6 +782,9 @@ async def _get_job(request: web.Request) -> web.Response:
             raise InvalidInput(f"after_segment: not an integer: {raw_after[:20]!r}", param="after_segment") from None
         if after < 0:
             raise InvalidInput("after_segment: must be >= 0", param="after_segment")
+    scope = auth.client_scope(request)
+    if scope is not None and await store.job_client(job_id) != scope:
+        raise UnknownJob(f"job {job_id} is not known (never submitted, or finished and forgotten)")  # as unknown
     if wait_s > 0:
         async def settled() -> bool | None:
             return True if await store.job_settled(job_id, after) else None
@@ -791,13 +793,44 @@ async def _get_job(request: web.Request) -> web.Response:
     return _json(await store.view_job(job_id))
 
 
+def _canceller(request: web.Request) -> str:
+    """Who cancels, as the job's error and ``cancelled_by`` say it: the caller's role and token name, or ``client``
+    on a scheduler without per-role tokens."""
+    caller = auth.caller_of(request)
+    return f"{caller.role} {caller.name}" if caller is not None else "client"
+
+
+async def _cancel_job(request: web.Request) -> web.Response:
+    """``DELETE /v1/jobs/{id}``: cancel the job (a finished one is left as it is) and answer its view. A client
+    may cancel only its own jobs: another's is 404, as an unknown one."""
+    store = _store(request)
+    job_id = request.match_info["job_id"]
+    await store.cancel_job(job_id, _canceller(request), client=auth.client_scope(request))
+    return _json(await store.view_job(job_id))
+
+
+async def _until_disconnected(request: web.Request) -> None:
+    while not _client_gone(request):
+        await asyncio.sleep(DISCONNECT_CHECK_S)
+
+
+async def _cancel_abandoned(request: web.Request, job_id: str) -> None:
+    """The client of a synchronous request went away before its answer: cancel its job, so no node decodes for
+    nobody. Best effort (the job is otherwise left to end as it would)."""
+    try:
+        await _store(request).cancel_job(job_id, f"{_canceller(request)} (disconnected)",
+                                         client=auth.client_scope(request))
+    except ApiError as exc:
+        log.warning("job %s: its client disconnected, and cancelling it failed: %s", job_id, exc.message)
+
+
 async def _openai_transcriptions(request: web.Request) -> web.Response:
     store = _store(request)
     if request.content_type != "multipart/form-data":
         raise InvalidInput("expected a multipart/form-data body with a 'file' part", param="file")
     fields, part = await _read_multipart(request, request.app[SETTINGS_KEY].max_body_bytes)
     try:
-        job_id = await _openai_submit(store, fields, part)
+        job_id = await _openai_submit(store, fields, part, auth.client_scope(request))
     except BaseException:
         if part is not None:
             await part.upload.discard()
@@ -808,9 +841,23 @@ async def _openai_transcriptions(request: web.Request) -> web.Response:
         return True if await store.job_settled(job_id) else None
 
     # A little past the job's own deadline, so a job that timed out in the queue is reported as such.
-    await notifier.wait_for(job_topic(job_id), settled, OPENAI_WAIT_S + 1.0)
+    waiting = asyncio.ensure_future(notifier.wait_for(job_topic(job_id), settled, OPENAI_WAIT_S + 1.0))
+    gone = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # (a server that cancels handlers when their client goes away)
+        await asyncio.shield(_cancel_abandoned(request, job_id))
+        raise
+    finally:
+        for task in (waiting, gone):
+            task.cancel()
+    if not waiting.done():  # the client went away first
+        await _cancel_abandoned(request, job_id)
+        return _error_response(499, "cancelled", f"job {job_id} cancelled: the client disconnected", None,
+                               openai=True)  # (nobody reads it)
+    waiting.result()  # (its error, if the wait failed)
     view = await store.view_job(job_id)
-    if view.state == JobState.FAILED:
+    if view.state in (JobState.FAILED, JobState.CANCELLED):
         error = view.error
         code, message = (error.code, error.message) if error is not None else ("failed", "transcription failed")
         return _error_response(job_error_status(code, openai=True), code, message,
@@ -833,7 +880,8 @@ async def _openai_transcriptions(request: web.Request) -> web.Response:
     return web.Response(text=to_vtt(segments), content_type="text/vtt")
 
 
-async def _openai_submit(store: Store, fields: Mapping[str, str], part: FilePart | None) -> str:
+async def _openai_submit(store: Store, fields: Mapping[str, str], part: FilePart | None,
+                         client: str | None = None) -> str:
     """Check an OpenAI-style form and queue its job: the job id."""
     if part is None or not part.upload.size:
         raise InvalidInput("file: a non-empty 'file' part with the audio is required", param="file")
@@ -865,7 +913,7 @@ async def _openai_submit(store: Store, fields: Mapping[str, str], part: FilePart
             "priority": Priority.INTERACTIVE,
         },
     )
-    job_id, _, _ = await store.submit(spec, part.upload, part.filename)
+    job_id, _, _ = await store.submit(spec, part.upload, part.filename, client=client)
     return job_id
 
 
@@ -924,14 +972,18 @@ async def create_app(
     notifier.queue_wake = QUEUE_WAKE if store.poll_s is not None else None
     _memoize_multipart_dispositions()
     middlewares: list[Any] = [_error_middleware]
-    if settings.token is not None:
-        middlewares.append(_auth_middleware(settings.token.get_secret_value()))
+    credentials = auth.Credentials.from_settings(settings)
+    auth.warn_single_token(settings)
+    if credentials is not None:
+        middlewares.append(auth.auth_middleware(credentials))
     middlewares.append(_path_ids_middleware)
     app = web.Application(client_max_size=min(settings.max_body_bytes, MAX_JSON_BODY_BYTES), middlewares=middlewares)
     app[STORE_KEY] = store
     app[SETTINGS_KEY] = settings
     app[REGISTRY_KEY] = registry
     app[NOTIFIER_KEY] = notifier
+    # Nodes prove who they are where callers prove anything: without tokens, anyone may do everything anyway.
+    app[FENCE_KEY] = auth.NodeFence(store.node_secret, enabled=credentials is not None)
     app.cleanup_ctx.append(_reaper)
     app.on_shutdown.append(_wake_waiters)
     app.on_cleanup.append(_close_store)
@@ -951,6 +1003,7 @@ async def create_app(
     app.router.add_post("/v1/jobs", _submit_job)
     app.router.add_get("/v1/jobs", _list_jobs)
     app.router.add_get("/v1/jobs/{job_id}", _get_job)
+    app.router.add_delete("/v1/jobs/{job_id}", _cancel_job)
     app.router.add_get("/v1/jobs/{job_id}/audio", _job_audio)
     app.router.add_post("/v1/jobs/{job_id}/events", _post_events)
     app.router.add_post("/v1/jobs/{job_id}/result", _post_result)
@@ -1017,6 +1070,7 @@ async def start_scheduler(
 
 async def serve(settings: SchedulerSettings, state_dir: Path | None = None) -> None:
     """Run a standalone scheduler until SIGTERM or SIGINT."""
+    auth.refuse_exposed(settings, host_port(settings.listen)[0])
     running = await start_scheduler(settings, state_dir=state_dir)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

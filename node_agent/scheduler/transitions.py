@@ -103,6 +103,16 @@ class Transitions:
         return ReportRejected(f"lease {lease_id} of job {job_id} expired", code="stale_epoch")
 
     @staticmethod
+    async def cancelled(tx: Tx, job_id: str) -> ReportRejected | None:
+        """The refusal a holder of a cancelled job gets (renewal, events, result); None for any other job. Its own
+        code (``job_cancelled``), so the node stops the decode between two segments and reports nothing, instead of
+        taking it for a lost lease."""
+        job = await tx.fetchrow("SELECT state, cancelled_by FROM jobs WHERE job_id = $1", job_id)
+        if job is None or job["state"] != J.CANCELLED:
+            return None
+        return ReportRejected(f"job {job_id} was cancelled by {job['cancelled_by']}", code="job_cancelled")
+
+    @staticmethod
     async def resource_holder(tx: Tx, node_id: str, resource: str) -> Row | None:
         """The live lease on ``resource`` of ``node_id``, if any."""
         return await tx.fetchrow(
@@ -165,27 +175,29 @@ class Transitions:
         tx.notify(job_topic(job["job_id"]))
 
     async def finish(self, tx: Tx, job: Row, now: float, error: JobErrorInfo | None, *, result: str | None = None,
-                      timings: str | None = None) -> None:
+                      timings: str | None = None, cancelled_by: str | None = None) -> bool:
         """End the job (one statement: its state, error or result, the node's timings, the audio reference), its
-        leases, and its audio unless scheduler.keep_audio."""
-        state = J.SUCCEEDED if error is None else J.FAILED
+        leases, and its audio unless scheduler.keep_audio. ``cancelled_by``: it ends ``cancelled`` (with
+        ``error``), by that caller. False when it had ended already (or moved on to another attempt)."""
+        state = J.CANCELLED if cancelled_by is not None else J.SUCCEEDED if error is None else J.FAILED
         drop_audio = not self.settings.keep_audio and job["upload_id"] is not None
         changed = await tx.execute(
             f"""UPDATE jobs SET state = $2, error = $3, finished_at = $4, unservable_since = NULL,
                    queued_total_s = queued_total_s + CASE WHEN state = '{J.QUEUED}' THEN $4 - queued_at ELSE 0 END,
                    result = COALESCE($6, result), node_timings = COALESCE($7, node_timings),
-                   upload_id = CASE WHEN $8 = 1 THEN NULL ELSE upload_id END
+                   upload_id = CASE WHEN $8 = 1 THEN NULL ELSE upload_id END, cancelled_by = $9
                WHERE job_id = $1 AND attempt = $5 AND state NOT IN {TERMINAL}""",
             job["job_id"], state, doc(error) if error is not None else None, now, job["attempt"], result, timings,
-            int(drop_audio),
+            int(drop_audio), cancelled_by,
         )
         if not changed:
-            return
+            return False
         await self.end_leases(tx, job["job_id"], L.RELEASED, now, job["attempt"])
         if drop_audio:
             await self.drop_audio(tx, job["upload_id"])
         self.finished_log(job, now, error)
         tx.notify(job_topic(job["job_id"]))
+        return True
 
     def finished_log(self, job: Row, now: float, error: JobErrorInfo | None) -> None:
         outcome = "succeeded" if error is None else error.code
