@@ -68,7 +68,8 @@ class Registration:
         self._outages = OutageLog(log)
 
     def restore(self) -> None:
-        """Take the node id kept from an earlier run, so the scheduler sees the same node again."""
+        """Take the node id and node secret kept from an earlier run, so the scheduler sees the same node again
+        (and, where it checks tokens, lets it be that node)."""
         if self.state is not None:
             self.identity.node_id = self.state.load_node_id()
             self.client.node_secret = self.state.load_node_secret() if self.identity.node_id else None
