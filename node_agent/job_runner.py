@@ -30,8 +30,8 @@ from .scheduler_client import (
     UnknownJob,
     lost_job_line,
 )
-from .errors import InvalidRequest, JobError, LeaseLost
-from .lease import Lease, LeaseKeeper, LeaseUnavailable
+from .errors import InvalidRequest, JobCancelled, JobError, LeaseLost
+from .lease import JOB_CANCELLED, Lease, LeaseKeeper, LeaseUnavailable
 from .metrics import AgentMetrics, job_outcome
 from .registration import NodeIdentity
 from .retry import RetryPolicies, retry_after_of, retrying
@@ -113,6 +113,7 @@ class Report(enum.Enum):
     rejected = "rejected"  # stale attempt or epoch, or already completed: definitive
     abandoned = "abandoned"  # the scheduler stayed unreachable for the result policy's total
     not_sent = "not_sent"  # the job never ran: no audio, or no lease
+    cancelled = "cancelled"  # a client or operator cancelled the job: nothing to report (or the report was refused)
 
 
 @dataclass(frozen=True)
@@ -206,10 +207,15 @@ class JobRunner:
         try:
             result, error = await self._decode(a, lease, deadline)
         except SchedulerError as exc:  # the audio could not be had
+            if lease.cancelled is not None:  # (dropped with the cancelled job)
+                return self._cancelled(running, lease.cancelled)
             # Given back, the job goes back to the queue at once (rather than when the lease expires).
             log.error("job %s: could not fetch audio, giving the job back to the scheduler: %s", a.job_id, exc)
             self._own(loop.create_task(self.keeper.release(lease), name=f"release-{lease.lease_id}"))
             return JobOutcome(a.job_id, a.attempt, None, Report.not_sent, reason=f"audio: {exc}")
+        if lease.cancelled is not None:
+            # The scheduler ended the job and its lease: whatever the decode gave, nobody takes it.
+            return self._cancelled(running, lease.cancelled)
         if isinstance(error, LeaseLost):
             self.ledger.lease_losses.append(loop.time())
         # The report must survive cancellation (shutdown): shield it, and await it to the end.
@@ -226,19 +232,34 @@ class JobRunner:
                 # Releasing is housekeeping and may retry through a partition, so it must not hold up the node.
                 self._own(loop.create_task(self.keeper.release(lease), name=f"release-{lease.lease_id}"))
         code = None if result is not None else (error.code if error else "failed")
+        if reported is Report.cancelled:
+            code = JobCancelled.code
         return JobOutcome(a.job_id, a.attempt, job_outcome(code), reported, error,
                           seconds=loop.time() - running.received, requeued=requeued)
+
+    def _cancelled(self, running: RunningJob, error: JobCancelled) -> JobOutcome:
+        """A job its client or an operator cancelled: stopped (the worker kept), nothing reported, and counted as
+        what it is: neither a failure nor a lease loss."""
+        a = running.assignment
+        seconds = asyncio.get_running_loop().time() - running.received
+        self.ledger.totals[job_outcome(JobCancelled.code)] += 1
+        self.metrics.count_job(JobCancelled.code, seconds)
+        log.info("job %s attempt %d cancelled after %.2f s on %s; nothing reported, worker kept", a.job_id,
+                 a.attempt, seconds, self.worker.resource)
+        return JobOutcome(a.job_id, a.attempt, job_outcome(JobCancelled.code), Report.cancelled, error,
+                          seconds=seconds)
 
     async def _decode(self, a: JobAssignment, lease: Lease,
                       deadline: float | None) -> tuple[ResultMessage | None, JobError | None]:
         """Under the lease (renewed throughout): the audio (a ``SchedulerError`` when it cannot be had), then the
         decode, its segments streamed to the scheduler as they come."""
-        async with self.keeper.hold(lease, on_lost=self.worker.abort):
+        # A cancelled job is stopped between two segments and its worker kept; a lost lease kills the decode.
+        async with self.keeper.hold(lease, on_lost=self.worker.abort, on_cancelled=self.worker.cancel):
             if a.options_error is not None:  # reported under the lease, as any failure of the job's own
                 return None, InvalidRequest(a.options_error)
             audio = await self._fetch_audio(a, deadline)
-            if lease.lost is not None:  # lost during the fetch: no decode to stop, so none is started
-                return None, lease.lost
+            if lease.lost is not None or lease.cancelled is not None:  # during the fetch: no decode is started
+                return None, lease.lost or lease.cancelled
             return await self._decode_held(a, lease, audio, deadline)
 
     async def _decode_held(self, a: JobAssignment, lease: Lease, audio: bytes,
@@ -328,7 +349,9 @@ class JobRunner:
                 pending = []
                 failed, hold_until = None, 0.0
             except Rejected as exc:
-                log.warning("job %s: segment events rejected (%s); no more will be sent", job_id, exc)
+                # (A cancelled job's are refused too: its decode stops at the next renewal, no warning needed.)
+                log.log(logging.INFO if exc.code == JOB_CANCELLED else logging.WARNING,
+                        "job %s: segment events rejected (%s); no more will be sent", job_id, exc)
                 return
             except SchedulerError as exc:
                 log.warning("job %s: %d segment event(s) not delivered yet: %s", job_id, len(pending), exc)
@@ -392,9 +415,14 @@ class JobRunner:
             report = Report.rejected
             log.warning("job %s attempt %d: result dropped: %s", a.job_id, a.attempt, lost_job_line(a.job_id))
         except (Rejected, Gone, BadRequest) as exc:
-            # Gone: the lease or assignment no longer exists, so no retry can make this report count.
-            report = Report.rejected
-            log.warning("job %s attempt %d: result rejected by the scheduler: %s", a.job_id, a.attempt, exc)
+            if exc.code == JOB_CANCELLED:  # cancelled as the decode ended: not a failure of this node's
+                report, code, error = Report.cancelled, JobCancelled.code, None
+                log.info("job %s attempt %d: cancelled before its result arrived; result dropped", a.job_id,
+                         a.attempt)
+            else:
+                # Gone: the lease or assignment no longer exists, so no retry can make this report count.
+                report = Report.rejected
+                log.warning("job %s attempt %d: result rejected by the scheduler: %s", a.job_id, a.attempt, exc)
         except SchedulerError as exc:
             log.error("job %s: giving up reporting after %.0f s: %s", a.job_id, loop.time() - started, exc)
         else:

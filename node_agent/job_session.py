@@ -2,7 +2,7 @@
 
 Time limits are enforced here, one level above the decode. A job past its deadline is asked to stop (a
 ``cancel`` frame): the plugin stops at its next segment boundary, answers ``stopped`` and stays loaded, and the
-job fails ``timeout``. Only a process that does not stop within ``worker.stop_grace_s``, or that is silent for
+job fails ``timeout``. A job cancelled by its client or an operator (``stop``) is stopped the same way. Only a process that does not stop within ``worker.stop_grace_s``, or that is silent for
 ``asr.timeout.stall_s``, is killed: the only way to end a native decode stuck inside one segment. An abort (lease
 lost, shutdown) kills at once. Kills and crashes go to the process's life cycle (``worker_lifecycle``), which
 replaces the process; a session ends in exactly one ``ResultMessage`` or one ``JobError``.
@@ -91,6 +91,7 @@ class JobSession:
         self._on_started = on_started
         self._on_segment = on_segment
         self._abort: asyncio.Future[JobError] = asyncio.get_running_loop().create_future()
+        self._stop: asyncio.Future[JobError] = asyncio.get_running_loop().create_future()
         self.current: dict[str, Any] = {"job_id": job.job_id, "audio_s": None, "segments": 0,
                                         "started": time.monotonic(), "last_segment": None}
 
@@ -101,10 +102,20 @@ class JobSession:
         self._abort.set_result(error)
         return True
 
+    def stop(self, error: JobError) -> bool:
+        """Stop the job between two segments, as at its deadline (a ``cancel`` frame; the process is kept unless
+        it does not stop within ``worker.stop_grace_s``), and end it with ``error``; False if it has ended
+        already."""
+        if self._stop.done() or self._abort.done():
+            return False
+        self._stop.set_result(error)
+        return True
+
     def close(self) -> None:
-        """The session is over: a late abort finds nothing to stop."""
-        if not self._abort.done():
-            self._abort.cancel()
+        """The session is over: a late abort or stop finds nothing to stop."""
+        for future in (self._abort, self._stop):
+            if not future.done():
+                future.cancel()
 
     async def run(self) -> ResultMessage:
         """The job's result, or its ``JobError``."""
@@ -116,9 +127,14 @@ class JobSession:
         if job.deadline is not None:
             deadline = min(deadline, job.deadline)
         stall_at = t0 + t.stall_s
-        #: Once the deadline passed: the cancel is out and the plugin has until then to answer ``stopped``.
+        #: Once the deadline passed (or ``stop`` was called): the cancel is out and the plugin has until then to
+        #: answer ``stopped``.
         stop_by: float | None = None
         overrun = ""  # what the deadline was, for the error message
+        #: What a ``stop`` ends the job with (None: the deadline's ``JobTimeout``); ``stop_wanted`` is waited on
+        #: until it comes.
+        stopping: JobError | None = None
+        stop_wanted: asyncio.Future[JobError] | None = self._stop
         segments: list[dict[str, Any]] = []
         header = to_header(JobMessage(job_id=job.job_id, format=job.format, sample_rate=job.sample_rate,
                                       language=job.language, options=job.options))
@@ -136,26 +152,32 @@ class JobSession:
                     read = loop.create_task(wire.read_frame(proc.reader))
                 now = loop.time()
                 limit = (stop_by if stop_by is not None else min(deadline, stall_at)) - now
-                done, _ = await asyncio.wait({read, abort}, timeout=max(0.0, limit),
-                                             return_when=asyncio.FIRST_COMPLETED)
+                waits = {read, abort} if stop_wanted is None else {read, abort, stop_wanted}
+                done, _ = await asyncio.wait(waits, timeout=max(0.0, limit), return_when=asyncio.FIRST_COMPLETED)
                 if abort in done:
                     raise await self._aborted()
+                if stop_wanted is not None and stop_wanted in done:
+                    wanted, stop_wanted = stop_wanted.result(), None
+                    if stop_by is None:  # (past the deadline, the cancel is out already: that stop stands)
+                        stopping, overrun = wanted, wanted.message
+                        stop_by = loop.time() + self.stop_grace_s
+                        log.info("%s: asking worker pid %d to stop it", overrun, proc.pid)
+                        await self._send_cancel(stop_by, overrun, stopping)
+                    if read not in done:
+                        continue
                 if read not in done:
                     now = loop.time()
                     if stop_by is not None:
                         # Stuck inside one segment (or ignoring us): only a kill ends a native decode. The grace
                         # is spent already, so no second one before SIGKILL.
-                        raise await self.lifecycle.killed(proc, "timeout", JobTimeout(
-                            f"{overrun}; worker pid {proc.pid} did not stop within worker.stop_grace_s = "
-                            f"{self.stop_grace_s:g} s and was killed"), grace_s=0.0)
+                        raise await self.lifecycle.killed(proc, "timeout", self._stop_error(
+                            stopping, f"{overrun}; worker pid {proc.pid} did not stop within worker.stop_grace_s = "
+                                      f"{self.stop_grace_s:g} s and was killed"), grace_s=0.0)
                     if now >= deadline:
                         overrun = f"job {job.job_id} exceeded its deadline of {deadline - t0:.1f} s on {self.resource}"
                         stop_by = now + self.stop_grace_s
                         log.info("%s: asking worker pid %d to stop it", overrun, proc.pid)
-                        await self._send(to_header(CancelMessage(job_id=job.job_id)), b"", "the cancel", stop_by,
-                                         lambda: self.lifecycle.killed(proc, "timeout", JobTimeout(
-                                             f"{overrun}; worker pid {proc.pid} did not take the cancel within "
-                                             f"worker.stop_grace_s and was killed"), grace_s=0.0))
+                        await self._send_cancel(stop_by, overrun, None)
                         continue
                     raise await self.lifecycle.killed(proc, "stall", JobStalled(
                         f"job {job.job_id}: no progress from worker pid {proc.pid} for "
@@ -195,12 +217,15 @@ class JobSession:
                     proc.jobs_served += 1
                     log.info("job %s: stopped after %d segments in %.2f s; worker pid %d kept", job.job_id,
                              len(segments), now - (stop_by - self.stop_grace_s), proc.pid)
-                    raise JobTimeout(f"{overrun}; stopped after {len(segments)} segments, worker pid {proc.pid} kept")
+                    raise self._stop_error(stopping, f"{overrun}; stopped after {len(segments)} segments, worker pid "
+                                                     f"{proc.pid} kept")
                 elif isinstance(msg, ResultMessage):
                     proc.jobs_served += 1
                     if stop_by is not None:
-                        # Finished as the cancel went out; the plugin drops that cancel. The deadline still holds.
-                        raise JobTimeout(f"{overrun} (finished just after it); worker pid {proc.pid} kept")
+                        # Finished as the cancel went out; the plugin drops that cancel. The deadline (or the stop)
+                        # still holds.
+                        raise self._stop_error(stopping, f"{overrun} (finished just after it); worker pid "
+                                                         f"{proc.pid} kept")
                     return msg.model_copy(update={"segments": segments, "worker_pid": proc.pid})
                 elif isinstance(msg, ErrorMessage):
                     # Also after a cancel went out: the job failed on its own first, and that error says why.
@@ -213,6 +238,20 @@ class JobSession:
                 read.cancel()
                 with contextlib.suppress(BaseException):
                     await read
+
+    @staticmethod
+    def _stop_error(stopping: JobError | None, message: str) -> JobError:
+        """The error a stopped job ends with: a ``stop``'s own kind, or the deadline's ``JobTimeout``."""
+        return JobTimeout(message) if stopping is None else type(stopping)(message)
+
+    async def _send_cancel(self, stop_by: float, overrun: str, stopping: JobError | None) -> None:
+        """Ask the plugin to stop the job at its next segment boundary; one that does not take the frame by
+        ``stop_by`` is killed."""
+        proc = self.proc
+        await self._send(to_header(CancelMessage(job_id=self.job.job_id)), b"", "the cancel", stop_by,
+                         lambda: self.lifecycle.killed(proc, "timeout", self._stop_error(
+                             stopping, f"{overrun}; worker pid {proc.pid} did not take the cancel within "
+                                       "worker.stop_grace_s and was killed"), grace_s=0.0))
 
     async def _aborted(self) -> JobError:
         error = self._abort.result()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from .scheduler_client import Gone, LeaseHeld, SchedulerClient, SchedulerError, SchedulerUnavailable
 from .config import LeaseSettings
-from .errors import LeaseLost
+from .errors import JobCancelled, LeaseLost
 from .metrics import AgentMetrics
 from .retry import Backoff, RetryPolicies, RetryPolicy, policy_wait, retrying
 from .scheduler.schemas import LeaseGrant, RenewResponse
@@ -29,6 +29,8 @@ log = logging.getLogger("node_agent.lease")
 
 #: How long the end of a job waits for its renewals to stop before it says so (and cancels them again).
 RELEASE_WAIT_S = 2.0
+#: The code of a renewal refused because a client or operator cancelled the job (docs/protocol.md).
+JOB_CANCELLED = "job_cancelled"
 
 
 class _Released(Exception):
@@ -58,6 +60,8 @@ class Lease:
     renewals: int = 0
     last_margin_s: float | None = None
     lost: LeaseLost | None = field(default=None, repr=False)
+    #: Set when a renewal was refused because the job was cancelled: the lease ended with the job, nothing is lost.
+    cancelled: JobCancelled | None = field(default=None, repr=False)
 
     def expires_at(self) -> float:
         return self.renewed_at + self.ttl_s
@@ -140,10 +144,13 @@ class LeaseKeeper:
         return lease
 
     @contextlib.asynccontextmanager
-    async def hold(self, lease: Lease, on_lost: Callable[[LeaseLost], None]) -> AsyncIterator[Lease]:
-        """Renew ``lease`` in the background for the duration of the block; ``on_lost`` fires at most once."""
+    async def hold(self, lease: Lease, on_lost: Callable[[LeaseLost], None],
+                   on_cancelled: Callable[[JobCancelled], None] | None = None) -> AsyncIterator[Lease]:
+        """Renew ``lease`` in the background for the duration of the block; ``on_lost`` fires at most once, or
+        ``on_cancelled`` (once) when a renewal says the job was cancelled (``lease.cancelled`` says so besides)."""
         released = asyncio.Event()
-        task = asyncio.get_running_loop().create_task(self._renew_loop(lease, on_lost, released))
+        task = asyncio.get_running_loop().create_task(
+            self._renew_loop(lease, on_lost, on_cancelled, released))
         try:
             yield lease
         finally:
@@ -161,7 +168,8 @@ class LeaseKeeper:
                                 lease.lease_id, waited, lease.job_id)
                     task.cancel()
 
-    async def _renew_loop(self, lease: Lease, on_lost: Callable[[LeaseLost], None], released: asyncio.Event) -> None:
+    async def _renew_loop(self, lease: Lease, on_lost: Callable[[LeaseLost], None],
+                          on_cancelled: Callable[[JobCancelled], None] | None, released: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         # Timed by the TTL the scheduler granted (and re-granted on each renewal), never by our request alone.
         next_at = lease.renewed_at + self.settings.timing(lease.ttl_s)[0]
@@ -175,6 +183,9 @@ class LeaseKeeper:
             except _Released:
                 return
             except Gone as exc:
+                if exc.code == JOB_CANCELLED:
+                    self._cancelled(lease, on_cancelled, exc)
+                    return
                 reason = "expired" if exc.code == "lease_expired" else "rejected"
                 self._lost(lease, on_lost, LeaseLost(
                     f"lease {lease.lease_id} for job {lease.job_id} is gone ({exc.code or exc.status}); "
@@ -281,6 +292,14 @@ class LeaseKeeper:
         if self.metrics is not None:
             self.metrics.lease_lost.labels(self.device, error.reason).inc()
         on_lost(error)
+
+    def _cancelled(self, lease: Lease, on_cancelled: Callable[[JobCancelled], None] | None, exc: Gone) -> None:
+        """The job was cancelled: its lease ended with it on the scheduler. Not a loss (no lease_lost count)."""
+        lease.cancelled = JobCancelled(exc.detail or f"job {lease.job_id} was cancelled")
+        log.info("lease %s ended: job %s was cancelled (%s)", lease.lease_id, lease.job_id, exc.detail)
+        self._forget(lease)  # the scheduler released it with the job: nothing to give back
+        if on_cancelled is not None:
+            on_cancelled(lease.cancelled)
 
     def released_by_result(self, lease: Lease) -> None:
         """The lease ended with its job's accepted result (the scheduler released it then): forget it here."""

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .config import AsrSettings, TimeoutSettings, WorkerSettings
-from .errors import JobError, JobShutdown, WorkerUnavailable
+from .errors import JobCancelled, JobError, JobShutdown, WorkerUnavailable
 from .job_session import JobRequest, JobSession, wait_logged
 from .plugin_messages import ResultMessage, WorkerSpec
 from .worker_lifecycle import RESTART_REASONS, ProcessLifecycle, WorkerState
@@ -177,6 +177,11 @@ class Worker:
         """
         return self._session is not None and self._session.abort(error)
 
+    def cancel(self, error: JobError) -> bool:
+        """Stop the running job between two segments (its client or an operator cancelled it): as at a deadline,
+        the plugin is asked to stop and the process is kept; ``run_job`` raises ``error``."""
+        return self._session is not None and self._session.stop(error)
+
     # ----- jobs ----------------------------------------------------------------------------------------------
 
     async def run_job(
@@ -250,7 +255,8 @@ class Worker:
         except JobError as exc:
             failed = True
             self.observer.job_failed(self, job, exc)
-            log.info("job %s failed on %s: %s: %s", job.job_id, self.resource, exc.code, exc.message)
+            log.info("job %s %s on %s: %s: %s", job.job_id, "cancelled" if isinstance(exc, JobCancelled)
+                     else "failed", self.resource, exc.code, exc.message)
             raise
         finally:
             session.close()
