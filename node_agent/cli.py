@@ -202,6 +202,27 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     return cluster_command(args, settings, eventloop.run)
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from .job_waiter import cancel_jobs
+    from .scheduler_client import ConnectFailed, SchedulerClient
+    from .errors import SchedulerUnreachable
+    from .submit import scheduler_url
+
+    settings = _load(args)
+    _setup_logging("WARNING")
+    url = scheduler_url(args, settings)
+    token = settings.scheduler.token.get_secret_value() if settings.scheduler.token is not None else None
+
+    async def cancel() -> int:
+        async with SchedulerClient(url, token, settings.scheduler.request_timeout_s) as client:
+            try:
+                return await cancel_jobs(client, args.job, args.timeout)
+            except ConnectFailed as exc:
+                raise SchedulerUnreachable(url, exc.reason) from None
+
+    return eventloop.run(cancel())
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .status_render import status_command
 
@@ -321,6 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print the cluster view as JSON (with a health section) instead of a page")
     p.set_defaults(func=cmd_cluster)
+
+    p = with_config(command(
+        "cancel", "cancel jobs on a scheduler",
+        "Cancel jobs by id: a queued job ends at once, a running one stops between two segments (its node keeps "
+        "its worker). Prints each job's state after, one per line (a job that had ended keeps its state). Exit "
+        "status 0 when every job is cancelled or had ended, 1 when any is unknown."))
+    p.add_argument("job", nargs="+", metavar="JOB", help="job ids, as submit --json and GET /v1/jobs show them")
+    p.add_argument("--scheduler", metavar="URL",
+                   help="scheduler to ask, as for submit (default: scheduler.url, or the embedded scheduler's "
+                        "scheduler.listen)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="stop retrying a scheduler that does not answer after this many seconds (default: 30)")
+    p.set_defaults(func=cmd_cancel)
 
     p = command(
         "status", "show the local agent's state",

@@ -37,7 +37,7 @@ from pydantic import (
 from .scheduler_client import BadRequest, SchedulerClient, SchedulerError, SchedulerUnavailable
 from .config import Settings
 from .contracts import OPTION_KEYS, DecodeOptions, error_key, one_line
-from .errors import job_error_status
+from .errors import NodeAgentError, job_error_status
 from .job_waiter import JobLost, JobUpdate, JobWaiter, Retrying, WaitExpired
 from .jsonio import json_response
 from .node_view import LocalNodeView
@@ -68,6 +68,11 @@ BODY_TIMEOUT_S = 30.0
 READ_CHUNK = 1 << 20
 #: Serving worker states: a worker starting or backing off will take the queued work within seconds.
 _SERVING = (WorkerState.ready, WorkerState.busy, WorkerState.starting, WorkerState.backoff)
+#: How often an utterance waiting for its job checks that its client is still connected (aiohttp does not cancel a
+#: handler whose client hung up): a job nobody waits for any more is cancelled within about this long.
+DISCONNECT_CHECK_S = 0.25
+#: How long cancelling an abandoned utterance's job may retry a scheduler that does not answer.
+CANCEL_WAIT_S = 5.0
 #: Decode options the request may carry as top-level fields, under their own names: every ``DecodeOptions`` key.
 OPTION_FIELDS: tuple[str, ...] = OPTION_KEYS
 
@@ -190,6 +195,16 @@ async def _consume_off_loop(func: Callable[[Any], T], box: list[Any], size: int)
 
 def _decode_text(body: bytearray) -> str:
     return body.decode("utf-8-sig")
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _until_disconnected(request: web.Request) -> None:
+    while not _client_gone(request):
+        await asyncio.sleep(DISCONNECT_CHECK_S)
 
 
 def _ids(data: Any) -> dict[str, Any]:
@@ -362,6 +377,36 @@ class CompatService:
             raise self._scheduler_error(f"following job {job_id}", exc) from None
         return view.model_dump()
 
+    async def _wait_attended(self, request: web.Request, job_id: str, give_up: float,
+                             limit_s: float) -> dict[str, Any] | None:
+        """``_wait`` while the client is still connected; None when it hung up first. Its job is then cancelled,
+        so no node decodes for nobody (also when the server cancels the handler itself)."""
+        waiting = asyncio.ensure_future(self._wait(job_id, give_up, limit_s))
+        gone = asyncio.ensure_future(_until_disconnected(request))
+        try:
+            await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._cancel_abandoned(job_id))
+            raise
+        finally:
+            for task in (waiting, gone):
+                task.cancel()
+        if not waiting.done():
+            await self._cancel_abandoned(job_id)
+            return None
+        return waiting.result()
+
+    async def _cancel_abandoned(self, job_id: str) -> None:
+        """Cancel the job of an utterance whose client went away; best effort (else it ends as it would)."""
+        until = asyncio.get_running_loop().time() + CANCEL_WAIT_S
+        try:
+            view = await self.jobs.cancel(job_id, until)
+        except (SchedulerError, NodeAgentError) as exc:
+            log.warning("utterance: scheduler job %s: its client disconnected, and cancelling it failed: %s",
+                        job_id, exc)
+            return
+        log.info("utterance: scheduler job %s cancelled (%s): its client disconnected", job_id, view.state)
+
     # ----- handlers ----------------------------------------------------------------------------------------------
 
     async def _read_body(self, request: web.Request, hold: _BodyHold) -> str:
@@ -487,11 +532,15 @@ class CompatService:
             del audio  # the scheduler has its own copy; this one must not live on through the wait
             hold.release()
             give_up = received + limit_s + self.settings.worker.stop_grace_s + REPORT_GRACE_S
-            view = await self._wait(scheduler_job, give_up, limit_s)
+            attended = await self._wait_attended(request, scheduler_job, give_up, limit_s)
+            if attended is None:
+                raise CompatError(499, "cancelled", f"the client disconnected; scheduler job {scheduler_job} "
+                                                    "cancelled")  # (nobody reads it: said for the log)
+            view = attended
             queued = (view.get("timings") or {}).get("queued_s")
             if isinstance(queued, (int, float)):
                 self.waits.append(float(queued))
-            if view["state"] == "failed":
+            if view["state"] in ("failed", "cancelled"):
                 error = view.get("error") or {}
                 code = str(error.get("code") or "failed")
                 raise CompatError(job_error_status(code), code,

@@ -1,6 +1,7 @@
 """Run a job on the scheduler and follow it to its end, riding through a scheduler that restarts or fails over.
 
-The one place where a client (``node-agent submit``, ``POST /utterance``) submits a job and waits for it. A
+The one place where a client (``node-agent submit``, ``POST /utterance``) submits a job and waits for it, and
+cancels it (``node-agent cancel``, an utterance whose client hung up). A
 submission is retried with one ``Idempotency-Key`` (a POST whose answer was lost creates no second job) through
 refused connections, timeouts, 5xx, garbled answers and 429 (its ``Retry-After`` honoured); a poll is retried by
 the job id through the same but garbled answers, until the caller's deadline. Every wait is the retry policy's (full jitter, a cap per
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -60,7 +62,7 @@ class WaitExpired(NodeAgentError):
 class Retrying:
     """A submit or poll that failed in a way worth another try, told to the caller before the wait."""
 
-    stage: Literal["submit", "poll"]
+    stage: Literal["submit", "poll", "cancel"]
     job_id: str | None
     error: SchedulerUnavailable
     #: The first failure since the last answer (callers that log once per outage use it).
@@ -82,7 +84,7 @@ class JobUpdate:
 OnRetry = Callable[[Retrying], None]
 
 
-def _telling(stage: Literal["submit", "poll"], job_id: str | None,
+def _telling(stage: Literal["submit", "poll", "cancel"], job_id: str | None,
              on_retry: OnRetry | None) -> Callable[[SchedulerUnavailable, float | None], None] | None:
     """``retrying``'s ``on_error`` for one run of failures: each told to ``on_retry``, the first marked so."""
     if on_retry is None:
@@ -150,6 +152,28 @@ class JobWaiter:
         return await retrying(self._policy(until), "job_submit", submit, retry_if=again,
                               on_error=_telling("submit", None, on_retry), clock=loop.time)
 
+    async def cancel(self, job_id: str, until: float, on_retry: OnRetry | None = None) -> JobView:
+        """Cancel ``job_id`` (``DELETE /v1/jobs/{id}``: a job that has ended is left as it is) and return its view,
+        retried through refused connections, timeouts and 5xx until ``until`` (event-loop time): a cancel is
+        idempotent. ``UnknownJob`` when the scheduler does not know the job (for a client's token: not its own);
+        any other refusal at once. Before any scheduler has answered, a refused connection is raised at once."""
+
+        async def cancel() -> JobView:
+            try:
+                view = await self.client.cancel_job(job_id)
+            except SchedulerError as exc:
+                self._answered(exc)
+                raise
+            self._answered()
+            return view
+
+        def again(exc: Exception) -> bool:
+            return isinstance(exc, SchedulerUnavailable) and (self.reached or not isinstance(exc, ConnectFailed))
+
+        loop = asyncio.get_running_loop()
+        return await retrying(self._policy(until), "job_cancel", cancel, retry_if=again,
+                              on_error=_telling("cancel", job_id, on_retry), clock=loop.time)
+
     async def follow(self, job_id: str, until: float, *, stream: bool = True,
                      on_retry: OnRetry | None = None) -> AsyncIterator[JobUpdate]:
         """Long-poll ``job_id`` and yield each answer until the one where the job has ended (the last yielded).
@@ -210,3 +234,34 @@ class JobWaiter:
                 if update.finished:
                     return update.view
         raise AssertionError("follow ends with a finished job or an error")  # unreachable: for the type checker
+
+
+async def cancel_jobs(client: SchedulerClient, job_ids: list[str], timeout: float) -> int:
+    """``node-agent cancel``: cancel each job and print its state after, one line each (``JOB STATE``; a job
+    that had ended keeps its state). Exit status 0 when every job is cancelled or had ended, 1 when any is
+    unknown or could not be cancelled. A scheduler never reached at all is ``ConnectFailed``."""
+    waiter = JobWaiter(client, reached=False)
+    until = asyncio.get_running_loop().time() + timeout
+    failures = 0
+    for job_id in dict.fromkeys(job_ids):  # the same id twice is one job: cancelled and printed once
+        try:
+            view = await waiter.cancel(job_id, until)
+        except UnknownJob:
+            failures += 1
+            print(f"{job_id} unknown", flush=True)
+            print(f"node-agent: {job_id}: no such job on the scheduler (never submitted, forgotten after "
+                  "scheduler.job_retention_s, or not this client's)", file=sys.stderr)
+            continue
+        except ConnectFailed:
+            if waiter.reached:
+                failures += 1
+                print(f"node-agent: {job_id}: cancel failed: no scheduler could be reached", file=sys.stderr)
+                continue
+            raise
+        except SchedulerError as exc:
+            failures += 1
+            detail = str(exc) if exc.status is None else f"{exc.status} {exc.code or ''}: {exc.detail}"
+            print(f"node-agent: {job_id}: cancel failed: {detail}", file=sys.stderr)
+            continue
+        print(f"{job_id} {view.state}", flush=True)
+    return 1 if failures else 0

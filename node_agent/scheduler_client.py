@@ -457,6 +457,13 @@ class SchedulerClient:
             return self._parse(JobView, "job_view", status, data)
         raise self._fail("job_view", status, data, headers)
 
+    async def cancel_job(self, job_id: str) -> JobView:
+        """``DELETE /v1/jobs/{id}``: cancel the job (one that has ended is left as it is); its view after."""
+        status, data, headers = await self._call("DELETE", "job_cancel", f"/v1/jobs/{job_id}")
+        if status == 200:
+            return self._parse(JobView, "job_cancel", status, data)
+        raise self._fail("job_cancel", status, data, headers)
+
 
 def _os_reason(exc: aiohttp.ClientConnectorError) -> str:
     """The operating system's reason a connection failed, as a user reads it (``connection refused``)."""
