@@ -196,3 +196,23 @@ async def test_an_utterance_whose_client_hangs_up_has_its_job_cancelled(tmp_path
         assert view["state"] == "cancelled" and view["error"]["code"] == "cancelled", view
         assert f"utterance: scheduler job {job_id} cancelled (cancelled): its client disconnected" in caplog.text
         assert s.sample("node_agent_jobs_total", outcome="cancelled") == 1.0
+
+
+async def test_the_openai_endpoint_cancels_its_job_when_its_client_hangs_up(tmp_path: Path) -> None:
+    # No node: the job stays queued while its client waits, until the client goes.
+    h = await serve(f"sqlite:///{tmp_path / 'scheduler.db'}", tmp_path)
+    try:
+        form = aiohttp.FormData()
+        form.add_field("file", b"some audio", filename="a.wav", content_type="application/octet-stream")
+        form.add_field("model", "whisper-1")
+        async with aiohttp.ClientSession() as session:
+            request = asyncio.ensure_future(session.post(f"{h.url}/v1/audio/transcriptions", data=form))
+            await eventually(lambda: h.metric("node_agent_scheduler_jobs_submitted_total") == 1.0, 10,
+                             "the job is queued")
+            request.cancel()  # the client hangs up
+            with pytest.raises(asyncio.CancelledError):
+                await request
+        await eventually(lambda: h.metric("node_agent_scheduler_jobs_cancelled_total", state="queued") == 1.0,
+                         5 * machine_slowdown(), "the abandoned job is cancelled")
+    finally:
+        await close(h)
