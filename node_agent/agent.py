@@ -119,6 +119,10 @@ class Agent:
         self.draining = False
         token = settings.scheduler.token.get_secret_value() if settings.scheduler.token else None
         self.client = SchedulerClient(self.scheduler_url, token, settings.scheduler.request_timeout_s, self.metrics)
+        # /utterance submits as a client: with per-role tokens a node's token may not, so it may have its own.
+        utterance = settings.compat.scheduler_token
+        self.utterance_client = self.client if utterance is None else SchedulerClient(
+            self.scheduler_url, utterance.get_secret_value(), settings.scheduler.request_timeout_s, self.metrics)
         self.identity = NodeIdentity()
         self.ledger = JobLedger()
 
@@ -211,6 +215,8 @@ class Agent:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._poll_tasks, return_exceptions=True)
         await self.client.close()
+        if self.utterance_client is not self.client:
+            await self.utterance_client.close()
         self.metrics.registered.set(0)
         self.state.unlock()
 
@@ -241,7 +247,7 @@ async def run_agent(settings: Settings) -> int:
     if embedded is not None:
         agent.view.scheduler_store = embedded.store.where  # shown by /status; the password is never in it
     try:
-        http = await start_http(agent.view, agent.client, settings)
+        http = await start_http(agent.view, agent.utterance_client, settings)
     except BaseException:
         if embedded is not None:
             await embedded.stop()

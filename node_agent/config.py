@@ -475,6 +475,16 @@ class CompatSettings(_Section):
         30.0, gt=0, le=600,
         description="The whole request body must arrive within this; a slower or idle client gets 408.",
     )
+    scheduler_token: SecretStr | None = Field(
+        None, description="The client token /utterance submits and follows its jobs with, where the scheduler gives "
+        "each role its own tokens (one of its scheduler.tokens.clients; a node token may not submit); unset: "
+        "scheduler.token.",
+    )
+
+    @field_validator("scheduler_token")
+    @classmethod
+    def _token_usable(cls, value: SecretStr | None) -> SecretStr | None:
+        return _usable_token(value)
 
 
 def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -757,7 +767,7 @@ def load_settings(path: Path | str | None = None, environ: Mapping[str, str] | N
 
 def _shown(loc: tuple[str, ...], value: Any) -> str:
     """A bad value as a config error shows it; a token never, a store DSN without its password."""
-    if any(str(part).startswith("token") for part in loc):
+    if any("token" in str(part) for part in loc):
         return "**********"
     if "store" in loc:
         raw = value.get_secret_value() if isinstance(value, SecretStr) else value

@@ -26,6 +26,7 @@ from node_agent.errors import ConfigError
 from node_agent.metrics import AgentMetrics
 from node_agent.scheduler import auth
 from node_agent.scheduler.server import start_scheduler
+from node_agent.scheduler_client import BadRequest
 from stack import eventually, node_facts
 from test_scheduler import AUDIO, CPU_EN, HARDWARE
 from test_store import store  # noqa: F401 - the fixture: sqlite, postgresql, postgresql-general
@@ -153,7 +154,8 @@ async def test_each_role_may_do_its_own_part_only(store: str, tmp_path: Path,  #
 async def test_a_node_keeps_its_secret_across_agent_restarts(tmp_path: Path,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     settings = make_settings(node={"state_dir": str(tmp_path / "state")},
-                             scheduler={"tokens": TOKENS, "token": NODE_OLD, "heartbeat_interval_s": 120.0})
+                             scheduler={"tokens": TOKENS, "token": NODE_OLD, "heartbeat_interval_s": 120.0},
+                             compat={"scheduler_token": CLIENT_2})
     running = await start_scheduler(settings.scheduler, CollectorRegistry(), host="127.0.0.1", port=0,
                                     state_dir=tmp_path)
     facts = await node_facts()
@@ -165,6 +167,11 @@ async def test_a_node_keeps_its_secret_across_agent_restarts(tmp_path: Path,
         try:
             if until == "registered":
                 await asyncio.wait_for(agent.identity.registered_event.wait(), 30)
+                # /utterance submits with the client token compat.scheduler_token (a node's may not submit).
+                submitted = await agent.utterance_client.submit_job(bytes(3200), format="pcm_s16le", sample_rate=16000)
+                assert await running.store.job_client(submitted.job_id) == "app2"
+                with pytest.raises(BadRequest, match="403 forbidden"):
+                    await agent.client.submit_job(bytes(3200), format="pcm_s16le", sample_rate=16000)
             else:
                 await eventually(lambda: until in caplog.text, 30, until)
             return agent.identity.node_id
