@@ -118,15 +118,19 @@ async def test_a_client_cancels_only_its_own_jobs(store: str, tmp_path: Path) ->
 
 
 async def test_a_running_decode_stops_between_segments_and_the_worker_takes_the_next_job(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     """End to end with the real plugin: cancelled mid-decode, the job stops within a renewal interval plus a
     segment, keeps the segments it had, and its worker (same pid, no restart) takes the next job at once."""
+    caplog.set_level(logging.INFO, logger="node_agent.supervisor")
     ttl_s = 3.0  # renewals every 1 s: the node learns of the cancel within that
     async with agent_stack(tmp_path, lease={"ttl_s": ttl_s}, worker={"stop_grace_s": 15}) as s:
         worker = s.agent.workers["cpu/0"]
         pid = worker.pid
-        # ~130 s of speech (five 30 s windows): still decoding when the cancel comes, however fast the machine.
-        job_id = await s.submit_json(long_audio(12), format="pcm_s16le", sample_rate=16000, language="en")
+        # ~400 s of speech (14 windows of 30 s): still decoding when the cancel comes, however fast the machine
+        # (stopped, so the length costs nothing). Greedy at one temperature: a window is one pass (no beam, no
+        # fallback), so the stop comes soon.
+        job_id = await s.submit_json(long_audio(36), format="pcm_s16le", sample_rate=16000, language="en",
+                                     options={"beam_size": 1, "temperature": 0.0})
 
         async def segments() -> int:
             async with s.session.get(f"{s.scheduler.url}/v1/jobs/{job_id}",
@@ -144,8 +148,9 @@ async def test_a_running_decode_stops_between_segments_and_the_worker_takes_the_
         assert await asyncio.to_thread(main, ["cancel", job_id, "--scheduler", url]) == 0
         assert capsys.readouterr().out == f"{job_id} cancelled\n"
         # One renewal interval, then the decode's next segment boundary: faster-whisper yields a 30 s window's
-        # segments together, so at worst one more window (about 2 s of tiny.en on 2 idle threads; the machine's
-        # slowdown is taken at its worst of before and after, other tests' decodes come and go).
+        # segments together, so at worst one more window (under 1 s greedy with tiny.en on 2 idle threads: 4 s
+        # allowed; the machine's slowdown is taken at its worst of before and after, other tests' decodes come
+        # and go).
         slowdown = machine_slowdown()
         await eventually(lambda: not s.agent.ledger.running, ttl_s / 3 + 4.0 * 6 + 5,
                          "the agent stopped the cancelled job")
@@ -157,6 +162,7 @@ async def test_a_running_decode_stops_between_segments_and_the_worker_takes_the_
         assert s.sample("node_agent_lease_lost_total", device="cpu/0", reason="rejected") in (None, 0.0)
         assert not s.agent.ledger.recent_failures and not s.agent.ledger.lease_losses
         assert worker.pid == pid and not any(worker.restarts.values())
+        assert f"job {job_id}: stopped after" in caplog.text  # stopped mid-decode, not finished and refused
         assert (await s.scheduler.store.lease_state(lease_id))["state"] == "released"  # type: ignore[index]
         async with s.session.get(f"{url}/v1/jobs/{job_id}") as resp:
             view = await resp.json()
