@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install check-config bench soak lock clean
+.PHONY: run test install check-config bench soak soak-bounds lock clean
 
 UV     := $(BIN)/uv
 
@@ -40,6 +40,11 @@ bench: $(STAMP)
 ## 30-minute soak: 2 agents, worker kills, scheduler restarts; prints outcomes, latency, memory.
 soak: $(STAMP)
 	$(BIN)/python tests/soak.py --minutes 30
+
+## Issue 22's bound cases looped for 10 minutes on each store (SQLite, PostgreSQL) against a standalone scheduler,
+## fake nodes and an agent; prints peak RSS per process and each case's answers; fails on any unexpected one.
+soak-bounds: $(STAMP)
+	$(BIN)/python tests/bounds_soak.py --minutes 10
 
 ## Re-pin requirements.lock after changing dependencies in pyproject.toml.
 lock: $(STAMP)
