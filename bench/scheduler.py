@@ -94,6 +94,8 @@ TARGET_JOBS_PER_S = 300.0
 TARGET_P99_QUEUED_S = 0.050
 AUDIO = bytes(16_000)  # 0.5 s of pcm_s16le silence at 16 kHz: the scheduler never decodes it
 LONG_POLL_S = 30.0
+#: --decode-jitter, for the fake nodes (set once, from the command line).
+DECODE_JITTER = [0.0]
 
 
 def log(msg: str) -> None:
@@ -355,7 +357,9 @@ class FakeNode:
         self.running = [a.job_id]
         renewals = asyncio.create_task(self.renew(lease))
         try:
-            await asyncio.sleep(self.decode_s)
+            # Decodes of one length free every node at once when they started together (after a burst of
+            # submissions), which real audio of varying length does not: --decode-jitter spreads them.
+            await asyncio.sleep(self.decode_s * random.uniform(1 - DECODE_JITTER[0], 1 + DECODE_JITTER[0]))
             seg = Segment(id=0, start=0.0, end=0.5, text=" bench")
             if self.stream_events:
                 events = EventsReport(node_id=self.node_id, lease_id=lease.lease_id, attempt=a.attempt,
@@ -441,6 +445,7 @@ class Phase:
     submit_errors: list[str] = field(default_factory=list)
     max_lag_s: float = 0.0  # how late the latest submit left against its schedule (offered load only)
     submit_end: float = 0.0
+    priority: str = "batch"
 
 
 class Procs:
@@ -507,11 +512,16 @@ class Driver:
         self.cluster_ready = asyncio.Event()
         self.progress = asyncio.Event()
         boundary = "bench-" + os.urandom(8).hex()
-        self.body = (f'--{boundary}\r\nContent-Disposition: form-data; name="format"\r\n\r\npcm_s16le\r\n'
-                     f'--{boundary}\r\nContent-Disposition: form-data; name="sample_rate"\r\n\r\n16000\r\n'
-                     f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="bench.pcm"\r\n'
-                     f"Content-Type: application/octet-stream\r\n\r\n").encode()
-        self.body += AUDIO + f"\r\n--{boundary}--\r\n".encode()
+        # One body per priority (a submission without the field is batch, as POST /v1/jobs defaults).
+        self.bodies: dict[str, bytes] = {}
+        for priority in ("batch", "interactive"):
+            body = (f'--{boundary}\r\nContent-Disposition: form-data; name="format"\r\n\r\npcm_s16le\r\n'
+                    f'--{boundary}\r\nContent-Disposition: form-data; name="sample_rate"\r\n\r\n16000\r\n')
+            if priority != "batch":
+                body += f'--{boundary}\r\nContent-Disposition: form-data; name="priority"\r\n\r\n{priority}\r\n'
+            body += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="bench.pcm"\r\n'
+                     f"Content-Type: application/octet-stream\r\n\r\n")
+            self.bodies[priority] = body.encode() + AUDIO + f"\r\n--{boundary}--\r\n".encode()
         self.content_type = f"multipart/form-data; boundary={boundary}"
 
     # ------------------------------------------------------------------ processes
@@ -568,7 +578,8 @@ class Driver:
     async def start_cluster(self) -> None:
         a = self.args
         cmd = [sys.executable, str(Path(__file__).resolve()), "--cluster", ",".join(self.urls), "--nodes",
-               str(a.nodes), "--decode-s", str(a.decode_s), "--lease-ttl-s", str(a.lease_ttl_s)]
+               str(a.nodes), "--decode-s", str(a.decode_s), "--decode-jitter", str(a.decode_jitter),
+               "--lease-ttl-s", str(a.lease_ttl_s)]
         if a.renew_every_s is not None:
             cmd += ["--renew-every-s", str(a.renew_every_s)]
         if a.stream_events:
@@ -627,7 +638,7 @@ class Driver:
         url = self.urls[i % len(self.urls)]
         t = time.monotonic()
         try:
-            async with session.post(url + "/v1/jobs", data=self.body,
+            async with session.post(url + "/v1/jobs", data=self.bodies[phase.priority],
                                     headers={"Content-Type": self.content_type}) as resp:
                 body = await resp.read()
                 if resp.status != 202:
@@ -714,6 +725,84 @@ class Driver:
             result["missing"] = [j for j in ids if j not in self.accepted][:20]
         return result
 
+    async def run_priority(self, session: aiohttp.ClientSession) -> tuple[dict[str, Any], list[Phase]]:
+        """Interactive jobs' queued_s on an empty queue, then with at least ``--backlog`` batch jobs queued ahead of
+        them (kept topped up while the interactive ones are submitted, ``--interactive-rate`` per second): issue
+        23's target is the second's p99 within 1.5x of the first's."""
+        a = self.args
+        empty = Phase("interactive, empty queue", a.interactive_jobs, a.interactive_rate, priority="interactive")
+        log(f"{self.store.name}, {empty.name}: {empty.jobs} jobs at {a.interactive_rate:g}/s")
+        await self.run_phase(session, empty)
+        backlog = Phase(f"batch, {a.backlog}+ queued", 0, None)
+        loaded = Phase(f"interactive, {a.backlog}+ batch queued", a.interactive_jobs, a.interactive_rate,
+                       priority="interactive")
+        seq = iter(range(10**9))
+        filling = True
+
+        def queued_batch() -> int:  # submitted (202) and not yet assigned, on the cluster's and our clock
+            return sum(1 for j in backlog.submit_t if j not in self.assigned)
+
+        async def refill() -> None:
+            # Topped up to the backlog as the nodes take jobs. A backlog builds only while every node is busy:
+            # run this load with a decode far longer than the nodes' share of the scheduler's rate (--decode-s 2).
+            while filling:
+                short = a.backlog - queued_batch()
+                if short > 0:
+                    await asyncio.gather(*(self.submit(session, backlog, next(seq), None)
+                                           for _ in range(min(short, a.submitters))))
+                else:
+                    await asyncio.sleep(0.005)
+
+        backlog.first_submit = time.monotonic()
+        refilling = asyncio.ensure_future(refill())
+        while queued_batch() < a.backlog * 0.9:
+            await asyncio.sleep(0.01)
+        # The interactive load, paced, while the backlog is kept; the phase ends when every job of both has ended.
+        at_submit: list[int] = []
+        t0 = time.monotonic()
+
+        async def paced() -> None:
+            tasks = []
+            for i in range(loaded.jobs):
+                delay = t0 + i / loaded.rate - time.monotonic()  # type: ignore[operator]
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                at_submit.append(queued_batch())
+                tasks.append(asyncio.create_task(self.submit(session, loaded, i, None)))
+            await asyncio.gather(*tasks)
+
+        log(f"{self.store.name}, {loaded.name}: {loaded.jobs} jobs at {a.interactive_rate:g}/s")
+        await paced()
+        filling = False
+        await refilling
+        backlog.jobs = len(backlog.submit_t)
+        deadline = time.monotonic() + a.phase_timeout_s
+        while not all(j in self.accepted for p in (backlog, loaded) for j in p.submit_t):
+            if time.monotonic() > deadline or any(e["e"] == "crashed" for e in self.errors):
+                break
+            await asyncio.sleep(0.1)
+
+        def queued(p: Phase) -> list[float]:
+            return [self.assigned[j][0][0] for j in p.submit_t if j in self.assigned]
+
+        base, busy = queued(empty), queued(loaded)
+        p99_base, p99_busy = percentile(base, 99), percentile(busy, 99)
+        result = {
+            "interactive_jobs": a.interactive_jobs, "interactive_rate": a.interactive_rate, "backlog": a.backlog,
+            "batch_jobs": backlog.jobs,
+            "empty_p50_s": percentile(base, 50), "empty_p99_s": p99_base,
+            "loaded_p50_s": percentile(busy, 50), "loaded_p99_s": p99_busy,
+            "ratio_p99": p99_busy / p99_base if p99_base > 0 else float("nan"),
+            "batch_queued_at_submit_min": min(at_submit, default=0),
+            "batch_queued_at_submit_p50": percentile([float(x) for x in at_submit], 50),
+            "batch_queued_p50_s": percentile(queued(backlog), 50),
+            "submit_errors": (empty.submit_errors + backlog.submit_errors + loaded.submit_errors)[:20],
+        }
+        log(f"{self.store.name}, priority: interactive queued_s p99 {ms(p99_base)} on an empty queue, "
+            f"{ms(p99_busy)} with {result['batch_queued_at_submit_min']}+ batch jobs queued: "
+            f"{result['ratio_p99']:.2f}x")
+        return result, [empty, backlog, loaded]
+
     # ------------------------------------------------------------------ checks
 
     async def metrics(self, session: aiohttp.ClientSession) -> dict[str, float]:
@@ -792,6 +881,8 @@ class Driver:
                     phases.append(warm)
                 results = []
                 for load in a.loads.split(","):
+                    if load == "priority":  # after the others: it ends with the queue drained
+                        continue
                     phase = Phase("as fast as possible", a.jobs, None) if load == "max" else Phase(
                         f"{a.rate:g} jobs/s offered", a.jobs, a.rate)
                     log(f"{name}, {phase.name}: {phase.jobs} jobs")
@@ -802,6 +893,9 @@ class Driver:
                     phases.append(phase)
                     await asyncio.sleep(0.5)
                 out["phases"] = results
+                if "priority" in a.loads.split(","):
+                    out["priority"], more = await self.run_priority(session)
+                    phases += more
                 out["checks"] = await self.check(session, phases)
         finally:
             await self.stop()
@@ -888,6 +982,28 @@ def summary(stores: list[dict[str, Any]], rate: float) -> str:
     return markdown_table(head, rows)
 
 
+#: Issue 23: interactive jobs' queued_s p99 behind a batch backlog, against an empty queue's.
+TARGET_PRIORITY_RATIO = 1.5
+
+
+def priority_table(stores: list[dict[str, Any]]) -> str:
+    head = ("store", "interactive queued_s p50 / p99, empty queue",
+            "interactive queued_s p50 / p99, batch backlog", "batch queued at each interactive submit (min / p50)",
+            "batch jobs' queued_s p50 (a FIFO's wait)", f"p99 ratio (target <= {TARGET_PRIORITY_RATIO:g}x)")
+    rows = []
+    for s in stores:
+        p = s.get("priority")
+        if p is None:
+            continue
+        ok = p["ratio_p99"] <= TARGET_PRIORITY_RATIO
+        rows.append((s["store"], f"{ms(p['empty_p50_s'])} / {ms(p['empty_p99_s'])}",
+                     f"{ms(p['loaded_p50_s'])} / {ms(p['loaded_p99_s'])}",
+                     f"{p['batch_queued_at_submit_min']} / {p['batch_queued_at_submit_p50']:.0f}",
+                     ms(p["batch_queued_p50_s"]),
+                     f"{p['ratio_p99']:.2f}x: {'met' if ok else 'NOT met'}"))
+    return markdown_table(head, rows)
+
+
 def verdicts(store: dict[str, Any]) -> list[str]:
     out = []
     for p in store["phases"]:
@@ -939,6 +1055,8 @@ def report(result: dict[str, Any], command: str) -> str:
         table(result["stores"]),
         "",
     ]
+    if any("priority" in s for s in result["stores"]):
+        lines += [priority_table(result["stores"]), ""]
     for s in result["stores"]:
         if "error" in s:
             lines.append(f"- {s['store']}: FAILED: {s['error']}")
@@ -969,7 +1087,8 @@ def run_stores(args: argparse.Namespace, stores: list[Store]) -> dict[str, Any]:
     top = Path(tempfile.mkdtemp(prefix="node-agent-bench-sched-", dir=args.workdir))
     result: dict[str, Any] = {"machine": machine(), "config": {
         "stores": [s.name for s in stores], "nodes": args.nodes, "jobs": args.jobs, "rate": args.rate,
-        "loads": args.loads, "decode_s": args.decode_s, "stream_events": args.stream_events, "submitters": args.submitters, "warmup": args.warmup,
+        "loads": args.loads, "backlog": args.backlog, "interactive_jobs": args.interactive_jobs,
+        "interactive_rate": args.interactive_rate, "decode_s": args.decode_s, "decode_jitter": args.decode_jitter, "stream_events": args.stream_events, "submitters": args.submitters, "warmup": args.warmup,
         "scheduler_env": args.scheduler_env, "lease_ttl_s": args.lease_ttl_s, "renew_every_s": args.renew_every_s,
         "profile": args.profile, "event_loop": "uvloop" if uvloop is not None else "asyncio"},
         "stores": [], "logs": str(top)}
@@ -1002,10 +1121,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2000, help="jobs per load (default 2000)")
     parser.add_argument("--rate", type=float, default=200.0, help="offered jobs/s of the paced load (default 200)")
     parser.add_argument("--loads", default="max,rate", help="which loads, in order: max (as fast as possible), "
-                        "rate (--rate offered); default max,rate")
+                        "rate (--rate offered), priority (interactive jobs on an empty queue, then with --backlog "
+                        "batch jobs queued; always last, and only with every node busy: --decode-s 2); default "
+                        "max,rate")
+    parser.add_argument("--backlog", type=int, default=1000,
+                        help="batch jobs kept queued ahead of the priority load's interactive jobs (default 1000)")
+    parser.add_argument("--interactive-jobs", type=int, default=200,
+                        help="interactive jobs per half of the priority load (default 200)")
+    parser.add_argument("--interactive-rate", type=float, default=20.0,
+                        help="interactive jobs/s offered in the priority load (default 20)")
     parser.add_argument("--warmup", type=int, default=100, help="untimed jobs first (default 100)")
     parser.add_argument("--submitters", type=int, default=32, help="concurrent submit tasks, as fast as possible")
     parser.add_argument("--decode-s", type=float, default=0.05, help="each fake decode (default 0.05 s)")
+    parser.add_argument("--decode-jitter", type=float, default=0.0,
+                        help="each decode lasts decode-s times 1 +/- up to this share, at random (default 0)")
     parser.add_argument("--lease-ttl-s", type=float, default=15.0, help="TTL the fake nodes ask for (default 15)")
     parser.add_argument("--renew-every-s", type=float, default=None,
                         help="renew this often instead of every TTL/3 (the agent's rate)")
@@ -1024,10 +1153,11 @@ def main(argv: list[str] | None = None) -> int:
                         "where their time went (slows them: numbers for finding costs, not for the docs)")
     parser.add_argument("--cluster", metavar="URLS", help=argparse.SUPPRESS)  # internal: be the fake cluster
     args = parser.parse_args(argv)
+    DECODE_JITTER[0] = min(max(args.decode_jitter, 0.0), 1.0)
     if args.cluster:
         return run_loop(cluster_main(args))
-    if args.loads and set(args.loads.split(",")) - {"max", "rate"}:
-        parser.error(f"--loads: expected max and/or rate, got {args.loads}")
+    if args.loads and set(args.loads.split(",")) - {"max", "rate", "priority"}:
+        parser.error(f"--loads: expected max, rate and/or priority, got {args.loads}")
     try:
         stores = parse_stores(args.stores)
     except ValueError as exc:
