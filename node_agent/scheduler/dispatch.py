@@ -93,7 +93,7 @@ class Dispatch(StorePart):
             offers = offers_of(node["devices"], node_labels["labels"], resource)
             # The head of each class this node serves (the jobs_queue_priority index, one row each); which of the
             # two goes first is rules.dispatch_class's to say.
-            served = ask_served_sql(tx.dialect.name, "$2")
+            served = ask_served_sql(tx.dialect.name, "$2", some_offer=True)
             heads = [await tx.fetchrow(
                 f"SELECT * FROM jobs WHERE state = '{J.QUEUED}' AND priority = $1 AND {served} "
                 "ORDER BY priority, seq LIMIT 1" + tx.dialect.skip_locked, str(priority), offers)

@@ -74,13 +74,19 @@ def _offer_serves(dialect: str, job: str, d: str) -> str:
                      WHERE has.key = asked.key AND has.value = asked.value)))"""
 
 
-def ask_served_sql(dialect: str, offers: str, job: str = "jobs") -> str:
+def ask_served_sql(dialect: str, offers: str, job: str = "jobs", some_offer: bool = False) -> str:
     """SQL: some offer of the JSON array ``offers`` (a parameter's place, e.g. ``$3``) serves the jobs row ``job``.
-    Assignment (a node's devices, ``offers_of``) and the reaper (every live node's, ``rules.Served``) both ask it."""
+    Assignment (a node's devices, ``offers_of``) and the reaper (every live node's, ``rules.Served``) both ask it.
+    ``some_offer``: the array is known not to be empty (a polling node's), so a job that asks for nothing is
+    served without reading it (most jobs: the queue's scan stays as cheap as before there were asks)."""
     if dialect == "postgresql":
-        return (f"EXISTS (SELECT 1 FROM jsonb_array_elements(CAST({offers} AS jsonb)) AS o(d) "
+        test = (f"EXISTS (SELECT 1 FROM jsonb_array_elements(CAST({offers} AS jsonb)) AS o(d) "
                 f"WHERE {_offer_serves(dialect, job, 'o.d')})")
-    return f"EXISTS (SELECT 1 FROM json_each({offers}) AS o WHERE {_offer_serves(dialect, job, 'o.value')})"
+    else:
+        test = f"EXISTS (SELECT 1 FROM json_each({offers}) AS o WHERE {_offer_serves(dialect, job, 'o.value')})"
+    if some_offer:
+        return f"(({job}.language IS NULL AND {job}.model IS NULL AND {job}.labels = '{{}}') OR {test})"
+    return test
 
 
 @functools.lru_cache(maxsize=1024)
@@ -139,7 +145,7 @@ class PgFast:
         ``lease_id`` and ``ttl_s``, the job's first lease is granted too (``lease_epoch`` in the row) when no
         active lease holds its resource on this node (as ``grant`` requires); else the job is only assigned
         (``lease_epoch`` None)."""
-        served = ask_served_sql("postgresql", "$3")
+        served = ask_served_sql("postgresql", "$3", some_offer=True)
         try:
             row = await self.engine.statement(
                 f"""WITH {_CLOCK},
