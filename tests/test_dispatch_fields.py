@@ -17,15 +17,20 @@ import aiohttp
 import asyncpg
 import pytest
 import test_store
+from conftest import make_settings
+from prometheus_client import CollectorRegistry
 from test_scheduler import AUDIO, CPU_EN, GPU_ANY, HARDWARE, clocked, register
 from test_store import close, serve
 
 from node_agent.config import Settings
 from node_agent.errors import UsageError
+from node_agent.metrics import AgentMetrics
+from node_agent.registration import NodeIdentity, Registration
 from node_agent.scheduler.errors import QueueFull, Unservable
 from node_agent.scheduler.pgfast import ask_served_sql
 from node_agent.scheduler.rules import Ask, Offer, Served, automatic_labels, serves
-from node_agent.scheduler.schemas import DeviceSpec, JobSpec
+from node_agent.scheduler.schemas import DeviceSpec, JobSpec, RegisterRequest
+from node_agent.scheduler_client import SchedulerClient
 from node_agent.submit import job_asks, submit_files
 
 store = test_store.store  # the fixture: sqlite, postgresql, postgresql-general
@@ -279,3 +284,12 @@ async def test_submit_sends_model_labels_and_priority(tmp_path: Path) -> None:
         assert await asyncio.wait_for(command, 30) == 0
     finally:
         await close(h)
+
+
+async def test_the_agent_registers_its_node_labels() -> None:
+    settings = make_settings(node={"labels": {"zone": "eu-1"}})
+    async with SchedulerClient("http://127.0.0.1:9", None, 1.0) as client:
+        registration = Registration(
+            client, NodeIdentity(), workers={}, asr=settings.asr, facts={"gpus": []}, hostname="h",
+            metrics=AgentMetrics(CollectorRegistry()), heartbeat_state=lambda: {}, labels=settings.node.labels)
+        assert RegisterRequest.model_validate(registration.body()).labels == {"zone": "eu-1"}
