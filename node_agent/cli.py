@@ -186,22 +186,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return eventloop.run(submit_files(args, settings))
 
 
-def cmd_hold(args: argparse.Namespace) -> int:
-    from .operator_commands import hold_node
-
-    settings = _load(args)
-    _setup_logging("WARNING")
-    return eventloop.run(hold_node(args, settings))
-
-
-def cmd_cluster(args: argparse.Namespace) -> int:
-    from .cluster_view import cluster_command
-
-    settings = _load(args)
-    _setup_logging("WARNING")
-    return cluster_command(args, settings, eventloop.run)
-
-
 def cmd_cancel(args: argparse.Namespace) -> int:
     from .job_waiter import cancel_jobs
     from .scheduler_client import ConnectFailed, SchedulerClient
@@ -221,6 +205,22 @@ def cmd_cancel(args: argparse.Namespace) -> int:
                 raise SchedulerUnreachable(url, exc.reason) from None
 
     return eventloop.run(cancel())
+
+
+def cmd_hold(args: argparse.Namespace) -> int:
+    from .operator_commands import hold_node
+
+    settings = _load(args)
+    _setup_logging("WARNING")
+    return eventloop.run(hold_node(args, settings))
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from .cluster_view import cluster_command
+
+    settings = _load(args)
+    _setup_logging("WARNING")
+    return cluster_command(args, settings, eventloop.run)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -305,6 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interactive jobs are dispatched before queued batch jobs (default: batch)")
     p.set_defaults(func=cmd_submit)
 
+    p = with_config(command(
+        "cancel", "cancel jobs on a scheduler",
+        "Cancel jobs by id: a queued job ends at once, a running one stops between two segments (its node keeps "
+        "its worker). Prints each job's state after, one per line (a job that had ended keeps its state). Exit "
+        "status 0 when every job is cancelled or had ended, 1 when any is unknown."))
+    p.add_argument("job", nargs="+", metavar="JOB", help="job ids, as submit --json and GET /v1/jobs show them")
+    p.add_argument("--scheduler", metavar="URL",
+                   help="scheduler to ask, as for submit (default: scheduler.url, or the embedded scheduler's "
+                        "scheduler.listen)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="stop retrying a scheduler that does not answer after this many seconds (default: 30)")
+    p.set_defaults(func=cmd_cancel)
+
     def with_node(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("node", nargs="?", metavar="NODE",
                        help="the node id (default: this machine's agent, from its /status or its state directory)")
@@ -342,19 +355,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print the cluster view as JSON (with a health section) instead of a page")
     p.set_defaults(func=cmd_cluster)
-
-    p = with_config(command(
-        "cancel", "cancel jobs on a scheduler",
-        "Cancel jobs by id: a queued job ends at once, a running one stops between two segments (its node keeps "
-        "its worker). Prints each job's state after, one per line (a job that had ended keeps its state). Exit "
-        "status 0 when every job is cancelled or had ended, 1 when any is unknown."))
-    p.add_argument("job", nargs="+", metavar="JOB", help="job ids, as submit --json and GET /v1/jobs show them")
-    p.add_argument("--scheduler", metavar="URL",
-                   help="scheduler to ask, as for submit (default: scheduler.url, or the embedded scheduler's "
-                        "scheduler.listen)")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="stop retrying a scheduler that does not answer after this many seconds (default: 30)")
-    p.set_defaults(func=cmd_cancel)
 
     p = command(
         "status", "show the local agent's state",

@@ -34,7 +34,6 @@ Load = Callable[[], tuple[int, int]]
 QueueGroups = list[tuple[str, str, int, float]]
 
 
-
 class _GaugeCollector(Collector):
     def __init__(self, snapshot: Snapshot, load: Load | None,
                  operators: Callable[[], tuple[QueueGroups, int]] | None = None) -> None:

@@ -57,7 +57,6 @@ from .errors import (
     WaitTimeout,
 )
 from . import auth
-from . import auth
 from .formats import RESPONSE_FORMATS, to_srt, to_verbose_json, to_vtt
 from .schemas import (
     ID_MAX_CHARS,

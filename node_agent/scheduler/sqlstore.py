@@ -12,8 +12,9 @@ wall clock, or a test's), never a replica's, and survive restarts.
 
 The operations are grouped by who calls them, each group a class of its own over one engine: ``Nodes`` (register,
 heartbeat), ``Submissions`` (clients' jobs and audio), ``Dispatch`` (nodes' jobs, leases and reports), ``Reaper``
-(what fell due), ``Cancels`` (jobs a client or operator ends), ``Operators`` (cordon, drain, the job listing and the cluster summary); ``Transitions`` holds what they share, ``Replica`` what this process remembers between
-transactions. ``SqlStore`` puts them together behind the ``store.Store`` interface.
+(what fell due), ``Cancels`` (jobs a client or operator ends), ``Operators`` (cordon, drain, the job listing and the
+cluster summary), ``Identity`` (a node's secret, a job's client); ``Transitions`` holds what they share, ``Replica``
+what this process remembers between transactions. ``SqlStore`` puts them together behind the ``store.Store`` interface.
 """
 
 from __future__ import annotations
@@ -71,9 +72,9 @@ class SqlStore:
         self.grant_lease, self.renew_lease, self.release_lease = (dispatch.grant_lease, dispatch.renew_lease,
                                                                  dispatch.release_lease)
         self.lease_state = dispatch.lease_state
-        self.cancel_job = Cancels(*parts).cancel_job
         identity = Identity(*parts)
         self.node_secret, self.job_client = identity.node_secret, identity.job_client
+        self.cancel_job = Cancels(*parts).cancel_job
         self.reap, self.refresh_gauges = self._reaper.reap, self._reaper.refresh_gauges
         operators = Operators(*parts)
         self.cordon, self.uncordon, self.drain = operators.cordon, operators.uncordon, operators.drain
