@@ -38,6 +38,7 @@ from node_agent.retry import RetryPolicies, RetryPolicy
 from node_agent.scheduler.schemas import JobSpec
 from node_agent.scheduler.server import Running, start_scheduler
 from node_agent.submit import submit_files
+from node_agent.cli import build_parser
 from stack import agent_stack, eventually
 from test_scheduler import clocked
 from procs import free_port
@@ -157,8 +158,8 @@ async def test_a_running_job_keeps_its_lease_across_a_failover_between_replicas(
 
 
 def submit_args(scheduler_url: str, path: Path, timeout: float = 60.0) -> argparse.Namespace:
-    return argparse.Namespace(scheduler=scheduler_url, audio=[str(path)], language=None, json=False,
-                              timeout=timeout, allow_truncated=False)
+    # Parsed by the command's own parser, so the arguments are every one `node-agent submit` has.
+    return build_parser().parse_args(["submit", "--scheduler", scheduler_url, "--timeout", str(timeout), str(path)])
 
 
 async def test_submit_retries_through_503s_and_a_lost_answer_without_a_second_job(tmp_path, capsys) -> None:

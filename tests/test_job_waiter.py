@@ -35,6 +35,7 @@ from node_agent.retry import RetryPolicy
 from node_agent.metrics import AgentMetrics
 from node_agent.scheduler.server import start_scheduler
 from node_agent.submit import submit_files
+from node_agent.cli import build_parser
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -62,7 +63,8 @@ async def test_a_job_submitted_and_followed_through_the_client(tmp_path) -> None
         assert view.state == "queued" and time.monotonic() - started >= 0.45
 
         # A node (the same client, now with an identity) gets exactly what was submitted.
-        node_id = (await client.register(NODE)).node_id
+        registered = await client.register(NODE)
+        node_id, client.node_secret = registered.node_id, registered.node_secret  # as registration.py keeps it
         assignment = await client.next_job(node_id, 1.0, "cpu")
         assert assignment is not None and assignment.job_id == submitted.job_id
         assert assignment.options.wire() == {"beam_size": 2} and assignment.language == "en"
@@ -97,8 +99,9 @@ POLL = re.compile(re.escape(f"{SCHEDULER}/v1/jobs/j1") + r"\?.*")
 
 
 def submit_args(timeout: float) -> argparse.Namespace:
-    return argparse.Namespace(scheduler=SCHEDULER, audio=[str(DATA / "jfk.flac")], language=None, json=False,
-                              timeout=timeout, allow_truncated=False)
+    # Parsed by the command's own parser, so the arguments are every one `node-agent submit` has.
+    return build_parser().parse_args(["submit", "--scheduler", SCHEDULER, "--timeout", str(timeout),
+                                      str(DATA / "jfk.flac")])
 
 
 def job_view(state: str, **fields: object) -> dict[str, object]:
