@@ -31,7 +31,7 @@ import psutil
 
 from . import __version__
 from .scheduler_client import SchedulerClient
-from .config import Settings
+from .config import Settings, secret
 from .devices import KNOWN_MODEL_BYTES, UNKNOWN_MODEL_BYTES, SlotPlan, choose_device, choose_slots, resources_for
 from .errors import ConfigError, JobShutdown
 from .job_loop import JobLoop
@@ -117,7 +117,7 @@ class Agent:
         self.hostname = settings.node.name or socket.gethostname()
         self.scheduler_url = scheduler_url or settings.scheduler.url
         self.draining = False
-        token = settings.scheduler.token.get_secret_value() if settings.scheduler.token else None
+        token = secret(settings.scheduler.token)
         self.client = SchedulerClient(self.scheduler_url, token, settings.scheduler.request_timeout_s, self.metrics)
         # /utterance submits as a client: with per-role tokens a node's token may not, so it may have its own.
         utterance = settings.compat.scheduler_token

@@ -187,24 +187,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from .job_waiter import cancel_jobs
-    from .scheduler_client import ConnectFailed, SchedulerClient
-    from .errors import SchedulerUnreachable
-    from .submit import scheduler_url
+    from .submit import cancel_jobs
 
     settings = _load(args)
     _setup_logging("WARNING")
-    url = scheduler_url(args, settings)
-    token = settings.scheduler.token.get_secret_value() if settings.scheduler.token is not None else None
-
-    async def cancel() -> int:
-        async with SchedulerClient(url, token, settings.scheduler.request_timeout_s) as client:
-            try:
-                return await cancel_jobs(client, args.job, args.timeout)
-            except ConnectFailed as exc:
-                raise SchedulerUnreachable(url, exc.reason) from None
-
-    return eventloop.run(cancel())
+    return eventloop.run(cancel_jobs(args, settings))
 
 
 def cmd_hold(args: argparse.Namespace) -> int:

@@ -331,6 +331,12 @@ class SchedulerSettings(_Section):
         600.0, gt=0, description="A batch job queued this long counts as interactive, so batch work is never "
         "starved by a steady stream of interactive jobs.",
     )
+    interactive_headroom: float = Field(
+        0.05, ge=0, lt=1, description="Share of the live, uncordoned nodes' ASR slots (floored to whole slots) "
+        "kept idle for interactive jobs: a batch job is dispatched only while that many slots would stay idle "
+        "after it, so a live utterance finds a free slot behind a batch backlog. The cost: that share of batch "
+        "throughput on a saturated cluster. Batch jobs aged past batch_max_wait_s may use it. 0: none kept.",
+    )
     keep_audio: bool = Field(
         False, description="Keep a finished job's audio until job_retention_s (default: dropped when it finishes)."
     )
@@ -640,6 +646,11 @@ def host_port(value: str) -> tuple[str, int]:
 
 #: What YAML reads as null; refused as a secret, null for an optional non-secret string from the environment.
 _NULL_WORDS = ("", "~", "null")
+
+
+def secret(value: SecretStr | None) -> str | None:
+    """The value of an optional secret setting (a token), for the one call that sends it."""
+    return value.get_secret_value() if value is not None else None
 
 
 def _usable_token(value: SecretStr | None) -> SecretStr | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -234,34 +233,3 @@ class JobWaiter:
                 if update.finished:
                     return update.view
         raise AssertionError("follow ends with a finished job or an error")  # unreachable: for the type checker
-
-
-async def cancel_jobs(client: SchedulerClient, job_ids: list[str], timeout: float) -> int:
-    """``node-agent cancel``: cancel each job and print its state after, one line each (``JOB STATE``; a job
-    that had ended keeps its state). Exit status 0 when every job is cancelled or had ended, 1 when any is
-    unknown or could not be cancelled. A scheduler never reached at all is ``ConnectFailed``."""
-    waiter = JobWaiter(client, reached=False)
-    until = asyncio.get_running_loop().time() + timeout
-    failures = 0
-    for job_id in dict.fromkeys(job_ids):  # the same id twice is one job: cancelled and printed once
-        try:
-            view = await waiter.cancel(job_id, until)
-        except UnknownJob:
-            failures += 1
-            print(f"{job_id} unknown", flush=True)
-            print(f"node-agent: {job_id}: no such job on the scheduler (never submitted, forgotten after "
-                  "scheduler.job_retention_s, or not this client's)", file=sys.stderr)
-            continue
-        except ConnectFailed:
-            if waiter.reached:
-                failures += 1
-                print(f"node-agent: {job_id}: cancel failed: no scheduler could be reached", file=sys.stderr)
-                continue
-            raise
-        except SchedulerError as exc:
-            failures += 1
-            detail = str(exc) if exc.status is None else f"{exc.status} {exc.code or ''}: {exc.detail}"
-            print(f"node-agent: {job_id}: cancel failed: {detail}", file=sys.stderr)
-            continue
-        print(f"{job_id} {view.state}", flush=True)
-    return 1 if failures else 0

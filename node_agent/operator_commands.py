@@ -12,7 +12,7 @@ import asyncio
 import time
 from typing import Any
 
-from .config import Settings
+from .config import Settings, secret
 from .errors import UsageError
 from .scheduler.schemas import ClusterView, JobList, JobState, NodeView
 from .scheduler_client import SchedulerClient
@@ -61,13 +61,13 @@ class OperatorClient(SchedulerClient):
 
 def operator_client(args: argparse.Namespace, settings: Settings) -> OperatorClient:
     """A client for ``--scheduler`` (or the settings' scheduler) with the settings' token, as ``submit`` has."""
-    token = settings.scheduler.token.get_secret_value() if settings.scheduler.token is not None else None
+    token = secret(settings.scheduler.token)
     return OperatorClient(scheduler_url(args, settings), token, settings.scheduler.request_timeout_s)
 
 
 def local_node_id(settings: Settings) -> str:
     """This machine's agent's node id: from its ``/status``, else from its state directory."""
-    token = settings.http.token.get_secret_value() if settings.http.token is not None else None
+    token = secret(settings.http.token)
     try:
         node_id = (fetch_status(default_url(settings.http.listen), token=token).get("agent") or {}).get("node_id")
     except AgentUnreachable:

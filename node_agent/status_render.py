@@ -22,7 +22,7 @@ import urllib.request
 from collections.abc import Iterable
 from typing import Any
 
-from .config import load_settings
+from .config import load_settings, secret
 from .jsonio import dumps
 
 TIMEOUT_S = 5.0
@@ -358,7 +358,7 @@ def status_command(args: argparse.Namespace) -> int:
     # Loaded even with --url: the agent's http.token (file or NODE_AGENT_HTTP__TOKEN) comes from the settings.
     settings = load_settings(getattr(args, "config", None))
     url = normalize_url(args.url) if getattr(args, "url", None) else default_url(settings.http.listen)
-    token = settings.http.token.get_secret_value() if settings.http.token is not None else None
+    token = secret(settings.http.token)
     try:
         status = fetch_status(url, token=token)
     except AgentUnreachable as exc:

@@ -1,4 +1,5 @@
-"""``node-agent submit``: send files to a scheduler, stream their segments, print the transcripts.
+"""``node-agent submit``: send files to a scheduler, stream their segments, print the transcripts; and
+``node-agent cancel``: end jobs.
 
 Submitting and following each job goes through ``JobWaiter`` (node_agent/job_waiter.py), as ``/utterance`` does:
 failover between several ``--scheduler`` URLs, a submit or poll that fails in transport, with 5xx or 429 retried
@@ -17,8 +18,9 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from .scheduler_client import ConnectFailed, SchedulerClient, SchedulerError, SchedulerUnavailable, lost_job_line
-from .config import Settings, host_port, scheduler_urls
+from .scheduler_client import (ConnectFailed, SchedulerClient, SchedulerError, SchedulerUnavailable, UnknownJob,
+                               lost_job_line)
+from .config import Settings, host_port, scheduler_urls, secret
 from .errors import SchedulerUnreachable, UsageError
 from .job_waiter import JobLost, JobUpdate, JobWaiter, Retrying, WaitExpired
 from .jsonio import dumps
@@ -121,10 +123,9 @@ async def _follow(waiter: JobWaiter, path: str, job_id: str, as_json: bool, time
 
 async def submit_files(args: argparse.Namespace, settings: Settings) -> int:
     url = scheduler_url(args, settings)
-    token = settings.scheduler.token.get_secret_value() if settings.scheduler.token is not None else None
     asks = job_asks(args)
     failures = 0
-    async with SchedulerClient(url, token, settings.scheduler.request_timeout_s) as client:
+    async with SchedulerClient(url, secret(settings.scheduler.token), settings.scheduler.request_timeout_s) as client:
         waiter = JobWaiter(client, reached=False)
         # A list, not a dict by path: the same file given twice is two jobs, each followed and printed.
         jobs: list[tuple[str, str]] = []
@@ -163,4 +164,42 @@ async def submit_files(args: argparse.Namespace, settings: Settings) -> int:
             err = view.get("error") or {}
             print(f"node-agent: {path}: job {job_id} failed: {err.get('code', 'failed')}: {err.get('message', '')}",
                   file=sys.stderr)
+    return 1 if failures else 0
+
+
+async def cancel_jobs(args: argparse.Namespace, settings: Settings) -> int:
+    """``node-agent cancel``: cancel each job and print its state after, one line each (``JOB STATE``; a job
+    that had ended keeps its state). Exit status 0 when every job is cancelled or had ended, 1 when any is
+    unknown or could not be cancelled. A scheduler never reached at all ends the command at once."""
+    url = scheduler_url(args, settings)
+    async with SchedulerClient(url, secret(settings.scheduler.token), settings.scheduler.request_timeout_s) as client:
+        try:
+            return await _cancel_each(JobWaiter(client, reached=False), args.job, args.timeout)
+        except ConnectFailed as exc:
+            raise SchedulerUnreachable(url, exc.reason) from None
+
+
+async def _cancel_each(waiter: JobWaiter, job_ids: list[str], timeout: float) -> int:
+    until = asyncio.get_running_loop().time() + timeout
+    failures = 0
+    for job_id in dict.fromkeys(job_ids):  # the same id twice is one job: cancelled and printed once
+        try:
+            view = await waiter.cancel(job_id, until)
+        except UnknownJob:
+            failures += 1
+            print(f"{job_id} unknown", flush=True)
+            print(f"node-agent: {job_id}: no such job on the scheduler (never submitted, forgotten after "
+                  "scheduler.job_retention_s, or not this client's)", file=sys.stderr)
+            continue
+        except ConnectFailed:
+            if waiter.reached:
+                failures += 1
+                print(f"node-agent: {job_id}: cancel failed: no scheduler could be reached", file=sys.stderr)
+                continue
+            raise
+        except SchedulerError as exc:
+            failures += 1
+            print(f"node-agent: {job_id}: cancel failed: {_failure(exc)}", file=sys.stderr)
+            continue
+        print(f"{job_id} {view.state}", flush=True)
     return 1 if failures else 0
