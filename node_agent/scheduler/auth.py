@@ -209,6 +209,9 @@ class NodeFence:
         holding ``lease_id``, or of the node ``job_id`` is assigned to."""
         if not self.enabled:
             return
+        caller = caller_of(request)
+        if job_id is not None and caller is not None and caller.role is Role.OPERATOR:
+            return  # reading a job's audio acts for no node: an operator may (kept audio, for a complaint)
         secret = presented_secret(request)
         presented = secret_hash(secret) if secret is not None else None
         if node_id is not None and presented is not None:
