@@ -159,6 +159,10 @@ async def submit_files(args: argparse.Namespace, settings: Settings) -> int:
         elif view.get("state") == LOST:
             failures += 1
             print(f"node-agent: {path}: {lost_job_line(job_id)}", file=sys.stderr)
+        elif view.get("state") == "cancelled":
+            failures += 1
+            message = (view.get("error") or {}).get("message", "cancelled")
+            print(f"node-agent: {path}: job {job_id} {message}", file=sys.stderr)
         else:
             failures += 1
             err = view.get("error") or {}
