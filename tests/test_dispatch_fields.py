@@ -28,7 +28,7 @@ from node_agent.metrics import AgentMetrics
 from node_agent.registration import NodeIdentity, Registration
 from node_agent.scheduler.errors import QueueFull, Unservable
 from node_agent.scheduler.pgfast import ask_served_sql
-from node_agent.scheduler.rules import Ask, Offer, Served, automatic_labels, serves
+from node_agent.scheduler.rules import Ask, Offer, Served, automatic_labels, batch_allowed, headroom_slots, serves
 from node_agent.scheduler.schemas import DeviceSpec, JobSpec, RegisterRequest
 from node_agent.scheduler_client import SchedulerClient
 from node_agent.submit import job_asks, submit_files
@@ -224,6 +224,77 @@ async def test_a_batch_job_past_batch_max_wait_counts_as_interactive() -> None:
             # Aged, ``old`` counts as interactive and is older than ``live``; ``newer`` is batch either way.
             expected = [old, live, newer] if aged else [live, old, newer]
             assert [a.job_id if a is not None else None for a in order] == [j.job_id for j in expected] + [None]
+
+
+@pytest.mark.parametrize(("slots", "busy", "fraction", "allowed"), [
+    (19, 0, 0.05, True),  # under 20 slots, 5 % keeps none: as before
+    (19, 18, 0.05, True),  # the last slot too
+    (20, 18, 0.05, True),  # 20 slots keep 1: after this job 1 stays idle
+    (20, 19, 0.05, False),  # ... and the last one is kept
+    (200, 189, 0.05, True),  # 200 keep 10
+    (200, 190, 0.05, False),
+    (4, 2, 0.25, True),
+    (4, 3, 0.25, False),
+    (4, 3, 0.0, True),  # no headroom: the last slot goes to batch work as ever
+    (4, 4, 0.25, False),  # (busy over the slots, e.g. a node just gone: nothing)
+    (30, 26, 0.1, True),  # 0.1 * 30 is a hair over 3: 3 kept
+    (100, 70, 0.29, True),  # 0.29 * 100 is a hair under 29: still 29 kept, not 28
+    (100, 71, 0.29, False),
+])
+def test_a_batch_job_leaves_the_interactive_headroom_idle(slots: int, busy: int, fraction: float,
+                                                          allowed: bool) -> None:
+    assert batch_allowed(slots, busy, headroom_slots(slots, fraction)) is allowed
+
+
+def _waits(h: Any, priority: str, model: str = "") -> float:
+    value = h.registry.get_sample_value("node_agent_scheduler_queue_wait_seconds_count",
+                                        {"priority": priority, "model": model})
+    return value or 0.0
+
+
+@pytest.mark.parametrize("headroom", [0.25, 0.0])
+async def test_batch_work_leaves_the_headroom_to_interactive_jobs(store: str, tmp_path: Path,
+                                                                  headroom: float) -> None:
+    h = await serve(store, tmp_path, interactive_headroom=headroom)
+    try:
+        nodes = [await _register(h, [CPU_EN], {}) for _ in range(5)]
+        # A cordoned node's slot is not one that takes jobs: 4 slots, of which 0.25 keeps 1.
+        await _cordon(store, tmp_path, nodes[4], 1)
+        for node in nodes[:4]:  # each node polled once: on PostgreSQL the next polls are single statements
+            assert await _next(h, node) is None
+        batch = [await h.submit(model="tiny.en")] + [await h.submit() for _ in range(3)]
+        assert [await _next(h, n) for n in nodes[:3]] == batch[:3]
+        if headroom:
+            assert await _next(h, nodes[3]) is None  # the last idle slot is kept ...
+            live = await h.submit(priority="interactive")
+            assert await _next(h, nodes[3]) == live  # ... for the live job
+        else:
+            assert await _next(h, nodes[3]) == batch[3]  # as before there was a headroom
+            live = await h.submit(priority="interactive")
+        assert (_waits(h, "batch", "tiny.en"), _waits(h, "batch"), _waits(h, "interactive")) == \
+            (1, 2 + (not headroom), bool(headroom))
+        assert h.registry.get_sample_value("node_agent_scheduler_queue_wait_seconds_bucket",
+                                           {"priority": "interactive", "model": "", "le": "+Inf"}) == bool(headroom)
+    finally:
+        await close(h)
+
+
+async def test_a_batch_job_past_batch_max_wait_may_take_the_headroom() -> None:
+    async with clocked(batch_max_wait_s=60.0, heartbeat_interval_s=120.0, assign_timeout_s=600.0,
+                       interactive_headroom=0.5) \
+            as (state, _clock, registry):
+        first, second = await register(state), await register(state)
+        jobs = [await state.submit(JobSpec()) for _ in range(2)]
+        taken = await state.assign_next(first)
+        assert taken is not None and taken.job_id == jobs[0].job_id
+        assert await state.assign_next(second) is None  # 2 slots keep 1
+        await state.advance(61)
+        assigned = await state.assign_next(second)  # aged, it counts as interactive: batch work never starves
+        assert assigned is not None and assigned.job_id == jobs[1].job_id and assigned.queued_s >= 61
+        assert registry.get_sample_value("node_agent_scheduler_queue_wait_seconds_bucket",
+                                         {"priority": "batch", "model": "", "le": "60.0"}) == 1
+        assert registry.get_sample_value("node_agent_scheduler_queue_wait_seconds_count",
+                                         {"priority": "batch", "model": ""}) == 2
 
 
 async def test_the_reaper_fails_a_queued_job_asking_for_a_model_no_live_node_has() -> None:

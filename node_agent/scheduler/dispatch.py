@@ -11,8 +11,8 @@ from typing import Any
 
 from .db import Row, Tx
 from .errors import InvalidInput, JobNotAssigned, LeaseUnusable, ResourceHeld
-from .pgfast import ask_served_sql, fence, offers_of, renewal
-from .rules import Ask, clamp_ttl, dispatch_class, pick_device
+from .pgfast import BUSY_SLOTS, ask_served_sql, fence, offers_of, renewal
+from .rules import Ask, batch_allowed, clamp_ttl, dispatch_class, headroom_slots, pick_device
 from .schemas import (
     JOB_ERROR_CODES,
     RETRYABLE_ERROR_CODES,
@@ -49,7 +49,8 @@ class Dispatch(StorePart):
         """Hand the node the first queued job one of its devices serves (``rules.serves``: language, model,
         labels), in the dispatch order (``rules.dispatch_class``: interactive jobs, and batch jobs queued past
         ``scheduler.batch_max_wait_s``, before the other batch jobs; each class by submission), or None; nothing to
-        a cordoned or draining node. With ``lease_ttl_s``, the job's lease is granted in the same transaction when
+        a cordoned or draining node. A batch job of the second class waits while taking a slot would leave fewer
+        idle than ``scheduler.interactive_headroom`` keeps (``rules.batch_allowed``). With ``lease_ttl_s``, the job's lease is granted in the same transaction when
         its resource is free on that node (``assignment.lease``); else the node asks with ``grant_lease``, which
         names the holder."""
         # A node's devices and labels are remembered only where the single statements run (PostgreSQL).
@@ -60,12 +61,15 @@ class Dispatch(StorePart):
             assert self._fast is not None and devices_text is not None and labels_text is not None
             ttl = clamp_ttl(self.settings, lease_ttl_s) if lease_ttl_s is not None else None
             lease_id = f"lease-{secrets.token_hex(8)}" if ttl is not None else None
+            slots, headroom = await self._headroom()
             node_as_known, row = await self._fast.claim(node_id, devices_text, labels_text, offers,
-                                                        self.settings.batch_max_wait_s, lease_id, ttl)
+                                                        self.settings.batch_max_wait_s, lease_id, ttl, slots,
+                                                        headroom)
             if node_as_known:
                 if row is None:
                     return None
-                self._assigned_log(row["job_id"], node_id, row["resource"], row["attempt"], row["waited"])
+                self._assigned_log(row["job_id"], node_id, row["resource"], row["attempt"], row["waited"],
+                                   row["priority"], row["model"])
                 assignment = self._assignment(row, row["resource"], row["now"], row["waited"])
                 if row["lease_epoch"] is not None:
                     assert lease_id is not None and ttl is not None
@@ -77,7 +81,7 @@ class Dispatch(StorePart):
 
         ttl = clamp_ttl(self.settings, lease_ttl_s) if lease_ttl_s is not None else None
 
-        async def op(tx: Tx) -> tuple[JobAssignment, tuple[str, int] | None] | None:
+        async def op(tx: Tx) -> tuple[JobAssignment, tuple[str, int] | None, str, str | None] | None:
             now = await tx.now()
             node = await self.tr.live_node(tx, node_id)
             node_labels = await tx.fetchrow("SELECT labels, cordoned FROM nodes WHERE node_id = $1", node_id)
@@ -98,6 +102,16 @@ class Dispatch(StorePart):
                 f"SELECT * FROM jobs WHERE state = '{J.QUEUED}' AND priority = $1 AND {served} "
                 "ORDER BY priority, seq LIMIT 1" + tx.dialect.skip_locked, str(priority), offers)
                 for priority in (P.INTERACTIVE, P.BATCH)]
+            interactive, batch = heads
+            if batch is not None and interactive is None and self.settings.interactive_headroom > 0 \
+                    and dispatch_class(batch["priority"], batch["queued_at"], now, self.settings) == 1:
+                # Slots from the replica's summary (up to a second old), busy ones counted in this transaction:
+                # two replicas deciding at once may both see the last slot above the headroom and overshoot it by
+                # one each, which a soft reserve tolerates (the next dispatches hold back until jobs finish).
+                slots = (await self.replica.served(tx)).slots
+                headroom = headroom_slots(slots, self.settings.interactive_headroom)
+                if headroom > 0 and not batch_allowed(slots, await tx.fetchval(BUSY_SLOTS), headroom):
+                    return None
             waiting = [h for h in heads if h is not None]
             if not waiting:
                 return None
@@ -119,25 +133,39 @@ class Dispatch(StorePart):
             lease = None
             if ttl is not None and await self.tr.resource_holder(tx, node_id, device.resource) is None:
                 lease = await self.tr.lease(tx, now, node_id, job, device.resource, ttl)
-            return self._assignment(job, device.resource, now, waited), lease
+            return self._assignment(job, device.resource, now, waited), lease, job["priority"], job["model"]
 
         done = await self.engine.run(op)
         if done is None:
             return None
-        assignment, lease = done
+        assignment, lease, priority, model = done
         # Logged once committed (the transaction may have run more than once).
         assert assignment.resource is not None and assignment.queued_s is not None
-        self._assigned_log(assignment.job_id, node_id, assignment.resource, assignment.attempt, assignment.queued_s)
+        self._assigned_log(assignment.job_id, node_id, assignment.resource, assignment.attempt, assignment.queued_s,
+                           priority, model)
         if lease is not None:
             assert ttl is not None
             assignment.lease = self._granted(lease[0], node_id, assignment.resource, lease[1], assignment.job_id,
                                              assignment.attempt, ttl)
         return assignment
 
-    @staticmethod
-    def _assigned_log(job_id: str, node_id: str, resource: str, attempt: int, waited: float) -> None:
+    async def _headroom(self) -> tuple[int, int]:
+        """(slots of the live nodes taking jobs, the idle ones kept for interactive work) for the single
+        statement's claim, from the replica's summary (read again when over a second old). Soft: see
+        assign_next's general path."""
+        if self.settings.interactive_headroom <= 0:
+            return 0, 0
+        served = self.replica.served_recently()
+        if served is None:
+            served = await self.engine.run(self.replica.served)
+        return served.slots, headroom_slots(served.slots, self.settings.interactive_headroom)
+
+    def _assigned_log(self, job_id: str, node_id: str, resource: str, attempt: int, waited: float, priority: str,
+                      model: str | None) -> None:
+        """A committed assignment: logged, and its wait observed (both paths come here once per assignment)."""
         log.info("job assigned job_id=%s node_id=%s resource=%s attempt=%d queued_s=%.3f", job_id, node_id, resource,
                  attempt, waited)
+        self.metrics.queue_wait.labels(priority, model or "").observe(max(0.0, waited))
 
     @staticmethod
     def _assignment(job: Row, resource: str, now: float, waited: float) -> JobAssignment:

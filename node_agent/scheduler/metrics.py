@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -24,6 +24,10 @@ REJECT_REASONS: tuple[str, ...] = ("stale_attempt", "stale_epoch", "already_comp
 CANCELLED_FROM: tuple[str, ...] = ("queued", "assigned", "running")
 #: Why a submission was refused before it was queued (the error codes of the 429 and the 422).
 REFUSE_REASONS: tuple[str, ...] = ("queue_full", "no_capable_node")
+
+#: Queue waits from a free slot's poll (milliseconds) to a batch job's batch_max_wait_s and beyond (an hour).
+QUEUE_WAIT_BUCKETS_S: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
+                                           300, 600, 1800, 3600)
 
 #: Returns (queued jobs, {node state: count}).
 Snapshot = Callable[[], tuple[int, Mapping[str, int]]]
@@ -141,6 +145,18 @@ class SchedulerMetrics:
             ["state"],
             registry=registry,
         )
+        # Its model label's values are bounded by the models nodes register: a job asking for one no live node
+        # serves is refused at submit. "" : the job asked for none.
+        self.queue_wait = Histogram(
+            "node_agent_scheduler_queue_wait_seconds",
+            "How long jobs waited in the queue, observed when a node takes one (its latest wait, from its last "
+            "re-queue), by priority and by the model asked for (empty: none).",
+            ["priority", "model"],
+            buckets=QUEUE_WAIT_BUCKETS_S,
+            registry=registry,
+        )
+        for priority in PRIORITIES:
+            self.queue_wait.labels(priority, "")
         for state in CANCELLED_FROM:
             self.jobs_cancelled.labels(state)
         for outcome in JOB_OUTCOMES:

@@ -56,6 +56,13 @@ def renewal(now: str, clock_from: str = "") -> str:
     RETURNING node_id, epoch, ttl_s"""
 
 
+#: SQL: the slots that open jobs hold on the live nodes that take jobs (neither cordoned nor draining), the
+#: interactive headroom's busy count, read where the dispatch decides (``jobs_open`` finds the open jobs).
+BUSY_SLOTS = f"""SELECT COUNT(*) FROM jobs b JOIN nodes bn ON bn.node_id = b.node_id
+    WHERE b.state IN ('{J.ASSIGNED}', '{J.RUNNING}') AND bn.cordoned = 0
+      AND bn.state NOT IN ('{N.GONE}', '{N.DRAINING}')"""
+
+
 def _offer_serves(dialect: str, job: str, d: str) -> str:
     """SQL: the offer ``d`` (a JSON object as ``rules.Offer.wire`` writes it) serves the jobs row ``job``: its
     languages fit, its model is the one asked (if any), it carries every label asked. ``rules.Offer.serves``
@@ -137,14 +144,16 @@ class PgFast:
         return float(row["now"])
 
     async def claim(self, node_id: str, devices_text: str, labels_text: str, offers: str, max_wait_s: float,
-                    lease_id: str | None = None, ttl_s: float | None = None) -> tuple[bool, Row | None]:
+                    lease_id: str | None = None, ttl_s: float | None = None, slots: int = 0,
+                    headroom: int = 0) -> tuple[bool, Row | None]:
         """(node as expected, the claimed job's row or None). The node must be live, not draining, not cordoned,
         and still have ``devices_text`` and ``labels_text``; the first queued job one of its ``offers`` serves, in
         the dispatch order (``rules.dispatch_class``: interactive jobs and batch jobs queued ``max_wait_s``, then
         the other batch jobs; each by seq), becomes assigned to it, on the first device that serves it. With
         ``lease_id`` and ``ttl_s``, the job's first lease is granted too (``lease_epoch`` in the row) when no
         active lease holds its resource on this node (as ``grant`` requires); else the job is only assigned
-        (``lease_epoch`` None)."""
+        (``lease_epoch`` None). The batch class's head goes only where ``rules.batch_allowed`` lets it, given
+        the ``slots`` taking jobs, the ``headroom`` kept of them, and the busy ones counted here."""
         served = ask_served_sql("postgresql", "$3", some_offer=True)
         try:
             row = await self.engine.statement(
@@ -161,7 +170,13 @@ class PgFast:
                           ORDER BY priority, seq LIMIT 1 FOR UPDATE SKIP LOCKED),
                    j AS (SELECT * FROM (SELECT qi.*, 0 AS cls FROM qi
                                         UNION ALL SELECT qb.*, CASE WHEN t.now - qb.queued_at >= $7 THEN 0 ELSE 1 END
-                                        FROM qb, t) AS c
+                                        FROM qb, t
+                                        -- rules.batch_allowed, for a head not aged past max_wait_s and not behind
+                                        -- an interactive one (the count runs only when it decides)
+                                        WHERE t.now - qb.queued_at >= $7 OR CAST($9 AS INTEGER) <= 0
+                                            OR EXISTS (SELECT 1 FROM qi)
+                                            OR CAST($8 AS INTEGER) - ({BUSY_SLOTS}) - 1 >= CAST($9 AS INTEGER)
+                                        ) AS c
                          ORDER BY cls, seq LIMIT 1),
                    r AS (SELECT j.job_id,
                                 (SELECT o.d ->> 'resource' FROM jsonb_array_elements(CAST($3 AS jsonb))
@@ -181,7 +196,8 @@ class PgFast:
                              queued_total_s = queued_total_s + (t.now - jobs.queued_at), unservable_since = NULL
                          FROM r LEFT JOIN g ON g.job_id = r.job_id, t WHERE jobs.job_id = r.job_id
                          RETURNING jobs.job_id, jobs.attempt, jobs.spec, jobs.audio_bytes, jobs.deadline_at,
-                             jobs.resource, jobs.lease_epoch, t.now - jobs.queued_at AS waited),
+                             jobs.resource, jobs.lease_epoch, jobs.priority, jobs.model,
+                             t.now - jobs.queued_at AS waited),
                    l AS (INSERT INTO leases (lease_id, node_id, job_id, attempt, resource, epoch, ttl_s, granted_at,
                              expires_at, state)
                          SELECT CAST($4 AS TEXT), $1, u.job_id, u.attempt, u.resource, u.lease_epoch, $5, t.now,
@@ -189,7 +205,7 @@ class PgFast:
                          FROM u, t WHERE u.lease_epoch IS NOT NULL),
                    d AS (DELETE FROM segments WHERE job_id IN (SELECT job_id FROM u WHERE attempt > 1))
                    SELECT (SELECT COUNT(*) FROM n) AS node_ok, t.now, u.* FROM t LEFT JOIN u ON true""",
-                node_id, devices_text, offers, lease_id, ttl_s, labels_text, max_wait_s,
+                node_id, devices_text, offers, lease_id, ttl_s, labels_text, max_wait_s, slots, headroom,
             )
         except Conflict:  # a lease took the resource meanwhile (the statement changed nothing): the general path
             return False, None
@@ -293,4 +309,4 @@ class PgFast:
         )
 
 
-__all__ = ["PgFast", "ask_served_sql", "fence", "offers_of"]
+__all__ = ["BUSY_SLOTS", "PgFast", "ask_served_sql", "fence", "offers_of"]

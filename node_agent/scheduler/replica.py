@@ -62,9 +62,12 @@ class Replica:
         recent = None if fresh else self.served_recently()
         if recent is not None:
             return recent
-        # Cordoned nodes count: a cordon is an operator's pause, and a job they serve waits for it to end.
-        rows = await tx.fetch(f"SELECT devices, labels FROM nodes WHERE state <> '{NodeState.GONE}'")
-        self._served = served = Served.of((stored_devices(r["devices"]), json.loads(r["labels"])) for r in rows)
+        # Cordoned nodes count: a cordon is an operator's pause, and a job they serve waits for it to end. Their
+        # slots do not (nor a draining node's): the interactive headroom is a share of the slots that take jobs.
+        rows = await tx.fetch(f"SELECT devices, labels, cordoned, state FROM nodes WHERE state <> '{NodeState.GONE}'")
+        self._served = served = Served.of(
+            ((stored_devices(r["devices"]), json.loads(r["labels"])) for r in rows),
+            taking=(not r["cordoned"] and r["state"] != NodeState.DRAINING for r in rows))
         self._served_at = time.monotonic()
         return served
 

@@ -7,6 +7,7 @@ here does I/O or reads a clock: ``now`` is always given, so each rule is tested 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Iterable, Literal, Mapping
@@ -124,18 +125,25 @@ class Served:
 
     live_nodes: int
     offers: tuple[Offer, ...]
+    #: ASR device slots of the live nodes that take jobs (neither cordoned nor draining): what the interactive
+    #: headroom is a share of.
+    slots: int = 0
 
     @classmethod
-    def of(cls, live: Iterable[tuple[Iterable[DeviceSpec], Mapping[str, str]]]) -> "Served":
-        """From each live node's (device list, labels)."""
-        nodes = 0
+    def of(cls, live: Iterable[tuple[Iterable[DeviceSpec], Mapping[str, str]]],
+           taking: Iterable[bool] | None = None) -> "Served":
+        """From each live node's (device list, labels); ``taking``: whether each takes jobs (None: all do)."""
+        nodes = slots = 0
         offers: dict[Offer, None] = {}
+        takes = iter(taking) if taking is not None else None
         for devices, node_labels in live:
             nodes += 1
+            taken = next(takes) if takes is not None else True
             for d in devices:
                 if d.plugin == "asr":
                     offers[Offer.of(d, node_labels)] = None
-        return cls(live_nodes=nodes, offers=tuple(offers))
+                    slots += taken
+        return cls(live_nodes=nodes, offers=tuple(offers), slots=slots)
 
     def serves(self, ask: Ask) -> bool:
         """Whether some live device can run a job asking ``ask``."""
@@ -192,6 +200,20 @@ def dispatch_class(priority: str, queued_at: float, now: float, settings: Schedu
     if priority == Priority.INTERACTIVE or now - queued_at >= settings.batch_max_wait_s:
         return 0
     return 1
+
+
+def headroom_slots(slots: int, fraction: float) -> int:
+    """The idle slots kept for interactive work (``scheduler.interactive_headroom``): ``fraction`` of ``slots``,
+    floored to whole slots (a product such as 0.05 * 20 may land a hair under the whole number it means)."""
+    return math.floor(fraction * slots + 1e-9)
+
+
+def batch_allowed(slots: int, busy: int, headroom: int) -> bool:
+    """Whether a batch job (one not aged past ``batch_max_wait_s``: an aged one is interactive here) may take a
+    slot: only while the idle slots left after it (``slots`` of the live nodes taking jobs, less the ``busy`` ones
+    their open jobs hold) would still be at least ``headroom``, so an interactive job finds a slot free instead of
+    waiting for one to finish. Headroom 0: always, as before there was any."""
+    return headroom <= 0 or slots - busy - 1 >= headroom
 
 
 def unservable_error(ask: Ask, served: Served, waited_s: float, after_s: float) -> JobErrorInfo:
