@@ -83,10 +83,11 @@ SCHEDULER_METRICS = {
     "node_agent_scheduler_nodes_cordoned",
     "node_agent_scheduler_jobs_cancelled_total",
 }
+SCHEDULER_HISTOGRAMS = {"node_agent_scheduler_queue_wait_seconds"}
 KNOWN_METRICS = (
     AGENT_METRICS
     | SCHEDULER_METRICS
-    | {f"{h}{suffix}" for h in AGENT_HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
+    | {f"{h}{suffix}" for h in AGENT_HISTOGRAMS | SCHEDULER_HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
     | {"up"}
 )
 
@@ -394,6 +395,7 @@ def test_dashboard_structure() -> None:
         "node_agent_scheduler_queue_oldest_wait_seconds",
         "node_agent_scheduler_nodes_cordoned",
         "node_agent_scheduler_jobs_cancelled_total",
+        "node_agent_scheduler_queue_wait_seconds_bucket",
     ):
         assert metric in exprs, f"no panel shows {metric}"
 
