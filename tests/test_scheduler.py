@@ -48,7 +48,8 @@ from node_agent.scheduler.errors import (
     UnknownJob,
     Unservable,
 )
-from node_agent.scheduler.server import sanitize_filename, serve, start_scheduler
+from node_agent.scheduler.bodies import sanitize_filename
+from node_agent.scheduler.server import serve, start_scheduler
 from node_agent.scheduler.rules import QUEUE_FULL_RETRY_S
 from node_agent.scheduler.sqlstore import SqlStore
 from node_agent.scheduler.store import open_store
@@ -1415,7 +1416,7 @@ def _nested(levels: int) -> dict[str, Any]:
 
 @pytest.mark.asyncio
 async def test_nested_json_past_the_limit_is_400_on_every_json_endpoint() -> None:
-    from node_agent.scheduler.server import MAX_JSON_DEPTH
+    from node_agent.scheduler.bodies import MAX_JSON_DEPTH
 
     endpoints = [
         ("POST", "/v1/nodes"),
@@ -1491,20 +1492,20 @@ def test_memoized_content_disposition_parser_answers_as_aiohttps_own() -> None:
 
     import aiohttp.multipart
 
-    from node_agent.scheduler import server
+    from node_agent.scheduler import bodies
 
     installed = aiohttp.multipart.parse_content_disposition  # memoized already if a scheduler ran in this process
-    original = server.parse_content_disposition  # aiohttp's own, as imported before any swap
+    original = bodies.parse_content_disposition  # aiohttp's own, as imported before any swap
     headers = ['form-data; name="file"; filename="a b.wav"', 'form-data; name="format"', None, "",
                "attachment; filename*=UTF-8''%E2%82%AC.wav", 'form-data; name="x"; name="y"', "garbage;;;"]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             expected = [original(h) for h in headers]
-            server._memoize_multipart_dispositions()
-            server._memoize_multipart_dispositions()  # idempotent
+            bodies.memoize_multipart_dispositions()
+            bodies.memoize_multipart_dispositions()  # idempotent
             memoized = aiohttp.multipart.parse_content_disposition
-            assert memoized is server._reader_parse_disposition
+            assert memoized is bodies._reader_parse_disposition
             for header, want in zip(headers, expected):
                 first, again = memoized(header), memoized(header)
                 assert first == again == want, header

@@ -9,11 +9,7 @@ into the store as they arrive.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
-import functools
-import json
 import logging
 import math
 import random
@@ -21,21 +17,15 @@ import re
 import signal
 import socket
 import time
-import unicodedata
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 
-from aiohttp import BodyPartReader, web
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.multipart import parse_content_disposition
-from aiohttp.web_protocol import RequestPayloadError
+from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from ..config import SchedulerSettings, host_port
-from ..contracts import UNKNOWN_OPTION, error_key, error_loc, one_line
 from ..errors import ListenError, job_error_status
 from ..jsonio import json_response
 from .errors import (
@@ -57,6 +47,8 @@ from .errors import (
     WaitTimeout,
 )
 from . import auth
+from .bodies import (BODY_TIMEOUT_KEY, THREAD_PARSE_BYTES, BodyTimeout, FilePart, decode_b64,
+                     memoize_multipart_dispositions, parse_json, read_json, read_multipart, validate)
 from .formats import RESPONSE_FORMATS, to_srt, to_verbose_json, to_vtt
 from .schemas import (
     ID_MAX_CHARS,
@@ -78,7 +70,7 @@ from .schemas import (
     RenewRequest,
     ResultReport,
 )
-from .store import Store, Upload, open_store
+from .store import Store, open_store
 from .topics import QUEUE_TOPIC, job_topic
 
 log = logging.getLogger("node_agent.scheduler")
@@ -91,22 +83,13 @@ QUEUE_WAKE = 2
 MAX_JSON_BODY_BYTES = 64 * 1024 * 1024
 #: The longest the OpenAI-compatible endpoint waits for its job (it has no deadline field).
 OPENAI_WAIT_S = 600.0
-#: Bodies above this are parsed / decoded in a thread so the event loop keeps serving heartbeats.
-THREAD_PARSE_BYTES = 1024 * 1024
 #: How long stopping the server waits for requests still in flight (long polls are woken at once).
 SHUTDOWN_TIMEOUT_S = 5.0
 OPENAI_PATH = "/v1/audio/transcriptions"
-MAX_FILENAME_CHARS = 100
-#: A form field other than the file (options, language, ...) is small; this bounds what one may hold in memory.
-MAX_FIELD_BYTES = 1024 * 1024
 #: How often a synchronous request (the OpenAI endpoint) checks that its client is still connected: aiohttp does
 #: not cancel a handler whose client went away, so a job nobody waits for any more is cancelled within this long.
 DISCONNECT_CHECK_S = 0.25
-#: Deepest nesting a JSON body (or the multipart ``options`` field) may have. The protocol's own shapes need
-#: under 10 levels; far deeper input only exists to exhaust the parser's or a serializer's recursion.
-MAX_JSON_DEPTH = 32
 
-M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 
 
@@ -175,12 +158,6 @@ SETTINGS_KEY = web.AppKey("scheduler_settings", SchedulerSettings)
 REGISTRY_KEY = web.AppKey("scheduler_registry", CollectorRegistry)
 NOTIFIER_KEY = web.AppKey("scheduler_notifier", Notifier)
 FENCE_KEY = web.AppKey("scheduler_node_fence", auth.NodeFence)
-
-class BodyTimeout(ApiError):
-    """A request body that did not fully arrive within ``scheduler.body_timeout_s``: 408, connection closed."""
-
-    code = "timeout"
-
 
 # Refusals (typed errors) -> HTTP statuses. A job's own failure, answered by the synchronous OpenAI endpoint, gets
 # its status from the one table of job error codes (node_agent/errors.py, JOB_ERROR_HTTP).
@@ -292,89 +269,6 @@ def _check_id(name: str, value: str) -> None:
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _describe(exc: ValidationError, prefix: str = "") -> tuple[str, str | None]:
-    """One line naming the first bad field, and that field's name."""
-    loc = ".".join(error_loc(exc))
-    if loc.startswith("options.") or prefix.startswith("options"):
-        unknown = UNKNOWN_OPTION
-    else:
-        unknown = "unknown field"
-    return one_line(exc, prefix=prefix, unknown=unknown), error_key(exc, prefix)
-
-
-def _validate(model: type[M], data: Any, prefix: str = "") -> M:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        message, field = _describe(exc, prefix)
-        raise InvalidInput(message, param=field) from None
-
-
-def _nested_deeper_than(data: Any, limit: int) -> bool:
-    """Whether ``data`` (parsed JSON) nests lists/objects more than ``limit`` levels; iterative, so no recursion."""
-    stack: list[tuple[Any, int]] = [(data, 1)] if isinstance(data, (dict, list)) else []
-    while stack:
-        value, depth = stack.pop()
-        if depth > limit:
-            return True
-        for child in value.values() if isinstance(value, dict) else value:
-            if isinstance(child, (dict, list)):
-                stack.append((child, depth + 1))
-    return False
-
-
-def parse_json(text: bytes | str, what: str = "request body", param: str | None = None) -> Any:
-    """``text`` as JSON, or ``InvalidInput`` (400) when it is not JSON or nests deeper than ``MAX_JSON_DEPTH``.
-
-    The one parser of every JSON the scheduler receives."""
-    too_deep = InvalidInput(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels", param=param)
-    try:
-        data = json.loads(text)
-    except RecursionError:  # far past the limit: the C parser gives up before the check below could run
-        raise too_deep from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"{what} is not valid JSON: {exc}", param=param) from None
-    if _nested_deeper_than(data, MAX_JSON_DEPTH):
-        raise too_deep
-    return data
-
-
-def _check_encoding(request: web.Request) -> None:
-    """Bodies are taken as sent: a ``Content-Encoding`` (gzip, a gzip bomb) is refused before any is read."""
-    encoding = request.headers.get("Content-Encoding", "").strip()
-    if encoding and encoding.lower() != "identity":
-        raise InvalidInput(f"Content-Encoding: {encoding[:40]!r} is not supported; send the body uncompressed",
-                           param="Content-Encoding")
-
-
-def _body_deadline(request: web.Request) -> float:
-    return asyncio.get_running_loop().time() + request.app[SETTINGS_KEY].body_timeout_s
-
-
-def _body_timeout(request: web.Request) -> BodyTimeout:
-    return BodyTimeout(f"the request body did not arrive within {request.app[SETTINGS_KEY].body_timeout_s:g} s "
-                       "(scheduler.body_timeout_s)")
-
-
-async def _read_json(request: web.Request, model: type[M]) -> M:
-    _check_encoding(request)
-    if request.content_length is not None and request.content_length > request.client_max_size:
-        # Refused on its header: read() would first buffer client_max_size bytes of a body it then refuses.
-        raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size, actual_size=request.content_length)
-    try:
-        # The whole body within body_timeout_s: one that stalls is dropped, not held for as long as the client likes.
-        async with asyncio.timeout_at(_body_deadline(request)):
-            body = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge -> 413
-    except TimeoutError:
-        raise _body_timeout(request) from None
-    except RequestPayloadError as exc:
-        raise InvalidInput(f"request body incomplete or malformed: {exc}") from None
-    data = await asyncio.to_thread(parse_json, body) if len(body) > THREAD_PARSE_BYTES else parse_json(body)
-    if not isinstance(data, dict):
-        raise InvalidInput("request body must be a JSON object")
-    return _validate(model, data)
-
-
 def _json(model: BaseModel, status: int = 200, **kwargs: Any) -> web.Response:
     return json_response(model.model_dump(mode="json", **kwargs), status=status)
 
@@ -397,127 +291,6 @@ def _client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
-def sanitize_filename(name: str | None) -> str | None:
-    """A display-only copy of an upload's name: last path component, printable, at most 100 chars."""
-    if not name:
-        return None
-    # Some clients (aiohttp among them) percent-encode the name in Content-Disposition.
-    base = re.split(r"[\\/]", urllib.parse.unquote(name))[-1]
-    base = "".join(ch for ch in base if unicodedata.category(ch)[0] not in ("C", "Z") or ch == " ").strip()
-    return base[:MAX_FILENAME_CHARS] or None
-
-
-@functools.lru_cache(maxsize=256)  # at most 256 headers of at most 8 KiB (aiohttp's limit) kept
-def _parsed_disposition(header: str | None) -> tuple[str | None, tuple[tuple[str, str], ...]]:
-    disposition, params = parse_content_disposition(header)
-    return disposition, tuple(params.items())
-
-
-def _reader_parse_disposition(header: str | None) -> tuple[str | None, dict[str, str]]:
-    disposition, params = _parsed_disposition(header)
-    return disposition, dict(params)  # each caller its own dict, as from aiohttp's parser
-
-
-def _memoize_multipart_dispositions() -> None:
-    """aiohttp parses a part's Content-Disposition on every ``MultipartReader.next`` (its RFC 7578 ``_charset_``
-    check) and again for ``part.name`` and ``part.filename``, each time building its regular expressions anew
-    (0.08-0.2 ms a call: 40 % of a small submission's CPU, 5 % of a job's on PostgreSQL). A form's headers are
-    the same on every request, so aiohttp's module-level parser is replaced with a memoized one giving the same
-    answers. Idempotent."""
-    import aiohttp.multipart
-
-    aiohttp.multipart.parse_content_disposition = _reader_parse_disposition  # type: ignore[assignment]
-
-
-@dataclass
-class FilePart:
-    upload: Upload
-    filename: str | None
-
-
-async def _chunks_by(part: BodyPartReader, deadline: float) -> AsyncIterator[bytes]:
-    """A part's chunks, each read by ``deadline`` (loop time); what the caller does with one is not timed."""
-    while True:
-        async with asyncio.timeout_at(deadline):
-            chunk = await part.read_chunk(256 * 1024)
-        if not chunk:
-            return
-        yield chunk
-
-
-async def _read_multipart(request: web.Request, max_bytes: int) -> tuple[dict[str, str], FilePart | None]:
-    """Form fields, and the ``file`` part streamed into the store as it arrives; every byte counts against
-    ``max_bytes``. On any error the partial upload is dropped."""
-    _check_encoding(request)
-    if request.content_length is not None and request.content_length > max_bytes:
-        raise TooLarge(f"request body is over the limit of {max_bytes} bytes")
-    # The whole body within body_timeout_s. Only the reads are timed: a write to the store is never cut short.
-    deadline = _body_deadline(request)
-    try:
-        reader = await request.multipart()
-    except (AssertionError, ValueError, KeyError) as exc:
-        raise InvalidInput(f"malformed multipart/form-data body: {exc}") from None
-    store = _store(request)
-    fields: dict[str, str] = {}
-    upload: FilePart | None = None
-    total = 0
-    try:
-        while True:
-            async with asyncio.timeout_at(deadline):
-                part = await reader.next()
-            if part is None:
-                break
-            if not isinstance(part, BodyPartReader):
-                raise InvalidInput("nested multipart bodies are not supported")
-            name = part.name or ""
-            if name == "file":
-                if upload is not None:
-                    raise InvalidInput("file: more than one 'file' part", param="file")
-                upload = FilePart(await store.begin_upload(), sanitize_filename(part.filename))
-                async for chunk in _chunks_by(part, deadline):
-                    total += len(chunk)
-                    if total > max_bytes:
-                        raise TooLarge(f"request body is over the limit of {max_bytes} bytes")
-                    await upload.upload.write(chunk)
-                continue
-            data = bytearray()
-            async for chunk in _chunks_by(part, deadline):
-                total += len(chunk)
-                if total > max_bytes:
-                    raise TooLarge(f"request body is over the limit of {max_bytes} bytes")
-                if len(data) > MAX_FIELD_BYTES:
-                    raise InvalidInput(f"{name}: form field is over {MAX_FIELD_BYTES} bytes", param=name)
-                data.extend(chunk)
-            if len(fields) >= 64:
-                raise InvalidInput("too many form fields")
-            try:
-                fields[name] = data.decode("utf-8")
-            except UnicodeDecodeError:
-                raise InvalidInput(f"{name}: form field is not UTF-8 text", param=name) from None
-    except BaseException as exc:
-        if upload is not None:
-            with contextlib.suppress(Exception):
-                await upload.upload.discard()
-        if isinstance(exc, TimeoutError):
-            raise _body_timeout(request) from None
-        if isinstance(exc, RequestPayloadError):
-            raise InvalidInput(f"request body incomplete or malformed: {exc}") from None
-        if isinstance(exc, (ValueError, AssertionError, HttpProcessingError)):
-            # A part header that breaks the grammar (CR/LF/NUL smuggled into a file name) is the client's error.
-            reason = getattr(exc, "message", None) or str(exc)
-            raise InvalidInput(
-                f"malformed multipart/form-data body: {str(reason).splitlines()[0][:120]}") from None
-        raise
-    return fields, upload
-
-
-def _decode_b64(text: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidInput("audio_b64: not valid base64", param="audio_b64") from None
-
-
 # ----------------------------------------------------------------------------------------- handlers
 
 
@@ -537,7 +310,7 @@ def _store(request: web.Request) -> Store:
 
 
 async def _register(request: web.Request) -> web.Response:
-    req = await _read_json(request, RegisterRequest)
+    req = await read_json(request, RegisterRequest)
     fence = request.app[FENCE_KEY]
     return _json(await _store(request).register(req, auth.presented_secret(request), fenced=fence.enabled),
                  status=201)
@@ -561,7 +334,7 @@ async def _uncordon(request: web.Request) -> web.Response:
 
 async def _drain(request: web.Request) -> web.Response:
     # The body is optional: a drain without one waits for the node's jobs however long they take.
-    body = await _read_json(request, DrainRequest) if request.body_exists else DrainRequest()
+    body = await read_json(request, DrainRequest) if request.body_exists else DrainRequest()
     return _json(await _store(request).drain(request.match_info["node_id"], body.deadline_s))
 
 
@@ -597,7 +370,7 @@ async def _cluster(request: web.Request) -> web.Response:
 
 
 async def _heartbeat(request: web.Request) -> web.Response:
-    req = await _read_json(request, HeartbeatRequest)
+    req = await read_json(request, HeartbeatRequest)
     await request.app[FENCE_KEY].check(request, node_id=request.match_info["node_id"])
     return _json(await _store(request).heartbeat(request.match_info["node_id"], req))
 
@@ -650,13 +423,13 @@ async def _job_audio(request: web.Request) -> web.StreamResponse:
 
 
 async def _grant_lease(request: web.Request) -> web.Response:
-    req = await _read_json(request, LeaseRequest)
+    req = await read_json(request, LeaseRequest)
     await request.app[FENCE_KEY].check(request, node_id=req.node_id)
     return _json(await _store(request).grant_lease(req), status=201)
 
 
 async def _renew_lease(request: web.Request) -> web.Response:
-    req = await _read_json(request, RenewRequest)
+    req = await read_json(request, RenewRequest)
     # The store's fence checks that this node holds the lease; this one, that the request is that node.
     await request.app[FENCE_KEY].check(request, node_id=req.node_id)
     return _json(await _store(request).renew_lease(request.match_info["lease_id"], req))
@@ -669,14 +442,14 @@ async def _release_lease(request: web.Request) -> web.Response:
 
 
 async def _post_events(request: web.Request) -> web.Response:
-    report = await _read_json(request, EventsReport)
+    report = await read_json(request, EventsReport)
     await request.app[FENCE_KEY].check(request, node_id=report.node_id)
     await _store(request).post_events(request.match_info["job_id"], report)
     return json_response({"accepted": True}, status=202)
 
 
 async def _post_result(request: web.Request) -> web.Response:
-    report = await _read_json(request, ResultReport)
+    report = await read_json(request, ResultReport)
     await request.app[FENCE_KEY].check(request, node_id=report.node_id)
     return _json(await _store(request).report_result(request.match_info["job_id"], report))
 
@@ -703,14 +476,15 @@ def _form_spec(fields: Mapping[str, str]) -> JobSpec:
     allow_truncated = _form_flag(fields, "allow_truncated")
     if allow_truncated is not None and isinstance(data.get("options", {}), dict):
         data["options"] = {**data.get("options", {}), "allow_truncated": allow_truncated}
-    return _validate(JobSpec, data)
+    return validate(JobSpec, data)
 
 
 async def _submit_job(request: web.Request) -> web.Response:
     store = _store(request)
     key = _idempotency_key(request)
     if request.content_type == "multipart/form-data":
-        fields, part = await _read_multipart(request, request.app[SETTINGS_KEY].max_body_bytes)
+        fields, part = await read_multipart(request, request.app[SETTINGS_KEY].max_body_bytes,
+                                            _store(request).begin_upload)
         try:
             spec = _form_spec(fields)
             if part is None:
@@ -721,9 +495,9 @@ async def _submit_job(request: web.Request) -> web.Response:
             raise
         upload, filename, param = part.upload, part.filename, "file"
     else:
-        submission = await _read_json(request, JobSubmission)
+        submission = await read_json(request, JobSubmission)
         text = submission.audio_b64
-        audio = await asyncio.to_thread(_decode_b64, text) if len(text) > THREAD_PARSE_BYTES else _decode_b64(text)
+        audio = await asyncio.to_thread(decode_b64, text) if len(text) > THREAD_PARSE_BYTES else decode_b64(text)
         spec = JobSpec.model_validate(submission.model_dump(exclude={"audio_b64"}))
         del submission, text
         filename, param = None, "audio_b64"
@@ -827,7 +601,8 @@ async def _openai_transcriptions(request: web.Request) -> web.Response:
     store = _store(request)
     if request.content_type != "multipart/form-data":
         raise InvalidInput("expected a multipart/form-data body with a 'file' part", param="file")
-    fields, part = await _read_multipart(request, request.app[SETTINGS_KEY].max_body_bytes)
+    fields, part = await read_multipart(request, request.app[SETTINGS_KEY].max_body_bytes,
+                                            _store(request).begin_upload)
     try:
         job_id = await _openai_submit(store, fields, part, auth.client_scope(request))
     except BaseException:
@@ -902,11 +677,11 @@ async def _openai_submit(store: Store, fields: Mapping[str, str], part: FilePart
         options["allow_truncated"] = allow_truncated
     # Other OpenAI fields (timestamp_granularities[], ...) are accepted and ignored. A client waits on the answer:
     # interactive; its model is the job's (whisper-1 or none: any node's).
-    spec = _validate(
+    spec = validate(
         JobSpec,
         {
             "language": fields.get("language") or None,
-            "options": _validate(JobOptions, options, prefix="").wire(),
+            "options": validate(JobOptions, options, prefix="").wire(),
             "deadline_s": OPENAI_WAIT_S,
             "model": fields.get("model") or None,
             "priority": Priority.INTERACTIVE,
@@ -969,7 +744,7 @@ async def create_app(
                              single_statements=single_statements)
     notifier.poll_s = store.poll_s
     notifier.queue_wake = QUEUE_WAKE if store.poll_s is not None else None
-    _memoize_multipart_dispositions()
+    memoize_multipart_dispositions()
     middlewares: list[Any] = [_error_middleware]
     credentials = auth.Credentials.from_settings(settings)
     auth.warn_single_token(settings)
@@ -979,6 +754,7 @@ async def create_app(
     app = web.Application(client_max_size=min(settings.max_body_bytes, MAX_JSON_BODY_BYTES), middlewares=middlewares)
     app[STORE_KEY] = store
     app[SETTINGS_KEY] = settings
+    app[BODY_TIMEOUT_KEY] = settings.body_timeout_s
     app[REGISTRY_KEY] = registry
     app[NOTIFIER_KEY] = notifier
     # Nodes prove who they are where callers prove anything: without tokens, anyone may do everything anyway.
