@@ -96,7 +96,10 @@ def cluster_command(args: argparse.Namespace, settings: Settings, run: Any) -> i
     try:
         url, view = run(_fetch(args, settings))
     except SchedulerError as exc:  # refused, unreachable, or an answer that is not a cluster view
-        print(f"node-agent: cannot reach the scheduler for its cluster view: {exc}", file=sys.stderr)
+        # No view to judge the cluster by, whatever the reason: the status is "unreachable", the line says which.
+        what = "the scheduler refused its cluster view" if exc.status is not None else \
+            "cannot reach the scheduler for its cluster view"
+        print(f"node-agent: {what}: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     # The URL this command used: the replica that answered (of a --scheduler list, the one failed over to).
     view.scheduler = url

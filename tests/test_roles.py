@@ -87,7 +87,7 @@ async def test_each_role_may_do_its_own_part_only(store: str, tmp_path: Path,  #
 
         # A client cannot register (nor list nodes); nothing is written.
         assert refused(*await app1.register("node-by-client"), 403, "needs a node token", "'app1' is a client")
-        assert refused(*await app1("GET", "/v1/nodes"), 403, "needs a operator token")
+        assert refused(*await app1("GET", "/v1/nodes"), 403, "needs an operator token")
         status, nodes = await ops("GET", "/v1/nodes")
         assert status == 200 and nodes["nodes"] == []
 

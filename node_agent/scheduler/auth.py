@@ -135,11 +135,17 @@ def auth_middleware(credentials: Credentials) -> Callable[..., Awaitable[web.Str
             if resource is not None and request.match_info.http_exception is None:
                 needed = role_needed(request.method, resource.canonical)
                 if caller.role is not Role.OPERATOR and caller.role is not needed:
-                    raise Forbidden(f"{request.method} {resource.canonical} needs a {needed} token "
-                                    f"(scheduler.{_TOKEN_SETTING[needed]}); {caller.name!r} is a {caller.role} token")
+                    raise Forbidden(f"{request.method} {resource.canonical} needs {_a(needed)} token "
+                                    f"(scheduler.{_TOKEN_SETTING[needed]}); {caller.name!r} is {_a(caller.role)} "
+                                    "token")
         return await handler(request)
 
     return auth
+
+
+def _a(role: Role) -> str:
+    """``a client``, ``a node``, ``an operator``."""
+    return f"{'an' if role[0] in 'aeiou' else 'a'} {role}"
 
 
 def warn_single_token(settings: SchedulerSettings) -> None:
