@@ -27,7 +27,7 @@ from node_agent.errors import UsageError
 from node_agent.metrics import AgentMetrics
 from node_agent.registration import NodeIdentity, Registration
 from node_agent.scheduler.errors import QueueFull, Unservable
-from node_agent.scheduler.pgfast import ask_served_sql
+from node_agent.scheduler.pgfast import BUSY_SLOTS, ask_served_sql
 from node_agent.scheduler.rules import Ask, Offer, Served, automatic_labels, batch_allowed, headroom_slots, serves
 from node_agent.scheduler.schemas import DeviceSpec, JobSpec, RegisterRequest
 from node_agent.scheduler_client import SchedulerClient
@@ -275,6 +275,17 @@ async def test_batch_work_leaves_the_headroom_to_interactive_jobs(store: str, tm
             (1, 2 + (not headroom), bool(headroom))
         assert h.registry.get_sample_value("node_agent_scheduler_queue_wait_seconds_bucket",
                                            {"priority": "interactive", "model": "", "le": "+Inf"}) == bool(headroom)
+    finally:
+        await close(h)
+
+
+async def test_the_busy_count_reads_only_the_open_jobs_on_sqlite(tmp_path: Path) -> None:
+    """Every batch dispatch counts the busy slots: a scan of every job kept would cost it milliseconds."""
+    h = await serve(f"sqlite:///{tmp_path / 'scheduler.db'}", tmp_path)
+    try:
+        with sqlite3.connect(tmp_path / "scheduler.db") as db:
+            plan = " ".join(str(row) for row in db.execute("EXPLAIN QUERY PLAN " + BUSY_SLOTS))
+        assert "USING INDEX jobs_open" in plan and "SCAN b" not in plan, plan
     finally:
         await close(h)
 
