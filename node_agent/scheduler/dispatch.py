@@ -50,9 +50,9 @@ class Dispatch(StorePart):
         labels), in the dispatch order (``rules.dispatch_class``: interactive jobs, and batch jobs queued past
         ``scheduler.batch_max_wait_s``, before the other batch jobs; each class by submission), or None; nothing to
         a cordoned or draining node. A batch job of the second class waits while taking a slot would leave fewer
-        idle than ``scheduler.interactive_headroom`` keeps (``rules.batch_allowed``). With ``lease_ttl_s``, the job's lease is granted in the same transaction when
-        its resource is free on that node (``assignment.lease``); else the node asks with ``grant_lease``, which
-        names the holder."""
+        idle than ``scheduler.interactive_headroom`` keeps (``rules.batch_allowed``). With ``lease_ttl_s``, the
+        job's lease is granted in the same transaction when its resource is free on that node
+        (``assignment.lease``); else the node asks with ``grant_lease``, which names the holder."""
         # A node's devices and labels are remembered only where the single statements run (PostgreSQL).
         devices_text, labels_text = self.replica.devices_of(node_id), self.replica.labels_of(node_id)
         offers = offers_of(devices_text, labels_text, resource) \
