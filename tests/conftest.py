@@ -166,6 +166,10 @@ def machine_slowdown() -> float:
 OTHER_S = 1.0
 ESTIMATED_S: dict[str, float] = {
     "test_sixty_jobs_four_clients_two_worker_kills": 103,
+    "test_retention_reaping_4_jobs_of_100_mb_stays_within_a_fixed_memory_bound": 15,
+    "test_stalled_multipart_upload_gets_408_and_its_partial_upload_is_discarded": 13,
+    "test_stalled_json_bodies_get_408_in_time_and_are_dropped": 13,
+    "test_json_output_is_real_utf8": 13,
     "test_each_endpoint_in_turn_fails_every_way_and_the_agent_recovers": 88,
     "test_throughput_bench_tiny_run": 71,
     "test_two_agents_twenty_jobs_exactly_one_result_each": 67,
