@@ -30,6 +30,8 @@ from node_agent.scheduler.errors import QueueFull, Unservable
 from node_agent.scheduler.pgfast import BUSY_SLOTS, ask_served_sql
 from node_agent.scheduler.rules import Ask, Offer, Served, automatic_labels, batch_allowed, headroom_slots, serves
 from node_agent.scheduler.schemas import DeviceSpec, JobSpec, RegisterRequest
+from node_agent.scheduler.server import NOTIFIER_KEY, Notifier
+from node_agent.scheduler.topics import QUEUE_TOPIC
 from node_agent.scheduler_client import SchedulerClient
 from node_agent.submit import job_asks, submit_files
 
@@ -277,6 +279,116 @@ async def test_batch_work_leaves_the_headroom_to_interactive_jobs(store: str, tm
                                            {"priority": "interactive", "model": "", "le": "+Inf"}) == bool(headroom)
     finally:
         await close(h)
+
+
+def _count_claims(h: Any) -> dict[str, int]:
+    """Count the store's claims per node from now on (each is a transaction: what a needless wake-up costs)."""
+    claims: dict[str, int] = {}
+    assign_next = h.running.store.assign_next
+
+    async def counted(node_id: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await assign_next(node_id, *args, **kwargs)
+        finally:
+            claims[node_id] = claims.get(node_id, 0) + 1
+
+    h.running.store.assign_next = counted
+    return claims
+
+
+async def _until(condition: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+async def test_a_batch_submission_does_not_wake_a_node_the_headroom_holds_back(store: str, tmp_path: Path) -> None:
+    """Behind a batch backlog every batch submit woke idle nodes whose claims the headroom then refused (issue 23's
+    benchmark); an interactive submit still wakes them at once. On PostgreSQL the jobs come through another
+    replica, so the topics cross LISTEN/NOTIFY."""
+    h = await serve(store, tmp_path, interactive_headroom=0.5)
+    other = await serve(store, tmp_path / "b", interactive_headroom=0.5) if not store.startswith("sqlite") else h
+    poll: asyncio.Task[Any] | None = None
+    try:
+        h.running.app[NOTIFIER_KEY].poll_s = None  # only wake-ups re-check here
+        busy, idle = [await _register(h, [CPU_EN], {}) for _ in range(2)]
+        for node in (busy, idle):  # each node polled once: on PostgreSQL the next polls are single statements
+            assert await _next(h, node) is None
+        first = await other.submit()
+        await other.submit()  # queued: the one job the idle node could take
+        assert await _next(h, busy) == first  # 2 slots keep 1 idle: the last one is for interactive work
+        claims = _count_claims(h)
+        poll = asyncio.create_task(h.poll(idle, wait_s=20))
+        await _until(lambda: claims.get(idle) == 1)  # refused that job: held back
+        await other.submit()
+        await asyncio.sleep(0.3)  # what a wake-up would take (milliseconds), many times over
+        assert claims[idle] == 1 and not poll.done()
+        started = asyncio.get_running_loop().time()
+        live = await other.submit(priority="interactive")
+        status, body = await asyncio.wait_for(poll, 10)
+        assert status == 200 and body["job_id"] == live, body
+        assert asyncio.get_running_loop().time() - started < 5  # woken, not the 20 s poll's end
+        assert claims[idle] == 2
+    finally:
+        if poll is not None:
+            poll.cancel()
+        await close(*([h] if other is h else [h, other]))
+
+
+async def test_a_node_held_back_takes_batch_work_once_a_slot_frees(store: str, tmp_path: Path) -> None:
+    """Nothing is stranded: a slot that frees wakes nobody (its own node polls again and takes the next batch job),
+    so a node held back re-checks every poll_s and takes the batch work the headroom now allows."""
+    h = await serve(store, tmp_path, interactive_headroom=0.5)
+    poll: asyncio.Task[Any] | None = None
+    try:
+        h.running.app[NOTIFIER_KEY].poll_s = 0.2
+        busy, idle = [await _register(h, [CPU_EN], {}) for _ in range(2)]
+        for node in (busy, idle):
+            assert await _next(h, node) is None
+        first, second = await h.submit(), await h.submit()
+        assert await _next(h, busy) == first
+        claims = _count_claims(h)
+        poll = asyncio.create_task(h.poll(idle, wait_s=20))
+        await _until(lambda: claims.get(idle, 0) >= 1)
+        status, grant, _ = await h.lease(busy, first)
+        assert status == 201, grant
+        status, ack = await h.result(first, busy, 1, grant)
+        assert status == 200, ack
+        status, body = await asyncio.wait_for(poll, 10)
+        assert status == 200 and body["job_id"] == second, body
+    finally:
+        if poll is not None:
+            poll.cancel()
+        await close(h)
+
+
+async def test_a_wake_up_that_meets_a_leaving_poll_goes_to_the_next_one() -> None:
+    """A queue wake-up goes to a few waiters; one that got a job meanwhile (its check was under way) hands it on,
+    or a job queued just then waits for the periodic re-check."""
+    notifier = Notifier(queue_wake=1)
+    in_check, go = asyncio.Event(), asyncio.Event()
+
+    async def busy_check() -> str:
+        in_check.set()
+        await go.wait()
+        return "its own job"
+
+    calls = 0
+
+    async def idle_check() -> str | None:
+        nonlocal calls
+        calls += 1
+        return "the new job" if calls > 1 else None
+
+    first = asyncio.create_task(notifier.wait_for(QUEUE_TOPIC, busy_check, 10))
+    await in_check.wait()
+    second = asyncio.create_task(notifier.wait_for(QUEUE_TOPIC, idle_check, 10))
+    await _until(lambda: calls == 1)
+    notifier.notify(QUEUE_TOPIC)  # the first listed (mid-check) takes it
+    go.set()
+    assert await asyncio.wait_for(first, 5) == "its own job"
+    assert await asyncio.wait_for(second, 5) == "the new job"
 
 
 async def test_the_busy_count_reads_only_the_open_jobs_on_sqlite(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import secrets
-from typing import Any
+from typing import Any, Callable
 
 from .db import Row, Tx
 from .errors import InvalidInput, JobNotAssigned, LeaseUnusable, ResourceHeld
@@ -38,21 +38,30 @@ from .transitions import StorePart, devices_of, doc
 log = logging.getLogger("node_agent.scheduler")
 
 
+class _HeldBack:
+    """The general path's answer when the headroom held back the one job the node could take."""
+
+
+_HELD_BACK = _HeldBack()
+
+
 class Dispatch(StorePart):
     """Jobs as nodes see them (see the module's docstring)."""
 
     #: The fence: the job's current attempt, live lease (unexpired on the store's clock), epoch and node.
     _FENCE = fence("$6")
 
-    async def assign_next(self, node_id: str, resource: str | None = None,
-                          lease_ttl_s: float | None = None) -> JobAssignment | None:
+    async def assign_next(self, node_id: str, resource: str | None = None, lease_ttl_s: float | None = None,
+                          on_held_back: Callable[[], None] | None = None) -> JobAssignment | None:
         """Hand the node the first queued job one of its devices serves (``rules.serves``: language, model,
         labels), in the dispatch order (``rules.dispatch_class``: interactive jobs, and batch jobs queued past
         ``scheduler.batch_max_wait_s``, before the other batch jobs; each class by submission), or None; nothing to
         a cordoned or draining node. A batch job of the second class waits while taking a slot would leave fewer
         idle than ``scheduler.interactive_headroom`` keeps (``rules.batch_allowed``). With ``lease_ttl_s``, the
         job's lease is granted in the same transaction when its resource is free on that node
-        (``assignment.lease``); else the node asks with ``grant_lease``, which names the holder."""
+        (``assignment.lease``); else the node asks with ``grant_lease``, which names the holder. None with
+        ``on_held_back()`` called: the one job to take was such a batch job (the long poll then stops listening
+        for batch submissions, which would only be refused again)."""
         # A node's devices and labels are remembered only where the single statements run (PostgreSQL).
         devices_text, labels_text = self.replica.devices_of(node_id), self.replica.labels_of(node_id)
         offers = offers_of(devices_text, labels_text, resource) \
@@ -62,11 +71,13 @@ class Dispatch(StorePart):
             ttl = clamp_ttl(self.settings, lease_ttl_s) if lease_ttl_s is not None else None
             lease_id = f"lease-{secrets.token_hex(8)}" if ttl is not None else None
             slots, headroom = await self._headroom()
-            node_as_known, row = await self._fast.claim(node_id, devices_text, labels_text, offers,
-                                                        self.settings.batch_max_wait_s, lease_id, ttl, slots,
-                                                        headroom)
+            node_as_known, row, held_back = await self._fast.claim(
+                node_id, devices_text, labels_text, offers, self.settings.batch_max_wait_s, lease_id, ttl, slots,
+                headroom)
             if node_as_known:
                 if row is None:
+                    if held_back and on_held_back is not None:
+                        on_held_back()
                     return None
                 self._assigned_log(row["job_id"], node_id, row["resource"], row["attempt"], row["waited"],
                                    row["priority"], row["model"])
@@ -81,7 +92,7 @@ class Dispatch(StorePart):
 
         ttl = clamp_ttl(self.settings, lease_ttl_s) if lease_ttl_s is not None else None
 
-        async def op(tx: Tx) -> tuple[JobAssignment, tuple[str, int] | None, str, str | None] | None:
+        async def op(tx: Tx) -> tuple[JobAssignment, tuple[str, int] | None, str, str | None] | _HeldBack | None:
             now = await tx.now()
             node = await self.tr.live_node(tx, node_id)
             node_labels = await tx.fetchrow("SELECT labels, cordoned FROM nodes WHERE node_id = $1", node_id)
@@ -111,7 +122,7 @@ class Dispatch(StorePart):
                 slots = (await self.replica.served(tx)).slots
                 headroom = headroom_slots(slots, self.settings.interactive_headroom)
                 if headroom > 0 and not batch_allowed(slots, await tx.fetchval(BUSY_SLOTS), headroom):
-                    return None
+                    return _HELD_BACK
             waiting = [h for h in heads if h is not None]
             if not waiting:
                 return None
@@ -136,6 +147,10 @@ class Dispatch(StorePart):
             return self._assignment(job, device.resource, now, waited), lease, job["priority"], job["model"]
 
         done = await self.engine.run(op)
+        if isinstance(done, _HeldBack):
+            if on_held_back is not None:
+                on_held_back()
+            return None
         if done is None:
             return None
         assignment, lease, priority, model = done

@@ -26,7 +26,7 @@ from .schemas import Priority as P
 from .schemas import LeaseState as L
 from .schemas import NodeState as N
 from .schemas import OPEN_JOB_STATES, stored_devices
-from .topics import QUEUE_TOPIC, job_topic
+from .topics import job_topic, submitted_topic
 
 #: The store's clock, read once per statement (a CTE referenced twice is evaluated once).
 _CLOCK = "t AS (SELECT CAST(extract(epoch FROM clock_timestamp()) AS DOUBLE PRECISION) AS now)"
@@ -139,23 +139,24 @@ class PgFast:
                u AS (INSERT INTO uploads (upload_id, started_at, bytes, job_id) SELECT $6, t.now, $5, $1 FROM t),
                c AS (INSERT INTO audio_chunks (upload_id, n, data) VALUES ($6, 0, $8))
                SELECT t.now, pg_notify($9, $10) FROM t""",
-            job_id, spec, language, filename, size, upload_id, deadline_s, audio, CHANNEL, QUEUE_TOPIC,
-            model, labels, priority, client,
+            job_id, spec, language, filename, size, upload_id, deadline_s, audio, CHANNEL,
+            submitted_topic(priority), model, labels, priority, client,
         )
         assert row is not None
         return float(row["now"])
 
     async def claim(self, node_id: str, devices_text: str, labels_text: str, offers: str, max_wait_s: float,
                     lease_id: str | None = None, ttl_s: float | None = None, slots: int = 0,
-                    headroom: int = 0) -> tuple[bool, Row | None]:
-        """(node as expected, the claimed job's row or None). The node must be live, not draining, not cordoned,
-        and still have ``devices_text`` and ``labels_text``; the first queued job one of its ``offers`` serves, in
-        the dispatch order (``rules.dispatch_class``: interactive jobs and batch jobs queued ``max_wait_s``, then
-        the other batch jobs; each by seq), becomes assigned to it, on the first device that serves it. With
-        ``lease_id`` and ``ttl_s``, the job's first lease is granted too (``lease_epoch`` in the row) when no
-        active lease holds its resource on this node (as ``grant`` requires); else the job is only assigned
-        (``lease_epoch`` None). The batch class's head goes only where ``rules.batch_allowed`` lets it, given
-        the ``slots`` taking jobs, the ``headroom`` kept of them, and the busy ones counted here."""
+                    headroom: int = 0) -> tuple[bool, Row | None, bool]:
+        """(node as expected, the claimed job's row or None, whether the headroom held a batch job back). The node
+        must be live, not draining, not cordoned, and still have ``devices_text`` and ``labels_text``; the first
+        queued job one of its ``offers`` serves, in the dispatch order (``rules.dispatch_class``: interactive jobs
+        and batch jobs queued ``max_wait_s``, then the other batch jobs; each by seq), becomes assigned to it, on
+        the first device that serves it. With ``lease_id`` and ``ttl_s``, the job's first lease is granted too
+        (``lease_epoch`` in the row) when no active lease holds its resource on this node (as ``grant`` requires);
+        else the job is only assigned (``lease_epoch`` None). The batch class's head goes only where
+        ``rules.batch_allowed`` lets it, given the ``slots`` taking jobs, the ``headroom`` kept of them, and the
+        busy ones counted here: held back is when that head was the one job to take and the rule refused it."""
         served = ask_served_sql("postgresql", "$3", some_offer=True)
         try:
             row = await self.engine.statement(
@@ -206,15 +207,17 @@ class PgFast:
                              t.now + CAST($5 AS DOUBLE PRECISION), '{L.ACTIVE}'
                          FROM u, t WHERE u.lease_epoch IS NOT NULL),
                    d AS (DELETE FROM segments WHERE job_id IN (SELECT job_id FROM u WHERE attempt > 1))
-                   SELECT (SELECT COUNT(*) FROM n) AS node_ok, t.now, u.* FROM t LEFT JOIN u ON true""",
+                   SELECT (SELECT COUNT(*) FROM n) AS node_ok, t.now, u.*,
+                       EXISTS (SELECT 1 FROM qb) AND NOT EXISTS (SELECT 1 FROM j) AS held_back
+                   FROM t LEFT JOIN u ON true""",
                 node_id, devices_text, offers, lease_id, ttl_s, labels_text, max_wait_s, slots, headroom,
             )
         except Conflict:  # a lease took the resource meanwhile (the statement changed nothing): the general path
-            return False, None
+            return False, None, False
         assert row is not None
         if not row["node_ok"]:
-            return False, None
-        return True, (row if row["job_id"] is not None else None)
+            return False, None, False
+        return True, (row if row["job_id"] is not None else None), bool(row["held_back"])
 
     async def audio(self, job_id: str) -> Row | None:
         """The job's state, audio reference and chunk numbers, and the chunk itself when it is the only one."""

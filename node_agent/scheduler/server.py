@@ -71,7 +71,7 @@ from .schemas import (
     ResultReport,
 )
 from .store import Store, open_store
-from .topics import QUEUE_TOPIC, job_topic
+from .topics import BATCH_TOPIC, QUEUE_TOPIC, QUEUE_TOPICS, job_topic
 
 log = logging.getLogger("node_agent.scheduler")
 
@@ -93,12 +93,22 @@ DISCONNECT_CHECK_S = 0.25
 T = TypeVar("T")
 
 
+class _Waiter:
+    """One round of a long poll's wait: set by the first topic that wakes it (named in ``woken_by``)."""
+
+    __slots__ = ("event", "woken_by")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.woken_by: str | None = None
+
+
 class Notifier:
     """Wake-ups by topic. Waiters re-check their (asynchronous) condition after each wake-up, and every ``poll_s``
-    besides when given."""
+    besides when given. A wake-up on a queue topic goes to ``queue_wake`` waiters only (each then claims)."""
 
     def __init__(self, poll_s: float | None = None, queue_wake: int | None = None) -> None:
-        self._waiters: dict[str, list[asyncio.Event]] = {}
+        self._waiters: dict[str, list[_Waiter]] = {}
         self.poll_s = poll_s
         self.queue_wake = queue_wake
         self.closed = False
@@ -107,17 +117,27 @@ class Notifier:
         waiters = self._waiters.get(topic)
         if not waiters:
             return
-        limit = self.queue_wake if topic == QUEUE_TOPIC else None
-        woken = waiters[:limit] if limit is not None else list(waiters)
-        for event in woken:
-            event.set()
-        del waiters[: len(woken)]
+        limit = self.queue_wake if topic in QUEUE_TOPICS else None
+        # One woken by another of its topics already is on its way to re-check: this wake-up goes to the next, and
+        # it stays listed (it unlists itself; a poll that drops the batch topic may go on waiting for this one).
+        kept: list[_Waiter] = []
+        woken = seen = 0
+        while seen < len(waiters) and (limit is None or woken < limit):
+            waiter = waiters[seen]
+            seen += 1
+            if waiter.event.is_set():
+                kept.append(waiter)
+                continue
+            waiter.woken_by = topic if limit is not None else None
+            waiter.event.set()
+            woken += 1
+        waiters[:seen] = kept
 
     def wake_all(self) -> None:
         """Every waiter re-checks (wake-ups may have been missed: a store connection was lost)."""
         for waiters in self._waiters.values():
-            for event in waiters:
-                event.set()
+            for waiter in waiters:
+                waiter.event.set()
             waiters.clear()
 
     def close(self) -> None:
@@ -125,32 +145,52 @@ class Notifier:
         self.closed = True
         self.wake_all()
 
-    async def wait_for(self, topic: str, check: Callable[[], Awaitable[T | None]], timeout: float) -> T | None:
-        """Return ``check()``'s first non-None value, re-checking on each wake-up; None after ``timeout``."""
+    async def wait_for(self, topic: str, check: Callable[[], Awaitable[T | None]], timeout: float, *,
+                       also: str | None = None, also_while: Callable[[], bool] = lambda: True) -> T | None:
+        """Return ``check()``'s first non-None value, re-checking on each wake-up; None after ``timeout``. ``also``:
+        a second topic, waited on after a check only while ``also_while()`` holds (the long poll for work drops
+        batch submissions while the headroom refuses it batch work)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        topics = (topic,) if also is None else (topic, also)
         while True:
-            # Listen before checking: a change committed during the check wakes this event.
-            event = asyncio.Event()
-            waiters = self._waiters.setdefault(topic, [])
-            waiters.append(event)
+            # Listen before checking: a change committed during the check wakes this round.
+            waiter = _Waiter()
+            for name in topics:
+                self._waiters.setdefault(name, []).append(waiter)
+            leaving = True
             try:
                 result = await check()
                 remaining = deadline - loop.time()
                 if result is not None or remaining <= 0 or self.closed:
                     return result
+                if also is not None and not also_while():
+                    self._unlisten(also, waiter)
+                    if waiter.woken_by == also:
+                        # Woken during the check by what it would be refused: passed on, and this round goes on
+                        # waiting for its own topic.
+                        waiter.event.clear()
+                        waiter.woken_by = None
+                        self.notify(also)
                 wait = remaining if self.poll_s is None else min(remaining, self.poll_s * (0.5 + random.random()))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), wait)
+                    await asyncio.wait_for(waiter.event.wait(), wait)
+                leaving = False  # a wake-up, if any, is the next round's check's
             finally:
-                waiters = self._waiters.get(topic, [])
-                if event in waiters:
-                    waiters.remove(event)
-                    if event.is_set() and topic == QUEUE_TOPIC:
-                        # Woken while it was leaving (answered, or gave up): pass the wake-up on.
-                        self.notify(topic)
-                if not waiters:
-                    self._waiters.pop(topic, None)
+                for name in topics:
+                    self._unlisten(name, waiter)
+                if leaving and waiter.woken_by is not None and not self.closed:
+                    # Woken for a job while leaving (answered, gave up, hung up): another waiter claims it.
+                    self.notify(waiter.woken_by)
+
+    def _unlisten(self, topic: str, waiter: _Waiter) -> None:
+        waiters = self._waiters.get(topic)
+        if waiters is None:
+            return
+        if waiter in waiters:
+            waiters.remove(waiter)
+        if not waiters:
+            del self._waiters[topic]
 
 
 STORE_KEY = web.AppKey("scheduler_store", object)
@@ -391,20 +431,31 @@ async def _next_job(request: web.Request) -> web.StreamResponse:
     await request.app[FENCE_KEY].check(request, node_id=node_id)
     gone = object()
     started = asyncio.get_running_loop().time()
+    # Whether the last claim found only batch work that the interactive headroom kept from this node: until a
+    # claim finds otherwise, batch submissions do not wake it (they would be refused too). Interactive submissions,
+    # re-queued jobs, new capacity and the periodic re-check (poll_s: a slot freed, a batch job aged) still do.
+    held_back = False
+
+    def hold_back() -> None:
+        nonlocal held_back
+        held_back = True
 
     async def check() -> Any:
+        nonlocal held_back
         # A poller that hung up must not be handed a job it will never see.
         if _client_gone(request):
             return gone
         # Read before the claim: no later than the lease's grant, whichever way it is granted.
         held = asyncio.get_running_loop().time() - started
-        assignment = await store.assign_next(node_id, resource, lease_ttl_s)
+        held_back = False
+        assignment = await store.assign_next(node_id, resource, lease_ttl_s, on_held_back=hold_back)
         if assignment is None:
             return None
         assignment.poll_held_s = round(held, 6)
         return assignment
 
-    assignment = await request.app[NOTIFIER_KEY].wait_for(QUEUE_TOPIC, check, wait_s)
+    assignment = await request.app[NOTIFIER_KEY].wait_for(QUEUE_TOPIC, check, wait_s, also=BATCH_TOPIC,
+                                                         also_while=lambda: not held_back)
     if assignment is None or assignment is gone:
         return web.Response(status=204)
     return _json(assignment)

@@ -15,7 +15,7 @@ from .rules import Ask, Served, admission_refusal, queue_full, unservable_messag
 from .schemas import TERMINAL_JOB_STATES, JobErrorInfo, JobSpec, JobView
 from .schemas import JobState as J
 from .schemas import Priority
-from .topics import QUEUE_TOPIC
+from .topics import submitted_topic
 from .transitions import OPEN, StorePart, Transitions, doc, unknown_job
 
 log = logging.getLogger("node_agent.scheduler")
@@ -156,7 +156,8 @@ class Submissions(StorePart):
                 *self._asks(spec), client,
             )
             await upload.write_rest(tx, now, job_id)
-            tx.notify(QUEUE_TOPIC)  # (no job topic: nobody can be waiting on a job before its id is answered)
+            # (no job topic: nobody can be waiting on a job before its id is answered)
+            tx.notify(submitted_topic(spec.priority))
             return job_id, J.QUEUED, False
 
         async def fast() -> tuple[str, str, bool] | None:

@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
-#: A job was queued (or re-queued), or a node registered: pollers for work re-check.
+from .schemas import Priority
+
+#: A job that any poller may take was queued (an interactive one, or one re-queued), or a node registered or was
+#: uncordoned: pollers for work re-check.
 QUEUE_TOPIC = "queue"
+#: A batch job was submitted. Only the pollers that could take it listen: one whose last claim the interactive
+#: headroom refused (``rules.batch_allowed``) would be refused again, and under a batch backlog each submit woke
+#: such idle nodes for nothing (docs/benchmarks.md, issue 23); it re-checks on ``QUEUE_TOPIC`` and every
+#: ``poll_s`` instead.
+BATCH_TOPIC = "queue:batch"
+#: The topics whose wake-ups go to a few waiters each (``server.QUEUE_WAKE``), not to all: each woken poller claims.
+QUEUE_TOPICS = (QUEUE_TOPIC, BATCH_TOPIC)
+
+
+def submitted_topic(priority: str) -> str:
+    """The topic a newly submitted job of ``priority`` announces itself on."""
+    return BATCH_TOPIC if priority == Priority.BATCH else QUEUE_TOPIC
 
 
 def job_topic(job_id: str) -> str:
