@@ -772,8 +772,10 @@ class Driver:
             await asyncio.gather(*tasks)
 
         log(f"{self.store.name}, {loaded.name}: {loaded.jobs} jobs at {a.interactive_rate:g}/s")
+        cpu0 = self.procs.snapshot()
         await paced()
         t1 = time.monotonic()
+        cpu1 = self.procs.snapshot()
         filling = False
         await refilling
         backlog.jobs = len(backlog.submit_t)
@@ -788,6 +790,11 @@ class Driver:
 
         # Batch work done while the backlog was kept (every slot it may use busy): what a headroom costs it.
         batch_done = sum(1 for j in backlog.submit_t if j in self.accepted and t0 <= self.accepted[j][0][0] <= t1)
+        # What the scheduler spends while the backlog is kept (submits, claims, results, needless wake-ups): per job
+        # it finished in that time, batch and interactive.
+        cores = self.procs.cores(cpu0, cpu1, t1 - t0)
+        done = batch_done + sum(1 for j in loaded.submit_t
+                                if j in self.accepted and t0 <= self.accepted[j][0][0] <= t1)
         base, busy = queued(empty), queued(loaded)
         p99_base, p99_busy = percentile(base, 99), percentile(busy, 99)
         result = {
@@ -803,13 +810,16 @@ class Driver:
             "batch_queued_at_submit_p50": percentile([float(x) for x in at_submit], 50),
             "batch_queued_p50_s": percentile(queued(backlog), 50),
             "batch_jobs_per_s": batch_done / (t1 - t0) if t1 > t0 else float("nan"),
+            "backlog_cores": cores,
+            "backlog_scheduler_ms_per_job": cores["scheduler"] * (t1 - t0) * 1000 / done if done else float("nan"),
             "submit_errors": (empty.submit_errors + backlog.submit_errors + loaded.submit_errors)[:20],
         }
         log(f"{self.store.name}, priority: interactive queued_s p99 {ms(p99_base)} on an empty queue, "
             f"{ms(p99_busy)} with {result['batch_queued_at_submit_min']}+ batch jobs queued: "
             f"{result['ratio_p99']:.2f}x (p90 {ms(result['empty_p90_s'])} / {ms(result['loaded_p90_s'])}; "
             f"{result['loaded_over_empty_p99']} of {len(busy)} over the empty queue's p99; batch "
-            f"{result['batch_jobs_per_s']:.1f} jobs/s)")
+            f"{result['batch_jobs_per_s']:.1f} jobs/s; scheduler {cores['scheduler']:.2f} cores, "
+            f"{result['backlog_scheduler_ms_per_job']:.2f} ms per job finished meanwhile)")
         return result, [empty, backlog, loaded]
 
     # ------------------------------------------------------------------ checks
@@ -999,7 +1009,7 @@ def priority_table(stores: list[dict[str, Any]]) -> str:
     head = ("store", "interactive queued_s p50 / p99, empty queue",
             "interactive queued_s p50 / p99, batch backlog", "batch queued at each interactive submit (min / p50)",
             "batch jobs' queued_s p50 (a FIFO's wait)", "batch jobs/s during the backlog",
-            f"p99 ratio (target <= {TARGET_PRIORITY_RATIO:g}x)")
+            "scheduler CPU per job during the backlog", f"p99 ratio (target <= {TARGET_PRIORITY_RATIO:g}x)")
     rows = []
     for s in stores:
         p = s.get("priority")
@@ -1010,6 +1020,7 @@ def priority_table(stores: list[dict[str, Any]]) -> str:
                      f"{ms(p['loaded_p50_s'])} / {ms(p['loaded_p99_s'])}",
                      f"{p['batch_queued_at_submit_min']} / {p['batch_queued_at_submit_p50']:.0f}",
                      ms(p["batch_queued_p50_s"]), f"{p.get('batch_jobs_per_s', float('nan')):.1f}",
+                     f"{p.get('backlog_scheduler_ms_per_job', float('nan')):.2f} ms",
                      f"{p['ratio_p99']:.2f}x: {'met' if ok else 'NOT met'}"))
     return markdown_table(head, rows)
 
