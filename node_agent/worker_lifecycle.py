@@ -48,6 +48,8 @@ RESTART_REASONS = ("crash", "timeout", "stall", "recycle", "lease_lost")
 
 #: Longest wait between retries of a fatal worker (``worker.fatal_retry_s`` doubles up to this).
 FATAL_RETRY_MAX_S = 3600.0
+#: How long a worker whose socket broke mid-job is given to be seen exiting, so its error names how it ended.
+EXIT_SEEN_S = 0.5
 
 
 class ProcessLifecycle:
@@ -318,8 +320,12 @@ class ProcessLifecycle:
         """The process died (or broke the protocol) during job ``job_id``: make sure it is gone, restart, and
         hand back the job's ``WorkerCrashed``."""
         self.proc = None
+        # A broken socket mostly means the process died: its exit, seen within a moment, is what the error names
+        # (killed by SIGKILL), beside the broken send or read that noticed it.
+        died = await proc.exit_within(EXIT_SEEN_S) if detail is not None else None
         code = await proc.kill(self.settings.stop_grace_s)
-        what = detail or describe_exit(code)
+        what = describe_exit(code) if detail is None else (
+            f"{detail} ({describe_exit(died)})" if died is not None else detail)
         error = WorkerCrashed(f"worker pid {proc.pid} on {self.resource} died during job {job_id}: {what}")
         self.last_error = f"{error.code}: {error.message}"
         log.error("%s", error.message)

@@ -60,6 +60,13 @@ class PluginProcess:
     def alive(self) -> bool:
         return self.proc.returncode is None
 
+    async def exit_within(self, seconds: float) -> int | None:
+        """The exit status if the process ends (or has ended) within ``seconds``; None if it is still running."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), seconds)
+        return self.proc.returncode
+
     def rss_bytes(self) -> int:
         try:
             return psutil.Process(self.pid).memory_info().rss
