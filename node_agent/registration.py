@@ -131,11 +131,10 @@ class Registration:
         ident.last_heartbeat_ok = asyncio.get_running_loop().time()
         if self._on_lease_bounds is not None:
             self._on_lease_bounds(reply.lease.min_ttl_s, reply.lease.max_ttl_s)
-        if reply.node_secret is not None:
-            # Kept before the id: an id on disk without its secret is a node this agent can no longer be.
-            self.client.node_secret = reply.node_secret
-            if self.state is not None:
-                self.state.save_node_secret(reply.node_secret)
+        if reply.node_secret is not None and self.state is not None:
+            # (The client sends it from now on.) Saved before the id: an id on disk without its secret is a node
+            # this agent can no longer be.
+            self.state.save_node_secret(reply.node_secret)
         ident.registered_event.set()
         if self.state is not None:
             self.state.save_node_id(reply.node_id)

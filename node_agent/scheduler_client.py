@@ -314,7 +314,10 @@ class SchedulerClient:
         status, data, headers = await self._call("POST", "register", "/v1/nodes", body=body,
                                                  headers=self._node_headers())
         if status in (200, 201):
-            return self._parse(RegisterResponse, "register", status, data)
+            reply = self._parse(RegisterResponse, "register", status, data)
+            if reply.node_secret is not None:  # the first registration: from now on, this client is that node
+                self.node_secret = reply.node_secret
+            return reply
         raise self._fail("register", status, data, headers)
 
     async def heartbeat(self, node_id: str, request: HeartbeatRequest | Mapping[str, Any]) -> HeartbeatResponse:

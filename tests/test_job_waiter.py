@@ -63,8 +63,7 @@ async def test_a_job_submitted_and_followed_through_the_client(tmp_path) -> None
         assert view.state == "queued" and time.monotonic() - started >= 0.45
 
         # A node (the same client, now with an identity) gets exactly what was submitted.
-        registered = await client.register(NODE)
-        node_id, client.node_secret = registered.node_id, registered.node_secret  # as registration.py keeps it
+        node_id = (await client.register(NODE)).node_id  # the client keeps the node secret it was given
         assignment = await client.next_job(node_id, 1.0, "cpu")
         assert assignment is not None and assignment.job_id == submitted.job_id
         assert assignment.options.wire() == {"beam_size": 2} and assignment.language == "en"
