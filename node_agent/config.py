@@ -346,6 +346,11 @@ class SchedulerSettings(_Section):
     unservable_after_s: float = Field(
         60.0, gt=0, description="A queued job no live node can serve fails with no_capable_node after this."
     )
+    max_sections_per_job: int = Field(
+        16, ge=1, le=256, description="Most sections one attempt of a long recording is split into (issue 24): "
+        "the parent's own section 0 and up to this many less one section jobs (POST /v1/jobs/{id}/sections). "
+        "1: no recording is split.",
+    )
     store: SecretStr = Field(
         SecretStr("sqlite"),
         description="Where the scheduler keeps its state: 'sqlite' (scheduler.db in node.state_dir), "
