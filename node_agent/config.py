@@ -99,6 +99,16 @@ class AsrSettings(_Section):
         description="Audio at least this long is decoded in batched (chunked) mode; null = never automatically.",
     )
     batch_size: int = Field(8, ge=1, le=64)
+    split_min_s: float | None = Field(
+        60.0,
+        ge=0,
+        description="A scheduler job whose audio is at least this long is cut at silences into sections decoded "
+        "by free slots anywhere in the cluster, when some are free (issue 24); 0 or null: never.",
+    )
+    split_section_min_s: float = Field(
+        30.0, gt=0, description="The shortest section a split makes: audio of 90 s is cut into at most 3."
+    )
+    split_max_sections: int = Field(16, ge=2, le=64, description="The most sections one job is cut into.")
     timeout: TimeoutSettings = Field(default_factory=TimeoutSettings)
 
     @field_validator("model")
