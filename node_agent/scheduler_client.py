@@ -33,6 +33,8 @@ from .errors import NodeAgentError
 from .metrics import AgentMetrics
 from .scheduler.schemas import (
     NODE_SECRET_HEADER,
+    SECTION_SAMPLE_RATE,
+    Capacity,
     EventsReport,
     HeartbeatRequest,
     HeartbeatResponse,
@@ -47,6 +49,8 @@ from .scheduler.schemas import (
     RenewResponse,
     ResultAck,
     ResultReport,
+    SectionList,
+    SectionView,
 )
 
 log = logging.getLogger("node_agent.scheduler_client")
@@ -398,6 +402,56 @@ class SchedulerClient:
         if status in (200, 201):
             return self._parse(ResultAck, "result", status, data)
         raise self._fail("result", status, data, headers)
+
+    # ----- section jobs (issue 24): the parent's holder asks, makes and follows them --------------------------
+
+    async def job_capacity(self, job_id: str, lease_id: str) -> int:
+        """``GET /v1/jobs/{id}/capacity``: how many sections of the job (held under ``lease_id``) the scheduler
+        would dispatch at once now (0: none; a section is never split again). A lost lease is ``Rejected``
+        (``lease_lost``, or ``job_cancelled``)."""
+        status, data, headers = await self._call("GET", "job_capacity", f"/v1/jobs/{job_id}/capacity",
+                                                 params={"lease_id": lease_id}, headers=self._node_headers())
+        if status == 200:
+            return self._parse(Capacity, "job_capacity", status, data).free_slots
+        raise self._fail("job_capacity", status, data, headers)
+
+    async def create_section(self, job_id: str, *, lease_id: str, lease_epoch: int, index: int, offset_s: float,
+                             duration_s: float, audio: bytes, sample_rate: int = SECTION_SAMPLE_RATE) -> str:
+        """``POST /v1/jobs/{id}/sections``: section ``index`` (1..) of the job's current attempt, its raw
+        pcm_s16le ``audio`` starting ``offset_s`` into the parent's; the child job's id. Idempotent per (job,
+        attempt, index): a retry after a lost answer gets the same child. A lost lease is ``Rejected``; an index,
+        offset or duration the scheduler refuses is ``BadRequest`` (422 ``section_refused``)."""
+        fields = {"lease_id": lease_id, "lease_epoch": str(lease_epoch), "index": str(index),
+                  "offset_s": repr(float(offset_s)), "duration_s": repr(float(duration_s)),
+                  "sample_rate": str(sample_rate)}
+
+        def form() -> aiohttp.FormData:
+            body = aiohttp.FormData()
+            for name, value in fields.items():
+                body.add_field(name, value)
+            body.add_field("audio", io.BytesIO(audio), filename=f"section-{index}.pcm",
+                           content_type="application/octet-stream")
+            return body
+
+        status, data, headers = await self._call("POST", "section_create", f"/v1/jobs/{job_id}/sections", form=form,
+                                                 timeout=max(60.0, self.request_timeout_s),
+                                                 headers=self._node_headers())
+        if status in (200, 201):
+            return self._parse(JobView, "section_create", status, data).job_id
+        raise self._fail("section_create", status, data, headers)
+
+    async def job_sections(self, job_id: str, lease_id: str, *, from_index: int = 0,
+                           wait_s: float = 0.0) -> list[SectionView]:
+        """``GET /v1/jobs/{id}/sections``: the sections of the job's current attempt by index, results from
+        ``from_index`` on; with ``wait_s`` (the scheduler holds at most 30 s) a long poll that answers once the
+        section ``from_index`` waits for has ended, a later one failed, or any section's state changed."""
+        params = {"lease_id": lease_id, "from": str(from_index), "wait_s": f"{max(0.0, wait_s):.2f}"}
+        status, data, headers = await self._call("GET", "job_sections", f"/v1/jobs/{job_id}/sections",
+                                                 params=params, timeout=wait_s + self.request_timeout_s,
+                                                 headers=self._node_headers())
+        if status == 200:
+            return self._parse(SectionList, "job_sections", status, data).sections
+        raise self._fail("job_sections", status, data, headers)
 
     # ----- the job API (a client's calls; no node identity) ------------------------------------------------------
 

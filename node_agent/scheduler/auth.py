@@ -71,6 +71,13 @@ ROUTE_ROLES: dict[tuple[str, str], Role] = {
     ("GET", "/v1/jobs/{job_id}/audio"): Role.NODE,
     ("POST", "/v1/jobs/{job_id}/events"): Role.NODE,
     ("POST", "/v1/jobs/{job_id}/result"): Role.NODE,
+    ("GET", "/v1/jobs/{job_id}/capacity"): Role.NODE,
+    ("POST", "/v1/jobs/{job_id}/sections"): Role.NODE,
+}
+#: Routes more than one role may call (and operators): a parent's sections are followed by the node holding its
+#: lease, and read by the client that submitted it.
+SHARED_ROUTES: dict[tuple[str, str], frozenset[Role]] = {
+    ("GET", "/v1/jobs/{job_id}/sections"): frozenset({Role.NODE, Role.CLIENT}),
 }
 
 _ROLE_KEYS = {"clients": Role.CLIENT, "nodes": Role.NODE, "operators": Role.OPERATOR}
@@ -80,6 +87,12 @@ _TOKEN_SETTING = {Role.CLIENT: "tokens.clients", Role.NODE: "tokens.nodes", Role
 def role_needed(method: str, route: str) -> Role:
     """The role a request needs (an operator's token may do everything)."""
     return ROUTE_ROLES.get(("GET" if method == "HEAD" else method, route), Role.OPERATOR)
+
+
+def roles_allowed(method: str, route: str) -> frozenset[Role]:
+    """Every role that may call a route besides operators (who may call all)."""
+    key = ("GET" if method == "HEAD" else method, route)
+    return SHARED_ROUTES.get(key) or frozenset({role_needed(method, route)})
 
 
 class Credentials:
@@ -133,11 +146,11 @@ def auth_middleware(credentials: Credentials) -> Callable[..., Awaitable[web.Str
             resource = request.match_info.route.resource
             # No route (404) or a method it lacks (405): the router's own answer, to an authenticated caller.
             if resource is not None and request.match_info.http_exception is None:
-                needed = role_needed(request.method, resource.canonical)
-                if caller.role is not Role.OPERATOR and caller.role is not needed:
-                    raise Forbidden(f"{request.method} {resource.canonical} needs {_a(needed)} token "
-                                    f"(scheduler.{_TOKEN_SETTING[needed]}); {caller.name!r} is {_a(caller.role)} "
-                                    "token")
+                allowed = roles_allowed(request.method, resource.canonical)
+                if caller.role is not Role.OPERATOR and caller.role not in allowed:
+                    needed = " or ".join(f"{_a(r)} token (scheduler.{_TOKEN_SETTING[r]})" for r in sorted(allowed))
+                    raise Forbidden(f"{request.method} {resource.canonical} needs {needed}; {caller.name!r} is "
+                                    f"{_a(caller.role)} token")
         return await handler(request)
 
     return auth

@@ -181,9 +181,9 @@ async def _chunks_by(part: BodyPartReader, deadline: float) -> AsyncIterator[byt
         yield chunk
 
 
-async def read_multipart(request: web.Request, max_bytes: int,
-                         begin_upload: Callable[[], Awaitable[Upload]]) -> tuple[dict[str, str], FilePart | None]:
-    """Form fields, and the ``file`` part streamed into the store as it arrives; every byte counts against
+async def read_multipart(request: web.Request, max_bytes: int, begin_upload: Callable[[], Awaitable[Upload]],
+                         file_field: str = "file") -> tuple[dict[str, str], FilePart | None]:
+    """Form fields, and the ``file_field`` part streamed into the store as it arrives; every byte counts against
     ``max_bytes``. On any error the partial upload is dropped."""
     check_encoding(request)
     if request.content_length is not None and request.content_length > max_bytes:
@@ -206,9 +206,9 @@ async def read_multipart(request: web.Request, max_bytes: int,
             if not isinstance(part, BodyPartReader):
                 raise InvalidInput("nested multipart bodies are not supported")
             name = part.name or ""
-            if name == "file":
+            if name == file_field:
                 if upload is not None:
-                    raise InvalidInput("file: more than one 'file' part", param="file")
+                    raise InvalidInput(f"{file_field}: more than one '{file_field}' part", param=file_field)
                 upload = FilePart(await begin_upload(), sanitize_filename(part.filename))
                 async for chunk in _chunks_by(part, deadline):
                     total += len(chunk)

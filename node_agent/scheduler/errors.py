@@ -120,3 +120,10 @@ class StoreUnavailable(ApiError):
 class StoreError(NodeAgentError):
     """The store cannot be used at all (a path that cannot be opened, a newer schema, a bad DSN): the scheduler does
     not start, and says why in one line."""
+
+
+class SectionRefused(ApiError):
+    """A section job the scheduler will not make (issue 24): an index past ``scheduler.max_sections_per_job``, an
+    offset or duration that cannot be, or a parent that is itself a section: 422, nothing made."""
+
+    code = "section_refused"

@@ -145,6 +145,11 @@ class SchedulerMetrics:
             ["state"],
             registry=registry,
         )
+        self.sections = Counter(
+            "node_agent_scheduler_sections",
+            "Section jobs made of long recordings (POST /v1/jobs/{id}/sections; retries of one excluded).",
+            registry=registry,
+        )
         # Its model label's values are bounded by the models nodes register: a job asking for one no live node
         # serves is refused at submit. "" : the job asked for none.
         self.queue_wait = Histogram(

@@ -151,12 +151,28 @@ CREATE INDEX jobs_client ON jobs (client, seq);
 CREATE INDEX jobs_seq ON jobs (seq);
 """
 
+#: Version 3 (issue 24): section jobs. A child names its parent, the parent's attempt that made it, its index and
+#: where it lies in the parent's audio; ``sections_made`` on a parent counts the children ever made of it, so that
+#: only a job with some pays for the cascade when it ends (transitions.cancel_sections). The unique index makes a
+#: section idempotent per (parent, attempt, index) and finds a parent's sections.
+_V3 = """
+ALTER TABLE jobs ADD COLUMN parent_id TEXT;
+ALTER TABLE jobs ADD COLUMN parent_attempt INTEGER;
+ALTER TABLE jobs ADD COLUMN section INTEGER;
+ALTER TABLE jobs ADD COLUMN offset_s {double};
+ALTER TABLE jobs ADD COLUMN duration_s {double};
+ALTER TABLE jobs ADD COLUMN sections_made INTEGER NOT NULL DEFAULT 0;
+CREATE UNIQUE INDEX jobs_sections ON jobs (parent_id, parent_attempt, section) WHERE parent_id IS NOT NULL;
+"""
+
 #: (version, what it does, {dialect: SQL}), in order. Add new ones at the end; never edit an applied one.
 MIGRATIONS: list[tuple[int, str, dict[str, str]]] = [
     (1, "nodes, jobs, segments, leases, reports, audio, the reapers' clock; epoch and job sequences",
      {d: _V1.format(**_TYPES[d], **_STATES) + _V1_SEQUENCES[d] for d in _TYPES}),
     (2, "jobs' model, labels, priority, client and canceller; nodes' labels, cordon, drain deadline and secret",
      {d: _V2.format(**_TYPES[d], **_STATES, batch=Priority.BATCH) for d in _TYPES}),
+    (3, "section jobs: a child's parent, the parent's attempt, index, offset and duration; a parent's count",
+     {d: _V3.format(**_TYPES[d]) for d in _TYPES}),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 from .db import Row, Tx, sql_list
 from .errors import InvalidInput, NodeNotFound
 from .nodes import node_view
+from .sections import section_summaries
 from .schemas import (
     ClusterNode,
     ClusterView,
@@ -28,6 +29,7 @@ from .schemas import (
     QueueSummary,
     ReplicaInfo,
     RunningJob,
+    SectionSummary,
     SlotView,
     stored_devices,
 )
@@ -133,7 +135,7 @@ class Operators(StorePart):
                         client: str | None = None, limit: int = 500, after: str | None = None) -> JobList:
         """Up to ``limit`` jobs, newest first (by submission order), those submitted before job ``after`` when
         given; only ``client``'s when given (a client sees its own jobs alone)."""
-        async def op(tx: Tx) -> tuple[float, list[Row]]:
+        async def op(tx: Tx) -> tuple[float, list[Row], dict[str, list[SectionSummary]]]:
             where = ["1 = 1"]
             params: list[object] = []
 
@@ -157,11 +159,12 @@ class Operators(StorePart):
                 where.append(f"node_id = {param(node_id)}")
             rows = await tx.fetch(
                 "SELECT job_id, state, priority, model, language, node_id, resource, attempt, filename, created_at, "
-                f"finished_at, error FROM jobs WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT {param(limit + 1)}",
+                "finished_at, error, parent_id, section, offset_s, sections_made FROM jobs "
+                f"WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT {param(limit + 1)}",
                 *params)
-            return await tx.now(), rows
+            return await tx.now(), rows, await section_summaries(tx, rows[:limit])
 
-        now, rows = await self.engine.run(op)
+        now, rows, sections = await self.engine.run(op)
         more = len(rows) > limit
         rows = rows[:limit]
         return JobList(next_after=rows[-1]["job_id"] if more else None, jobs=[
@@ -171,6 +174,8 @@ class Operators(StorePart):
                 filename=r["filename"], created_age_s=round(now - r["created_at"], 3),
                 finished_age_s=round(now - r["finished_at"], 3) if r["finished_at"] is not None else None,
                 error_code=json.loads(r["error"]).get("code") if r["error"] else None,
+                sections=sections.get(r["job_id"], []), parent_id=r["parent_id"], section=r["section"],
+                offset_s=r["offset_s"],
             )
             for r in rows
         ])

@@ -294,7 +294,7 @@ class PgFast:
                          result = $6, node_timings = $7,
                          upload_id = CASE WHEN $10 THEN NULL ELSE jobs.upload_id END
                      FROM t WHERE {_FENCE}
-                     RETURNING jobs.job_id, jobs.attempt, jobs.node_id, jobs.created_at),
+                     RETURNING jobs.job_id, jobs.attempt, jobs.node_id, jobs.created_at, jobs.parent_id),
                ls AS (UPDATE leases SET state = '{L.RELEASED}', ended_at = t.now FROM f, t
                       WHERE leases.job_id = f.job_id AND leases.state = '{L.ACTIVE}' AND leases.attempt = f.attempt),
                ds AS (DELETE FROM segments WHERE cardinality(CAST($8 AS INTEGER[])) > 0
@@ -309,7 +309,10 @@ class PgFast:
                           AND upload_id = (SELECT upload_id FROM o)),
                r AS (INSERT INTO reports (job_id, attempt, lease_id, epoch, node_id, ack)
                      SELECT f.job_id, $2, $3, $4, $5, $11 FROM f)
-               SELECT f.*, t.now, pg_notify($12, $13) FROM f, t""",
+               SELECT f.*, t.now, pg_notify($12, $13),
+                   -- a section's parent's follow wakes (topics.sections_topic); a parent succeeding cancels nothing
+                   CASE WHEN f.parent_id IS NOT NULL THEN pg_notify($12, 'sections:' || f.parent_id) END
+               FROM f, t""",
             *holder, result, timings, seg_ids, data, drop_audio, ack, CHANNEL, job_topic(holder[0]),
         )
 

@@ -216,6 +216,33 @@ def batch_allowed(slots: int, busy: int, headroom: int) -> bool:
     return headroom <= 0 or slots - busy - 1 >= headroom
 
 
+@dataclass(frozen=True)
+class CapacityFacts:
+    """What the store sees when a parent job asks how many sections it may make (issue 24): among the live nodes
+    taking jobs (neither cordoned nor draining), their ASR ``slots`` and the ``busy`` ones (open jobs hold them),
+    the ``idle_serving`` slots that serve the parent's ask (``serves``), and the queued jobs those slots would take
+    before a new section (``queued_ahead``: jobs they serve of the same dispatch class or an earlier one)."""
+
+    slots: int
+    busy: int
+    idle_serving: int
+    queued_ahead: int
+
+
+def section_capacity(facts: CapacityFacts, *, batch: bool, headroom_fraction: float, max_sections: int) -> int:
+    """How many section children of a job would be dispatched at once now: the idle slots serving it less the queued
+    jobs ahead of them, and for a ``batch`` parent (its children are batch jobs not aged) no more than
+    ``batch_allowed`` lets through before the interactive headroom is reached; at most ``max_sections`` - 1 (the
+    parent's own section 0 is the other one), never below 0."""
+    free = facts.idle_serving - facts.queued_ahead
+    if batch:
+        headroom = headroom_slots(facts.slots, headroom_fraction)
+        if headroom > 0:
+            # batch_allowed for k children in turn: slots - (busy + i) - 1 >= headroom for i < k.
+            free = min(free, facts.slots - facts.busy - headroom)
+    return max(0, min(free, max_sections - 1))
+
+
 def unservable_error(ask: Ask, served: Served, waited_s: float, after_s: float) -> JobErrorInfo:
     return JobErrorInfo(
         code="no_capable_node",

@@ -471,6 +471,44 @@ class JobSubmitted(_Reply):
     state: JobState
 
 
+#: The longest a ``GET /v1/jobs/{id}/sections`` long poll waits (``wait_s``).
+SECTIONS_WAIT_MAX_S = 30.0
+#: The sample rates a section's raw audio may have (the plugin cuts 16 kHz audio: the one Whisper decodes).
+SECTION_SAMPLE_RATE = 16000
+
+
+class SectionSummary(_Reply):
+    """One section child of a parent job (issue 24), as the parent's view lists it: its index (1.., the parent's
+    own audio is section 0), its job, where it runs, and where it lies in the parent's audio (seconds)."""
+
+    index: int
+    job_id: str
+    state: JobState
+    node_id: str | None
+    offset_s: float
+    duration_s: float
+
+
+class SectionView(SectionSummary):
+    """``GET /v1/jobs/{id}/sections``: a section as its parent's node follows it. ``result`` (times relative to the
+    section's own audio) only for a section that succeeded at or after the poll's ``from``; ``error`` for one that
+    failed or was cancelled."""
+
+    attempt: int
+    result: TranscriptResult | None = None
+    error: JobErrorInfo | None = None
+
+
+class SectionList(_Reply):
+    sections: list[SectionView]
+
+
+class Capacity(_Reply):
+    """``GET /v1/jobs/{id}/capacity``: how many section children of the job would be dispatched at once now."""
+
+    free_slots: int
+
+
 class JobView(_Reply):
     job_id: str
     state: JobState
@@ -486,6 +524,12 @@ class JobView(_Reply):
     model: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     priority: Priority = Priority.BATCH
+    #: A parent's sections of its current attempt, by index (empty: not split).
+    sections: list[SectionSummary] = Field(default_factory=list)
+    #: A section child's parent, its index there and where it starts in the parent's audio (None: not a section).
+    parent_id: str | None = None
+    section: int | None = None
+    offset_s: float | None = None
 
 
 
@@ -522,6 +566,11 @@ class JobSummary(_Reply):
     #: Seconds since it finished; None while open.
     finished_age_s: float | None
     error_code: str | None
+    #: As in ``JobView``: a parent's sections, a child's parent and index.
+    sections: list[SectionSummary] = Field(default_factory=list)
+    parent_id: str | None = None
+    section: int | None = None
+    offset_s: float | None = None
 
 
 class JobList(_Reply):

@@ -37,6 +37,7 @@ from .errors import (
     QueueFull,
     ReportRejected,
     ResourceHeld,
+    SectionRefused,
     ShuttingDown,
     StoreUnavailable,
     TooLarge,
@@ -69,9 +70,14 @@ from .schemas import (
     RegisterRequest,
     RenewRequest,
     ResultReport,
+    SECTION_SAMPLE_RATE,
+    SECTIONS_WAIT_MAX_S,
+    Capacity,
+    SectionList,
+    SectionView,
 )
 from .store import Store, open_store
-from .topics import BATCH_TOPIC, QUEUE_TOPIC, QUEUE_TOPICS, job_topic
+from .topics import BATCH_TOPIC, QUEUE_TOPIC, QUEUE_TOPICS, job_topic, sections_topic
 
 log = logging.getLogger("node_agent.scheduler")
 
@@ -214,6 +220,7 @@ _HTTP_STATUS: dict[type[ApiError], int] = {
     LeaseUnusable: 410,
     TooLarge: 413,
     Unservable: 422,
+    SectionRefused: 422,
     QueueFull: 429,
     ShuttingDown: 503,
     StoreUnavailable: 503,
@@ -503,6 +510,125 @@ async def _post_result(request: web.Request) -> web.Response:
     report = await read_json(request, ResultReport)
     await request.app[FENCE_KEY].check(request, node_id=report.node_id)
     return _json(await _store(request).report_result(request.match_info["job_id"], report))
+
+
+# ------------------------------------------------------------------------------- sections (issue 24)
+
+
+def _lease_param(request: web.Request, required: bool) -> str | None:
+    lease_id = request.query.get("lease_id") or None
+    if lease_id is None:
+        if required:
+            raise InvalidInput("lease_id: required (the caller's live lease on the job)", param="lease_id")
+        return None
+    _check_id("lease_id", lease_id)
+    return lease_id
+
+
+async def _job_capacity(request: web.Request) -> web.Response:
+    """``GET /v1/jobs/{id}/capacity?lease_id=L``: how many sections of the job would be dispatched at once now."""
+    lease_id = _lease_param(request, required=True)
+    assert lease_id is not None
+    await request.app[FENCE_KEY].check(request, lease_id=lease_id)
+    free = await _store(request).job_capacity(request.match_info["job_id"], lease_id)
+    return _json(Capacity(free_slots=free))
+
+
+def _form_number(fields: Mapping[str, str], name: str, kind: type[int] | type[float], low: float, high: float,
+                 default: float | None = None) -> Any:
+    """A numeric form field within [low, high] (400 naming it otherwise); ``default`` when absent (None: required)."""
+    raw = fields.get(name, "").strip()
+    if not raw:
+        if default is None:
+            raise InvalidInput(f"{name}: required", param=name)
+        return kind(default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise InvalidInput(f"{name}: not {'an integer' if kind is int else 'a number'}: {raw[:20]!r}",
+                           param=name) from None
+    if not math.isfinite(value):
+        raise InvalidInput(f"{name}: must be a finite number", param=name)
+    if not low <= value <= high:
+        shown = f"{int(low)}..{int(high)}" if kind is int else f"{low:g}..{high:g}"
+        raise InvalidInput(f"{name}: {raw[:20]} is not within {shown}", param=name)
+    return value
+
+
+async def _create_section(request: web.Request) -> web.Response:
+    """``POST /v1/jobs/{id}/sections``: a section of the job's current attempt, as a child job (201; a retry of
+    the same index answers the child made first, 200)."""
+    store = _store(request)
+    if request.content_type != "multipart/form-data":
+        raise InvalidInput("expected a multipart/form-data body with an 'audio' part", param="audio")
+    fields, part = await read_multipart(request, request.app[SETTINGS_KEY].max_body_bytes, store.begin_upload,
+                                        file_field="audio")
+    try:
+        lease_id = fields.get("lease_id", "").strip()
+        if not lease_id:
+            raise InvalidInput("lease_id: required (the holder's live lease on the parent job)", param="lease_id")
+        _check_id("lease_id", lease_id)
+        lease_epoch = _form_number(fields, "lease_epoch", int, 1, 2**63 - 1)
+        index = _form_number(fields, "index", int, -(2**31), 2**31 - 1)
+        offset_s = _form_number(fields, "offset_s", float, -math.inf, math.inf)
+        duration_s = _form_number(fields, "duration_s", float, -math.inf, math.inf)
+        sample_rate = _form_number(fields, "sample_rate", int, 1000, 384_000, default=SECTION_SAMPLE_RATE)
+        if part is None:
+            raise InvalidInput("audio: a part named 'audio' with the section's pcm_s16le audio is required",
+                               param="audio")
+        _check_audio(JobSpec(format="pcm_s16le", sample_rate=sample_rate), part.upload.size, "audio")
+        await request.app[FENCE_KEY].check(request, lease_id=lease_id)
+    except BaseException:
+        if part is not None:
+            await part.upload.discard()
+        raise
+    summary, made = await store.create_section(
+        request.match_info["job_id"], lease_id=lease_id, lease_epoch=lease_epoch, index=index, offset_s=offset_s,
+        duration_s=duration_s, sample_rate=sample_rate, upload=part.upload)
+    return _json(await store.view_job(summary.job_id), status=201 if made else 200)
+
+
+def _sections_news(sections: list[SectionView], from_index: int) -> bool:
+    """Whether a follower reading from ``from_index`` has something to act on now: the first section it waits for
+    has ended, or a later one failed or was cancelled (which fails the parent)."""
+    waiting = [s for s in sections if s.index >= from_index]
+    if not waiting:
+        return False
+    ended = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+    return waiting[0].state in ended or any(s.state in (JobState.FAILED, JobState.CANCELLED) for s in waiting)
+
+
+async def _job_sections(request: web.Request) -> web.Response:
+    """``GET /v1/jobs/{id}/sections?lease_id=L&from=K&wait_s=S``: the sections of the job's current attempt. A node
+    reads them as the holder of the job's live lease; the job's client and operators without one. With ``wait_s``
+    (at most ``SECTIONS_WAIT_MAX_S``) it answers at once when there is news for the follower (``_sections_news``),
+    else when any section's state changes, or when the time passes."""
+    store = _store(request)
+    job_id = request.match_info["job_id"]
+    lease_id = _lease_param(request, required=False)
+    caller = auth.caller_of(request)
+    if lease_id is None and caller is not None and caller.role is auth.Role.NODE:
+        raise InvalidInput("lease_id: a node reads a job's sections as the holder of its live lease",
+                           param="lease_id")
+    from_index = int(_form_number(request.query, "from", int, 0, 2**31 - 1, default=0))
+    wait_s = _query_float(request, "wait_s", 0.0, 0.0, min(SECTIONS_WAIT_MAX_S, request.app[SETTINGS_KEY].max_wait_s))
+    if lease_id is not None:
+        await request.app[FENCE_KEY].check(request, lease_id=lease_id)
+    client = auth.client_scope(request)
+
+    async def read() -> list[SectionView]:
+        return await store.job_sections(job_id, lease_id=lease_id, client=client, from_index=from_index)
+
+    sections = await read()
+    if wait_s > 0 and not _sections_news(sections, from_index):
+        first = [(s.index, s.job_id, s.state, s.attempt) for s in sections]
+
+        async def changed() -> list[SectionView] | None:
+            now = await read()
+            return now if [(s.index, s.job_id, s.state, s.attempt) for s in now] != first else None
+
+        sections = await request.app[NOTIFIER_KEY].wait_for(sections_topic(job_id), changed, wait_s) or await read()
+    return _json(SectionList(sections=sections))
 
 
 def _form_flag(fields: Mapping[str, str], name: str) -> bool | None:
@@ -833,6 +959,9 @@ async def create_app(
     app.router.add_get("/v1/jobs/{job_id}/audio", _job_audio)
     app.router.add_post("/v1/jobs/{job_id}/events", _post_events)
     app.router.add_post("/v1/jobs/{job_id}/result", _post_result)
+    app.router.add_get("/v1/jobs/{job_id}/capacity", _job_capacity)
+    app.router.add_post("/v1/jobs/{job_id}/sections", _create_section)
+    app.router.add_get("/v1/jobs/{job_id}/sections", _job_sections)
     app.router.add_post(OPENAI_PATH, _openai_transcriptions)
     return app
 

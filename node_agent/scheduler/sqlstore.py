@@ -13,8 +13,9 @@ wall clock, or a test's), never a replica's, and survive restarts.
 The operations are grouped by who calls them, each group a class of its own over one engine: ``Nodes`` (register,
 heartbeat), ``Submissions`` (clients' jobs and audio), ``Dispatch`` (nodes' jobs, leases and reports), ``Reaper``
 (what fell due), ``Cancels`` (jobs a client or operator ends), ``Operators`` (cordon, drain, the job listing and the
-cluster summary), ``Identity`` (a node's secret, a job's client); ``Transitions`` holds what they share, ``Replica``
-what this process remembers between transactions. ``SqlStore`` puts them together behind the ``store.Store`` interface.
+cluster summary), ``Identity`` (a node's secret, a job's client), ``Sections`` (long recordings' section jobs);
+``Transitions`` holds what they share, ``Replica`` what this process remembers between transactions. ``SqlStore``
+puts them together behind the ``store.Store`` interface.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .operators import Operators
 from .pgfast import PgFast
 from .reaper import Reaper
 from .replica import Replica
+from .sections import Sections
 from .submissions import SqlUpload, Submissions
 from .transitions import Transitions
 
@@ -79,6 +81,9 @@ class SqlStore:
         operators = Operators(*parts)
         self.cordon, self.uncordon, self.drain = operators.cordon, operators.uncordon, operators.drain
         self.list_jobs, self.cluster = operators.list_jobs, operators.cluster
+        sections = Sections(*parts)
+        self.job_capacity, self.create_section, self.job_sections = (sections.capacity, sections.create_section,
+                                                                    sections.sections)
 
     async def open(self) -> None:
         found = await self.engine.run(lambda tx: migrate(tx, self.where))

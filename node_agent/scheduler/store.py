@@ -37,6 +37,8 @@ from .schemas import (
     RenewResponse,
     ResultAck,
     ResultReport,
+    SectionSummary,
+    SectionView,
 )
 from .sqlstore import SqlStore
 
@@ -120,6 +122,14 @@ class Store(Protocol):
                         client: str | None = None, limit: int = ..., after: str | None = None) -> JobList: ...
 
     async def cluster(self, scheduler: str) -> ClusterView: ...
+
+    async def job_capacity(self, job_id: str, lease_id: str) -> int: ...
+
+    async def create_section(self, job_id: str, *, lease_id: str, lease_epoch: int, index: int, offset_s: float,
+                             duration_s: float, sample_rate: int, upload: Any) -> tuple[SectionSummary, bool]: ...
+
+    async def job_sections(self, job_id: str, *, lease_id: str | None = None, client: str | None = None,
+                           from_index: int = 0) -> list[SectionView]: ...
 
 
 async def open_store(

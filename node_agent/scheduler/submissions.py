@@ -12,9 +12,10 @@ from typing import Any, AsyncIterator
 from .db import Conflict, Engine, Row, Tx, serialize
 from .errors import InvalidInput, UnknownJob, Unservable
 from .rules import Ask, Served, admission_refusal, queue_full, unservable_message
-from .schemas import TERMINAL_JOB_STATES, JobErrorInfo, JobSpec, JobView
+from .schemas import TERMINAL_JOB_STATES, JobErrorInfo, JobSpec, JobView, SectionSummary
 from .schemas import JobState as J
 from .schemas import Priority
+from .sections import section_summaries
 from .topics import submitted_topic
 from .transitions import OPEN, StorePart, Transitions, doc, unknown_job
 
@@ -262,12 +263,13 @@ class Submissions(StorePart):
         return spec.deadline_s if spec.deadline_s is not None else self.settings.default_deadline_s
 
     async def view_job(self, job_id: str) -> JobView:
-        async def op(tx: Tx) -> tuple[float, Row, list[Row]]:
+        async def op(tx: Tx) -> tuple[float, Row, list[Row], list[SectionSummary]]:
             job = await self.tr.job(tx, job_id)
             segments = await tx.fetch("SELECT data FROM segments WHERE job_id = $1 ORDER BY seg_id", job_id)
-            return await tx.now(), job, segments
+            sections = (await section_summaries(tx, [job])).get(job_id, [])
+            return await tx.now(), job, segments, sections
 
-        now, job, segments = await self.engine.run(op)
+        now, job, segments, sections = await self.engine.run(op)
         queued = job["queued_total_s"] + (now - job["queued_at"] if job["state"] == J.QUEUED else 0.0)
         timings: dict[str, Any] = {"queued_s": round(queued, 3)}
         if job["finished_at"] is not None:
@@ -289,6 +291,10 @@ class Submissions(StorePart):
             model=job["model"],
             labels=json.loads(job["labels"]),
             priority=job["priority"],
+            sections=sections,
+            parent_id=job["parent_id"],
+            section=job["section"],
+            offset_s=job["offset_s"],
         )
 
     async def job_settled(self, job_id: str, after_segment: int | None = None) -> bool:

@@ -25,3 +25,9 @@ def job_topic(job_id: str) -> str:
     """The job got segments or ended (what its long polls wait for; an assignment or a lease wakes nobody: on
     PostgreSQL every notifying commit takes a database-wide lock, so only changes someone waits for notify)."""
     return f"job:{job_id}"
+
+
+def sections_topic(parent_id: str) -> str:
+    """A section child of ``parent_id`` ended or went back to the queue (what the parent's node's follow waits for,
+    ``GET /v1/jobs/{id}/sections?wait_s``). pgfast.py's one-statement result spells it as SQL: keep them one."""
+    return f"sections:{parent_id}"

@@ -24,7 +24,7 @@ from .schemas import OPEN_JOB_STATES, TERMINAL_JOB_STATES, DeviceSpec, JobErrorI
 from .schemas import JobState as J
 from .schemas import LeaseState as L
 from .schemas import NodeState as N
-from .topics import QUEUE_TOPIC, job_topic
+from .topics import QUEUE_TOPIC, job_topic, sections_topic
 
 log = logging.getLogger("node_agent.scheduler")
 
@@ -160,19 +160,22 @@ class Transitions:
         if outcome != "requeue":
             await self.finish(tx, job, now, outcome)
             return
-        changed = await tx.execute(
+        changed = await tx.fetchrow(
             f"""UPDATE jobs SET attempt = attempt + 1, state = '{J.QUEUED}', node_id = NULL, resource = NULL,
                    lease_id = NULL, lease_epoch = NULL, assigned_at = NULL, queued_at = $3
-               WHERE job_id = $1 AND attempt = $2 AND state IN {OPEN}""",
+               WHERE job_id = $1 AND attempt = $2 AND state IN {OPEN} RETURNING sections_made, parent_id""",
             job["job_id"], job["attempt"], now,
         )
-        if not changed:
+        if changed is None:
             return
         self.metrics.jobs_requeued.labels(reason).inc()
         log.info("job requeued job_id=%s reason=%s from_node=%s attempt=%d", job["job_id"], reason,
                  job["node_id"] or "-", job["attempt"] + 1)
         tx.notify(QUEUE_TOPIC)
         tx.notify(job_topic(job["job_id"]))
+        await self._sections_moved(tx, job["job_id"], changed, now, "parent_requeued",
+                                   f"parent_requeued: its parent job {job['job_id']}'s attempt {job['attempt']} was "
+                                   f"re-queued ({reason}); the next attempt splits afresh")
 
     async def finish(self, tx: Tx, job: Row, now: float, error: JobErrorInfo | None, *, result: str | None = None,
                       timings: str | None = None, cancelled_by: str | None = None) -> bool:
@@ -181,23 +184,50 @@ class Transitions:
         ``error``), by that caller. False when it had ended already (or moved on to another attempt)."""
         state = J.CANCELLED if cancelled_by is not None else J.SUCCEEDED if error is None else J.FAILED
         drop_audio = not self.settings.keep_audio and job["upload_id"] is not None
-        changed = await tx.execute(
+        changed = await tx.fetchrow(
             f"""UPDATE jobs SET state = $2, error = $3, finished_at = $4, unservable_since = NULL,
                    queued_total_s = queued_total_s + CASE WHEN state = '{J.QUEUED}' THEN $4 - queued_at ELSE 0 END,
                    result = COALESCE($6, result), node_timings = COALESCE($7, node_timings),
                    upload_id = CASE WHEN $8 = 1 THEN NULL ELSE upload_id END, cancelled_by = $9
-               WHERE job_id = $1 AND attempt = $5 AND state NOT IN {TERMINAL}""",
+               WHERE job_id = $1 AND attempt = $5 AND state NOT IN {TERMINAL} RETURNING sections_made, parent_id""",
             job["job_id"], state, doc(error) if error is not None else None, now, job["attempt"], result, timings,
             int(drop_audio), cancelled_by,
         )
-        if not changed:
+        if changed is None:
             return False
         await self.end_leases(tx, job["job_id"], L.RELEASED, now, job["attempt"])
         if drop_audio:
             await self.drop_audio(tx, job["upload_id"])
         self.finished_log(job, now, error)
         tx.notify(job_topic(job["job_id"]))
+        if error is not None:  # a parent that succeeded leaves its sections as they are (all done by then)
+            if cancelled_by is not None:
+                await self._sections_moved(tx, job["job_id"], changed, now, cancelled_by,
+                                           f"cancelled by {cancelled_by} with its parent job {job['job_id']}")
+            else:
+                await self._sections_moved(tx, job["job_id"], changed, now, "parent_failed",
+                                           f"parent_failed: its parent job {job['job_id']} failed ({error.code})")
+        elif changed["parent_id"] is not None:
+            tx.notify(sections_topic(changed["parent_id"]))
         return True
+
+    async def _sections_moved(self, tx: Tx, job_id: str, changed: Row, now: float, by: str, why: str) -> None:
+        """After job ``job_id`` ended or went back to the queue (``changed``: its row's ``sections_made`` and
+        ``parent_id`` as the write left them): a section child wakes its parent's follow; a parent's open sections
+        are cancelled, ``cancelled_by`` ``by`` (the canceller of a DELETE, else ``parent_requeued`` or
+        ``parent_failed``), so the next attempt splits afresh. The count is read from the row this transaction
+        wrote, so a section made concurrently (it locks the parent first) is never missed; a job never split pays
+        nothing more."""
+        if changed["parent_id"] is not None:
+            tx.notify(sections_topic(changed["parent_id"]))
+        if not changed["sections_made"]:
+            return
+        for child in await tx.fetch(f"SELECT * FROM jobs WHERE parent_id = $1 AND state IN {OPEN}", job_id):
+            error = JobErrorInfo(code="cancelled", message=why)
+            if await self.finish(tx, child, now, error, cancelled_by=by):
+                self.metrics.jobs_cancelled.labels(child["state"]).inc()
+                log.info("section cancelled job_id=%s parent_id=%s by=%s state=%s", child["job_id"], job_id, by,
+                         child["state"])
 
     def finished_log(self, job: Row, now: float, error: JobErrorInfo | None) -> None:
         outcome = "succeeded" if error is None else error.code
