@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from . import wire
 from .config import TimeoutSettings
@@ -26,8 +26,12 @@ from .plugin_messages import (
     CancelMessage,
     ErrorMessage,
     JobMessage,
+    LongAudioMessage,
     ResultMessage,
+    SectionMessage,
+    SectionsMessage,
     SegmentMessage,
+    SplitMessage,
     StartedMessage,
     StoppedMessage,
     parse_from_plugin,
@@ -61,6 +65,22 @@ async def wait_logged(task: "asyncio.Future[Any]", until: float, what: Callable[
             log.warning("%s for %.0f s (%.0f s left)", what(), loop.time() - started, until - loop.time())
 
 
+class Splitter(Protocol):
+    """What a job that may be cut into sections answers the plugin with (``sections.SectionSplit``)."""
+
+    async def sections_for(self, duration_s: float) -> int:
+        """How many sections to cut ``duration_s`` of audio into (1: none); never raises, bounded in time."""
+        ...
+
+    def cut(self, bounds: list[tuple[float, float]], cut_s: float) -> None:
+        """The plugin's cut: every section's (offset_s, duration_s), section 0 first."""
+        ...
+
+    def section(self, index: int, offset_s: float, duration_s: float, sample_rate: int, audio: bytes) -> None:
+        """Section ``index``'s audio (pcm_s16le), to be decoded elsewhere; must not block."""
+        ...
+
+
 @dataclass
 class JobRequest:
     """One transcription job as the supervisor sees it. ``options`` were checked where they entered (the
@@ -74,6 +94,9 @@ class JobRequest:
     options: DecodeOptions = field(default_factory=DecodeOptions)
     #: Absolute deadline on the event loop's monotonic clock, if the caller has one.
     deadline: float | None = None
+    #: Audio at least this long is offered to ``splitter`` for cutting into sections; None (or no splitter): never.
+    split_min_s: float | None = None
+    splitter: Splitter | None = None
 
 
 class JobSession:
@@ -136,8 +159,9 @@ class JobSession:
         stopping: JobError | None = None
         stop_wanted: asyncio.Future[JobError] | None = self._stop
         segments: list[dict[str, Any]] = []
+        split_min_s = job.split_min_s if job.splitter is not None else None
         header = to_header(JobMessage(job_id=job.job_id, format=job.format, sample_rate=job.sample_rate,
-                                      language=job.language, options=job.options))
+                                      language=job.language, options=job.options, split_min_s=split_min_s))
         # A plugin that does not read its socket (stuck, or blocked writing to us) would hold the drain for ever:
         # it has until the first limit to take the job, as it has to answer.
         late = min(deadline, stall_at)
@@ -213,6 +237,12 @@ class JobSession:
                     self.current["segments"] = len(segments)
                     self.current["last_segment"] = time.monotonic()
                     self._on_segment(event)
+                elif isinstance(msg, LongAudioMessage):
+                    await self._answer_split(msg.duration_s, stall_at)
+                elif isinstance(msg, SectionsMessage) and job.splitter is not None:
+                    job.splitter.cut(msg.bounds, msg.cut_s)
+                elif isinstance(msg, SectionMessage) and job.splitter is not None:
+                    job.splitter.section(msg.index, msg.offset_s, msg.duration_s, msg.sample_rate, frame[1])
                 elif isinstance(msg, StoppedMessage) and stop_by is not None:
                     proc.jobs_served += 1
                     log.info("job %s: stopped after %d segments in %.2f s; worker pid %d kept", job.job_id,
@@ -238,6 +268,28 @@ class JobSession:
                 read.cancel()
                 with contextlib.suppress(BaseException):
                     await read
+
+    async def _answer_split(self, duration_s: float, until: float) -> None:
+        """Answer ``long_audio``: how many sections (the splitter's bounded answer; 1 without one). An abort
+        meanwhile ends the job as always."""
+        splitter, n = self.job.splitter, 1
+        if splitter is not None:
+            ask = asyncio.ensure_future(splitter.sections_for(duration_s))
+            try:
+                await asyncio.wait({ask, self._abort}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not ask.done():
+                    ask.cancel()
+            if self._abort.done():
+                raise await self._aborted()
+            try:
+                n = ask.result()
+            except Exception:  # a split must never fail the job: decode it whole
+                log.exception("job %s: choosing its sections failed; decoding it whole", self.job.job_id)
+        proc = self.proc
+        await self._send(to_header(SplitMessage(job_id=self.job.job_id, sections=n)), b"", "the split answer",
+                         until, lambda: self.lifecycle.killed(proc, "stall", JobStalled(
+                             f"job {self.job.job_id}: worker pid {proc.pid} did not take the split answer")))
 
     @staticmethod
     def _stop_error(stopping: JobError | None, message: str) -> JobError:

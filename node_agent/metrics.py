@@ -85,6 +85,15 @@ class AgentMetrics:
                                         "Time a job waited in the scheduler queue before this node took it.",
                                         buckets=_JOB_SECONDS, registry=r)
 
+        # Long jobs cut into sections (issue 24), on the parent's node.
+        self.job_sections = Histogram(
+            "node_agent_job_sections", "Sections per job that was split (the parent's own section 0 included).",
+            buckets=(2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r)
+        self.split_seconds_saved = Counter(
+            "node_agent_split_seconds_saved_total",
+            "Per split job: the sections' decode seconds added up (as one slot would have spent them) minus the "
+            "job's decode wall time (cut, upload, waits included); 0 when the split cost time.", registry=r)
+
         asr = ["model", "device"]
         self.asr_audio_seconds = Counter("node_agent_asr_audio_seconds_total", "Audio transcribed.", asr,
                                          registry=r)

@@ -4,10 +4,18 @@
 it serves. The plugin reads every setting and decode default from it and keeps none of its own.
 
 A message travels as the JSON header of one ``node_agent.wire`` frame, its kind in ``type``; only ``job``
-carries a payload (the audio). Agent -> plugin: ``job``, ``cancel`` (stop that job at the next segment
-boundary; one naming any other job is stale and ignored), ``stop`` (exit). Plugin -> agent: ``ready`` or
-``fatal`` once, then per job ``started``, ``segment``... and one of ``result``, ``error`` or ``stopped`` (the
-answer to ``cancel``). ``to_header`` encodes one; ``parse_from_agent`` / ``parse_from_plugin`` check one on
+carries a payload (the audio), and ``section`` (a section's audio, ``pcm_s16le``). Agent -> plugin: ``job``,
+``cancel`` (stop that job at the next segment boundary; one naming any other job is stale and ignored), ``stop``
+(exit), ``split`` (the answer to ``long_audio``). Plugin -> agent: ``ready`` or ``fatal`` once, then per job
+``started``, [``long_audio``, then for a split ``sections`` and one ``section`` per child], ``segment``... and one
+of ``result``, ``error`` or ``stopped`` (the answer to ``cancel``).
+
+Splitting (docs/sections.md): a job whose ``split_min_s`` is set and whose audio is
+at least that long says ``long_audio`` and waits up to ``SPLIT_ANSWER_WAIT_S`` for ``split`` (how many sections;
+no answer in time: 1). With more than one it cuts at silences, says ``sections`` (every section's bounds) and sends
+sections 1..n-1 as ``section`` frames, then decodes section 0 as any job: its segments and result are section 0's
+and its ``duration_s`` included (times from the start of the file, which is section 0's start); the agent
+merges the children's into the job's result. ``to_header`` encodes one; ``parse_from_agent`` / ``parse_from_plugin`` check one on
 arrival and raise ``WireError`` naming the type for an unknown or malformed message.
 
 Both sides ship together, so the shapes are strict: an unknown field is an error, not ignored.
@@ -61,6 +69,9 @@ class JobMessage(_Message):
     sample_rate: int | None = None
     language: str | None = None
     options: DecodeOptions = Field(default_factory=DecodeOptions)
+    #: Audio at least this long is offered for splitting (``long_audio``); None: never (a section child, a job
+    #: off the scheduler's queue, a node with asr.split_min_s null).
+    split_min_s: float | None = Field(None, gt=0)
 
     @field_serializer("options")
     def _options_set(self, options: DecodeOptions) -> dict[str, Any]:
@@ -79,6 +90,21 @@ class StopMessage(_Message):
     """Exit (after stopping a running job, if any)."""
 
     type: Literal["stop"] = "stop"
+
+
+#: How long a plugin waits for ``split`` after ``long_audio`` before it decodes the job whole. The agent's own
+#: bound on the scheduler call behind the answer is shorter (``sections.CAPACITY_WAIT_S``).
+SPLIT_ANSWER_WAIT_S = 5.0
+#: The most sections a plugin cuts a job into, whatever ``split`` asks (the scheduler's bound is its own).
+MAX_SECTIONS = 64
+
+
+class SplitMessage(_Message):
+    """The answer to ``long_audio``: cut job ``job_id`` into ``sections`` (1: decode it whole, as any job)."""
+
+    type: Literal["split"] = "split"
+    job_id: str
+    sections: int = Field(ge=1, le=MAX_SECTIONS)
 
 
 # ------------------------------------------------------------------------------------- plugin -> agent
@@ -117,6 +143,35 @@ class StartedMessage(_Message):
     job_id: str
     duration_s: float = Field(ge=0)
     decode_audio_s: float = 0.0
+
+
+class LongAudioMessage(_Message):
+    """The job's audio is at least its ``split_min_s`` long: the plugin waits for ``split`` (bounded)."""
+
+    type: Literal["long_audio"] = "long_audio"
+    job_id: str
+    duration_s: float = Field(gt=0)
+
+
+class SectionsMessage(_Message):
+    """The cut: every section as ``[offset_s, duration_s]`` in order (section 0 first, decoded by this plugin
+    next), and the seconds the cut took (VAD around each boundary and slicing)."""
+
+    type: Literal["sections"] = "sections"
+    job_id: str
+    bounds: list[tuple[float, float]] = Field(min_length=2, max_length=MAX_SECTIONS)
+    cut_s: float = Field(ge=0)
+
+
+class SectionMessage(_Message):
+    """Section ``index`` (1..n-1) of the job; the payload is its audio, ``pcm_s16le`` at ``sample_rate``."""
+
+    type: Literal["section"] = "section"
+    job_id: str
+    index: int = Field(ge=1, lt=MAX_SECTIONS)
+    offset_s: float = Field(ge=0)
+    duration_s: float = Field(gt=0)
+    sample_rate: int = 16000
 
 
 class WordInfo(BaseModel):
@@ -196,15 +251,16 @@ class StoppedMessage(_Message):
     job_id: str
 
 
-AgentMessage = JobMessage | CancelMessage | StopMessage
+AgentMessage = JobMessage | CancelMessage | StopMessage | SplitMessage
 PluginMessage = (ReadyMessage | FatalMessage | StartedMessage | SegmentMessage | ResultMessage | ErrorMessage
-                 | StoppedMessage)
+                 | StoppedMessage | LongAudioMessage | SectionsMessage | SectionMessage)
 
 _FROM_AGENT: dict[str, type[_Message]] = {m.model_fields["type"].default: m
-                                           for m in (JobMessage, CancelMessage, StopMessage)}
+                                           for m in (JobMessage, CancelMessage, StopMessage, SplitMessage)}
 _FROM_PLUGIN: dict[str, type[_Message]] = {m.model_fields["type"].default: m
                                             for m in (ReadyMessage, FatalMessage, StartedMessage, SegmentMessage,
-                                                      ResultMessage, ErrorMessage, StoppedMessage)}
+                                                      ResultMessage, ErrorMessage, StoppedMessage, LongAudioMessage,
+                                                      SectionsMessage, SectionMessage)}
 
 
 def to_header(message: _Message) -> dict[str, Any]:
@@ -236,6 +292,7 @@ def parse_from_plugin(header: dict[str, Any]) -> PluginMessage:
     return _parse(header, _FROM_PLUGIN, "plugin")  # type: ignore[no-any-return]
 
 
-__all__ = ["AgentMessage", "CancelMessage", "ErrorMessage", "FatalMessage", "JobMessage", "PluginMessage",
-           "ReadyMessage", "ResultMessage", "SegmentMessage", "StartedMessage", "StopMessage", "StoppedMessage",
+__all__ = ["MAX_SECTIONS", "SPLIT_ANSWER_WAIT_S", "AgentMessage", "CancelMessage", "ErrorMessage", "FatalMessage",
+           "JobMessage", "LongAudioMessage", "PluginMessage", "ReadyMessage", "ResultMessage", "SectionMessage",
+           "SectionsMessage", "SegmentMessage", "SplitMessage", "StartedMessage", "StopMessage", "StoppedMessage",
            "WordInfo", "WorkerSpec", "parse_from_agent", "parse_from_plugin", "to_header"]

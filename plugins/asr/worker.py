@@ -26,10 +26,15 @@ from node_agent.plugin_messages import (
     ErrorMessage,
     FatalMessage,
     JobMessage,
+    SPLIT_ANSWER_WAIT_S,
+    LongAudioMessage,
     PluginMessage,
     ReadyMessage,
     ResultMessage,
+    SectionMessage,
+    SectionsMessage,
     SegmentMessage,
+    SplitMessage,
     StartedMessage,
     StopMessage,
     StoppedMessage,
@@ -38,6 +43,7 @@ from node_agent.plugin_messages import (
     parse_from_agent,
     to_header,
 )
+from node_agent import section_plan
 from node_agent.wire import BlockingChannel
 
 from . import audio as audio_mod
@@ -62,16 +68,35 @@ class JobControl:
 
     def check(self) -> None:
         while self.channel.poll():
-            frame = self.channel.recv()
-            if frame is None:
-                raise ConnectionResetError("the agent closed the channel during a job")
-            message = parse_from_agent(frame[0])
-            if isinstance(message, StopMessage):
-                self.exit_after = True
-                raise DecodeStopped()
-            if isinstance(message, CancelMessage) and message.job_id == self.job_id:
-                raise DecodeStopped()
-            log.debug("job %s: ignoring %s for job %s", self.job_id, message.type, getattr(message, "job_id", None))
+            self._take()
+
+    def _take(self) -> SplitMessage | None:
+        """Read one frame: raise for a stop or this job's cancel, return this job's ``split``, drop the rest."""
+        frame = self.channel.recv()
+        if frame is None:
+            raise ConnectionResetError("the agent closed the channel during a job")
+        message = parse_from_agent(frame[0])
+        if isinstance(message, StopMessage):
+            self.exit_after = True
+            raise DecodeStopped()
+        if isinstance(message, CancelMessage) and message.job_id == self.job_id:
+            raise DecodeStopped()
+        if isinstance(message, SplitMessage) and message.job_id == self.job_id:
+            return message
+        # (A ``split`` that came after its wait ran out lands here too: the job went on whole.)
+        log.debug("job %s: ignoring %s for job %s", self.job_id, message.type, getattr(message, "job_id", None))
+        return None
+
+    def split_answer(self, wait_s: float = SPLIT_ANSWER_WAIT_S) -> int:
+        """How many sections the agent wants after ``long_audio``; 1 when it has not said within ``wait_s``."""
+        until = time.monotonic() + wait_s
+        while (left := until - time.monotonic()) > 0:
+            if self.channel.poll(left):
+                answer = self._take()
+                if answer is not None:
+                    return answer.sections
+        log.warning("job %s: no split answer within %.1f s; decoding it whole", self.job_id, wait_s)
+        return 1
 
 
 def _no_check() -> None:
@@ -84,6 +109,8 @@ class AsrEngine:
 
     #: The job message jobs arrive as (its options model included).
     job_message: type[JobMessage] = JobMessage
+    #: ``run`` takes ``ask_sections`` (the serve loop passes it only to an engine that says so).
+    splits = True
 
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
@@ -183,9 +210,41 @@ class AsrEngine:
             self._zh_converter = opencc.OpenCC("t2s" if script is ZhScript.simplified else "s2t")
         return self._zh_converter.convert(text)
 
-    def run(self, job: JobMessage, payload: bytes, emit: Callable[[PluginMessage], None],
-            check: Callable[[], None] = _no_check) -> None:
-        """Decode one job, sending its messages through ``emit``; ``check`` raises to stop between segments."""
+    def _cut(self, job_id: str, audio: np.ndarray, n: int, emit: Callable[..., None]) -> np.ndarray:
+        """Cut ``audio`` into ``n`` sections at silences, send the cut and sections 1..n-1 (pcm_s16le), and return
+        section 0's samples. VAD runs on a window around each equal-duration boundary only."""
+        from faster_whisper.vad import VadOptions, get_speech_timestamps
+
+        t0 = time.perf_counter()
+        rate = audio_mod.SAMPLE_RATE
+        duration_s = audio.shape[0] / rate
+        # Short silences count here (faster-whisper's default wants 2 s of it before it ends a speech span).
+        vad = VadOptions(min_silence_duration_ms=int(section_plan.MIN_GAP_S * 1000), speech_pad_ms=60)
+        cuts = []
+        for target in section_plan.targets(duration_s, n):
+            lo, hi = section_plan.window(target, duration_s, n)
+            chunk = audio[int(lo * rate):int(hi * rate)]
+            speech = [(lo + s["start"] / rate, lo + s["end"] / rate) for s in get_speech_timestamps(chunk, vad)]
+            cuts.append(section_plan.cut_at(target, (lo, hi), speech))
+        # On sample boundaries, so the sections' offsets add up to exactly the file.
+        bounds = [(round(a * rate) / rate, round(d * rate) / rate) for a, d in section_plan.bounds(duration_s, cuts)]
+        if len(bounds) < 2:
+            return audio
+        pieces = [audio[round(a * rate):round((a + d) * rate)] for a, d in bounds]
+        emit(SectionsMessage(job_id=job_id, bounds=bounds, cut_s=round(time.perf_counter() - t0, 6)))
+        for index in range(1, len(bounds)):
+            offset_s, section_s = bounds[index]
+            pcm = (np.clip(pieces[index], -1.0, 1.0) * 32767).astype("<i2").tobytes()
+            emit(SectionMessage(job_id=job_id, index=index, offset_s=offset_s, duration_s=section_s,
+                                sample_rate=rate), pcm)
+        log.info("job %s: cut %.1f s into %d sections at %s in %.2f s", job_id, duration_s, len(bounds),
+                 ", ".join(f"{a:.2f}" for a, _ in bounds[1:]), time.perf_counter() - t0)
+        return pieces[0]
+
+    def run(self, job: JobMessage, payload: bytes, emit: Callable[..., None],
+            check: Callable[[], None] = _no_check, ask_sections: Callable[[], int] | None = None) -> None:
+        """Decode one job, sending its messages through ``emit`` (a message, and a payload for ``section``);
+        ``check`` raises to stop between segments; ``ask_sections`` waits for the agent's ``split`` answer."""
         job_id = job.job_id
         t_start = time.perf_counter()
         audio = audio_mod.decode(
@@ -197,6 +256,15 @@ class AsrEngine:
         kwargs, batched = self._options(job, duration_s)
         emit(StartedMessage(job_id=job_id, duration_s=duration_s, decode_audio_s=decode_audio_s))
         check()
+        if (job.split_min_s is not None and ask_sections is not None and not batched
+                and duration_s >= job.split_min_s):
+            emit(LongAudioMessage(job_id=job_id, duration_s=duration_s))
+            sections = ask_sections()
+            if sections > 1:
+                # Section 0 is decoded as any job, as its own audio (not clip_timestamps over the whole file:
+                # the decode's 30 s windows then start where the section does, as they do in the children).
+                audio = self._cut(job_id, audio, sections, emit)
+                check()
 
         t0 = time.perf_counter()
         try:
@@ -264,7 +332,8 @@ class AsrEngine:
             text="".join(texts).strip(),
             language=info.language,
             language_probability=info.language_probability,
-            duration_s=duration_s,
+            # Section 0's length when the job was cut (the agent's merged result says the whole file's).
+            duration_s=audio.shape[0] / audio_mod.SAMPLE_RATE,
             segments_count=count,
             fallback_segments=fallbacks,
             batched=batched,
@@ -285,8 +354,8 @@ def serve(channel: BlockingChannel, spec: WorkerSpec, engine: Any = None) -> int
     model-free stand-in."""
     engine = engine or AsrEngine(spec)
 
-    def send(message: PluginMessage) -> None:
-        channel.send(to_header(message))
+    def send(message: PluginMessage, payload: bytes = b"") -> None:
+        channel.send(to_header(message), payload)
 
     try:
         ready = ReadyMessage(**engine.load(), pid=os.getpid())
@@ -321,7 +390,10 @@ def serve(channel: BlockingChannel, spec: WorkerSpec, engine: Any = None) -> int
         job_id = message.job_id
         control = JobControl(channel, job_id)
         try:
-            engine.run(message, payload, send, control.check)
+            if getattr(engine, "splits", False):
+                engine.run(message, payload, send, control.check, control.split_answer)
+            else:
+                engine.run(message, payload, send, control.check)
         except DecodeStopped:
             send(StoppedMessage(job_id=job_id))
             log.info("job %s stopped at the agent's request", job_id)

@@ -1,0 +1,82 @@
+"""How a long recording is cut into sections: how many, and where. Pure functions of the facts, for both sides.
+
+The agent decides how many sections (``sections_for``: the free slots the scheduler reported, bounded by the
+audio's length and the maximum); the plugin decides where to cut (``cut_at`` per boundary, from the speech that
+faster-whisper's VAD found in a window around it; ``bounds`` turns the cuts into sections). Nothing here imports
+a native library, so both sides share it and the tables in tests/test_sections.py check it without a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+#: A silence shorter than this is a breath inside a phrase: cutting there can split a word's tail from its head.
+MIN_GAP_S = 0.3
+#: Each boundary looks for silence this far either side of its equal-duration target (at most a quarter of a
+#: section, so two windows never overlap). VAD runs over these windows only: VAD of a whole hour costs time plain
+#: decoding does not pay.
+CUT_WINDOW_S = 8.0
+#: A section shorter than this is not worth a job of its own (a cut that lands this close to another is dropped).
+MIN_SECTION_S = 1.0
+
+Span = tuple[float, float]
+
+
+def sections_for(duration_s: float, free_slots: int, *, section_min_s: float, max_sections: int) -> int:
+    """How many sections to cut ``duration_s`` of audio into: the parent's own slot plus ``free_slots``, no more
+    sections than the audio holds of ``section_min_s`` each, no more than ``max_sections``; 1 means no split."""
+    if duration_s <= 0 or free_slots <= 0:
+        return 1
+    by_length = int(duration_s // section_min_s) if section_min_s > 0 else max_sections
+    return max(1, min(1 + free_slots, by_length, max_sections))
+
+
+def targets(duration_s: float, n: int) -> list[float]:
+    """The equal-duration boundaries of ``n`` sections (n - 1 of them)."""
+    return [duration_s * i / n for i in range(1, n)]
+
+
+def window(target_s: float, duration_s: float, n: int) -> Span:
+    """Where to look for silence around ``target_s``: ``CUT_WINDOW_S`` either side, at most a quarter section."""
+    half = min(CUT_WINDOW_S, duration_s / n / 4)
+    return max(0.0, target_s - half), min(duration_s, target_s + half)
+
+
+def silences(speech: Sequence[Span], lo: float, hi: float) -> list[Span]:
+    """The gaps between ``speech`` spans (sorted, absolute seconds) inside ``[lo, hi]``."""
+    gaps: list[Span] = []
+    at = lo
+    for start, end in sorted(speech):
+        if start > at:
+            gaps.append((at, min(start, hi)))
+        at = max(at, end)
+        if at >= hi:
+            break
+    if at < hi:
+        gaps.append((at, hi))
+    return [(a, b) for a, b in gaps if b > a]
+
+
+def cut_at(target_s: float, win: Span, speech: Sequence[Span]) -> float:
+    """Where to cut near ``target_s``: the middle of the silence in ``win`` nearest the target (silences of
+    ``MIN_GAP_S`` or more first, else the longest one), or the target itself when the window is all speech."""
+    gaps = silences(speech, *win)
+    if not gaps:
+        return target_s
+    wide = [g for g in gaps if g[1] - g[0] >= MIN_GAP_S]
+    if not wide:
+        a, b = max(gaps, key=lambda g: g[1] - g[0])
+        return (a + b) / 2
+    a, b = min(wide, key=lambda g: abs((g[0] + g[1]) / 2 - target_s))
+    return (a + b) / 2
+
+
+def bounds(duration_s: float, cuts: Sequence[float]) -> list[Span]:
+    """Sections as (offset_s, duration_s) from the cut points; a cut within ``MIN_SECTION_S`` of the previous
+    one (or of either end) is dropped, so there may be fewer sections than cuts + 1."""
+    edges = [0.0]
+    for cut in sorted(cuts):
+        if cut - edges[-1] >= MIN_SECTION_S and duration_s - cut >= MIN_SECTION_S:
+            edges.append(cut)
+    edges.append(duration_s)
+    return [(a, b - a) for a, b in zip(edges, edges[1:])]

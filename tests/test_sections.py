@@ -1,0 +1,164 @@
+"""Long recordings in sections (issue 24), the agent and plugin side.
+
+The decisions are tables (``section_plan``: how many sections, where to cut). The cut itself runs in the real
+plugin with tiny.en (``Worker`` with a hand-written splitter). End to end, a real agent with two slots and a real
+embedded scheduler split a joined ~38 s clip of reference speech (``asr.split_min_s`` lowered so the test audio
+stays short): both sections decoded, one decode's shape, WER against plain faster-whisper on the same samples
+within +0.01. A full cluster does not split; a section's holder lost is re-run alone (a fake node over HTTP, the
+model not being the point); a cancelled parent stops following.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import jiwer
+import numpy as np
+import pytest
+
+from conftest import make_settings
+from helpers import joined, normalize_en, pcm16, plain_transcript, reference
+from node_agent import section_plan as plan
+from node_agent.job_session import JobRequest
+from node_agent.sections import shifted
+
+#: Clips with references, joined into ~38 s of speech with pauses between them.
+JOINED = ["jfk.flac", "librispeech_1995-1837-0001.wav", "librivox_sense_and_sensibility_01_austen_64kb-0870.wav",
+          "librispeech_1272-128104-0000.wav", "librivox_sense_and_sensibility_01_austen_64kb-0890.wav"]
+
+
+def joined_clip() -> tuple[np.ndarray, str]:
+    audio, _ = joined(JOINED, pause_s=0.8)
+    return audio, " ".join(reference(name) for name in JOINED)
+
+
+# ----- the decisions, as tables ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("duration_s, free, section_min_s, max_sections, expected", [
+    (100.0, 0, 30.0, 16, 1),     # no free slot: no split (a full cluster pays nothing)
+    (100.0, -1, 30.0, 16, 1),
+    (100.0, 1, 30.0, 16, 2),     # the parent's slot + one
+    (100.0, 5, 30.0, 16, 3),     # bounded by the audio: 3 sections of at least 30 s
+    (59.0, 3, 30.0, 16, 1),      # too short for two sections of 30 s
+    (3600.0, 40, 30.0, 16, 16),  # bounded by the max
+    (3600.0, 3, 30.0, 16, 4),
+    (0.0, 3, 30.0, 16, 1),
+])
+def test_sections_for(duration_s, free, section_min_s, max_sections, expected):
+    assert plan.sections_for(duration_s, free, section_min_s=section_min_s, max_sections=max_sections) == expected
+
+
+@pytest.mark.parametrize("speech, lo, hi, expected", [
+    ([], 0.0, 10.0, [(0.0, 10.0)]),
+    ([(0.0, 10.0)], 0.0, 10.0, []),
+    ([(1.0, 3.0), (5.0, 9.0)], 0.0, 10.0, [(0.0, 1.0), (3.0, 5.0), (9.0, 10.0)]),
+    ([(-2.0, 1.0), (2.0, 12.0)], 0.0, 10.0, [(1.0, 2.0)]),       # spans reaching past the window are clipped
+    ([(5.0, 9.0), (1.0, 3.0)], 0.0, 10.0, [(0.0, 1.0), (3.0, 5.0), (9.0, 10.0)]),  # unsorted input
+    ([(1.0, 4.0), (2.0, 3.0)], 0.0, 5.0, [(0.0, 1.0), (4.0, 5.0)]),  # overlapping spans
+])
+def test_silences(speech, lo, hi, expected):
+    assert plan.silences(speech, lo, hi) == expected
+
+
+@pytest.mark.parametrize("target, win, speech, expected", [
+    (50.0, (42.0, 58.0), [], 50.0),                                   # no speech: the target itself
+    (50.0, (42.0, 58.0), [(42.0, 58.0)], 50.0),                       # all speech: the target (a cut mid-word)
+    (50.0, (42.0, 58.0), [(42.0, 49.0), (49.6, 58.0)], 49.3),         # the one pause near the target
+    (50.0, (42.0, 58.0), [(42.0, 45.0), (46.0, 53.0), (53.5, 58.0)], 53.25),  # nearest pause by its middle
+    (50.0, (42.0, 58.0), [(42.0, 47.8), (48.0, 51.0), (51.1, 58.0)], 47.9),   # no pause of 0.3 s: the longest
+    (50.0, (42.0, 58.0), [(42.0, 44.0), (44.5, 55.0), (55.2, 58.0)], 44.25),  # a 0.3 s pause beats a nearer breath
+])
+def test_cut_at(target, win, speech, expected):
+    assert plan.cut_at(target, win, speech) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("duration_s, cuts, expected", [
+    (100.0, [50.0], [(0.0, 50.0), (50.0, 50.0)]),
+    (90.0, [31.0, 59.0], [(0.0, 31.0), (31.0, 28.0), (59.0, 31.0)]),
+    (90.0, [59.0, 31.0], [(0.0, 31.0), (31.0, 28.0), (59.0, 31.0)]),
+    (90.0, [31.0, 31.5], [(0.0, 31.0), (31.0, 59.0)]),   # a cut too close to the previous one is dropped
+    (10.0, [9.5], [(0.0, 10.0)]),                          # too close to the end
+])
+def test_bounds(duration_s, cuts, expected):
+    assert plan.bounds(duration_s, cuts) == expected
+
+
+def test_windows_do_not_overlap():
+    for duration_s, n in ((40.0, 2), (100.0, 3), (3600.0, 16), (60.0, 16)):
+        wins = [plan.window(t, duration_s, n) for t in plan.targets(duration_s, n)]
+        assert all(a[1] <= b[0] for a, b in zip(wins, wins[1:])), wins
+        assert all(0.0 <= lo <= hi <= duration_s for lo, hi in wins)
+
+
+def test_shifted_adds_the_offset_and_renumbers():
+    segs = [{"id": 0, "start": 0.0, "end": 2.5, "text": " a", "words": [{"start": 0.1, "end": 0.4, "word": "a",
+                                                                         "probability": 0.9}]},
+            {"id": 1, "start": 2.5, "end": 4.0, "text": " b"}]
+    out = shifted(segs, 30.25, 7)
+    assert [(s["id"], s["start"], s["end"]) for s in out] == [(7, 30.25, 32.75), (8, 32.75, 34.25)]
+    assert out[0]["words"][0]["start"] == pytest.approx(30.35)
+    assert segs[0]["start"] == 0.0  # the section's own result is not changed
+
+
+# ----- the real plugin cuts -------------------------------------------------------------------------------------
+
+class RecordingSplitter:
+    """A splitter that answers a fixed count and keeps what the plugin sent."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.asked: list[float] = []
+        self.bounds: list[tuple[float, float]] = []
+        self.sections: list[tuple[int, float, float, int, bytes]] = []
+
+    async def sections_for(self, duration_s: float) -> int:
+        self.asked.append(duration_s)
+        return self.n
+
+    def cut(self, bounds: list[tuple[float, float]], cut_s: float) -> None:
+        self.bounds = list(bounds)
+
+    def section(self, index: int, offset_s: float, duration_s: float, sample_rate: int, audio: bytes) -> None:
+        self.sections.append((index, offset_s, duration_s, sample_rate, audio))
+
+
+async def test_the_plugin_cuts_at_a_pause_and_decodes_section_0(worker_factory):
+    audio, _ = joined_clip()
+    worker = await worker_factory(make_settings(asr={"split_min_s": 20}))
+    splitter = RecordingSplitter(2)
+    segments: list[dict[str, Any]] = []
+    result = await worker.run_job(JobRequest(job_id="j", audio=pcm16(audio), format="pcm_s16le", sample_rate=16000,
+                                             split_min_s=20.0, splitter=splitter), on_segment=segments.append)
+    total_s = len(audio) / 16000
+    assert splitter.asked == [pytest.approx(total_s, abs=1e-3)]
+    (first, second) = splitter.bounds
+    assert first[0] == 0.0 and first[1] + second[1] == pytest.approx(total_s, abs=1e-3)
+    # Cut in one of the 0.8 s pauses between clips (silence), near the middle.
+    _, spans = joined(JOINED, pause_s=0.8)
+    pauses = [(a[1], b[0]) for a, b in zip(spans, spans[1:])]
+    assert any(lo <= second[0] <= hi for lo, hi in pauses), (second[0], pauses)
+    assert abs(second[0] - total_s / 2) < plan.CUT_WINDOW_S
+    [(index, offset_s, duration_s, rate, pcm)] = splitter.sections
+    assert (index, rate) == (1, 16000) and offset_s == second[0] and duration_s == second[1]
+    assert len(pcm) == round(duration_s * 16000) * 2
+    # Section 0 is decoded as a job of its own: its duration, and segments within it numbered as one decode's.
+    assert result.duration_s == pytest.approx(first[1], abs=1e-3)
+    assert [s["id"] for s in result.segments] == list(range(1, len(result.segments) + 1))
+    assert result.segments and result.segments[-1]["end"] <= first[1] + 0.5
+    expected = plain_transcript(audio[:round(first[1] * 16000)]).text
+    assert jiwer.wer(normalize_en(expected), normalize_en(result.text)) == 0.0
+
+
+async def test_short_audio_and_an_answer_of_one_decode_whole(worker_factory):
+    audio, _ = joined_clip()
+    worker = await worker_factory(make_settings(asr={"split_min_s": 20}))
+    one = RecordingSplitter(1)
+    result = await worker.run_job(JobRequest(job_id="a", audio=pcm16(audio), format="pcm_s16le", sample_rate=16000,
+                                             split_min_s=20.0, splitter=one))
+    assert len(one.asked) == 1 and one.bounds == [] and one.sections == []
+    assert result.duration_s == pytest.approx(len(audio) / 16000, abs=1e-3)
+    never = RecordingSplitter(2)
+    await worker.run_job(JobRequest(job_id="b", audio=pcm16(audio), format="pcm_s16le", sample_rate=16000,
+                                    split_min_s=60.0, splitter=never))
+    assert never.asked == []  # shorter than split_min_s: not even asked
