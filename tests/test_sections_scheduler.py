@@ -235,7 +235,7 @@ async def test_sections_are_fenced_idempotent_bounded_and_run_like_any_job(store
         assert sections[0].result is not None and [s.text for s in sections[0].result.segments] == [" one", " two"]
         assert sections[0].offset_s == 29.5 and sections[0].duration_s == 3.0 and sections[0].error is None
         # Results only from ``from`` on (the follower has the ones before); a finished section answers at once.
-        later = await client.job_sections(parent, grant["lease_id"], from_index=2, wait_s=5)
+        later = await client.job_sections(parent, grant["lease_id"], from_index=2)
         assert [(s.index, s.result) for s in later] == [(1, None)]
         started = time.monotonic()
         again = await client.job_sections(parent, grant["lease_id"], from_index=1, wait_s=20)
@@ -261,4 +261,174 @@ async def test_sections_are_fenced_idempotent_bounded_and_run_like_any_job(store
         assert (await h.job(child))["state"] == "succeeded"
     finally:
         await client.close()
+        await close(h)
+
+
+async def _until(h: Harness, job_id: str, state: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 10 * machine_slowdown()
+    while (view := await h.job(job_id))["state"] != state:
+        assert time.monotonic() < deadline, view
+        await asyncio.sleep(0.1)
+    return view
+
+
+async def test_a_parent_ending_without_a_result_cancels_its_sections(store: str, tmp_path: Path) -> None:
+    """Cancelled (DELETE), its lease lapsed (re-queued: the next attempt splits afresh), failed: the open sections
+    end with it; a parent that succeeds leaves them (the fenced test above)."""
+    h = await serve(store, tmp_path)
+    client = client_of(h)
+    try:
+        a = await register(h, "node-a", devices=SLOTS[:1])
+        b = await register(h, "node-b")
+
+        # Cancelled: a running section and a queued one end with it, by the same canceller; the section's
+        # holder is told at its next renewal, and the parent's holder at its next follow.
+        parent = await h.submit(SECOND)
+        _, assignment = await take(h, a, "cpu/0")
+        grant = assignment["lease"]
+        running = await make(client, parent, grant, 1)
+        queued = await make(client, parent, grant, 2)
+        taken, child = await take(h, b, "cpu/0")
+        assert taken == running
+        status, _, _ = await h.call("POST", f"/v1/nodes/{b}/cordon")  # (so the second stays queued)
+        status, view, _ = await h.call("DELETE", f"/v1/jobs/{parent}")
+        assert status == 200 and view["state"] == "cancelled", view
+        assert [(s["index"], s["state"]) for s in view["sections"]] == [(1, "cancelled"), (2, "cancelled")]
+        for section_id in (running, queued):
+            section = await h.job(section_id)
+            assert section["error"]["code"] == "cancelled", section
+            assert section["error"]["message"] == f"cancelled by client with its parent job {parent}"
+        status, body = await h.renew(child["lease"]["lease_id"], b, child["lease"]["epoch"])
+        assert status == 410 and body["error"]["code"] == "job_cancelled", body
+        with pytest.raises(Rejected) as stopped:
+            await client.job_sections(parent, grant["lease_id"], from_index=1)
+        assert stopped.value.code == "job_cancelled"
+        assert h.metric("node_agent_scheduler_jobs_cancelled_total", state="running") == 2.0
+        assert h.metric("node_agent_scheduler_jobs_cancelled_total", state="queued") == 1.0
+        status, _, _ = await h.call("POST", f"/v1/nodes/{b}/uncordon")
+
+        # Its lease lapsed: the parent is re-queued, its sections cancelled; the old lease makes nothing more, and
+        # the next attempt starts with none and makes its own.
+        parent = await h.submit(SECOND)
+        _, assignment = await take(h, a, "cpu/0", ttl_s=1.0)
+        old = assignment["lease"]
+        first = await make(client, parent, old, 1)
+        await _until(h, parent, "queued")
+        section = await h.job(first)
+        assert section["state"] == "cancelled" and section["error"]["message"].startswith(
+            f"parent_requeued: its parent job {parent}'s attempt 1 was re-queued (lease_expired)"), section
+        with pytest.raises(Rejected) as stale:
+            await make(client, parent, old, 2)
+        assert stale.value.status == 409 and stale.value.code == "lease_lost"
+        _, assignment = await take(h, a, "cpu/0")
+        grant = assignment["lease"]
+        assert assignment["attempt"] == 2 and await client.job_sections(parent, grant["lease_id"]) == []
+        second = await make(client, parent, grant, 1)
+        assert second != first
+        assert [s["job_id"] for s in (await h.job(parent))["sections"]] == [second]
+        status, rows, _ = await h.call("GET", f"/v1/jobs/{parent}/sections")
+        assert [s["job_id"] for s in rows["sections"]] == [second]
+
+        # Failed for good: its sections are cancelled as parent_failed.
+        status, body = await h.result(parent, a, 2, grant, outcome="failed",
+                                      error={"code": "bad_audio", "message": "not audio"})
+        assert status == 200 and not body["requeued"], body
+        section = await h.job(second)
+        assert section["state"] == "cancelled" and section["error"]["message"].startswith("parent_failed: "), section
+        assert h.metric("node_agent_scheduler_sections_total") == 4.0
+    finally:
+        await client.close()
+        await close(h)
+
+
+async def test_only_the_holder_makes_sections_and_only_the_owner_reads_them(store: str, tmp_path: Path) -> None:
+    """With tokens: another node with the parent's lease id is refused (403, its secret is not the holder's);
+    a client reads its own parent's sections, not another client's; a node must name the lease."""
+    settings = SchedulerSettings(store=store, heartbeat_interval_s=120.0, tokens=TOKENS)
+    running = await start_scheduler(settings, CollectorRegistry(), host="127.0.0.1", port=0, state_dir=tmp_path)
+    session = aiohttp.ClientSession()
+    holder, impostor = SchedulerClient(running.url, NODE_OLD, 10.0), SchedulerClient(running.url, NODE_NEW, 10.0)
+    try:
+        rack, rack_next = Caller(session, running.url, NODE_OLD), Caller(session, running.url, NODE_NEW)
+        app1, app2 = Caller(session, running.url, CLIENT_1), Caller(session, running.url, CLIENT_2)
+        ops = Caller(session, running.url, OPERATOR)
+        status, a = await rack.register("node-a")
+        assert status == 201
+        status, b = await rack_next.register("node-b")
+        assert status == 201
+        holder.node_secret, impostor.node_secret = a["node_secret"], b["node_secret"]
+        status, job = await app1("POST", "/v1/jobs", json={"audio_b64": base64.b64encode(SECOND).decode()})
+        assert status == 202, job
+        parent = job["job_id"]
+        status, assignment = await rack.as_node(a["node_secret"])(
+            "GET", "/v1/nodes/node-a/jobs/next", params={"lease_ttl_s": 60})
+        assert status == 200 and assignment["job_id"] == parent, assignment
+        grant = assignment["lease"]
+        child = await make(holder, parent, grant, 1)
+        assert await holder.job_capacity(parent, grant["lease_id"]) == 0  # node-a's one slot is the parent's
+        for call in (lambda: impostor.job_capacity(parent, grant["lease_id"]),
+                     lambda: make(impostor, parent, grant, 2),
+                     lambda: impostor.job_sections(parent, grant["lease_id"])):
+            with pytest.raises(BadRequest) as refused:
+                await call()
+            assert refused.value.status == 403 and "node node-a has a node secret" in refused.value.detail
+        status, body = await app1("GET", f"/v1/jobs/{parent}/capacity", params={"lease_id": grant["lease_id"]})
+        assert status == 403 and "needs a node token" in body["error"]["message"], body
+        status, body = await app1("GET", f"/v1/jobs/{parent}/sections")
+        assert status == 200 and [s["job_id"] for s in body["sections"]] == [child], body
+        assert (await ops("GET", f"/v1/jobs/{parent}/sections"))[0] == 200
+        status, body = await app2("GET", f"/v1/jobs/{parent}/sections")
+        assert status == 404 and body["error"]["code"] == "unknown_job", body
+        status, body = await rack.as_node(a["node_secret"])("GET", f"/v1/jobs/{parent}/sections")
+        assert status == 400 and body["error"]["message"].startswith("lease_id: "), body
+        status, body = await app1("GET", f"/v1/jobs/{child}")
+        assert status == 200 and body["parent_id"] == parent  # the section is the client's job too
+    finally:
+        for c in (holder, impostor):
+            await c.close()
+        await session.close()
+        await running.stop()
+
+
+async def test_a_version_2_store_upgrades_in_place(store: str, tmp_path: Path) -> None:
+    """A store written by the previous version (schema 2) is migrated to sections on start; its jobs are kept."""
+    url = store
+    engine = engine_for(url, tmp_path)
+    await engine.open(lambda topic: None)
+    if url.startswith("postgresql"):  # a fresh database per test, as on SQLite
+        conn = await asyncpg.connect(url)
+        await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        await conn.close()
+
+    async def version_2(tx: Any) -> None:
+        await tx.execute("CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TEXT NOT NULL)")
+        for version, _what, sql in MIGRATIONS[:2]:
+            for statement in _statements(sql[tx.dialect.name]):
+                await tx.execute(statement)
+            await tx.execute("INSERT INTO schema_version (version, applied_at) VALUES ($1, 'then')", version)
+        await tx.execute(
+            "INSERT INTO jobs (job_id, seq, spec, audio_bytes, created_at, queued_at, state, priority, labels) "
+            "VALUES ('job-from-v2', 1, '{}', 2, 1.0, 1.0, 'succeeded', 'batch', '{}')")
+
+    try:
+        await engine.run(version_2)
+    finally:
+        await engine.close()
+    h = await serve(store, tmp_path)
+    try:
+        view = await h.job("job-from-v2")
+        assert view["state"] == "succeeded" and view["sections"] == [] and view["parent_id"] is None
+        assert await h.running.store.engine.run(
+            lambda tx: tx.fetchval("SELECT MAX(version) FROM schema_version")) == MIGRATIONS[-1][0]
+        # The new columns work: a section of a job leased on the upgraded store.
+        client = client_of(h)
+        try:
+            a = await register(h, "node-a")
+            parent = await h.submit(SECOND)
+            _, assignment = await take(h, a, "cpu/0")
+            child = await make(client, parent, assignment["lease"], 1)
+            assert (await h.job(child))["parent_id"] == parent
+        finally:
+            await client.close()
+    finally:
         await close(h)
