@@ -22,7 +22,6 @@ from prometheus_client import CollectorRegistry
 
 from conftest import machine_slowdown
 from node_agent.config import SchedulerSettings
-from node_agent.scheduler import auth
 from node_agent.scheduler.db import engine_for
 from node_agent.scheduler.migrations import MIGRATIONS, _statements
 from node_agent.scheduler.rules import CapacityFacts, section_capacity

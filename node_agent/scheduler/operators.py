@@ -17,7 +17,6 @@ from typing import Callable, Sequence
 from .db import Row, Tx, sql_list
 from .errors import InvalidInput, NodeNotFound
 from .nodes import node_view
-from .sections import section_summaries
 from .schemas import (
     ClusterNode,
     ClusterView,
@@ -36,7 +35,7 @@ from .schemas import (
 from .schemas import JobState as J
 from .schemas import LeaseState as L
 from .topics import QUEUE_TOPIC
-from .transitions import StorePart, Transitions
+from .transitions import StorePart, Transitions, section_summaries
 
 log = logging.getLogger("node_agent.scheduler")
 

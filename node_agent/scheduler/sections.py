@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import secrets
-from typing import TYPE_CHECKING, Iterable
 
 from .db import Conflict, Row, Tx
 from .errors import ReportRejected, SectionRefused
@@ -33,10 +32,8 @@ from .schemas import LeaseState as L
 from .schemas import NodeState as N
 from .schemas import Priority as P
 from .topics import sections_topic, submitted_topic
-from .transitions import OPEN, StorePart, doc, unknown_job
-
-if TYPE_CHECKING:  # (submissions reads the views' sections from here)
-    from .submissions import SqlUpload
+from .submissions import SqlUpload
+from .transitions import OPEN, StorePart, doc, section_summary, unknown_job
 
 log = logging.getLogger("node_agent.scheduler")
 
@@ -71,28 +68,6 @@ async def held_parent(tx: Tx, job_id: str, lease_id: str, epoch: int | None, now
         raise ReportRejected(f"lease_epoch {epoch} is not the epoch {lease['epoch']} of job {job_id}'s live lease "
                              f"{lease_id}", code="lease_lost")
     return job
-
-
-def _summary(row: Row) -> SectionSummary:
-    return SectionSummary(index=row["section"], job_id=row["job_id"], state=row["state"], node_id=row["node_id"],
-                          offset_s=row["offset_s"], duration_s=row["duration_s"])
-
-
-async def section_summaries(tx: Tx, parents: Iterable[Row]) -> dict[str, list[SectionSummary]]:
-    """The sections of each parent's current attempt, by index, for the job views; a job never split (most) costs
-    nothing (``sections_made`` 0: no query)."""
-    attempts = {p["job_id"]: p["attempt"] for p in parents if p["sections_made"]}
-    if not attempts:
-        return {}
-    rows = await tx.fetch(
-        "SELECT job_id, state, node_id, parent_id, parent_attempt, section, offset_s, duration_s FROM jobs "
-        f"WHERE parent_id IN ({tx.dialect.json_strings.format(p='$1')}) ORDER BY parent_id, section",
-        json.dumps(sorted(attempts)))
-    found: dict[str, list[SectionSummary]] = {}
-    for row in rows:
-        if row["parent_attempt"] == attempts[row["parent_id"]]:
-            found.setdefault(row["parent_id"], []).append(_summary(row))
-    return found
 
 
 class Sections(StorePart):
@@ -183,7 +158,7 @@ class Sections(StorePart):
                 "SELECT * FROM jobs WHERE parent_id = $1 AND parent_attempt = $2 AND section = $3",
                 job_id, parent["attempt"], index)
             if earlier is not None:
-                return _summary(earlier), False, parent["priority"]
+                return section_summary(earlier), False, parent["priority"]
             spec = JobSpec.model_validate(json.loads(parent["spec"])).model_copy(
                 update={"format": "pcm_s16le", "sample_rate": sample_rate, "deadline_s": None})
             child_id = f"job-{secrets.token_hex(8)}"
@@ -248,7 +223,7 @@ class Sections(StorePart):
 
         rows = await self.engine.run(op)
         return [SectionView(
-            **_summary(r).model_dump(), attempt=r["attempt"],
+            **section_summary(r).model_dump(), attempt=r["attempt"],
             result=TranscriptResult.model_validate_json(r["result"]) if r["result"] else None,
             error=JobErrorInfo.model_validate_json(r["error"]) if r["error"] else None,
         ) for r in rows]
@@ -261,4 +236,4 @@ async def _discard(upload: SqlUpload) -> None:
         log.warning("could not drop the audio of a section not made (%s)", upload.upload_id)
 
 
-__all__ = ["Sections", "held_parent", "section_summaries"]
+__all__ = ["Sections", "held_parent"]

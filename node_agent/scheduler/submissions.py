@@ -15,9 +15,8 @@ from .rules import Ask, Served, admission_refusal, queue_full, unservable_messag
 from .schemas import TERMINAL_JOB_STATES, JobErrorInfo, JobSpec, JobView, SectionSummary
 from .schemas import JobState as J
 from .schemas import Priority
-from .sections import section_summaries
 from .topics import submitted_topic
-from .transitions import OPEN, StorePart, Transitions, doc, unknown_job
+from .transitions import OPEN, StorePart, Transitions, doc, section_summaries, unknown_job
 
 log = logging.getLogger("node_agent.scheduler")
 

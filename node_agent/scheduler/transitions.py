@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from typing import Any
+from typing import Any, Iterable
 
 from ..config import SchedulerSettings
 from .db import Engine, Row, Tx, sql_list
@@ -20,7 +20,7 @@ from .pgfast import PgFast
 from .replica import PAUSE_AFTER_S, Replica
 from . import rules
 from .rules import Holder, check_holder
-from .schemas import OPEN_JOB_STATES, TERMINAL_JOB_STATES, DeviceSpec, JobErrorInfo, stored_devices
+from .schemas import OPEN_JOB_STATES, TERMINAL_JOB_STATES, DeviceSpec, JobErrorInfo, SectionSummary, stored_devices
 from .schemas import JobState as J
 from .schemas import LeaseState as L
 from .schemas import NodeState as N
@@ -56,6 +56,30 @@ def doc(model: Any) -> str:
 
 def devices_of(text: str) -> list[DeviceSpec]:
     return list(stored_devices(text))
+
+
+def section_summary(row: Row) -> SectionSummary:
+    """A section child's row as its parent's views list it."""
+    return SectionSummary(index=row["section"], job_id=row["job_id"], state=row["state"], node_id=row["node_id"],
+                          offset_s=row["offset_s"], duration_s=row["duration_s"])
+
+
+async def section_summaries(tx: Tx, parents: Iterable[Row]) -> dict[str, list[SectionSummary]]:
+    """The sections of each parent's current attempt, by index, for the job views; a job never split (most) costs
+    nothing (``sections_made`` 0: no query)."""
+    attempts = {p["job_id"]: p["attempt"] for p in parents if p["sections_made"]}
+    if not attempts:
+        return {}
+    rows = await tx.fetch(
+        "SELECT job_id, state, node_id, parent_id, parent_attempt, section, offset_s, duration_s FROM jobs "
+        f"WHERE parent_id IN ({tx.dialect.json_strings.format(p='$1')}) ORDER BY parent_id, section",
+        json.dumps(sorted(attempts)))
+    found: dict[str, list[SectionSummary]] = {}
+    for row in rows:
+        if row["parent_attempt"] == attempts[row["parent_id"]]:
+            found.setdefault(row["parent_id"], []).append(section_summary(row))
+    return found
+
 
 class Transitions:
     """The shared transitions (see the module's docstring), for one store's settings and metrics."""
