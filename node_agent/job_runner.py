@@ -36,6 +36,7 @@ from .metrics import AgentMetrics, job_outcome
 from .registration import NodeIdentity
 from .retry import RetryPolicies, retry_after_of, retrying
 from .scheduler.schemas import JobAssignment
+from .sections import SectionSplit
 from .supervisor import JobRequest, ResultMessage, Worker
 
 log = logging.getLogger("node_agent.jobs")
@@ -71,6 +72,8 @@ class RunningJob:
     polled_at: float  # event-loop time the poll that brought it was sent (no later than its lease's grant)
     lease: Lease | None = None
     worker: Worker | None = None
+    #: The job's sections once it was cut (issue 24); None for a job that could not be split.
+    split: SectionSplit | None = None
 
     def view(self, now: float) -> dict[str, Any]:
         current = (self.worker.current_job or {}) if self.worker else {}
@@ -89,6 +92,7 @@ class RunningJob:
             "since_last_renewal_s": round(now - lease.renewed_at, 2) if lease else None,
             "lease_margin_s": round(lease.last_margin_s, 3) if lease and lease.last_margin_s is not None else None,
             "renewals": lease.renewals if lease else 0,
+            "sections": self.split.status() if self.split is not None and self.split.split else [],
         }
 
 
@@ -205,7 +209,7 @@ class JobRunner:
         running.lease = lease
 
         try:
-            result, error = await self._decode(a, lease, deadline)
+            result, error = await self._decode(running, lease, deadline)
         except SchedulerError as exc:  # the audio could not be had
             if lease.cancelled is not None:  # (dropped with the cancelled job)
                 return self._cancelled(running, lease.cancelled)
@@ -249,41 +253,87 @@ class JobRunner:
         return JobOutcome(a.job_id, a.attempt, job_outcome(JobCancelled.code), Report.cancelled, error,
                           seconds=seconds)
 
-    async def _decode(self, a: JobAssignment, lease: Lease,
+    async def _decode(self, running: RunningJob, lease: Lease,
                       deadline: float | None) -> tuple[ResultMessage | None, JobError | None]:
         """Under the lease (renewed throughout): the audio (a ``SchedulerError`` when it cannot be had), then the
         decode, its segments streamed to the scheduler as they come."""
-        # A cancelled job is stopped between two segments and its worker kept; a lost lease kills the decode.
-        async with self.keeper.hold(lease, on_lost=self.worker.abort, on_cancelled=self.worker.cancel):
+        a = running.assignment
+
+        # A cancelled job is stopped between two segments and its worker kept; a lost lease kills the decode. Either
+        # also ends the following of its sections, if it was split.
+        def lost(error: LeaseLost) -> None:
+            self.worker.abort(error)
+            if running.split is not None:
+                running.split.abort(error)
+
+        def cancelled(error: JobCancelled) -> None:
+            self.worker.cancel(error)
+            if running.split is not None:
+                running.split.abort(error)
+
+        async with self.keeper.hold(lease, on_lost=lost, on_cancelled=cancelled):
             if a.options_error is not None:  # reported under the lease, as any failure of the job's own
                 return None, InvalidRequest(a.options_error)
             audio = await self._fetch_audio(a, deadline)
             if lease.lost is not None or lease.cancelled is not None:  # during the fetch: no decode is started
                 return None, lease.lost or lease.cancelled
-            return await self._decode_held(a, lease, audio, deadline)
+            return await self._decode_held(running, lease, audio, deadline)
 
-    async def _decode_held(self, a: JobAssignment, lease: Lease, audio: bytes,
+    def _splittable(self, a: JobAssignment) -> float | None:
+        """The ``split_min_s`` a job is offered for splitting at; None: never (the node's setting is off, or the
+        job is a section itself: a section is never cut again)."""
+        split_min_s = self.worker.spec.asr.split_min_s
+        if not split_min_s or getattr(a, "parent_id", None) is not None:
+            return None
+        return split_min_s
+
+    async def _decode_held(self, running: RunningJob, lease: Lease, audio: bytes,
                            deadline: float | None) -> tuple[ResultMessage | None, JobError | None]:
         loop = asyncio.get_running_loop()
+        a = running.assignment
         events: asyncio.Queue[dict[str, Any] | _End] = asyncio.Queue()
         sender = loop.create_task(self._send_events(a.job_id, a.attempt, lease, events))
         end = _End.failed
+        split_min_s = self._splittable(a)
+        started = loop.time()
+
+        async def decode_here(index: int, section: bytes) -> ResultMessage:
+            # A section the scheduler would not take: decoded on this worker after section 0, never cut again.
+            return await self.worker.run_job(JobRequest(
+                job_id=f"{a.job_id}.{index}", audio=section, format="pcm_s16le", sample_rate=16000,
+                language=a.language, options=a.options, deadline=deadline))
+
+        if split_min_s is not None:
+            running.split = SectionSplit(self.client, a.job_id, lease, self.worker.spec.asr, self.metrics,
+                                         on_segment=events.put_nowait, decode_local=decode_here)
+        split = running.split
         try:
             result = await self.worker.run_job(
                 JobRequest(job_id=a.job_id, audio=audio, format=a.audio.format,
                            sample_rate=a.audio.sample_rate, language=a.language, options=a.options,
-                           deadline=deadline),
+                           deadline=deadline, split_min_s=split_min_s, splitter=split),
                 on_segment=events.put_nowait)
+            if split is not None and split.split:
+                result = await split.finish(result, started, self._follow_until(split, started, deadline))
             end = _End.result
             return result, None
         except JobError as exc:
             return None, exc
         finally:
+            if split is not None:
+                split.close()
             events.put_nowait(end)
             flush_s = self.policies.events.max_total_s or 0.0
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 # A little longer than the sender's own flush budget: it normally ends by itself.
                 await asyncio.wait_for(asyncio.shield(sender), flush_s + 1.0)
+
+    def _follow_until(self, split: SectionSplit, started: float, deadline: float | None) -> float:
+        """How long a split job may wait for its sections: its deadline, else the time budget the whole file
+        would have had on one worker (``asr.timeout``), from when its decode began."""
+        t = self.worker.timeouts
+        budget = started + max(t.min_s, t.per_audio_s * sum(d for _, d in split.bounds))
+        return budget if deadline is None else min(budget, deadline)
 
     async def _fetch_audio(self, a: JobAssignment, deadline: float | None) -> bytes:
         """The job's audio, retried through refused connections and 5xx under the ``audio`` policy, and never

@@ -29,6 +29,8 @@ TIMEOUT_S = 5.0
 WIDTH = 80
 #: At most this many recent failures are shown (the agent keeps more).
 SHOWN_FAILURES = 5
+#: A split job's sections shown per running job (the rest are counted).
+SHOWN_SECTIONS = 8
 ELLIPSIS = "..."
 EXIT_HEALTHY, EXIT_DEGRADED, EXIT_UNREACHABLE = 0, 1, 2
 _WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
@@ -325,6 +327,15 @@ def render(status: dict[str, Any], width: int = WIDTH) -> str:
                             width, first=" " * 6, indent=" " * 6, sep=", ", max_lines=2))
         else:
             out.append("      no lease yet")
+        sections = j.get("sections") or []
+        if sections:
+            out.append(f"      sections ({len(sections) + 1}, section 0 here)")
+            for sec in sections[:SHOWN_SECTIONS]:
+                out.extend(pack([f"{_v(sec.get('index'))}: {_v(sec.get('job_id'))}", _v(sec.get("state")),
+                                 f"on {_v(sec.get('node_id'))}" if sec.get("node_id") else ""],
+                                width, first=" " * 8, indent=" " * 10, sep=" ", max_lines=2))
+            if len(sections) > SHOWN_SECTIONS:
+                out.append(f"        and {len(sections) - SHOWN_SECTIONS} more")
 
     totals = status.get("totals") or {}
     out.append("")

@@ -17,11 +17,15 @@ import jiwer
 import numpy as np
 import pytest
 
-from conftest import make_settings
-from helpers import joined, normalize_en, pcm16, plain_transcript, reference
+from conftest import machine_slowdown, make_settings
+from helpers import joined, normalize_en, pcm16, plain_transcript, reference, wav_bytes
 from node_agent import section_plan as plan
 from node_agent.job_session import JobRequest
 from node_agent.sections import shifted
+from node_agent.status_render import render
+from node_agent.supervisor import WorkerState
+from stack import agent_stack, eventually
+from test_scheduler import Harness
 
 #: Clips with references, joined into ~38 s of speech with pauses between them.
 JOINED = ["jfk.flac", "librispeech_1995-1837-0001.wav", "librivox_sense_and_sensibility_01_austen_64kb-0870.wav",
@@ -162,3 +166,137 @@ async def test_short_audio_and_an_answer_of_one_decode_whole(worker_factory):
     await worker.run_job(JobRequest(job_id="b", audio=pcm16(audio), format="pcm_s16le", sample_rate=16000,
                                     split_min_s=60.0, splitter=never))
     assert never.asked == []  # shorter than split_min_s: not even asked
+
+
+# ----- end to end: a real agent, a real scheduler ---------------------------------------------------------------
+
+#: Lowered so the joined ~38 s clip is "long" and makes two sections of at least 10 s.
+SPLIT = {"split_min_s": 20, "split_section_min_s": 10}
+
+
+async def _ready(st: Any, count: int) -> None:
+    await eventually(lambda: sum(w.state is WorkerState.ready for w in st.agent.workers.values()) == count,
+                     90, f"{count} workers ready")
+
+
+async def test_a_long_job_is_split_over_two_slots_and_reads_as_one_decode(tmp_path):
+    audio, _ = joined_clip()
+    async with agent_stack(tmp_path, asr={**SPLIT, "workers_per_device": 2, "cpu_threads": 1}) as st:
+        await _ready(st, 2)
+        job_id = await st.submit_file(wav_bytes(audio), filename="joined.wav")
+        view = await st.wait_job(job_id, timeout=120 * machine_slowdown())
+        assert view["state"] == "succeeded", view
+        [section] = view["sections"]
+        assert section["index"] == 1 and section["state"] == "succeeded"
+        assert section["node_id"] == st.agent.identity.node_id
+        total_s = len(audio) / 16000
+        assert 10 <= section["offset_s"] <= total_s - 10
+        assert section["offset_s"] + section["duration_s"] == pytest.approx(total_s, abs=1e-3)
+        result = view["result"]
+        segments = result["segments"]
+        # One decode's shape: ids consecutive from faster-whisper's first, times absolute and increasing, the
+        # second section's segments after its offset, the duration the whole file's.
+        assert [s["id"] for s in segments] == list(range(1, len(segments) + 1))
+        starts = [s["start"] for s in segments]
+        assert starts == sorted(starts) and all(s["end"] >= s["start"] for s in segments)
+        assert any(s["start"] >= section["offset_s"] for s in segments)
+        assert segments[-1]["end"] <= total_s + 0.5
+        assert result["duration_s"] == pytest.approx(total_s, abs=1e-3)
+        assert result["text"] == "".join(s["text"] for s in segments).strip()
+        assert result["timings"]["sections"] == 2
+        # Words kept: within +0.01 of plain faster-whisper decoding the same samples whole, same settings.
+        plain = plain_transcript(audio, asr=st.settings.asr)
+        ref = normalize_en(" ".join(reference(name) for name in JOINED))
+        split_wer = jiwer.wer(ref, normalize_en(result["text"]))
+        plain_wer = jiwer.wer(ref, normalize_en(plain.text))
+        assert split_wer <= plain_wer + 0.01, (split_wer, plain_wer, result["text"], plain.text)
+        await st.wait_counted("succeeded", 2)  # the parent and its section, both on this node
+        assert st.sample("node_agent_job_sections_count") == 1
+        assert st.sample("node_agent_job_sections_sum") == 2
+
+
+async def test_a_full_cluster_does_not_split(tmp_path):
+    audio, _ = joined_clip()
+    async with agent_stack(tmp_path, asr=SPLIT) as st:  # one slot, and it takes the job: nothing free
+        await _ready(st, 1)
+        job_id = await st.submit_file(wav_bytes(audio), filename="joined.wav")
+        view = await st.wait_job(job_id, timeout=120 * machine_slowdown())
+        assert view["state"] == "succeeded" and view["sections"] == []
+        assert "sections" not in view["result"]["timings"]
+        assert view["result"]["duration_s"] == pytest.approx(len(audio) / 16000, abs=1e-3)
+        assert st.sample("node_agent_job_sections_count") == 0
+
+
+async def _fake_node(st: Any) -> tuple[Harness, str]:
+    """A node speaking the protocol over HTTP, one English slot: it takes a section and does with it what a
+    test says (the model is not the point there)."""
+    h = Harness(st.scheduler, st.session, st.scheduler_registry)
+    node = await h.register([{"resource": "cpu/0", "plugin": "asr", "model": "tiny.en", "compute_type": "int8",
+                              "languages": ["en"]}], node_id="fake-node")
+    return h, node
+
+
+async def _take_section(h: Harness, node: str, ttl_s: float) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + 60 * machine_slowdown()
+    while loop.time() < give_up:
+        status, body, _ = await h.call("GET", f"/v1/nodes/{node}/jobs/next",
+                                       params={"wait_s": 5, "resource": "cpu/0", "lease_ttl_s": ttl_s})
+        if status == 200:
+            assert body["lease"] is not None, body
+            return body
+        await h.call("PUT", f"/v1/nodes/{node}/heartbeat", json={"state": "idle"})
+    raise AssertionError("no section came to the fake node")
+
+
+async def test_a_section_lost_with_its_node_is_run_again_and_the_parent_completes(tmp_path):
+    audio, _ = joined_clip()
+    async with agent_stack(tmp_path, asr=SPLIT) as st:
+        await _ready(st, 1)
+        h, node = await _fake_node(st)
+        job_id = await st.submit_file(wav_bytes(audio), filename="joined.wav")
+        first = await _take_section(h, node, ttl_s=1.0)
+        assert first["attempt"] == 1
+        # The holder vanishes: no renewal, no result. Its lease lapses and the section alone is queued again.
+        again = await _take_section(h, node, ttl_s=30.0)
+        assert again["job_id"] == first["job_id"] and again["attempt"] == 2
+        async with st.session.get(st.scheduler.url + again["audio"]["url"]) as resp:
+            assert resp.status == 200
+            pcm = await resp.read()
+        assert again["audio"]["format"] == "pcm_s16le" and len(pcm) == again["audio"]["bytes"]
+        status, body = await h.result(again["job_id"], node, 2, again["lease"], result={
+            "text": "fake words.", "language": "en", "duration_s": 1.0,
+            "segments": [{"id": 1, "start": 0.5, "end": 1.5, "text": " fake words."}]})
+        assert status == 200, body
+        view = await st.wait_job(job_id, timeout=120 * machine_slowdown())
+        assert view["state"] == "succeeded", view
+        assert view["attempt"] == 1  # the parent itself never ran again
+        [section] = view["sections"]
+        last = view["result"]["segments"][-1]
+        assert last["text"] == " fake words." and last["start"] == pytest.approx(section["offset_s"] + 0.5, abs=1e-3)
+        assert view["result"]["text"].endswith("fake words.")
+
+
+async def test_cancelling_the_parent_stops_following_its_sections(tmp_path):
+    audio, _ = joined_clip()
+    async with agent_stack(tmp_path, asr=SPLIT) as st:
+        await _ready(st, 1)
+        h, node = await _fake_node(st)  # free, so the job is split; it never takes the section
+        job_id = await st.submit_file(wav_bytes(audio), filename="joined.wav")
+
+        def following() -> bool:
+            running = st.agent.ledger.running.get(job_id)
+            return bool(running and running.split and running.split.split and running.worker
+                        and running.worker.current_job is None)
+
+        await eventually(following, 90 * machine_slowdown(), "section 0 decoded, the section followed")
+        status = st.agent.view.status()
+        [shown] = [j for j in status["jobs"] if j["job_id"] == job_id]
+        assert [s["index"] for s in shown["sections"]] == [1] and shown["sections"][0]["job_id"]
+        assert "sections (2, section 0 here)" in render(status)
+        status, body, _ = await h.call("DELETE", f"/v1/jobs/{job_id}")
+        assert status == 200, body
+        await st.wait_counted("cancelled", 1, timeout=20 * machine_slowdown())
+        status, view, _ = await h.call("GET", f"/v1/jobs/{job_id}")
+        assert view["state"] == "cancelled"
+        assert [s["state"] for s in view["sections"]] == ["cancelled"]
