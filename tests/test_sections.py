@@ -300,3 +300,19 @@ async def test_cancelling_the_parent_stops_following_its_sections(tmp_path):
         status, view, _ = await h.call("GET", f"/v1/jobs/{job_id}")
         assert view["state"] == "cancelled"
         assert [s["state"] for s in view["sections"]] == ["cancelled"]
+
+
+async def test_a_section_failed_for_good_fails_the_parent_naming_it(tmp_path):
+    audio, _ = joined_clip()
+    async with agent_stack(tmp_path, asr=SPLIT) as st:
+        await _ready(st, 1)
+        h, node = await _fake_node(st)
+        job_id = await st.submit_file(wav_bytes(audio), filename="joined.wav")
+        taken = await _take_section(h, node, ttl_s=30.0)
+        status, body = await h.result(taken["job_id"], node, 1, taken["lease"], outcome="failed",
+                                      error={"code": "bad_audio", "message": "a fake node could not read it"})
+        assert status == 200, body
+        view = await st.wait_job(job_id, timeout=120 * machine_slowdown())
+        assert view["state"] == "failed" and view["error"]["code"] == "bad_audio", view
+        assert f"section 1 (job {taken['job_id']})" in view["error"]["message"]
+        assert "a fake node could not read it" in view["error"]["message"]
