@@ -82,6 +82,7 @@ SCHEDULER_METRICS = {
     "node_agent_scheduler_queue_oldest_wait_seconds",
     "node_agent_scheduler_nodes_cordoned",
     "node_agent_scheduler_jobs_cancelled_total",
+    "node_agent_scheduler_sections_total",
 }
 SCHEDULER_HISTOGRAMS = {"node_agent_scheduler_queue_wait_seconds"}
 KNOWN_METRICS = (
