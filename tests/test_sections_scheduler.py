@@ -25,7 +25,7 @@ from node_agent.config import SchedulerSettings
 from node_agent.scheduler.db import engine_for
 from node_agent.scheduler.migrations import MIGRATIONS, _statements
 from node_agent.scheduler.rules import CapacityFacts, section_capacity
-from node_agent.scheduler.server import start_scheduler
+from node_agent.scheduler.server import NOTIFIER_KEY, start_scheduler
 from node_agent.scheduler_client import BadRequest, Rejected, SchedulerClient, UnknownJob
 from test_roles import CLIENT_1, CLIENT_2, NODE_OLD, NODE_NEW, OPERATOR, TOKENS, Caller
 from test_scheduler import HARDWARE, Harness
@@ -210,7 +210,9 @@ async def test_sections_are_fenced_idempotent_bounded_and_run_like_any_job(store
         assert (await h.job(parent))["state"] == "running"  # the parent is not touched
         assert (await h.job(parent))["attempt"] == 1
 
-        # The parent's node follows: a long poll wakes on the child's result.
+        # The parent's node follows: a long poll wakes on the child's result (the wake-up alone: no periodic
+        # re-check, so a result that announced nothing would leave it waiting its 20 s).
+        h.running.app[NOTIFIER_KEY].poll_s = None
         follow = asyncio.ensure_future(client.job_sections(parent, grant["lease_id"], from_index=1, wait_s=20))
         await asyncio.sleep(0.3)
         assert not follow.done()
