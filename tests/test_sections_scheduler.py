@@ -433,3 +433,31 @@ async def test_a_version_2_store_upgrades_in_place(store: str, tmp_path: Path) -
             await client.close()
     finally:
         await close(h)
+
+
+async def test_a_job_never_split_pays_nothing_for_the_cascade(tmp_path: Path) -> None:
+    """Re-queued, failed, cancelled and viewed, a job that made no section never reads a child: the write that
+    ends it says it has none (SQLite's statement trace)."""
+    h = await serve("sqlite", tmp_path)
+    statements: list[str] = []
+    h.running.store.engine._conn.set_trace_callback(statements.append)
+    try:
+        a = await register(h, "node-a", devices=SLOTS[:1])
+        job_id = await h.submit(SECOND)
+        _, assignment = await take(h, a, "cpu/0")
+        status, body = await h.result(job_id, a, 1, assignment["lease"], outcome="failed",
+                                      error={"code": "worker_crashed", "message": "killed"})
+        assert status == 200 and body["requeued"], body
+        _, assignment = await take(h, a, "cpu/0")
+        status, body = await h.result(job_id, a, 2, assignment["lease"], outcome="failed",
+                                      error={"code": "bad_audio", "message": "not audio"})
+        assert status == 200 and not body["requeued"], body
+        cancelled = await h.submit(SECOND)
+        assert (await h.call("DELETE", f"/v1/jobs/{cancelled}"))[0] == 200
+        assert (await h.job(job_id))["sections"] == []
+        assert (await h.call("GET", "/v1/jobs"))[0] == 200
+        assert any("RETURNING sections_made" in s for s in statements)  # (the trace saw the ends)
+        assert not [s for s in statements if "parent_id =" in s or "parent_id IN" in s], statements
+    finally:
+        h.running.store.engine._conn.set_trace_callback(None)
+        await close(h)
