@@ -148,6 +148,10 @@ async def test_capacity_keeps_the_headroom_from_a_batch_parent_and_the_max(tmp_p
         await close(h)
 
 
+async def _count(h: Harness, table: str) -> int:
+    return int(await h.running.store.engine.run(lambda tx: tx.fetchval(f"SELECT COUNT(*) FROM {table}")))
+
+
 async def _lease_of(h: Harness, job_id: str) -> str:
     async def op(tx: Any) -> str:
         return await tx.fetchval("SELECT lease_id FROM jobs WHERE job_id = $1", job_id)
@@ -181,6 +185,12 @@ async def test_sections_are_fenced_idempotent_bounded_and_run_like_any_job(store
                                             audio=SECOND * seconds)
             assert refused.value.status == 422 and refused.value.code == "section_refused", refused.value
             assert refused.value.detail.startswith(f"{param}: ") and "\n" not in refused.value.detail
+        # A refused section keeps none of its audio (this one is over a chunk: part of it was in the store).
+        chunks = await _count(h, "audio_chunks")
+        with pytest.raises(BadRequest):
+            await client.create_section(parent, lease_id=grant["lease_id"], lease_epoch=grant["epoch"], index=99,
+                                        offset_s=5.0, duration_s=40.0, audio=SECOND * 40)
+        assert await _count(h, "audio_chunks") == chunks
         # Bad audio is 400 as at any upload: none, or half a sample.
         for audio, code in [(b"", "invalid_request"), (b"\0\0\0", "bad_audio")]:
             with pytest.raises(BadRequest) as bad:

@@ -1,6 +1,6 @@
 """Long recordings split into section jobs (issue 24), over the store: how many sections a parent job could have
 dispatched at once (its capacity), a section made (a child job of the parent's attempt), and the sections read back
-as the parent's node follows them and as views show them.
+as the parent's node follows them (the job views list them through ``transitions.section_summaries``).
 
 Every call names the parent's live lease (a node's) or comes from the parent's client or an operator (reads only).
 A child is an ordinary job from then on (dispatched, leased, fenced and re-queued as any); what ties it to its
@@ -31,8 +31,8 @@ from .schemas import JobState as J
 from .schemas import LeaseState as L
 from .schemas import NodeState as N
 from .schemas import Priority as P
-from .topics import sections_topic, submitted_topic
 from .submissions import SqlUpload
+from .topics import sections_topic, submitted_topic
 from .transitions import OPEN, StorePart, doc, section_summary, unknown_job
 
 log = logging.getLogger("node_agent.scheduler")
@@ -134,19 +134,6 @@ class Sections(StorePart):
         the child made first, and drops its own audio. The caller holds the parent's live lease (``lease_id`` at
         ``lease_epoch``), else ``ReportRejected``; a bad index, offset or duration, or a parent that is a section,
         is ``SectionRefused``."""
-        max_sections = self.settings.max_sections_per_job
-        if not 1 <= index < max_sections:
-            raise SectionRefused(f"index: {index} is not a section index 1..{max_sections - 1} "
-                                 f"(scheduler.max_sections_per_job: {max_sections}; section 0 is the parent's own)",
-                                 param="index")
-        if not (math.isfinite(offset_s) and 0 < offset_s <= MAX_OFFSET_S):
-            raise SectionRefused(f"offset_s: {offset_s:g} is not a start within the parent's audio (above 0, at "
-                                 f"most {MAX_OFFSET_S:g} s; section 0 starts at 0)", param="offset_s")
-        audio_s = upload.size / 2 / sample_rate
-        if not (math.isfinite(duration_s) and duration_s > 0 and abs(duration_s - audio_s) <= DURATION_SLACK_S):
-            raise SectionRefused(f"duration_s: {duration_s:g} is not the length of the section's audio ({audio_s:.3f} "
-                                 f"s of pcm_s16le at {sample_rate} Hz)", param="duration_s")
-
         async def op(tx: Tx) -> tuple[SectionSummary, bool, str]:
             now = await tx.now()
             await self.tr.resume_if_paused(tx, now)
@@ -182,6 +169,7 @@ class Sections(StorePart):
             return made, True, parent["priority"]
 
         try:
+            self._check_section(index, offset_s, duration_s, upload.size / 2 / sample_rate)
             try:
                 summary, made, priority = await self.engine.run(op)
             except Conflict:
@@ -198,6 +186,20 @@ class Sections(StorePart):
         else:
             await _discard(upload)  # the first try's audio is the section's
         return summary, made
+
+    def _check_section(self, index: int, offset_s: float, duration_s: float, audio_s: float) -> None:
+        """``SectionRefused`` naming the first of a section's index, offset and duration out of its bounds."""
+        max_sections = self.settings.max_sections_per_job
+        if not 1 <= index < max_sections:
+            raise SectionRefused(f"index: {index} is not a section index 1..{max_sections - 1} "
+                                 f"(scheduler.max_sections_per_job: {max_sections}; section 0 is the parent's own)",
+                                 param="index")
+        if not (math.isfinite(offset_s) and 0 < offset_s <= MAX_OFFSET_S):
+            raise SectionRefused(f"offset_s: {offset_s:g} is not a start within the parent's audio (above 0, at "
+                                 f"most {MAX_OFFSET_S:g} s; section 0 starts at 0)", param="offset_s")
+        if not (math.isfinite(duration_s) and duration_s > 0 and abs(duration_s - audio_s) <= DURATION_SLACK_S):
+            raise SectionRefused(f"duration_s: {duration_s:g} is not the length of the section's audio ({audio_s:.3f} "
+                                 "s of pcm_s16le)", param="duration_s")
 
     async def sections(self, job_id: str, *, lease_id: str | None = None, client: str | None = None,
                        from_index: int = 0) -> list[SectionView]:
