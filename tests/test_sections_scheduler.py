@@ -210,6 +210,7 @@ async def test_sections_are_fenced_idempotent_bounded_and_run_like_any_job(store
         taken, first = await take(h, b, "cpu/0", ttl_s=1.0)
         assert taken == child and first["audio"]["bytes"] == 3 * len(SECOND)
         assert first["options"] == {"beam_size": 2} and first["language"] == "en"
+        assert first["parent_id"] == parent and assignment["parent_id"] is None  # (its node never splits it)
         async with h.session.get(f"{h.url}{first['audio']['url']}") as resp:
             assert await resp.read() == SECOND * 3
         slow = machine_slowdown()

@@ -195,6 +195,7 @@ class Dispatch(StorePart):
             deadline_s=max(0.0, job["deadline_at"] - now) if job["deadline_at"] is not None else None,
             queued_s=round(waited, 6),
             resource=resource,
+            parent_id=job["parent_id"],
         )
 
     async def post_events(self, job_id: str, report: EventsReport) -> None:

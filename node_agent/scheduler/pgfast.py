@@ -199,7 +199,7 @@ class PgFast:
                              queued_total_s = queued_total_s + (t.now - jobs.queued_at), unservable_since = NULL
                          FROM r LEFT JOIN g ON g.job_id = r.job_id, t WHERE jobs.job_id = r.job_id
                          RETURNING jobs.job_id, jobs.attempt, jobs.spec, jobs.audio_bytes, jobs.deadline_at,
-                             jobs.resource, jobs.lease_epoch, jobs.priority, jobs.model,
+                             jobs.resource, jobs.lease_epoch, jobs.priority, jobs.model, jobs.parent_id,
                              t.now - jobs.queued_at AS waited),
                    l AS (INSERT INTO leases (lease_id, node_id, job_id, attempt, resource, epoch, ttl_s, granted_at,
                              expires_at, state)

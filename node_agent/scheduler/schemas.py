@@ -307,6 +307,9 @@ class JobAssignment(_Reply):
     #: The job's lease on ``resource``, granted with the assignment when the poll asked (``lease_ttl_s``) and the
     #: resource was free; otherwise None, and the node asks with ``POST /v1/leases`` (which says why it waits).
     lease: LeaseGrant | None = None
+    #: The job is section ``JobView.section`` of this parent job (issue 24): its node decodes it as it comes, and
+    #: never splits it again.
+    parent_id: str | None = None
     #: How long the scheduler held the poll before assigning. The poll's sending plus this is no later than the
     #: lease's grant, so a node that times its renewals from there never believes a lease lives longer than it does.
     poll_held_s: float | None = None
