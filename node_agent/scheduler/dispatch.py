@@ -146,7 +146,7 @@ class Dispatch(StorePart):
                 lease = await self.tr.lease(tx, now, node_id, job, device.resource, ttl)
             return self._assignment(job, device.resource, now, waited), lease, job["priority"], job["model"]
 
-        done = await self.engine.run(op)
+        done = await self.engine.run(op, urgent=True)  # a node waits on it (db: the priority lane)
         if isinstance(done, _HeldBack):
             if on_held_back is not None:
                 on_held_back()
@@ -172,7 +172,7 @@ class Dispatch(StorePart):
             return 0, 0
         served = self.replica.served_recently()
         if served is None:
-            served = await self.engine.run(self.replica.served)
+            served = await self.engine.run(self.replica.served, urgent=True)  # part of a claim
         return served.slots, headroom_slots(served.slots, self.settings.interactive_headroom)
 
     def _assigned_log(self, job_id: str, node_id: str, resource: str, attempt: int, waited: float, priority: str,

@@ -128,7 +128,8 @@ class PgFast:
     async def submit(self, job_id: str, spec: str, language: str | None, filename: str | None, size: int,
                      upload_id: str, deadline_s: float, audio: bytes, model: str | None, labels: str, priority: str,
                      client: str | None) -> float:
-        """Queue a job whose audio is one chunk, without an Idempotency-Key; returns the store's time."""
+        """Queue a job whose audio is one chunk, without an Idempotency-Key; returns the store's time. An
+        interactive job takes the priority lane (db), as its claim will."""
         row = await self.engine.statement(
             f"""WITH {_CLOCK},
                j AS (INSERT INTO jobs (job_id, seq, spec, language, filename, audio_bytes, upload_id, created_at,
@@ -140,7 +141,7 @@ class PgFast:
                c AS (INSERT INTO audio_chunks (upload_id, n, data) VALUES ($6, 0, $8))
                SELECT t.now, pg_notify($9, $10) FROM t""",
             job_id, spec, language, filename, size, upload_id, deadline_s, audio, CHANNEL,
-            submitted_topic(priority), model, labels, priority, client,
+            submitted_topic(priority), model, labels, priority, client, urgent=priority == P.INTERACTIVE,
         )
         assert row is not None
         return float(row["now"])
@@ -211,6 +212,7 @@ class PgFast:
                        EXISTS (SELECT 1 FROM qb) AND NOT EXISTS (SELECT 1 FROM j) AS held_back
                    FROM t LEFT JOIN u ON true""",
                 node_id, devices_text, offers, lease_id, ttl_s, labels_text, max_wait_s, slots, headroom,
+                urgent=True,  # a node waits on it (db: the priority lane)
             )
         except Conflict:  # a lease took the resource meanwhile (the statement changed nothing): the general path
             return False, None, False

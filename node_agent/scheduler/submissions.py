@@ -178,15 +178,18 @@ class Submissions(StorePart):
                                     self._deadline_s(spec), upload.buffered, *self._asks(spec), client)
             return job_id, J.QUEUED, False
 
+        # Live work goes ahead of bulk writes in the store (db: the priority lane), as its claim will.
+        urgent = spec.priority == Priority.INTERACTIVE
+
         async def general() -> tuple[str, str, bool]:
             try:
-                return await self.engine.run(op)
+                return await self.engine.run(op, urgent=urgent)
             except Conflict:
                 if idempotency_key is None:
                     raise
                 # PostgreSQL: a concurrent submission with this key inserted its job first and committed; run
                 # again, this one finds it (and replays it, or refuses another submission under the key).
-                return await self.engine.run(op)
+                return await self.engine.run(op, urgent=urgent)
 
         committed: str | None = None
         try:
