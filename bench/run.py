@@ -5,7 +5,8 @@
     .venv/bin/python bench/run.py --quick               # fewer repeats
     .venv/bin/python bench/run.py --only overhead,long  # some sections
 
-Sections: overhead, iteration, long, throughput, memory, startup, threads, profile, scheduler (the last is
+Sections: overhead, iteration, long, throughput, memory, startup, threads, profile, scheduler, split (``split``
+is ``bench/split.py``: long recordings cut into sections on a 2-slot node; ``scheduler`` is
 ``bench/scheduler.py``: the scheduler alone under 200 fake nodes, no model; ``throughput`` is
 ``bench/throughput.py``: jobs/s from 4 clients against plain processes x threads). Both sides are warm (one
 untimed run each first); timed runs alternate between the sides and each figure is a median. The agent side is
@@ -49,7 +50,8 @@ from helpers import DATA, cer, joined, multipart, references, wav_bytes, wer  # 
 from node_agent.devices import choose_cpu_threads  # noqa: E402
 from node_agent.model_resolution import resolve_model  # noqa: E402
 
-SECTIONS = ("overhead", "iteration", "long", "throughput", "memory", "startup", "threads", "profile", "scheduler")
+SECTIONS = ("overhead", "iteration", "long", "throughput", "memory", "startup", "threads", "profile", "scheduler",
+            "split")
 OUT = ROOT / ".bench"
 SHORT_CLIP = "stereo_diarization_left.wav"  # 5.0 s
 LONG_EN = "lucier_i_am_sitting_in_a_room_long.wav"
@@ -825,8 +827,16 @@ def scheduler(b: Bench) -> None:
         raise RuntimeError(f"bench/scheduler.py (priority) exited with {pproc.returncode}: see its output above")
 
 
+def split(b: Bench) -> None:
+    """5. Long recordings cut into sections on an idle 2-slot node (issue 24): bench/split.py."""
+    import split as split_bench  # bench/ is this script's directory, first on sys.path
+
+    split_bench.run(b, sys.modules[__name__])
+
+
 RUNNERS = {"overhead": overhead, "iteration": iteration, "long": long_audio, "throughput": throughput,
-           "memory": memory, "startup": startup, "threads": threads, "profile": profile, "scheduler": scheduler}
+           "memory": memory, "startup": startup, "threads": threads, "profile": profile, "scheduler": scheduler,
+           "split": split}
 
 
 def print_table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:

@@ -10,13 +10,15 @@ carries a payload (the audio), and ``section`` (a section's audio, ``pcm_s16le``
 ``started``, [``long_audio``, then for a split ``sections`` and one ``section`` per child], ``segment``... and one
 of ``result``, ``error`` or ``stopped`` (the answer to ``cancel``).
 
-Splitting (docs/sections.md): a job whose ``split_min_s`` is set and whose audio is
-at least that long says ``long_audio`` and waits up to ``SPLIT_ANSWER_WAIT_S`` for ``split`` (how many sections;
-no answer in time: 1). With more than one it cuts at silences, says ``sections`` (every section's bounds) and sends
-sections 1..n-1 as ``section`` frames, then decodes section 0 as any job: its segments and result are section 0's
-and its ``duration_s`` included (times from the start of the file, which is section 0's start); the agent
-merges the children's into the job's result. ``to_header`` encodes one; ``parse_from_agent`` / ``parse_from_plugin`` check one on
-arrival and raise ``WireError`` naming the type for an unknown or malformed message.
+Splitting (README, "Long recordings in sections"): a job whose ``split_min_s`` is set and whose audio is at least
+that long says ``long_audio`` and waits up to ``SPLIT_ANSWER_WAIT_S`` for ``split`` (how many sections; no answer
+in time: 1). With more than one it cuts at silences, says ``sections`` (every section's bounds) and sends sections
+1..n-1 as ``section`` frames, then decodes section 0 as any job: its segments and result are section 0's, its
+``duration_s`` included (times from the start of the file, which is section 0's start); the agent merges the
+children's into the job's result.
+
+``to_header`` encodes one; ``parse_from_agent`` / ``parse_from_plugin`` check one on arrival and raise
+``WireError`` naming the type for an unknown or malformed message.
 
 Both sides ship together, so the shapes are strict: an unknown field is an error, not ignored.
 """

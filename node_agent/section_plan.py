@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-#: A silence shorter than this is a breath inside a phrase: cutting there can split a word's tail from its head.
+#: The VAD counts a silence this long as one (faster-whisper's default wants 2 s before it ends a speech span).
 MIN_GAP_S = 0.3
+#: Silences within this of the window's longest count as equally long (cut at the nearest of them).
+LENGTH_TIE_S = 0.25
 #: Each boundary looks for silence this far either side of its equal-duration target (at most a quarter of a
 #: section, so two windows never overlap). VAD runs over these windows only: VAD of a whole hour costs time plain
 #: decoding does not pay.
@@ -58,16 +60,19 @@ def silences(speech: Sequence[Span], lo: float, hi: float) -> list[Span]:
 
 
 def cut_at(target_s: float, win: Span, speech: Sequence[Span]) -> float:
-    """Where to cut near ``target_s``: the middle of the silence in ``win`` nearest the target (silences of
-    ``MIN_GAP_S`` or more first, else the longest one), or the target itself when the window is all speech."""
+    """Where to cut near ``target_s``: the middle of the longest silence in ``win`` (the silences within
+    ``LENGTH_TIE_S`` of the longest count as long: the nearest of them to the target), or the target itself when
+    the window is all speech.
+
+    The longest pause rather than the nearest: a speaker's longest pause is most often between sentences, and a
+    section that starts mid-sentence loses the words around the cut (measured on the Lucier reading, whose
+    speaker pauses inside sentences too: the nearest pause cost WER +0.019 against a whole decode)."""
     gaps = silences(speech, *win)
     if not gaps:
         return target_s
-    wide = [g for g in gaps if g[1] - g[0] >= MIN_GAP_S]
-    if not wide:
-        a, b = max(gaps, key=lambda g: g[1] - g[0])
-        return (a + b) / 2
-    a, b = min(wide, key=lambda g: abs((g[0] + g[1]) / 2 - target_s))
+    longest = max(b - a for a, b in gaps)
+    a, b = min((g for g in gaps if g[1] - g[0] >= longest - LENGTH_TIE_S),
+               key=lambda g: abs((g[0] + g[1]) / 2 - target_s))
     return (a + b) / 2
 
 

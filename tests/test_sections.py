@@ -11,6 +11,8 @@ model not being the point); a cancelled parent stops following.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import jiwer
@@ -68,10 +70,11 @@ def test_silences(speech, lo, hi, expected):
 @pytest.mark.parametrize("target, win, speech, expected", [
     (50.0, (42.0, 58.0), [], 50.0),                                   # no speech: the target itself
     (50.0, (42.0, 58.0), [(42.0, 58.0)], 50.0),                       # all speech: the target (a cut mid-word)
-    (50.0, (42.0, 58.0), [(42.0, 49.0), (49.6, 58.0)], 49.3),         # the one pause near the target
-    (50.0, (42.0, 58.0), [(42.0, 45.0), (46.0, 53.0), (53.5, 58.0)], 53.25),  # nearest pause by its middle
-    (50.0, (42.0, 58.0), [(42.0, 47.8), (48.0, 51.0), (51.1, 58.0)], 47.9),   # no pause of 0.3 s: the longest
-    (50.0, (42.0, 58.0), [(42.0, 44.0), (44.5, 55.0), (55.2, 58.0)], 44.25),  # a 0.3 s pause beats a nearer breath
+    (50.0, (42.0, 58.0), [(42.0, 49.0), (49.6, 58.0)], 49.3),         # the one pause
+    (50.0, (42.0, 58.0), [(42.0, 45.0), (46.0, 53.0), (53.5, 58.0)], 45.5),   # the longest pause, not the nearest
+    (50.0, (42.0, 58.0), [(42.0, 44.0), (44.5, 55.0), (55.2, 58.0)], 44.25),  # a pause beats a nearer breath
+    (50.0, (42.0, 58.0), [(42.0, 44.0), (44.5, 49.0), (49.4, 53.0), (53.4, 58.0)], 49.2),  # as long: the nearest
+    (50.0, (42.0, 58.0), [(43.0, 57.0)], 42.5),                        # the window's edges are silences too
 ])
 def test_cut_at(target, win, speech, expected):
     assert plan.cut_at(target, win, speech) == pytest.approx(expected)
@@ -227,13 +230,18 @@ async def test_a_full_cluster_does_not_split(tmp_path):
         assert st.sample("node_agent_job_sections_count") == 0
 
 
-async def _fake_node(st: Any) -> tuple[Harness, str]:
-    """A node speaking the protocol over HTTP, one English slot: it takes a section and does with it what a
-    test says (the model is not the point there)."""
-    h = Harness(st.scheduler, st.session, st.scheduler_registry)
-    node = await h.register([{"resource": "cpu/0", "plugin": "asr", "model": "tiny.en", "compute_type": "int8",
-                              "languages": ["en"]}], node_id="fake-node")
-    return h, node
+@contextlib.asynccontextmanager
+async def split_beside_a_fake_node(tmp_path: Any) -> AsyncIterator[tuple[Any, Harness, str, str]]:
+    """A one-slot agent, a node speaking the protocol over HTTP with one free English slot (so the agent's long
+    job is split in two), and that job submitted: (stack, harness, fake node id, job id). The fake node takes the
+    section and does with it what a test says (the model is not the point there)."""
+    audio, _ = joined_clip()
+    async with agent_stack(tmp_path, asr=SPLIT) as st:
+        await _ready(st, 1)
+        h = Harness(st.scheduler, st.session, st.scheduler_registry)
+        node = await h.register([{"resource": "cpu/0", "plugin": "asr", "model": "tiny.en", "compute_type": "int8",
+                                  "languages": ["en"]}], node_id="fake-node")
+        yield st, h, node, await st.submit_file(wav_bytes(audio), filename="joined.wav")
 
 
 async def _take_section(h: Harness, node: str, ttl_s: float) -> dict[str, Any]:
@@ -250,11 +258,7 @@ async def _take_section(h: Harness, node: str, ttl_s: float) -> dict[str, Any]:
 
 
 async def test_a_section_lost_with_its_node_is_run_again_and_the_parent_completes(tmp_path):
-    audio, _ = joined_clip()
-    async with agent_stack(tmp_path, asr=SPLIT) as st:
-        await _ready(st, 1)
-        h, node = await _fake_node(st)
-        job_id = await st.submit_file(wav_bytes(audio), filename="joined.wav")
+    async with split_beside_a_fake_node(tmp_path) as (st, h, node, job_id):
         first = await _take_section(h, node, ttl_s=1.0)
         assert first["attempt"] == 1
         # The holder vanishes: no renewal, no result. Its lease lapses and the section alone is queued again.
@@ -278,11 +282,7 @@ async def test_a_section_lost_with_its_node_is_run_again_and_the_parent_complete
 
 
 async def test_cancelling_the_parent_stops_following_its_sections(tmp_path):
-    audio, _ = joined_clip()
-    async with agent_stack(tmp_path, asr=SPLIT) as st:
-        await _ready(st, 1)
-        h, node = await _fake_node(st)  # free, so the job is split; it never takes the section
-        job_id = await st.submit_file(wav_bytes(audio), filename="joined.wav")
+    async with split_beside_a_fake_node(tmp_path) as (st, h, _node, job_id):  # the fake node never takes it
 
         def following() -> bool:
             running = st.agent.ledger.running.get(job_id)
@@ -303,11 +303,7 @@ async def test_cancelling_the_parent_stops_following_its_sections(tmp_path):
 
 
 async def test_a_section_failed_for_good_fails_the_parent_naming_it(tmp_path):
-    audio, _ = joined_clip()
-    async with agent_stack(tmp_path, asr=SPLIT) as st:
-        await _ready(st, 1)
-        h, node = await _fake_node(st)
-        job_id = await st.submit_file(wav_bytes(audio), filename="joined.wav")
+    async with split_beside_a_fake_node(tmp_path) as (st, h, node, job_id):
         taken = await _take_section(h, node, ttl_s=30.0)
         status, body = await h.result(taken["job_id"], node, 1, taken["lease"], outcome="failed",
                                       error={"code": "bad_audio", "message": "a fake node could not read it"})
