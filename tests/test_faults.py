@@ -23,7 +23,9 @@ async def test_scheduler_down_at_agent_start_registers_once_it_is_up(tmp_path):
                        "worker ready while the scheduler is down")
         st = status_of(url)
         assert not st["agent"]["registered"] and st["health"]["status"] == "degraded"
-        await asyncio.sleep(2.0)  # a few failed registration attempts
+        # A few failed registration attempts (its retries counted; often made already while the model loaded).
+        await wait_for(lambda: (metric(url, "node_agent_retries_total", {"operation": "register"}) or 0) >= 2, 30,
+                       "two registration retries")
         sched, _ = await start_scheduler(tmp_path, port)
         await wait_for(lambda: ready(url), 60, "registered after the scheduler came up")
         job_id = submit(scheduler, clip("jfk.flac"))
