@@ -262,8 +262,9 @@ async def both_running(s: Any, jobs: list[str], state_dir: Path, timeout: float 
 
 
 async def test_two_jobs_run_at_once_on_two_slots_each_with_its_own_lease(tmp_path: Path) -> None:
-    # ~70 s of speech each: several seconds to decode with one thread, so both are seen running at once.
-    audio = long_audio(6)
+    # ~35 s of speech each: seconds to decode with one thread, so both are seen running at once (the scheduler is
+    # polled every 0.05 s); under asr.split_min_s, so each job stays one decode on one slot.
+    audio = long_audio(3)
     async with agent_stack(tmp_path, asr={"workers_per_device": 2, "cpu_threads": 1}) as s:
         assert list(s.agent.workers) == ["cpu/0", "cpu/1"]
         assert all(w.spec.cpu_threads == 1 for w in s.agent.workers.values())
@@ -292,7 +293,7 @@ async def test_two_jobs_run_at_once_on_two_slots_each_with_its_own_lease(tmp_pat
 
 
 async def test_a_slots_worker_killed_fails_only_its_own_job(tmp_path: Path) -> None:
-    audio = long_audio(6)
+    audio = long_audio(3)  # as above: both jobs decoding when one slot's worker is killed
     async with agent_stack(tmp_path, asr={"workers_per_device": 2, "cpu_threads": 1},
                            scheduler={"max_attempts": 1}) as s:
         await eventually(lambda: all(w.state.value == "ready" for w in s.agent.workers.values()), 60,
