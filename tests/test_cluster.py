@@ -243,8 +243,9 @@ async def test_sigterm_during_a_job_drains_releases_and_exits_zero(tmp_path, gra
     agent = None
     try:
         agent, url = await start_agent(tmp_path, "agent", scheduler, NODE_AGENT_SHUTDOWN__GRACE_S=grace)
-        # ~100 s of speech (about 5 s to decode): the job must still be running when a 0.5 s grace ends.
-        audio, fields = long_audio_b64_fields(2)
+        # Still decoding when SIGTERM comes (right after "running"): ~50 s of speech (about 3 s to decode), decoded
+        # to its end within the 30 s grace; ~100 s (about 5 s) when a 0.5 s grace must end first, stopping it.
+        audio, fields = long_audio_b64_fields(1 if expect == "finishes" else 2)
         job_id = submit(scheduler, audio, **fields)
         await wait_for(lambda: job(scheduler, job_id)["state"] == "running", 30, "job running")
         agent.signal(signal.SIGTERM)
