@@ -755,7 +755,16 @@ class Driver:
 
         backlog.first_submit = time.monotonic()
         refilling = asyncio.ensure_future(refill())
+        filled_by = time.monotonic() + a.phase_timeout_s
         while queued_batch() < a.backlog * 0.9:
+            if time.monotonic() > filled_by:
+                # The nodes take jobs as fast as they come (a loaded machine submits slower than 200 nodes decode):
+                # no backlog, so nothing to measure. Said, rather than waiting for ever.
+                filling = False
+                await refilling
+                raise RuntimeError(f"the batch backlog reached only {queued_batch()} of {a.backlog} queued within "
+                                   f"{a.phase_timeout_s:g} s (submits slower than the nodes take jobs: a longer "
+                                   "--decode-s, or a less loaded machine)")
             await asyncio.sleep(0.01)
         # The interactive load, paced, while the backlog is kept; the phase ends when every job of both has ended.
         at_submit: list[int] = []
