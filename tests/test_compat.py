@@ -195,10 +195,11 @@ async def test_busy_is_503_and_over_time_is_504_with_the_decode_stopped(tmp_path
         old_pid = worker.pid
         assert old_pid is not None
         # ~413 s of speech: over 15 s of decoding on an idle 2-core machine, far past the 3 s limit even on a
-        # several times faster one (stopped at the limit, so the length costs nothing).
+        # several times faster one (stopped at the limit, so the length costs nothing). Greedy at one temperature:
+        # a window is one pass (no beam, no fallback), so the boundary after the limit comes soon.
         limit_s = 3.0
         slow = {"job_id": "slow", "trace_id": "t-slow", "src_lang": "en", "audio": b64(long_audio(36)),
-                "timeout_s": limit_s}
+                "timeout_s": limit_s, "beam_size": 1, "temperature": 0}
         started = time.monotonic()
         first = asyncio.ensure_future(post(s, slow))
         await eventually(lambda: worker.state is WorkerState.busy, 20, "the slow utterance is decoding")

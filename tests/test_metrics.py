@@ -107,8 +107,10 @@ async def test_a_job_past_its_deadline_is_stopped_and_counted_as_a_timeout_not_a
         worker = s.agent.workers["cpu/0"]
         old_pid = worker.pid
         # ~270 s of speech takes ~12 s here (a CPU several times faster would still need well over 1.5 s); the
-        # job may take 1.5 s, so it is stopped either way and a longer clip costs nothing.
-        job_id = await s.submit_json(long_audio(24), format="pcm_s16le", sample_rate=16000, deadline_s=1.5)
+        # job may take 1.5 s, so it is stopped either way and a longer clip costs nothing. Greedy at one
+        # temperature: a window is one pass (no beam, no fallback), so the boundary after the deadline comes soon.
+        job_id = await s.submit_json(long_audio(24), format="pcm_s16le", sample_rate=16000, deadline_s=1.5,
+                                     options={"beam_size": 1, "temperature": 0.0})
         view = await s.wait_job(job_id)
         assert view["state"] == "failed" and view["error"]["code"] == "timeout", view
         await s.wait_counted("timeout")
