@@ -332,7 +332,7 @@ class JobRunner:
         """How long a split job may wait for its sections: its deadline, else the time budget the whole file
         would have had on one worker (``asr.timeout``), from when its decode began."""
         t = self.worker.timeouts
-        budget = started + max(t.min_s, t.per_audio_s * sum(d for _, d in split.bounds))
+        budget = started + max(t.min_s, t.per_audio_s * split.duration_s)
         return budget if deadline is None else min(budget, deadline)
 
     async def _fetch_audio(self, a: JobAssignment, deadline: float | None) -> bytes:

@@ -74,8 +74,11 @@ class SectionSplit:
         self._on_segment = on_segment
         self._decode_local = decode_local
         loop = asyncio.get_running_loop()
-        #: The cut, as the plugin made it (section 0 first); empty until then (and for a job not split).
+        #: The cut, as the plugin made it (section 0 first); empty until then (and for a job not split). The
+        #: silence between two sections belongs to neither.
         self.bounds: list[Span] = []
+        #: The whole audio's length, as the plugin said it.
+        self.duration_s = 0.0
         self.cut_s = 0.0
         #: Each child's post (its job id; None when it was refused and the section is decoded here).
         self._posts: dict[int, asyncio.Task[str | None]] = {}
@@ -92,6 +95,7 @@ class SectionSplit:
 
     async def sections_for(self, duration_s: float) -> int:
         """How many sections: the parent's slot plus the free ones the scheduler reports. Any failure: 1."""
+        self.duration_s = duration_s
         try:
             async with asyncio.timeout(CAPACITY_WAIT_S):
                 free = await self.client.job_capacity(self.job_id, self.lease.lease_id)
@@ -206,7 +210,7 @@ class SectionSplit:
         self.metrics.split_seconds_saved.inc(max(0.0, decode_s - wall_s))
         return first.model_copy(update={
             "text": "".join(s["text"] for s in segments).strip(),
-            "duration_s": round(sum(d for _, d in self.bounds), 6),
+            "duration_s": self.duration_s,
             "segments_count": len(segments),
             "fallback_segments": fallbacks,
             "segments": segments,

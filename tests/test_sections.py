@@ -68,24 +68,26 @@ def test_silences(speech, lo, hi, expected):
 
 
 @pytest.mark.parametrize("target, win, speech, expected", [
-    (50.0, (42.0, 58.0), [], 50.0),                                   # no speech: the target itself
-    (50.0, (42.0, 58.0), [(42.0, 58.0)], 50.0),                       # all speech: the target (a cut mid-word)
-    (50.0, (42.0, 58.0), [(42.0, 49.0), (49.6, 58.0)], 49.3),         # the one pause
-    (50.0, (42.0, 58.0), [(42.0, 45.0), (46.0, 53.0), (53.5, 58.0)], 45.5),   # the longest pause, not the nearest
-    (50.0, (42.0, 58.0), [(42.0, 44.0), (44.5, 55.0), (55.2, 58.0)], 44.25),  # a pause beats a nearer breath
-    (50.0, (42.0, 58.0), [(42.0, 44.0), (44.5, 49.0), (49.4, 53.0), (53.4, 58.0)], 49.2),  # as long: the nearest
-    (50.0, (42.0, 58.0), [(43.0, 57.0)], 42.5),                        # the window's edges are silences too
+    (50.0, (42.0, 58.0), [], (42.2, 57.8)),                           # no speech: all of it dropped
+    (50.0, (42.0, 58.0), [(42.0, 58.0)], (50.0, 50.0)),               # all speech: the target (a cut mid-word)
+    (50.0, (42.0, 58.0), [(42.0, 49.0), (50.0, 58.0)], (49.2, 49.8)),  # the one pause, most of it dropped
+    (50.0, (42.0, 58.0), [(42.0, 49.0), (49.3, 58.0)], (49.15, 49.15)),  # a short one: cut in its middle
+    (50.0, (42.0, 58.0), [(42.0, 45.0), (46.0, 53.0), (53.5, 58.0)], (45.2, 45.8)),  # the longest, not the nearest
+    (50.0, (42.0, 58.0), [(42.0, 44.0), (44.5, 55.0), (55.2, 58.0)], (44.2, 44.3)),  # a pause beats a nearer breath
+    (50.0, (42.0, 58.0), [(42.0, 44.0), (44.5, 49.0), (49.4, 53.0), (53.4, 58.0)], (49.2, 49.2)),  # as long: nearest
+    (50.0, (42.0, 58.0), [(43.0, 57.0)], (42.2, 42.8)),               # the window's edges are silences too
 ])
 def test_cut_at(target, win, speech, expected):
     assert plan.cut_at(target, win, speech) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("duration_s, cuts, expected", [
-    (100.0, [50.0], [(0.0, 50.0), (50.0, 50.0)]),
-    (90.0, [31.0, 59.0], [(0.0, 31.0), (31.0, 28.0), (59.0, 31.0)]),
-    (90.0, [59.0, 31.0], [(0.0, 31.0), (31.0, 28.0), (59.0, 31.0)]),
-    (90.0, [31.0, 31.5], [(0.0, 31.0), (31.0, 59.0)]),   # a cut too close to the previous one is dropped
-    (10.0, [9.5], [(0.0, 10.0)]),                          # too close to the end
+    (100.0, [(50.0, 50.0)], [(0.0, 50.0), (50.0, 50.0)]),
+    (100.0, [(49.2, 51.8)], [(0.0, 49.2), (51.8, 48.2)]),  # the silence between belongs to neither
+    (90.0, [(31.0, 31.0), (59.0, 59.0)], [(0.0, 31.0), (31.0, 28.0), (59.0, 31.0)]),
+    (90.0, [(59.0, 59.0), (31.0, 31.0)], [(0.0, 31.0), (31.0, 28.0), (59.0, 31.0)]),
+    (90.0, [(31.0, 31.0), (31.5, 31.5)], [(0.0, 31.0), (31.0, 59.0)]),   # a cut too close to the previous one
+    (10.0, [(9.5, 9.5)], [(0.0, 10.0)]),                                  # too close to the end
 ])
 def test_bounds(duration_s, cuts, expected):
     assert plan.bounds(duration_s, cuts) == expected
@@ -140,11 +142,13 @@ async def test_the_plugin_cuts_at_a_pause_and_decodes_section_0(worker_factory):
     total_s = len(audio) / 16000
     assert splitter.asked == [pytest.approx(total_s, abs=1e-3)]
     (first, second) = splitter.bounds
-    assert first[0] == 0.0 and first[1] + second[1] == pytest.approx(total_s, abs=1e-3)
-    # Cut in one of the 0.8 s pauses between clips (silence), near the middle.
+    assert first[0] == 0.0 and second[0] + second[1] == pytest.approx(total_s, abs=1e-3)
+    # Cut in one of the 0.8 s pauses between clips, near the middle, most of the pause dropped (the clips' own
+    # edges are quiet too: the VAD may find the silence a little wider than the pause).
     _, spans = joined(JOINED, pause_s=0.8)
     pauses = [(a[1], b[0]) for a, b in zip(spans, spans[1:])]
-    assert any(lo <= second[0] <= hi for lo, hi in pauses), (second[0], pauses)
+    assert first[1] < second[0], (first, second)
+    assert any(lo - 0.5 <= first[1] and second[0] <= hi + 0.5 for lo, hi in pauses), (first, second, pauses)
     assert abs(second[0] - total_s / 2) < plan.CUT_WINDOW_S
     [(index, offset_s, duration_s, rate, pcm)] = splitter.sections
     assert (index, rate) == (1, 16000) and offset_s == second[0] and duration_s == second[1]
@@ -194,7 +198,7 @@ async def test_a_long_job_is_split_over_two_slots_and_reads_as_one_decode(tmp_pa
         assert section["node_id"] == st.agent.identity.node_id
         total_s = len(audio) / 16000
         assert 10 <= section["offset_s"] <= total_s - 10
-        assert section["offset_s"] + section["duration_s"] == pytest.approx(total_s, abs=1e-3)
+        assert section["offset_s"] + section["duration_s"] == pytest.approx(total_s, abs=1e-3)  # to the end
         result = view["result"]
         segments = result["segments"]
         # One decode's shape: ids consecutive from faster-whisper's first, times absolute and increasing, the

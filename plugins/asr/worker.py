@@ -211,8 +211,9 @@ class AsrEngine:
         return self._zh_converter.convert(text)
 
     def _cut(self, job_id: str, audio: np.ndarray, n: int, emit: Callable[..., None]) -> np.ndarray:
-        """Cut ``audio`` into ``n`` sections at silences, send the cut and sections 1..n-1 (pcm_s16le), and return
-        section 0's samples. VAD runs on a window around each equal-duration boundary only."""
+        """Cut ``audio`` into ``n`` sections at silences (``section_plan``: the silence at a cut is mostly dropped),
+        send the cut and sections 1..n-1 (pcm_s16le), and return section 0's samples. VAD runs on a window around
+        each equal-duration boundary only."""
         from faster_whisper.vad import VadOptions, get_speech_timestamps
 
         t0 = time.perf_counter()
@@ -237,8 +238,8 @@ class AsrEngine:
             pcm = (np.clip(pieces[index], -1.0, 1.0) * 32767).astype("<i2").tobytes()
             emit(SectionMessage(job_id=job_id, index=index, offset_s=offset_s, duration_s=section_s,
                                 sample_rate=rate), pcm)
-        log.info("job %s: cut %.1f s into %d sections at %s in %.2f s", job_id, duration_s, len(bounds),
-                 ", ".join(f"{a:.2f}" for a, _ in bounds[1:]), time.perf_counter() - t0)
+        log.info("job %s: cut %.1f s into %d sections (%s) in %.2f s", job_id, duration_s, len(bounds),
+                 ", ".join(f"{a:.2f}-{a + d:.2f}" for a, d in bounds), time.perf_counter() - t0)
         return pieces[0]
 
     def run(self, job: JobMessage, payload: bytes, emit: Callable[..., None],
