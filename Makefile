@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install check-config bench soak soak-bounds lock clean
+.PHONY: run test install check-config bench bench-sections-cluster soak soak-bounds lock clean
 
 UV     := $(BIN)/uv
 
@@ -36,6 +36,11 @@ check-config: $(STAMP)
 ## writes nothing unless asked). One or some sections: make bench SECTIONS=scheduler (or SECTIONS=overhead,long).
 bench: $(STAMP)
 	$(BIN)/python bench/run.py $(if $(SECTIONS),--only $(SECTIONS))
+
+## Issue 24's scheduler-side figure: one hour of audio on 10 fake nodes x 2 slots (decode = a sleep of 0.05 x the
+## audio), against the same recording on one slot, SQLite then PostgreSQL (about 8 minutes; bench/sections_cluster.py).
+bench-sections-cluster: $(STAMP)
+	$(BIN)/python bench/sections_cluster.py $(if $(MARKDOWN),--markdown $(MARKDOWN))
 
 ## 30-minute soak: 2 agents, worker kills, scheduler restarts; prints outcomes, latency, memory.
 soak: $(STAMP)
