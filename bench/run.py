@@ -391,11 +391,10 @@ class Bench:
 
     def agent(self, model: str = "tiny.en") -> Agent:
         if model not in self.agents:
-            # One worker with plain's threads, like the one plain process it is compared with: sections 1-3
-            # measure what the agent adds to a decode; what its default split of the cores gains is section
-            # `throughput`'s.
-            a = Agent(f"agent-{model}", self.tmp, model, NODE_AGENT_ASR__WORKERS_PER_DEVICE="1",
-                      NODE_AGENT_ASR__CPU_THREADS=str(self.threads))
+            # The agent as a user gets it: its default slots and threads (issue 24: each slot has every core,
+            # so a lone job on the idle node is compared with the one plain process with every core). Sections
+            # 1-3 send one job at a time; what the slots carry under a full queue is section `throughput`'s.
+            a = Agent(f"agent-{model}", self.tmp, model)
             log(f"starting node-agent run ({model})")
             a.start()
             self.agents[model] = a

@@ -6,7 +6,7 @@ unit-tested without a GPU or any native library.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +57,25 @@ def choose_cpu_threads(requested: int, available_cores: int) -> int:
 
 # ----- slots: how many workers per device, how many threads each --------------------------------------------------
 
+#: The OpenMP settings that decide how an idle thread waits. Either one set by the operator is kept as it is.
+OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def plugin_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """What a worker's environment adds to the agent's: ``OMP_WAIT_POLICY=PASSIVE`` unless the operator set it
+    or ``GOMP_SPINCOUNT``.
+
+    ctranslate2's CPU wheel runs its threads on GNU OpenMP (libgomp), whose threads spin for a while at every
+    barrier and between parallel regions before they sleep. With every worker holding every core as threads
+    (``choose_slots``), a busy worker's spinning threads take cores from its neighbours' decodes; passive threads
+    sleep at once, so a full queue keeps the throughput of one thread per worker while a lone job still has every
+    core. Measured on 2 cores: docs/benchmarks.md, *A lone job at full speed (issue 24)*.
+    """
+    if any(name in environ for name in OPENMP_WAIT_VARIABLES):
+        return {}
+    return {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 #: ``auto`` never runs more CPU workers than this on one node, whatever the cores (see ``choose_slots``).
 MAX_AUTO_CPU_WORKERS = 16
 #: Resident memory of a loaded worker besides its model: Python, ctranslate2, PyAV, the plugin, buffers.
@@ -91,7 +110,7 @@ class SlotPlan:
     worker_bytes: int
 
     def describe(self) -> str:
-        """``2 workers x 1 thread per device (auto)``: what ``node-agent status`` shows."""
+        """``2 workers x 2 threads per device (auto)``: what ``node-agent status`` shows."""
         how = "auto" if self.workers_auto and self.threads_auto else \
             "workers auto" if self.workers_auto else "threads auto" if self.threads_auto else "set"
         return (f"{self.workers} worker{'s' if self.workers != 1 else ''} x {self.threads} "
@@ -121,14 +140,14 @@ def choose_slots(device: str, requested_workers: int | None, requested_threads: 
     """Workers per device and threads per worker. ``requested_workers`` None is ``auto``, ``requested_threads``
     0 is ``auto``; ``devices`` is how many physical devices (GPUs) get that many workers each.
 
-    CPU, both ``auto``: one thread per worker and one worker per core, at most ``MAX_AUTO_CPU_WORKERS``
-    workers (cores beyond that become threads, at most 8 each). Measured on 2-core machines (plain
-    faster-whisper, int8, beam 5): 2 processes x 1 thread gave 1.67-1.89 jobs/s with tiny.en against 0.76-0.79
-    for 1 process x 2 threads (base: 0.58-0.61 against 0.31), and a single job took no longer with 1 thread. Assumed, not measured: that separate processes keep scaling with
-    cores on bigger CPUs (each decode is one sequential loop that intra-op threads speed up less than cores).
-    Where one thread per job is slow (a large model on a CPU), set ``asr.cpu_threads`` for fewer, faster slots.
-    Threads set, workers ``auto``: as many workers as the cores hold at that many threads each. Workers set,
-    threads ``auto``: the cores shared between them (at least 1, at most 8 each).
+    CPU, threads ``auto``: every worker gets every core as threads (at most 8), so a job that finds the other
+    slots idle decodes as fast as one process with the whole CPU; with every slot busy the threads outnumber the
+    cores, and ``plugin_env`` makes idle OpenMP threads sleep rather than spin so that the workers share the
+    cores as one thread each would. Workers ``auto``: one per core, at most ``MAX_AUTO_CPU_WORKERS``. Measured
+    on 2 cores (issue 15: 2 processes x 1 thread carried the most jobs/s; issue 24: 2 workers x 2 threads kept
+    that within the run's spread and a lone job at plain's all-core time): docs/benchmarks.md. Assumed, not
+    measured: that this holds on bigger CPUs. Threads set, workers ``auto``: as many workers as the cores hold
+    at that many threads each (the split issue 15 measured, not oversubscribed).
     GPU: ``auto`` is 1 worker per GPU; threads (its CPU-side work): the cores shared between its workers.
 
     Memory: every worker must fit (``worker_memory_bytes`` x workers x devices within
@@ -153,6 +172,8 @@ def choose_slots(device: str, requested_workers: int | None, requested_threads: 
                                   gpu_memory_bytes, fit, requested_workers is None))
     if requested_threads > 0:
         threads = requested_threads
+    elif device == "cpu":
+        threads = choose_cpu_threads(0, cores)
     else:
         threads = max(1, min(8, cores // workers))
     return SlotPlan(workers, threads, requested_workers is None, requested_threads == 0, per_worker)

@@ -7,6 +7,7 @@ code path and the report's shape, not the numbers (this machine is shared). Unde
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -59,6 +60,13 @@ def test_throughput_bench_tiny_run(tmp_path):
     for side in ("agent", "plain_default", "plain_best"):
         assert len(res[side]["runs"]) == 1 and res[side]["jobs_per_s"] > 0, side
         assert len(res[side]["single_s"]) == 1 and res[side]["single_median_s"] > 0, side
+        assert res[side]["cpu_s_per_job"] > 0, side  # the processes' own CPU, read while they decoded
+    # The lone job's reference: one plain process with every core (not among the splits tried here, so its own).
+    all_cores = res["plain_all"]
+    assert (all_cores["processes"], all_cores["threads"]) == (1, res["config"]["usable_cores"])
+    assert len(all_cores["single_s"]) == 1 and all_cores["single_median_s"] > 0
+    assert res["ratios"]["lone_agent_over_plain_all"] == res["agent"]["single_median_s"] / all_cores["single_median_s"]
+    assert res["agent"]["openmp"] == throughput.openmp_text(dict(os.environ)) != ""  # how its workers' threads wait
     assert set(res["ratios"]) >= set(throughput.TARGETS) and all(v > 0 for v in res["ratios"].values())
 
     acc = res["accuracy"]
@@ -68,10 +76,10 @@ def test_throughput_bench_tiny_run(tmp_path):
         assert acc[f"equal_{plain}"] + len(differing) == 4, acc
     assert set(acc["wer_vs_reference"]) == {"agent", "plain_default", "plain_best"}
 
-    assert len(res["rows"]) == 4 + 1 and all(len(r) == 6 and r[0] == "4" for r in res["rows"])
+    assert len(res["rows"]) == 5 + 1 and all(len(r) == 6 and r[0] == "4" for r in res["rows"])
     report = md.read_text()
     assert report in out  # printed too
     assert "Machine: " in report and "| 1 x 1 | " in report
-    for measure in ("jobs/s over plain as a service", "jobs/s over the best plain split", "single jfk.flac job"):
+    for measure in ("jobs/s over plain as a service", "jobs/s over the best plain split", "lone jfk.flac job"):
         (line,) = [x for x in report.splitlines() if x.startswith(f"| {measure}")]
         assert line.endswith(("| met |", "| NOT met |")), line

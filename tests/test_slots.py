@@ -45,21 +45,22 @@ pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.mark.parametrize("device, workers, threads, cores, expected", [
-    # CPU, both auto: one single-threaded worker per core (measured best on 2 cores), at most 16 workers.
+    # CPU, both auto: one worker per core, at most 16, each with every core as threads (at most 8): a lone job
+    # has the whole CPU, a full queue shares it (issue 24, measured on 2 cores).
     ("cpu", None, 0, 1, (1, 1)),
-    ("cpu", None, 0, 2, (2, 1)),
-    ("cpu", None, 0, 4, (4, 1)),
-    ("cpu", None, 0, 16, (16, 1)),
-    ("cpu", None, 0, 64, (MAX_AUTO_CPU_WORKERS, 4)),  # cores beyond the cap become threads
+    ("cpu", None, 0, 2, (2, 2)),
+    ("cpu", None, 0, 4, (4, 4)),
+    ("cpu", None, 0, 16, (16, 8)),
+    ("cpu", None, 0, 64, (MAX_AUTO_CPU_WORKERS, 8)),
     ("cpu", None, 0, 256, (MAX_AUTO_CPU_WORKERS, 8)),  # at most 8 threads each
     # Threads set: as many workers as the cores hold at that many threads each.
     ("cpu", None, 2, 2, (1, 2)),
     ("cpu", None, 2, 8, (4, 2)),
     ("cpu", None, 4, 2, (1, 4)),  # more threads than cores: still one worker
-    # Workers set: the cores shared between them.
+    # Workers set, threads auto: every core in each worker too.
     ("cpu", 1, 0, 2, (1, 2)),
-    ("cpu", 2, 0, 8, (2, 4)),
-    ("cpu", 4, 0, 2, (4, 1)),  # more workers than cores: one thread each, as asked
+    ("cpu", 2, 0, 8, (2, 8)),
+    ("cpu", 4, 0, 2, (4, 2)),
     ("cpu", 3, 3, 2, (3, 3)),  # both set: taken as they are
     # GPU: auto is one worker; threads for its CPU-side work as before.
     ("cuda", None, 0, 8, (1, 8)),
@@ -73,9 +74,9 @@ def test_auto_rule(device: str, workers: int | None, threads: int, cores: int, e
 
 
 def test_the_split_is_described_as_status_shows_it() -> None:
-    assert choose_slots("cpu", None, 0, 2, PLENTY, TINY).describe() == "2 workers x 1 thread per device (auto)"
+    assert choose_slots("cpu", None, 0, 2, PLENTY, TINY).describe() == "2 workers x 2 threads per device (auto)"
     assert choose_slots("cpu", 1, 2, 2, PLENTY, TINY).describe() == "1 worker x 2 threads per device (set)"
-    assert choose_slots("cpu", 2, 0, 8, PLENTY, TINY).describe() == "2 workers x 4 threads per device (threads auto)"
+    assert choose_slots("cpu", 2, 0, 8, PLENTY, TINY).describe() == "2 workers x 8 threads per device (threads auto)"
     assert choose_slots("cpu", None, 2, 8, PLENTY, TINY).describe() == \
         "4 workers x 2 threads per device (workers auto)"
 
@@ -86,9 +87,9 @@ def test_the_split_is_described_as_status_shows_it() -> None:
 def test_auto_never_chooses_more_workers_than_fit() -> None:
     per_worker = worker_memory_bytes(TINY, "cpu")
     assert per_worker == WORKER_BASELINE_BYTES + TINY
-    # 16 cores, but memory for 3 workers: 3 workers, the cores shared between them.
+    # 16 cores, but memory for 3 workers: 3 workers, each with every core (at most 8).
     plan = choose_slots("cpu", None, 0, 16, 3 * per_worker + per_worker // 2, TINY)
-    assert (plan.workers, plan.threads) == (3, 5)
+    assert (plan.workers, plan.threads) == (3, 8)
     assert choose_slots("cpu", None, 0, 16, per_worker, TINY).workers == 1
     # On a GPU, the GPU's memory counts too (two 3 GB models in 7 GB; host memory plenty).
     with pytest.raises(ConfigError, match="3 x 3240 MiB of model > 7168 MiB of GPU memory; "
