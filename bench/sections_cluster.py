@@ -42,6 +42,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -244,9 +245,10 @@ class FakeNode:
         return fake_result(f"local-{index}", audio_s, audio_s * self.cluster.rtf)
 
 
-async def one_run(url: str, name: str, nodes: int, slots: int, audio_s: float, args: argparse.Namespace
-                  ) -> dict[str, Any]:
-    """Submit one recording to a cluster of ``nodes`` x ``slots`` idle fake slots; its times and its checks."""
+async def one_run(url: str, name: str, nodes: int, slots: int, audio_s: float, args: argparse.Namespace,
+                  procs: Any) -> dict[str, Any]:
+    """Submit one recording to a cluster of ``nodes`` x ``slots`` idle fake slots; its times, the CPU each process
+    spent meanwhile (``procs``: bench/scheduler.py's ``Procs``) and its checks."""
     asr = AsrSettings(split_max_sections=max(args.max_sections, 2))
     cluster = Cluster(url, args.rtf, asr, LeaseSettings())
     fakes = [FakeNode(i, slots, cluster) for i in range(nodes)]
@@ -258,6 +260,7 @@ async def one_run(url: str, name: str, nodes: int, slots: int, audio_s: float, a
         await asyncio.sleep(0.5)  # every slot's first long poll is in
         audio = bytes(round(audio_s * SECTION_SAMPLE_RATE) * 2)
         log(f"{name}: submitting {audio_s:g} s of audio ({len(audio) / 1e6:.1f} MB) to {nodes} x {slots} slots")
+        cpu0 = procs.snapshot()
         t0 = time.monotonic()
         job_id = (await client.submit_job(audio, filename="long.pcm", format="pcm_s16le",
                                           sample_rate=SECTION_SAMPLE_RATE)).job_id
@@ -276,6 +279,7 @@ async def one_run(url: str, name: str, nodes: int, slots: int, audio_s: float, a
                     or time.monotonic() > deadline:
                 break
         done = time.monotonic()
+        cpu = procs.cores(cpu0, procs.snapshot(), done - t0)
     finally:
         for t in running:
             t.cancel()
@@ -311,6 +315,8 @@ async def one_run(url: str, name: str, nodes: int, slots: int, audio_s: float, a
         "per_node": {str(n): sum(1 for d in cluster.decodes if d.node == n) for n in range(nodes)},
         "decodes": [asdict(d) for d in [*([parent] if parent else []), *children]],
         "segments": len(segments), "problems": problems, "t0": t0, "done_t": done,
+        # Cores each kept busy from submit to done ("cluster": this process, the fake nodes and the client).
+        "cores": cpu, "load_at_end": os.getloadavg(),
     }
     if parent is not None:
         # Where the time went, from the submit's first byte (monotonic clock: one process).
@@ -345,7 +351,10 @@ async def store_runs(args: argparse.Namespace, store: Any, postgres: Any, top: P
         try:
             async with aiohttp.ClientSession() as session:
                 await driver.wait_schedulers(session)
-            run = await one_run(driver.urls[0], f"{store.name}, {name}", nodes, slots, args.audio_s, args)
+            procs = sched_bench.Procs([p.pid for p in driver.schedulers], os.getpid(),
+                                      postgres.pid() if store.kind == "postgresql" else None)
+            procs.groups.pop("driver")  # the client and the fake nodes share this process: "cluster" counts it
+            run = await one_run(driver.urls[0], f"{store.name}, {name}", nodes, slots, args.audio_s, args, procs)
             run["where"] = driver.where[0]
         finally:
             await driver.stop()
@@ -402,7 +411,8 @@ def report(result: dict[str, Any], command: str) -> str:
                     f"{tl['decode_start']}-{tl['section0_done']}, last section reported {tl['last_child_done']}, "
                     f"merged {tl['merged']}, parent reported {tl['reported']}, client saw it done "
                     f"{tl['client_saw_done']}; children began decoding {min(starts):.2f}-{max(starts):.2f} s after "
-                    f"section 0 did")
+                    f"section 0 did; cores busy meanwhile: " + ", ".join(f"{k} {v:.2f}" for k, v in r["cores"].items()
+                                                                       if k != "scheduler_system"))
             if r["problems"]:
                 lines.append(f"- {r['run']}: {len(r['problems'])} problem(s): " + "; ".join(r["problems"][:5]))
     return "\n".join(lines) + "\n"
