@@ -9,14 +9,16 @@ import json
 import os
 import socket
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from node_agent import status_render as st
 from node_agent.supervisor import WorkerState
-from stack import agent_stack, eventually, long_audio
+from stack import AgentStack, agent_stack, eventually, long_audio
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 2**20
@@ -244,35 +246,44 @@ async def run_status(*args: str, env: dict[str, str] | None = None) -> tuple[int
     return proc.returncode, out.decode(), err.decode()
 
 
-async def test_status_of_a_healthy_agent(tmp_path: Path) -> None:
-    async with agent_stack(tmp_path) as s:
-        assert s.agent.workers["cpu/0"].state is WorkerState.ready
-        # A proxy configured for outbound traffic is not used for the agent on loopback.
-        proxy = f"http://127.0.0.1:{closed_port()}"
-        code, out, err = await run_status("--url", s.http.url,
-                                          env={"http_proxy": proxy, "HTTP_PROXY": proxy, "no_proxy": ""})
-        assert code == 0, (out, err)
-        assert err == ""
-        assert_fits(out)
-        node_id = s.agent.identity.node_id
-        assert node_id and f"{node_id}  registered, last heartbeat" in out
-        assert s.scheduler.url in out and "health     healthy" in out
-        worker = s.agent.workers["cpu/0"]
-        assert f"cpu/0  ready  pid {worker.pid}  cpu/int8" in out
-        assert "slots 1 worker x 2 threads per device (set); 0 busy, 1 ready of 1" in out
-        assert "model tiny.en" in out
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def agent(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[AgentStack]:
+    """One agent with the default settings for the healthy and the busy status, started once: the healthy test
+    comes first (file order), the busy one leaves its job running for this teardown to stop."""
+    async with agent_stack(tmp_path_factory.mktemp("status-agent")) as s:
+        yield s
 
-        code, out, err = await run_status("--url", s.http.url, "--json")
-        assert code == 0, err
-        assert out.startswith('{\n  "agent": {\n    "')  # pretty, indent 2
-        doc = json.loads(out)
-        assert doc["agent"]["node_id"] == node_id and doc["health"] == {"status": "healthy", "reasons": []}
-        assert doc["workers"][0]["pid"] == worker.pid
 
-        # Something that answers, but not with a status document (the scheduler has no /status).
-        code, out, err = await run_status("--url", s.scheduler.url)
-        assert code == 2 and out == ""
-        assert err == f"node-agent: cannot reach the agent at {s.scheduler.url}: HTTP 404 Not Found\n"
+@pytest.mark.asyncio(loop_scope="module")
+async def test_status_of_a_healthy_agent(agent: AgentStack) -> None:
+    s = agent
+    assert s.agent.workers["cpu/0"].state is WorkerState.ready
+    # A proxy configured for outbound traffic is not used for the agent on loopback.
+    proxy = f"http://127.0.0.1:{closed_port()}"
+    code, out, err = await run_status("--url", s.http.url,
+                                      env={"http_proxy": proxy, "HTTP_PROXY": proxy, "no_proxy": ""})
+    assert code == 0, (out, err)
+    assert err == ""
+    assert_fits(out)
+    node_id = s.agent.identity.node_id
+    assert node_id and f"{node_id}  registered, last heartbeat" in out
+    assert s.scheduler.url in out and "health     healthy" in out
+    worker = s.agent.workers["cpu/0"]
+    assert f"cpu/0  ready  pid {worker.pid}  cpu/int8" in out
+    assert "slots 1 worker x 2 threads per device (set); 0 busy, 1 ready of 1" in out
+    assert "model tiny.en" in out
+
+    code, out, err = await run_status("--url", s.http.url, "--json")
+    assert code == 0, err
+    assert out.startswith('{\n  "agent": {\n    "')  # pretty, indent 2
+    doc = json.loads(out)
+    assert doc["agent"]["node_id"] == node_id and doc["health"] == {"status": "healthy", "reasons": []}
+    assert doc["workers"][0]["pid"] == worker.pid
+
+    # Something that answers, but not with a status document (the scheduler has no /status).
+    code, out, err = await run_status("--url", s.scheduler.url)
+    assert code == 2 and out == ""
+    assert err == f"node-agent: cannot reach the agent at {s.scheduler.url}: HTTP 404 Not Found\n"
 
 
 async def test_status_of_an_agent_with_a_fatal_worker(tmp_path: Path) -> None:
@@ -299,28 +310,29 @@ async def test_status_of_an_agent_with_a_fatal_worker(tmp_path: Path) -> None:
         assert any(r.startswith("worker cpu/0 is fatal") and "damaged-model" in r for r in health["reasons"]), health
 
 
-async def test_status_shows_the_running_job_and_its_lease(tmp_path: Path) -> None:
-    async with agent_stack(tmp_path) as s:
-        # ~413 s of speech (~18 s to decode here, several seconds even on a CPU several times faster): a
-        # `node-agent status` subprocess starts well within it. The job is not awaited: teardown stops it.
-        audio = long_audio(36)
-        job_id = await s.submit_json(audio, format="pcm_s16le", sample_rate=16000)
+@pytest.mark.asyncio(loop_scope="module")
+async def test_status_shows_the_running_job_and_its_lease(agent: AgentStack) -> None:
+    s = agent
+    # ~413 s of speech (~18 s to decode here, several seconds even on a CPU several times faster): a
+    # `node-agent status` subprocess starts well within it. The job is not awaited: the fixture's teardown stops it.
+    audio = long_audio(36)
+    job_id = await s.submit_json(audio, format="pcm_s16le", sample_rate=16000)
 
-        def leased() -> bool:
-            running = s.agent.ledger.running.get(job_id)
-            return running is not None and running.lease is not None and running.worker is not None \
-                and (running.worker.current_job or {}).get("audio_s") is not None
+    def leased() -> bool:
+        running = s.agent.ledger.running.get(job_id)
+        return running is not None and running.lease is not None and running.worker is not None \
+            and (running.worker.current_job or {}).get("audio_s") is not None
 
-        await eventually(leased, 30, "the job is running under a lease")
-        lease = s.agent.ledger.running[job_id].lease
-        assert lease is not None
-        code, out, err = await run_status("--url", s.http.url)
-        assert code == 0, (out, err)
-        assert_fits(out)
-        assert "running jobs (1)" in out
-        assert f"{job_id}  attempt 1 on cpu/0" in out
-        assert f"lease {lease.lease_id} epoch {lease.epoch}" in out
-        assert f"audio {st.duration(len(audio) / 32000)}" in out  # known once the plugin decoded it
+    await eventually(leased, 30, "the job is running under a lease")
+    lease = s.agent.ledger.running[job_id].lease
+    assert lease is not None
+    code, out, err = await run_status("--url", s.http.url)
+    assert code == 0, (out, err)
+    assert_fits(out)
+    assert "running jobs (1)" in out
+    assert f"{job_id}  attempt 1 on cpu/0" in out
+    assert f"lease {lease.lease_id} epoch {lease.epoch}" in out
+    assert f"audio {st.duration(len(audio) / 32000)}" in out  # known once the plugin decoded it
 
 
 async def test_status_when_nothing_listens() -> None:
