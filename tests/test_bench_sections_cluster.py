@@ -39,7 +39,7 @@ def test_an_idle_cluster_shares_a_long_recording(tmp_path):
     raw = tmp_path / "sections.json"
     run_script([sys.executable, str(ROOT / "bench" / "sections_cluster.py"), "--stores", "sqlite",
                 "--audio-s", f"{AUDIO_S:g}", "--nodes", "2", "--slots", "2", "--rtf", f"{rtf:.4f}",
-                "--skip-one-slot", "--json", str(raw), "--workdir", str(tmp_path / "logs")], ROOT, 100)
+                "--repeat", "1", "--skip-one-slot", "--json", str(raw), "--workdir", str(tmp_path / "logs")], ROOT, 100)
 
     (store,) = json.loads(raw.read_text())["stores"]
     (run,) = store["runs"]
