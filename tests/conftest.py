@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import re
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from node_agent.config import Settings, load_settings
 from node_agent.supervisor import Worker, WorkerObserver, WorkerState, worker_spec
@@ -66,8 +68,9 @@ def settings_factory() -> Callable[..., Settings]:
     return make_settings
 
 
-@pytest.fixture
-async def worker_factory() -> AsyncIterator[Callable[..., Any]]:
+@contextlib.asynccontextmanager
+async def _real_workers() -> AsyncIterator[Callable[..., Any]]:
+    """make(settings, observer, wait) starts a real plugin worker (slot cpu/0); all are stopped on the way out."""
     workers: list[Worker] = []
 
     async def make(settings: Settings | None = None, observer: WorkerObserver | None = None,
@@ -81,9 +84,25 @@ async def worker_factory() -> AsyncIterator[Callable[..., Any]]:
             assert await w.wait_ready(90) is WorkerState.ready, w.last_error
         return w
 
-    yield make
-    for w in workers:
-        await w.stop()
+    try:
+        yield make
+    finally:
+        for w in workers:
+            await w.stop()
+
+
+@pytest.fixture
+async def worker_factory() -> AsyncIterator[Callable[..., Any]]:
+    async with _real_workers() as make:
+        yield make
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def module_worker_factory() -> AsyncIterator[Callable[..., Any]]:
+    """``worker_factory`` for workers a module's tests share (each started once; the tests that use them run on
+    the module's event loop: ``@pytest.mark.asyncio(loop_scope="module")``)."""
+    async with _real_workers() as make:
+        yield make
 
 
 def _require_postgresql() -> None:

@@ -11,14 +11,17 @@ decoding is the library's trade-off; the bench (section 3) measures it, and a re
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
+import pytest_asyncio
 
 from conftest import make_settings
 from helpers import SR, clip, joined, pcm16, plain_transcript, plain_wer, samples_of_pcm16
 from node_agent.contracts import DecodeOptions
-from node_agent.supervisor import JobRequest
+from node_agent.supervisor import JobRequest, Worker
 from test_supervisor import LONG_CLIPS
 
 CLIPS = LONG_CLIPS + ["voices_Lab41-SRI-VOiCES-src-sp0307-ch127535-sg0042.wav", "ljspeech_LJ002-0020.wav"]
@@ -65,13 +68,22 @@ def as_plain(segments: list[dict]) -> list[tuple[float, float, str]]:
     return [(seg["start"], seg["end"], seg["text"]) for seg in segments]
 
 
-async def test_batched_jobs_match_faster_whispers_pipeline_stream_and_keep_absolute_times(worker_factory):
-    # batched_min_audio_s: long audio is batched without asking, short audio is not; batch_size 1 from the
-    # settings makes one pipeline batch per VAD chunk, so streaming is visible on the 64 s.
-    settings = make_settings(asr={"batched_min_audio_s": 30, "batch_size": 1})
+#: batched_min_audio_s: long audio is batched without asking, short audio is not; batch_size 1 makes one pipeline
+#: batch per VAD chunk, so streaming is visible on the 64 s (a job that asks for sequential decoding has no batch).
+SETTINGS = make_settings(asr={"batched_min_audio_s": 30, "batch_size": 1})
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def worker(module_worker_factory: Callable[..., Any]) -> Worker:
+    """One worker with SETTINGS for this module's tests (started once)."""
+    return await module_worker_factory(SETTINGS)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_batched_jobs_match_faster_whispers_pipeline_stream_and_keep_absolute_times(worker: Worker):
+    settings = SETTINGS
     data, audio, spans = long_audio()
     duration = len(audio) / SR
-    worker = await worker_factory(settings)
     loop = asyncio.get_running_loop()
 
     arrivals: list[float] = []
@@ -107,11 +119,11 @@ async def test_batched_jobs_match_faster_whispers_pipeline_stream_and_keep_absol
     assert plain_wer(short.text, "jfk.flac") == 0.0, short.text
 
 
-async def test_batched_false_overrides_the_threshold(worker_factory):
+@pytest.mark.asyncio(loop_scope="module")
+async def test_batched_false_overrides_the_threshold(worker: Worker):
     data = pcm16(joined(CLIPS[:4], pause_s=PAUSE_S)[0])
     samples = samples_of_pcm16(data)
-    assert len(samples) / SR > 30
-    worker = await worker_factory(make_settings(asr={"batched_min_audio_s": 30}))
+    assert len(samples) / SR > SETTINGS.asr.batched_min_audio_s
     result = await worker.run_job(JobRequest("seq", data, format="pcm_s16le", sample_rate=SR,
                                              options=DecodeOptions(batched=False)))
     assert not result.batched

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import pytest_asyncio
 
 from fake_plugin import COMMAND as FAKE_COMMAND
 from fake_plugin import FakeOptions
@@ -56,8 +57,16 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-async def test_jfk_through_supervisor(worker_factory):
-    worker = await worker_factory()
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def default_worker(module_worker_factory: Callable[..., Any]) -> Worker:
+    """One worker with the default test settings for the tests below that only run jobs on it (started once)."""
+    return await module_worker_factory()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_jfk_through_supervisor(default_worker: Worker):
+    worker = default_worker
+    served = worker.snapshot()["jobs_served"]
     seen = []
     result = await worker.run_job(JobRequest("jfk", clip("jfk.flac")), on_segment=seen.append)
     assert plain_wer(result.text, "jfk.flac") == 0.0, result.text
@@ -68,11 +77,12 @@ async def test_jfk_through_supervisor(worker_factory):
             "decode_s"} <= set(seen[0])
     t = result.timings
     assert t["transcribe_call_s"] > 0 and t["segments_iteration_s"] > 0
-    assert worker.state is WorkerState.ready and worker.snapshot()["jobs_served"] == 1
+    assert worker.state is WorkerState.ready and worker.snapshot()["jobs_served"] == served + 1
 
 
-async def test_segments_stream_before_the_final_message(worker_factory):
-    worker = await worker_factory()
+@pytest.mark.asyncio(loop_scope="module")
+async def test_segments_stream_before_the_final_message(default_worker: Worker):
+    worker = default_worker
     loop = asyncio.get_running_loop()
     arrivals: list[float] = []
     result = await worker.run_job(long_job("long"), on_segment=lambda e: arrivals.append(loop.time()))
