@@ -235,7 +235,10 @@ class AsrEngine:
         emit(SectionsMessage(job_id=job_id, bounds=bounds, cut_s=round(time.perf_counter() - t0, 6)))
         for index in range(1, len(bounds)):
             offset_s, section_s = bounds[index]
-            pcm = (np.clip(pieces[index], -1.0, 1.0) * 32767).astype("<i2").tobytes()
+            # x 32768, the inverse of the decoder's s16 -> float: 16-bit audio (most uploads) reaches the section's
+            # node as the very samples section 0 is decoded from here (x 32767 changed them by up to one step, and
+            # the section's words with them).
+            pcm = np.clip(np.round(pieces[index] * 32768), -32768, 32767).astype("<i2").tobytes()
             emit(SectionMessage(job_id=job_id, index=index, offset_s=offset_s, duration_s=section_s,
                                 sample_rate=rate), pcm)
         log.info("job %s: cut %.1f s into %d sections (%s) in %.2f s", job_id, duration_s, len(bounds),
