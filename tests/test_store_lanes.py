@@ -47,6 +47,42 @@ async def test_sqlite_urgent_operations_run_before_bulk_ones_queued_earlier(tmp_
     assert ran == ["claim-1", "claim-2", "submit-1", "submit-2", "submit-3"]  # urgent first, each lane in order
 
 
+async def test_sqlite_a_group_of_bulk_writes_under_way_commits_early_for_urgent_work(tmp_path: Path) -> None:
+    engine = SqliteEngine(tmp_path / "s.db")
+    await engine.open(lambda topic: None)
+    gates = {name: threading.Event() for name in ("first", "second")}
+    running = {name: threading.Event() for name in gates}
+    ran: list[str] = []
+
+    def op(name: str) -> Any:
+        async def run(tx: Any) -> str:
+            ran.append(name)
+            if name in gates:  # holds the writer thread until the test lets go
+                running[name].set()
+                gates[name].wait(10)
+            return name
+        return run
+
+    try:
+        first = asyncio.create_task(engine.run(op("first")))
+        assert await asyncio.to_thread(running["first"].wait, 10)
+        # Queued while the writer is busy: the next group, started by "second".
+        bulk = [asyncio.create_task(engine.run(op(name))) for name in ("second", "submit-1", "submit-2")]
+        await asyncio.sleep(0)
+        gates["first"].set()
+        assert await asyncio.to_thread(running["second"].wait, 10)
+        claim = asyncio.create_task(engine.run(op("claim"), urgent=True))  # arrives while that group runs
+        await asyncio.sleep(0)
+        gates["second"].set()
+        answers = await asyncio.gather(first, *bulk, claim)
+    finally:
+        for gate in gates.values():
+            gate.set()
+        await engine.close()
+    assert answers == ["first", "second", "submit-1", "submit-2", "claim"]
+    assert ran == ["first", "second", "claim", "submit-1", "submit-2"]  # the group stopped after "second"
+
+
 async def test_lanes_serve_urgent_waiters_first_and_keep_reserved_turns_from_bulk_work() -> None:
     lanes = Lanes(size=3, reserved=1)
     order: list[str] = []

@@ -13,8 +13,8 @@ for both engines but for the few ``Dialect`` fragments). ``Engine.run(op)`` runs
 
 Both engines have a priority lane: ``run(op, urgent=True)`` (and PostgreSQL's ``statement(..., urgent=True)``) is for
 the work a live job waits on, a node's claim and an interactive submission. On SQLite it goes ahead of every queued
-operation, in a group of its own; on PostgreSQL it is served first when a pooled connection frees, and
-``URGENT_RESERVED`` of the connections are kept from the other work. Without the lane a claim queued behind a burst
+operation, in a group of its own, and a group of bulk writes under way commits early for it; on PostgreSQL it is
+served first when a pooled connection frees, and ``URGENT_RESERVED`` of the connections are kept from the other work. Without the lane a claim queued behind a burst
 of batch submissions (each a transaction on the one writer or the small pool) and waited for all of them: an
 interactive job's queued_s p99 behind 1,000 batch jobs was 1.8-4.4x an empty queue's (docs/benchmarks.md). Urgent
 work is bounded by the nodes (one poll each) and the interactive queue's cap, so it cannot starve the rest.
@@ -342,7 +342,8 @@ class SqliteEngine:
             with self._lock:
                 # Urgent work alone: a group shared with bulk writes would hold its answer until all of them ran
                 # and committed.
-                if self._urgent:
+                urgent = bool(self._urgent)
+                if urgent:
                     batch, self._urgent = self._urgent[:GROUP_MAX], self._urgent[GROUP_MAX:]
                 else:
                     batch, self._pending = self._pending[:GROUP_MAX], self._pending[GROUP_MAX:]
@@ -353,17 +354,29 @@ class SqliteEngine:
                 closing = self._closing and not batch
             if closing:
                 return
-            outcomes = self._commit(batch)
+            outcomes = self._commit(batch, urgent)
+            if len(outcomes) < len(batch):  # cut short for urgent work: the rest go first among the bulk ones
+                with self._lock:
+                    self._pending[:0] = batch[len(outcomes):]
+                    self._wake.set()
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._deliver, outcomes)
 
-    def _commit(self, batch: list[_Pending]) -> list[tuple[_Pending, Any, BaseException | None, list[str]]]:
+    def _commit(self, batch: list[_Pending], urgent: bool) -> list[tuple[_Pending, Any, BaseException | None,
+                                                                            list[str]]]:
+        """Run ``batch`` in one transaction and commit it: an outcome per operation run. A bulk group stops early
+        when urgent work is queued meanwhile (the operations not run are the caller's to queue again), so urgent
+        work waits for one bulk operation and a commit, not for up to ``GROUP_MAX`` of them."""
         conn = self._conn
         assert conn is not None
         outcomes: list[tuple[_Pending, Any, BaseException | None, list[str]]] = []
+        cut = len(batch)
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for item in batch:
+            for i, item in enumerate(batch):
+                if i and not urgent and self._urgent:  # (read without the lock: at worst one operation late)
+                    cut = i
+                    break
                 tx = _SqliteTx(conn, self._clock)
                 conn.execute("SAVEPOINT op")
                 try:
@@ -382,7 +395,7 @@ class SqliteEngine:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             failure = StoreUnavailable(f"scheduler store {self.where}: {exc}")
-            return [(item, None, failure, []) for item in batch]
+            return [(item, None, failure, []) for item in batch[:cut]]
         return outcomes
 
     def _deliver(self, outcomes: list[tuple[_Pending, Any, BaseException | None, list[str]]]) -> None:
