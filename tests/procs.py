@@ -146,9 +146,10 @@ def metric(url: str, name: str, labels: dict[str, str] | None = None) -> float |
     return total
 
 
-def run_script(cmd: list[str], cwd: Path, timeout: float) -> str:
-    """Run a driver script (the benchmarks) to its end: its stdout, or a test failure with its output. It runs in
-    a session of its own, so a driver that hangs takes the processes it started (agents, schedulers) with it."""
+def run_script(cmd: list[str], cwd: Path, timeout: float, returncode: int = 0) -> str:
+    """Run a driver script (the benchmarks) to its end: its stdout, or a test failure with its output (or when it
+    exits other than ``returncode``). It runs in a session of its own, so a driver that hangs takes the processes
+    it started (agents, schedulers) with it."""
     import pytest
 
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -159,5 +160,5 @@ def run_script(cmd: list[str], cwd: Path, timeout: float) -> str:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(f"{Path(cmd[1]).name} did not finish in {timeout:g} s:\n{out}\n{err[-3000:]}")
-    assert proc.returncode == 0, f"{out}\n{err[-3000:]}"
+    assert proc.returncode == returncode, f"{out}\n{err[-3000:]}"
     return out

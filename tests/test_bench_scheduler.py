@@ -80,3 +80,18 @@ def test_scheduler_bench_store_names():
                             ("sqlite,sqlite", "a store named twice")):
         with pytest.raises(ValueError, match=message):
             bench.parse_stores(stores)
+
+
+@pytest.mark.timeout(120)
+def test_scheduler_bench_priority_load_gives_up_when_no_backlog_builds(tmp_path):
+    """The priority load measures interactive jobs behind a kept batch backlog; where the nodes take batch jobs as
+    fast as they come, no backlog builds, and the driver says so after --phase-timeout-s instead of waiting for
+    ever (it did, on a loaded machine)."""
+    raw = tmp_path / "scheduler.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "scheduler.py"), "--stores", "sqlite", "--nodes", "5",
+           "--loads", "priority", "--warmup", "0", "--interactive-jobs", "5", "--interactive-rate", "50",
+           "--backlog", "100000", "--decode-s", "0.05", "--phase-timeout-s", "3",
+           "--json", str(raw), "--workdir", str(tmp_path / "logs")]
+    run_script(cmd, ROOT, 100, returncode=1)  # a store that failed to run
+    (store,) = json.loads(raw.read_text())["stores"]
+    assert "the batch backlog reached only" in store["error"] and "of 100000 queued within 3 s" in store["error"]
