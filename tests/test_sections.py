@@ -328,3 +328,45 @@ async def test_a_section_failed_for_good_fails_the_parent_naming_it(tmp_path):
         assert view["state"] == "failed" and view["error"]["code"] == "bad_audio", view
         assert f"section 1 (job {taken['job_id']})" in view["error"]["message"]
         assert "a fake node could not read it" in view["error"]["message"]
+
+
+def _opus(audio: np.ndarray) -> bytes:
+    """``audio`` as Ogg Opus at 24 kb/s: a long job in a small upload."""
+    import io
+
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="ogg") as out:
+        stream = out.add_stream("libopus", rate=48000)
+        stream.bit_rate = 24000
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(audio.reshape(1, -1).astype(np.float32), format="flt", layout="mono")
+        frame.sample_rate = 16000
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=48000)
+        for chunk in resampler.resample(frame) + resampler.resample(None):
+            for packet in stream.encode(chunk):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+async def test_a_section_the_scheduler_refuses_is_decoded_on_the_parents_slot(tmp_path):
+    """The scheduler takes the job (a small Opus upload) but refuses its section (raw pcm over
+    scheduler.max_body_bytes): the split never fails a job that would have succeeded whole."""
+    audio, _ = joined_clip()
+    data = _opus(audio)
+    async with agent_stack(tmp_path, asr={**SPLIT, "workers_per_device": 2, "cpu_threads": 1},
+                           scheduler={"max_body_bytes": 4 * len(data)}) as st:
+        await _ready(st, 2)
+        job_id = await st.submit_file(data, filename="joined.ogg")
+        view = await st.wait_job(job_id, timeout=120 * machine_slowdown())
+        assert view["state"] == "succeeded", view
+        assert view["sections"] == []  # no child was made
+        result = view["result"]
+        assert result["timings"]["sections"] == 2
+        segments = result["segments"]
+        assert [s["id"] for s in segments] == list(range(1, len(segments) + 1))
+        assert segments[-1]["end"] > len(audio) / 16000 - 5  # the second section's words are there
+        assert "disposed" in normalize_en(result["text"])[-20:]  # the last clip's last word
