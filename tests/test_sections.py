@@ -370,3 +370,22 @@ async def test_a_section_the_scheduler_refuses_is_decoded_on_the_parents_slot(tm
         assert [s["id"] for s in segments] == list(range(1, len(segments) + 1))
         assert segments[-1]["end"] > len(audio) / 16000 - 5  # the second section's words are there
         assert "disposed" in normalize_en(result["text"])[-20:]  # the last clip's last word
+
+
+async def test_the_parents_deadline_ends_the_following(tmp_path):
+    audio, _ = joined_clip()
+    async with agent_stack(tmp_path, asr=SPLIT) as st:
+        await _ready(st, 1)
+        h = Harness(st.scheduler, st.session, st.scheduler_registry)
+        await h.register([{"resource": "cpu/0", "plugin": "asr", "model": "tiny.en", "compute_type": "int8",
+                           "languages": ["en"]}], node_id="fake-node")  # free, but never takes the section
+        deadline_s = 6.0 * machine_slowdown()  # section 0 takes 1-2 s here; the section is never taken
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        job_id = await st.submit_file(wav_bytes(audio), filename="joined.wav", deadline_s=f"{deadline_s:.1f}")
+        view = await st.wait_job(job_id, timeout=deadline_s + 30)
+        assert view["state"] == "failed" and view["error"]["code"] == "timeout", view
+        await eventually(lambda: not st.agent.ledger.running, 10, "the agent stopped following")
+        assert loop.time() - started < deadline_s + 10
+        status, view, _ = await h.call("GET", f"/v1/jobs/{job_id}")
+        assert [s["state"] for s in view["sections"]] == ["cancelled"]
