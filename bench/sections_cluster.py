@@ -4,12 +4,13 @@
     .venv/bin/python bench/sections_cluster.py                       # 3,600 s of audio, 10 fake nodes x 2 slots,
                                                                      # RTF 0.05; SQLite, then PostgreSQL
     .venv/bin/python bench/sections_cluster.py --stores sqlite --audio-s 600 --nodes 2 --slots 2 --rtf 0.01
-    make bench-sections-cluster                                      # the first line, its tables as markdown
+    make bench-sections-cluster                                      # the first line (MARKDOWN=FILE: also as
+                                                                     # markdown there)
 
-Per store, two runs, each on a fresh scheduler process (``node-agent scheduler``, started and stopped as
+Per store, ``--repeat`` (3) split runs and one one-slot run, each on a fresh scheduler process (``node-agent scheduler``, started and stopped as
 bench/scheduler.py does) and a fresh database (SQLite: a file in a temporary state directory; PostgreSQL: a fresh
 database of the server bench/scheduler.py's ``Postgres`` starts, fsync on):
-- **split**: ``--nodes`` fake nodes of ``--slots`` slots each (20 in all by default), every slot idle and
+- **split** (the ratio is the median run's): ``--nodes`` fake nodes of ``--slots`` slots each (20 in all by default), every slot idle and
   long-polling; one recording of ``--audio-s`` seconds (pcm_s16le zeros: the scheduler never decodes audio) is
   submitted and timed from the submit's first byte to the moment its client's long poll sees it succeeded;
 - **one slot**: the same recording on a cluster of one node with one slot: the time the whole file takes on one
