@@ -416,14 +416,19 @@ class SchedulerClient:
         raise self._fail("job_capacity", status, data, headers)
 
     async def create_section(self, job_id: str, *, lease_id: str, lease_epoch: int, index: int, offset_s: float,
-                             duration_s: float, audio: bytes, sample_rate: int = SECTION_SAMPLE_RATE) -> str:
+                             duration_s: float, audio: bytes, sample_rate: int = SECTION_SAMPLE_RATE,
+                             language: str | None = None) -> str:
         """``POST /v1/jobs/{id}/sections``: section ``index`` (1..) of the job's current attempt, its raw
-        pcm_s16le ``audio`` starting ``offset_s`` into the parent's; the child job's id. Idempotent per (job,
-        attempt, index): a retry after a lost answer gets the same child. A lost lease is ``Rejected``; an index,
-        offset or duration the scheduler refuses is ``BadRequest`` (422 ``section_refused``)."""
+        pcm_s16le ``audio`` starting ``offset_s`` into the parent's, decoded in ``language`` (for a job that named
+        none; None: the parent's); the child job's id. Idempotent per (job, attempt, index): a retry after a lost
+        answer gets the same child. A lost lease is ``Rejected``; an index, offset, duration or language the
+        scheduler refuses is ``BadRequest`` (422 ``section_refused``, or ``no_capable_node`` for a language no
+        live node serves)."""
         fields = {"lease_id": lease_id, "lease_epoch": str(lease_epoch), "index": str(index),
                   "offset_s": repr(float(offset_s)), "duration_s": repr(float(duration_s)),
                   "sample_rate": str(sample_rate)}
+        if language is not None:
+            fields["language"] = language
 
         def form() -> aiohttp.FormData:
             body = aiohttp.FormData()

@@ -62,10 +62,10 @@ def client_of(h: Harness) -> SchedulerClient:
 
 
 async def make(client: SchedulerClient, parent: str, grant: dict[str, Any], index: int, seconds: int = 2,
-               offset_s: float | None = None) -> str:
+               offset_s: float | None = None, language: str | None = None) -> str:
     return await client.create_section(parent, lease_id=grant["lease_id"], lease_epoch=grant["epoch"], index=index,
                                        offset_s=offset_s if offset_s is not None else 10.0 * index,
-                                       duration_s=float(seconds), audio=SECOND * seconds)
+                                       duration_s=float(seconds), audio=SECOND * seconds, language=language)
 
 
 def test_section_capacity_as_a_table() -> None:
@@ -271,6 +271,60 @@ async def test_sections_are_fenced_idempotent_bounded_and_run_like_any_job(store
         status, body = await h.result(parent, a, 1, grant)
         assert status == 200, body
         assert (await h.job(child))["state"] == "succeeded"
+    finally:
+        await client.close()
+        await close(h)
+
+
+#: Slots of a multilingual CPU node that takes Mandarin and English only.
+ZH_EN = [{"resource": f"cpu/{i}", "plugin": "asr", "model": "base", "compute_type": "int8",
+          "languages": ["en", "zh"]} for i in range(2)]
+
+
+async def test_a_section_of_a_job_without_a_language_decodes_in_the_one_its_parent_found(store: str,
+                                                                                         tmp_path: Path) -> None:
+    """A parent that named no language posts its sections with section 0's (``language``): the child is queued,
+    shown and dispatched in it. A bad code is refused as at submission; one no live node serves is refused as a
+    submission's (the parent's node decodes that section itself); a parent's own language cannot be changed."""
+    h = await serve(store, tmp_path)
+    client = client_of(h)
+    try:
+        a = await register(h, "node-a", devices=ZH_EN[:1])
+        parent = await h.submit(SECOND)  # auto
+        _, assignment = await take(h, a, "cpu/0")
+        grant = assignment["lease"]
+        child = await make(client, parent, grant, 1, language="zh")
+        view = await h.job(child)
+        assert view["language"] == "zh" and view["parent_id"] == parent, view
+        assert (await h.job(parent))["language"] is None
+        # Bad codes: 400 naming language, as a submission's; nothing made.
+        for bad in ("klingon", "ZH", "xx"):
+            with pytest.raises(BadRequest) as refused:
+                await make(client, parent, grant, 2, language=bad)
+            assert refused.value.status == 400 and refused.value.code == "invalid_request", refused.value
+            assert refused.value.detail.startswith("language"), refused.value.detail
+        # A Whisper language no live node serves: 422 no_capable_node, as a submission would be answered.
+        with pytest.raises(BadRequest) as unserved:
+            await make(client, parent, grant, 2, language="ja")
+        assert unserved.value.status == 422 and unserved.value.code == "no_capable_node", unserved.value
+        assert "section 2 of job" in unserved.value.detail and "'ja'" in unserved.value.detail
+        assert h.metric("node_agent_scheduler_sections_total") == 1.0
+        # Dispatched in it: the child's assignment says zh.
+        b = await register(h, "node-b", devices=ZH_EN)
+        taken, got = await take(h, b, "cpu/0")
+        assert taken == child and got["language"] == "zh" and got["parent_id"] == parent
+
+        # A parent with a language of its own: the same code is accepted (nothing changes), another is refused.
+        own = await h.submit(SECOND, language="en")
+        taken, assigned = await take(h, b, "cpu/1")
+        assert taken == own
+        same = await make(client, own, assigned["lease"], 1, language="en")
+        assert (await h.job(same))["language"] == "en"
+        with pytest.raises(BadRequest) as other:
+            await make(client, own, assigned["lease"], 2, language="zh")
+        assert other.value.status == 422 and other.value.code == "section_refused", other.value
+        assert other.value.detail.startswith("language: 'zh' is not job"), other.value.detail
+        assert h.metric("node_agent_scheduler_sections_total") == 2.0
     finally:
         await client.close()
         await close(h)

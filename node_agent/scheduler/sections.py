@@ -16,9 +16,9 @@ import math
 import secrets
 
 from .db import Conflict, Row, Tx
-from .errors import ReportRejected, SectionRefused
+from .errors import ReportRejected, SectionRefused, Unservable
 from .pgfast import ask_served_sql
-from .rules import Ask, CapacityFacts, Offer, section_capacity, serves
+from .rules import Ask, CapacityFacts, Offer, section_capacity, serves, unservable_message
 from .schemas import (
     JobErrorInfo,
     JobSpec,
@@ -127,13 +127,16 @@ class Sections(StorePart):
         return CapacityFacts(slots=slots, busy=busy, idle_serving=idle, queued_ahead=ahead)
 
     async def create_section(self, job_id: str, *, lease_id: str, lease_epoch: int, index: int, offset_s: float,
-                             duration_s: float, sample_rate: int, upload: SqlUpload) -> tuple[SectionSummary, bool]:
+                             duration_s: float, sample_rate: int, upload: SqlUpload,
+                             language: str | None = None) -> tuple[SectionSummary, bool]:
         """Make section ``index`` of the parent's current attempt, its audio ``upload`` (raw pcm_s16le at
         ``sample_rate``): a queued child job with the parent's language, model, labels, priority, client, options
-        and deadline. (its summary, whether it was made now): a retry of the same (parent, attempt, index) answers
+        and deadline. ``language``: what a parent that names none was decoded in (section 0's), so the child decodes
+        in it too. (its summary, whether it was made now): a retry of the same (parent, attempt, index) answers
         the child made first, and drops its own audio. The caller holds the parent's live lease (``lease_id`` at
-        ``lease_epoch``), else ``ReportRejected``; a bad index, offset or duration, or a parent that is a section,
-        is ``SectionRefused``."""
+        ``lease_epoch``), else ``ReportRejected``; a bad index, offset or duration, a parent that is a section, or a
+        language other than the parent's own, is ``SectionRefused``; a language no live node serves (with the
+        parent's model and labels) is ``Unservable``."""
         async def op(tx: Tx) -> tuple[SectionSummary, bool, str]:
             now = await tx.now()
             await self.tr.resume_if_paused(tx, now)
@@ -141,13 +144,27 @@ class Sections(StorePart):
             if parent["parent_id"] is not None:
                 raise SectionRefused(f"job {job_id} is itself section {parent['section']} of job "
                                      f"{parent['parent_id']}: a section is not split again", param="job_id")
+            if language is not None and parent["language"] is not None and language != parent["language"]:
+                raise SectionRefused(f"language: {language!r} is not job {job_id}'s own language "
+                                     f"{parent['language']!r} (a section decodes in its parent's)", param="language")
             earlier = await tx.fetchrow(
                 "SELECT * FROM jobs WHERE parent_id = $1 AND parent_attempt = $2 AND section = $3",
                 job_id, parent["attempt"], index)
             if earlier is not None:
                 return section_summary(earlier), False, parent["priority"]
+            child_language = parent["language"] if language is None else language
+            if child_language != parent["language"]:
+                # The parent was admitted without a language; the one its node found may be one no live node
+                # serves (with the parent's model and labels). Refused as a submission would be: the parent's
+                # node decodes that section itself rather than queue a job nobody takes.
+                ask = Ask.of(child_language, parent["model"], parent["labels"])
+                served = await self.replica.served(tx)
+                if served.live_nodes and not served.serves(ask):
+                    raise Unservable(f"section {index} of job {job_id}: {unservable_message(ask, served)}",
+                                     param="language")
             spec = JobSpec.model_validate(json.loads(parent["spec"])).model_copy(
-                update={"format": "pcm_s16le", "sample_rate": sample_rate, "deadline_s": None})
+                update={"format": "pcm_s16le", "sample_rate": sample_rate, "deadline_s": None,
+                        "language": child_language})
             child_id = f"job-{secrets.token_hex(8)}"
             seq = await tx.next_value("job_seqs")
             await tx.execute(
@@ -156,7 +173,7 @@ class Sections(StorePart):
                        parent_attempt, section, offset_s, duration_s)
                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, '{J.QUEUED}', 1, $10, $11, $12, $13, $14, $15,
                        $16, $17, $18)""",
-                child_id, seq, doc(spec), parent["language"], parent["filename"], upload.size, upload.upload_id, now,
+                child_id, seq, doc(spec), child_language, parent["filename"], upload.size, upload.upload_id, now,
                 parent["deadline_at"], parent["model"], parent["labels"], parent["priority"], parent["client"],
                 job_id, parent["attempt"], index, offset_s, duration_s,
             )
@@ -182,7 +199,8 @@ class Sections(StorePart):
             upload.written()
             self.metrics.sections.inc()
             log.info("section made job_id=%s parent_id=%s index=%d offset_s=%.3f duration_s=%.3f bytes=%d "
-                     "priority=%s", summary.job_id, job_id, index, offset_s, duration_s, upload.size, priority)
+                     "priority=%s language=%s", summary.job_id, job_id, index, offset_s, duration_s, upload.size,
+                     priority, language or "the parent's")
         else:
             await _discard(upload)  # the first try's audio is the section's
         return summary, made

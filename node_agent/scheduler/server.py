@@ -576,7 +576,10 @@ async def _create_section(request: web.Request) -> web.Response:
         if part is None:
             raise InvalidInput("audio: a part named 'audio' with the section's pcm_s16le audio is required",
                                param="audio")
-        _check_audio(JobSpec(format="pcm_s16le", sample_rate=sample_rate), part.upload.size, "audio")
+        # ``language`` (optional) checked as a submission's is: a Whisper code, auto or empty meaning none.
+        section = validate(JobSpec, {"format": "pcm_s16le", "sample_rate": sample_rate,
+                                     "language": fields.get("language") or None})
+        _check_audio(section, part.upload.size, "audio")
         await request.app[FENCE_KEY].check(request, lease_id=lease_id)
     except BaseException:
         if part is not None:
@@ -584,7 +587,7 @@ async def _create_section(request: web.Request) -> web.Response:
         raise
     summary, made = await store.create_section(
         request.match_info["job_id"], lease_id=lease_id, lease_epoch=lease_epoch, index=index, offset_s=offset_s,
-        duration_s=duration_s, sample_rate=sample_rate, upload=part.upload)
+        duration_s=duration_s, sample_rate=sample_rate, upload=part.upload, language=section.language)
     return _json(await store.view_job(summary.job_id), status=201 if made else 200)
 
 
