@@ -246,6 +246,7 @@ ESTIMATED_S: dict[str, float] = {
     "test_the_renew_deadline_stands_still_only_while_the_store_is_paused[store_unavailable-False]": 5,
     # tests/test_sections.py (issue 24), estimated from runs under load (not yet from make test's --durations)
     "test_a_long_job_is_split_over_two_slots_and_reads_as_one_decode": 14,
+    "test_the_sections_of_a_job_without_a_language_decode_in_the_one_section_0_found": 15,
     "test_the_parents_deadline_ends_the_following": 12,
     "test_a_section_the_scheduler_refuses_is_decoded_on_the_parents_slot": 10,
     "test_a_section_lost_with_its_node_is_run_again_and_the_parent_completes": 8,
