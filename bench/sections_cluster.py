@@ -239,7 +239,7 @@ class FakeNode:
         keeper.released_by_result(lease)
         record.reported_t = time.monotonic()
 
-    async def refused(self, index: int, audio: bytes) -> ResultMessage:
+    async def refused(self, index: int, audio: bytes, language: str | None = None) -> ResultMessage:
         """A section the scheduler would not take is decoded on the parent's slot (it never is here: counted)."""
         self.cluster.errors.append(f"node {self.index}: section {index} was refused and decoded on the parent's slot")
         audio_s = len(audio) / BYTES_PER_S
