@@ -18,8 +18,11 @@ read from its configuration), the same client-side clock (first submit to last r
   multiprocessing queue; every P x T <= usable cores is tried (or ``--combos``), and the best by jobs/s is measured
   again beside the other two.
 
-Then a single job at a time on the idle agent and on the idle plain processes, and whether the agent's transcripts
-equal plain faster-whisper's. Raw numbers go to ``--json``, a markdown report to ``--markdown`` and stdout.
+Each batch also counts the CPU seconds per job of each side's processes (the agent's: agent, embedded scheduler
+and workers), the full-queue figure other processes on a shared machine disturb least. Then a lone job at a time
+on the idle agent and on idle plain processes, among them one process with every core (the issue 24 reference:
+a lone job on the default agent within 1.05x of it), and whether the agent's transcripts equal plain
+faster-whisper's. Raw numbers go to ``--json``, a markdown report to ``--markdown`` and stdout.
 """
 
 from __future__ import annotations
@@ -366,8 +369,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         for p, t in combos:
             log(f"plain {p} process(es) x {t} thread(s): {args.grid_reps} batch(es)")
             tried = pool(p, t)
-            runs = [tried.batch(names, args.clients)["jobs_per_s"] for _ in range(args.grid_reps)]
-            grid.append({"processes": p, "threads": t, "runs": runs, "jobs_per_s": median(runs)})
+            batches = [tried.batch(names, args.clients) for _ in range(args.grid_reps)]
+            runs = [x["jobs_per_s"] for x in batches]
+            grid.append({"processes": p, "threads": t, "runs": runs, "jobs_per_s": median(runs),
+                         "cpu_s_per_job": median([x["cpu_s_per_job"] for x in batches])})
             log(f"  {median(runs):.3f} jobs/s")
             if (p, t) == (1, cores):  # kept: the lone job's reference, one process with every core
                 pools["all"] = tried
@@ -566,9 +571,10 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"Every split tried (plain faster-whisper, median of {cfg['grid_reps']}):",
         "",
-        "| processes x threads | jobs/s | runs |",
-        "|---|---|---|",
-        *(f"| {g['processes']} x {g['threads']} | {g['jobs_per_s']:.3f} | {runs(g['runs'])} |" for g in res["grid"]),
+        "| processes x threads | jobs/s | runs | CPU s per job |",
+        "|---|---|---|---|",
+        *(f"| {g['processes']} x {g['threads']} | {g['jobs_per_s']:.3f} | {runs(g['runs'])} | "
+          f"{g['cpu_s_per_job']:.3f} |" for g in res["grid"]),
     ]
     if acc["differences"]:
         lines += ["", "Transcripts that differ (agent / plain):", ""]
