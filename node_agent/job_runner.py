@@ -297,11 +297,12 @@ class JobRunner:
         split_min_s = self._splittable(a)
         started = loop.time()
 
-        async def decode_here(index: int, section: bytes) -> ResultMessage:
-            # A section the scheduler would not take: decoded on this worker after section 0, never cut again.
+        async def decode_here(index: int, section: bytes, language: str | None) -> ResultMessage:
+            # A section the scheduler would not take: decoded on this worker after section 0 (in section 0's
+            # language when the job named none), never cut again.
             return await self.worker.run_job(JobRequest(
                 job_id=f"{a.job_id}.{index}", audio=section, format="pcm_s16le", sample_rate=16000,
-                language=a.language, options=a.options, deadline=deadline))
+                language=language or a.language, options=a.options, deadline=deadline))
 
         if split_min_s is not None:
             running.split = SectionSplit(self.client, a.job_id, lease, self.worker.spec.asr, self.metrics,

@@ -76,8 +76,10 @@ class Splitter(Protocol):
         """The plugin's cut: every section's (offset_s, duration_s), section 0 first."""
         ...
 
-    def section(self, index: int, offset_s: float, duration_s: float, sample_rate: int, audio: bytes) -> None:
-        """Section ``index``'s audio (pcm_s16le), to be decoded elsewhere; must not block."""
+    def section(self, index: int, offset_s: float, duration_s: float, sample_rate: int, audio: bytes,
+                language: str | None = None) -> None:
+        """Section ``index``'s audio (pcm_s16le), to be decoded elsewhere in ``language`` (None: the job's own);
+        must not block."""
         ...
 
 
@@ -242,7 +244,8 @@ class JobSession:
                 elif isinstance(msg, SectionsMessage) and job.splitter is not None:
                     job.splitter.cut(msg.bounds, msg.cut_s)
                 elif isinstance(msg, SectionMessage) and job.splitter is not None:
-                    job.splitter.section(msg.index, msg.offset_s, msg.duration_s, msg.sample_rate, frame[1])
+                    job.splitter.section(msg.index, msg.offset_s, msg.duration_s, msg.sample_rate, frame[1],
+                                         msg.language)
                 elif isinstance(msg, StoppedMessage) and stop_by is not None:
                     proc.jobs_served += 1
                     log.info("job %s: stopped after %d segments in %.2f s; worker pid %d kept", job.job_id,

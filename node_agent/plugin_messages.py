@@ -166,7 +166,9 @@ class SectionsMessage(_Message):
 
 
 class SectionMessage(_Message):
-    """Section ``index`` (1..n-1) of the job; the payload is its audio, ``pcm_s16le`` at ``sample_rate``."""
+    """Section ``index`` (1..n-1) of the job; the payload is its audio, ``pcm_s16le`` at ``sample_rate``.
+    ``language``: what section 0 is decoded in when the job named none (detected, or the node's default), so that
+    every section decodes in it as one decode of the file would; None when the job has a language of its own."""
 
     type: Literal["section"] = "section"
     job_id: str
@@ -174,6 +176,7 @@ class SectionMessage(_Message):
     offset_s: float = Field(ge=0)
     duration_s: float = Field(gt=0)
     sample_rate: int = 16000
+    language: str | None = None
 
 
 class WordInfo(BaseModel):

@@ -33,8 +33,9 @@ CAPACITY_WAIT_S = 3.0
 #: Each ``GET .../sections`` long poll waits up to this (the scheduler caps it at 30 s).
 FOLLOW_POLL_S = 10.0
 
-#: Decodes section ``index``'s audio (pcm_s16le) on this node's own worker: a section the scheduler refused.
-LocalDecode = Callable[[int, bytes], Awaitable[ResultMessage]]
+#: Decodes section ``index``'s audio (pcm_s16le) on this node's own worker, in a language (None: the job's): a
+#: section the scheduler refused.
+LocalDecode = Callable[[int, bytes, str | None], Awaitable[ResultMessage]]
 
 
 def _section_error(view: SectionView) -> JobError:
@@ -82,7 +83,7 @@ class SectionSplit:
         self.cut_s = 0.0
         #: Each child's post (its job id; None when it was refused and the section is decoded here).
         self._posts: dict[int, asyncio.Task[str | None]] = {}
-        self._local: dict[int, bytes] = {}
+        self._local: dict[int, tuple[bytes, str | None]] = {}
         #: The latest view of the children, for status.
         self.views: dict[int, dict[str, Any]] = {}
         self._abort: asyncio.Future[JobError] = loop.create_future()
@@ -112,23 +113,26 @@ class SectionSplit:
         self.cut_s = cut_s
         self.metrics.job_sections.observe(len(bounds))
 
-    def section(self, index: int, offset_s: float, duration_s: float, sample_rate: int, audio: bytes) -> None:
-        """Post section ``index`` as a child job now, in the background; ``finish`` waits for it."""
+    def section(self, index: int, offset_s: float, duration_s: float, sample_rate: int, audio: bytes,
+                language: str | None = None) -> None:
+        """Post section ``index`` as a child job now, in the background, to be decoded in ``language`` (section
+        0's, for a job that named none; None: the job's own); ``finish`` waits for it."""
         if index in self._posts or not 0 < index < len(self.bounds):
             log.warning("job %s: dropping an unexpected section %d", self.job_id, index)
             return
         self.views[index] = {"index": index, "job_id": None, "state": "posting", "node_id": None,
                              "offset_s": offset_s, "duration_s": duration_s}
         self._posts[index] = asyncio.get_running_loop().create_task(
-            self._post(index, offset_s, duration_s, sample_rate, audio), name=f"section-{self.job_id}-{index}")
+            self._post(index, offset_s, duration_s, sample_rate, audio, language),
+            name=f"section-{self.job_id}-{index}")
 
-    async def _post(self, index: int, offset_s: float, duration_s: float, sample_rate: int,
-                    audio: bytes) -> str | None:
+    async def _post(self, index: int, offset_s: float, duration_s: float, sample_rate: int, audio: bytes,
+                    language: str | None) -> str | None:
         lease = self.lease
         try:
             child = await self.client.create_section(
                 self.job_id, lease_id=lease.lease_id, lease_epoch=lease.epoch, index=index, offset_s=offset_s,
-                duration_s=duration_s, audio=audio, sample_rate=sample_rate)
+                duration_s=duration_s, audio=audio, sample_rate=sample_rate, language=language)
         except (Rejected, Gone) as exc:
             # The parent's attempt is no longer ours (fenced, cancelled): nothing this job does counts now.
             self.abort(lease.cancelled or LeaseLost(f"job {self.job_id}: section {index} refused: {exc}"))
@@ -136,11 +140,12 @@ class SectionSplit:
         except SchedulerError as exc:
             log.warning("job %s: section %d could not be posted (%s); decoding it on this node", self.job_id, index,
                         exc)
-            self._local[index] = audio
+            self._local[index] = (audio, language)
             self.views[index].update(state="local")
             return None
         self.views[index].update(job_id=child, state=JobState.QUEUED.value)
-        log.info("job %s: section %d (%.1f s at %.1f s) is job %s", self.job_id, index, duration_s, offset_s, child)
+        log.info("job %s: section %d (%.1f s at %.1f s, language %s) is job %s", self.job_id, index, duration_s,
+                 offset_s, language or "the job's", child)
         return child
 
     # ----- after section 0 -------------------------------------------------------------------------------------
@@ -185,10 +190,10 @@ class SectionSplit:
         while index < len(self.bounds):
             child = await self._race(asyncio.shield(self._posts[index]), until) if index in self._posts else None
             if child is None:  # refused by the scheduler: decoded here, after section 0
-                audio = self._local.get(index)
-                if audio is None:
+                local = self._local.get(index)
+                if local is None:
                     raise TranscriptionFailed(f"job {self.job_id}: section {index} never arrived from the plugin")
-                result = await self._race(self._decode_local(index, audio), until)
+                result = await self._race(self._decode_local(index, *local), until)
                 self.views[index].update(state=JobState.SUCCEEDED.value)
                 got = [{**s} for s in result.segments]
                 decode_s += float(result.timings.get("total_s") or 0.0)

@@ -126,6 +126,7 @@ class RecordingSplitter:
         self.asked: list[float] = []
         self.bounds: list[tuple[float, float]] = []
         self.sections: list[tuple[int, float, float, int, bytes]] = []
+        self.languages: list[str | None] = []
 
     async def sections_for(self, duration_s: float) -> int:
         self.asked.append(duration_s)
@@ -134,8 +135,10 @@ class RecordingSplitter:
     def cut(self, bounds: list[tuple[float, float]], cut_s: float) -> None:
         self.bounds = list(bounds)
 
-    def section(self, index: int, offset_s: float, duration_s: float, sample_rate: int, audio: bytes) -> None:
+    def section(self, index: int, offset_s: float, duration_s: float, sample_rate: int, audio: bytes,
+                language: str | None = None) -> None:
         self.sections.append((index, offset_s, duration_s, sample_rate, audio))
+        self.languages.append(language)
 
 
 async def test_the_plugin_cuts_at_a_pause_and_decodes_section_0(worker_factory):
@@ -158,6 +161,8 @@ async def test_the_plugin_cuts_at_a_pause_and_decodes_section_0(worker_factory):
     assert abs(second[0] - total_s / 2) < plan.CUT_WINDOW_S
     [(index, offset_s, duration_s, rate, pcm)] = splitter.sections
     assert (index, rate) == (1, 16000) and offset_s == second[0] and duration_s == second[1]
+    # The job named no language: the section is to be decoded in section 0's (tiny.en's detection: always en).
+    assert splitter.languages == ["en"] and result.language == "en"
     # The very samples the job holds there, not one quantization step off.
     sent = np.frombuffer(pcm16(audio), "<i2")
     start = round(offset_s * 16000)
@@ -183,6 +188,17 @@ async def test_short_audio_and_an_answer_of_one_decode_whole(worker_factory):
     await worker.run_job(JobRequest(job_id="b", audio=pcm16(audio), format="pcm_s16le", sample_rate=16000,
                                     split_min_s=60.0, splitter=never))
     assert never.asked == []  # shorter than split_min_s: not even asked
+
+
+async def test_a_job_with_a_language_sends_its_sections_without_one(worker_factory):
+    """The scheduler gives a child its parent's language: the plugin names none (and sends before decoding)."""
+    audio, _ = joined_clip()
+    worker = await worker_factory(make_settings(asr={"split_min_s": 20}))
+    splitter = RecordingSplitter(2)
+    result = await worker.run_job(JobRequest(job_id="j", audio=pcm16(audio), format="pcm_s16le", sample_rate=16000,
+                                             language="en", split_min_s=20.0, splitter=splitter))
+    assert [s[0] for s in splitter.sections] == [1] and splitter.languages == [None]
+    assert result.language == "en"
 
 
 # ----- end to end: a real agent, a real scheduler ---------------------------------------------------------------
@@ -232,6 +248,35 @@ async def test_a_long_job_is_split_over_two_slots_and_reads_as_one_decode(tmp_pa
         await st.wait_counted("succeeded", 2)  # the parent and its section, both on this node
         assert st.sample("node_agent_job_sections_count") == 1
         assert st.sample("node_agent_job_sections_sum") == 2
+
+
+#: Mandarin clips with references, joined into ~24 s with pauses between them.
+ZH_JOINED = ["aishell1_BAC009S0764W0121.wav", "aishell1_BAC009S0724W0121.wav", "paddlespeech_zh.wav",
+             "wenetspeech_TEST_NET_Y0000000000_-KTKHdZ2fb8_S00000.wav", "funasr_asr_example_zh.wav"]
+
+
+async def test_the_sections_of_a_job_without_a_language_decode_in_the_one_section_0_found(tmp_path):
+    """A job that names no language is decoded as one decode would be: the language found on section 0 (the
+    file's first 30 s) is the one every section decodes in, and the one the result reports. The multilingual
+    ``base`` model on joined Mandarin: the child job is queued and decoded in zh."""
+    audio, _ = joined(ZH_JOINED, pause_s=0.8)
+    total_s = len(audio) / 16000
+    async with agent_stack(tmp_path, asr={"model": "base", "split_min_s": 10, "split_section_min_s": 5,
+                                          "workers_per_device": 2, "cpu_threads": 1}) as st:
+        await _ready(st, 2)
+        job_id = await st.submit_file(wav_bytes(audio), filename="zh.wav")
+        view = await st.wait_job(job_id, timeout=120 * machine_slowdown())
+        assert view["state"] == "succeeded", view
+        assert view["language"] is None and view["result"]["language"] == "zh"
+        [section] = view["sections"]
+        assert section["state"] == "succeeded" and 5 <= section["offset_s"] <= total_s - 5, section
+        h = Harness(st.scheduler, st.session, st.scheduler_registry)
+        child = await h.job(section["job_id"])
+        assert child["parent_id"] == job_id and child["language"] == "zh", child
+        assert child["result"]["language"] == "zh"
+        # The child's words are in the parent's result, after its offset, in Chinese characters.
+        later = [s["text"] for s in view["result"]["segments"] if s["start"] >= section["offset_s"]]
+        assert later and all(any("\u4e00" <= c <= "\u9fff" for c in text) for text in later), later
 
 
 async def test_a_full_cluster_does_not_split(tmp_path):

@@ -210,10 +210,12 @@ class AsrEngine:
             self._zh_converter = opencc.OpenCC("t2s" if script is ZhScript.simplified else "s2t")
         return self._zh_converter.convert(text)
 
-    def _cut(self, job_id: str, audio: np.ndarray, n: int, emit: Callable[..., None]) -> np.ndarray:
-        """Cut ``audio`` into ``n`` sections at silences (``section_plan``: the silence at a cut is mostly dropped),
-        send the cut and sections 1..n-1 (pcm_s16le), and return section 0's samples. VAD runs on a window around
-        each equal-duration boundary only."""
+    def _cut(self, job_id: str, audio: np.ndarray, n: int,
+             emit: Callable[..., None]) -> tuple[np.ndarray, list[tuple[float, float, np.ndarray]]]:
+        """Cut ``audio`` into ``n`` sections at silences (``section_plan``: the silence at a cut is mostly dropped)
+        and send the cut; return section 0's samples and sections 1..n-1 as (offset_s, duration_s, samples), for
+        ``_send_sections`` (none when the cut left one section). VAD runs on a window around each equal-duration
+        boundary only."""
         from faster_whisper.vad import VadOptions, get_speech_timestamps
 
         t0 = time.perf_counter()
@@ -230,20 +232,25 @@ class AsrEngine:
         # On sample boundaries, so the sections' offsets add up to exactly the file.
         bounds = [(round(a * rate) / rate, round(d * rate) / rate) for a, d in section_plan.bounds(duration_s, cuts)]
         if len(bounds) < 2:
-            return audio
+            return audio, []
         pieces = [audio[round(a * rate):round((a + d) * rate)] for a, d in bounds]
         emit(SectionsMessage(job_id=job_id, bounds=bounds, cut_s=round(time.perf_counter() - t0, 6)))
-        for index in range(1, len(bounds)):
-            offset_s, section_s = bounds[index]
+        log.info("job %s: cut %.1f s into %d sections (%s) in %.2f s", job_id, duration_s, len(bounds),
+                 ", ".join(f"{a:.2f}-{a + d:.2f}" for a, d in bounds), time.perf_counter() - t0)
+        return pieces[0], [(a, d, piece) for (a, d), piece in zip(bounds[1:], pieces[1:])]
+
+    @staticmethod
+    def _send_sections(job_id: str, rest: list[tuple[float, float, np.ndarray]], language: str | None,
+                       emit: Callable[..., None]) -> None:
+        """Send sections 1..n-1 (pcm_s16le), each to be decoded in ``language`` (None: the job's own)."""
+        rate = audio_mod.SAMPLE_RATE
+        for index, (offset_s, section_s, samples) in enumerate(rest, start=1):
             # x 32768, the inverse of the decoder's s16 -> float: 16-bit audio (most uploads) reaches the section's
             # node as the very samples section 0 is decoded from here (x 32767 changed them by up to one step, and
             # the section's words with them).
-            pcm = np.clip(np.round(pieces[index] * 32768), -32768, 32767).astype("<i2").tobytes()
+            pcm = np.clip(np.round(samples * 32768), -32768, 32767).astype("<i2").tobytes()
             emit(SectionMessage(job_id=job_id, index=index, offset_s=offset_s, duration_s=section_s,
-                                sample_rate=rate), pcm)
-        log.info("job %s: cut %.1f s into %d sections (%s) in %.2f s", job_id, duration_s, len(bounds),
-                 ", ".join(f"{a:.2f}-{a + d:.2f}" for a, d in bounds), time.perf_counter() - t0)
-        return pieces[0]
+                                sample_rate=rate, language=language), pcm)
 
     def run(self, job: JobMessage, payload: bytes, emit: Callable[..., None],
             check: Callable[[], None] = _no_check, ask_sections: Callable[[], int] | None = None) -> None:
@@ -260,6 +267,7 @@ class AsrEngine:
         kwargs, batched = self._options(job, duration_s)
         emit(StartedMessage(job_id=job_id, duration_s=duration_s, decode_audio_s=decode_audio_s))
         check()
+        rest: list[tuple[float, float, np.ndarray]] = []  # sections 1..n-1, until they are sent
         if (job.split_min_s is not None and ask_sections is not None and not batched
                 and duration_s >= job.split_min_s):
             emit(LongAudioMessage(job_id=job_id, duration_s=duration_s))
@@ -267,8 +275,17 @@ class AsrEngine:
             if sections > 1:
                 # Section 0 is decoded as any job, as its own audio (not clip_timestamps over the whole file:
                 # the decode's 30 s windows then start where the section does, as they do in the children).
-                audio = self._cut(job_id, audio, sections, emit)
+                audio, rest = self._cut(job_id, audio, sections, emit)
                 check()
+        # The sections decode in section 0's language, as one decode of the file decodes all of it in the language
+        # found on its first 30 s: a job with a language gives it to its sections itself (the scheduler's children
+        # take the parent's), one without gets the language section 0 is decoded in. Known already (the node's
+        # default): sent now; detected: sent once transcribe() has found it, before section 0's first window is
+        # decoded, so their uploads still overlap that decode.
+        own_language = job.language not in (None, "auto")
+        if rest and (own_language or kwargs["language"] is not None):
+            self._send_sections(job_id, rest, None if own_language else kwargs["language"], emit)
+            rest = []
 
         t0 = time.perf_counter()
         try:
@@ -285,6 +302,8 @@ class AsrEngine:
                 segments, info = self.model.transcribe(audio, **kwargs)
         except (ValueError, TypeError) as exc:
             raise InvalidRequest(f"decode options rejected by faster-whisper: {exc}") from None
+        if rest:
+            self._send_sections(job_id, rest, info.language, emit)
         t1 = time.perf_counter()
         transcribe_call_s = t1 - t0
 
