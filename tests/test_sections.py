@@ -190,14 +190,18 @@ async def test_short_audio_and_an_answer_of_one_decode_whole(worker_factory):
     assert never.asked == []  # shorter than split_min_s: not even asked
 
 
-async def test_a_job_with_a_language_sends_its_sections_without_one(worker_factory):
-    """The scheduler gives a child its parent's language: the plugin names none (and sends before decoding)."""
+@pytest.mark.parametrize("job_language, node_language, sent", [
+    ("en", None, None),   # the scheduler gives a child its parent's language: the plugin names none
+    (None, "en", "en"),   # the node's asr.language is what section 0 decodes in: named, nothing to detect
+])
+async def test_a_section_names_the_language_only_for_a_job_without_one(worker_factory, job_language, node_language,
+                                                                       sent):
     audio, _ = joined_clip()
-    worker = await worker_factory(make_settings(asr={"split_min_s": 20}))
+    worker = await worker_factory(make_settings(asr={"split_min_s": 20, "language": node_language}))
     splitter = RecordingSplitter(2)
     result = await worker.run_job(JobRequest(job_id="j", audio=pcm16(audio), format="pcm_s16le", sample_rate=16000,
-                                             language="en", split_min_s=20.0, splitter=splitter))
-    assert [s[0] for s in splitter.sections] == [1] and splitter.languages == [None]
+                                             language=job_language, split_min_s=20.0, splitter=splitter))
+    assert [s[0] for s in splitter.sections] == [1] and splitter.languages == [sent]
     assert result.language == "en"
 
 
