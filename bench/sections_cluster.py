@@ -33,7 +33,7 @@ node and slot decoded each, where the split run's time went (upload, assignment,
 posts, section 0's decode, the wait for the last section, the report), and checks: the parent's result holds
 every section's segments in time order up to the audio's end, and every job ended once with an accepted result.
 A check that fails exits 1; a missed target is reported, not a failure. Defaults are the scheduler's and the
-agent's (``scheduler.max_sections_per_job`` 16: at most 16 sections, so 20 idle slots give 16); ``--max-sections``
+agent's (``scheduler.max_sections_per_job`` and ``asr.split_max_sections`` 32: 20 idle slots give up to 20 sections); ``--max-sections``
 raises both bounds to see what more slots would give.
 """
 
@@ -441,8 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=10, help="fake nodes of the split run (default 10)")
     parser.add_argument("--slots", type=int, default=2, help="slots per fake node (default 2)")
     parser.add_argument("--rtf", type=float, default=0.05, help="a fake decode lasts audio x this (default 0.05)")
-    parser.add_argument("--max-sections", type=int, default=16,
-                        help="scheduler.max_sections_per_job and asr.split_max_sections (default 16, the defaults)")
+    parser.add_argument("--max-sections", type=int, default=32,
+                        help="scheduler.max_sections_per_job and asr.split_max_sections (default 32, the defaults)")
     parser.add_argument("--repeat", type=int, default=3, help="split runs per store (default 3; the ratio is their "
                         "median's: on a shared machine the bytes' share of the time varies from run to run)")
     parser.add_argument("--skip-one-slot", action="store_true", help="leave out the one-slot run (no ratio)")

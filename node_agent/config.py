@@ -109,7 +109,7 @@ class AsrSettings(_Section):
     split_section_min_s: float = Field(
         30.0, gt=0, description="The shortest section a split makes: audio of 90 s is cut into at most 3."
     )
-    split_max_sections: int = Field(16, ge=2, le=64, description="The most sections one job is cut into.")
+    split_max_sections: int = Field(32, ge=2, le=64, description="The most sections one job is cut into.")
     timeout: TimeoutSettings = Field(default_factory=TimeoutSettings)
 
     @field_validator("model")
@@ -358,7 +358,7 @@ class SchedulerSettings(_Section):
         60.0, gt=0, description="A queued job no live node can serve fails with no_capable_node after this."
     )
     max_sections_per_job: int = Field(
-        16, ge=1, le=256, description="Most sections one attempt of a long recording is split into (issue 24): "
+        32, ge=1, le=256, description="Most sections one attempt of a long recording is split into (issue 24): "
         "the parent's own section 0 and up to this many less one section jobs (POST /v1/jobs/{id}/sections). "
         "1: no recording is split.",
     )
