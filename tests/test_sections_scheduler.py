@@ -177,7 +177,8 @@ async def test_sections_are_fenced_idempotent_bounded_and_run_like_any_job(store
         assert view["offset_s"] == 29.5 and view["priority"] == "interactive" and view["language"] == "en"
         assert view["labels"] == {"device_class": "cpu"} and view["sections"] == []
         # Bounded: index 1..max-1, an offset past 0, a duration that is the audio's; refused with 422 naming it.
-        for index, offset, seconds, duration, param in [(0, 5.0, 1, 1.0, "index"), (16, 5.0, 1, 1.0, "index"),
+        past = SchedulerSettings().max_sections_per_job  # the first index past the default bound
+        for index, offset, seconds, duration, param in [(0, 5.0, 1, 1.0, "index"), (past, 5.0, 1, 1.0, "index"),
                                                         (2, 0.0, 1, 1.0, "offset_s"), (2, 5.0, 1, 9.0, "duration_s")]:
             with pytest.raises(BadRequest) as refused:
                 await client.create_section(parent, lease_id=grant["lease_id"], lease_epoch=grant["epoch"],
