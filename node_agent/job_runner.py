@@ -35,7 +35,7 @@ from .lease import JOB_CANCELLED, Lease, LeaseKeeper, LeaseUnavailable
 from .metrics import AgentMetrics, job_outcome
 from .registration import NodeIdentity
 from .retry import RetryPolicies, retry_after_of, retrying
-from .scheduler.schemas import JobAssignment
+from .scheduler.schemas import SECTION_SAMPLE_RATE, JobAssignment
 from .sections import SectionSplit
 from .supervisor import JobRequest, ResultMessage, Worker
 
@@ -283,7 +283,7 @@ class JobRunner:
         """The ``split_min_s`` a job is offered for splitting at; None: never (the node's setting is off, or the
         job is a section itself: a section is never cut again)."""
         split_min_s = self.worker.spec.asr.split_min_s
-        if not split_min_s or getattr(a, "parent_id", None) is not None:
+        if not split_min_s or a.parent_id is not None:
             return None
         return split_min_s
 
@@ -301,7 +301,7 @@ class JobRunner:
             # A section the scheduler would not take: decoded on this worker after section 0 (in section 0's
             # language when the job named none), never cut again.
             return await self.worker.run_job(JobRequest(
-                job_id=f"{a.job_id}.{index}", audio=section, format="pcm_s16le", sample_rate=16000,
+                job_id=f"{a.job_id}.{index}", audio=section, format="pcm_s16le", sample_rate=SECTION_SAMPLE_RATE,
                 language=language or a.language, options=a.options, deadline=deadline))
 
         if split_min_s is not None:

@@ -14,10 +14,12 @@ for both engines but for the few ``Dialect`` fragments). ``Engine.run(op)`` runs
 Both engines have a priority lane: ``run(op, urgent=True)`` (and PostgreSQL's ``statement(..., urgent=True)``) is for
 the work a live job waits on, a node's claim and an interactive submission. On SQLite it goes ahead of every queued
 operation, in a group of its own, and a group of bulk writes under way commits early for it; on PostgreSQL it is
-served first when a pooled connection frees, and ``URGENT_RESERVED`` of the connections are kept from the other work. Without the lane a claim queued behind a burst
-of batch submissions (each a transaction on the one writer or the small pool) and waited for all of them: an
-interactive job's queued_s p99 behind 1,000 batch jobs was 1.8-4.4x an empty queue's (docs/benchmarks.md). Urgent
-work is bounded by the nodes (one poll each) and the interactive queue's cap, so it cannot starve the rest.
+served first when a pooled connection frees, and ``URGENT_RESERVED`` of the connections are kept from the other
+work. Without the lane a claim queued behind a burst of batch submissions (each a transaction on the one writer or
+the small pool) and waited for all of them. With it, on a loaded machine, an interactive job's queued_s p99 behind
+1,000 batch jobs fell 3-10x; on an idle one the store's queue was no longer where it waited (docs/benchmarks.md,
+issue 23). Urgent work is bounded by the nodes (one poll each) and the interactive queue's cap, so it cannot
+starve the rest.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from .schemas import Priority as P
 from .schemas import LeaseState as L
 from .schemas import NodeState as N
 from .schemas import OPEN_JOB_STATES, stored_devices
-from .topics import job_topic, submitted_topic
+from .topics import job_topic, sections_topic, submitted_topic
 
 #: The store's clock, read once per statement (a CTE referenced twice is evaluated once).
 _CLOCK = "t AS (SELECT CAST(extract(epoch FROM clock_timestamp()) AS DOUBLE PRECISION) AS now)"
@@ -313,7 +313,7 @@ class PgFast:
                      SELECT f.job_id, $2, $3, $4, $5, $11 FROM f)
                SELECT f.*, t.now, pg_notify($12, $13),
                    -- a section's parent's follow wakes (topics.sections_topic); a parent succeeding cancels nothing
-                   CASE WHEN f.parent_id IS NOT NULL THEN pg_notify($12, 'sections:' || f.parent_id) END
+                   CASE WHEN f.parent_id IS NOT NULL THEN pg_notify($12, '{sections_topic("")}' || f.parent_id) END
                FROM f, t""",
             *holder, result, timings, seg_ids, data, drop_audio, ack, CHANNEL, job_topic(holder[0]),
         )

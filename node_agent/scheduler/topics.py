@@ -29,5 +29,6 @@ def job_topic(job_id: str) -> str:
 
 def sections_topic(parent_id: str) -> str:
     """A section child of ``parent_id`` ended or went back to the queue (what the parent's node's follow waits for,
-    ``GET /v1/jobs/{id}/sections?wait_s``). pgfast.py's one-statement result spells it as SQL: keep them one."""
+    ``GET /v1/jobs/{id}/sections?wait_s``). pgfast.py's one-statement result builds it in SQL from
+    ``sections_topic("")``, the prefix."""
     return f"sections:{parent_id}"
