@@ -144,8 +144,9 @@ def choose_slots(device: str, requested_workers: int | None, requested_threads: 
     slots idle decodes as fast as one process with the whole CPU; with every slot busy the threads outnumber the
     cores, and ``plugin_env`` makes idle OpenMP threads sleep rather than spin so that the workers share the
     cores as one thread each would. Workers ``auto``: one per core, at most ``MAX_AUTO_CPU_WORKERS``. Measured
-    on 2 cores (issue 15: 2 processes x 1 thread carried the most jobs/s; issue 24: 2 workers x 2 threads kept
-    that within the run's spread and a lone job at plain's all-core time): docs/benchmarks.md. Assumed, not
+    on 2 cores (issue 15: 2 processes x 1 thread carried the most jobs/s; issue 24, an idle machine: 2 workers x 2 threads
+    kept 0.95x of that with a full queue, and a lone job at 1.07-1.12x plain's all-core time, against 1.35-1.44x
+    with one thread): docs/benchmarks.md. Assumed, not
     measured: that this holds on bigger CPUs. Threads set, workers ``auto``: as many workers as the cores hold
     at that many threads each (the split issue 15 measured, not oversubscribed).
     GPU: ``auto`` is 1 worker per GPU; threads (its CPU-side work): the cores shared between its workers.
