@@ -35,6 +35,7 @@ from .config import Settings, secret
 from .devices import KNOWN_MODEL_BYTES, UNKNOWN_MODEL_BYTES, SlotPlan, choose_device, choose_slots, resources_for
 from .errors import ConfigError, JobShutdown
 from .job_loop import JobLoop
+from .lone_worker import LONE_RESOURCE, LoneWorker
 from .job_runner import JobLedger, JobRunner
 from .lease import LeaseKeeper
 from .metrics import AgentMetrics, MetricsObserver
@@ -141,8 +142,17 @@ class Agent:
             self.keepers[resource] = LeaseKeeper(self.client, settings.lease, self.metrics, resource, self.policies)
             self.metrics.declare_device(resource, settings.asr.model)
             self.metrics.declare_slot(resource, slot.device, self.slot_plan.threads, self.slot_plan.workers_auto)
+        # A CPU device's lone-job worker (every core as threads), lent to a job that finds the other slots idle.
+        self.lone: LoneWorker | None = None
+        if self.slot_plan.lone_threads:
+            spec = worker_spec(settings.asr, self.device, 0, log_level=settings.log.level,
+                               cpu_threads=self.slot_plan.lone_threads)
+            self.lone = LoneWorker(Worker(LONE_RESOURCE, spec, settings.worker, settings.asr.timeout, observer,
+                                          command=worker_command or settings.worker.command))
+            self.metrics.declare_device(LONE_RESOURCE, settings.asr.model)
+            self.metrics.lone_jobs.labels(LONE_RESOURCE)
 
-        self.view = LocalNodeView(workers=self.workers, identity=self.identity, ledger=self.ledger,
+        self.view = LocalNodeView(workers=self.workers, lone=self.lone, identity=self.identity, ledger=self.ledger,
                                   metrics=self.metrics, model=settings.asr.model, scheduler_url=self.scheduler_url,
                                   hostname=self.hostname, is_draining=lambda: self.draining,
                                   slot_plan=self.slot_plan, scheduler_in_use=lambda: self.client.base_url)
@@ -154,7 +164,7 @@ class Agent:
         self.loops: dict[str, JobLoop] = {}
         for resource, worker in self.workers.items():
             runner = JobRunner(self.client, self.keepers[resource], worker, self.identity, metrics=self.metrics,
-                               policies=self.policies, ledger=self.ledger)
+                               policies=self.policies, ledger=self.ledger, lone=self.lone)
             self.loops[resource] = JobLoop(self.client, worker, runner, self.identity, metrics=self.metrics,
                                            reregister=self.registration.reregister, policies=self.policies)
         self._tasks: list[asyncio.Task[Any]] = []
@@ -171,6 +181,8 @@ class Agent:
         self.state.lock()  # before anything starts: a second agent on this directory stops here
         for worker in self.workers.values():
             await worker.start()
+        if self.lone is not None:
+            await self.lone.worker.start()
         self.registration.restore()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._register_when_settled(), name="registration"))
@@ -202,7 +214,7 @@ class Agent:
             if pending:
                 log.warning("grace period over: stopping %d job(s) as shutdown", len(pending))
                 for task in pending:
-                    jobs[task].worker.abort(JobShutdown(
+                    jobs[task].runner.decoding_on().abort(JobShutdown(
                         f"the agent is shutting down; job not finished within shutdown.grace_s = {grace_s:g} s"))
                 await asyncio.wait(pending, timeout=30)
         # Tell the scheduler the node is idle and draining, so operators do not see ghost jobs.
@@ -210,7 +222,8 @@ class Agent:
 
     async def stop(self) -> None:
         await asyncio.gather(*(loop.runner.settle(5.0) for loop in self.loops.values()))
-        await asyncio.gather(*(w.stop() for w in self.workers.values()), return_exceptions=True)
+        workers = [*self.workers.values(), *([self.lone.worker] if self.lone is not None else [])]
+        await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
         for task in self._tasks + self._poll_tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._poll_tasks, return_exceptions=True)

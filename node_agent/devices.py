@@ -6,7 +6,7 @@ unit-tested without a GPU or any native library.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,25 +57,6 @@ def choose_cpu_threads(requested: int, available_cores: int) -> int:
 
 # ----- slots: how many workers per device, how many threads each --------------------------------------------------
 
-#: The OpenMP settings that decide how an idle thread waits. Either one set by the operator is kept as it is.
-OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-
-
-def plugin_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """What a worker's environment adds to the agent's: ``OMP_WAIT_POLICY=PASSIVE`` unless the operator set it
-    or ``GOMP_SPINCOUNT``.
-
-    ctranslate2's CPU wheel runs its threads on GNU OpenMP (libgomp), whose threads spin for a while at every
-    barrier and between parallel regions before they sleep. With every worker holding every core as threads
-    (``choose_slots``), a busy worker's spinning threads take cores from its neighbours' decodes; passive threads
-    sleep at once, so a full queue keeps the throughput of one thread per worker while a lone job still has every
-    core. Measured on 2 cores: docs/benchmarks.md, *A lone job at full speed (issue 24)*.
-    """
-    if any(name in environ for name in OPENMP_WAIT_VARIABLES):
-        return {}
-    return {"OMP_WAIT_POLICY": "PASSIVE"}
-
-
 #: ``auto`` never runs more CPU workers than this on one node, whatever the cores (see ``choose_slots``).
 MAX_AUTO_CPU_WORKERS = 16
 #: Resident memory of a loaded worker besides its model: Python, ctranslate2, PyAV, the plugin, buffers.
@@ -108,18 +89,21 @@ class SlotPlan:
     threads_auto: bool
     #: The memory estimate per worker the split was checked against (bytes).
     worker_bytes: int
+    #: Threads of the device's lone-job worker (every core), lent to a job that finds the other slots idle; 0: none.
+    lone_threads: int = 0
 
     def describe(self) -> str:
-        """``2 workers x 2 threads per device (auto)``: what ``node-agent status`` shows."""
+        """``2 workers x 1 thread per device, lone jobs 2 threads (auto)``: what ``node-agent status`` shows."""
         how = "auto" if self.workers_auto and self.threads_auto else \
             "workers auto" if self.workers_auto else "threads auto" if self.threads_auto else "set"
+        lone = f", lone jobs {self.lone_threads} threads" if self.lone_threads else ""
         return (f"{self.workers} worker{'s' if self.workers != 1 else ''} x {self.threads} "
-                f"thread{'s' if self.threads != 1 else ''} per device ({how})")
+                f"thread{'s' if self.threads != 1 else ''} per device{lone} ({how})")
 
     def view(self) -> dict[str, Any]:
         return {"workers_per_device": self.workers, "cpu_threads": self.threads, "workers_auto": self.workers_auto,
-                "threads_auto": self.threads_auto, "worker_bytes_estimate": self.worker_bytes,
-                "text": self.describe()}
+                "threads_auto": self.threads_auto, "lone_threads": self.lone_threads,
+                "worker_bytes_estimate": self.worker_bytes, "text": self.describe()}
 
 
 def model_memory_factor(device: str, compute_type: str) -> float:
@@ -140,15 +124,15 @@ def choose_slots(device: str, requested_workers: int | None, requested_threads: 
     """Workers per device and threads per worker. ``requested_workers`` None is ``auto``, ``requested_threads``
     0 is ``auto``; ``devices`` is how many physical devices (GPUs) get that many workers each.
 
-    CPU, threads ``auto``: every worker gets every core as threads (at most 8), so a job that finds the other
-    slots idle decodes as fast as one process with the whole CPU; with every slot busy the threads outnumber the
-    cores, and ``plugin_env`` makes idle OpenMP threads sleep rather than spin so that the workers share the
-    cores as one thread each would. Workers ``auto``: one per core, at most ``MAX_AUTO_CPU_WORKERS``. Measured
-    on 2 cores (issue 15: 2 processes x 1 thread carried the most jobs/s; issue 24, an idle machine: 2 workers x 2 threads
-    kept 0.95x of that with a full queue, and a lone job at 1.07-1.12x plain's all-core time, against 1.35-1.44x
-    with one thread): docs/benchmarks.md. Assumed, not
-    measured: that this holds on bigger CPUs. Threads set, workers ``auto``: as many workers as the cores hold
-    at that many threads each (the split issue 15 measured, not oversubscribed).
+    CPU, threads ``auto``: the cores shared between the workers (issue 15: on 2 cores 2 processes x 1 thread
+    carried the most jobs/s), and, when that leaves a worker fewer threads than cores and memory holds one more
+    worker, a lone-job worker with every core as threads (at most 8; ``lone_threads``): a job that finds the
+    other slots of its device idle decodes on it, as fast as one process with the whole CPU (``lone_worker``).
+    The cores are never oversubscribed but while a lone job that began alone still runs. (Before: every worker
+    had every core, with passive OpenMP threads; a full queue kept 0.90-0.95x the best split's jobs/s and a lone
+    job took 1.07-1.13x plain's time: docs/benchmarks.md.) Workers ``auto``: one per core, at most
+    ``MAX_AUTO_CPU_WORKERS``. Assumed, not measured: that this holds on bigger CPUs. Threads set: no lone-job
+    worker (the operator's split, as set); workers ``auto``: as many as the cores hold at that many threads each.
     GPU: ``auto`` is 1 worker per GPU; threads (its CPU-side work): the cores shared between its workers.
 
     Memory: every worker must fit (``worker_memory_bytes`` x workers x devices within
@@ -171,13 +155,15 @@ def choose_slots(device: str, requested_workers: int | None, requested_threads: 
     if workers > fit:
         raise ConfigError(_no_fit(device, workers, devices, per_worker, memory_available_bytes, model_bytes,
                                   gpu_memory_bytes, fit, requested_workers is None))
+    lone_threads = 0
     if requested_threads > 0:
         threads = requested_threads
-    elif device == "cpu":
-        threads = choose_cpu_threads(0, cores)
     else:
         threads = max(1, min(8, cores // workers))
-    return SlotPlan(workers, threads, requested_workers is None, requested_threads == 0, per_worker)
+        every_core = choose_cpu_threads(0, cores)
+        if device == "cpu" and every_core > threads and workers + 1 <= fit:
+            lone_threads = every_core
+    return SlotPlan(workers, threads, requested_workers is None, requested_threads == 0, per_worker, lone_threads)
 
 
 def _no_fit(device: str, workers: int, devices: int, per_worker: int, available: int, model_bytes: int,

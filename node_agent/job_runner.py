@@ -32,6 +32,7 @@ from .scheduler_client import (
 )
 from .errors import InvalidRequest, JobCancelled, JobError, LeaseLost
 from .lease import JOB_CANCELLED, Lease, LeaseKeeper, LeaseUnavailable
+from .lone_worker import LoneWorker
 from .metrics import AgentMetrics, job_outcome
 from .registration import NodeIdentity
 from .retry import RetryPolicies, retry_after_of, retrying
@@ -71,6 +72,7 @@ class RunningJob:
     received: float  # event-loop time
     polled_at: float  # event-loop time the poll that brought it was sent (no later than its lease's grant)
     lease: Lease | None = None
+    #: Where it decodes: its slot's worker, or the device's lone-job worker (``lone_worker``).
     worker: Worker | None = None
     #: The job's sections once it was cut (issue 24); None for a job that could not be split.
     split: SectionSplit | None = None
@@ -83,6 +85,7 @@ class RunningJob:
             "job_id": self.assignment.job_id,
             "attempt": self.assignment.attempt,
             "resource": self.resource,
+            "worker": self.worker.resource if self.worker else None,
             "audio_s": current.get("audio_s"),
             "elapsed_s": round(now - self.received, 2),
             "segments": current.get("segments", 0),
@@ -148,14 +151,17 @@ def _accepted(report: asyncio.Task[tuple[Report, bool]]) -> bool:
 
 
 class JobRunner:
-    """Runs jobs on one device, one at a time."""
+    """Runs jobs on one slot, one at a time: each on the slot's ``worker``, or on the device's lone-job worker
+    (``lone``) when it finds the other slots idle."""
 
     def __init__(self, client: SchedulerClient, keeper: LeaseKeeper, worker: Worker, identity: NodeIdentity, *,
                  metrics: AgentMetrics, policies: RetryPolicies | None = None,
-                 ledger: JobLedger | None = None) -> None:
+                 ledger: JobLedger | None = None, lone: LoneWorker | None = None) -> None:
         self.client = client
         self.keeper = keeper
         self.worker = worker
+        self.lone = lone
+        self._decoding_on: Worker | None = None  # the worker of the job in flight
         self.identity = identity
         self.metrics = metrics
         self.policies = policies or RetryPolicies()
@@ -168,20 +174,32 @@ class JobRunner:
         loop = asyncio.get_running_loop()
         a = assignment
         now = loop.time()
+        worker = self.lone.take(self.worker) if self.lone is not None else self.worker
+        self._decoding_on = worker
         running = RunningJob(a, self.worker.resource, now, polled_at if polled_at is not None else now,
-                             worker=self.worker)
+                             worker=worker)
         self.ledger.running[a.job_id] = running
         self.metrics.jobs_in_progress.inc()
         self.metrics.job_queue_wait.observe(max(0.0, a.queued_s))
-        log.info("job %s attempt %d received on %s", a.job_id, a.attempt, self.worker.resource)
+        if worker is not self.worker:
+            self.metrics.lone_jobs.labels(worker.resource).inc()
+        log.info("job %s attempt %d received on %s%s", a.job_id, a.attempt, self.worker.resource,
+                 "" if worker is self.worker else f" (decoding on the idle device's {worker.resource})")
         try:
             return await self._execute(running)
         except Exception as exc:
             log.exception("job %s: unexpected error", a.job_id)
             return JobOutcome(a.job_id, a.attempt, None, Report.not_sent, reason=f"unexpected error: {exc!r}")
         finally:
+            if self.lone is not None:
+                self.lone.give_back(worker)
+            self._decoding_on = None
             self.ledger.running.pop(a.job_id, None)
             self.metrics.jobs_in_progress.dec()
+
+    def decoding_on(self) -> Worker:
+        """The worker the job in flight decodes on (the slot's own when none is)."""
+        return self._decoding_on or self.worker
 
     async def settle(self, timeout: float) -> None:
         """Wait up to ``timeout`` for background housekeeping (lease releases) to finish."""
@@ -261,13 +279,16 @@ class JobRunner:
 
         # A cancelled job is stopped between two segments and its worker kept; a lost lease kills the decode. Either
         # also ends the following of its sections, if it was split.
+        worker = running.worker
+        assert worker is not None
+
         def lost(error: LeaseLost) -> None:
-            self.worker.abort(error)
+            worker.abort(error)
             if running.split is not None:
                 running.split.abort(error)
 
         def cancelled(error: JobCancelled) -> None:
-            self.worker.cancel(error)
+            worker.cancel(error)
             if running.split is not None:
                 running.split.abort(error)
 
@@ -296,11 +317,13 @@ class JobRunner:
         end = _End.failed
         split_min_s = self._splittable(a)
         started = loop.time()
+        worker = running.worker
+        assert worker is not None
 
         async def decode_here(index: int, section: bytes, language: str | None) -> ResultMessage:
             # A section the scheduler would not take: decoded on this worker after section 0 (in section 0's
             # language when the job named none), never cut again.
-            return await self.worker.run_job(JobRequest(
+            return await worker.run_job(JobRequest(
                 job_id=f"{a.job_id}.{index}", audio=section, format="pcm_s16le", sample_rate=SECTION_SAMPLE_RATE,
                 language=language or a.language, options=a.options, deadline=deadline))
 
@@ -309,7 +332,7 @@ class JobRunner:
                                          on_segment=events.put_nowait, decode_local=decode_here)
         split = running.split
         try:
-            result = await self.worker.run_job(
+            result = await worker.run_job(
                 JobRequest(job_id=a.job_id, audio=audio, format=a.audio.format,
                            sample_rate=a.audio.sample_rate, language=a.language, options=a.options,
                            deadline=deadline, split_min_s=split_min_s, splitter=split),

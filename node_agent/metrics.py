@@ -122,6 +122,10 @@ class AgentMetrics:
             "physical_device is the CPU or GPU it runs on, cpu_threads its threads, auto whether "
             "asr.workers_per_device was auto. Always 1.", ["device", "physical_device", "cpu_threads", "auto"],
             registry=r)
+        self.lone_jobs = Counter(
+            "node_agent_lone_worker_jobs_total", "Jobs that found every other slot of their device idle and decoded "
+            "on its lone-job worker (device: that worker, e.g. cpu/lone), with every core as threads.", dev,
+            registry=r)
         self.worker_up = Gauge("node_agent_worker_up", "1 while the worker can take a job (ready or busy).",
                                dev, registry=r)
         self.worker_state = Gauge("node_agent_worker_state", "1 for the worker's current state.",

@@ -22,6 +22,7 @@ from .job_runner import LEASE_LOSS_WINDOW_S, JobLedger
 from .metrics import JOB_OUTCOMES, AgentMetrics
 from .registration import NodeIdentity
 from .scheduler.schemas import NodeState
+from .lone_worker import LoneWorker
 from .supervisor import Worker, WorkerState
 
 
@@ -31,8 +32,10 @@ class LocalNodeView:
     def __init__(self, *, workers: Mapping[str, Worker], identity: NodeIdentity, ledger: JobLedger,
                  metrics: AgentMetrics, model: str, scheduler_url: str, hostname: str,
                  is_draining: Callable[[], bool], slot_plan: SlotPlan | None = None,
-                 scheduler_in_use: Callable[[], str] | None = None) -> None:
-        self._workers = workers
+                 scheduler_in_use: Callable[[], str] | None = None, lone: LoneWorker | None = None) -> None:
+        self._workers = workers  # one per slot
+        #: The CPU device's lone-job worker, lent to a slot's job (``lone_worker``); None where there is none.
+        self._lone = lone
         #: How each device is split into slots (workers x threads); None where no plan was made (unit tests).
         self.slot_plan = slot_plan
         self._identity = identity
@@ -66,8 +69,17 @@ class LocalNodeView:
         """Each device's worker state, by resource."""
         return {resource: w.state for resource, w in self._workers.items()}
 
+    def _all_workers(self) -> list[Worker]:
+        """The slots' workers and the lone-job worker."""
+        return [*self._workers.values(), *([self._lone.worker] if self._lone is not None else [])]
+
     def worker_snapshots(self) -> list[dict[str, Any]]:
-        return [w.snapshot() for w in self._workers.values()]
+        """Each slot's worker, then the lone-job worker (``lone: true``, ``lent_to``: the slot whose job it runs)."""
+        snapshots = [w.snapshot() for w in self._workers.values()]
+        if self._lone is not None:
+            snapshots.append({**self._lone.worker.snapshot(), "lone": True, "lent_to": self._lone.lent_to,
+                              "lone_jobs_total": self._lone.jobs_total})
+        return snapshots
 
     def served_languages(self) -> set[str] | None:
         """Languages this node's models serve; None means any (a multilingual model)."""
@@ -85,7 +97,7 @@ class LocalNodeView:
 
     def metrics_registry(self) -> CollectorRegistry:
         """The registry to expose, its scrape-time values (worker RSS) refreshed."""
-        self._metrics.refresh_workers(self._workers.values())
+        self._metrics.refresh_workers(self._all_workers())
         return self._metrics.registry
 
     # ----- documents -----------------------------------------------------------------------------------------------
@@ -120,7 +132,7 @@ class LocalNodeView:
         reasons = []
         if not self.registered:
             reasons.append("not registered with the scheduler")
-        for w in self._workers.values():
+        for w in self._all_workers():  # a lone-job worker down: lone jobs decode at a slot's speed
             if w.state in (WorkerState.fatal, WorkerState.backoff):
                 reasons.append(w.status_line())
         recent = self._recent_lease_losses()
@@ -175,8 +187,10 @@ class LocalNodeView:
 
     def slots(self) -> dict[str, Any]:
         """The split (workers x threads per device, and whether it was auto) and how many slots are busy or ready
-        (each worker is a slot; its state per slot is in ``workers``)."""
-        states = [w.state for w in self._workers.values()]
+        (each worker is a slot; its state per slot is in ``workers``). A slot whose job decodes on the lone-job
+        worker is busy."""
+        lent = self._lone.lent_to if self._lone is not None else None
+        states = [WorkerState.busy if resource == lent else w.state for resource, w in self._workers.items()]
         return {
             **(self.slot_plan.view() if self.slot_plan is not None else {}),
             "total": len(states),

@@ -18,7 +18,6 @@ from typing import Any
 import psutil
 
 from . import wire
-from .devices import plugin_env
 from .errors import WireError
 from .plugin_messages import FatalMessage, ReadyMessage, StopMessage, WorkerSpec, parse_from_plugin, to_header
 
@@ -118,13 +117,12 @@ async def spawn_plugin(command: list[str], spec: WorkerSpec, start_timeout_s: fl
                        stop_grace_s: float) -> PluginProcess:
     """Start ``command`` with ``spec`` and a connected socket, and wait for its ``ready``; ``StartFailed`` (the
     process killed) when it answers anything else or nothing within ``start_timeout_s``. The process gets the
-    agent's environment plus ``devices.plugin_env`` (how its OpenMP threads wait)."""
+    agent's environment."""
     parent, child = socket.socketpair()
     try:
         proc = await asyncio.create_subprocess_exec(
             *command, "--fd", str(child.fileno()), "--spec", spec.model_dump_json(),
             pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL,
-            env={**os.environ, **plugin_env(os.environ)},
         )
     except BaseException:
         parent.close()

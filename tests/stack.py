@@ -20,6 +20,7 @@ from conftest import make_settings
 from helpers import joined, pcm16
 from node_agent.agent import Agent, probe_node
 from node_agent.config import Settings
+from node_agent.devices import SlotPlan
 from node_agent.http_api import RunningHttp, start_http
 from node_agent.metrics import AgentMetrics
 from node_agent.scheduler.server import Running, start_scheduler
@@ -106,11 +107,12 @@ class AgentStack:
 
 
 @contextlib.asynccontextmanager
-async def agent_stack(tmp_path: Path, worker_command: list[str] | None = None,
+async def agent_stack(tmp_path: Path, worker_command: list[str] | None = None, slots: SlotPlan | None = None,
                       **sections: dict[str, Any]) -> AsyncIterator[AgentStack]:
     """Start scheduler, agent and agent endpoints on free ports; yields once the agent has registered
     (its worker is then ready or fatal). Everything is stopped on the way out. ``worker_command``: a stand-in
-    plugin (``fake_plugin.command(...)``) where the test is about the agent, not about decoding."""
+    plugin (``fake_plugin.command(...)``) where the test is about the agent, not about decoding. ``slots``: a
+    slot split of the test's own (default: the one this machine's cores and memory give)."""
     settings = make_settings(node={"state_dir": str(tmp_path / "state")}, **sections)
     registry, scheduler_registry = CollectorRegistry(), CollectorRegistry()
     metrics = AgentMetrics(registry=registry)
@@ -121,7 +123,7 @@ async def agent_stack(tmp_path: Path, worker_command: list[str] | None = None,
     session: aiohttp.ClientSession | None = None
     try:
         agent = Agent(settings, scheduler.url, metrics=metrics, facts=await node_facts(),
-                      worker_command=worker_command)
+                      worker_command=worker_command, slots=slots)
         await agent.start()
         http = await start_http(agent.view, agent.client, settings, port=0)
         session = aiohttp.ClientSession()

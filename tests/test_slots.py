@@ -45,38 +45,42 @@ pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.mark.parametrize("device, workers, threads, cores, expected", [
-    # CPU, both auto: one worker per core, at most 16, each with every core as threads (at most 8): a lone job
-    # has the whole CPU, a full queue shares it (issue 24, measured on 2 cores).
-    ("cpu", None, 0, 1, (1, 1)),
-    ("cpu", None, 0, 2, (2, 2)),
-    ("cpu", None, 0, 4, (4, 4)),
-    ("cpu", None, 0, 16, (16, 8)),
-    ("cpu", None, 0, 64, (MAX_AUTO_CPU_WORKERS, 8)),
-    ("cpu", None, 0, 256, (MAX_AUTO_CPU_WORKERS, 8)),  # at most 8 threads each
-    # Threads set: as many workers as the cores hold at that many threads each.
-    ("cpu", None, 2, 2, (1, 2)),
-    ("cpu", None, 2, 8, (4, 2)),
-    ("cpu", None, 4, 2, (1, 4)),  # more threads than cores: still one worker
-    # Workers set, threads auto: every core in each worker too.
-    ("cpu", 1, 0, 2, (1, 2)),
-    ("cpu", 2, 0, 8, (2, 8)),
-    ("cpu", 4, 0, 2, (4, 2)),
-    ("cpu", 3, 3, 2, (3, 3)),  # both set: taken as they are
-    # GPU: auto is one worker; threads for its CPU-side work as before.
-    ("cuda", None, 0, 8, (1, 8)),
-    ("cuda", 2, 0, 8, (2, 4)),
-    ("cuda", None, 2, 8, (1, 2)),
+    # CPU, both auto: one worker per core, at most 16, sharing the cores (issue 15's best split), and a lone-job
+    # worker with every core (at most 8) for a job that finds the other slots idle (issue 24): (workers, threads,
+    # lone_threads).
+    ("cpu", None, 0, 1, (1, 1, 0)),  # one worker has every core already: no lone-job worker
+    ("cpu", None, 0, 2, (2, 1, 2)),
+    ("cpu", None, 0, 4, (4, 1, 4)),
+    ("cpu", None, 0, 16, (16, 1, 8)),
+    ("cpu", None, 0, 32, (MAX_AUTO_CPU_WORKERS, 2, 8)),
+    ("cpu", None, 0, 256, (MAX_AUTO_CPU_WORKERS, 8, 0)),  # at most 8 threads each: nothing left to lend
+    # Threads set: as many workers as the cores hold at that many threads each; no lone-job worker.
+    ("cpu", None, 2, 2, (1, 2, 0)),
+    ("cpu", None, 2, 8, (4, 2, 0)),
+    ("cpu", None, 4, 2, (1, 4, 0)),  # more threads than cores: still one worker
+    # Workers set, threads auto: the cores shared, and the lone-job worker.
+    ("cpu", 1, 0, 2, (1, 2, 0)),
+    ("cpu", 2, 0, 8, (2, 4, 8)),
+    ("cpu", 4, 0, 2, (4, 1, 2)),
+    ("cpu", 3, 3, 2, (3, 3, 0)),  # both set: taken as they are
+    # GPU: auto is one worker; threads for its CPU-side work as before; never a lone-job worker.
+    ("cuda", None, 0, 8, (1, 8, 0)),
+    ("cuda", 2, 0, 8, (2, 4, 0)),
+    ("cuda", None, 2, 8, (1, 2, 0)),
 ])
-def test_auto_rule(device: str, workers: int | None, threads: int, cores: int, expected: tuple[int, int]) -> None:
+def test_auto_rule(device: str, workers: int | None, threads: int, cores: int,
+                   expected: tuple[int, int, int]) -> None:
     plan = choose_slots(device, workers, threads, cores, PLENTY, TINY, gpu_memory_bytes=80 * GiB)
-    assert (plan.workers, plan.threads) == expected
+    assert (plan.workers, plan.threads, plan.lone_threads) == expected
     assert plan.workers_auto is (workers is None) and plan.threads_auto is (threads == 0)
 
 
 def test_the_split_is_described_as_status_shows_it() -> None:
-    assert choose_slots("cpu", None, 0, 2, PLENTY, TINY).describe() == "2 workers x 2 threads per device (auto)"
+    assert choose_slots("cpu", None, 0, 2, PLENTY, TINY).describe() == \
+        "2 workers x 1 thread per device, lone jobs 2 threads (auto)"
     assert choose_slots("cpu", 1, 2, 2, PLENTY, TINY).describe() == "1 worker x 2 threads per device (set)"
-    assert choose_slots("cpu", 2, 0, 8, PLENTY, TINY).describe() == "2 workers x 8 threads per device (threads auto)"
+    assert choose_slots("cpu", 2, 0, 8, PLENTY, TINY).describe() == \
+        "2 workers x 4 threads per device, lone jobs 8 threads (threads auto)"
     assert choose_slots("cpu", None, 2, 8, PLENTY, TINY).describe() == \
         "4 workers x 2 threads per device (workers auto)"
 
@@ -87,9 +91,12 @@ def test_the_split_is_described_as_status_shows_it() -> None:
 def test_auto_never_chooses_more_workers_than_fit() -> None:
     per_worker = worker_memory_bytes(TINY, "cpu")
     assert per_worker == WORKER_BASELINE_BYTES + TINY
-    # 16 cores, but memory for 3 workers: 3 workers, each with every core (at most 8).
+    # 16 cores, but memory for 3 workers: 3 workers sharing the cores, and no room for a lone-job worker.
     plan = choose_slots("cpu", None, 0, 16, 3 * per_worker + per_worker // 2, TINY)
-    assert (plan.workers, plan.threads) == (3, 8)
+    assert (plan.workers, plan.threads, plan.lone_threads) == (3, 5, 0)
+    # Room for one more: the lone-job worker has every core (at most 8).
+    plan = choose_slots("cpu", 3, 0, 16, 4 * per_worker, TINY)
+    assert (plan.workers, plan.threads, plan.lone_threads) == (3, 5, 8)
     assert choose_slots("cpu", None, 0, 16, per_worker, TINY).workers == 1
     # On a GPU, the GPU's memory counts too (two 3 GB models in 7 GB; host memory plenty).
     with pytest.raises(ConfigError, match="3 x 3240 MiB of model > 7168 MiB of GPU memory; "
@@ -319,3 +326,88 @@ async def test_a_slots_worker_killed_fails_only_its_own_job(tmp_path: Path) -> N
         assert s.agent.workers[survivor_slot].restarts.total() == 0
         # The killed slot's worker comes back and takes jobs again.
         await eventually(lambda: killed.state.value == "ready", 60, f"worker {victim_slot} replaced")
+
+
+# ----- the lone-job worker (issue 24) -----------------------------------------------------------------------------
+
+
+class _Stub:
+    """A worker as LoneWorker reads it: a resource and a state."""
+
+    def __init__(self, resource: str, state: str = "ready") -> None:
+        from node_agent.supervisor import WorkerState
+
+        self.resource = resource
+        self.state = WorkerState(state)
+
+
+def test_the_lone_job_worker_is_lent_only_to_a_job_that_starts_alone() -> None:
+    from node_agent.lone_worker import LoneWorker
+
+    a, b, lone_stub = _Stub("cpu/0"), _Stub("cpu/1"), _Stub("cpu/lone")
+    lone = LoneWorker(lone_stub)  # type: ignore[arg-type]
+    first = lone.take(a)  # type: ignore[arg-type]
+    assert first is lone_stub and lone.lent_to == "cpu/0"
+    second = lone.take(b)  # type: ignore[arg-type]  # another job is in flight: its own slot's worker
+    assert second is b and lone.lent_to == "cpu/0"
+    lone.give_back(first)  # type: ignore[arg-type]
+    # The first job ended, the second still runs: a third job is not alone either.
+    assert lone.lent_to is None and lone.take(a) is a  # type: ignore[arg-type]
+    lone.give_back(second)  # type: ignore[arg-type]
+    lone.give_back(a)  # type: ignore[arg-type]
+    # Nothing in flight: lent again, unless it is not ready (restarting after a crash, say).
+    assert lone.take(b) is lone_stub and lone.jobs_total == 2  # type: ignore[arg-type]
+    lone.give_back(lone_stub)  # type: ignore[arg-type]
+    from node_agent.supervisor import WorkerState
+
+    lone_stub.state = WorkerState.backoff
+    assert lone.take(a) is a and lone.lent_to is None  # type: ignore[arg-type]
+
+
+async def test_a_lone_job_decodes_on_every_core_and_a_job_beside_it_on_its_slot(tmp_path: Path) -> None:
+    """The split of a 2-core machine (2 slots x 1 thread, a lone-job worker with 2), set here so that the test
+    holds on any machine. A job that starts alone decodes on the lone-job worker under its slot's lease; one that
+    starts while it runs decodes on its own slot's worker; both are what the text says."""
+    from node_agent.devices import SlotPlan
+
+    plan = SlotPlan(workers=2, threads=1, workers_auto=False, threads_auto=True, worker_bytes=0, lone_threads=2)
+    # ~94 s of speech, never split (split_min_s off): several seconds to decode on any machine, so the second job
+    # starts while the first runs.
+    audio = long_audio(8)
+    async with agent_stack(tmp_path, slots=plan,
+                           asr={"workers_per_device": 2, "cpu_threads": 0, "split_min_s": None}) as s:
+        lone = s.agent.lone
+        assert lone is not None and lone.worker.spec.cpu_threads == 2
+        assert [w.spec.cpu_threads for w in s.agent.workers.values()] == [1, 1]
+        await eventually(lambda: lone.worker.state.value == "ready"
+                         and all(w.state.value == "ready" for w in s.agent.workers.values()), 90, "workers ready")
+        assert s.agent.view.status()["slots"]["text"] == \
+            "2 workers x 1 thread per device, lone jobs 2 threads (threads auto)"
+
+        first = await s.submit_json(audio, format="pcm_s16le", sample_rate=16000)
+        await eventually(lambda: lone.worker.current_job is not None, 60, "the first job decoding on the lone worker")
+        status = s.agent.view.status()
+        (job,) = status["jobs"]
+        assert job["job_id"] == first and job["worker"] == "cpu/lone" and job["resource"] == lone.lent_to
+        assert status["slots"]["busy"] == 1
+        (snapshot,) = [w for w in status["workers"] if w.get("lone")]
+        assert snapshot["lent_to"] == lone.lent_to and snapshot["state"] == "busy"
+
+        second = await s.submit_json(audio, format="pcm_s16le", sample_rate=16000)
+
+        def second_decoding() -> bool:
+            jobs = {j["job_id"]: j for j in s.agent.view.status()["jobs"]}
+            return second in jobs and s.agent.workers[jobs[second]["resource"]].current_job is not None
+
+        await eventually(second_decoding, 60, "the second job decoding on its slot")
+        jobs = {j["job_id"]: j for j in s.agent.view.status()["jobs"]}
+        assert jobs[first]["worker"] == "cpu/lone" and jobs[second]["resource"] != jobs[first]["resource"]
+        assert jobs[second]["worker"] == jobs[second]["resource"]
+        for job_id in (first, second):
+            view = await s.wait_job(job_id, timeout=180)
+            assert view["state"] == "succeeded", view
+            assert "ask not what your country can do for you" in view["result"]["text"].lower()
+        await s.wait_counted("succeeded", 2, timeout=30)
+        assert s.sample("node_agent_lone_worker_jobs_total", device="cpu/lone") == 1.0
+        assert lone.lent_to is None and s.agent.view.status()["slots"]["busy"] == 0
+        assert lone.worker.restarts.total() == 0
