@@ -287,30 +287,35 @@ def agent_ready(agent: Agent, timeout: float = READY_TIMEOUT_S) -> dict[str, Any
 def agent_config(settings: Any, status: dict[str, Any]) -> dict[str, Any]:
     """What the agent chose, as far as its ``/status`` says (the slot split where it reports one), and the
     settings it was given."""
-    workers = status.get("workers") or []
+    workers = [w for w in status.get("workers") or [] if not w.get("lone")]  # the slots' (not the lone-job one)
     slots = status.get("slots") or {}
     threads = slots.get("cpu_threads")
     if threads is None:  # an agent without a slot plan in /status: per-worker threads, where reported
         seen = sorted({w["cpu_threads"] for w in workers if w.get("cpu_threads") is not None})
         threads = seen[0] if len(seen) == 1 else None
-    return {"workers": len(workers), "cpu_threads": threads, "slots": slots,
+    return {"workers": len(workers), "cpu_threads": threads, "lone_threads": slots.get("lone_threads") or 0,
+            "slots": slots,
             "setting_workers_per_device": str(getattr(settings.asr, "workers_per_device", "n/a (not configurable)")),
             "setting_cpu_threads": settings.asr.cpu_threads}
 
 
-def openmp_text(environ: dict[str, str]) -> str:
-    """How the agent's workers' OpenMP threads wait: what the agent adds (``devices.plugin_env``) or, where the
-    operator set it, the operator's setting."""
-    from node_agent.devices import OPENMP_WAIT_VARIABLES, plugin_env
+#: The environment variables that decide how OpenMP threads wait (the agent adds none of its own).
+OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
-    chosen = plugin_env(environ) or {k: environ[k] for k in OPENMP_WAIT_VARIABLES if k in environ}
-    return ", ".join(f"{k}={v}" for k, v in chosen.items())
+
+def openmp_text(environ: dict[str, str]) -> str:
+    """How the workers' OpenMP threads wait: the environment's setting, both sides' (the agent's workers and the
+    plain processes inherit it), or libgomp's default."""
+    chosen = {k: environ[k] for k in OPENMP_WAIT_VARIABLES if k in environ}
+    return ", ".join(f"{k}={v}" for k, v in chosen.items()) or "libgomp's default (spin, then sleep)"
 
 
 def describe_agent(cfg: dict[str, Any]) -> str:
     threads = cfg["cpu_threads"]
+    lone = cfg.get("lone_threads") or 0
     return f"{cfg['workers']} worker{'s' if cfg['workers'] != 1 else ''}" + (
-        f" x {threads} thread{'s' if threads != 1 else ''}" if isinstance(threads, int) and threads > 0 else "")
+        f" x {threads} thread{'s' if threads != 1 else ''}" if isinstance(threads, int) and threads > 0 else "") + (
+        f", a lone-job worker with {lone}" if lone else "")
 
 
 # ----------------------------------------------------------------------------------------- the run

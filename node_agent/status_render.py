@@ -294,7 +294,10 @@ def render(status: dict[str, Any], width: int = WIDTH) -> str:
                         width, first="  slots ", indent=" " * 8, sep="; ", max_lines=2))
     for w in workers:
         kind = "/".join(x for x in (_v(w.get("device")), _v(w.get("compute_type"))) if x != "-") or "-"
-        out.extend(pack([_v(w.get("resource")), _v(w.get("state")), f"pid {_v(w.get('pid'))}", kind,
+        # The lone-job worker is no slot: it runs a slot's job that found the others idle (lent to that slot).
+        lone = (f"lone-job worker, lent to {w['lent_to']}" if w.get("lent_to") else "lone-job worker") \
+            if w.get("lone") else ""
+        out.extend(pack([_v(w.get("resource")), _v(w.get("state")), lone, f"pid {_v(w.get('pid'))}", kind,
                          f"up {duration(w.get('uptime_s'))}"], width, first="  ", indent=" " * 6, max_lines=2))
         out.extend(wrap(_v(w.get("model")), width, first="      model ", indent=" " * 12, max_lines=2))
         load = w.get("model_load_s")
@@ -309,7 +312,9 @@ def render(status: dict[str, Any], width: int = WIDTH) -> str:
     out.append("")
     out.append(f"running jobs ({len(jobs)})" if jobs else "running jobs: none")
     for j in jobs:
-        out.extend(pack([_v(j.get("job_id")), f"attempt {_v(j.get('attempt'))} on {_v(j.get('resource'))}"],
+        worker = j.get("worker")
+        on = _v(j.get("resource")) + (f" (decoding on {worker})" if worker and worker != j.get("resource") else "")
+        out.extend(pack([_v(j.get("job_id")), f"attempt {_v(j.get('attempt'))} on {on}"],
                         width, first="  ", indent=" " * 6, max_lines=2))
         audio = j.get("audio_s")
         since = j.get("since_last_segment_s")

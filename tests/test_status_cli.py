@@ -166,6 +166,26 @@ def test_render_a_running_job() -> None:
         assert fact in text, (fact, text)
 
 
+def test_render_a_lone_job_on_the_lone_job_worker() -> None:
+    """The lone-job worker after the slots' (no slot of its own: lent to the slot whose job found the others
+    idle), and the running job names the worker it decodes on."""
+    doc = busy_doc()
+    doc["workers"][0]["state"] = "ready"
+    doc["slots"].update(text="2 workers x 1 thread per device, lone jobs 2 threads (auto)", lone_threads=2,
+                        busy=1, ready=1)
+    doc["workers"].append({**healthy_doc()["workers"][0], "resource": "cpu/lone", "state": "busy", "pid": 5353,
+                           "lone": True, "lent_to": "cpu/0", "lone_jobs_total": 4})
+    doc["jobs"][0]["worker"] = "cpu/lone"
+    text = flat(st.render(doc))
+    assert_fits(st.render(doc))
+    for fact in ("slots 2 workers x 1 thread per device, lone jobs 2 threads (auto); 1 busy, 1 ready of 2",
+                 "cpu/lone busy lone-job worker, lent to cpu/0 pid 5353",
+                 "job-7e57c0ffee000001 attempt 2 on cpu/0 (decoding on cpu/lone)"):
+        assert fact in text, (fact, text)
+    # A job on its slot's own worker says nothing more.
+    assert "decoding on" not in st.render(busy_doc())
+
+
 def test_render_survives_a_sparse_or_unknown_document() -> None:
     text = st.render({"health": {"status": "starting"}})
     assert_fits(text)
