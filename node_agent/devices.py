@@ -128,9 +128,10 @@ def choose_slots(device: str, requested_workers: int | None, requested_threads: 
     carried the most jobs/s), and, when that leaves a worker fewer threads than cores and memory holds one more
     worker, a lone-job worker with every core as threads (at most 8; ``lone_threads``): a job that finds the
     other slots of its device idle decodes on it, as fast as one process with the whole CPU (``lone_worker``).
-    The cores are never oversubscribed but while a lone job that began alone still runs. (Before: every worker
-    had every core, with passive OpenMP threads; a full queue kept 0.90-0.95x the best split's jobs/s and a lone
-    job took 1.07-1.13x plain's time: docs/benchmarks.md.) Workers ``auto``: one per core, at most
+    The cores are never oversubscribed but while a lone job that began alone still runs. Measured on 2 cores
+    (docs/benchmarks.md, four runs): a full queue at 0.92-1.01x the best split's jobs/s, a lone job at 0.97-1.06x
+    plain's all-core time; before, with every worker holding every core and passive OpenMP threads, 0.91-0.95x
+    and 1.09-1.13x. Workers ``auto``: one per core, at most
     ``MAX_AUTO_CPU_WORKERS``. Assumed, not measured: that this holds on bigger CPUs. Threads set: no lone-job
     worker (the operator's split, as set); workers ``auto``: as many as the cores hold at that many threads each.
     GPU: ``auto`` is 1 worker per GPU; threads (its CPU-side work): the cores shared between its workers.
