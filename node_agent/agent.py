@@ -35,9 +35,9 @@ from .config import Settings, secret
 from .devices import KNOWN_MODEL_BYTES, UNKNOWN_MODEL_BYTES, SlotPlan, choose_device, choose_slots, resources_for
 from .errors import ConfigError, JobShutdown
 from .job_loop import JobLoop
-from .lone_worker import LONE_RESOURCE, LoneWorker
 from .job_runner import JobLedger, JobRunner
 from .lease import LeaseKeeper
+from .lone_worker import LONE_RESOURCE, LoneWorker
 from .metrics import AgentMetrics, MetricsObserver
 from .model_resolution import resolve_model
 from .node_view import LocalNodeView

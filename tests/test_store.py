@@ -181,7 +181,10 @@ async def test_two_replicas_answer_any_request(pg_dsn: str, tmp_path: Path) -> N
         audio = bytes(random.getrandbits(8) for _ in range(1200 * 1024))
         job = await a.submit(audio)
         node = await b.register(node_id="node-1")
-        status, assignment = await a.poll(node)
+        # A long poll: a reaper pass on either replica may hold the job's row (clearing its "no live node serves
+        # it" mark) just as the claim runs, which then passes it by (SKIP LOCKED) and waits for the reaper's
+        # notification.
+        status, assignment = await a.poll(node, wait_s=10)
         assert status == 200 and assignment["job_id"] == job
         assert await audio_of(b, job) == audio
         status, grant, _ = await b.lease(node, job, ttl_s=30)

@@ -13,6 +13,7 @@ from .schemas import JobErrorInfo, Priority
 from .schemas import JobState as J
 from .schemas import LeaseState as L
 from .schemas import NodeState as N
+from .topics import QUEUE_TOPIC
 from .transitions import OPEN, StorePart
 
 log = logging.getLogger("node_agent.scheduler")
@@ -119,10 +120,14 @@ class Reaper(StorePart):
         served = await self.replica.served(tx, fresh=True)
         # "Some live node serves this job" as SQL: the one capability rule (rules.serves) over the live offers.
         serves = ask_served_sql(tx.dialect.name, "$1")
-        await tx.execute(
+        servable = await tx.execute(
             f"UPDATE jobs SET unservable_since = NULL WHERE state = '{J.QUEUED}' AND unservable_since IS NOT NULL "
             f"AND {serves}", served.offers_json(),
         )
+        if servable:
+            # A claim that met these rows locked here passed them by (SKIP LOCKED on PostgreSQL): the polls look
+            # again once this commits, rather than at their next periodic re-check.
+            tx.notify(QUEUE_TOPIC)
         await tx.execute(
             f"UPDATE jobs SET unservable_since = $2 WHERE state = '{J.QUEUED}' AND unservable_since IS NULL "
             f"AND NOT {serves}", served.offers_json(), now,
