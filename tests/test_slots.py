@@ -371,9 +371,9 @@ async def test_a_lone_job_decodes_on_every_core_and_a_job_beside_it_on_its_slot(
     from node_agent.devices import SlotPlan
 
     plan = SlotPlan(workers=2, threads=1, workers_auto=False, threads_auto=True, worker_bytes=0, lone_threads=2)
-    # ~94 s of speech, never split (split_min_s off): several seconds to decode on any machine, so the second job
-    # starts while the first runs.
-    audio = long_audio(8)
+    # ~47 s of speech, never split (split_min_s off): a second or more to decode, against the tenth of a second
+    # the second job takes to start, so it starts while the first runs.
+    audio = long_audio(4)
     async with agent_stack(tmp_path, slots=plan,
                            asr={"workers_per_device": 2, "cpu_threads": 0, "split_min_s": None}) as s:
         lone = s.agent.lone
