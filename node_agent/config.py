@@ -83,8 +83,9 @@ class AsrSettings(_Section):
         "(at most 16, as memory allows), 1 per GPU.",
     )
     cpu_threads: int = Field(
-        0, ge=0, le=256, description="Threads per worker; 0 = auto (CPU: every core, at most 8, in each worker, "
-        "their OpenMP threads sleeping when idle; GPU: the cores shared between the workers, at most 8)."
+        0, ge=0, le=256, description="Threads per worker; 0 = auto (the cores shared between the workers, at most "
+        "8 each; on a CPU also a lone-job worker with every core, at most 8, for a job that finds the other slots "
+        "idle). Set: that many per worker, and no lone-job worker."
     )
     beam_size: int = Field(5, ge=1, le=20)
     language: str | None = Field(None, description="Default language; null detects it per job.")
