@@ -151,6 +151,7 @@ class Agent:
                                           command=worker_command or settings.worker.command))
             self.metrics.declare_device(LONE_RESOURCE, settings.asr.model)
             self.metrics.lone_jobs.labels(LONE_RESOURCE)
+            self.metrics.lone_info.labels(LONE_RESOURCE, "cpu", str(self.slot_plan.lone_threads)).set(1)
 
         self.view = LocalNodeView(workers=self.workers, lone=self.lone, identity=self.identity, ledger=self.ledger,
                                   metrics=self.metrics, model=settings.asr.model, scheduler_url=self.scheduler_url,

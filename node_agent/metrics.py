@@ -122,6 +122,10 @@ class AgentMetrics:
             "physical_device is the CPU or GPU it runs on, cpu_threads its threads, auto whether "
             "asr.workers_per_device was auto. Always 1.", ["device", "physical_device", "cpu_threads", "auto"],
             registry=r)
+        self.lone_info = Gauge(
+            "node_agent_lone_worker_info", "The lone-job worker of a device (device: its name, e.g. cpu/lone; no slot "
+            "of its own: it runs a slot's job that found the others idle), its physical device and threads. "
+            "Always 1.", ["device", "physical_device", "cpu_threads"], registry=r)
         self.lone_jobs = Counter(
             "node_agent_lone_worker_jobs_total", "Jobs that found every other slot of their device idle and decoded "
             "on its lone-job worker (device: that worker, e.g. cpu/lone), with every core as threads.", dev,

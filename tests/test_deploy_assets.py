@@ -40,6 +40,7 @@ AGENT_METRICS = {
     "node_agent_heartbeat_last_success_timestamp_seconds",
     "node_agent_scheduler_requests_total",
     "node_agent_lone_worker_jobs_total",
+    "node_agent_lone_worker_info",
     "node_agent_retries_total",
     "node_agent_lease_renewals_total",
     "node_agent_lease_lost_total",

@@ -409,5 +409,7 @@ async def test_a_lone_job_decodes_on_every_core_and_a_job_beside_it_on_its_slot(
             assert "ask not what your country can do for you" in view["result"]["text"].lower()
         await s.wait_counted("succeeded", 2, timeout=30)
         assert s.sample("node_agent_lone_worker_jobs_total", device="cpu/lone") == 1.0
+        assert s.sample("node_agent_lone_worker_info", device="cpu/lone", physical_device="cpu",
+                        cpu_threads="2") == 1.0
         assert lone.lent_to is None and s.agent.view.status()["slots"]["busy"] == 0
         assert lone.worker.restarts.total() == 0
