@@ -22,7 +22,7 @@ from .errors import JobError, JobTimeout, LeaseLost, TranscriptionFailed, job_er
 from .lease import Lease
 from .metrics import AgentMetrics
 from .plugin_messages import ResultMessage
-from .scheduler.schemas import JobState, SectionView
+from .scheduler.schemas import TERMINAL_JOB_STATES, JobState, SectionView
 from .scheduler_client import Gone, Rejected, SchedulerClient, SchedulerError
 from .section_plan import Span, sections_for
 
@@ -32,6 +32,8 @@ log = logging.getLogger("node_agent.jobs")
 CAPACITY_WAIT_S = 3.0
 #: Each ``GET .../sections`` long poll waits up to this (the scheduler caps it at 30 s).
 FOLLOW_POLL_S = 10.0
+#: How often the children's states are read for status while section 0 decodes (``SectionSplit._watch``).
+WATCH_EVERY_S = 1.0
 
 #: Decodes section ``index``'s audio (pcm_s16le) on this node's own worker, in a language (None: the job's): a
 #: section the scheduler refused.
@@ -87,6 +89,8 @@ class SectionSplit:
         #: The latest view of the children, for status.
         self.views: dict[int, dict[str, Any]] = {}
         self._abort: asyncio.Future[JobError] = loop.create_future()
+        #: While section 0 decodes: the children's states for status (``_watch``); ``finish``'s follow takes over.
+        self._watcher: asyncio.Task[None] | None = None
 
     @property
     def split(self) -> bool:
@@ -146,7 +150,32 @@ class SectionSplit:
         self.views[index].update(job_id=child, state=JobState.QUEUED.value)
         log.info("job %s: section %d (%.1f s at %.1f s, language %s) is job %s", self.job_id, index, duration_s,
                  offset_s, language or "the job's", child)
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(), name=f"sections-{self.job_id}")
         return child
+
+    async def _watch(self) -> None:
+        """While section 0 decodes, keep the children's states and nodes in ``views``, so that status says where
+        each runs: a read every ``WATCH_EVERY_S`` asking for no results (``from`` past the last section), until
+        every child has ended or ``finish`` follows them itself. Reads, not a long poll: an assignment wakes no
+        poll (topics.job_topic says why)."""
+        beyond = len(self.bounds)
+        while True:
+            try:
+                views = await self.client.job_sections(self.job_id, self.lease.lease_id, from_index=beyond)
+            except (Rejected, Gone):
+                return  # the attempt is over; the decode's own path says how
+            except SchedulerError:
+                views = []
+            self._seen(views)
+            if len(views) >= beyond - 1 and all(v.state in TERMINAL_JOB_STATES for v in views):
+                return
+            await asyncio.sleep(WATCH_EVERY_S)
+
+    def _seen(self, views: list[SectionView]) -> None:
+        for view in views:
+            if view.index in self.views:
+                self.views[view.index].update(job_id=view.job_id, state=view.state.value, node_id=view.node_id)
 
     # ----- after section 0 -------------------------------------------------------------------------------------
 
@@ -157,10 +186,15 @@ class SectionSplit:
 
     def close(self) -> None:
         """The job is over: posts still under way are dropped (the scheduler cancels what they made)."""
+        self._stop_watching()
         for task in self._posts.values():
             task.cancel()
         if not self._abort.done():
             self._abort.cancel()
+
+    def _stop_watching(self) -> None:
+        if self._watcher is not None and not self._watcher.done():
+            self._watcher.cancel()
 
     async def _race(self, work: Awaitable[Any], until: float | None) -> Any:
         """``work``'s result, unless the follow is aborted or the deadline (loop time) passes first."""
@@ -182,6 +216,7 @@ class SectionSplit:
         """The parent's result: section 0's (``first``, streamed already) and every child's, in order.
         ``started``: loop time the job's decode began (for the time saved); ``until``: the deadline (loop time)."""
         loop = asyncio.get_running_loop()
+        self._stop_watching()  # the follow below reads the same states, with the results
         segments = list(first.segments)
         decode_s = float(first.timings.get("total_s") or 0.0)
         fallbacks = first.fallback_segments
@@ -239,9 +274,7 @@ class SectionSplit:
                 log.warning("job %s: following its sections: %s", self.job_id, exc)
                 await self._race(asyncio.sleep(1.0), until)
                 continue
-            for view in views:
-                if view.index in self.views:
-                    self.views[view.index].update(job_id=view.job_id, state=view.state.value, node_id=view.node_id)
+            self._seen(views)
             view = next((v for v in views if v.index == index), None)
             if view is None:
                 continue
@@ -257,4 +290,4 @@ class SectionSplit:
         return [dict(self.views[i]) for i in sorted(self.views)]
 
 
-__all__ = ["CAPACITY_WAIT_S", "FOLLOW_POLL_S", "SectionSplit", "shifted"]
+__all__ = ["CAPACITY_WAIT_S", "FOLLOW_POLL_S", "WATCH_EVERY_S", "SectionSplit", "shifted"]

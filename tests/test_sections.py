@@ -22,6 +22,7 @@ import pytest
 from conftest import machine_slowdown, make_settings
 from helpers import joined, normalize_en, pcm16, plain_transcript, reference, wav_bytes
 from node_agent import section_plan as plan
+from node_agent import sections as sections_mod
 from node_agent.job_session import JobRequest
 from node_agent.sections import shifted
 from node_agent.status_render import render
@@ -216,11 +217,25 @@ async def _ready(st: Any, count: int) -> None:
                      90, f"{count} workers ready")
 
 
-async def test_a_long_job_is_split_over_two_slots_and_reads_as_one_decode(tmp_path):
+async def test_a_long_job_is_split_over_two_slots_and_reads_as_one_decode(tmp_path, monkeypatch):
     audio, _ = joined_clip()
+    # Status reads the children's states every WATCH_EVERY_S while section 0 decodes: often here, so that a fast
+    # machine's section 0 (a second or so) cannot end between two reads.
+    monkeypatch.setattr(sections_mod, "WATCH_EVERY_S", 0.05)
     async with agent_stack(tmp_path, asr={**SPLIT, "workers_per_device": 2, "cpu_threads": 1}) as st:
         await _ready(st, 2)
         job_id = await st.submit_file(wav_bytes(audio), filename="joined.wav")
+
+        def child_shown_running() -> bool:
+            # Status says where the section runs while section 0 still decodes (before the follow begins).
+            running = st.agent.ledger.running.get(job_id)
+            if running is None or running.split is None or running.worker is None \
+                    or running.worker.current_job is None:
+                return False
+            return any(s["state"] in ("assigned", "running") and s["node_id"] == st.agent.identity.node_id
+                       for s in running.split.status())
+
+        await eventually(child_shown_running, 60 * machine_slowdown(), "section 1 shown running during section 0")
         view = await st.wait_job(job_id, timeout=120 * machine_slowdown())
         assert view["state"] == "succeeded", view
         [section] = view["sections"]
