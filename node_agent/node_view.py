@@ -19,10 +19,10 @@ from prometheus_client import CollectorRegistry
 from . import __version__
 from .devices import SlotPlan
 from .job_runner import LEASE_LOSS_WINDOW_S, JobLedger
+from .lone_worker import LoneWorker
 from .metrics import JOB_OUTCOMES, AgentMetrics
 from .registration import NodeIdentity
 from .scheduler.schemas import NodeState
-from .lone_worker import LoneWorker
 from .supervisor import Worker, WorkerState
 
 
