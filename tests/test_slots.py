@@ -413,3 +413,40 @@ async def test_a_lone_job_decodes_on_every_core_and_a_job_beside_it_on_its_slot(
                         cpu_threads="2") == 1.0
         assert lone.lent_to is None and s.agent.view.status()["slots"]["busy"] == 0
         assert lone.worker.restarts.total() == 0
+
+
+async def test_the_lone_job_worker_killed_costs_its_one_job_and_comes_back(tmp_path: Path) -> None:
+    """A crash of the lone-job worker is any worker's: its job fails ``worker_crashed`` naming it, the job beside
+    it on a slot finishes, and the lone-job worker is restarted and lent again."""
+    from node_agent.devices import SlotPlan
+
+    plan = SlotPlan(workers=2, threads=1, workers_auto=False, threads_auto=True, worker_bytes=0, lone_threads=2)
+    audio = long_audio(4)  # as above: decoding for a second or more
+    async with agent_stack(tmp_path, slots=plan, scheduler={"max_attempts": 1},
+                           asr={"workers_per_device": 2, "cpu_threads": 0, "split_min_s": None}) as s:
+        lone = s.agent.lone
+        assert lone is not None
+        await eventually(lambda: lone.worker.state.value == "ready"
+                         and all(w.state.value == "ready" for w in s.agent.workers.values()), 90, "workers ready")
+        victim = await s.submit_json(audio, format="pcm_s16le", sample_rate=16000)
+        await eventually(lambda: lone.worker.current_job is not None, 60, "the lone job decoding")
+        survivor = await s.submit_json(audio, format="pcm_s16le", sample_rate=16000)
+        await eventually(lambda: sum(w.current_job is not None for w in s.agent.workers.values()) == 1, 60,
+                         "the second job decoding on a slot")
+        pid = lone.worker.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+
+        lost = await s.wait_job(victim, timeout=60)
+        assert lost["state"] == "failed" and lost["error"]["code"] == "worker_crashed", lost
+        assert "cpu/lone" in lost["error"]["message"] and "SIGKILL" in lost["error"]["message"], lost
+        kept = await s.wait_job(survivor, timeout=180)
+        assert kept["state"] == "succeeded", kept
+        assert all(w.restarts.total() == 0 for w in s.agent.workers.values())
+        assert s.sample("node_agent_worker_restarts_total", device="cpu/lone", reason="crash") == 1.0
+        await eventually(lambda: lone.worker.state.value == "ready" and lone.worker.pid != pid, 90,
+                         "the lone-job worker restarted")
+        again = await s.submit_json(long_audio(1), format="pcm_s16le", sample_rate=16000)
+        view = await s.wait_job(again, timeout=120)
+        assert view["state"] == "succeeded", view
+        assert s.sample("node_agent_lone_worker_jobs_total", device="cpu/lone") == 2.0
