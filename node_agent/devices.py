@@ -129,7 +129,7 @@ def choose_slots(device: str, requested_workers: int | None, requested_threads: 
     worker, a lone-job worker with every core as threads (at most 8; ``lone_threads``): a job that finds the
     other slots of its device idle decodes on it, as fast as one process with the whole CPU (``lone_worker``).
     The cores are never oversubscribed but while a lone job that began alone still runs. Measured on 2 cores
-    (docs/benchmarks.md, four runs): a full queue at 0.92-1.01x the best split's jobs/s, a lone job at 0.97-1.06x
+    (docs/benchmarks.md, five runs): a full queue at 0.92-1.01x the best split's jobs/s, a lone job at 0.97-1.06x
     plain's all-core time; before, with every worker holding every core and passive OpenMP threads, 0.91-0.95x
     and 1.09-1.13x. Workers ``auto``: one per core, at most
     ``MAX_AUTO_CPU_WORKERS``. Assumed, not measured: that this holds on bigger CPUs. Threads set: no lone-job
