@@ -254,6 +254,9 @@ ESTIMATED_S: dict[str, float] = {
     "test_a_full_cluster_does_not_split": 8,
     "test_a_section_failed_for_good_fails_the_parent_naming_it": 6,
     "test_the_plugin_cuts_at_a_pause_and_decodes_section_0": 6,
+    # tests/test_slots.py's lone-job worker (issue 24), from make test's --durations on fresh clones
+    "test_a_lone_job_decodes_on_every_core_and_a_job_beside_it_on_its_slot": 14,
+    "test_the_lone_job_worker_killed_costs_its_one_job_and_comes_back": 10,
 }
 
 

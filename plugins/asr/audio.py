@@ -1,4 +1,5 @@
-"""Decode job audio to 16 kHz mono float32 with PyAV, failing with BadAudio that says what was wrong."""
+"""Decode job audio to 16 kHz mono float32 (with PyAV, or read as it is when it already is 16 kHz mono 16-bit),
+failing with BadAudio that says what was wrong."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ _HEADER_DURATION_FORMATS = frozenset({"aiff", "mov,mp4,m4a,3gp,3g2,mj2"})
 def decode(
     data: bytes, fmt: str, sample_rate: int | None, max_audio_s: float, allow_truncated: bool = False
 ) -> np.ndarray:
-    """Decode ``data`` (a container PyAV reads, or raw ``pcm_s16le`` at ``sample_rate``).
+    """Decode ``data`` (a container PyAV reads, or raw ``pcm_s16le`` at ``sample_rate``); a WAV or raw PCM
+    that is already 16 kHz mono 16-bit is read without ffmpeg (``_native_samples``), to the same samples.
 
     Stops decoding as soon as the audio exceeds ``max_audio_s``, so a huge input costs bounded memory.
     Audio shorter than its header declares (or raw pcm16 with half a sample) is refused as truncated, since
