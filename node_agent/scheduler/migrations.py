@@ -8,6 +8,8 @@ the store's clock; JSON documents are TEXT, read and written only by the schedul
 
 from __future__ import annotations
 
+from typing import Iterable
+
 from .db import Tx, serialize, sql_list
 from .errors import StoreError
 from .schemas import OPEN_JOB_STATES, JobState, LeaseState, Priority
@@ -22,6 +24,18 @@ _TYPES = {
 
 #: The states the partial indexes name (the text these make is version 1's schema, as it always was).
 _STATES = {"queued": JobState.QUEUED, "open": sql_list(OPEN_JOB_STATES), "active": LeaseState.ACTIVE}
+
+
+def jobs_in(states: Iterable[JobState], alias: str = "") -> str:
+    """SQL: the jobs row (``alias``: its name in the query) is in one of ``states``, open states all, written so
+    that SQLite uses the ``jobs_open`` partial index: SQLite takes a partial index only for a query that repeats
+    its WHERE term as written (``state = 'assigned'`` alone does not count), and otherwise scans every job kept,
+    finished ones included: 2.8 ms of each reaping pass (four a second, on the one writer) with 2,300 jobs kept,
+    25 ms per dispatch with 60,000. PostgreSQL proves the implication itself; the repeated term costs it nothing."""
+    wanted = list(states)
+    assert wanted and set(wanted) <= set(OPEN_JOB_STATES), wanted
+    state = f"{alias}.state" if alias else "state"
+    return f"{state} IN {_STATES['open']} AND {state} IN {sql_list(wanted)}"
 
 _V1 = """
 CREATE TABLE nodes (
@@ -165,6 +179,12 @@ ALTER TABLE jobs ADD COLUMN sections_made INTEGER NOT NULL DEFAULT 0;
 CREATE UNIQUE INDEX jobs_sections ON jobs (parent_id, parent_attempt, section) WHERE parent_id IS NOT NULL;
 """
 
+#: Version 4: the reaping pass's search for orphan uploads (an upload never turned into a job) read every upload
+#: kept, four times a second on the store's one writer (found by tests/test_store_plans.py).
+_V4 = """
+CREATE INDEX uploads_orphan ON uploads (started_at) WHERE job_id IS NULL;
+"""
+
 #: (version, what it does, {dialect: SQL}), in order. Add new ones at the end; never edit an applied one.
 MIGRATIONS: list[tuple[int, str, dict[str, str]]] = [
     (1, "nodes, jobs, segments, leases, reports, audio, the reapers' clock; epoch and job sequences",
@@ -173,6 +193,7 @@ MIGRATIONS: list[tuple[int, str, dict[str, str]]] = [
      {d: _V2.format(**_TYPES[d], **_STATES, batch=Priority.BATCH) for d in _TYPES}),
     (3, "section jobs: a child's parent, the parent's attempt, index, offset and duration; a parent's count",
      {d: _V3.format(**_TYPES[d]) for d in _TYPES}),
+    (4, "an index of the uploads no job took (the reaping pass's orphan search)", {d: _V4 for d in _TYPES}),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 from .db import Row, Tx, sql_list
 from .errors import InvalidInput, NodeNotFound
+from .migrations import jobs_in
 from .nodes import node_view
 from .schemas import (
     ClusterNode,
@@ -53,7 +54,7 @@ DRAINS_PER_PASS = 50
 ANY_MODEL = "any"
 OTHER_MODELS = "other"
 
-_HELD = sql_list([J.ASSIGNED, J.RUNNING])
+_HELD = (J.ASSIGNED, J.RUNNING)
 
 
 def _unknown(node_id: str) -> NodeNotFound:
@@ -87,7 +88,7 @@ async def hand_back_drained(tx: Tx, tr: Transitions, now: float) -> None:
         f"SELECT node_id FROM nodes WHERE drain_deadline <= $1 LIMIT {DRAINS_PER_PASS}{tx.dialect.skip_locked}", now
     ):
         node_id = node["node_id"]
-        jobs = await tx.fetch(f"SELECT * FROM jobs WHERE node_id = $1 AND state IN {_HELD}", node_id)
+        jobs = await tx.fetch(f"SELECT * FROM jobs WHERE node_id = $1 AND {jobs_in(_HELD)}", node_id)
         for job in jobs:
             await tr.requeue_or_fail(tx, job, now, "drained", "worker_unavailable",
                                      f"node {node_id} was drained: its drain deadline passed while the job ran")
@@ -191,7 +192,7 @@ class Operators(StorePart):
                 "SELECT j.job_id, j.node_id, j.state, j.resource, j.attempt, j.priority, j.assigned_at, "
                 "l.granted_at, l.expires_at FROM jobs j "
                 f"LEFT JOIN leases l ON l.lease_id = j.lease_id AND l.state = '{L.ACTIVE}' "
-                f"WHERE j.state IN {_HELD} ORDER BY j.node_id, j.seq LIMIT {CLUSTER_JOBS_MAX}")
+                f"WHERE {jobs_in(_HELD, 'j')} ORDER BY j.node_id, j.seq LIMIT {CLUSTER_JOBS_MAX}")
             finished = await tx.fetch("SELECT state, COUNT(*) AS n FROM jobs WHERE finished_at >= $1 GROUP BY state",
                                       now - FINISHED_WINDOW_S)
             return now, nodes, counts, held, await queue_groups(tx, now), finished

@@ -19,13 +19,14 @@ import functools
 import json
 from typing import Any
 
-from .db import CHANNEL, Conflict, PostgresEngine, Row, sql_list
+from .db import CHANNEL, Conflict, PostgresEngine, Row
+from .migrations import jobs_in
 from .rules import Offer
 from .schemas import JobState as J
 from .schemas import Priority as P
 from .schemas import LeaseState as L
 from .schemas import NodeState as N
-from .schemas import OPEN_JOB_STATES, stored_devices
+from .schemas import stored_devices
 from .topics import job_topic, sections_topic, submitted_topic
 
 #: The store's clock, read once per statement (a CTE referenced twice is evaluated once).
@@ -57,11 +58,9 @@ def renewal(now: str, clock_from: str = "") -> str:
 
 
 #: SQL: the slots that open jobs hold on the live nodes that take jobs (neither cordoned nor draining), the
-#: interactive headroom's busy count, read where the dispatch decides. The open states' term is ``jobs_open``'s
-#: WHERE as written: SQLite uses a partial index only for a query that repeats it (else it scans every job ever
-#: kept: 25 ms per dispatch with 60,000 of them).
+#: interactive headroom's busy count, read where the dispatch decides (``jobs_in``: on the jobs_open index).
 BUSY_SLOTS = f"""SELECT COUNT(*) FROM jobs b JOIN nodes bn ON bn.node_id = b.node_id
-    WHERE b.state IN {sql_list(OPEN_JOB_STATES)} AND b.state IN ('{J.ASSIGNED}', '{J.RUNNING}')
+    WHERE {jobs_in((J.ASSIGNED, J.RUNNING), "b")}
       AND bn.cordoned = 0 AND bn.state NOT IN ('{N.GONE}', '{N.DRAINING}')"""
 
 

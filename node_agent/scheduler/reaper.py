@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from .db import Tx
+from .migrations import jobs_in
 from .operators import hand_back_drained, queue_groups
 from .pgfast import ask_served_sql
 from .rules import Ask, gone_after_s, unservable_error
@@ -58,7 +59,7 @@ class Reaper(StorePart):
         ):
             await self.tr.expire(tx, lease, now, "lease_expired")
         for job in await tx.fetch(
-            f"SELECT * FROM jobs WHERE state = '{J.ASSIGNED}' AND assigned_at <= $1 LIMIT {REAP_BATCH}{skip}",
+            f"SELECT * FROM jobs WHERE {jobs_in([J.ASSIGNED])} AND assigned_at <= $1 LIMIT {REAP_BATCH}{skip}",
             now - s.assign_timeout_s,
         ):
             await self.tr.requeue_or_fail(tx, job, now, "assign_timeout", "worker_unavailable",

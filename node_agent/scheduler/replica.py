@@ -64,10 +64,16 @@ class Replica:
             return recent
         # Cordoned nodes count: a cordon is an operator's pause, and a job they serve waits for it to end. Their
         # slots do not (nor a draining node's): the interactive headroom is a share of the slots that take jobs.
-        rows = await tx.fetch(f"SELECT devices, labels, cordoned, state FROM nodes WHERE state <> '{NodeState.GONE}'")
+        # A cluster is nodes of a few kinds: each distinct (devices, labels) comes once, with how many nodes have it
+        # (every reaping pass reads this, in the store's write transaction: parsing and comparing 200 identical
+        # nodes' device lists, each naming ~100 languages, held the writer for 2 ms of every pass).
+        rows = await tx.fetch(
+            "SELECT devices, labels, cordoned, state, COUNT(*) AS n FROM nodes "
+            f"WHERE state <> '{NodeState.GONE}' GROUP BY devices, labels, cordoned, state")
         self._served = served = Served.of(
             ((stored_devices(r["devices"]), json.loads(r["labels"])) for r in rows),
-            taking=(not r["cordoned"] and r["state"] != NodeState.DRAINING for r in rows))
+            taking=(not r["cordoned"] and r["state"] != NodeState.DRAINING for r in rows),
+            counts=(int(r["n"]) for r in rows))
         self._served_at = time.monotonic()
         return served
 

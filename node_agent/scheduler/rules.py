@@ -131,18 +131,21 @@ class Served:
 
     @classmethod
     def of(cls, live: Iterable[tuple[Iterable[DeviceSpec], Mapping[str, str]]],
-           taking: Iterable[bool] | None = None) -> "Served":
-        """From each live node's (device list, labels); ``taking``: whether each takes jobs (None: all do)."""
+           taking: Iterable[bool] | None = None, counts: Iterable[int] | None = None) -> "Served":
+        """From each live node's (device list, labels); ``taking``: whether each takes jobs (None: all do);
+        ``counts``: how many nodes each entry stands for (None: one each)."""
         nodes = slots = 0
         offers: dict[Offer, None] = {}
         takes = iter(taking) if taking is not None else None
+        many = iter(counts) if counts is not None else None
         for devices, node_labels in live:
-            nodes += 1
+            n = next(many) if many is not None else 1
+            nodes += n
             taken = next(takes) if takes is not None else True
             for d in devices:
                 if d.plugin == "asr":
                     offers[Offer.of(d, node_labels)] = None
-                    slots += taken
+                    slots += taken * n
         return cls(live_nodes=nodes, offers=tuple(offers), slots=slots)
 
     def serves(self, ask: Ask) -> bool:

@@ -31,9 +31,10 @@ from .schemas import JobState as J
 from .schemas import LeaseState as L
 from .schemas import NodeState as N
 from .schemas import Priority as P
+from .migrations import jobs_in
 from .submissions import SqlUpload
 from .topics import sections_topic, submitted_topic
-from .transitions import OPEN, StorePart, doc, section_summary, unknown_job
+from .transitions import StorePart, doc, section_summary, unknown_job
 
 log = logging.getLogger("node_agent.scheduler")
 
@@ -42,8 +43,6 @@ log = logging.getLogger("node_agent.scheduler")
 DURATION_SLACK_S = 1.0
 #: The latest a section may start in its parent's audio (seconds): a week, the longest deadline a job may have.
 MAX_OFFSET_S = 7 * 24 * 3600.0
-
-_HELD = f"('{J.ASSIGNED}', '{J.RUNNING}')"
 
 
 async def held_parent(tx: Tx, job_id: str, lease_id: str, epoch: int | None, now: float, *,
@@ -97,8 +96,7 @@ class Sections(StorePart):
         jobs and of the slots open jobs hold, and a count of the queued jobs ahead (bounded by the idle slots)."""
         nodes = await tx.fetch(f"SELECT node_id, devices, labels FROM nodes WHERE cordoned = 0 "
                                f"AND state NOT IN ('{N.GONE}', '{N.DRAINING}')")
-        # The open states' term repeated (as BUSY_SLOTS does) so that SQLite uses the jobs_open partial index.
-        busy_rows = await tx.fetch(f"SELECT node_id, resource FROM jobs WHERE state IN {OPEN} AND state IN {_HELD}")
+        busy_rows = await tx.fetch(f"SELECT node_id, resource FROM jobs WHERE {jobs_in((J.ASSIGNED, J.RUNNING))}")
         busy_pairs = {(r["node_id"], r["resource"]) for r in busy_rows}
         ask = Ask.of(job["language"], job["model"], job["labels"])
         slots = busy = idle = 0

@@ -16,6 +16,7 @@ from ..config import SchedulerSettings
 from .db import Engine, Row, Tx, sql_list
 from .errors import NodeNotFound, ReportRejected, UnknownJob
 from .metrics import SchedulerMetrics
+from .migrations import jobs_in
 from .pgfast import PgFast
 from .replica import PAUSE_AFTER_S, Replica
 from . import rules
@@ -93,7 +94,7 @@ class Transitions:
         """The node is gone (or restarted): expire its live leases and re-queue what it was assigned."""
         for lease in await tx.fetch(f"SELECT * FROM leases WHERE node_id = $1 AND state = '{L.ACTIVE}'", node_id):
             await self.expire(tx, lease, now, "node_gone")
-        for job in await tx.fetch(f"SELECT * FROM jobs WHERE node_id = $1 AND state = '{J.ASSIGNED}'", node_id):
+        for job in await tx.fetch(f"SELECT * FROM jobs WHERE node_id = $1 AND {jobs_in([J.ASSIGNED])}", node_id):
             await self.requeue_or_fail(tx, job, now, "node_gone", "worker_unavailable", f"node {node_id} {why}")
 
     @staticmethod
