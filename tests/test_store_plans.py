@@ -56,8 +56,8 @@ async def test_no_statement_scans_a_table_that_grows_with_the_jobs_kept(tmp_path
 
         # Jobs of every kind, through both submission forms; one waits for a node that never comes.
         done = await h.submit(SECOND)
-        requeued = await h.submit(SECOND, priority="interactive")
-        labelled = await h.submit(SECOND, labels={"rack": "1"}, model="tiny.en")
+        await h.submit(SECOND, priority="interactive")
+        await h.submit(SECOND, labels={"rack": "1"}, model="tiny.en")
         status, body, _ = await h.call("POST", "/v1/jobs", json={
             "audio_b64": base64.b64encode(SECOND).decode(), "format": "pcm_s16le", "sample_rate": 16000},
             headers={"Idempotency-Key": "plans-1"})
@@ -103,7 +103,6 @@ async def test_no_statement_scans_a_table_that_grows_with_the_jobs_kept(tmp_path
         assert status == 201, reply
         for _ in range(3):
             await store.reap()
-        del requeued, labelled
         store.engine._conn.set_trace_callback(None)
 
         with sqlite3.connect(tmp_path / "scheduler.db") as db:

@@ -37,6 +37,7 @@ def jobs_in(states: Iterable[JobState], alias: str = "") -> str:
     state = f"{alias}.state" if alias else "state"
     return f"{state} IN {_STATES['open']} AND {state} IN {sql_list(wanted)}"
 
+
 _V1 = """
 CREATE TABLE nodes (
     node_id TEXT PRIMARY KEY,

@@ -17,6 +17,7 @@ import secrets
 
 from .db import Conflict, Row, Tx
 from .errors import ReportRejected, SectionRefused, Unservable
+from .migrations import jobs_in
 from .pgfast import ask_served_sql
 from .rules import Ask, CapacityFacts, Offer, section_capacity, serves, unservable_message
 from .schemas import (
@@ -31,7 +32,6 @@ from .schemas import JobState as J
 from .schemas import LeaseState as L
 from .schemas import NodeState as N
 from .schemas import Priority as P
-from .migrations import jobs_in
 from .submissions import SqlUpload
 from .topics import sections_topic, submitted_topic
 from .transitions import StorePart, doc, section_summary, unknown_job
