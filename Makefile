@@ -25,7 +25,7 @@ run: $(STAMP)
 ## The whole test suite (real model, real processes, real HTTP on loopback; Prometheus where installed), on
 ## TEST_WORKERS pytest-xdist workers. The CI machine has 2 cores; 3 workers, because a quarter of the suite waits
 ## (stalled bodies, lease expiry, outages) rather than decodes: 2 kept the CPU 77 % busy, 3 keep it about 90 %
-## (9 min 15 s -> 8 min 03 s here). Tests sharing a module-scoped fixture stay on one worker, and the longest start
+## (9 min 15 s -> 8 min 30 s for the same tests here). Tests sharing a module-scoped fixture stay on one worker, and the longest start
 ## first (tests/conftest.py). TEST_WORKERS=0 runs it in this process, serially.
 TEST_WORKERS ?= 3
 test: $(STAMP)
